@@ -1,0 +1,106 @@
+"""The records that flow along the agent's one path (shared by every stage; no logic here).
+
+ingest → spool → decode (``SliceInfo`` + HU pixels) → batch → infer (``SliceResult``) → series state →
+checks (``Finding``) → sinks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class SliceInfo:
+    """Header facts of one received instance (no pixels, no patient identifiers)."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    sop_class_uid: str
+    source: str = ""  # spool path or input file
+    received_at: float = 0.0  # time.time() when the instance was acknowledged / read
+    instance_number: int | None = None
+    frame: int = 0  # frame index for multi-frame objects
+    modality: str = ""
+    image_type: tuple[str, ...] = ()
+    position: tuple[float, float, float] | None = None  # ImagePositionPatient (mm)
+    orientation: tuple[float, float, float, float, float, float] | None = None  # ImageOrientationPatient
+    pixel_spacing: tuple[float, float] | None = None  # (row, col) mm
+    slice_thickness: float | None = None
+    rows: int = 0
+    cols: int = 0
+    gantry_tilt: float = 0.0
+    kvp: float | None = None
+    ctdivol: float | None = None
+    exposure_mas: float | None = None
+    reconstruction_diameter: float | None = None
+    data_collection_diameter: float | None = None
+    table_height: float | None = None
+    patient_position: str = ""
+    body_part: str = ""
+    protocol_name: str = ""
+    study_description: str = ""
+    series_description: str = ""
+    series_number: int | None = None
+    images_in_acquisition: int | None = None
+    convolution_kernel: str = ""
+    manufacturer: str = ""
+    acquisition_time: str = ""
+    content_time: str = ""
+    # patient identifiers are only carried when the site opts in (privacy.show_patient_identifiers)
+    patient_name: str = ""
+    patient_id: str = ""
+
+    @property
+    def z(self) -> float | None:
+        """Position along the slice normal (mm); for axial head-first images this is patient z."""
+        if self.position is None:
+            return None
+        if self.orientation is None:
+            return self.position[2]
+        r, c = self.orientation[:3], self.orientation[3:]
+        n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+        return sum(p * q for p, q in zip(self.position, n))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SliceResult:
+    """What the analysis says about one slice."""
+
+    info: SliceInfo
+    scores: dict[str, float] = field(default_factory=dict)  # artifact class → probability (network, fused)
+    position_ref_mm: float | None = None  # craniocaudal position on medqc.anatomy's reference scale
+    measures: dict[str, float] = field(default_factory=dict)  # classical detectors: metal_area_mm2, noise_sd, ...
+    error: str = ""  # non-empty: this slice could not be analysed (and why)
+    analysed_at: float = 0.0
+    thumbnail: bytes | None = field(default=None, repr=False)  # optional small PNG (console)
+
+
+SEVERITIES = ("info", "warning", "critical")
+
+
+@dataclass
+class Finding:
+    """One QC finding. ``check`` names are part of the public interface (README)."""
+
+    check: str  # e.g. "artifact.metal", "coverage.top", "geometry.gap", "input.undecodable"
+    severity: str  # info | warning | critical
+    message: str  # one plain-language line for the technologist
+    series_instance_uid: str = ""
+    study_instance_uid: str = ""
+    first_instance: int | None = None
+    last_instance: int | None = None
+    z_range_mm: tuple[float, float] | None = None
+    score: float | None = None
+    details: dict = field(default_factory=dict)
+    raised_at: float = 0.0
+    finding_id: str = ""  # stable per (series, check, key): re-raising updates, not duplicates
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["z_range_mm"] is not None:
+            d["z_range_mm"] = list(d["z_range_mm"])
+        return d

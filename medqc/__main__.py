@@ -1,0 +1,3 @@
+from medqc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""The ``medqc`` command. Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; those modules import heavy dependencies (torch, onnxruntime, pynetdicom) inside
+``run`` only, so ``medqc --help`` is instant and works without the training extras."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from medqc import __version__
+from medqc.errors import MedqcError, UsageError
+
+# name → (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("medqc.synth.cli", "write a physics-based synthetic CT study (DICOM + truth.json)"),
+    "train": ("medqc.models.train", "train the QC network on synthetic CT"),
+    "export": ("medqc.export.cli", "export models to ONNX / TensorRT bundles with parity gates"),
+    "analyze": ("medqc.agent.analyze", "run the QC pipeline offline on DICOM files or folders"),
+    "agent": ("medqc.agent.daemon", "run the QC agent: DICOM receiver, drop folder, HTTP API"),
+    "replay": ("medqc.replay", "replay recorded studies over DICOM at scanner speed"),
+    "bench": ("medqc.bench", "measure ingest, inference and end-to-end throughput side by side"),
+    "config": ("medqc.config_cli", "check or print the agent configuration"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own exit code is 2 as well; keep its message format
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="medqc", description="CT quality control beside the scanner.")
+    parser.add_argument("--version", action="version", version=f"medqc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (modname, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError as e:
+            p.set_defaults(_missing=f"'medqc {name}' is not available in this install: {e}")
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("MEDQC_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.command:
+        parser.print_help()
+        return 2
+    if getattr(args, "_missing", None):
+        print(f"medqc: {args._missing}", file=sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except UsageError as e:
+        print(f"medqc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except MedqcError as e:
+        print(f"medqc {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if os.environ.get("MEDQC_DEBUG"):
+            raise
+        print(f"medqc {args.command}: internal error: {type(e).__name__}: {e} (set MEDQC_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,280 @@
+"""One typed, frozen configuration tree, loaded from TOML and validated at load.
+
+Sections are named after the component they configure. Every field has a default, so an empty file (or no
+file) is a working configuration. Unknown keys, wrong types and out-of-range values raise ``ConfigError``
+naming the key and what is allowed. The tree is passed explicitly; there are no module globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted key that caused it."""
+
+
+def _choice(*allowed):
+    return {"choices": allowed}
+
+
+def _range(lo=None, hi=None):
+    return {"range": (lo, hi)}
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    enabled: bool = False
+    cert: str = ""
+    key: str = ""
+    ca: str = field(default="", metadata={"help": "CA bundle to verify scanner certificates; empty: no client cert required"})
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    ae_title: str = "MEDQC"
+    bind: str = "0.0.0.0"
+    port: int = field(default=11112, metadata=_range(0, 65535))
+    max_associations: int = field(default=16, metadata=_range(1, 256))
+    max_pdu: int = field(default=131072, metadata=_range(0, 2**32 - 1))
+    allowed_calling_aets: tuple[str, ...] = ()
+    allowed_ips: tuple[str, ...] = ()
+    tls: TlsConfig = TlsConfig()
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    dirs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    dir: str = field(default="", metadata={"help": "default: <state_dir>/spool"})
+    min_free_mb: int = field(default=512, metadata=_range(0, None))
+    retention: str = field(default="delete", metadata=_choice("delete", "keep"))
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    backend: str = field(default="auto", metadata=_choice("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime", "onnxruntime-int8", "torch"))
+    bundle: str = field(default="", metadata={"help": "model bundle folder; empty: the embedded default"})
+    max_batch: int = field(default=16, metadata=_range(1, 512))
+    max_wait_ms: float = field(default=8.0, metadata=_range(0, 10000))
+    threads: int = field(default=0, metadata=_range(0, 256))
+    rebuild_engine: bool = False
+
+
+@dataclass(frozen=True)
+class SeriesConfig:
+    idle_timeout_s: float = field(default=3.0, metadata=_range(0.1, 3600))
+    keep_recent: int = field(default=200, metadata=_range(1, 100000))
+
+
+@dataclass(frozen=True)
+class ArtifactChecksConfig:
+    min_run: int = field(default=2, metadata=_range(1, 1000))
+    thresholds: dict = field(default_factory=dict, metadata={"help": "per-class probability overrides"})
+
+
+@dataclass(frozen=True)
+class CoverageChecksConfig:
+    protocols: str = field(default="", metadata={"help": "TOML file of protocol rules; empty: shipped defaults"})
+    tolerance_mm: float = field(default=10.0, metadata=_range(0, 500))
+    overscan_margin_mm: float = field(default=40.0, metadata=_range(0, 1000))
+
+
+@dataclass(frozen=True)
+class GeometryChecksConfig:
+    spacing_tolerance: float = field(default=0.2, metadata=_range(0, 10))
+    tilt_tolerance_deg: float = field(default=0.5, metadata=_range(0, 90))
+
+
+@dataclass(frozen=True)
+class ChecksConfig:
+    artifact: ArtifactChecksConfig = ArtifactChecksConfig()
+    coverage: CoverageChecksConfig = CoverageChecksConfig()
+    geometry: GeometryChecksConfig = GeometryChecksConfig()
+    centering_tolerance_mm: float = field(default=30.0, metadata=_range(0, 500))
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    bind: str = "127.0.0.1:8480"
+    token: str = field(default="", metadata={"help": "bearer token required on /api and /metrics; empty: none"})
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class StdoutSinkConfig:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class WebhookSinkConfig:
+    url: str = ""
+    secret: str = field(default="", metadata={"help": "HMAC-SHA256 key for the X-Medqc-Signature header"})
+    retries: int = field(default=5, metadata=_range(0, 100))
+    timeout_s: float = field(default=5.0, metadata=_range(0.1, 300))
+
+
+@dataclass(frozen=True)
+class DicomSinkConfig:
+    host: str = ""
+    port: int = field(default=104, metadata=_range(1, 65535))
+    called_aet: str = "PACS"
+    kind: str = field(default="sr", metadata=_choice("sr", "ko"))
+    min_severity: str = field(default="warning", metadata=_choice("info", "warning", "critical"))
+
+
+@dataclass(frozen=True)
+class SinksConfig:
+    stdout: StdoutSinkConfig = StdoutSinkConfig()
+    webhook: WebhookSinkConfig = WebhookSinkConfig()
+    dicom: DicomSinkConfig = DicomSinkConfig()
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    show_patient_identifiers: bool = False
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    recent_minutes: float = field(default=120.0, metadata=_range(1, 100000))
+    sound: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: str = field(default="", metadata={"help": "default: $STATE_DIRECTORY or ./medqc-state"})
+    log_level: str = field(default="info", metadata=_choice("debug", "info", "warning", "error"))
+    dicom: DicomConfig = DicomConfig()
+    watch: WatchConfig = WatchConfig()
+    spool: SpoolConfig = SpoolConfig()
+    inference: InferenceConfig = InferenceConfig()
+    series: SeriesConfig = SeriesConfig()
+    checks: ChecksConfig = ChecksConfig()
+    http: HttpConfig = HttpConfig()
+    sinks: SinksConfig = SinksConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    console: ConsoleConfig = ConsoleConfig()
+
+    # derived paths -------------------------------------------------------------------------------
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "medqc-state")
+
+    @property
+    def spool_path(self) -> Path:
+        return Path(self.spool.dir) if self.spool.dir else self.state_path / "spool"
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{prefix or 'root'}] must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"[{prefix}]" if prefix else "the top level"
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in {where}; allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        typ = hints[name]
+        meta = names[name].metadata
+        kwargs[name] = _coerce(typ, value, key, meta)
+    return cls(**kwargs)
+
+
+def _coerce(typ, value, key: str, meta):
+    if dataclasses.is_dataclass(typ):
+        return _build(typ, value, key)
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if typ is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+        return dict(value)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if typ in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and not isinstance(value, int)):
+            raise ConfigError(f"{key} must be {'an integer' if typ is int else 'a number'}, got {value!r}")
+        lo, hi = meta.get("range", (None, None))
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(f"{key} = {value} is out of range [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]")
+        return typ(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(choices)}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {typ}")  # a bug in this module, not user input
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    host, sep, port = cfg.http.bind.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
+        raise ConfigError(f"http.bind = {cfg.http.bind!r} must be HOST:PORT, for example 127.0.0.1:8480")
+    if not (1 <= len(cfg.dicom.ae_title) <= 16) or cfg.dicom.ae_title != cfg.dicom.ae_title.strip():
+        raise ConfigError(f"dicom.ae_title = {cfg.dicom.ae_title!r} must be 1-16 characters without surrounding spaces")
+    if cfg.dicom.tls.enabled and not (cfg.dicom.tls.cert and cfg.dicom.tls.key):
+        raise ConfigError("dicom.tls.enabled = true needs dicom.tls.cert and dicom.tls.key")
+    from medqc import ARTIFACTS
+
+    for k, v in cfg.checks.artifact.thresholds.items():
+        if k not in ARTIFACTS:
+            raise ConfigError(f"checks.artifact.thresholds.{k}: unknown artifact; allowed: {', '.join(ARTIFACTS)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
+            raise ConfigError(f"checks.artifact.thresholds.{k} = {v!r} must be a probability in (0, 1)")
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Load ``path`` (TOML; None → defaults), apply dotted-key ``overrides`` ({"dicom.port": 104})."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            with open(p, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
