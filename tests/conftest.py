@@ -1,0 +1,113 @@
+"""Shared fixtures. Add fixtures here additively (append; do not rewrite others')."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_CT = ROOT.parent / "shared" / "real-ct" / "philips-ingenuity-head-phantom"
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK crawls on loopback without it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def real_ct() -> Path:
+    if not REAL_CT.is_dir():
+        pytest.skip(f"real vendor study not present at {REAL_CT}")
+    return REAL_CT
+
+
+def need_tool(name: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        pytest.skip(f"{name} is not installed (.ci/run installs it)")
+    return path
+
+
+def build_tiny_onnx(path: Path, channels: int, size: int, labels: int = 5) -> None:
+    """A tiny but real ONNX model with the bundle's interface: conv → ReLU → global pool → two Gemm heads.
+
+    Its artifact logits respond to image content (mean of the first channel), so tests can tell that
+    pixels really flowed through it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.2, (4, channels, 3, 3)).astype(np.float32)
+    w[0] = 0
+    w[0, 0, 1, 1] = 1.0  # channel 0 of the features = first input channel, unchanged
+    b = np.zeros(4, np.float32)
+    wa = rng.normal(0, 0.5, (4, labels)).astype(np.float32)
+    wa[0, :] = 4.0
+    ba = np.zeros(labels, np.float32)
+    wp = np.array([[500.0], [0], [0], [0]], np.float32)
+    bp = np.array([500.0], np.float32)
+    nodes = [
+        helper.make_node("Conv", ["image", "w", "b"], ["c"], pads=[1, 1, 1, 1], strides=[4, 4]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "wa", "ba"], ["artifact_logits"]),
+        helper.make_node("Gemm", ["f", "wp", "bp"], ["position"]),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in [(w, "w"), (b, "b"), (wa, "wa"), (ba, "ba"), (wp, "wp"), (bp, "bp")]]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", channels, size, size])],
+        [
+            helper.make_tensor_value_info("artifact_logits", TensorProto.FLOAT, ["batch", labels]),
+            helper.make_tensor_value_info("position", TensorProto.FLOAT, ["batch", 1]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A real model bundle (manifest + tiny ONNX) with the default preprocessing at 128² for speed."""
+    from medqc import ARTIFACTS
+    from medqc.bundle import sha256_file, write_manifest
+    from medqc.preprocess import PreprocessParams
+
+    root = tmp_path_factory.mktemp("tiny-bundle")
+    pp = PreprocessParams(size=128, pixel_mm=4.0)
+    build_tiny_onnx(root / "model.onnx", pp.channels, pp.size, len(ARTIFACTS))
+    write_manifest(
+        root,
+        {
+            "name": "tiny-test",
+            "version": "0.0.1",
+            "labels": list(ARTIFACTS),
+            "preprocess": pp.to_dict(),
+            "thresholds": {a: 0.5 for a in ARTIFACTS},
+            "inputs": {"image": [-1, pp.channels, pp.size, pp.size]},
+            "outputs": {"artifact_logits": [-1, len(ARTIFACTS)], "position": [-1, 1]},
+            "files": {"onnx": {"path": "model.onnx", "sha256": sha256_file(root / "model.onnx")}},
+        },
+    )
+    return root

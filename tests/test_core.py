@@ -1,0 +1,91 @@
+"""Shared core: preprocessing, bundle loading, runner interface, config validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medqc.bundle import BundleError, load_bundle
+from medqc.config import ConfigError, load_config
+from medqc.preprocess import PreprocessParams, preprocess
+from medqc.runners import available_backends, make_runner
+
+
+def test_preprocess_is_physical_size_invariant():
+    pp = PreprocessParams()
+    # a 200 mm disc of water in a 500 mm FOV at 512² and in a 400 mm FOV at 256²
+    def disc(n, fov):
+        y, x = (np.mgrid[:n, :n] - (n - 1) / 2) * (fov / n)
+        return np.where(x**2 + y**2 < 100**2, 0.0, -1000.0).astype(np.float32), (fov / n, fov / n)
+
+    a = preprocess(*disc(512, 500.0), pp)
+    b = preprocess(*disc(256, 400.0), pp)
+    assert a.shape == b.shape == (pp.channels, pp.size, pp.size)
+    area_a = (a[0] > 0).sum() * pp.pixel_mm**2
+    area_b = (b[0] > 0).sum() * pp.pixel_mm**2
+    assert abs(area_a - np.pi * 100**2) / (np.pi * 100**2) < 0.05
+    assert abs(area_a - area_b) / area_a < 0.05
+
+
+def test_preprocess_marks_padding_outside_fov():
+    hu = np.full((512, 512), -3024.0, np.float32)  # GE-style outside-circle padding
+    yy, xx = np.mgrid[:512, :512] - 255.5
+    hu[xx**2 + yy**2 < 250**2] = 40.0
+    x = preprocess(hu, (0.9, 0.9), PreprocessParams())
+    assert x[-1].max() == pytest.approx(1.0) and x[-1].min() == 0.0
+    assert x[0].min() >= -1.0 and x[0].max() <= 1.0
+    with pytest.raises(ValueError):
+        preprocess(hu, (0.0, 0.9), PreprocessParams())
+
+
+def test_numpy_fallback_matches_opencv():
+    import medqc.preprocess as p
+
+    rng = np.random.default_rng(1)
+    hu = rng.normal(0, 50, (300, 300)).astype(np.float32)
+    a = p.preprocess(hu, (0.8, 0.8), PreprocessParams(size=128))
+    cv2, p.cv2 = p.cv2, None
+    try:
+        b = p.preprocess(hu, (0.8, 0.8), PreprocessParams(size=128))
+    finally:
+        p.cv2 = cv2
+    assert np.abs(a - b).max() < 0.02
+
+
+def test_bundle_and_onnxruntime_runner(tiny_bundle):
+    b = load_bundle(tiny_bundle)
+    assert available_backends(b)["onnxruntime"][0]
+    r = make_runner("onnxruntime", b)
+    x = np.zeros((3, *r.input_shape), np.float32)
+    x[1, 0] = 1.0
+    out = r.infer(x)
+    assert out["artifact_logits"].shape == (3, 5) and out["position"].shape == (3, 1)
+    assert out["artifact_logits"][1, 0] != out["artifact_logits"][0, 0]
+
+
+def test_bundle_sha_mismatch_is_clear(tiny_bundle, tmp_path):
+    import shutil
+
+    d = tmp_path / "b"
+    shutil.copytree(tiny_bundle, d)
+    (d / "model.onnx").write_bytes(b"garbage")
+    with pytest.raises(BundleError, match="sha256"):
+        load_bundle(d).verify("onnx")
+    with pytest.raises(BundleError, match="manifest.json not found"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_config_defaults_and_errors(tmp_path):
+    cfg = load_config(None)
+    assert cfg.dicom.port == 11112 and cfg.dicom.ae_title == "MEDQC" and cfg.http.bind == "127.0.0.1:8480"
+    f = tmp_path / "c.toml"
+    f.write_text("[dicom]\nprot = 104\n")
+    with pytest.raises(ConfigError, match="prot"):
+        load_config(f)
+    f.write_text("[inference]\nbackend = 'cuda'\n")
+    with pytest.raises(ConfigError, match="inference.backend.*choose one of"):
+        load_config(f)
+    f.write_text("[checks.artifact.thresholds]\nmetal = 1.5\n")
+    with pytest.raises(ConfigError, match="metal"):
+        load_config(f)
+    assert load_config(None, {"dicom.port": 104}).dicom.port == 104
