@@ -1,0 +1,193 @@
+"""Training data: synthetic CT slices from ``medqc.synth.training``, preprocessed with the one shared
+function and cached as a float16 memmap (``/work/main/data/`` by default; ignored by git).
+
+A cache is a folder: ``x.f16`` (N, C, S, S), ``y.npy`` (N, K) artifact severities 0..1, ``pos.npy`` (N,)
+reference mm below the vertex (NaN where the slice has no meaningful position), ``meta.json`` (one dict
+per slice, the generator's own description) and ``done.json`` written last (a cache without it is
+incomplete and is rebuilt). Slices are generated in chunks by worker processes; chunk ``i`` uses seed
+``hash(seed, i)`` so the result does not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medqc import ARTIFACTS
+from medqc.errors import MedqcError
+from medqc.preprocess import PreprocessParams, preprocess
+
+log = logging.getLogger(__name__)
+
+CHUNK = 16
+
+
+def _sampler():
+    try:
+        from medqc.synth.training import sample_training_slices
+    except ImportError as e:
+        raise MedqcError(f"the synthetic training generator is not available (medqc.synth.training): {e}") from None
+    return sample_training_slices
+
+
+def chunk_seed(seed: int, i: int) -> int:
+    h = hashlib.sha256(f"medqc-train:{seed}:{i}".encode()).digest()
+    return int.from_bytes(h[:4], "little")
+
+
+def _jsonable(v):
+    if isinstance(v, (str, bool)) or v is None:
+        return v
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        return f if math.isfinite(f) else None
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_jsonable(x) for x in list(v)]
+    return str(v)
+
+
+def _position(ts) -> float:
+    p = getattr(ts, "position_ref_mm", None)
+    try:
+        p = float(p)
+    except (TypeError, ValueError):
+        return float("nan")
+    return p if math.isfinite(p) else float("nan")
+
+
+def make_chunk(args) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, list]:
+    """Worker: generate and preprocess one chunk. ``args`` = (index, n, seed, params dict)."""
+    i, n, seed, pdict = args
+    params = PreprocessParams.from_dict(pdict)
+    sample = _sampler()
+    slices = sample(n, seed)
+    x = np.empty((len(slices), params.channels, params.size, params.size), np.float16)
+    y = np.zeros((len(slices), len(ARTIFACTS)), np.float32)
+    pos = np.full(len(slices), np.nan, np.float32)
+    metas = []
+    for j, ts in enumerate(slices):
+        x[j] = preprocess(np.asarray(ts.hu), tuple(ts.pixel_spacing), params)
+        arts = dict(getattr(ts, "artifacts", {}) or {})
+        for k, a in enumerate(ARTIFACTS):
+            y[j, k] = float(arts.get(a, 0.0) or 0.0)
+        pos[j] = _position(ts)
+        m = _jsonable(dict(getattr(ts, "meta", {}) or {}))
+        m["pixel_spacing"] = [float(ts.pixel_spacing[0]), float(ts.pixel_spacing[1])]
+        m["matrix"] = list(np.asarray(ts.hu).shape)
+        metas.append(m)
+    return i, x, y, pos, metas
+
+
+@dataclass
+class Cache:
+    root: Path
+    x: np.ndarray  # memmap float16 (N, C, S, S)
+    y: np.ndarray  # (N, K) severities
+    pos: np.ndarray  # (N,) reference mm or NaN
+    meta: list
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def cache_key(n: int, seed: int, params: PreprocessParams) -> str:
+    try:
+        import medqc.synth.training as tr
+
+        ver = getattr(tr, "__version__", None) or getattr(tr, "GENERATOR_VERSION", None) or ""
+        src = Path(tr.__file__).read_bytes()
+    except (ImportError, OSError):
+        ver, src = "", b""
+    h = hashlib.sha256(json.dumps([n, seed, params.to_dict(), str(ver)], sort_keys=True).encode() + src).hexdigest()
+    return f"n{n}-s{seed}-{h[:12]}"
+
+
+def open_cache(root: Path) -> Cache | None:
+    root = Path(root)
+    done = root / "done.json"
+    if not done.is_file():
+        return None
+    info = json.loads(done.read_text())
+    x = np.memmap(root / "x.f16", dtype=np.float16, mode="r", shape=tuple(info["x_shape"]))
+    return Cache(root, x, np.load(root / "y.npy"), np.load(root / "pos.npy"), json.loads((root / "meta.json").read_text()))
+
+
+def build_cache(root: Path, n: int, seed: int, params: PreprocessParams, workers: int = 2, progress: bool = True, desc: str = "synth") -> Cache:
+    """Generate ``n`` slices (or reuse a complete cache at ``root``)."""
+    from tqdm import tqdm
+
+    root = Path(root)
+    got = open_cache(root)
+    if got is not None and len(got) == n:
+        log.info("reusing cache %s (%d slices)", root, n)
+        return got
+    _sampler()  # fail early with a clear message
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "done.json").unlink(missing_ok=True)
+    shape = (n, params.channels, params.size, params.size)
+    x = np.memmap(root / "x.f16", dtype=np.float16, mode="w+", shape=shape)
+    y = np.zeros((n, len(ARTIFACTS)), np.float32)
+    pos = np.full(n, np.nan, np.float32)
+    metas: list = [None] * n
+    nchunks = (n + CHUNK - 1) // CHUNK
+    jobs = [(i, min(CHUNK, n - i * CHUNK), chunk_seed(seed, i), params.to_dict()) for i in range(nchunks)]
+    bar = tqdm(total=n, desc=desc, unit="slice", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+
+    def put(res):
+        i, xs, ys, ps, ms = res
+        a = i * CHUNK
+        if len(ys) != min(CHUNK, n - a):
+            raise MedqcError(f"generator returned {len(ys)} slices for a chunk of {min(CHUNK, n - a)}")
+        x[a : a + len(ys)] = xs
+        y[a : a + len(ys)] = ys
+        pos[a : a + len(ys)] = ps
+        metas[a : a + len(ys)] = ms
+        bar.update(len(ys))
+
+    try:
+        if workers <= 1:
+            for j in jobs:
+                put(make_chunk(j))
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
+            with ctx.Pool(workers, initializer=_worker_init) as pool:
+                for res in pool.imap_unordered(make_chunk, jobs):
+                    put(res)
+    finally:
+        bar.close()
+    x.flush()
+    np.save(root / "y.npy", y)
+    np.save(root / "pos.npy", pos)
+    (root / "meta.json").write_text(json.dumps(metas))
+    (root / "done.json").write_text(json.dumps({"n": n, "seed": seed, "x_shape": list(shape), "preprocess": params.to_dict()}))
+    del x
+    return open_cache(root)
+
+
+def _worker_init():
+    try:  # keep generator workers from oversubscribing the cores
+        os.nice(5)
+    except OSError:
+        pass
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except Exception:
+        pass

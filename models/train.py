@@ -1,0 +1,463 @@
+"""``medqc train``: train the QC network on synthetic CT from ``medqc.synth.training``.
+
+Reproducible from ``--seed`` (data chunks, initialisation, batch order). Writes into ``--out``:
+``qcnet.pt`` (checkpoint, ``medqc.checkpoint/1``, rewritten after every epoch), ``metrics.json`` and
+``card.md`` (the model card; ``--card`` also writes it elsewhere, e.g. ``models/cards/qcnet.md``).
+
+Validation comes from held-out seeds, and a part of it from held-out phantom parameters: slices whose
+generator parameters match ``--holdout`` rules (e.g. ``patient_scale>1.15``) are removed from training and
+reported separately, so the card shows how the network does on a range it never saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medqc import ARTIFACTS
+from medqc.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOLDOUT = ("patient_scale>1.12", "kernel=bone")
+POSITIVE_AT = 0.1  # an artifact severity at or above this is a positive label
+
+
+# --------------------------------------------------------------------------------------------- holdout rules
+def parse_rule(text: str) -> tuple[str, str, str]:
+    for op in (">=", "<=", ">", "<", "="):
+        if op in text:
+            k, v = text.split(op, 1)
+            if k.strip() and v.strip():
+                return k.strip(), op, v.strip()
+    raise UsageError(f"bad --holdout rule {text!r}: use KEY>NUMBER, KEY<NUMBER, KEY>=, KEY<= or KEY=VALUE (KEY may be dotted)")
+
+
+def _lookup(meta: dict, key: str):
+    cur = meta
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def matches(meta: dict, rule: tuple[str, str, str]) -> bool:
+    k, op, v = rule
+    got = _lookup(meta, k)
+    if got is None:
+        return False
+    if op == "=":
+        return str(got).lower() == v.lower()
+    try:
+        g, w = float(got), float(v)
+    except (TypeError, ValueError):
+        return False
+    return {">": g > w, "<": g < w, ">=": g >= w, "<=": g <= w}[op]
+
+
+def heldout_mask(metas: list, rules: list) -> np.ndarray:
+    return np.array([any(matches(m or {}, r) for r in rules) for m in metas], dtype=bool)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from medqc.models import model_names
+
+    p.add_argument("--model", default="qcnet", help=f"network ({', '.join(model_names())}; default qcnet)")
+    p.add_argument("--width", type=int, default=None, help="override the network's base width")
+    p.add_argument("--out", default="runs/train", help="output folder (checkpoint, metrics.json, card.md)")
+    p.add_argument("--card", default=None, help="also write the model card here (e.g. models/cards/qcnet.md)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and batch order")
+    p.add_argument("--n-train", type=int, default=12000, help="training slices to generate (default 12000)")
+    p.add_argument("--n-val", type=int, default=2000, help="validation slices from held-out seeds (default 2000)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--max-minutes", type=float, default=0.0, help="time budget for the optimisation; the schedule shrinks to fit (0: none)")
+    p.add_argument("--cache", default="data/train-cache", help="folder for the preprocessed float16 cache (reused when complete)")
+    p.add_argument("--workers", type=int, default=2, help="generator processes (default 2)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (CUDA uses automatic mixed precision)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--holdout", action="append", default=None, metavar="RULE",
+                   help=f"generator parameter rule held out of training and reported separately (repeatable; default {' '.join(DEFAULT_HOLDOUT)})")
+    p.add_argument("--specificity", type=float, default=0.97, help="thresholds are chosen at this validation specificity (default 0.97)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def validate_args(args) -> None:
+    from medqc.models import model_names
+
+    if args.model not in model_names():
+        raise UsageError(f"unknown --model {args.model!r}; choose one of: {', '.join(model_names())}")
+    checks = [
+        (args.n_train >= 8, f"--n-train must be >= 8 (got {args.n_train})"),
+        (args.n_val >= 8, f"--n-val must be >= 8 (got {args.n_val})"),
+        (args.epochs >= 1, f"--epochs must be >= 1 (got {args.epochs})"),
+        (1 <= args.batch_size <= 4096, f"--batch-size must be 1..4096 (got {args.batch_size})"),
+        (math.isfinite(args.lr) and 0 < args.lr <= 1, f"--lr must be in (0, 1] (got {args.lr})"),
+        (args.weight_decay >= 0, f"--weight-decay must be >= 0 (got {args.weight_decay})"),
+        (args.max_minutes >= 0, f"--max-minutes must be >= 0 (got {args.max_minutes})"),
+        (args.workers >= 1, f"--workers must be >= 1 (got {args.workers})"),
+        (args.threads >= 0, f"--threads must be >= 0 (got {args.threads})"),
+        (0.5 <= args.specificity < 1, f"--specificity must be in [0.5, 1) (got {args.specificity})"),
+        (args.device in ("auto", "cpu", "cuda"), f"--device must be one of: auto, cpu, cuda (got {args.device!r})"),
+        (args.width is None or 4 <= args.width <= 256, f"--width must be 4..256 (got {args.width})"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UsageError(msg)
+    args.holdout_rules = [parse_rule(r) for r in (args.holdout if args.holdout else DEFAULT_HOLDOUT)]
+
+
+def run(args) -> int:
+    validate_args(args)
+    result = train(args)
+    print(json.dumps({"checkpoint": str(result["checkpoint"]), "metrics": str(result["metrics_path"]),
+                      "card": str(result["card_path"]), "summary": result["summary"]}, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- training
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _predict(model, x_mm, idx, device, batch: int = 64, amp: bool = False):
+    import torch
+
+    logits, pos = [], []
+    model.eval()
+    with torch.no_grad():
+        for a in range(0, len(idx), batch):
+            xb = torch.from_numpy(np.asarray(x_mm[idx[a : a + batch]], dtype=np.float32)).to(device)
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+                lg, ps = model(xb)
+            logits.append(lg.float().cpu().numpy())
+            pos.append(ps.float().cpu().numpy()[:, 0])
+    return np.concatenate(logits) if logits else np.zeros((0, len(ARTIFACTS))), np.concatenate(pos) if pos else np.zeros(0)
+
+
+def evaluate(model, cache, idx, device, thresholds=None, specificity=0.97, amp=False) -> tuple[dict, np.ndarray, np.ndarray]:
+    from medqc.models.metrics import artifact_metrics, position_metrics
+
+    logits, pos = _predict(model, cache.x, idx, device, amp=amp)
+    y = (cache.y[idx] >= POSITIVE_AT).astype(np.float32)
+    m = {
+        "n": int(len(idx)),
+        "artifacts": artifact_metrics(list(ARTIFACTS), y, logits, thresholds, spec=0.95),
+        "position": position_metrics(cache.pos[idx], pos),
+    }
+    return m, logits, pos
+
+
+def train(args) -> dict:
+    import torch
+    from torch import nn
+    from tqdm import tqdm
+
+    from medqc import __version__
+    from medqc.models import CHECKPOINT_FORMAT, build_model
+    from medqc.models.card import write_card
+    from medqc.models.data import build_cache
+    from medqc.models.metrics import choose_thresholds
+    from medqc.models.qcnet import count_flops, count_params
+    from medqc.preprocess import PreprocessParams
+
+    if not hasattr(args, "holdout_rules"):
+        validate_args(args)
+    progress = not getattr(args, "no_progress", False)
+    t_start = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    amp = device.type == "cuda"
+    params = PreprocessParams()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_root = Path(args.cache)
+
+    # ---- data
+    from medqc.models.data import cache_key
+
+    t0 = time.time()
+    tr = build_cache(cache_root / cache_key(args.n_train, args.seed, params), args.n_train, args.seed, params, args.workers, progress, "train data")
+    va = build_cache(cache_root / cache_key(args.n_val, args.seed + 1_000_003, params), args.n_val, args.seed + 1_000_003, params, args.workers, progress, "val data")
+    data_s = time.time() - t0
+    tr_hold = heldout_mask(tr.meta, args.holdout_rules)
+    va_hold = heldout_mask(va.meta, args.holdout_rules)
+    train_idx = np.flatnonzero(~tr_hold)
+    val_idx = np.arange(len(va))
+    if len(train_idx) < 8:
+        raise UsageError(f"only {len(train_idx)} training slices remain after the --holdout rules; loosen them")
+    log.info("data: %d train (%d held out by parameter rules), %d val (%d in held-out ranges), %.0f s",
+             len(train_idx), int(tr_hold.sum()), len(val_idx), int(va_hold.sum()), data_s)
+
+    # ---- model
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    kwargs = {"in_channels": params.channels, "num_labels": len(ARTIFACTS)}
+    if args.width:
+        kwargs["width"] = args.width
+    model = build_model(args.model, **kwargs)
+    full_kwargs = {k: getattr(model, k) for k in ("in_channels", "num_labels")}
+    full_kwargs["width"] = args.width or build_model(args.model).features[0][0].out_channels
+    model = model.to(device)
+    if device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    y_all = (tr.y >= POSITIVE_AT).astype(np.float32)
+    pos_all = tr.pos.astype(np.float32)
+    prev = y_all[train_idx].mean(0)
+    pos_weight = torch.tensor(np.clip((1 - prev) / np.maximum(prev, 1e-3), 1.0, 5.0), dtype=torch.float32, device=device)
+    bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    steps_per_epoch = max(1, len(train_idx) // args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+    warmup = min(100, total_steps // 10 + 1)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        prog = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * prog)))
+
+    history = []
+    step = 0
+    budget_s = args.max_minutes * 60.0
+    t_opt = time.time()
+    ckpt_path = out / "qcnet.pt"
+    thresholds = {a: 0.5 for a in ARTIFACTS}
+    bar = tqdm(total=total_steps, desc="train", unit="step", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    epoch = 0
+    stopped_early = False
+    while step < total_steps:
+        model.train()
+        order = rng.permutation(train_idx)
+        run_loss, run_n = 0.0, 0
+        for b in range(steps_per_epoch):
+            if step >= total_steps:
+                break
+            idx = np.sort(order[b * args.batch_size : (b + 1) * args.batch_size])
+            xb = np.asarray(tr.x[idx], dtype=np.float32)
+            flip = rng.random(len(idx)) < 0.5  # left-right mirror: artifacts and level are unchanged
+            xb[flip] = xb[flip][..., ::-1]
+            xt = torch.from_numpy(np.ascontiguousarray(xb)).to(device)
+            if device.type == "cpu":
+                xt = xt.contiguous(memory_format=torch.channels_last)
+            yt = torch.from_numpy(y_all[idx]).to(device)
+            pt = torch.from_numpy(pos_all[idx]).to(device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
+                logits, pos = model(xt)
+            logits, pos = logits.float(), pos.float()[:, 0]
+            loss_a = bce(logits, yt)
+            ok = torch.isfinite(pt)
+            if bool(ok.any()):
+                loss_p = nn.functional.smooth_l1_loss(pos[ok] / 100.0, pt[ok] / 100.0, beta=0.5)
+            else:
+                loss_p = logits.sum() * 0.0
+            loss = loss_a + 0.5 * loss_p
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            run_loss += float(loss)
+            run_n += 1
+            if step % 10 == 0:
+                history.append({"step": step, "loss": run_loss / run_n, "loss_artifacts": float(loss_a), "loss_position": float(loss_p)})
+                bar.set_postfix(loss=f"{run_loss / run_n:.3f}")
+            bar.update(1)
+            if budget_s > 0 and step == 20:  # shrink the schedule to fit the time budget
+                per_step = (time.time() - t_opt) / 20
+                fit = int((budget_s - (time.time() - t_opt)) / per_step * 0.92) + step
+                if fit < total_steps:
+                    log.info("time budget: %d of %d planned steps fit; shortening the schedule", fit, total_steps)
+                    total_steps = max(step + 1, fit)
+                    bar.total = total_steps
+                    stopped_early = True
+        epoch += 1
+        m, logits, _ = evaluate(model, va, val_idx, device, amp=amp)
+        thresholds = choose_thresholds(list(ARTIFACTS), (va.y[val_idx] >= POSITIVE_AT).astype(np.float32), logits, args.specificity)
+        ep = {"epoch": epoch, "step": step, "train_loss": run_loss / max(1, run_n),
+              "val_auroc": {k: v["auroc"] for k, v in m["artifacts"].items()},
+              "val_position_median_abs_mm": m["position"].get("median_abs_mm")}
+        history.append(ep)
+        log.info("epoch %d: %s", epoch, json.dumps(ep))
+        _save(ckpt_path, args, model, full_kwargs, params, thresholds, {"val": m}, __version__, CHECKPOINT_FORMAT, step)
+    bar.close()
+    train_s = time.time() - t_opt
+
+    # ---- final evaluation
+    final, logits, pos = evaluate(model, va, val_idx, device, thresholds, amp=amp)
+    parts = {"all": final}
+    if va_hold.any():
+        parts["heldout_params"] = evaluate(model, va, np.flatnonzero(va_hold), device, thresholds, amp=amp)[0]
+        parts["in_range"] = evaluate(model, va, np.flatnonzero(~va_hold), device, thresholds, amp=amp)[0]
+    model_cpu = model.float().to("cpu").to(memory_format=torch.contiguous_format).eval()
+    flops = count_flops(model_cpu, (params.channels, params.size, params.size))
+    metrics = {
+        "model": args.model,
+        "kwargs": full_kwargs,
+        "params": count_params(model_cpu),
+        "flops_per_slice": flops,
+        "seed": args.seed,
+        "n_train": int(len(train_idx)),
+        "n_train_generated": int(len(tr)),
+        "n_val": int(len(val_idx)),
+        "n_val_heldout_params": int(va_hold.sum()),
+        "holdout_rules": ["".join(r) for r in args.holdout_rules],
+        "positive_at_severity": POSITIVE_AT,
+        "threshold_specificity": args.specificity,
+        "thresholds": thresholds,
+        "steps": step,
+        "epochs": epoch,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "schedule_shortened_by_time_budget": stopped_early,
+        "device": str(device),
+        "amp": amp,
+        "data_seconds": round(data_s, 1),
+        "train_seconds": round(train_s, 1),
+        "validation": parts,
+        "history": history,
+        "train_label_prevalence": {a: float(prev[k]) for k, a in enumerate(ARTIFACTS)},
+        "data_summary": summarise_meta([tr.meta[i] for i in train_idx]),
+        "heldout_summary": summarise_meta([va.meta[i] for i in np.flatnonzero(va_hold)]),
+    }
+    try:
+        metrics["ort_cpu"] = bench_onnx(model_cpu, params)
+    except Exception as e:  # benchmarking is a report figure, not a reason to lose the run
+        metrics["ort_cpu"] = {"error": f"{type(e).__name__}: {e}"}
+    _save(ckpt_path, args, model_cpu, full_kwargs, params, thresholds, _slim(metrics), __version__, CHECKPOINT_FORMAT, step)
+    metrics_path = out / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    card_path = out / "card.md"
+    write_card(card_path, metrics)
+    if args.card:
+        Path(args.card).parent.mkdir(parents=True, exist_ok=True)
+        write_card(Path(args.card), metrics)
+    log.info("done in %.0f s", time.time() - t_start)
+    return {"checkpoint": ckpt_path, "metrics_path": metrics_path, "card_path": card_path, "metrics": metrics,
+            "summary": {k: v["auroc"] for k, v in final["artifacts"].items()} | {"position_median_abs_mm": final["position"].get("median_abs_mm")}}
+
+
+def _slim(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in ("history", "data_summary", "heldout_summary")}
+
+
+def _save(path: Path, args, model, kwargs, params, thresholds, metrics, version, fmt, step) -> None:
+    import torch
+
+    sd = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt = {
+        "format": fmt,
+        "model": args.model,
+        "kwargs": dict(kwargs),
+        "state_dict": sd,
+        "preprocess": params.to_dict(),
+        "labels": list(ARTIFACTS),
+        "thresholds": dict(thresholds),
+        "version": f"{version}+{args.model}.s{args.seed}.step{step}",
+        "metrics": json.loads(json.dumps(metrics, default=float)),
+        "seed": args.seed,
+    }
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def summarise_meta(metas: list) -> dict:
+    """Which generator parameters varied, and over what range (numbers) or which values (categories)."""
+    keys: dict[str, list] = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(v, name + ".")
+            elif isinstance(v, (list, tuple)):
+                if v and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in v) and len(v) <= 3:
+                    for i, t in enumerate(v):
+                        keys.setdefault(f"{name}[{i}]", []).append(t)
+            else:
+                keys.setdefault(name, []).append(v)
+
+    for m in metas:
+        if isinstance(m, dict):
+            walk(m)
+    out = {}
+    for k, vals in sorted(keys.items()):
+        nums = [v for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if nums and len(nums) == len(vals):
+            arr = np.asarray(nums, dtype=np.float64)
+            out[k] = {"min": float(arr.min()), "max": float(arr.max()), "distinct": int(len(np.unique(arr)))}
+        else:
+            uniq: dict[str, int] = {}
+            for v in vals:
+                uniq[str(v)] = uniq.get(str(v), 0) + 1
+            if len(uniq) <= 24:
+                out[k] = {"values": uniq}
+            else:
+                out[k] = {"distinct": len(uniq)}
+    return out
+
+
+def bench_onnx(model, params, batch: int = 16, threads: int = 2, reps: int = 10) -> dict:
+    """Export to a temporary ONNX file and time ONNX Runtime CPU (``threads`` threads, batch ``batch``)."""
+    import tempfile
+
+    import onnxruntime as ort
+    import torch
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "m.onnx"
+        export_onnx(model, params, p)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        s = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).uniform(-1, 1, (batch, params.channels, params.size, params.size)).astype(np.float32)
+        for _ in range(3):
+            s.run(None, {"image": x})
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            s.run(None, {"image": x})
+            times.append(time.perf_counter() - t)
+    ms = float(np.median(times)) / batch * 1e3
+    return {"ms_per_slice": round(ms, 3), "slices_per_s": round(1000 / ms, 1), "batch": batch, "threads": threads,
+            "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(), "torch": torch.__version__}
+
+
+def export_onnx(model, params, path: Path, opset: int = 17) -> None:
+    """The bundle interface: input ``image`` (N, C, S, S) → ``artifact_logits`` (N, K), ``position`` (N, 1) in reference mm."""
+    import torch
+    import warnings
+
+    x = torch.zeros((2, params.channels, params.size, params.size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), x, str(path), input_names=["image"], output_names=["artifact_logits", "position"],
+                          dynamic_axes={"image": {0: "batch"}, "artifact_logits": {0: "batch"}, "position": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
