@@ -1,0 +1,66 @@
+"""``medqc export check``: every runner available for a bundle on this machine, gated against the bundle's
+FP32 ONNX model under ONNX Runtime CPU on the same synthetic CT batch (tolerances by precision)."""
+
+from __future__ import annotations
+
+import time
+
+
+from medqc.export.compare import Comparator, _infer
+from medqc.export.specs import FP16_TOL, FP32_TOL, INT8_TOL, SPECS
+from medqc.export.validation import validation_batch
+
+
+def tolerances_for(backend: str, runner=None) -> tuple[dict, float]:
+    """(tolerances, max position delta mm) for a backend's precision."""
+    desc = runner.describe() if runner is not None and hasattr(runner, "describe") else {}
+    precision = desc.get("precision", "fp32")
+    if backend == "onnxruntime-int8" or precision == "int8":
+        return INT8_TOL, 5.0
+    if precision == "fp16":
+        return FP16_TOL, 1.0
+    return FP32_TOL, 1.0
+
+
+def check_bundle(bundle, n: int = 32, seed: int = 1234, backends=None) -> dict:
+    from medqc.runners import BACKENDS, available_backends, make_runner
+
+    spec = SPECS.get(bundle.name)
+    min_agreement = spec.min_agreement if spec else 0.995
+    batch, source = validation_batch(bundle.preprocess, n=n, seed=seed)
+    with make_runner("onnxruntime", bundle) as ref:
+        ref_out = _infer(ref, batch, 16)
+    avail = available_backends(bundle)
+    out = {"bundle": str(bundle.root), "validation": {"source": source, "n": n, "seed": seed}, "runners": {}, "ok": True}
+    for name in backends or BACKENDS:
+        ok, why = avail[name]
+        if not ok:
+            out["runners"][name] = {"status": "skipped", "reason": why}
+            continue
+        try:
+            runner = make_runner(name, bundle)
+        except Exception as e:  # an engine for another GPU, a broken install: reported, not fatal
+            out["runners"][name] = {"status": "skipped", "reason": f"{type(e).__name__}: {e}"}
+            continue
+        with runner:
+            tol, max_mm = tolerances_for(name, runner)
+            cmp = Comparator(tol, bundle.labels, bundle.thresholds, min_agreement, max_mm)
+            _infer(runner, batch[:4], 4)  # warm-up
+            t0 = time.perf_counter()
+            rep = cmp.compare(None, runner, batch, name=f"{name} vs onnxruntime fp32", reference_name="onnxruntime-fp32", ref_outputs=ref_out)
+            ms = (time.perf_counter() - t0) * 1e3 / len(batch)
+            out["runners"][name] = {
+                "status": "ran",
+                "passed": rep.passed,
+                "decision_agreement": rep.decision_agreement,
+                "position_max_delta_mm": rep.position_max_delta_mm,
+                "max_abs": {o.name: o.max_abs for o in rep.outputs},
+                "ms_per_slice": ms,
+                "describe": runner.describe(),
+                "failures": rep.failures,
+            }
+            out["ok"] = out["ok"] and rep.passed
+    return out
+
+
+__all__ = ["check_bundle", "tolerances_for"]

@@ -1,0 +1,72 @@
+"""Per-model export specs, registered by model name (after optimum's OnnxConfig): input/output names,
+dynamic axes, a sample-input generator and per-output tolerances for each precision.
+
+Every model in ``medqc.models.model_names()`` must have a spec here; ``tests/test_export.py`` fails when a
+registered model has no spec or no export test. Models that keep the standard interface
+(``forward(image) -> (artifact_logits (N, K), position (N, 1))``) register with :func:`register` and the
+defaults; a model with different needs overrides the fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from medqc.export.compare import ExportError, Tolerance
+from medqc.preprocess import PreprocessParams
+
+# Position is in reference mm below the vertex (0 … ~1800): tolerances are absolute mm plus a relative part.
+FP32_TOL = {"artifact_logits": Tolerance(atol=1e-3, rtol=1e-3), "position": Tolerance(atol=0.05, rtol=1e-4)}
+FP16_TOL = {"artifact_logits": Tolerance(atol=5e-2, rtol=2e-2), "position": Tolerance(atol=1.0, rtol=2e-3)}
+INT8_TOL = {"artifact_logits": Tolerance(atol=0.5, rtol=0.1), "position": Tolerance(atol=10.0, rtol=0.02)}
+
+
+def ct_sample_input(params: PreprocessParams, batch: int = 2, seed: int = 0) -> np.ndarray:
+    """Tracing input: preprocessed CT-like phantom slices (not noise), so every branch sees real ranges."""
+    from medqc.export.validation import validation_batch
+
+    x, _ = validation_batch(params, n=batch, seed=seed, source="phantom")
+    return x
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    model: str
+    input_name: str = "image"
+    output_names: tuple = ("artifact_logits", "position")
+    dynamic_axes: dict = field(default_factory=lambda: {"image": {0: "batch"}, "artifact_logits": {0: "batch"}, "position": {0: "batch"}})
+    sample_input: object = ct_sample_input
+    opset: int = 17
+    tolerances: dict = field(default_factory=lambda: {"fp32": FP32_TOL, "fp16": FP16_TOL, "int8": INT8_TOL})
+    min_agreement: float = 0.995
+    max_position_mm: float = 1.0
+    # INT8 is a lossy quantisation: decisions and position are gated, the raw logits more loosely.
+    int8_max_position_mm: float = 5.0
+
+    def tol(self, precision: str) -> dict:
+        if precision not in self.tolerances:
+            raise ExportError(f"spec {self.model!r} has no tolerances for {precision!r} (has {sorted(self.tolerances)})")
+        return self.tolerances[precision]
+
+
+SPECS: dict[str, ExportSpec] = {}
+
+
+def register(name: str, **overrides) -> ExportSpec:
+    spec = replace(ExportSpec(model=name), **overrides)
+    SPECS[name] = spec
+    return spec
+
+
+def registered() -> tuple[str, ...]:
+    return tuple(sorted(SPECS))
+
+
+def get_spec(name: str) -> ExportSpec:
+    if name not in SPECS:
+        raise ExportError(
+            f"model {name!r} has no export spec (registered: {', '.join(registered()) or 'none'}); "
+            "add one to medqc/export/specs.py with its export test"
+        )
+    return SPECS[name]

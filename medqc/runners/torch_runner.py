@@ -1,0 +1,66 @@
+"""PyTorch runner: the bundle's checkpoint (``files.checkpoint``) loaded with ``medqc.models.load_checkpoint``.
+
+On a CUDA machine it runs on the GPU with autocast FP16 (``amp=False`` for FP32); otherwise FP32 on the CPU.
+It is the reference the export gates compare against, and a fallback where neither ONNX Runtime nor
+TensorRT is wanted. torch is imported only when the runner is built or asked whether it is available.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medqc.runners.base import BackendUnavailable, Runner
+
+
+class TorchRunner(Runner):
+    name = "torch"
+
+    @classmethod
+    def is_available(cls, bundle=None) -> tuple[bool, str]:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return False, "PyTorch is not installed (pip install torch, or medqc[train])"
+        if bundle is not None and bundle.file("checkpoint") is None:
+            return False, "bundle has no 'checkpoint' file (export with --checkpoint to include one)"
+        return True, "ok"
+
+    def __init__(self, bundle, device: str | None = None, amp: bool | None = None, **opts):
+        super().__init__(bundle)
+        import torch
+
+        try:
+            from medqc.models import load_checkpoint
+        except ImportError as e:
+            raise BackendUnavailable(f"torch: medqc.models cannot load checkpoints here: {e}") from e
+        self.torch = torch
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable("torch: CUDA requested but torch.cuda.is_available() is False (install a CUDA build of torch)")
+        self.device = torch.device(device)
+        self.amp = bool(self.device.type == "cuda") if amp is None else bool(amp)
+        if self.amp and self.device.type != "cuda":
+            raise BackendUnavailable("torch: FP16 autocast needs a CUDA device")
+        path = bundle.verify("checkpoint")
+        try:
+            name, model, meta = load_checkpoint(path)
+        except Exception as e:
+            raise BackendUnavailable(f"torch: cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
+        if bundle.manifest.get("name") not in (None, name):
+            raise BackendUnavailable(f"torch: checkpoint holds model {name!r} but the bundle is {bundle.name!r}")
+        self.model = model.eval().float().to(self.device)
+        self.model_name = name
+
+    def _infer_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        torch = self.torch
+        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+            logits, position = self.model(x)
+        return {"artifact_logits": logits.float().cpu().numpy(), "position": position.float().cpu().numpy()}
+
+    def describe(self) -> dict:
+        d = {"backend": self.name, "device": str(self.device), "precision": "fp16" if self.amp else "fp32", "model": self.model_name}
+        if self.device.type == "cuda":
+            d["gpu"] = self.torch.cuda.get_device_name(self.device)
+        return d
