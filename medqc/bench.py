@@ -1,0 +1,867 @@
+"""``medqc bench``: ingest, inference and end-to-end throughput, side by side, in one run, on one study.
+
+Sections (each a function; each either runs or says why it was skipped):
+
+  a. ``storescp``     DCMTK storescu → storescp (receive and write): this machine's ingest ceiling
+  b. ``agent_receive`` storescu → ``medqc agent`` with inference off: what the agent's ingest costs
+  c. ``agent_full``    storescu → ``medqc agent`` full pipeline (slices analysed per second), then
+                       ``medqc replay`` at 60 slices/s: slice → result latency and last slice → verdict
+  d. ``inference``     each available backend alone on preprocessed slices (ONNX Runtime fp32, INT8 when
+                       the bundle has it, torch eager, and GPU backends where ``medqc.runners`` offers them)
+  e. ``naive``         per slice: pydicom decode + preprocess + torch eager at batch 1 (no batching)
+
+All sections use the same study (``medqc synth`` at 512², or a water-phantom series when the synth
+module is not installed). Results: a table on stdout with ratios to (a) and (e), and JSON + PNG + a
+Markdown table under ``--out`` (default ``bench/results``) named after the machine (GPU name, or
+``cpu-<N>core``), with the machine description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from medqc.errors import UsageError
+
+log = logging.getLogger("medqc.bench")
+
+SCHEMA = "medqc.bench/1"
+TARGETS = {
+    "full_pipeline_slices_per_s": (">=", 240.0),
+    "p95_slice_to_result_ms_at_60": ("<=", 50.0),
+    "last_slice_to_verdict_s": ("<=", 0.5),
+    "onnxruntime_vs_naive_torch": (">=", 2.5),
+}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _skip(reason: str, **extra) -> dict:
+    return {"status": "skipped", "reason": reason, **extra}
+
+
+def _failed(reason: str, **extra) -> dict:
+    return {"status": "failed", "reason": reason, **extra}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _nodelay_env() -> dict:
+    return dict(os.environ, TCP_NODELAY="1")  # DCMTK leaves Nagle on without it (22 slices/s on loopback)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def machine() -> dict:
+    """What this was measured on."""
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gb = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = {"python": platform.python_version()}
+    for mod in ("numpy", "pydicom", "pynetdicom", "onnxruntime", "torch", "cv2", "tensorrt"):
+        with contextlib.suppress(Exception):
+            m = __import__(mod)
+            versions[mod] = getattr(m, "__version__", "?")
+    gpus = []
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        with contextlib.suppress(Exception):
+            out = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            gpus = [dict(zip(("name", "memory", "driver"), (x.strip() for x in line.split(",")))) for line in out.splitlines() if line.strip()]
+    dcmtk = ""
+    if shutil.which("storescp"):
+        with contextlib.suppress(Exception):
+            dcmtk = subprocess.run(["storescp", "--version"], capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
+    commit = ""
+    with contextlib.suppress(Exception):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    label = _slug(gpus[0]["name"]) if gpus else f"cpu-{cores}core"
+    return {
+        "label": label,
+        "cpu": cpu,
+        "cores": cores,
+        "memory_gb": mem_gb,
+        "os": f"{platform.system()} {platform.release()}",
+        "gpus": gpus,
+        "versions": versions,
+        "dcmtk": dcmtk,
+        "commit": commit,
+        "load_avg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------- the study
+def make_study(folder: Path, n: int, size: int = 512) -> tuple[list[Path], str]:
+    """``n`` axial CT slices at ``size``² in ``folder`` → (files, how they were made)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        from medqc.synth import cli as synth_cli  # noqa: F401
+
+        r = subprocess.run([sys.executable, "-m", "medqc", "synth", "--out", str(folder), "--slices", str(n), "--size", str(size)],
+                           capture_output=True, text=True, timeout=600)
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".dcm", ""))
+        files = [p for p in files if _is_dicom(p)]
+        if r.returncode == 0 and files:
+            return files, "medqc synth"
+        log.warning("medqc synth did not produce a study (exit %s): %s; using a water phantom", r.returncode, r.stderr.strip()[-300:])
+        for p in folder.rglob("*"):
+            if p.is_file():
+                p.unlink()
+    except ImportError:
+        pass
+    return write_phantom_series(folder, n, size), "water phantom (medqc synth not available)"
+
+
+def _is_dicom(p: Path) -> bool:
+    with contextlib.suppress(OSError):
+        with open(p, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    return False
+
+
+def write_phantom_series(folder: Path, n: int, size: int = 512) -> list[Path]:
+    """A 20 cm water cylinder in air with Gaussian noise, 0.7 mm pixels, 2.5 mm slices, count known."""
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    yy, xx = np.mgrid[:size, :size]
+    px = 350.0 / size
+    r = np.hypot((yy - size / 2) * px, (xx - size / 2) * px)
+    body = np.where(r < 100, 0.0, -1000.0)
+    body = np.where(r > 175, -3024.0, body)  # outside the reconstructed field
+    files = []
+    for i in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        p = folder / f"CT{i + 1:04d}.dcm"
+        ds = FileDataset(str(p), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.Manufacturer, ds.BodyPartExamined = "CT", "medqc bench", "ABDOMEN"
+        ds.PatientName, ds.PatientID = "Bench^Phantom", "BENCH"
+        ds.SeriesNumber, ds.InstanceNumber, ds.ImagesInAcquisition = 2, i + 1, n
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [-175.0, -175.0, -2.5 * i]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [px, px]
+        ds.SliceThickness = 2.5
+        ds.KVP, ds.CTDIvol, ds.ReconstructionDiameter = 120, 10.0, 350.0
+        ds.PatientPosition = "HFS"
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        hu = body + np.where(body > -2000, rng.normal(0, 12, body.shape), 0)
+        ds.PixelData = np.clip(hu + 1024, -32768, 32767).astype(np.int16).tobytes()
+        ds.save_as(p, enforce_file_format=True)
+        files.append(p)
+    return files
+
+
+def reuid_copy(files: list[Path], folder: Path) -> list[Path]:
+    """The same slices as a new study/series (fresh UIDs), so the agent sees a series it has not seen."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    new: dict[str, str] = {}
+    out = []
+    for i, p in enumerate(files):
+        ds = pydicom.dcmread(str(p))
+        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+            if kw in ds:
+                ds[kw].value = new.setdefault(str(ds[kw].value), generate_uid())
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if "ImagesInAcquisition" in ds:
+            ds.ImagesInAcquisition = len(files)
+        q = folder / f"L{i + 1:04d}.dcm"
+        ds.save_as(q, enforce_file_format=True)
+        out.append(q)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- (a) storescp
+def _storescu(files: list[Path], port: int, aet: str = "ANY-SCP", timeout: float = 600) -> tuple[float, subprocess.CompletedProcess]:
+    cmd = ["storescu", "--max-pdu", "131072", "-aec", aet, "127.0.0.1", str(port), *map(str, files)]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=_nodelay_env(), capture_output=True, text=True, timeout=timeout)
+    return time.perf_counter() - t0, r
+
+
+def bench_storescp(files: list[Path], work: Path) -> dict:
+    if not (shutil.which("storescp") and shutil.which("storescu")):
+        return _skip("DCMTK storescp/storescu not installed (apt-get install dcmtk)")
+    out = work / "storescp-out"
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    proc = subprocess.Popen(["storescp", "--fork", "--max-pdu", "131072", "-od", str(out), str(port)], env=_nodelay_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if not _wait_port(port, 10, proc):
+            return _failed("storescp did not start listening")
+        wall, r = _storescu(files, port)
+    finally:
+        _stop(proc)
+    written = sum(1 for p in out.iterdir() if p.is_file())
+    if r.returncode != 0 or written != len(files):
+        return _failed(f"storescu exit {r.returncode}, {written}/{len(files)} written: {r.stderr.strip()[-300:]}")
+    return {"status": "ran", "slices": len(files), "wall_s": round(wall, 3), "slices_per_s": round(len(files) / wall, 1),
+            "what": "storescu → storescp --fork, TCP_NODELAY, 128 KiB PDUs, files written"}
+
+
+# --------------------------------------------------------------------------------------------- (b, c) agent
+class Agent:
+    """``medqc agent`` as a subprocess on loopback ports, configured by a TOML file."""
+
+    def __init__(self, work: Path, bundle: str | None, inference: bool, threads: int = 0):
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.port, self.http_port = _free_port(), _free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.inference = inference
+        lines = [
+            f'state_dir = "{work / "state"}"',
+            'log_level = "warning"',
+            "[dicom]", 'ae_title = "MEDQC"', 'bind = "127.0.0.1"', f"port = {self.port}",
+            "[http]", f'bind = "127.0.0.1:{self.http_port}"',
+            "[series]", "idle_timeout_s = 2.0",
+            "[sinks.stdout]", "enabled = false",
+            "[inference]",
+        ]
+        if bundle:
+            lines.append(f'bundle = "{bundle}"')
+        if threads:
+            lines.append(f"threads = {threads}")
+        self.config = work / "medqc.toml"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc = None
+        self.log = work / "agent.log"
+
+    def start(self, timeout: float = 60.0) -> str:
+        """Start; '' when listening, else the reason."""
+        try:
+            from medqc.agent import daemon
+        except ImportError as e:
+            return f"'medqc agent' is not available in this install: {e}"
+        parser = argparse.ArgumentParser()
+        daemon.add_arguments(parser)
+        opts = set(parser._option_string_actions)  # noqa: SLF001 - the options this agent build offers
+        cmd = [sys.executable, "-m", "medqc", "agent"]
+        if "--config" in opts:
+            cmd += ["--config", str(self.config)]
+        else:
+            return "'medqc agent' has no --config option"
+        if not self.inference:
+            if "--no-inference" not in opts:
+                return "'medqc agent' has no --no-inference option (receive-only mode)"
+            cmd.append("--no-inference")
+        env = dict(os.environ, MEDQC_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+        self._logf = open(self.log, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._logf, stderr=subprocess.STDOUT)
+        if not (_wait_port(self.port, timeout, self.proc) and _wait_port(self.http_port, timeout, self.proc)):
+            self.stop()
+            return f"the agent did not start listening within {timeout:g} s: {self.tail()}"
+        return ""
+
+    def tail(self, n: int = 600) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text()[-n:].strip()
+        return ""
+
+    def get(self, path: str):
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + path, timeout=5) as r:
+            return json.loads(r.read())
+
+    def series(self, uid: str) -> dict | None:
+        import urllib.error
+
+        try:
+            rep = self.get(f"/api/series/{uid}")
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            raise
+        if isinstance(rep, dict) and isinstance(rep.get("series"), list):
+            rep = next((s for s in rep["series"] if s.get("series_instance_uid") == uid), None)
+        return rep
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            import signal
+
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            self._logf.close()
+
+
+def _series_uid(files: list[Path]) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(str(files[0]), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
+
+
+def bench_agent_receive(files: list[Path], work: Path, bundle: str | None) -> dict:
+    if not shutil.which("storescu"):
+        return _skip("DCMTK storescu not installed")
+    agent = Agent(work / "agent-receive", bundle, inference=False)
+    why = agent.start()
+    if why:
+        return _skip(why)
+    try:
+        wall, r = _storescu(files, agent.port, "MEDQC")
+    finally:
+        agent.stop()
+    if r.returncode != 0:
+        return _failed(f"storescu exit {r.returncode}: {r.stderr.strip()[-300:]}; agent: {agent.tail()}")
+    return {"status": "ran", "slices": len(files), "wall_s": round(wall, 3), "slices_per_s": round(len(files) / wall, 1),
+            "what": "storescu → medqc agent --no-inference (spooled and acknowledged)"}
+
+
+def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str | None, latency_slices: list[Path], wait_s: float = 120) -> dict:
+    if not shutil.which("storescu"):
+        return _skip("DCMTK storescu not installed")
+    agent = Agent(work / "agent-full", bundle, inference=True)
+    why = agent.start()
+    if why:
+        return _skip(why)
+    try:
+        uid = _series_uid(files)
+        t0 = time.time()
+        wall, r = _storescu(files, agent.port, "MEDQC")
+        if r.returncode != 0:
+            return _failed(f"storescu exit {r.returncode}: {r.stderr.strip()[-300:]}; agent: {agent.tail()}")
+        rep, deadline = None, time.time() + wait_s
+        while time.time() < deadline:
+            rep = agent.series(uid)
+            if rep and len(rep.get("per_slice") or []) >= len(files) and rep.get("verdict"):
+                break
+            time.sleep(0.1)
+        per = (rep or {}).get("per_slice") or []
+        done = [p.get("analysed_at") for p in per if isinstance(p.get("analysed_at"), (int, float)) and p.get("analysed_at") > 0]
+        res = {"status": "ran", "slices": len(files), "ingest_wall_s": round(wall, 3), "ingest_slices_per_s": round(len(files) / wall, 1),
+               "slices_analysed": len(per), "verdict": (rep or {}).get("verdict"),
+               "what": "storescu → medqc agent (spool, decode, preprocess, batch, infer, checks, store)"}
+        if len(per) < len(files):
+            res["status"] = "failed"
+            res["reason"] = f"only {len(per)} of {len(files)} slices analysed within {wait_s:g} s; agent: {agent.tail()}"
+            return res
+        if done:
+            span = max(done) - t0
+            res["wall_s"] = round(span, 3)
+            res["slices_per_s"] = round(len(files) / span, 1)
+        else:
+            res["reason"] = "the agent's report carries no analysed_at: end-to-end rate unmeasured"
+        # latency at scanner pace: a fresh series (new UIDs) through medqc replay at 60 slices/s
+        res["latency_at_60"] = _latency_at_rate(latency_slices, agent, 60.0)
+        return res
+    finally:
+        agent.stop()
+
+
+def _latency_at_rate(files: list[Path], agent: Agent, rate: float) -> dict:
+    from medqc.replay import replay
+
+    if not files:
+        return _skip("no latency study")
+    try:
+        result, _ = replay([str(p) for p in files], "127.0.0.1", agent.port, "MEDQC", "MEDQC_BENCH", "rate", rate,
+                           agent_url=agent.url, agent_wait_s=30.0)
+    except Exception as e:
+        return _failed(f"{type(e).__name__}: {e}")
+    a = result.get("agent") or {}
+    a.pop("_slice_ms", None)
+    t = result["transport"]
+    return {
+        "status": "ran" if t["sent"] == len(files) else "failed",
+        "rate": rate,
+        "slices": t["sent"],
+        "c_store_rtt_ms": t["c_store_rtt_ms"],
+        "slice_to_result_ms": a.get("slice_to_result_ms"),
+        "send_to_result_ms": a.get("send_to_result_ms"),
+        "last_slice_to_verdict_s": a.get("last_slice_to_verdict_s"),
+        "time_to_first_flag_s": a.get("time_to_first_flag_s"),
+        **({"reason": a["error"]} if a.get("error") else {}),
+        **({"note": a["note"]} if a.get("note") else {}),
+    }
+
+
+# --------------------------------------------------------------------------------------------- (d) inference
+def load_slices(files: list[Path], params) -> "object":
+    """Decode + preprocess every file once (the agent's own per-slice work, outside the timing)."""
+    import numpy as np
+    import pydicom
+
+    from medqc.preprocess import preprocess
+
+    out = []
+    for p in files:
+        ds = pydicom.dcmread(str(p))
+        hu = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+        out.append(preprocess(hu, tuple(float(v) for v in ds.PixelSpacing), params))
+    return np.stack(out)
+
+
+def _time_runner(runner, x, batch: int, min_s: float) -> dict:
+    import numpy as np
+
+    n = x.shape[0]
+    for _ in range(2):  # warm-up (allocations, lazy init, engine tactics)
+        runner.infer(x[:batch])
+    done, t0, calls = 0, time.perf_counter(), []
+    while True:
+        for i in range(0, n, batch):
+            c0 = time.perf_counter()
+            runner.infer(x[i:i + batch])
+            calls.append((time.perf_counter() - c0) * 1e3 / max(1, min(batch, n - i)))
+            done += min(batch, n - i)
+        el = time.perf_counter() - t0
+        if el >= min_s:
+            break
+    return {"status": "ran", "batch": batch, "slices": done, "wall_s": round(el, 3), "slices_per_s": round(done / el, 1),
+            "ms_per_slice_p50": round(float(np.median(calls)), 3)}
+
+
+def bench_inference(bundle, x, batch: int, min_s: float, threads: int = 0) -> dict:
+    from medqc.runners import available_backends, make_runner
+
+    out = {}
+    for name, (ok, why) in available_backends(bundle).items():
+        if not ok:
+            out[name] = _skip(why)
+            continue
+        opts = {"threads": threads} if (threads and name.startswith("onnxruntime")) else {}
+        try:
+            with make_runner(name, bundle, **opts) as runner:
+                res = _time_runner(runner, x, batch, min_s)
+                res["describe"] = runner.describe()
+        except Exception as e:
+            res = _failed(f"{type(e).__name__}: {e}")
+        out[name] = res
+        if name == "torch" and res.get("status") == "ran" and res["describe"].get("device", "cpu") != "cpu":
+            # a CUDA machine: torch on the CPU too, the eager reference for the ratio
+            with contextlib.suppress(Exception), make_runner("torch", bundle, device="cpu", amp=False) as r2:
+                res2 = _time_runner(r2, x, batch, min_s)
+                res2["describe"] = r2.describe()
+                out["torch-cpu"] = res2
+        if name == "torch" and res.get("status") == "ran" and res["describe"].get("device", "cpu") != "cpu":
+            out["torch-cuda-graph"] = _bench_cuda_graph(bundle, x, batch, min_s)
+    return out
+
+
+def _bench_cuda_graph(bundle, x, batch: int, min_s: float) -> dict:
+    """torch CUDA FP16 with the forward pass captured once in a CUDA graph (static batch)."""
+    try:
+        import torch
+
+        from medqc.models import load_checkpoint
+
+        _, model, _ = load_checkpoint(bundle.verify("checkpoint"))
+        model = model.eval().cuda().half()
+        static = torch.zeros((batch, *x.shape[1:]), device="cuda", dtype=torch.float16)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s), torch.inference_mode():
+            for _ in range(3):
+                model(static)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(g):
+            out = model(static)
+        xs = torch.from_numpy(x).half()
+        n = (x.shape[0] // batch) * batch or batch
+        done, t0, calls = 0, time.perf_counter(), []
+        while True:
+            for i in range(0, n, batch):
+                c0 = time.perf_counter()
+                chunk = xs[i:i + batch]
+                if chunk.shape[0] < batch:
+                    chunk = torch.cat([chunk, xs[: batch - chunk.shape[0]]])
+                static.copy_(chunk.cuda(non_blocking=True))
+                g.replay()
+                _ = out[0].float().cpu()
+                calls.append((time.perf_counter() - c0) * 1e3 / batch)
+                done += batch
+            el = time.perf_counter() - t0
+            if el >= min_s:
+                break
+        import statistics
+
+        return {"status": "ran", "batch": batch, "slices": done, "wall_s": round(el, 3), "slices_per_s": round(done / el, 1),
+                "ms_per_slice_p50": round(statistics.median(calls), 3), "describe": {"backend": "torch", "device": "cuda", "precision": "fp16", "cuda_graph": True}}
+    except Exception as e:
+        return _failed(f"{type(e).__name__}: {e}")
+
+
+# --------------------------------------------------------------------------------------------- (e) naive
+def bench_naive(files: list[Path], bundle, min_s: float) -> dict:
+    """One slice at a time: full pydicom decode (pixel_array), HU, the shared preprocess, torch eager batch 1."""
+    import numpy as np
+    import pydicom
+
+    from medqc.preprocess import preprocess
+    from medqc.runners import backend_class
+
+    try:
+        ok, why = backend_class("torch").is_available(bundle)
+    except Exception as e:
+        ok, why = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        return _skip(f"naive baseline needs torch: {why}")
+    try:
+        runner = backend_class("torch")(bundle, device="cpu", amp=False)
+    except Exception as e:
+        return _skip(f"naive baseline needs torch: {e}")
+    params = bundle.preprocess
+    infer_ms, total_ms = [], []
+    with runner:
+        runner.infer(np.zeros((1, *runner.input_shape), np.float32))
+        t0 = time.perf_counter()
+        while True:
+            for p in files:
+                c0 = time.perf_counter()
+                ds = pydicom.dcmread(str(p))
+                hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+                x = preprocess(hu, tuple(float(v) for v in ds.PixelSpacing), params)[None]
+                i0 = time.perf_counter()
+                runner.infer(x)
+                c1 = time.perf_counter()
+                infer_ms.append((c1 - i0) * 1e3)
+                total_ms.append((c1 - c0) * 1e3)
+            el = time.perf_counter() - t0
+            if el >= min_s:
+                break
+    n = len(total_ms)
+    return {"status": "ran", "batch": 1, "slices": n, "wall_s": round(el, 3), "slices_per_s": round(n / el, 1),
+            "ms_per_slice_p50": round(float(np.median(total_ms)), 3),
+            "inference_only_slices_per_s": round(1e3 / float(np.mean(infer_ms)), 1),
+            "inference_ms_p50": round(float(np.median(infer_ms)), 3),
+            "describe": runner.describe(),
+            "what": "per slice: pydicom dcmread + pixel_array + preprocess + torch eager (batch 1)"}
+
+
+# --------------------------------------------------------------------------------------------- report
+def _rate(sec: dict | None) -> float | None:
+    if sec and sec.get("status") == "ran" and isinstance(sec.get("slices_per_s"), (int, float)):
+        return float(sec["slices_per_s"])
+    return None
+
+
+def table_rows(res: dict) -> list[dict]:
+    s = res["sections"]
+    ceiling, naive = _rate(s.get("storescp")), _rate(s.get("naive"))
+    rows = []
+
+    def add(key, label, sec):
+        r = _rate(sec)
+        rows.append({
+            "key": key, "what": label, "status": (sec or {}).get("status", "skipped"),
+            "slices_per_s": r,
+            "ms_per_slice": round(1e3 / r, 3) if r else None,
+            "x_storescp": round(r / ceiling, 2) if (r and ceiling) else None,
+            "x_naive": round(r / naive, 2) if (r and naive) else None,
+            "note": (sec or {}).get("reason", ""),
+        })
+
+    add("a", "DCMTK storescu → storescp (ingest ceiling)", s.get("storescp"))
+    add("b", "agent, receive only", s.get("agent_receive"))
+    add("c", "agent, full pipeline (analysed)", s.get("agent_full"))
+    for name, sec in (s.get("inference") or {}).items():
+        if isinstance(sec, dict) and "status" in sec:
+            add("d", f"inference: {name}" + (f" (batch {sec['batch']})" if sec.get("batch") else ""), sec)
+    add("e", "naive: pydicom + torch eager, batch 1", s.get("naive"))
+    return rows
+
+
+def targets(res: dict) -> dict:
+    s = res["sections"]
+    full = s.get("agent_full") or {}
+    lat = full.get("latency_at_60") or {}
+    vals = {
+        "full_pipeline_slices_per_s": _rate(full),
+        "p95_slice_to_result_ms_at_60": ((lat.get("slice_to_result_ms") or {}).get("p95")),
+        "last_slice_to_verdict_s": ((lat.get("last_slice_to_verdict_s") or {}).get("max")),
+        "onnxruntime_vs_naive_torch": None,
+    }
+    ort = _rate((s.get("inference") or {}).get("onnxruntime"))
+    naive = s.get("naive") or {}
+    if ort and naive.get("status") == "ran":
+        vals["onnxruntime_vs_naive_torch"] = round(ort / naive["inference_only_slices_per_s"], 2)
+    out = {}
+    for k, (op, goal) in TARGETS.items():
+        v = vals[k]
+        out[k] = {"value": v, "target": f"{op} {goal:g}", "met": None if v is None else (v >= goal if op == ">=" else v <= goal)}
+    return out
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [
+        f"### {m['label']} — {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB" + (f", {m['gpus'][0]['name']}" if m["gpus"] else ""),
+        "",
+        f"Study: {res['study']['slices']} slices at {res['study']['size']}² ({res['study']['source']}); "
+        f"bundle: {res.get('bundle', {}).get('name', '—')}; commit {m['commit']}; {res['created']}; "
+        f"load average at start {', '.join(f'{x:.2f}' for x in (m.get('load_avg_at_start') or []))}.",
+        "",
+        "| | what | slices/s | ms/slice | × (a) | × (e) | note |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in res["table"]:
+        f = lambda v, d=1: "—" if v is None else (f"{v:,.{d}f}" if isinstance(v, float) else str(v))  # noqa: E731
+        note = r["note"].replace("|", "/").replace("\n", " ")[:120] if r["status"] != "ran" else ""
+        lines.append(f"| {r['key']} | {r['what']} | {f(r['slices_per_s'])} | {f(r['ms_per_slice'], 3)} | {f(r['x_storescp'], 2)} | {f(r['x_naive'], 2)} | {r['status'] if r['status'] != 'ran' else ''} {note} |")
+    lines += ["", "| target | value | goal | met |", "|---|---:|---|---|"]
+    for k, t in res["targets"].items():
+        lines.append(f"| {k} | {'—' if t['value'] is None else t['value']} | {t['target']} | {'—' if t['met'] is None else ('yes' if t['met'] else '**no**')} |")
+    lat = (res["sections"].get("agent_full") or {}).get("latency_at_60") or {}
+    if lat.get("status") == "ran":
+        sr = lat.get("slice_to_result_ms") or {}
+        vs = lat.get("last_slice_to_verdict_s") or {}
+        if sr.get("n"):
+            lines += ["", f"At 60 slices/s: slice arrival → result p50 {sr['p50']} ms, p95 {sr['p95']} ms, p99 {sr['p99']} ms, max {sr['max']} ms"
+                      + (f"; last slice → verdict {vs.get('max')} s" if vs.get("n") else "") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(res: dict, out=sys.stdout) -> None:
+    w = out.write
+    m = res["machine"]
+    w(f"medqc bench — {m['label']}: {m['cpu']}, {m['cores']} cores; study {res['study']['slices']} × {res['study']['size']}² ({res['study']['source']})\n")
+    w(f"{'':2} {'what':<46} {'slices/s':>10} {'ms/slice':>9} {'×(a)':>7} {'×(e)':>7}\n")
+    for r in res["table"]:
+        f = lambda v, spec: format("—", ">" + spec.split(".")[0]) if v is None else format(v, spec)  # noqa: E731
+        w(f"{r['key']:2} {r['what'][:46]:<46} {f(r['slices_per_s'], '10.1f')} {f(r['ms_per_slice'], '9.3f')} {f(r['x_storescp'], '7.2f')} {f(r['x_naive'], '7.2f')}")
+        w(f"  [{r['status']}: {r['note'][:100]}]\n" if r["status"] != "ran" else "\n")
+    w("targets:\n")
+    for k, t in res["targets"].items():
+        met = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        w(f"  {k:<32} {'—' if t['value'] is None else t['value']!s:>10}  ({t['target']})  {met}\n")
+    out.flush()
+
+
+def write_plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in res["table"] if r["slices_per_s"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    names = [f"{r['key']}: {r['what']}" for r in rows]
+    ax1.barh(range(len(rows)), [r["slices_per_s"] for r in rows], color=["C%d" % ("abcde".index(r["key"])) for r in rows])
+    ax1.set_yticks(range(len(rows)))
+    ax1.set_yticklabels([n[:48] for n in names], fontsize=8)
+    ax1.invert_yaxis()
+    ax1.set_xscale("log")
+    ax1.axvline(240, color="k", ls="--", lw=0.8)
+    ax1.text(240, len(rows) - 0.5, " 240/s target", fontsize=7, va="bottom")
+    ax1.set_xlabel("slices per second (log)")
+    ax1.set_title(f"{res['machine']['label']}: throughput")
+    ax1.grid(True, axis="x", alpha=0.3)
+    lat = (res["sections"].get("agent_full") or {}).get("latency_at_60") or {}
+    sr, rtt = lat.get("slice_to_result_ms") or {}, lat.get("c_store_rtt_ms") or {}
+    if sr.get("n") or rtt.get("n"):
+        qs = ["p50", "p90", "p95", "p99", "max"]
+        for d, label in ((rtt, "C-STORE round trip"), (sr, "slice arrival → result")):
+            if d.get("n"):
+                ax2.plot(qs, [d.get(q) for q in qs], marker="o", label=label)
+        ax2.axhline(50, color="k", ls="--", lw=0.8, label="50 ms target (p95)")
+        ax2.set_ylabel("ms")
+        ax2.set_title("latency at 60 slices/s")
+        ax2.legend(fontsize=8)
+        ax2.grid(True, alpha=0.3)
+    else:
+        ax2.text(0.5, 0.5, "latency not measured\n(agent section skipped)", ha="center", va="center")
+        ax2.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- driver
+def run_bench(out: Path, quick: bool = False, bundle_path: str | None = None, slices: int | None = None,
+              sections: tuple[str, ...] = ("a", "b", "c", "d", "e"), threads: int = 0, keep: bool = False) -> dict:
+    from medqc.bundle import BundleError, load_bundle
+
+    n = slices or (24 if quick else 300)
+    min_s = 0.5 if quick else 3.0
+    res: dict = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": quick,
+                 "machine": machine(), "sections": {}}
+    bundle = None
+    try:
+        bundle = load_bundle(bundle_path)
+        res["bundle"] = {"path": str(bundle.root), "name": bundle.name, "version": bundle.version,
+                         "input": [bundle.preprocess.channels, bundle.preprocess.size, bundle.preprocess.size],
+                         "files": sorted(bundle.manifest.get("files", {}))}
+    except BundleError as e:
+        res["bundle"] = {"error": str(e)}
+    tmp = Path(tempfile.mkdtemp(prefix="medqc-bench-"))
+    step = _Steps(len(sections) + 1)
+    try:
+        step("writing the study")
+        study = tmp / "study"
+        files, source = make_study(study, n)
+        lat_files = reuid_copy(files[: 30 if quick else 120], tmp / "latency-study") if "c" in sections else []
+        res["study"] = {"slices": len(files), "size": 512, "source": source,
+                        "bytes_per_slice": int(sum(p.stat().st_size for p in files) / max(1, len(files)))}
+        S = res["sections"]
+        no_model = f"no model bundle: {res['bundle'].get('error')}" if bundle is None else ""
+        if "a" in sections:
+            step("(a) storescu → storescp")
+            S["storescp"] = bench_storescp(files, tmp)
+        if "b" in sections:
+            step("(b) agent, receive only")
+            S["agent_receive"] = bench_agent_receive(files, tmp, bundle_path)
+        if "c" in sections:
+            step("(c) agent, full pipeline + latency at 60/s")
+            S["agent_full"] = _skip(no_model) if no_model else bench_agent_full(files, study, tmp, bundle_path, lat_files)
+        if "d" in sections or "e" in sections:
+            x = load_slices(files, bundle.preprocess) if bundle is not None else None
+        if "d" in sections:
+            step("(d) inference per backend")
+            batch = 16
+            S["inference"] = {"all": _skip(no_model)} if no_model else bench_inference(bundle, x, batch, min_s, threads)
+        if "e" in sections:
+            step("(e) naive baseline")
+            S["naive"] = _skip(no_model) if no_model else bench_naive(files[: min(len(files), 60)], bundle, min_s)
+    finally:
+        step.close()
+        if keep:
+            res["workdir"] = str(tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    res["table"] = table_rows(res)
+    res["targets"] = targets(res)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = res["machine"]["label"] + ("-quick" if quick else "")
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    (out / f"{stem}.md").write_text(markdown(res))
+    try:
+        write_plot(res, out / f"{stem}.png")
+        res["plot"] = str(out / f"{stem}.png")
+    except ImportError:
+        res["plot"] = None
+        log.warning("matplotlib is not installed: no PNG written")
+    res["json"] = str(out / f"{stem}.json")
+    return res
+
+
+class _Steps:
+    """A tqdm progress bar over the sections (to stderr), or log lines without tqdm."""
+
+    def __init__(self, total: int):
+        self.bar = None
+        with contextlib.suppress(ImportError):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="medqc bench", unit="step", file=sys.stderr, leave=False)
+        self.started = False
+
+    def __call__(self, what: str):
+        if self.bar is not None:
+            if self.started:
+                self.bar.update(1)
+            self.bar.set_postfix_str(what)
+        else:
+            log.info("%s", what)
+        self.started = True
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a small study and short timings (CI: under 90 s on 2 cores)")
+    p.add_argument("--out", default="bench/results", metavar="DIR", help="where the JSON, PNG and Markdown table go (default bench/results)")
+    p.add_argument("--bundle", default=None, metavar="DIR", help="model bundle (default: the embedded default)")
+    p.add_argument("--slices", type=int, default=None, metavar="N", help="slices in the study (default 300; 24 with --quick)")
+    p.add_argument("--only", default="abcde", metavar="SECTIONS", help="run only these sections, e.g. 'ad' (default abcde)")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="ONNX Runtime intra-op threads for (d) (default: the runner's)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary study and agent state (path in the JSON)")
+
+
+def run(args) -> int:
+    only = tuple(dict.fromkeys(args.only.lower()))
+    bad = [c for c in only if c not in "abcde"]
+    if bad or not only:
+        raise UsageError(f"--only {args.only!r}: use letters from a (storescp), b (agent receive), c (agent full), d (inference), e (naive)")
+    if args.slices is not None and not 2 <= args.slices <= 5000:
+        raise UsageError("--slices must be between 2 and 5000")
+    if args.bundle and not Path(args.bundle).exists():
+        raise UsageError(f"--bundle {args.bundle}: no such folder")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    res = run_bench(Path(args.out), args.quick, args.bundle, args.slices, only, args.threads, args.keep)
+    print_table(res)
+    print(f"results: {res['json']}" + (f", {res['plot']}" if res.get("plot") else ""))
+    failed = [k for k, v in res["sections"].items() if isinstance(v, dict) and v.get("status") == "failed"]
+    failed += [f"inference:{k}" for k, v in (res["sections"].get("inference") or {}).items() if isinstance(v, dict) and v.get("status") == "failed"]
+    if failed:
+        print(f"failed sections: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,80 @@
+"""medqc bench --quick: the whole harness runs, and every section either ran or says why it was skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SECTIONS = ("storescp", "agent_receive", "agent_full", "inference", "naive")
+
+
+def _check_section(name: str, sec: dict) -> None:
+    assert sec["status"] in ("ran", "skipped", "failed"), (name, sec)
+    if sec["status"] == "ran":
+        assert sec["slices_per_s"] > 0 and sec["wall_s"] > 0, (name, sec)
+    else:
+        assert isinstance(sec.get("reason"), str) and len(sec["reason"]) > 10, (name, sec)
+
+
+def test_quick_bench_runs_and_explains_every_section(tmp_path, tiny_bundle):
+    out = tmp_path / "results"
+    env = dict(os.environ, MEDQC_LOG_LEVEL="WARNING", TCP_NODELAY="1")
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "medqc", "bench", "--quick", "--out", str(out), "--bundle", str(tiny_bundle)],
+                       capture_output=True, text=True, timeout=180, env=env)
+    elapsed = time.time() - t0
+    assert r.returncode in (0, 1), r.stderr
+    files = sorted(p.name for p in out.iterdir())
+    jsons = [p for p in out.iterdir() if p.suffix == ".json"]
+    assert len(jsons) == 1, files
+    res = json.loads(jsons[0].read_text())
+    stem = jsons[0].stem
+    assert stem.endswith("-quick") and {f"{stem}.png", f"{stem}.md"} <= set(files)
+    assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
+    assert res["schema"] == "medqc.bench/1" and res["quick"] is True
+    m = res["machine"]
+    assert m["cores"] >= 1 and m["cpu"] and "python" in m["versions"] and m["label"] in stem
+    assert res["study"]["size"] == 512 and 2 <= res["study"]["slices"] <= 64
+    assert res["bundle"]["name"] == "tiny-test"
+    for name in SECTIONS:
+        assert name in res["sections"], name
+        if name == "inference":
+            inf = res["sections"]["inference"]
+            from medqc.runners import BACKENDS
+
+            assert set(BACKENDS) <= set(inf)
+            for b, sec in inf.items():
+                _check_section(f"inference:{b}", sec)
+            # ONNX Runtime CPU is a runtime dependency: it must have run on the tiny bundle
+            assert inf["onnxruntime"]["status"] == "ran"
+        else:
+            _check_section(name, res["sections"][name])
+    # the storescp ceiling needs only DCMTK, installed wherever the tests run
+    import shutil
+
+    if shutil.which("storescp"):
+        assert res["sections"]["storescp"]["status"] == "ran"
+        assert res["sections"]["storescp"]["slices"] == res["study"]["slices"]
+    # failures are reported in the exit status
+    failed = [k for k, v in res["sections"].items() if v.get("status") == "failed"]
+    assert (r.returncode == 1) == bool(failed or any(v.get("status") == "failed" for v in res["sections"]["inference"].values()))
+    # the table: one row per section (and per backend), ratios to (a) where both ran
+    keys = [row["key"] for row in res["table"]]
+    assert keys[0] == "a" and keys[-1] == "e" and keys.count("d") == len(res["sections"]["inference"])
+    for row in res["table"]:
+        if row["slices_per_s"] and res["sections"]["storescp"]["status"] == "ran":
+            assert abs(row["x_storescp"] - row["slices_per_s"] / res["sections"]["storescp"]["slices_per_s"]) < 0.02 * row["x_storescp"] + 0.01
+    assert set(res["targets"]) == {"full_pipeline_slices_per_s", "p95_slice_to_result_ms_at_60", "last_slice_to_verdict_s", "onnxruntime_vs_naive_torch"}
+    assert "storescp" in r.stdout and "targets:" in r.stdout
+    assert elapsed < 90, f"--quick took {elapsed:.0f} s"
+
+
+def test_bench_usage_errors(tmp_path):
+    for args in (["--only", "xyz"], ["--slices", "1"], ["--bundle", str(tmp_path / "nope")]):
+        r = subprocess.run([sys.executable, "-m", "medqc", "bench", "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "error" in r.stderr
