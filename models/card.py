@@ -100,6 +100,16 @@ def render_card(m: dict) -> str:
             lines.append(f"| {k} | {desc} |")
     else:
         lines.append("(the generator gave no per-slice description)")
+    hs = m.get("heldout_summary", {})
+    rules = m.get("holdout_rules", [])
+    if hs and rules:
+        keys = [r.split(">")[0].split("<")[0].split("=")[0] for r in rules]
+        rows = [(k, d) for k, d in hs.items() if k in keys]
+        if rows:
+            lines += ["", "Held-out validation slices (parameters excluded from training):", "", "| parameter | range / values |", "|---|---|"]
+            for k, d in rows:
+                desc = ", ".join(f"{v} ({n})" for v, n in d["values"].items()) if "values" in d else f"{d.get('min', 0):.4g} … {d.get('max', 0):.4g}"
+                lines.append(f"| {k} | {desc} |")
     lines += [
         "",
         "## Optimisation",

@@ -107,7 +107,8 @@ def cache_key(n: int, seed: int, params: PreprocessParams) -> str:
         import medqc.synth.training as tr
 
         ver = getattr(tr, "__version__", None) or getattr(tr, "GENERATOR_VERSION", None) or ""
-        src = Path(tr.__file__).read_bytes()
+        f = getattr(tr, "__file__", None)
+        src = Path(f).read_bytes() if f else b""
     except (ImportError, OSError):
         ver, src = "", b""
     h = hashlib.sha256(json.dumps([n, seed, params.to_dict(), str(ver)], sort_keys=True).encode() + src).hexdigest()

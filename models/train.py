@@ -123,7 +123,7 @@ def run(args) -> int:
     validate_args(args)
     result = train(args)
     print(json.dumps({"checkpoint": str(result["checkpoint"]), "metrics": str(result["metrics_path"]),
-                      "card": str(result["card_path"]), "summary": result["summary"]}, indent=2))
+                      "card": str(result["card_path"]), "summary": clean_json(result["summary"])}, indent=2))
     return 0
 
 
@@ -282,7 +282,7 @@ def train(args) -> dict:
             scaler.step(opt)
             scaler.update()
             step += 1
-            run_loss += float(loss)
+            run_loss += float(loss.detach())
             run_n += 1
             if step % 10 == 0:
                 history.append({"step": step, "loss": run_loss / run_n, "loss_artifacts": float(loss_a), "loss_position": float(loss_p)})
@@ -351,7 +351,8 @@ def train(args) -> dict:
         metrics["ort_cpu"] = {"error": f"{type(e).__name__}: {e}"}
     _save(ckpt_path, args, model_cpu, full_kwargs, params, thresholds, _slim(metrics), __version__, CHECKPOINT_FORMAT, step)
     metrics_path = out / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    metrics = clean_json(metrics)
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     card_path = out / "card.md"
     write_card(card_path, metrics)
     if args.card:
@@ -360,6 +361,21 @@ def train(args) -> dict:
     log.info("done in %.0f s", time.time() - t_start)
     return {"checkpoint": ckpt_path, "metrics_path": metrics_path, "card_path": card_path, "metrics": metrics,
             "summary": {k: v["auroc"] for k, v in final["artifacts"].items()} | {"position_median_abs_mm": final["position"].get("median_abs_mm")}}
+
+
+def clean_json(v):
+    """Plain JSON (NaN/inf → null, numpy scalars → numbers)."""
+    if isinstance(v, dict):
+        return {str(k): clean_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [clean_json(x) for x in v]
+    if isinstance(v, (bool, str)) or v is None:
+        return v
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(float(v)) else None
+    return str(v)
 
 
 def _slim(metrics: dict) -> dict:
@@ -379,7 +395,7 @@ def _save(path: Path, args, model, kwargs, params, thresholds, metrics, version,
         "labels": list(ARTIFACTS),
         "thresholds": dict(thresholds),
         "version": f"{version}+{args.model}.s{args.seed}.step{step}",
-        "metrics": json.loads(json.dumps(metrics, default=float)),
+        "metrics": clean_json(metrics),
         "seed": args.seed,
     }
     tmp = path.with_suffix(".pt.tmp")

@@ -1,0 +1,87 @@
+"""``medqc train``: option errors, and a tiny real training run on synthetic slices."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medqc import ARTIFACTS
+from medqc.cli import main
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--epochs", "0"], "--epochs must be >= 1"),
+        (["--model", "resnet18"], "choose one of: qcnet"),
+        (["--n-train", "3"], "--n-train must be >= 8"),
+        (["--lr", "-1"], "--lr must be in"),
+        (["--device", "tpu"], "auto, cpu, cuda"),
+        (["--holdout", "patient_scale"], "bad --holdout rule"),
+        (["--specificity", "1.5"], "--specificity"),
+    ],
+)
+def test_bad_options_exit_2(argv, msg, capsys, tmp_path):
+    rc = main(["train", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), *argv])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert msg in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "c").exists()  # nothing generated before the options were checked
+
+
+def test_cuda_requested_without_gpu(capsys, tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    rc = main(["train", "--device", "cuda", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--n-train", "8", "--n-val", "8"])
+    assert rc == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_holdout_rules():
+    from medqc.models.train import heldout_mask, parse_rule
+
+    rules = [parse_rule("patient.scale>1.1"), parse_rule("kernel=BONE")]
+    metas = [{"patient": {"scale": 1.2}}, {"patient": {"scale": 1.0}, "kernel": "bone"}, {"patient": {"scale": 1.0}, "kernel": "soft"}, {}]
+    assert heldout_mask(metas, rules).tolist() == [True, True, False, False]
+
+
+def test_tiny_training_run(tmp_path, capsys):
+    pytest.importorskip("medqc.synth.training", reason="the synthetic generator is part of this repository")
+    from medqc.models import load_checkpoint
+
+    out, cache, card = tmp_path / "run", tmp_path / "cache", tmp_path / "cards" / "tiny.md"
+    argv = ["train", "--model", "qcnet-small", "--out", str(out), "--cache", str(cache), "--card", str(card),
+            "--n-train", "48", "--n-val", "32", "--epochs", "8", "--batch-size", "8", "--lr", "3e-3",
+            "--workers", "1", "--seed", "3", "--no-progress", "--holdout", "no_such_parameter>0"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(ARTIFACTS) <= set(summary["summary"])
+    name, model, meta = load_checkpoint(out / "qcnet.pt")
+    assert name == "qcnet-small" and meta["seed"] == 3 and meta["labels"] == list(ARTIFACTS)
+    assert set(meta["thresholds"]) == set(ARTIFACTS) and all(0 <= v <= 1 for v in meta["thresholds"].values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    epochs = [h for h in metrics["history"] if "epoch" in h]
+    assert len(epochs) == 8
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"], [e["train_loss"] for e in epochs]
+    assert metrics["params"] > 1000 and metrics["flops_per_slice"] > 1e6
+    assert metrics["ort_cpu"]["ms_per_slice"] > 0
+    for part in ("all",):
+        for a in ARTIFACTS:
+            assert "auroc" in metrics["validation"][part]["artifacts"][a]
+    text = card.read_text()
+    for needle in ("## Training data", "Randomised variations", "AUROC", "ms/slice", "## Limitations", "## Chosen thresholds"):
+        assert needle in text
+    assert (out / "card.md").read_text() == text
+    # the same seed reproduces the run: the cache is reused and the losses repeat
+    out2 = tmp_path / "run2"
+    argv2 = [a if a != str(out) else str(out2) for a in argv]
+    argv2[argv2.index("--card") + 1] = str(tmp_path / "c2.md")
+    assert main(argv2) == 0
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    e2 = [h for h in m2["history"] if "epoch" in h]
+    assert m2["data_seconds"] < max(1.0, metrics["data_seconds"])
+    for a, b in zip(epochs, e2):
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-3 * abs(a["train_loss"]) + 1e-6
