@@ -369,8 +369,10 @@ def clean_json(v):
         return {str(k): clean_json(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [clean_json(x) for x in v]
-    if isinstance(v, (bool, str)) or v is None:
+    if isinstance(v, bool) or v is None:
         return v
+    if isinstance(v, str):
+        return str(v)  # plain str (e.g. torch.__version__ is a str subclass that weights-only loading refuses)
     if isinstance(v, (int, np.integer)):
         return int(v)
     if isinstance(v, (float, np.floating)):
