@@ -263,11 +263,16 @@ def quantize_int8(path: Path, out: Path, calib: np.ndarray, input_name: str) -> 
         except Exception as e:  # pre-processing is an optimisation; quantise the plain model instead
             log.info("INT8 pre-processing skipped: %s", e)
             src = path
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.WARNING))  # the quantiser logs every copied bias at INFO on the root logger
         try:
             quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         except Exception as e:
             raise ExportError(f"INT8 quantisation failed: {type(e).__name__}: {e}") from e
+        finally:
+            root.setLevel(level)
     return out
 
 

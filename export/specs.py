@@ -70,3 +70,9 @@ def get_spec(name: str) -> ExportSpec:
             "add one to medqc/export/specs.py with its export test"
         )
     return SPECS[name]
+
+
+# The networks in medqc.models, all with the standard interface and the default tolerances. A model added
+# there needs a line here and a case in tests/test_export.py (the registry test fails otherwise).
+register("qcnet")
+register("qcnet-small")

@@ -1,0 +1,359 @@
+"""medqc export: ONNX bundles, parity gates (tolerances + task metrics), runner selection, clear errors.
+
+Models are the real networks from medqc.models with random weights whose heads are rescaled so logits
+spread around the thresholds and positions spread over the body scale (export correctness does not need
+training, but a gate on logits that all sit at 0 would measure nothing). Parity batches are synthetic CT
+preprocessed by the shared function. TensorRT paths that need a GPU are in tests/test_runners_gpu.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from medqc import ARTIFACTS  # noqa: E402
+from medqc.bundle import load_bundle  # noqa: E402
+from medqc.cli import main  # noqa: E402
+from medqc.preprocess import PreprocessParams  # noqa: E402
+
+# Every model in medqc.models.model_names() must appear here (and so be exported by test_export_model).
+EXPORT_TESTED = ("qcnet", "qcnet-small")
+PP = PreprocessParams(size=128, pixel_mm=4.0)  # small inputs keep the tests fast on two cores
+
+
+def _spread_heads(model, seed: int = 99) -> None:
+    """Rescale the last layers so logits have std ~2 around 0 and positions vary by ~100 mm."""
+    from medqc.export.validation import validation_batch
+
+    x, _ = validation_batch(PP, 64, seed=seed, source="phantom")
+    with torch.no_grad():
+        lin, pos = model.artifact_head[-1], model.position_head[-1]
+        lg, ps = model(torch.from_numpy(x))
+        mu, sd = lg.mean(0), lg.std(0).clamp_min(1e-9)
+        lin.weight.mul_((2.0 / sd)[:, None])
+        lin.bias.copy_((lin.bias - mu) * 2.0 / sd)
+        s = float(ps.std() / 1000) or 1e-9
+        pos.weight.mul_(0.1 / s)
+        pos.bias.fill_(0.6 - float((ps.mean() / 1000 - pos.bias[0]) * 0.1 / s))
+
+
+def make_checkpoint(path: Path, name: str = "qcnet", seed: int = 0) -> Path:
+    from medqc.models import CHECKPOINT_FORMAT, build_model
+
+    torch.manual_seed(seed)
+    model = build_model(name).eval()
+    _spread_heads(model)
+    torch.save(
+        {"format": CHECKPOINT_FORMAT, "model": name, "kwargs": {}, "state_dict": model.state_dict(), "preprocess": PP.to_dict(),
+         "labels": list(ARTIFACTS), "thresholds": {a: 0.5 for a in ARTIFACTS}, "version": f"test-{name}", "metrics": {"note": "test"}},
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("ckpt")
+    return {n: make_checkpoint(d / f"{n}.pt", n) for n in EXPORT_TESTED}
+
+
+@pytest.fixture(scope="module")
+def qc_bundle(tmp_path_factory, checkpoints) -> Path:
+    out = tmp_path_factory.mktemp("b") / "qcnet"
+    assert main(["export", "onnx", "--checkpoint", str(checkpoints["qcnet"]), "--out", str(out), "--fp16"]) == 0
+    return out
+
+
+def test_every_registered_model_has_an_export_spec_and_test():
+    from medqc.export.specs import registered
+    from medqc.models import model_names
+
+    missing_spec = set(model_names()) - set(registered())
+    missing_test = set(model_names()) - set(EXPORT_TESTED)
+    assert not missing_spec, f"models without an export spec in medqc/export/specs.py: {sorted(missing_spec)}"
+    assert not missing_test, f"models without an export test (add to EXPORT_TESTED): {sorted(missing_test)}"
+
+
+@pytest.mark.parametrize("name", EXPORT_TESTED)
+def test_export_model(name, checkpoints, tmp_path, capsys):
+    out = tmp_path / name
+    rc = main(["export", "onnx", "--model", name, "--checkpoint", str(checkpoints[name]), "--out", str(out), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert rc == 0 and summary["ok"] and summary["trained"]
+    b = load_bundle(out)
+    assert b.name == name and b.labels == ARTIFACTS and b.preprocess == PP
+    assert b.manifest["inputs"] == {"image": [-1, 4, 128, 128]}
+    assert b.manifest["export"]["parity"]["onnx"]["passed"]
+    assert b.manifest["export"]["parity"]["onnx"]["borderline"] == 0  # the gate counted every decision
+    b.verify("onnx"), b.verify("checkpoint")
+    m = onnx.load(str(out / "model.onnx"))
+    props = {p.key: p.value for p in m.metadata_props}
+    assert props["medqc.name"] == name and json.loads(props["medqc.labels"]) == list(ARTIFACTS)
+    assert PreprocessParams.from_dict(json.loads(props["medqc.preprocess"])) == PP
+    assert props["medqc.checkpoint_sha256"] == b.manifest["files"]["checkpoint"]["sha256"]
+    assert [i.name for i in m.graph.input] == ["image"] and [o.name for o in m.graph.output] == ["artifact_logits", "position"]
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "a partial bundle folder was left behind"
+
+
+def test_bundle_runs_in_every_cpu_runner_and_matches_torch(qc_bundle):
+    from medqc.export.validation import validation_batch
+    from medqc.runners import make_runner
+
+    b = load_bundle(qc_bundle)
+    assert set(b.manifest["files"]) == {"onnx", "onnx_fp16", "checkpoint"}
+    assert b.manifest["export"]["parity"]["onnx_fp16"]["passed"]
+    x, _ = validation_batch(b.preprocess, 12, seed=7)
+    with make_runner("torch", b) as tr:
+        assert tr.describe()["precision"] == "fp32"
+        ref = tr.infer(x)
+    with make_runner("onnxruntime", b) as r:
+        for n in (1, 5, 12):  # dynamic batch
+            out = r.infer(x[:n])
+            assert out["artifact_logits"].shape == (n, 5) and out["position"].shape == (n, 1)
+        assert np.abs(out["artifact_logits"] - ref["artifact_logits"]).max() < 1e-3
+        assert np.abs(out["position"] - ref["position"]).max() < 0.05
+    assert np.ptp(ref["artifact_logits"], axis=0).min() > 1.0  # outputs respond to the CT content
+
+
+def test_int8_variant_is_gated(checkpoints, tmp_path, capsys):
+    """INT8 on a model whose heads amplify tiny feature differences ~1000x (random trunk + rescaled heads):
+    quantisation noise flips decisions, and the gate refuses the whole bundle. On the plain untrained
+    network the INT8 file is written, recorded and runs under the onnxruntime-int8 runner."""
+    from medqc.runners import make_runner
+
+    rc = main(["export", "onnx", "--checkpoint", str(checkpoints["qcnet"]), "--out", str(tmp_path / "bad"), "--int8"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "onnx int8 vs torch fp32" in err and "no bundle written" in err
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "ok"
+    assert main(["export", "onnx", "--model", "qcnet-small", "--allow-untrained", "--out", str(out), "--int8", "--validation-slices", "8"]) == 0
+    b = load_bundle(out)
+    assert b.manifest["files"]["onnx_int8"]["precision"] == "int8" and b.manifest["export"]["parity"]["onnx_int8"]["passed"]
+    b.verify("onnx_int8")
+    with make_runner("onnxruntime-int8", b) as r:
+        assert r.infer(np.zeros((3, *r.input_shape), np.float32))["position"].shape == (3, 1)
+
+
+def test_auto_falls_back_from_unmatched_engine_to_onnxruntime(qc_bundle, tmp_path, caplog):
+    """A bundle with an engine built elsewhere: auto never crashes, picks ONNX Runtime and says why."""
+    import shutil
+
+    from medqc.bundle import write_manifest
+    from medqc.runners import available_backends, make_runner
+
+    root = tmp_path / "b"
+    shutil.copytree(qc_bundle, root)
+    m = json.loads((root / "manifest.json").read_text())
+    m["engines"] = [{"path": "engines/a100.plan", "tensorrt": "10.0.1", "gpu": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0", "fp16": True}]
+    write_manifest(root, m)
+    b = load_bundle(root)
+    ok, why = available_backends(b)["tensorrt"]
+    assert not ok and why
+    with make_runner("auto", b) as r:
+        assert r.name in ("onnxruntime", "onnxruntime-cuda")
+
+
+def test_engine_selection_matches_version_gpu_and_onnx():
+    from medqc.runners.tensorrt_runner import engine_mismatch, select_engine
+
+    env = {"tensorrt": "10.3.0", "cuda": "12.4", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    good16 = {"path": "h100-16.plan", **env, "fp16": True, "onnx_sha256": "abc"}
+    good32 = {"path": "h100-32.plan", **env, "fp16": False, "onnx_sha256": "abc"}
+    other_trt = {**good16, "path": "old.plan", "tensorrt": "10.0.1"}
+    other_gpu = {**good16, "path": "l4.plan", "gpu": "NVIDIA L4", "compute_capability": "8.9"}
+    stale = {**good16, "path": "stale.plan", "onnx_sha256": "old"}
+    assert engine_mismatch(good16, env, "abc") == []
+    assert "TensorRT version" in engine_mismatch(other_trt, env)[0]
+    assert any("GPU" in r for r in engine_mismatch(other_gpu, env)) and any("compute capability" in r for r in engine_mismatch(other_gpu, env))
+    assert "stale" in engine_mismatch(stale, env, "abc")[0]
+    entry, reasons = select_engine([other_trt, other_gpu, stale, good16, good32], env, "abc")
+    assert entry is good16 and len(reasons) == 3
+    assert select_engine([good16, good32], env, "abc", precision="fp32")[0] is good32
+    entry, reasons = select_engine([other_trt, other_gpu], env, "abc")
+    assert entry is None and "10.0.1" in reasons[0] and "NVIDIA L4" in reasons[1]
+
+
+def test_checkpoint_required_unless_allow_untrained(tmp_path, capsys):
+    rc = main(["export", "onnx", "--model", "qcnet", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--checkpoint is required" in err and "--allow-untrained" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_untrained_export_is_recorded(tmp_path, capsys):
+    out = tmp_path / "u"
+    assert main(["export", "onnx", "--model", "qcnet-small", "--allow-untrained", "--out", str(out), "--validation-slices", "8"]) == 0
+    b = load_bundle(out)
+    assert b.manifest["trained"] is False and "checkpoint" not in b.manifest["files"]
+    props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert props["medqc.trained"] == "false" and props["medqc.checkpoint_sha256"].startswith("none")
+    assert "UNTRAINED" in capsys.readouterr().out
+
+
+def test_unknown_model_and_missing_checkpoint_name_the_choices(tmp_path, checkpoints, capsys):
+    assert main(["export", "onnx", "--model", "resnet9000", "--checkpoint", str(checkpoints["qcnet"]), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "resnet9000" in err and "qcnet" in err and "qcnet-small" in err
+    assert main(["export", "onnx", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "b")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert main(["export", "onnx", "--model", "qcnet-small", "--checkpoint", str(checkpoints["qcnet"]), "--out", str(tmp_path / "c")]) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert main(["export", "onnx", "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["qcnet", "qcnet-small"]
+
+
+def test_existing_bundle_needs_force(qc_bundle, checkpoints, capsys):
+    before = (qc_bundle / "manifest.json").read_text()
+    assert main(["export", "onnx", "--checkpoint", str(checkpoints["qcnet"]), "--out", str(qc_bundle)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (qc_bundle / "manifest.json").read_text() == before
+
+
+class Branchy(torch.nn.Module):
+    """Data-dependent Python control flow: tracing freezes one branch, so the ONNX graph is wrong for
+    inputs that take the other one — the classic silent exporter failure the gate must catch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 3, stride=4)
+        self.head = torch.nn.Linear(8, 5)
+        self.pos = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        f = torch.relu(self.conv(x)).mean((2, 3))
+        logits = self.head(f) * 50.0
+        if float(x[:, 0].mean()) > -0.9:  # traced with mostly-air phantoms; body-filled slices differ
+            logits = -logits
+        return logits, self.pos(f) * 1000.0
+
+
+def test_parity_gate_stops_a_wrong_export_and_writes_nothing(tmp_path):
+    from medqc.export.compare import ParityError
+    from medqc.export.onnx_export import export_bundle
+    from medqc.export.specs import ExportSpec
+    from medqc.export.validation import validation_batch
+
+    torch.manual_seed(1)
+    model = Branchy().eval()
+    x, _ = validation_batch(PP, 48, seed=1234, source="phantom")
+    means = x[:, 0].mean(axis=(1, 2))
+    assert (means > -0.9).any() and (means <= -0.9).any(), "the batch must exercise both branches"
+    meta = {"preprocess": PP.to_dict(), "labels": list(ARTIFACTS), "thresholds": {a: 0.5 for a in ARTIFACTS}, "version": "t"}
+    spec = ExportSpec(model="branchy", sample_input=lambda p, n: x[np.argsort(means)[:n]])  # trace on the air-heavy ones
+    with pytest.raises(ParityError) as ei:
+        export_bundle(model, name="branchy", meta=meta, out_dir=tmp_path / "out", spec=spec, validation_source="phantom", progress=False)
+    rep = ei.value.report
+    assert not rep.passed and rep.decision_agreement < 0.995 and rep.decision_flips
+    assert "artifact_logits" in rep.text() and json.loads(rep.to_json())["passed"] is False
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor a partial folder
+
+
+def test_comparator_task_metrics():
+    from medqc.export.compare import compare_outputs
+    from medqc.export.specs import FP16_TOL
+
+    rng = np.random.default_rng(0)
+    ref = {"artifact_logits": rng.normal(0, 2, (200, 5)).astype(np.float32), "position": rng.uniform(0, 1800, (200, 1)).astype(np.float32)}
+    kw = dict(tolerances=FP16_TOL, labels=ARTIFACTS, thresholds={a: 0.5 for a in ARTIFACTS})
+    assert compare_outputs(ref, {k: v.copy() for k, v in ref.items()}, **kw).passed
+    # positions 2 mm off pass a loose atol but fail the task metric
+    moved = {"artifact_logits": ref["artifact_logits"], "position": ref["position"] + 2.0}
+    rep = compare_outputs(ref, moved, **{**kw, "tolerances": {**FP16_TOL, "position": type(FP16_TOL["position"])(5.0, 0.0)}})
+    assert not rep.passed and rep.position_max_delta_mm == pytest.approx(2.0, abs=1e-3)
+    # flipping 1% of decisions just across the threshold: within atol, below 99.5 % agreement
+    lg = ref["artifact_logits"].copy()
+    idx = np.argsort(np.abs(lg).ravel())[:10]
+    flat = lg.ravel()
+    flat[idx] = -np.sign(flat[idx]) * 1e-3 + 0 * flat[idx]
+    rep = compare_outputs(ref, {"artifact_logits": lg, "position": ref["position"]}, **kw)
+    assert rep.outputs[0].passed and not rep.passed and rep.decision_agreement == pytest.approx(0.99)
+    bad = {"artifact_logits": np.full_like(lg, np.nan), "position": ref["position"]}
+    assert any("NaN" in f for f in compare_outputs(ref, bad, **kw).failures)
+
+
+def test_validation_batch_is_ct_not_noise():
+    from medqc.export.validation import validation_batch
+
+    a, src = validation_batch(PP, 24, seed=5, source="phantom")
+    b, _ = validation_batch(PP, 24, seed=5, source="phantom")
+    assert src == "phantom" and np.array_equal(a, b) and a.shape == (24, 4, 128, 128)
+    assert a.min() >= -1 and a.max() <= 1
+    fov = a[:, -1]
+    assert (fov == 0).any() and (fov == 1).any()  # padding outside the field of view is marked
+    bone = (a[:, 2] > -0.5).mean()
+    assert 0.0 < bone < 0.2  # some bone / metal, mostly not
+    air = (a[:, 1] < -0.95).mean()
+    assert 0.2 < air < 0.9  # air around a body, not uniform noise
+    with pytest.raises(ValueError):
+        validation_batch(PP, 2, source="noise")
+
+
+def test_engine_without_tensorrt_names_what_to_install(qc_bundle, capsys):
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here; the GPU test covers the engine path")
+    except ImportError:
+        pass
+    rc = main(["export", "engine", "--bundle", str(qc_bundle), "--fp16"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "pip install tensorrt" in err
+    assert json.loads((qc_bundle / "manifest.json").read_text())["engines"] == []
+
+
+@pytest.mark.parametrize("bad", ["8", "0:1:2", "4:2:8", "a:b:c"])
+def test_engine_batch_range_is_validated(bad, qc_bundle, capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["export", "engine", "--bundle", str(qc_bundle), "--batch", bad])
+    assert ei.value.code == 2 and "MIN:OPT:MAX" in capsys.readouterr().err
+
+
+def test_engine_missing_bundle_is_a_usage_error(tmp_path, capsys):
+    assert main(["export", "engine", "--bundle", str(tmp_path / "none")]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+
+
+def test_export_check_reports_every_backend(qc_bundle, capsys):
+    rc = main(["export", "check", "--bundle", str(qc_bundle), "--validation-slices", "12", "--json"])
+    s = json.loads(capsys.readouterr().out)
+    assert rc == 0 and s["ok"]
+    assert s["runners"]["onnxruntime-int8"]["status"] == "skipped"  # this bundle has no INT8 file
+    for name in ("onnxruntime", "torch"):
+        assert s["runners"][name]["status"] == "ran" and s["runners"][name]["passed"], s["runners"][name]
+    trt = s["runners"]["tensorrt"]
+    assert trt["status"] in ("ran", "skipped") and (trt["status"] == "ran" or trt["reason"])
+
+
+def test_runner_availability_answers_without_gpu(qc_bundle):
+    from medqc.runners.tensorrt_runner import TensorRTRunner
+    from medqc.runners.torch_runner import TorchRunner
+
+    ok, why = TensorRTRunner.is_available(load_bundle(qc_bundle))
+    if not ok:
+        assert "tensorrt" in why.lower() or "cuda" in why.lower() or "engine" in why.lower()
+    assert TorchRunner.is_available(load_bundle(qc_bundle)) == (True, "ok")
+
+
+def test_export_subcommand_required(capsys):
+    assert main(["export"]) == 2
+    assert "onnx" in capsys.readouterr().err
+
+
+def test_python310_compatible_sources():
+    """No 3.11-only syntax or stdlib in the export code (the code must run on Python 3.10)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    files = list((root / "export").glob("*.py")) + [root / "medqc/runners/torch_runner.py", root / "medqc/runners/tensorrt_runner.py"]
+    for f in files:
+        src = f.read_text()
+        ast.parse(src, feature_version=(3, 10))
+        assert "import tomllib" not in src and "typing import Self" not in src, f
