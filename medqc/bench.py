@@ -794,6 +794,9 @@ def run_bench(out: Path, quick: bool = False, bundle_path: str | None = None, sl
             res["workdir"] = str(tmp)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+    names = {"a": "storescp", "b": "agent_receive", "c": "agent_full", "d": "inference", "e": "naive"}
+    for letter, key in names.items():
+        res["sections"].setdefault(key, _skip(f"not selected (--only {''.join(sections)})"))
     res["table"] = table_rows(res)
     res["targets"] = targets(res)
     out.mkdir(parents=True, exist_ok=True)
