@@ -140,6 +140,11 @@ def render_card(m: dict) -> str:
             lines.append(f"- **{r.get('name')}**: {r.get('summary')}")
     else:
         lines.append("Not evaluated in this run (see the shipped card in `models/cards/`).")
+    files = m.get("bundle_files")
+    if files:
+        lines += ["", "## Shipped bundle (`models/default`)", "", "| file | precision | bytes | sha256 |", "|---|---|---|---|"]
+        for k, f in files.items():
+            lines.append(f"| {f.get('path')} | {f.get('precision', k)} | {m.get('bundle_bytes', {}).get(k, '?')} | `{str(f.get('sha256'))[:16]}…` |")
     lines += ["", "## Chosen thresholds", "", "| class | probability threshold |", "|---|---|"]
     for k, v in m.get("thresholds", {}).items():
         lines.append(f"| {k} | {v:.4f} |")
