@@ -723,6 +723,11 @@ def summarize(records: list[SendRecord], runs: list[SeriesRun], skipped: list[di
     errors: dict[str, int] = {}
     for r in failed:
         errors[r.error] = errors.get(r.error, 0) + 1
+    recovered: dict[str, int] = {}
+    for run in runs:
+        for e in run.errors:
+            if e not in errors:
+                recovered[e] = recovered.get(e, 0) + 1
     first = min((r.sent_at for r in ok), default=0.0)
     last = max((r.acked_at for r in ok), default=0.0)
     return {
@@ -734,6 +739,7 @@ def summarize(records: list[SendRecord], runs: list[SeriesRun], skipped: list[di
         "failed": len(failed),
         "raw_sends": sum(1 for r in ok if r.raw),
         "errors": errors,
+        "recovered": recovered,
         "wall_s": round(wall_s, 4),
         "throughput_slices_per_s": round(len(ok) / (last - first), 2) if len(ok) > 1 and last > first else None,
         "c_store_rtt_ms": percentiles([r.rtt_ms for r in ok]),
@@ -772,6 +778,8 @@ def print_summary(result: dict, out=sys.stdout) -> None:
             w(f"  agent: {a['error']}\n")
     for msg, n in sorted(t["errors"].items(), key=lambda kv: -kv[1]):
         w(f"  FAILED x{n}: {msg}\n")
+    for msg, n in sorted(t.get("recovered", {}).items(), key=lambda kv: -kv[1]):
+        w(f"  recovered x{n} (new association, C-STORE resent): {msg}\n")
     for s in t["skipped"][:10]:
         w(f"  skipped {s['path']}: {s['reason']}\n")
     if t["files_skipped"] > 10:

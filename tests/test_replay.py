@@ -245,3 +245,44 @@ def test_plan_orders_and_paces():
     (study,) = plan(list(insts), "recorded", max_gap_s=0.3)
     assert [i.instance_number for i in study.series[0].instances] == [3, 2, 1]  # recorded time order
     assert study.series[0].offsets == [0.0, 0.3, 0.6]  # 0.5 s gaps capped at 0.3 s
+
+
+def test_dimse_timeout_is_reported_and_recovered(tmp_path):
+    """A peer that stalls on one C-STORE: replay gives up after --dimse-timeout, re-associates, resends."""
+    import threading
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    received, stalled = [], threading.Event()
+
+    def on_store(event):
+        uid = event.request.AffectedSOPInstanceUID
+        if len(received) == 1 and not stalled.is_set():
+            stalled.set()
+            time.sleep(2.0)  # longer than the sender's DIMSE timeout
+            return 0xA700
+        received.append(uid)
+        return 0x0000
+
+    ae = AE(ae_title="STALL")
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        write_ct_series(tmp_path / "study", 4)
+        out = tmp_path / "r.json"
+        t0 = time.time()
+        r = medqc("replay", str(tmp_path / "study"), "--to", f"127.0.0.1:{port}", "--called-aet", "STALL", "--asap",
+                  "--dimse-timeout", "0.5", "--json", str(out))
+        took = time.time() - t0
+    finally:
+        server.shutdown()
+    doc = json.loads(out.read_text())
+    t = doc["transport"]
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert t["sent"] == 4 and len(set(received)) == 4
+    assert t["series"][0]["associations"] == 2
+    assert any("no C-STORE response within 0.5 s" in k for k in t["recovered"]), t
+    assert "recovered x1" in r.stdout
+    assert took < 30
