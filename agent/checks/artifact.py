@@ -1,0 +1,89 @@
+"""artifact.<class>: runs of consecutive slices (by z) whose fused score is over the class threshold.
+
+A run is reported when it has ``checks.artifact.min_run`` slices, or when one slice scores "very high"
+(``1 - (1 - threshold) / 5``: 0.9 for a 0.5 threshold). One finding per class and series (id
+``<series>/artifact.<class>``) covers every qualifying run and is updated as runs grow. Severity:
+critical when ≥ 5 slices qualify and their mean score is at least the midpoint between threshold and 1,
+else warning.
+"""
+
+from __future__ import annotations
+
+from medqc import ARTIFACTS
+from medqc.agent.checks.common import finding
+
+CRITICAL_SLICES = 5
+NAMES = {
+    "metal": "Metal artifact",
+    "motion": "Motion artifact",
+    "ring": "Ring artifact",
+    "noise": "Excess image noise",
+    "truncation": "Truncation (body outside the field of view)",
+}
+ADVICE = {
+    "metal": "consider metal artifact reduction (MAR) reconstruction",
+    "motion": "check patient motion / breath-hold; consider repeating the affected range",
+    "ring": "ring artifacts point to a detector problem: consider calibration / service",
+    "noise": "check dose settings and patient size; consider a smoother kernel or iterative reconstruction",
+    "truncation": "body extends beyond the reconstructed field: reconstruct with a larger FOV or recentre",
+}
+
+
+def high_threshold(thr: float) -> float:
+    return 1.0 - (1.0 - thr) / 5.0
+
+
+def runs(ordered: list[tuple[float, object]], cls: str, thr: float) -> list[list[tuple[float, object]]]:
+    """Maximal runs of consecutive (z-ordered) results with score ≥ thr."""
+    out, cur = [], []
+    for z, r in ordered:
+        if not r.error and r.scores.get(cls, 0.0) >= thr:
+            cur.append((z, r))
+        elif cur:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return out
+
+
+def qualifying(run, cls: str, thr: float, min_run: int) -> bool:
+    return len(run) >= min_run or max(r.scores.get(cls, 0.0) for _, r in run) >= high_threshold(thr)
+
+
+def summarise(state, cls: str, thr: float, qual_runs) -> object | None:
+    """One finding for all qualifying runs of ``cls`` (None if there are none)."""
+    if not qual_runs:
+        return None
+    members = [(z, r) for run in qual_runs for z, r in run]
+    scores = [r.scores.get(cls, 0.0) for _, r in members]
+    zs = [z for z, _ in members]
+    insts = [r.info.instance_number for _, r in members if r.info.instance_number is not None]
+    mean = sum(scores) / len(scores)
+    severe = len(members) >= CRITICAL_SLICES and mean >= (thr + 1.0) / 2.0
+    zr = (min(zs), max(zs))
+    n = len(members)
+    where = f"slice{'s' if n > 1 else ''} {min(insts)}–{max(insts)}" if insts else f"{n} slice(s)"
+    if insts and min(insts) == max(insts):
+        where = f"slice {insts[0]}"
+    msg = (f"{NAMES[cls]} on {n} slice{'s' if n > 1 else ''} ({where}, z {zr[0]:.0f} to {zr[1]:.0f} mm, "
+           f"peak score {max(scores):.2f}): {ADVICE[cls]}")
+    return finding(
+        state, f"artifact.{cls}", "critical" if severe else "warning", msg,
+        first_instance=min(insts) if insts else None, last_instance=max(insts) if insts else None,
+        z_range_mm=zr, score=round(max(scores), 4),
+        details={"slices": n, "mean_score": round(mean, 4), "threshold": thr,
+                 "runs": [[round(run[0][0], 2), round(run[-1][0], 2), len(run)] for run in qual_runs]},
+    )
+
+
+def artifact_findings(state, ordered, thresholds: dict[str, float], min_run: int) -> list:
+    """All artifact findings of a series from scratch (``ordered``: [(z, result)] sorted by z)."""
+    out = []
+    for cls in ARTIFACTS:
+        thr = thresholds.get(cls, 0.5)
+        q = [run for run in runs(ordered, cls, thr) if qualifying(run, cls, thr, min_run)]
+        f = summarise(state, cls, thr, q)
+        if f is not None:
+            out.append(f)
+    return out

@@ -1,0 +1,196 @@
+"""coverage.top / coverage.bottom / coverage.overscan: did the scan cover the protocol's anatomy?
+
+Where each landmark lies in this patient's z comes from two sources:
+
+1. the network's per-slice position on the reference body scale (``position_ref_mm``, mm below the vertex
+   of a 175 cm adult), fitted against slice z with a Theil–Sen line ``ref = a + b·z``. Patient z grows
+   towards the head whatever the patient position, so ``b`` is negative and ``-1/b`` is the patient's
+   size factor (clamped to 0.7–1.4); a positive slope means the anatomy runs against the coordinates;
+2. classical HU anatomy, which wins wherever it is unambiguous: aerated lung (≥ 2,500 mm² on ≥ 2
+   neighbouring slices) gives the lung apices and bases directly; a head cut through the skull on the top
+   slice proves the vertex was missed.
+
+Missing distance = how far the required landmark lies beyond the scanned range (patient mm), reported
+when it exceeds the rule's tolerance. Overscan = scanned length beyond the required range; reported when
+either end exceeds the margin, with the extra dose-length product CTDIvol × extra length (cm).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from medqc.anatomy import LANDMARK_NAMES, LANDMARKS
+from medqc.agent.checks.common import finding, finite
+
+LUNG_PRESENT_MM2 = 2500.0
+SCALE_RANGE = (0.7, 1.4)
+MIN_FIT_POINTS = 5
+
+
+def theil_sen(xs: list[float], ys: list[float], max_points: int = 120) -> tuple[float, float]:
+    n = len(xs)
+    if n > max_points:  # evenly thinned: O(n²) pairs stay cheap
+        idx = [round(i * (n - 1) / (max_points - 1)) for i in range(max_points)]
+        xs, ys = [xs[i] for i in idx], [ys[i] for i in idx]
+        n = max_points
+    slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(n) for j in range(i + 1, n) if abs(xs[j] - xs[i]) > 1e-6]
+    if not slopes:
+        raise ValueError("no z spread")
+    b = statistics.median(slopes)
+    a = statistics.median([y - b * x for x, y in zip(xs, ys)])
+    return a, b
+
+
+def fit_position(ordered) -> dict | None:
+    """Robust fit of network position vs z → {a, b, scale, n, slope_sign_ok, residual_mm} or None."""
+    pts = [(z, r.position_ref_mm) for z, r in ordered if not r.error and finite(r.position_ref_mm)]
+    if len(pts) < MIN_FIT_POINTS:
+        return None
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    span = max(xs) - min(xs)
+    if span < 20.0:  # too short to fit a slope: assume average size (slope -1) and fit the offset only
+        b = -1.0
+        a = statistics.median([y + x for x, y in pts])
+        fitted = False
+    else:
+        a, b = theil_sen(xs, ys)
+        fitted = True
+    slope_ok = b < 0
+    scale = -1.0 / b if b < 0 else 1.0
+    clamped = min(max(scale, SCALE_RANGE[0]), SCALE_RANGE[1])
+    if clamped != scale or not slope_ok:  # refit the offset with a plausible slope
+        b = -1.0 / clamped
+        a = statistics.median([y - b * x for x, y in pts])
+    resid = statistics.median([abs(y - (a + b * x)) for x, y in pts])
+    return {"a": a, "b": b, "scale": clamped, "n": len(pts), "slope_sign_ok": slope_ok, "fitted_slope": fitted,
+            "residual_mm": resid}
+
+
+def landmark_z_from_fit(fit: dict, name: str) -> float:
+    return (LANDMARKS[name] - fit["a"]) / fit["b"]
+
+
+def lung_extent(ordered) -> dict:
+    """Classical lung landmarks from per-slice lung area (ascending-z ``ordered``)."""
+    pres = [(z, r.measures.get("lung_area_mm2")) for z, r in ordered if not r.error and finite(r.measures.get("lung_area_mm2"))]
+    if len(pres) < 3:
+        return {}
+    flags = [a >= LUNG_PRESENT_MM2 for _, a in pres]
+    # present = lung on this slice and on a neighbour (single-slice gas pockets do not count)
+    conf = [f and ((i > 0 and flags[i - 1]) or (i + 1 < len(flags) and flags[i + 1])) for i, f in enumerate(flags)]
+    if not any(conf):
+        return {"lungs_seen": False}
+    zs = [z for (z, _), c in zip(pres, conf) if c]
+    out = {"lungs_seen": True, "lung_top_z": max(zs), "lung_bottom_z": min(zs)}
+    out["top_cut"] = conf[-1]  # the highest slice is already in the lungs: apices above the scan
+    out["bottom_cut"] = conf[0]  # the lowest slice is still in the lungs: bases below the scan
+    return out
+
+
+def head_top(ordered) -> dict:
+    top = [r for _, r in ordered if not r.error][-3:]
+    if not top:
+        return {}
+    last = top[-1].measures
+    if finite(last.get("body_area_mm2")) and finite(last.get("skull_ring")):
+        if last["body_area_mm2"] >= 6000 and last["skull_ring"] >= 0.75:
+            return {"vertex_cut": True}
+        if last["body_area_mm2"] < 300:
+            return {"vertex_cut": False}
+    return {}
+
+
+def locate(ordered, rule) -> dict:
+    """Patient z of the rule's start and end landmarks, and how each was found."""
+    fit = fit_position(ordered)
+    loc: dict = {"fit": fit}
+    for role in ("start", "end"):
+        name = getattr(rule, role)
+        if fit is not None:
+            loc[role] = {"z": landmark_z_from_fit(fit, name), "source": "network"}
+    lungs = lung_extent(ordered)
+    loc["lungs"] = lungs
+    zmax, zmin = ordered[-1][0], ordered[0][0]
+    for role, landmark, key, cut_key, inside in (("start", "lung_apex", "lung_top_z", "top_cut", zmax),
+                                                  ("end", "lung_base", "lung_bottom_z", "bottom_cut", zmin)):
+        if getattr(rule, role) != landmark or not lungs.get("lungs_seen"):
+            continue
+        if lungs.get(cut_key):
+            prev = loc.get(role)
+            beyond = prev and ((role == "start" and prev["z"] > zmax) or (role == "end" and prev["z"] < zmin))
+            if not beyond:  # the network thinks it is covered, the lungs say it is not: trust the lungs
+                loc[role] = {"z": None, "source": "lungs (cut)"}
+            else:
+                loc[role] = dict(prev, source="network, lungs cut")
+        else:
+            loc[role] = {"z": lungs[key], "source": "lungs"}
+    if rule.start == "vertex":
+        h = head_top(ordered)
+        if h.get("vertex_cut"):
+            prev = loc.get("start")
+            if not prev or prev["z"] is None or prev["z"] <= zmax:
+                loc["start"] = {"z": None, "source": "skull (cut)"}
+    return loc
+
+
+def _name(lm: str) -> str:
+    return LANDMARK_NAMES.get(lm, lm)
+
+
+def coverage_findings(state, ordered, rule, tol: float, margin: float, ctdivol: float | None, ends=("top", "bottom"),
+                      overscan: bool = True) -> tuple[list, dict]:
+    """Coverage findings for ``ends`` of the scanned range (ascending-z ``ordered``) → (findings, summary)."""
+    usable = [(z, r) for z, r in ordered if not r.error]
+    if len(usable) < 2:
+        return [], {}
+    loc = locate(usable, rule)
+    zmax, zmin = usable[-1][0], usable[0][0]
+    summary = {"scan_top_z": round(zmax, 2), "scan_bottom_z": round(zmin, 2)}
+    for role in ("start", "end"):
+        if role in loc:
+            summary[f"{role}_landmark"] = getattr(rule, role)
+            summary[f"{role}_z"] = None if loc[role]["z"] is None else round(loc[role]["z"], 2)
+            summary[f"{role}_source"] = loc[role]["source"]
+    if loc.get("fit"):
+        summary["fit"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in loc["fit"].items()}
+    out = []
+    extra = {}
+    top_inst = usable[-1][1].info.instance_number
+    bot_inst = usable[0][1].info.instance_number
+    for end, role, edge_z, inst in (("top", "start", zmax, top_inst), ("bottom", "end", zmin, bot_inst)):
+        if role not in loc:
+            continue
+        lm = getattr(rule, role)
+        z = loc[role]["z"]
+        missing = None if z is None else ((z - edge_z) if end == "top" else (edge_z - z))
+        if end in ends and (z is None or missing > tol):
+            where = "starts" if end == "top" else "ends"
+            rel = "below" if end == "top" else "above"
+            if missing is not None:
+                msg = (f"{_name(lm)[0].upper() + _name(lm)[1:]} not covered: scan {where} {missing:.0f} mm {rel} "
+                       f"the {_name(lm)} — consider extending the range")
+            else:
+                msg = (f"{_name(lm)[0].upper() + _name(lm)[1:]} not covered: the {'first' if end == 'top' else 'last'} "
+                       f"slices already show {'lung' if 'lung' in lm else 'skull'} — consider extending the range")
+            sev = "critical" if missing is None or missing > 3 * max(tol, 10.0) else "warning"
+            out.append(finding(state, f"coverage.{end}", sev, msg, first_instance=inst, last_instance=inst,
+                               z_range_mm=(edge_z, edge_z), score=None,
+                               details={"landmark": lm, "missing_mm": None if missing is None else round(missing, 1),
+                                        "source": loc[role]["source"], "tolerance_mm": tol}))
+        if missing is not None and missing < 0:
+            extra[end] = -missing
+    summary["extra_mm"] = {k: round(v, 1) for k, v in extra.items()}
+    if overscan and any(v > margin for v in extra.values()):
+        total = sum(extra.values())
+        parts = [f"{v:.0f} mm {'above the ' + _name(rule.start) if k == 'top' else 'below the ' + _name(rule.end)}"
+                 for k, v in extra.items() if v > 0]
+        dlp = ctdivol * total / 10.0 if finite(ctdivol) else None
+        msg = f"Scan range exceeds the protocol by {total:.0f} mm ({'; '.join(parts)})"
+        if dlp is not None:
+            msg += f": about {dlp:.0f} mGy·cm extra DLP"
+        msg += " — tighten the planned range next time"
+        out.append(finding(state, "coverage.overscan", "warning" if total > 2 * margin else "info", msg,
+                           first_instance=top_inst, last_instance=bot_inst, z_range_mm=(zmin, zmax),
+                           details={"extra_mm": {k: round(v, 1) for k, v in extra.items()}, "extra_total_mm": round(total, 1),
+                                    "extra_dlp_mgycm": None if dlp is None else round(dlp, 1), "margin_mm": margin}))
+    return out, summary

@@ -1,0 +1,79 @@
+"""dose.ctdivol, centering.offset and noise.index: series-level figures against the protocol/config.
+
+* dose.ctdivol — mean CTDIvol over the series' slices above the rule's reference level (warning; critical
+  above twice the level);
+* centering.offset — the median (over slices) body centre off the reconstruction centre by more than
+  ``checks.centering_tolerance_mm``. Vertical mis-centring changes the bow-tie filtration and the
+  tube-current modulation, so it is named first;
+* noise.index — median soft-tissue σ over the series above the rule's reference (warning). Sharp kernels
+  (bone, lung, edge, detail …) are skipped: their noise is high by design.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+
+from medqc.agent.checks.common import finding, finite
+
+SHARP_KERNEL = re.compile(r"BONE|LUNG|SHARP|EDGE|DETAIL|ULTRA|HIGH ?RES|\b[A-Z]{1,2}[6-9]\d[A-Z]?\b|FC[5-9]\d", re.I)
+
+
+def dose_findings(state, results, rule) -> list:
+    vals = [r.info.ctdivol for r in results if not r.error and finite(r.info.ctdivol) and r.info.ctdivol > 0]
+    if rule is None or rule.ctdivol_ref_mgy is None or not vals:
+        return []
+    mean = sum(vals) / len(vals)
+    ref = rule.ctdivol_ref_mgy
+    if mean <= ref:
+        return []
+    sev = "critical" if mean > 2 * ref else "warning"
+    return [finding(state, "dose.ctdivol", sev,
+                    f"CTDIvol {mean:.1f} mGy is above the {rule.name} reference level of {ref:.0f} mGy "
+                    f"({(mean / ref - 1) * 100:.0f}% over) — check the protocol and patient size settings",
+                    score=round(mean, 2), details={"ctdivol_mgy": round(mean, 2), "reference_mgy": ref, "slices": len(vals)})]
+
+
+def centering_findings(state, results, tol: float) -> list:
+    xs = [r.measures.get("body_center_offset_x_mm") for r in results if not r.error]
+    ys = [r.measures.get("body_center_offset_y_mm") for r in results if not r.error]
+    pts = [(x, y) for x, y in zip(xs, ys) if finite(x) and finite(y)]
+    if len(pts) < 3:
+        return []
+    mx = statistics.median(p[0] for p in pts)
+    my = statistics.median(p[1] for p in pts)
+    if abs(mx) <= tol and abs(my) <= tol:
+        return []
+    parts = []
+    if abs(my) > tol:
+        parts.append(f"{abs(my):.0f} mm too {'low (posterior)' if my > 0 else 'high (anterior)'}")
+    if abs(mx) > tol:
+        parts.append(f"{abs(mx):.0f} mm to the patient's {'left' if mx > 0 else 'right'}")
+    sev = "warning"
+    return [finding(state, "centering.offset", sev,
+                    f"Patient off isocentre: body centre {' and '.join(parts)} — adjust table height / centring "
+                    f"(vertical mis-centring changes dose and noise)",
+                    score=round(max(abs(mx), abs(my)), 1),
+                    details={"offset_x_mm": round(mx, 1), "offset_y_mm": round(my, 1), "tolerance_mm": tol, "slices": len(pts),
+                             "reference": "reconstruction centre"})]
+
+
+def noise_findings(state, results, rule) -> list:
+    if rule is None or rule.noise_ref_hu is None:
+        return []
+    kernel = state.first.convolution_kernel or ""
+    if kernel and SHARP_KERNEL.search(kernel):
+        return []
+    sds = [r.measures.get("noise_sd") for r in results if not r.error]
+    sds = [s for s in sds if finite(s)]
+    if len(sds) < 3:
+        return []
+    med = statistics.median(sds)
+    ref = rule.noise_ref_hu
+    if med <= ref:
+        return []
+    return [finding(state, "noise.index", "warning",
+                    f"Image noise σ {med:.1f} HU in soft tissue is above the {rule.name} reference of {ref:.0f} HU "
+                    f"— check mAs / noise index for this patient size, or use iterative reconstruction",
+                    score=round(med, 2), details={"noise_sd_hu": round(med, 2), "reference_hu": ref, "slices": len(sds),
+                                                  "kernel": kernel})]

@@ -1,0 +1,128 @@
+"""Protocol rules: which anatomy a series must cover, its dose and noise reference levels.
+
+Rules live in ``agent/protocols.toml`` (shipped) and optionally a site file (``checks.coverage.protocols``)
+whose rules are tried first. A series matches on ProtocolName, then BodyPartExamined, then
+StudyDescription, case-insensitively; no match → no coverage, dose or noise-index finding.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medqc.anatomy import LANDMARKS
+from medqc.config import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
+SHIPPED = Path(__file__).resolve().parents[1] / "protocols.toml"
+RULE_KEYS = {"name", "match", "start", "end", "tolerance_mm", "overscan_margin_mm", "ctdivol_ref_mgy", "noise_ref_hu"}
+MATCH_FIELDS = ("protocol_name", "body_part", "study_description")
+_SEP = re.compile(r"[_\-/+&,.;:()\[\]]+")
+_SPACES = re.compile(r"\s+")
+
+
+@dataclass(frozen=True)
+class ProtocolRule:
+    name: str
+    patterns: tuple[str, ...]
+    start: str
+    end: str
+    tolerance_mm: float | None = None
+    overscan_margin_mm: float | None = None
+    ctdivol_ref_mgy: float | None = None
+    noise_ref_hu: float | None = None
+    _compiled: tuple = field(default=(), repr=False, compare=False)
+
+    def matches(self, text: str) -> bool:
+        return any(p.search(text) for p in self._compiled)
+
+
+def normalise(text: str) -> str:
+    return _SPACES.sub(" ", _SEP.sub(" ", text or "")).strip().upper()
+
+
+def _num(rule: dict, key: str, where: str) -> float | None:
+    v = rule.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise ConfigError(f"{where}: {key} must be a non-negative number, got {v!r}")
+    return float(v)
+
+
+def parse_rules(data: dict, source: str) -> tuple[list[ProtocolRule], bool]:
+    """Validate a protocols TOML document → (rules, replace_defaults)."""
+    unknown = set(data) - {"rule", "replace_defaults"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key(s) {', '.join(sorted(unknown))}; allowed: rule, replace_defaults")
+    replace = data.get("replace_defaults", False)
+    if not isinstance(replace, bool):
+        raise ConfigError(f"{source}: replace_defaults must be true or false")
+    rules = []
+    allowed_lm = ", ".join(LANDMARKS)
+    for i, r in enumerate(data.get("rule", [])):
+        where = f"{source} rule #{i + 1}"
+        if not isinstance(r, dict):
+            raise ConfigError(f"{where}: must be a table ([[rule]])")
+        bad = set(r) - RULE_KEYS
+        if bad:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(bad))}; allowed: {', '.join(sorted(RULE_KEYS))}")
+        name = r.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}: name must be a non-empty string")
+        pats = r.get("match")
+        if not isinstance(pats, list) or not pats or not all(isinstance(p, str) for p in pats):
+            raise ConfigError(f"{where} ({name}): match must be a non-empty list of patterns")
+        for key in ("start", "end"):
+            if r.get(key) not in LANDMARKS:
+                raise ConfigError(f"{where} ({name}): {key} = {r.get(key)!r} is not a landmark; allowed: {allowed_lm}")
+        if LANDMARKS[r["start"]] >= LANDMARKS[r["end"]]:
+            raise ConfigError(f"{where} ({name}): start ({r['start']}) must lie above end ({r['end']})")
+        try:
+            compiled = tuple(re.compile(p, re.IGNORECASE) for p in pats)
+        except re.error as e:
+            raise ConfigError(f"{where} ({name}): bad pattern: {e}") from None
+        rules.append(ProtocolRule(
+            name=name, patterns=tuple(pats), start=r["start"], end=r["end"],
+            tolerance_mm=_num(r, "tolerance_mm", where), overscan_margin_mm=_num(r, "overscan_margin_mm", where),
+            ctdivol_ref_mgy=_num(r, "ctdivol_ref_mgy", where), noise_ref_hu=_num(r, "noise_ref_hu", where),
+            _compiled=compiled,
+        ))
+    return rules, replace
+
+
+def _read(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"protocol rules file not found: {path} (checks.coverage.protocols)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def load_rules(site_path: str | Path | None = None) -> list[ProtocolRule]:
+    """Site rules (if any) first, then the shipped rules unless the site file replaces them."""
+    shipped, _ = parse_rules(_read(SHIPPED), str(SHIPPED.name))
+    if not site_path:
+        return shipped
+    site, replace = parse_rules(_read(Path(site_path)), str(site_path))
+    return site if replace else site + shipped
+
+
+def match_rule(info, rules: list[ProtocolRule]) -> tuple[ProtocolRule | None, str]:
+    """→ (rule, field that matched) or (None, "")."""
+    for fld in MATCH_FIELDS:
+        text = normalise(getattr(info, fld, "") or "")
+        if not text:
+            continue
+        for rule in rules:
+            if rule.matches(text):
+                return rule, fld
+    return None, ""

@@ -1,0 +1,86 @@
+"""The ``medqc.report/1`` document: one entry per series with its verdict, findings and per-slice scores.
+
+Used by ``medqc analyze --json``, the SQLite store and the HTTP API. Patient identifiers appear only when
+``privacy.show_patient_identifiers`` is set; everything else is UIDs, header facts and measurements.
+"""
+
+from __future__ import annotations
+
+import math
+
+SCHEMA = "medqc.report/1"
+FINDING_KEYS = ("check", "severity", "first_instance", "last_instance", "z_range_mm", "score", "message",
+                "finding_id", "raised_at", "details")
+REJECTED_KEYS = ("path", "sop_instance_uid", "series_instance_uid", "reason")
+_SEV_ORDER = {"critical": 0, "warning": 1, "info": 2}
+
+
+def _clean(v):
+    """JSON-safe: NaN/inf → None, tuples → lists, floats rounded to 4 decimals."""
+    if isinstance(v, float):
+        return round(v, 4) if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def finding_dict(f) -> dict:
+    d = f.to_dict()
+    return _clean({k: d.get(k) for k in FINDING_KEYS})
+
+
+def series_report(state, privacy) -> dict:
+    info = state.first
+    per_slice = []
+    for r in sorted(state.results, key=lambda r: (r.info.instance_number is None, r.info.instance_number or 0,
+                                                 -(r.info.z or 0.0))):
+        z = r.info.z
+        row = {
+            "sop_instance_uid": r.info.sop_instance_uid,
+            "instance_number": r.info.instance_number,
+            "z": None if z is None else round(z, 3),
+            "scores": {k: round(float(v), 4) for k, v in r.scores.items()},
+            "position_ref_mm": None if r.position_ref_mm is None else round(float(r.position_ref_mm), 1),
+            "measures": _clean(dict(r.measures)),
+        }
+        if r.error:
+            row["error"] = r.error
+        per_slice.append(row)
+    findings = sorted(state.findings.values(), key=lambda f: (_SEV_ORDER.get(f.severity, 3), f.check, f.finding_id))
+    out = {
+        "series_instance_uid": state.uid,
+        "study_instance_uid": state.study_uid,
+        "series_number": info.series_number,
+        "series_description": info.series_description,
+        "modality": info.modality,
+        "manufacturer": info.manufacturer,
+        "body_part": info.body_part,
+        "protocol_name": info.protocol_name,
+        "protocol_rule": state.protocol_rule,
+        "protocol_rule_matched_on": state.matched_field or None,
+        "slices": len(state.results),
+        "expected_slices": state.expected,
+        "verdict": state.verdict,
+        "completed_reason": state.completed_reason,
+        "opened_at": state.opened_at,
+        "completed_at": state.completed_at,
+        "coverage": _clean(state.coverage) if state.coverage else None,
+        "findings": [finding_dict(f) for f in findings],
+        "per_slice": per_slice,
+    }
+    if state.protocol_rule is None:
+        out["coverage_note"] = "no protocol rule matched BodyPartExamined / ProtocolName / StudyDescription: coverage not judged"
+    if getattr(privacy, "show_patient_identifiers", False):
+        out["patient_name"] = info.patient_name
+        out["patient_id"] = info.patient_id
+    return out
+
+
+def build_report(states, rejected, privacy) -> dict:
+    return {
+        "schema": SCHEMA,
+        "series": [series_report(s, privacy) for s in states],
+        "rejected": [{k: r[k] for k in REJECTED_KEYS if k in r} for r in (rejected or [])],
+    }

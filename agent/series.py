@@ -1,0 +1,310 @@
+"""Series state: per SeriesInstanceUID, the slices seen so far, streaming checks, completion and verdict.
+
+``SeriesTracker.add`` is called once per analysed slice (in arrival order) and returns the findings that
+are new or changed, so sinks can show them while the patient is still on the table:
+
+* artifact.<class> as soon as a run of ``checks.artifact.min_run`` neighbouring slices (by z) is over the
+  class threshold (or one slice scores very high);
+* geometry.tilt / geometry.orientation from the first slice's header;
+* coverage.top / coverage.bottom for the end of the range that was scanned first, once ≥ 8 slices show it;
+* input.undecodable for slices that could not be analysed.
+
+A series completes when the expected count is reached (ImagesInAcquisition), when MPPS says so, or after
+``series.idle_timeout_s`` without a new slice (``due``). ``complete`` re-runs every check from scratch on
+the whole stack (geometry, coverage incl. overscan, dose, centering, noise index, artifacts) and sets the
+verdict: fail if any critical finding, warn if any warning, else pass.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from medqc import ARTIFACTS
+from medqc.agent.checks import artifact as artifact_checks
+from medqc.agent.checks import coverage as coverage_checks
+from medqc.agent.checks import dose as dose_checks
+from medqc.agent.checks import geometry as geometry_checks
+from medqc.agent.checks.common import finding, slice_z
+from medqc.agent.checks.protocols import load_rules, match_rule
+from medqc.agent.records import Finding, SliceInfo, SliceResult
+
+DEFAULT_THRESHOLD = 0.5
+EARLY_COVERAGE_MIN = 8
+EARLY_COVERAGE_MAX = 160
+
+
+@dataclass
+class SeriesState:
+    uid: str
+    study_uid: str
+    first: SliceInfo
+    results: list[SliceResult] = field(default_factory=list)
+    findings: dict[str, Finding] = field(default_factory=dict)
+    verdict: str | None = None
+    protocol_rule: str | None = None
+    completed_reason: str | None = None
+    opened_at: float = 0.0
+    completed_at: float | None = None
+    # bookkeeping (not part of the pinned interface)
+    matched_field: str = ""
+    last_seen: float = 0.0
+    mpps_done: bool = False
+    coverage: dict = field(default_factory=dict)
+    rule: object = field(default=None, repr=False)
+    _keys: set = field(default_factory=set, repr=False)
+    _order: list = field(default_factory=list, repr=False)  # sorted [(z, seq)]
+    _qual: dict = field(default_factory=dict, repr=False)  # class → {seq: (z, result)}
+    _errors: list = field(default_factory=list, repr=False)
+
+    @property
+    def expected(self) -> int | None:
+        n = self.first.images_in_acquisition
+        return n if n and n > 0 else None
+
+    def ordered(self) -> list[tuple[float, SliceResult]]:
+        """[(z, result)] in ascending z (slices without geometry: by instance number)."""
+        return [(z, self.results[seq]) for z, seq in self._order]
+
+
+def _same(a: Finding, b: Finding) -> bool:
+    return (a.severity, a.message, a.first_instance, a.last_instance, a.z_range_mm, a.score) == (
+        b.severity, b.message, b.first_instance, b.last_instance, b.z_range_mm, b.score)
+
+
+class SeriesTracker:
+    def __init__(self, cfg, thresholds: dict[str, float] | None = None):
+        self.cfg = cfg
+        th = {k: DEFAULT_THRESHOLD for k in ARTIFACTS}
+        th.update({k: float(v) for k, v in (thresholds or {}).items()})
+        th.update({k: float(v) for k, v in cfg.checks.artifact.thresholds.items()})
+        self.thresholds = th
+        self.rules = load_rules(cfg.checks.coverage.protocols or None)
+        self._series: OrderedDict[str, SeriesState] = OrderedDict()
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------------------------------ intake
+    def add(self, result: SliceResult) -> list[Finding]:
+        info = result.info
+        with self._lock:
+            st = self._series.get(info.series_instance_uid)
+            now = time.time()
+            if st is None:
+                st = SeriesState(uid=info.series_instance_uid, study_uid=info.study_instance_uid, first=info,
+                                 opened_at=now, last_seen=now)
+                rule, fld = match_rule(info, self.rules)
+                st.rule, st.protocol_rule, st.matched_field = rule, (rule.name if rule else None), fld
+                self._series[st.uid] = st
+            key = (info.sop_instance_uid, info.frame)
+            if key in st._keys:  # the same instance again (scanner retry, resend): ignored, never counted twice
+                st.last_seen = now
+                return []
+            if st.verdict is not None:  # a late slice reopens the series
+                st.verdict, st.completed_at, st.completed_reason = None, None, None
+            st._keys.add(key)
+            seq = len(st.results)
+            st.results.append(result)
+            st.last_seen = now
+            changed: list[Finding] = []
+            if result.error:
+                st._errors.append(result)
+                self._put(st, self._undecodable(st), changed)
+                return changed
+            z = slice_z(result, seq)
+            bisect.insort(st._order, (z, seq))
+            if seq == 0 or len(st._order) == 1:
+                cfg = self.cfg.checks.geometry
+                for f in (geometry_checks.tilt_from_header(st, cfg.tilt_tolerance_deg), geometry_checks.orientation_first(st)):
+                    if f is not None:
+                        self._put(st, f, changed)
+            self._stream_artifacts(st, z, seq, result, changed)
+            n = len(st._order)
+            if st.rule is not None and EARLY_COVERAGE_MIN <= n <= EARLY_COVERAGE_MAX and n % 4 == 0:
+                self._early_coverage(st, changed)
+            return changed
+
+    def _undecodable(self, st: SeriesState) -> Finding:
+        errs = st._errors
+        insts = [r.info.instance_number for r in errs if r.info.instance_number is not None]
+        reasons = sorted({r.error.split(":")[0][:80] for r in errs})
+        return finding(st, "input.undecodable", "warning",
+                       f"{len(errs)} image(s) could not be analysed ({'; '.join(reasons[:3])}) — they are kept; "
+                       f"check the transfer syntax or resend",
+                       first_instance=min(insts) if insts else None, last_instance=max(insts) if insts else None,
+                       details={"count": len(errs), "sop_instance_uids": [r.info.sop_instance_uid for r in errs][:50],
+                                "reasons": reasons})
+
+    def _put(self, st: SeriesState, f: Finding, changed: list) -> None:
+        old = st.findings.get(f.finding_id)
+        if old is not None:
+            if _same(old, f):
+                return
+            f.details.setdefault("first_raised_at", old.details.get("first_raised_at", old.raised_at))
+        st.findings[f.finding_id] = f
+        changed.append(f)
+
+    def _stream_artifacts(self, st: SeriesState, z: float, seq: int, result: SliceResult, changed: list) -> None:
+        min_run = self.cfg.checks.artifact.min_run
+        order = st._order
+        pos = bisect.bisect_left(order, (z, seq))
+        for cls in ARTIFACTS:
+            thr = self.thresholds[cls]
+            if result.scores.get(cls, 0.0) < thr:
+                continue
+
+            def flagged(i):
+                r = st.results[order[i][1]]
+                return not r.error and r.scores.get(cls, 0.0) >= thr
+
+            lo = hi = pos
+            while lo > 0 and flagged(lo - 1):
+                lo -= 1
+            while hi + 1 < len(order) and flagged(hi + 1):
+                hi += 1
+            run = [(order[i][0], st.results[order[i][1]]) for i in range(lo, hi + 1)]
+            if not artifact_checks.qualifying(run, cls, thr, min_run):
+                continue
+            q = st._qual.setdefault(cls, {})
+            before = len(q)
+            for i in range(lo, hi + 1):
+                q[order[i][1]] = (order[i][0], st.results[order[i][1]])
+            if len(q) == before:
+                continue
+            f = artifact_checks.summarise(st, cls, thr, self._group(st, q))
+            if f is not None:
+                self._put(st, f, changed)
+
+    @staticmethod
+    def _group(st: SeriesState, q: dict) -> list:
+        idx = sorted(bisect.bisect_left(st._order, (z, seq)) for seq, (z, _) in q.items())
+        runs, cur, prev = [], [], None
+        for i in idx:
+            if prev is not None and i != prev + 1:
+                runs.append(cur)
+                cur = []
+            z, seq = st._order[i]
+            cur.append((z, st.results[seq]))
+            prev = i
+        if cur:
+            runs.append(cur)
+        return runs
+
+    def _early_coverage(self, st: SeriesState, changed: list) -> None:
+        """Judge the end of the range that was scanned first, once the table has moved away from it."""
+        ordered = st.ordered()
+        first_z = slice_z(st.results[0], 0) if not st.results[0].error else None
+        if first_z is None:
+            return
+        if first_z >= ordered[-1][0] and ordered[0][0] < first_z:
+            ends = ("top",)
+        elif first_z <= ordered[0][0] and ordered[-1][0] > first_z:
+            ends = ("bottom",)
+        else:
+            return
+        cov = self.cfg.checks.coverage
+        rule = st.rule
+        tol = rule.tolerance_mm if rule.tolerance_mm is not None else cov.tolerance_mm
+        fs, _ = coverage_checks.coverage_findings(st, ordered, rule, tol, cov.overscan_margin_mm, None, ends=ends, overscan=False)
+        for f in fs:
+            if f.check == f"coverage.{ends[0]}":
+                f.details["early"] = True
+                self._put(st, f, changed)
+
+    # ------------------------------------------------------------------------------------- completion
+    def due(self, now: float) -> list[tuple[str, str]]:
+        out = []
+        idle = self.cfg.series.idle_timeout_s
+        with self._lock:
+            for st in self._series.values():
+                if st.verdict is not None:
+                    continue
+                if st.expected is not None and len(st._keys) >= st.expected:
+                    out.append((st.uid, "count"))
+                elif st.mpps_done:
+                    out.append((st.uid, "mpps"))
+                elif now - st.last_seen >= idle:
+                    out.append((st.uid, "idle"))
+        return out
+
+    def mpps_completed(self, series_uids: list[str]) -> None:
+        with self._lock:
+            for uid in series_uids:
+                st = self._series.get(uid)
+                if st is not None:
+                    st.mpps_done = True
+
+    def complete(self, series_uid: str, reason: str) -> tuple[SeriesState, list[Finding]]:
+        with self._lock:
+            st = self._series.get(series_uid)
+            if st is None:
+                raise KeyError(f"unknown series {series_uid}")
+            changed: list[Finding] = []
+            final = self._final_findings(st)
+            final_ids = {f.finding_id for f in final}
+            for f in final:
+                self._put(st, f, changed)
+            # streaming findings the whole stack no longer supports are resolved, not silently dropped
+            for fid, old in list(st.findings.items()):
+                if fid in final_ids or old.check == "input.undecodable" or old.details.get("resolved"):
+                    continue
+                if old.check.startswith(("coverage.", "artifact.", "geometry.")):
+                    res = Finding(**{**old.__dict__, "severity": "info",
+                                     "message": f"Resolved once the series was complete: {old.message}",
+                                     "details": {**old.details, "resolved": True}, "raised_at": time.time()})
+                    st.findings[fid] = res
+                    changed.append(res)
+            sev = {f.severity for f in st.findings.values()}
+            st.verdict = "fail" if "critical" in sev else "warn" if "warning" in sev else "pass"
+            st.completed_reason = reason
+            st.completed_at = time.time()
+            self._prune()
+            return st, changed
+
+    def _final_findings(self, st: SeriesState) -> list[Finding]:
+        cfg = self.cfg.checks
+        ordered = st.ordered()
+        valid = [r for r in st.results if not r.error]
+        out: list[Finding] = []
+        out += geometry_checks.geometry_findings(st, valid, cfg.geometry.spacing_tolerance, cfg.geometry.tilt_tolerance_deg)
+        out += artifact_checks.artifact_findings(st, ordered, self.thresholds, cfg.artifact.min_run)
+        rule = st.rule
+        ctdi = [r.info.ctdivol for r in valid if r.info.ctdivol]
+        mean_ctdi = sum(ctdi) / len(ctdi) if ctdi else None
+        axial = not any(f.check == "geometry.orientation" and f.details.get("reason") in ("non-axial", "mixed") for f in out)
+        st.coverage = {}
+        if rule is not None and axial and len(ordered) >= 2:
+            tol = rule.tolerance_mm if rule.tolerance_mm is not None else cfg.coverage.tolerance_mm
+            margin = rule.overscan_margin_mm if rule.overscan_margin_mm is not None else cfg.coverage.overscan_margin_mm
+            cov, summary = coverage_checks.coverage_findings(st, ordered, rule, tol, margin, mean_ctdi)
+            out += cov
+            st.coverage = summary
+            fit = summary.get("fit")
+            if fit and not fit["slope_sign_ok"] and fit["fitted_slope"] and fit["n"] >= 10:
+                out.append(finding(st, "geometry.orientation", "warning",
+                                   "Anatomy runs opposite to the slice positions (head and feet swapped?): check "
+                                   "the patient position (head first / feet first) entered at the scanner",
+                                   key="direction", details={"reason": "anatomy-direction", "fit": fit}))
+        out += dose_checks.dose_findings(st, valid, rule)
+        out += dose_checks.centering_findings(st, valid, cfg.centering_tolerance_mm)
+        out += dose_checks.noise_findings(st, valid, rule)
+        if st._errors:
+            out.append(self._undecodable(st))
+        return out
+
+    def _prune(self) -> None:
+        keep = self.cfg.series.keep_recent
+        done = [uid for uid, s in self._series.items() if s.verdict is not None]
+        for uid in done[: max(0, len(done) - keep)]:
+            del self._series[uid]
+
+    # ---------------------------------------------------------------------------------------- queries
+    def get(self, uid: str) -> SeriesState | None:
+        with self._lock:
+            return self._series.get(uid)
+
+    def all(self) -> list[SeriesState]:
+        with self._lock:
+            return list(self._series.values())

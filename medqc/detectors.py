@@ -1,0 +1,286 @@
+"""Classical CT detectors: physics and HU anatomy measured on one slice, beside the network.
+
+``measure(hu, info)`` returns plain floats (NaN when a measure does not apply) in well under 2 ms for a
+512² slice: everything except the metal search works on a 2× subsampled view. ``fuse(net, measures)``
+combines the network's per-class probabilities with this classical evidence (rule below and in
+``docs/checks.md``).
+
+Robustness rules that hold for every vendor we know of:
+
+* pixels below ``PAD_HU`` (-1500) are padding outside the reconstructed field (-2000, -2048, -3024 ...);
+  the field of view (FOV) is what is left, and its edge is where truncation shows;
+* the FOV edge is also the image border and the inscribed reconstruction circle (vendors that write
+  -1024 outside the circle leave no padding value to find);
+* body = HU > -400 (skin, fat, tissue, bone); the couch is part of it but is thin, so medians and the
+  largest connected component (when OpenCV is present) keep it from dominating;
+* lung = enclosed voxels between -950 and -500 HU: aerated parenchyma, not the -1000 HU of air in the
+  room, trachea or bowel gas (mostly).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+try:  # connected components make the body/lung masks cleaner; numpy alone still gives usable measures
+    import cv2
+except ImportError:  # pragma: no cover - exercised by the module-hider test
+    cv2 = None
+
+PAD_HU = -1500.0
+BODY_HU = -400.0
+METAL_HU = 2500.0
+BONE_HU = 300.0
+SKULL_HU = 700.0
+LUNG_HU = (-950.0, -500.0)
+SOFT_HU = (-150.0, 250.0)
+NOISE_BLOCK = 8  # block edge on the subsampled grid (16 px at full resolution)
+
+MEASURES = (
+    "metal_area_mm2", "metal_max_hu", "noise_sd", "body_touches_fov", "body_center_offset_x_mm",
+    "body_center_offset_y_mm", "body_area_mm2", "lung_area_mm2", "bone_area_mm2", "skull_ring",
+    "lateral_bone_mm2",
+)
+
+_GEOM_CACHE: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _pixel_mm(info) -> tuple[float, float]:
+    ps = getattr(info, "pixel_spacing", None)
+    if ps and ps[0] and ps[1] and ps[0] > 0 and ps[1] > 0:
+        return float(ps[0]), float(ps[1])
+    rd = getattr(info, "reconstruction_diameter", None)
+    cols = getattr(info, "cols", 0) or 0
+    if rd and cols:
+        return float(rd) / cols, float(rd) / cols
+    return 0.7, 0.7  # a typical body FOV of 360 mm on 512²; only areas depend on it
+
+
+def _edge_geometry(h: int, w: int, band: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boolean masks (subsampled grid): the FOV-edge band (border + inscribed circle rim), the inscribed
+    circle and the central disk (half its radius)."""
+    key = (h, w, band)
+    g = _GEOM_CACHE.get(key)
+    if g is None:
+        yy, xx = np.mgrid[0:h, 0:w]
+        cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+        r = np.hypot(yy - cy, xx - cx)
+        rmax = min(h, w) / 2.0
+        edge = (r >= rmax - band) & (r <= rmax + 0.5)
+        edge[:band, :] = edge[-band:, :] = True
+        edge[:, :band] = edge[:, -band:] = True
+        inside = r <= rmax + 0.5
+        g = (edge, inside, r <= rmax * 0.5)
+        if len(_GEOM_CACHE) < 16:
+            _GEOM_CACHE[key] = g
+    return g
+
+
+def _patient_mask(mask: np.ndarray, central: np.ndarray) -> np.ndarray:
+    """The patient among the dense objects of a slice: the connected component with most pixels in the
+    central disk, plus components beside it (arms: centroid row within its row range, area >= 5 % of it).
+    The couch (below), head holders and frames (above) are left out. Without OpenCV: the whole mask."""
+    if cv2 is None or not mask.any():
+        return mask
+    n, labels, stats, cents = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
+    if n <= 2:
+        return mask
+    in_centre = np.bincount(labels[central], minlength=n)
+    in_centre[0] = 0
+    main = int(np.argmax(in_centre)) if in_centre.max() > 0 else 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    top = stats[main, cv2.CC_STAT_TOP]
+    bottom = top + stats[main, cv2.CC_STAT_HEIGHT]
+    min_area = 0.05 * stats[main, cv2.CC_STAT_AREA]
+    keep = np.zeros(n, bool)
+    keep[main] = True
+    for k in range(1, n):
+        if k != main and stats[k, cv2.CC_STAT_AREA] >= min_area and top <= cents[k][1] <= bottom:
+            keep[k] = True
+    return keep[labels]
+
+
+def _holes(body: np.ndarray) -> np.ndarray:
+    """Pixels enclosed by ``body`` (not reachable from the image border through non-body pixels)."""
+    if cv2 is not None:
+        outside = (~body).view(np.uint8).copy()
+        h, w = outside.shape
+        ff = np.zeros((h + 2, w + 2), np.uint8)
+        # flood the background from every border pixel that is background (corners cover the usual case)
+        for y, x in ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1)):
+            if outside[y, x] == 1:
+                cv2.floodFill(outside, ff, (x, y), 2)
+        border = np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]])
+        if (border == 1).any():  # background pockets on the border not connected to a corner
+            for y, x in zip(*np.nonzero(outside == 1)):
+                if y in (0, h - 1) or x in (0, w - 1):
+                    if outside[y, x] == 1:
+                        cv2.floodFill(outside, ff, (int(x), int(y)), 2)
+        return outside == 1
+    # numpy fallback: inside both the row span and the column span of the body
+    rows = body.any(axis=1)
+    cols = body.any(axis=0)
+    h, w = body.shape
+    left = np.where(rows, body.argmax(axis=1), w)
+    right = np.where(rows, w - 1 - body[:, ::-1].argmax(axis=1), -1)
+    top = np.where(cols, body.argmax(axis=0), h)
+    bottom = np.where(cols, h - 1 - body[::-1, :].argmax(axis=0), -1)
+    yy, xx = np.mgrid[0:h, 0:w]
+    inside = (xx > left[:, None]) & (xx < right[:, None]) & (yy > top[None, :]) & (yy < bottom[None, :])
+    return inside & ~body
+
+
+def _robust_noise(sub: np.ndarray, valid: np.ndarray) -> float:
+    """Robust σ (HU) in homogeneous soft tissue: the 30th percentile of 8×8 block SDs (subsampled grid,
+    i.e. 16×16 px at full resolution) over blocks whose every pixel lies in soft tissue (-150..250 HU)."""
+    b = NOISE_BLOCK
+    h, w = (sub.shape[0] // b) * b, (sub.shape[1] // b) * b
+    blocks = sub[:h, :w].reshape(h // b, b, w // b, b).swapaxes(1, 2).reshape(-1, b * b)
+    vmask = valid[:h, :w].reshape(h // b, b, w // b, b).swapaxes(1, 2).reshape(-1, b * b)
+    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+    ok = (lo >= SOFT_HU[0]) & (hi <= SOFT_HU[1]) & vmask.all(axis=1)
+    if ok.sum() < 6:
+        return float("nan")
+    sd = blocks[ok].std(axis=1)
+    # mixed tissue in a block inflates its SD; pure blocks form the low end of the distribution. The
+    # 30th percentile of a chi distribution with 63 d.o.f. sits at ~0.95 σ, hence the small correction.
+    return float(np.percentile(sd, 30) * 1.05)
+
+
+def measure(hu: np.ndarray, info) -> dict[str, float]:
+    """Classical measures of one axial HU slice (see module docstring). ``info`` is a ``SliceInfo``."""
+    nan = float("nan")
+    out = {k: nan for k in MEASURES}
+    if hu.ndim != 2 or hu.size == 0:
+        return out
+    rmm, cmm = _pixel_mm(info)
+    # metal: full resolution (small dense objects must not fall between subsamples)
+    metal = hu >= METAL_HU
+    n_metal = int(np.count_nonzero(metal))
+    out["metal_area_mm2"] = n_metal * rmm * cmm
+    out["metal_max_hu"] = float(hu.max()) if n_metal else float(min(hu.max(), METAL_HU))
+
+    step = 2 if min(hu.shape) >= 256 else 1
+    sub = hu[::step, ::step]
+    if sub.dtype != np.float32:
+        sub = sub.astype(np.float32)
+    px_area = rmm * cmm * step * step
+    h, w = sub.shape
+    band = max(2, int(round(min(h, w) * 0.012)))
+    edge_g, inside_circle, central = _edge_geometry(h, w, band)
+    pad = sub < PAD_HU
+    valid = ~pad
+    body = _patient_mask((sub > BODY_HU) & valid, central)
+    # FOV edge: border + inscribed circle rim, plus the band next to explicit padding
+    edge = edge_g
+    if pad.any():
+        near_pad = pad.copy()
+        near_pad[band:, :] |= pad[:-band, :]
+        near_pad[:-band, :] |= pad[band:, :]
+        near_pad[:, band:] |= pad[:, :-band]
+        near_pad[:, :-band] |= pad[:, band:]
+        edge = (edge_g | near_pad) & valid
+    n_edge = int(np.count_nonzero(edge))
+    out["body_touches_fov"] = float(np.count_nonzero(body & edge)) / n_edge if n_edge else nan
+
+    body_cc = body
+    n_body = int(np.count_nonzero(body_cc))
+    out["body_area_mm2"] = n_body * px_area
+    if n_body >= 50:
+        ys, xs = np.nonzero(body_cc)
+        cy, cx = float(np.median(ys)) * step, float(np.median(xs)) * step
+        dx_px = cx - (hu.shape[1] - 1) / 2.0
+        dy_px = cy - (hu.shape[0] - 1) / 2.0
+        ox, oy = dx_px * cmm, dy_px * rmm
+        # relative to the reconstruction centre: scanners centre the displayed field on the isocentre unless
+        # the technologist offsets it; patient-coordinate origins differ between vendors, so they are not used
+        out["body_center_offset_x_mm"] = float(ox)
+        out["body_center_offset_y_mm"] = float(oy)
+        holes = _holes(body_cc)
+        lung = holes & (sub > LUNG_HU[0]) & (sub < LUNG_HU[1])
+        out["lung_area_mm2"] = float(np.count_nonzero(lung)) * px_area
+        bone = body_cc & (sub >= BONE_HU)
+        out["bone_area_mm2"] = float(np.count_nonzero(bone)) * px_area
+        # skull ring: dense bone enclosing soft tissue (brain) — fraction of angular sectors around the
+        # body centre that contain skull-density bone
+        dense = body_cc & (sub >= SKULL_HU)
+        if dense.any():
+            dy_, dx_ = np.nonzero(dense)
+            ang = np.arctan2(dy_ - cy / step, dx_ - cx / step)
+            sectors = np.unique(((ang + math.pi) / (2 * math.pi) * 24).astype(int) % 24)
+            out["skull_ring"] = len(sectors) / 24.0
+        else:
+            out["skull_ring"] = 0.0
+        # bone in the lateral thirds of the body (iliac wings are broad; ribs are thin)
+        x0, x1 = xs.min(), xs.max()
+        third = (x1 - x0) / 3.0
+        if third > 0:
+            lat = np.zeros_like(bone)
+            lat[:, : int(x0 + third)] = True
+            lat[:, int(x1 - third) + 1:] = True
+            out["lateral_bone_mm2"] = float(np.count_nonzero(bone & lat)) * px_area
+        out["noise_sd"] = _robust_noise(sub, valid & inside_circle)
+    else:
+        out["lung_area_mm2"] = 0.0
+        out["bone_area_mm2"] = 0.0
+        out["skull_ring"] = 0.0
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# fusion
+
+METAL_AREA_MM2 = (5.0, 40.0)  # classical metal evidence ramps from 0.5 to 0.95 over this area at >= 2500 HU
+METAL_MIN_HU = 3000.0  # the densest bone and enamel rarely exceed this; metal saturates far above it
+TRUNC_EDGE = (0.06, 0.20)  # fraction of the FOV edge covered by tissue: evidence ramps from 0.5 to 0.95
+NOISE_SD = (25.0, 60.0)  # soft-tissue σ (HU): evidence ramps from 0.5 to 0.95 (very noisy slice)
+
+
+def _ramp(x: float, lo: float, hi: float) -> float:
+    """0 below lo/2; 0.5 at lo; 0.95 at hi; capped at 0.95 (classical evidence is never certainty)."""
+    if x is None or not math.isfinite(x) or x < lo * 0.5:
+        return 0.0
+    if x < lo:
+        return 0.5 * (x - lo * 0.5) / (lo * 0.5)
+    if x >= hi:
+        return 0.95
+    return 0.5 + 0.45 * (x - lo) / (hi - lo)
+
+
+def classical_probs(measures: dict[str, float]) -> dict[str, float]:
+    """Per-class probabilities from classical evidence alone (only for classes physics can see)."""
+    m = measures or {}
+    out: dict[str, float] = {}
+    if math.isfinite(m.get("metal_area_mm2", float("nan"))):
+        p = _ramp(m["metal_area_mm2"], *METAL_AREA_MM2)
+        if m.get("metal_max_hu", 0.0) < METAL_MIN_HU:
+            p = min(p, 0.3)
+        out["metal"] = p
+    if math.isfinite(m.get("body_touches_fov", float("nan"))):
+        out["truncation"] = _ramp(m["body_touches_fov"], *TRUNC_EDGE)
+    if math.isfinite(m.get("noise_sd", float("nan"))):
+        out["noise"] = _ramp(m["noise_sd"], *NOISE_SD)
+    return out
+
+
+def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, float]:
+    """Final per-class probability.
+
+    * metal, truncation: ``max(network, classical)`` — both are direct physical signals (dense pixels,
+      tissue on the FOV edge) that a network trained on synthetic data must not be able to overrule;
+    * noise: ``1 - (1 - net) * (1 - classical)`` (noisy-OR: either source can raise it, agreement raises
+      it further) — σ alone cannot tell a sharp kernel from a low dose, so classical evidence ramps late;
+    * motion, ring: the network only.
+    Missing network classes take the classical value; missing measures leave the network value.
+    """
+    out = {k: float(v) for k, v in (net_probs or {}).items()}
+    cls = classical_probs(measures)
+    for k, p in cls.items():
+        n = out.get(k)
+        if n is None or not math.isfinite(n):
+            out[k] = p
+        elif k == "noise":
+            out[k] = 1.0 - (1.0 - n) * (1.0 - p)
+        else:
+            out[k] = max(n, p)
+    return out
