@@ -44,6 +44,9 @@ def series_report(state, privacy) -> dict:
             "scores": {k: round(float(v), 4) for k, v in r.scores.items()},
             "position_ref_mm": None if r.position_ref_mm is None else round(float(r.position_ref_mm), 1),
             "measures": _clean(dict(r.measures)),
+            # timing (time.time() on the agent): instance acknowledged → result ready; used by medqc replay/bench
+            "received_at": round(r.info.received_at, 4) if r.info.received_at else None,
+            "analysed_at": round(r.analysed_at, 4) if r.analysed_at else None,
         }
         if r.error:
             row["error"] = r.error
