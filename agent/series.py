@@ -71,8 +71,8 @@ class SeriesState:
 
 
 def _same(a: Finding, b: Finding) -> bool:
-    return (a.severity, a.message, a.first_instance, a.last_instance, a.z_range_mm, a.score) == (
-        b.severity, b.message, b.first_instance, b.last_instance, b.z_range_mm, b.score)
+    return (a.severity, a.message, a.first_instance, a.last_instance, a.z_range_mm, a.score, a.details) == (
+        b.severity, b.message, b.first_instance, b.last_instance, b.z_range_mm, b.score, b.details)
 
 
 class SeriesTracker:

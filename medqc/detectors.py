@@ -9,8 +9,9 @@ Robustness rules that hold for every vendor we know of:
 
 * pixels below ``PAD_HU`` (-1500) are padding outside the reconstructed field (-2000, -2048, -3024 ...);
   the field of view (FOV) is what is left, and its edge is where truncation shows;
-* the FOV edge is also the image border and the inscribed reconstruction circle (vendors that write
-  -1024 outside the circle leave no padding value to find);
+* the FOV edge is also the rim of the inscribed reconstruction circle (vendors that write -1024 outside
+  the circle leave no padding value to find; a body wider than a square reconstruction crosses the rim
+  where it meets the image border);
 * body = HU > -400 (skin, fat, tissue, bone); the couch is part of it but is thin, so medians and the
   largest connected component (when OpenCV is present) keep it from dominating;
 * lung = enclosed voxels between -950 and -500 HU: aerated parenchyma, not the -1000 HU of air in the
@@ -58,8 +59,8 @@ def _pixel_mm(info) -> tuple[float, float]:
 
 
 def _edge_geometry(h: int, w: int, band: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Boolean masks (subsampled grid): the FOV-edge band (border + inscribed circle rim), the inscribed
-    circle and the central disk (half its radius)."""
+    """Boolean masks (subsampled grid): the FOV-edge band (the inscribed circle's rim, which also meets the
+    image border at its four sides), the inscribed circle and the central disk (half its radius)."""
     key = (h, w, band)
     g = _GEOM_CACHE.get(key)
     if g is None:
@@ -68,8 +69,6 @@ def _edge_geometry(h: int, w: int, band: int) -> tuple[np.ndarray, np.ndarray, n
         r = np.hypot(yy - cy, xx - cx)
         rmax = min(h, w) / 2.0
         edge = (r >= rmax - band) & (r <= rmax + 0.5)
-        edge[:band, :] = edge[-band:, :] = True
-        edge[:, :band] = edge[:, -band:] = True
         inside = r <= rmax + 0.5
         g = (edge, inside, r <= rmax * 0.5)
         if len(_GEOM_CACHE) < 16:
@@ -171,7 +170,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
     pad = sub < PAD_HU
     valid = ~pad
     body = _patient_mask((sub > BODY_HU) & valid, central)
-    # FOV edge: border + inscribed circle rim, plus the band next to explicit padding
+    # FOV edge: inscribed circle rim, plus the band next to explicit padding
     edge = edge_g
     if pad.any():
         near_pad = pad.copy()
@@ -232,7 +231,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
 
 METAL_AREA_MM2 = (5.0, 40.0)  # classical metal evidence ramps from 0.5 to 0.95 over this area at >= 2500 HU
 METAL_MIN_HU = 3000.0  # the densest bone and enamel rarely exceed this; metal saturates far above it
-TRUNC_EDGE = (0.06, 0.20)  # fraction of the FOV edge covered by tissue: evidence ramps from 0.5 to 0.95
+TRUNC_EDGE = (0.10, 0.25)  # fraction of the FOV edge covered by tissue: evidence ramps from 0.5 to 0.95
 NOISE_SD = (25.0, 60.0)  # soft-tissue σ (HU): evidence ramps from 0.5 to 0.95 (very noisy slice)
 
 
