@@ -268,7 +268,7 @@ class SeriesTracker:
         ordered = st.ordered()
         valid = [r for r in st.results if not r.error]
         out: list[Finding] = []
-        out += geometry_checks.geometry_findings(st, valid, cfg.geometry.spacing_tolerance, cfg.geometry.tilt_tolerance_deg)
+        out += geometry_checks.geometry_findings(st, st.results, cfg.geometry.spacing_tolerance, cfg.geometry.tilt_tolerance_deg)
         out += artifact_checks.artifact_findings(st, ordered, self.thresholds, cfg.artifact.min_run)
         rule = st.rule
         ctdi = [r.info.ctdivol for r in valid if r.info.ctdivol]

@@ -40,8 +40,8 @@ def _inst_range(results) -> tuple[int | None, int | None]:
 
 
 def stack(results):
-    """Results with geometry, sorted by position along the normal (ascending z)."""
-    geo = [r for r in results if not r.error and r.info.position is not None and r.info.orientation is not None]
+    """Results with geometry (undecodable pixels included: their headers still place them), by ascending z."""
+    geo = [r for r in results if r.info.position is not None and r.info.orientation is not None]
     return sorted(geo, key=lambda r: r.info.z)
 
 

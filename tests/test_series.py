@@ -1,0 +1,202 @@
+"""SeriesTracker: streaming findings, de-duplication, completion (count / MPPS / idle), verdicts, report."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from medqc.agent.records import SliceInfo, SliceResult
+from medqc.agent.report import build_report, series_report
+from medqc.agent.series import SeriesTracker
+from medqc.config import load_config
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def make_info(i: int, z: float, series="1.2.3.9", **kw) -> SliceInfo:
+    base = dict(instance_number=i + 1, position=(-180.0, -180.0, z), orientation=AXIAL, pixel_spacing=(0.7, 0.7),
+                rows=512, cols=512, patient_position="HFS", modality="CT", ctdivol=8.0, slice_thickness=2.5)
+    base.update(kw)
+    return SliceInfo(f"{series}.{i + 1}", series, "1.2.3", CT, **base)
+
+
+def make_results(n=40, spacing=2.5, z0=0.0, scores=None, series="1.2.3.9", **kw) -> list[SliceResult]:
+    """n slices arriving head to feet (z decreasing), all scores 0.01 unless ``scores`` {index: {cls: p}}."""
+    out = []
+    for i in range(n):
+        sc = {c: 0.01 for c in ("metal", "motion", "ring", "noise", "truncation")}
+        sc.update((scores or {}).get(i, {}))
+        out.append(SliceResult(info=make_info(i, z0 - i * spacing, series=series, **kw), scores=sc))
+    return out
+
+
+@pytest.fixture
+def cfg():
+    return load_config()
+
+
+def checks(findings):
+    return sorted(f.check for f in findings)
+
+
+def test_metal_run_raised_as_soon_as_min_run_reached_and_updated_not_duplicated(cfg):
+    tr = SeriesTracker(cfg, {"metal": 0.5})
+    res = make_results(30, scores={i: {"metal": 0.8} for i in range(10, 16)})
+    raised_at = None
+    seen_ids = []
+    for i, r in enumerate(res):
+        new = tr.add(r)
+        for f in new:
+            if f.check == "artifact.metal":
+                seen_ids.append(f.finding_id)
+                raised_at = raised_at if raised_at is not None else i
+    assert raised_at == 11  # the second consecutive slice over threshold (min_run = 2)
+    assert len(set(seen_ids)) == 1 and len(seen_ids) == 5  # same finding, updated as the run grew (12..15)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    f = st.findings["1.2.3.9/artifact.metal"]
+    assert (f.first_instance, f.last_instance) == (11, 16)
+    assert f.z_range_mm == (-37.5, -25.0)
+    assert f.severity == "critical"  # 6 slices, mean 0.8 ≥ (0.5 + 1) / 2
+    assert st.verdict == "fail"
+    assert sum(1 for x in st.findings.values() if x.check == "artifact.metal") == 1
+
+
+def test_lone_slice_needs_a_very_high_score(cfg):
+    tr = SeriesTracker(cfg, {})
+    for r in make_results(20, scores={5: {"ring": 0.7}, 12: {"motion": 0.95}}):
+        tr.add(r)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    assert "1.2.3.9/artifact.ring" not in st.findings
+    m = st.findings["1.2.3.9/artifact.motion"]
+    assert m.severity == "warning" and m.first_instance == m.last_instance == 13
+    assert st.verdict == "warn"
+
+
+def test_config_thresholds_override_bundle(cfg):
+    cfg2 = load_config(overrides={"checks.artifact.thresholds": {"noise": 0.9}, "checks.artifact.min_run": 3})
+    tr = SeriesTracker(cfg2, {"noise": 0.3})
+    assert tr.thresholds["noise"] == 0.9
+    for r in make_results(20, scores={i: {"noise": 0.85} for i in range(3, 9)}):
+        tr.add(r)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    assert st.verdict == "pass" and not st.findings
+
+
+def test_repeated_instance_is_ignored(cfg):
+    tr = SeriesTracker(cfg, {})
+    res = make_results(10)
+    for r in res + res[3:6]:
+        tr.add(r)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    assert len(st.results) == 10
+    assert "geometry.duplicate" not in checks(st.findings.values())
+    assert st.verdict == "pass"
+
+
+def test_expected_count_completes_at_once(cfg):
+    tr = SeriesTracker(cfg, {})
+    res = make_results(12, images_in_acquisition=12)
+    for r in res[:11]:
+        tr.add(r)
+    assert tr.due(time.time()) == []
+    tr.add(res[11])
+    assert tr.due(time.time()) == [("1.2.3.9", "count")]
+    st, _ = tr.complete("1.2.3.9", "count")
+    assert st.completed_reason == "count" and st.verdict == "pass"
+    assert tr.due(time.time() + 100) == []  # completed series are not due again
+
+
+def test_idle_timeout_and_mpps(cfg):
+    tr = SeriesTracker(cfg, {})
+    for r in make_results(5):
+        tr.add(r)
+    for r in make_results(5, series="1.2.3.10"):
+        tr.add(r)
+    now = time.time()
+    assert tr.due(now) == []
+    tr.mpps_completed(["1.2.3.10", "9.9.9"])
+    assert tr.due(now) == [("1.2.3.10", "mpps")]
+    assert set(tr.due(now + cfg.series.idle_timeout_s + 0.1)) == {("1.2.3.9", "idle"), ("1.2.3.10", "mpps")}
+
+
+def test_late_slice_reopens_series(cfg):
+    tr = SeriesTracker(cfg, {})
+    res = make_results(10)
+    for r in res[:9]:
+        tr.add(r)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    assert st.verdict == "pass"
+    tr.add(res[9])
+    assert tr.get("1.2.3.9").verdict is None
+    st, _ = tr.complete("1.2.3.9", "idle")
+    assert len(st.results) == 10 and st.verdict == "pass"
+
+
+def test_undecodable_slice_is_a_finding_and_kept(cfg):
+    tr = SeriesTracker(cfg, {})
+    res = make_results(10)
+    res[4].error = "decode: unsupported transfer syntax 1.2.840.10008.1.2.4.100"
+    res[5].error = "decode: truncated pixel data"
+    out = []
+    for r in res:
+        out += tr.add(r)
+    assert [f.check for f in out].count("input.undecodable") == 2  # raised, then updated
+    st, _ = tr.complete("1.2.3.9", "idle")
+    f = st.findings["1.2.3.9/input.undecodable"]
+    assert f.details["count"] == 2 and (f.first_instance, f.last_instance) == (5, 6)
+    assert st.verdict == "warn"
+    # their headers still place them: no geometry gap, they are reported as what they are
+    assert "geometry.gap" not in checks(st.findings.values())
+    rep = series_report(st, cfg.privacy)
+    assert sum(1 for s in rep["per_slice"] if "error" in s) == 2
+
+
+def test_keep_recent_bounds_memory():
+    cfg = load_config(overrides={"series.keep_recent": 3})
+    tr = SeriesTracker(cfg, {})
+    for k in range(6):
+        for r in make_results(3, series=f"1.2.3.{100 + k}"):
+            tr.add(r)
+        tr.complete(f"1.2.3.{100 + k}", "idle")
+    assert [s.uid for s in tr.all()] == ["1.2.3.103", "1.2.3.104", "1.2.3.105"]
+
+
+def test_report_schema_and_privacy(cfg):
+    tr = SeriesTracker(cfg, {})
+    res = make_results(8, scores={i: {"truncation": 0.9} for i in range(2, 5)}, body_part="CHEST",
+                       patient_name="DOE^JANE", patient_id="PID-77")
+    for r in res:
+        r.position_ref_mm = 300.0 + 2.5 * r.info.instance_number
+        tr.add(r)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    rep = build_report([st], [{"path": "/in/x.dcm", "reason": "not DICOM", "extra": 1}], cfg.privacy)
+    text = json.dumps(rep)
+    assert "DOE" not in text and "PID-77" not in text
+    assert rep["schema"] == "medqc.report/1"
+    assert rep["rejected"] == [{"path": "/in/x.dcm", "reason": "not DICOM"}]
+    s = rep["series"][0]
+    for key in ("series_instance_uid", "body_part", "protocol_rule", "slices", "verdict", "findings", "per_slice"):
+        assert key in s
+    assert s["protocol_rule"] == "chest" and s["slices"] == 8 and s["body_part"] == "CHEST"
+    f = [x for x in s["findings"] if x["check"] == "artifact.truncation"][0]
+    for key in ("check", "severity", "first_instance", "last_instance", "z_range_mm", "score", "message"):
+        assert key in f
+    p = s["per_slice"][0]
+    assert set(p) >= {"sop_instance_uid", "instance_number", "z", "scores", "position_ref_mm"}
+    shown = load_config(overrides={"privacy.show_patient_identifiers": True})
+    assert series_report(st, shown.privacy)["patient_id"] == "PID-77"
+
+
+def test_no_rule_means_no_coverage_and_a_note(cfg):
+    tr = SeriesTracker(cfg, {})
+    for r in make_results(20, body_part="EXTREMITY", protocol_name="Knee routine"):
+        r.position_ref_mm = 900.0  # would be "far below" any torso protocol
+        tr.add(r)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    assert st.protocol_rule is None
+    assert not [c for c in checks(st.findings.values()) if c.startswith("coverage")]
+    rep = series_report(st, cfg.privacy)
+    assert rep["protocol_rule"] is None and "no protocol rule" in rep["coverage_note"]
