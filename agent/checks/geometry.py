@@ -34,9 +34,14 @@ def _angle(a, b) -> float:
     return math.degrees(math.acos(d))
 
 
-def _inst_range(results) -> tuple[int | None, int | None]:
+def _lo(*results):
     insts = [r.info.instance_number for r in results if r.info.instance_number is not None]
-    return (min(insts), max(insts)) if insts else (None, None)
+    return min(insts) if insts else None
+
+
+def _hi(*results):
+    insts = [r.info.instance_number for r in results if r.info.instance_number is not None]
+    return max(insts) if insts else None
 
 
 def stack(results):
@@ -125,7 +130,7 @@ def geometry_findings(state, results, spacing_tol: float, tilt_tol: float) -> li
                                f"{missing} slice(s) missing: {len(gaps)} gap(s) in the stack, the largest "
                                f"{s0:.1f} mm between instances {a.info.instance_number} and {b.info.instance_number} "
                                f"(spacing {med:.2f} mm) — check the transfer or resend the series",
-                               first_instance=a.info.instance_number, last_instance=b.info.instance_number,
+                               first_instance=_lo(a, b), last_instance=_hi(a, b),
                                z_range_mm=(a.info.z, b.info.z),
                                details={"gaps": [[round(st[i].info.z, 2), round(s, 2)] for i, s in gaps],
                                         "median_spacing_mm": round(med, 3), "missing_estimate": missing}))
@@ -136,7 +141,8 @@ def geometry_findings(state, results, spacing_tol: float, tilt_tol: float) -> li
                                f"Inconsistent slice spacing: {len(odd)} step(s) differ from the median "
                                f"{med:.2f} mm by more than {spacing_tol * 100:.0f}% (worst {s0:.2f} mm near instance "
                                f"{st[i0].info.instance_number})",
-                               first_instance=st[i0].info.instance_number, z_range_mm=(st[i0].info.z, st[i0 + 1].info.z),
+                               first_instance=_lo(st[i0], st[i0 + 1]), last_instance=_hi(st[i0], st[i0 + 1]),
+                               z_range_mm=(st[i0].info.z, st[i0 + 1].info.z),
                                details={"median_spacing_mm": round(med, 3), "odd_steps": len(odd), "worst_mm": round(s0, 3)}))
     # shear: in-plane drift of positions per mm along the normal
     a, b = st[0].info, st[-1].info

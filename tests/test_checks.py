@@ -1,0 +1,313 @@
+"""Checks: coverage (network fit + classical lungs), geometry, dose, centering, noise index, protocol rules,
+and the whole series path on the real Philips study (tilted series)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from medqc.agent.checks.protocols import load_rules, match_rule
+from medqc.agent.records import SliceInfo, SliceResult
+from medqc.agent.series import SeriesTracker
+from medqc.anatomy import LANDMARKS
+from medqc.config import ConfigError, load_config
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+VERTEX_Z, SCALE = 1000.0, 1.1
+
+
+def z_of(landmark: str) -> float:
+    return VERTEX_Z - LANDMARKS[landmark] * SCALE
+
+
+def body_stack(z_top, z_bottom, spacing=2.5, feet_first=False, seed=0, sigma=8.0, outliers=0.1, bias=0.0,
+               lung=None, series="1.2.3.50", reverse_anatomy=False, **kw) -> list[SliceResult]:
+    """Slices from z_top down to z_bottom (arrival order head→feet unless feet_first) with network
+    positions from the body scale (+ noise, outliers, bias) and optional classical lung areas."""
+    rng = np.random.default_rng(seed)
+    n = int(round((z_top - z_bottom) / spacing)) + 1
+    zs = [z_top - i * spacing for i in range(n)]
+    if feet_first:
+        zs = zs[::-1]
+    out = []
+    base = dict(orientation=AXIAL, pixel_spacing=(0.7, 0.7), rows=512, cols=512, modality="CT", ctdivol=8.0,
+                patient_position="FFS" if feet_first else "HFS", body_part="CHEST")
+    base.update(kw)
+    for i, z in enumerate(zs):
+        info = SliceInfo(f"{series}.{i + 1}", series, "1.2.3", CT, instance_number=i + 1, position=(-180.0, -180.0, z), **base)
+        ref = (VERTEX_Z - z) / SCALE
+        if reverse_anatomy:
+            ref = (z - (VERTEX_Z - 1100)) / SCALE
+        ref += rng.normal(0, sigma) + bias
+        if rng.random() < outliers:
+            ref += rng.choice([-1, 1]) * rng.uniform(100, 300)
+        measures = {}
+        if lung is not None:
+            measures["lung_area_mm2"] = 9000.0 if lung[0] >= z >= lung[1] else 0.0
+        out.append(SliceResult(info=info, scores={}, position_ref_mm=ref, measures=measures))
+    return out
+
+
+def run(results, cfg=None, **over):
+    cfg = cfg or load_config(overrides=over or None)
+    tr = SeriesTracker(cfg, {})
+    streamed = []
+    for r in results:
+        streamed += tr.add(r)
+    st, _ = tr.complete(results[0].info.series_instance_uid, "idle")
+    return st, streamed
+
+
+def by_check(st, check):
+    fs = [f for f in st.findings.values() if f.check == check and not f.details.get("resolved")]
+    return fs[0] if fs else None
+
+
+# ---------------------------------------------------------------------------------------------- coverage
+
+def test_chest_missing_apex_is_raised_early_with_mm():
+    res = body_stack(z_of("lung_apex") - 30, z_of("lung_base") - 20)
+    st, streamed = run(res)
+    assert st.protocol_rule == "chest"
+    early = [f for f in streamed if f.check == "coverage.top"]
+    assert early and early[0].details["early"]  # raised while the scan was still running
+    f = by_check(st, "coverage.top")
+    assert f.details["missing_mm"] == pytest.approx(30, abs=7)
+    assert "Lung apices not covered" in f.message and "mm below" in f.message
+    assert by_check(st, "coverage.bottom") is None and by_check(st, "coverage.overscan") is None
+    assert st.coverage["fit"]["scale"] == pytest.approx(SCALE, abs=0.08)
+
+
+def test_feet_first_missing_bases_raised_early():
+    res = body_stack(z_of("lung_apex") + 15, z_of("lung_base") + 45, feet_first=True)
+    st, streamed = run(res)
+    assert any(f.check == "coverage.bottom" for f in streamed)
+    f = by_check(st, "coverage.bottom")
+    assert f.details["missing_mm"] == pytest.approx(45, abs=8)
+    assert by_check(st, "coverage.top") is None
+
+
+def test_overscan_reports_mm_and_extra_dlp():
+    res = body_stack(z_of("lung_apex") + 90, z_of("lung_base") - 60, ctdivol=8.0)
+    st, _ = run(res)
+    assert by_check(st, "coverage.top") is None and by_check(st, "coverage.bottom") is None
+    f = by_check(st, "coverage.overscan")
+    assert f.details["extra_total_mm"] == pytest.approx(150, abs=12)
+    assert f.details["extra_dlp_mgycm"] == pytest.approx(8.0 * f.details["extra_total_mm"] / 10, rel=1e-3)
+    assert "mGy·cm extra DLP" in f.message
+
+
+def test_within_tolerance_and_margin_is_clean():
+    res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15)
+    st, _ = run(res)
+    assert not [f for f in st.findings.values() if f.check.startswith("coverage")]
+    assert st.verdict == "pass"
+
+
+def test_classical_lungs_override_network():
+    # the network is biased (claims the apex is 60 mm above the scan) but the lungs start 30 mm below the
+    # first slice: the apex is covered
+    top = z_of("lung_apex") + 30
+    res = body_stack(top, z_of("lung_base") - 20, bias=-60.0, lung=(top - 30, z_of("lung_base")))
+    st, _ = run(res)
+    assert by_check(st, "coverage.top") is None
+    assert st.coverage["start_source"] == "lungs"
+    # and the other way: the network says covered, but the very first slices are full of lung
+    top = z_of("lung_apex") + 20
+    res = body_stack(top, z_of("lung_base") - 20, bias=+80.0, lung=(top + 50, z_of("lung_base")), series="1.2.3.51")
+    st, _ = run(res)
+    f = by_check(st, "coverage.top")
+    assert f is not None and f.severity == "critical" and "lung" in f.message
+
+
+def test_anatomy_against_coordinates_is_an_orientation_finding():
+    res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, reverse_anatomy=True, outliers=0.0)
+    st, _ = run(res)
+    f = by_check(st, "geometry.orientation")
+    assert f is not None and f.details["reason"] == "anatomy-direction"
+
+
+def test_site_protocol_file(tmp_path):
+    site = tmp_path / "site.toml"
+    site.write_text('[[rule]]\nname = "thorax-short"\nmatch = [\'\\bCHEST\\b\']\nstart = "carina"\nend = "lung_base"\n'
+                    'tolerance_mm = 5\nctdivol_ref_mgy = 5\n')
+    cfg = load_config(overrides={"checks.coverage.protocols": str(site)})
+    res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15)  # starts far above the carina
+    st, _ = run(res, cfg=cfg)
+    assert st.protocol_rule == "thorax-short"
+    f = by_check(st, "coverage.overscan")
+    assert f is not None and f.details["extra_mm"]["top"] == pytest.approx((LANDMARKS["carina"] - LANDMARKS["lung_apex"]) * SCALE + 20, abs=10)
+    assert by_check(st, "dose.ctdivol").severity == "warning"
+
+
+@pytest.mark.parametrize("text,rule", [
+    ("CHEST", "chest"), ("THORAX", "chest"), ("TORSO", "chest-abdomen-pelvis"), ("CAP", "chest-abdomen-pelvis"),
+    ("Thorax_Abdomen_Becken", "chest-abdomen-pelvis"), ("ABD PEL", "abdomen-pelvis"), ("HEAD", "head"),
+    ("BRAIN", "head"), ("SCHAEDEL", "head"), ("1F STEREOTAXIS /Head", "head"), ("Neck", "neck"),
+    ("Abdomen^Routine", "abdomen"), ("PELVIS", "pelvis"), ("Knee", None), ("", None)])
+def test_shipped_rules_match_vendor_spellings(text, rule):
+    rules = load_rules()
+    for fld in ("protocol_name", "body_part", "study_description"):
+        r, where = match_rule(SliceInfo("1", "2", "3", CT, **{fld: text}), rules)
+        assert (r.name if r else None) == rule
+        if r:
+            assert where == fld
+
+
+def test_protocol_names_field_precedence():
+    info = SliceInfo("1", "2", "3", CT, protocol_name="CAP venous", body_part="CHEST", study_description="CT HEAD")
+    assert match_rule(info, load_rules())[0].name == "chest-abdomen-pelvis"
+
+
+@pytest.mark.parametrize("body,err", [
+    ('[[rule]]\nname="x"\nmatch=["A"]\nstart="nose"\nend="lung_base"\n', "allowed: vertex"),
+    ('[[rule]]\nname="x"\nmatch=["A"]\nstart="lung_base"\nend="lung_apex"\n', "must lie above"),
+    ('[[rule]]\nname="x"\nmatch=["("]\nstart="vertex"\nend="lung_base"\n', "bad pattern"),
+    ('[[rule]]\nname="x"\nmatch=["A"]\nstart="vertex"\nend="lung_base"\ncolour=1\n', "allowed: ctdivol_ref_mgy"),
+])
+def test_bad_site_rules_are_clear_errors(tmp_path, body, err):
+    p = tmp_path / "bad.toml"
+    p.write_text(body)
+    with pytest.raises(ConfigError, match=err):
+        load_rules(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_rules(tmp_path / "missing.toml")
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+
+def stack(n=30, spacing=2.5, drop=(), dup=(), odd=None, shear_deg=0.0, tilt=0.0, orientation=AXIAL, pp="HFS",
+          mixed_at=None, series="1.2.3.60"):
+    res = []
+    z = 0.0
+    for i in range(n):
+        if odd is not None and i == odd:
+            z -= 0.8  # one step of 3.3 mm instead of 2.5
+        o = orientation
+        if mixed_at is not None and i >= mixed_at:
+            o = (1.0, 0.0, 0.0, 0.0, math.cos(0.2), -math.sin(0.2))
+        if i not in drop:
+            y = -180.0 + z * math.tan(math.radians(shear_deg))
+            info = SliceInfo(f"{series}.{i + 1}", series, "1.2.3", CT, instance_number=i + 1, position=(-180.0, y, z),
+                             orientation=o, gantry_tilt=tilt, patient_position=pp, rows=512, cols=512)
+            res.append(SliceResult(info=info))
+            if i in dup:
+                info2 = SliceInfo(f"{series}.{i + 1}.9", series, "1.2.3", CT, instance_number=100 + i,
+                                  position=(-180.0, y, z), orientation=o, gantry_tilt=tilt, patient_position=pp)
+                res.append(SliceResult(info=info2))
+        z -= spacing
+    return res
+
+
+def test_clean_stack_passes():
+    st, _ = run(stack())
+    assert st.verdict == "pass" and not st.findings
+
+
+def test_gap_duplicate_spacing():
+    st, _ = run(stack(drop=(10, 11, 12)))
+    f = by_check(st, "geometry.gap")
+    assert f.severity == "critical" and f.details["missing_estimate"] == 3
+    assert (f.first_instance, f.last_instance) == (10, 14)
+    assert st.verdict == "fail"
+    st, _ = run(stack(dup=(7,)))
+    f = by_check(st, "geometry.duplicate")
+    assert f is not None and 8 in f.details["instances"] and by_check(st, "geometry.gap") is None
+    st, _ = run(stack(odd=15))
+    f = by_check(st, "geometry.spacing")
+    assert f is not None and f.details["worst_mm"] == pytest.approx(3.3, abs=0.01)
+    assert by_check(st, "geometry.gap") is None
+
+
+def test_tilt_from_header_and_from_sheared_positions():
+    st, streamed = run(stack(tilt=12.0, shear_deg=12.0))
+    assert [f.check for f in streamed] == ["geometry.tilt"]  # from the first slice's header
+    assert by_check(st, "geometry.tilt").details["shear_deg"] == pytest.approx(12.0, abs=0.1)
+    st, _ = run(stack(shear_deg=8.0))  # sheared, but the header says no tilt
+    f = by_check(st, "geometry.tilt")
+    assert f.details["source"] == "positions" and f.details["shear_deg"] == pytest.approx(8.0, abs=0.1)
+
+
+def test_orientation_checks():
+    sag = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+    st, streamed = run(stack(orientation=sag, series="1.2.3.61"))
+    assert by_check(st, "geometry.orientation").details["reason"] == "non-axial"
+    assert "sagittal" in by_check(st, "geometry.orientation").message
+    st, _ = run(stack(mixed_at=12))
+    f = by_check(st, "geometry.orientation")
+    assert f.severity == "critical" and f.details["reason"] == "mixed"
+    st, _ = run(stack(orientation=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0), pp="HFS"))  # prone axes, supine entered
+    assert by_check(st, "geometry.orientation").details["reason"] == "position"
+    st, _ = run(stack(orientation=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0), pp="HFP"))
+    assert by_check(st, "geometry.orientation") is None
+
+
+# ------------------------------------------------------------------------------- dose, centring, noise
+
+@pytest.mark.parametrize("ctdi,sev", [(10.0, None), (14.0, "warning"), (30.0, "critical")])
+def test_ctdivol_against_protocol_reference(ctdi, sev):
+    st, _ = run(body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, ctdivol=ctdi))
+    f = by_check(st, "dose.ctdivol")
+    assert (f.severity if f else None) == sev
+    if f:
+        assert "12 mGy" in f.message
+
+
+def test_centering_and_noise_index():
+    res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15)
+    for r in res:
+        r.measures.update(body_center_offset_x_mm=4.0, body_center_offset_y_mm=45.0, noise_sd=30.0)
+    st, _ = run(res)
+    f = by_check(st, "centering.offset")
+    assert f is not None and "45 mm too low" in f.message and f.details["offset_y_mm"] == 45.0
+    n = by_check(st, "noise.index")
+    assert n is not None and n.details["noise_sd_hu"] == 30.0 and n.details["reference_hu"] == 18.0
+    # a sharp kernel's noise is high by design: no noise.index
+    res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, convolution_kernel="BONEPLUS", series="1.2.3.70")
+    for r in res:
+        r.measures.update(noise_sd=30.0)
+    st, _ = run(res)
+    assert by_check(st, "noise.index") is None
+
+
+# ------------------------------------------------------------------------------- the real Philips study
+
+def _real_results(folder):
+    import pydicom
+
+    from medqc import detectors as D
+
+    out = []
+    for p in sorted(folder.glob("I*")):
+        ds = pydicom.dcmread(p)
+        hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        info = SliceInfo(ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.SOPClassUID,
+                         instance_number=int(ds.InstanceNumber), rows=ds.Rows, cols=ds.Columns,
+                         pixel_spacing=tuple(float(v) for v in ds.PixelSpacing),
+                         position=tuple(float(v) for v in ds.ImagePositionPatient),
+                         orientation=tuple(float(v) for v in ds.ImageOrientationPatient),
+                         gantry_tilt=float(ds.GantryDetectorTilt), ctdivol=float(ds.CTDIvol),
+                         patient_position=str(ds.PatientPosition), body_part=str(ds.get("BodyPartExamined", "")),
+                         protocol_name=str(ds.get("ProtocolName", "")), convolution_kernel=str(ds.get("ConvolutionKernel", "")))
+        m = D.measure(hu, info)
+        out.append(SliceResult(info=info, measures=m, scores=D.fuse({c: 0.02 for c in ("metal", "motion", "ring", "noise", "truncation")}, m)))
+    return out
+
+
+@pytest.mark.parametrize("folder,tilt", [("S2010", -18.5), ("S3010", 16.5)])
+def test_real_tilted_philips_series(real_ct, folder, tilt):
+    res = _real_results(real_ct / folder)
+    st, streamed = run(res)
+    assert st.protocol_rule == "head"
+    assert streamed[0].check == "geometry.tilt"  # from the first slice
+    f = by_check(st, "geometry.tilt")
+    assert f.details["gantry_tilt_deg"] == tilt
+    assert f.details["shear_deg"] == pytest.approx(abs(tilt), abs=0.3)  # IPP shear matches the tilt tag
+    found = {f.check for f in st.findings.values()}
+    for clean in ("geometry.gap", "geometry.duplicate", "geometry.spacing", "geometry.orientation",
+                  "artifact.metal", "artifact.truncation", "artifact.noise", "noise.index", "dose.ctdivol"):
+        assert clean not in found, (clean, st.findings)
+    assert st.verdict == "warn"
