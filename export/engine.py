@@ -66,6 +66,30 @@ def _progress_monitor(trt, bar):
     return Monitor()
 
 
+def _pin_heads_fp32(trt, network) -> int:
+    """Ask for FP32 in every layer after the last convolution (pooling, heads, position scaling), as the
+    FP16 ONNX variant does: the position output needs finer steps than FP16 has near 1000 mm."""
+    conv_types = {trt.LayerType.CONVOLUTION}
+    if hasattr(trt.LayerType, "DECONVOLUTION"):
+        conv_types.add(trt.LayerType.DECONVOLUTION)
+    last = max((i for i in range(network.num_layers) if network.get_layer(i).type in conv_types), default=-1)
+    skip = {trt.LayerType.CONSTANT, trt.LayerType.SHUFFLE, trt.LayerType.SHAPE}
+    n = 0
+    for i in range(last + 1, network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in skip:
+            continue
+        try:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                if layer.get_output(j).dtype in (trt.float32, trt.float16):
+                    layer.set_output_type(j, trt.float32)
+            n += 1
+        except Exception as e:  # a layer kind that takes no precision: leave it to the builder
+            log.debug("cannot pin %s to fp32: %s", layer.name, e)
+    return n
+
+
 def build_engine(onnx_path: Path, input_name: str, input_shape: tuple, *, fp16: bool, batch: tuple, workspace_mb: int,
                  timing_cache: str | Path | None = None, progress: bool = True):
     """Build and return (serialized engine bytes, builder flags list, build seconds)."""
@@ -86,6 +110,10 @@ def build_engine(onnx_path: Path, input_name: str, input_shape: tuple, *, fp16: 
             log.warning("this GPU has no fast FP16; building with the FP16 flag anyway")
         config.set_flag(trt.BuilderFlag.FP16)
         flags.append("FP16")
+        pinned = _pin_heads_fp32(trt, network)
+        if pinned:
+            config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+            flags.append(f"heads-fp32:{pinned}-layers")
     else:
         config.clear_flag(trt.BuilderFlag.TF32)  # an "FP32" engine computes in FP32, not TF32
         flags.append("no-TF32")

@@ -99,16 +99,15 @@ class TensorRTRunner(Runner):
 
     @classmethod
     def is_available(cls, bundle=None) -> tuple[bool, str]:
+        """TensorRT, torch+CUDA and a GPU are here. Whether one of the bundle's engines fits this machine is
+        decided when the runner is built (so ``rebuild=True`` can act on a mismatch): a mismatch raises
+        BackendUnavailable there, and ``make_runner("auto")`` falls back to ONNX Runtime with the reason."""
         try:
             env = runtime_environment()
         except BackendUnavailable as e:
             return False, str(e)
-        if bundle is not None:
-            if not bundle.engines:
-                return False, "bundle has no TensorRT engine (build one on this box: medqc export engine --bundle DIR)"
-            entry, reasons = select_engine(bundle.engines, env, _onnx_sha(bundle))
-            if entry is None:
-                return False, "no engine in the bundle matches this machine: " + " | ".join(reasons)
+        if bundle is not None and bundle.file("onnx") is None and not bundle.engines:
+            return False, "bundle has neither a TensorRT engine nor an ONNX model to build one from"
         return True, f"TensorRT {env['tensorrt']} on {env['gpu']} (sm {env['compute_capability']})"
 
     def __init__(self, bundle, rebuild: bool = False, precision: str | None = None, **opts):
@@ -120,15 +119,22 @@ class TensorRTRunner(Runner):
         entry, reasons = select_engine(bundle.engines, env, _onnx_sha(bundle), precision)
         if entry is None and rebuild:
             from medqc.bundle import load_bundle
-            from medqc.export.engine import build_engine_into_bundle
 
-            log.warning("no matching TensorRT engine (%s); rebuilding for %s", " | ".join(reasons) or "none built", env["gpu"])
-            build_engine_into_bundle(bundle, fp16=(precision != "fp32"), progress=False)
+            log.warning("no TensorRT engine in %s fits this machine (%s); building one for %s (%s), this takes minutes",
+                        bundle.root, " | ".join(reasons) or "none built yet", env["gpu"], "fp32" if precision == "fp32" else "fp16")
+            try:
+                from medqc.export.engine import build_engine_into_bundle
+
+                build_engine_into_bundle(bundle, fp16=(precision != "fp32"), progress=False)
+            except Exception as e:  # read-only bundle, parser/builder failure, parity gate: fall back, loudly
+                raise BackendUnavailable(f"tensorrt: rebuilding the engine failed: {type(e).__name__}: {e}") from e
             bundle = load_bundle(bundle.root)
             self.bundle = bundle
             entry, reasons = select_engine(bundle.engines, env, _onnx_sha(bundle), precision)
         if entry is None:
-            raise BackendUnavailable("no TensorRT engine in the bundle matches this machine: " + (" | ".join(reasons) or "the bundle has none"))
+            why = " | ".join(reasons) or "the bundle has none (build one on this box: medqc export engine --bundle DIR)"
+            log.warning("TensorRT engine not usable here, falling back: %s", why)
+            raise BackendUnavailable("no TensorRT engine in the bundle matches this machine: " + why)
         self.entry = entry
         self.trt, self.torch = trt, torch
         path = bundle.root / entry["path"]
