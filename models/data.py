@@ -102,16 +102,28 @@ class Cache:
         return len(self.y)
 
 
+def generator_fingerprint() -> str:
+    try:
+        import medqc.synth.training as tr
+
+        f = getattr(tr, "__file__", None)
+        return hashlib.sha256(Path(f).read_bytes()).hexdigest()[:12] if f else ""
+    except (ImportError, OSError):
+        return ""
+
+
 def cache_key(n: int, seed: int, params: PreprocessParams) -> str:
+    """Folder name for a cache: count, seed, preprocessing and the generator's declared version (if any).
+
+    The generator's source fingerprint is stored in ``done.json``; a cache made by other generator source
+    is still reused (generation is the expensive part) but with a warning — delete it to regenerate."""
     try:
         import medqc.synth.training as tr
 
         ver = getattr(tr, "__version__", None) or getattr(tr, "GENERATOR_VERSION", None) or ""
-        f = getattr(tr, "__file__", None)
-        src = Path(f).read_bytes() if f else b""
-    except (ImportError, OSError):
-        ver, src = "", b""
-    h = hashlib.sha256(json.dumps([n, seed, params.to_dict(), str(ver)], sort_keys=True).encode() + src).hexdigest()
+    except ImportError:
+        ver = ""
+    h = hashlib.sha256(json.dumps([n, seed, params.to_dict(), str(ver)], sort_keys=True).encode()).hexdigest()
     return f"n{n}-s{seed}-{h[:12]}"
 
 
@@ -132,6 +144,9 @@ def build_cache(root: Path, n: int, seed: int, params: PreprocessParams, workers
     root = Path(root)
     got = open_cache(root)
     if got is not None and len(got) == n:
+        fp = json.loads((root / "done.json").read_text()).get("generator", "")
+        if fp and fp != generator_fingerprint():
+            log.warning("cache %s was made by another version of the generator; delete it to regenerate", root)
         log.info("reusing cache %s (%d slices)", root, n)
         return got
     _sampler()  # fail early with a clear message
@@ -174,7 +189,8 @@ def build_cache(root: Path, n: int, seed: int, params: PreprocessParams, workers
     np.save(root / "y.npy", y)
     np.save(root / "pos.npy", pos)
     (root / "meta.json").write_text(json.dumps(metas))
-    (root / "done.json").write_text(json.dumps({"n": n, "seed": seed, "x_shape": list(shape), "preprocess": params.to_dict()}))
+    (root / "done.json").write_text(json.dumps({"n": n, "seed": seed, "x_shape": list(shape), "preprocess": params.to_dict(),
+                                              "generator": generator_fingerprint()}))
     del x
     return open_cache(root)
 

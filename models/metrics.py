@@ -65,7 +65,8 @@ def artifact_metrics(labels: list[str], y: np.ndarray, logits: np.ndarray, thres
     p = sigmoid(np.asarray(logits, dtype=np.float64))
     out = {}
     for k, name in enumerate(labels):
-        yk, pk = y[:, k] > 0.5, p[:, k]
+        ok = np.isfinite(y[:, k])  # NaN labels (faint, ambiguous severities) are not scored
+        yk, pk = y[ok, k] > 0.5, p[ok, k]
         thr_spec = threshold_at_specificity(yk, pk, spec)
         d = {
             "n_pos": int(yk.sum()),
@@ -84,7 +85,11 @@ def artifact_metrics(labels: list[str], y: np.ndarray, logits: np.ndarray, thres
 
 def choose_thresholds(labels: list[str], y: np.ndarray, logits: np.ndarray, specificity: float) -> dict[str, float]:
     p = sigmoid(np.asarray(logits, dtype=np.float64))
-    return {name: round(threshold_at_specificity(y[:, k] > 0.5, p[:, k], specificity), 6) for k, name in enumerate(labels)}
+    out = {}
+    for k, name in enumerate(labels):
+        ok = np.isfinite(y[:, k])
+        out[name] = round(threshold_at_specificity(y[ok, k] > 0.5, p[ok, k], specificity), 6)
+    return out
 
 
 def position_metrics(target_mm: np.ndarray, pred_mm: np.ndarray) -> dict:

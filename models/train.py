@@ -27,8 +27,15 @@ from medqc.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOLDOUT = ("patient_scale>1.12", "kernel=bone")
-POSITIVE_AT = 0.1  # an artifact severity at or above this is a positive label
+DEFAULT_HOLDOUT = ("patient.girth_lr>1.3", "fov_mm<200")
+POSITIVE_AT = 0.1  # an artifact severity at or above this is a positive label; 0 is negative; in between is ignored
+
+
+def labels_from_severity(sev: np.ndarray) -> np.ndarray:
+    """1 for severity >= POSITIVE_AT, 0 for severity 0 (absent), NaN for the faint band in between (not scored)."""
+    y = np.where(sev >= POSITIVE_AT, 1.0, 0.0).astype(np.float32)
+    y[(sev > 0) & (sev < POSITIVE_AT)] = np.nan
+    return y
 
 
 # --------------------------------------------------------------------------------------------- holdout rules
@@ -83,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--max-minutes", type=float, default=0.0, help="time budget for the optimisation; the schedule shrinks to fit (0: none)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="time budget for the whole run, data generation included; the training schedule shrinks to fit (0: none)")
     p.add_argument("--cache", default="data/train-cache", help="folder for the preprocessed float16 cache (reused when complete)")
     p.add_argument("--workers", type=int, default=2, help="generator processes (default 2)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (CUDA uses automatic mixed precision)")
@@ -157,7 +164,7 @@ def evaluate(model, cache, idx, device, thresholds=None, specificity=0.97, amp=F
     from medqc.models.metrics import artifact_metrics, position_metrics
 
     logits, pos = _predict(model, cache.x, idx, device, amp=amp)
-    y = (cache.y[idx] >= POSITIVE_AT).astype(np.float32)
+    y = labels_from_severity(cache.y[idx])
     m = {
         "n": int(len(idx)),
         "artifacts": artifact_metrics(list(ARTIFACTS), y, logits, thresholds, spec=0.95),
@@ -223,11 +230,13 @@ def train(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
-    y_all = (tr.y >= POSITIVE_AT).astype(np.float32)
+    y_all = labels_from_severity(tr.y)
+    w_all = np.isfinite(y_all).astype(np.float32)  # faint (ambiguous) severities do not train their class
+    y_all = np.nan_to_num(y_all, nan=0.0)
     pos_all = tr.pos.astype(np.float32)
-    prev = y_all[train_idx].mean(0)
+    prev = (y_all[train_idx] * w_all[train_idx]).sum(0) / np.maximum(w_all[train_idx].sum(0), 1)
     pos_weight = torch.tensor(np.clip((1 - prev) / np.maximum(prev, 1e-3), 1.0, 5.0), dtype=torch.float32, device=device)
-    bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="none")
     steps_per_epoch = max(1, len(train_idx) // args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     warmup = min(100, total_steps // 10 + 1)
@@ -262,13 +271,14 @@ def train(args) -> dict:
             if device.type == "cpu":
                 xt = xt.contiguous(memory_format=torch.channels_last)
             yt = torch.from_numpy(y_all[idx]).to(device)
+            wt = torch.from_numpy(w_all[idx]).to(device)
             pt = torch.from_numpy(pos_all[idx]).to(device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
                 logits, pos = model(xt)
             logits, pos = logits.float(), pos.float()[:, 0]
-            loss_a = bce(logits, yt)
+            loss_a = (bce(logits, yt) * wt).sum() / wt.sum().clamp(min=1.0)
             ok = torch.isfinite(pt)
             if bool(ok.any()):
                 loss_p = nn.functional.smooth_l1_loss(pos[ok] / 100.0, pt[ok] / 100.0, beta=0.5)
@@ -285,12 +295,13 @@ def train(args) -> dict:
             run_loss += float(loss.detach())
             run_n += 1
             if step % 10 == 0:
-                history.append({"step": step, "loss": run_loss / run_n, "loss_artifacts": float(loss_a), "loss_position": float(loss_p)})
+                history.append({"step": step, "loss": run_loss / run_n, "loss_artifacts": float(loss_a.detach()), "loss_position": float(loss_p.detach())})
                 bar.set_postfix(loss=f"{run_loss / run_n:.3f}")
             bar.update(1)
             if budget_s > 0 and step == 20:  # shrink the schedule to fit the time budget
                 per_step = (time.time() - t_opt) / 20
-                fit = int((budget_s - (time.time() - t_opt)) / per_step * 0.92) + step
+                left = budget_s - (time.time() - t_start) - 60.0 - 0.02 * per_step * total_steps  # final evaluation, export check
+                fit = int(left / per_step * 0.9) + step
                 if fit < total_steps:
                     log.info("time budget: %d of %d planned steps fit; shortening the schedule", fit, total_steps)
                     total_steps = max(step + 1, fit)
@@ -298,7 +309,7 @@ def train(args) -> dict:
                     stopped_early = True
         epoch += 1
         m, logits, _ = evaluate(model, va, val_idx, device, amp=amp)
-        thresholds = choose_thresholds(list(ARTIFACTS), (va.y[val_idx] >= POSITIVE_AT).astype(np.float32), logits, args.specificity)
+        thresholds = choose_thresholds(list(ARTIFACTS), labels_from_severity(va.y[val_idx]), logits, args.specificity)
         ep = {"epoch": epoch, "step": step, "train_loss": run_loss / max(1, run_n),
               "val_auroc": {k: v["auroc"] for k, v in m["artifacts"].items()},
               "val_position_median_abs_mm": m["position"].get("median_abs_mm")}

@@ -54,7 +54,7 @@ def test_tiny_training_run(tmp_path, capsys):
 
     out, cache, card = tmp_path / "run", tmp_path / "cache", tmp_path / "cards" / "tiny.md"
     argv = ["train", "--model", "qcnet-small", "--out", str(out), "--cache", str(cache), "--card", str(card),
-            "--n-train", "48", "--n-val", "32", "--epochs", "8", "--batch-size", "8", "--lr", "3e-3",
+            "--n-train", "32", "--n-val", "16", "--epochs", "8", "--batch-size", "8", "--lr", "3e-3",
             "--workers", "1", "--seed", "3", "--no-progress", "--holdout", "no_such_parameter>0"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
