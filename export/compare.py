@@ -176,7 +176,7 @@ def compare_outputs(
     return rep
 
 
-def _infer(runner, batch: np.ndarray, chunk: int) -> dict:
+def infer_batched(runner, batch: np.ndarray, chunk: int) -> dict:
     fn = runner.infer if hasattr(runner, "infer") else runner
     parts = [fn(batch[i : i + chunk]) for i in range(0, len(batch), chunk)]
     return {k: np.concatenate([np.asarray(p[k], np.float32) for p in parts]) for k in parts[0]}
@@ -196,8 +196,8 @@ class Comparator:
         self.chunk = chunk
 
     def compare(self, reference, candidate, batch: np.ndarray, *, name: str, reference_name: str = "", candidate_name: str = "", ref_outputs: dict | None = None) -> ParityReport:
-        ref = ref_outputs if ref_outputs is not None else _infer(reference, batch, self.chunk)
-        test = _infer(candidate, batch, self.chunk)
+        ref = ref_outputs if ref_outputs is not None else infer_batched(reference, batch, self.chunk)
+        test = infer_batched(candidate, batch, self.chunk)
         return compare_outputs(
             ref,
             test,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from medqc.bundle import load_bundle, sha256_file, write_manifest
 from medqc.errors import MedqcError
-from medqc.export.compare import Comparator, ExportError, ParityError, _infer
+from medqc.export.compare import Comparator, ExportError, ParityError, infer_batched
 from medqc.export.specs import FP16_TOL, FP32_TOL, SPECS
 from medqc.export.validation import validation_batch
 from medqc.runners.base import BackendUnavailable
@@ -203,7 +203,7 @@ def build_engine_into_bundle(bundle, *, fp16: bool = True, batch: tuple = (1, 8,
     batch_arr, source = validation_batch(pp, n=validation_n, seed=seed)
     try:
         with OrtRunner(bundle) as ref:
-            ref_out = _infer(ref, batch_arr, 16)
+            ref_out = infer_batched(ref, batch_arr, 16)
         with TensorRTRunner(probe) as trt_runner:
             rep = cmp.gate(None, trt_runner, batch_arr, name=f"tensorrt {precision} vs onnxruntime fp32",
                            reference_name="onnxruntime-fp32", candidate_name=f"tensorrt-{precision}", ref_outputs=ref_out)

@@ -393,9 +393,9 @@ def export_bundle(
         step("parity fp32")
         batch, source = validation_batch(params, n=validation_n, seed=seed, source=validation_source)
         ref_runner = TorchModuleRunner(model, spec.output_names)
-        from medqc.export.compare import _infer
+        from medqc.export.compare import infer_batched
 
-        ref = _infer(ref_runner, batch, 16)
+        ref = infer_batched(ref_runner, batch, 16)
         cmp32 = Comparator(spec.tol("fp32"), labels, thresholds, spec.min_agreement, spec.max_position_mm)
         gates["onnx"] = cmp32.gate(None, OnnxFileRunner(onnx_path, "onnxruntime-fp32"), batch, name="onnx fp32 vs torch",
                                    reference_name="torch-fp32", ref_outputs=ref)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 
-from medqc.export.compare import Comparator, _infer
+from medqc.export.compare import Comparator, infer_batched
 from medqc.export.specs import FP16_TOL, FP32_TOL, INT8_TOL, SPECS
 from medqc.export.validation import validation_batch
 
@@ -29,7 +29,7 @@ def check_bundle(bundle, n: int = 32, seed: int = 1234, backends=None) -> dict:
     min_agreement = spec.min_agreement if spec else 0.995
     batch, source = validation_batch(bundle.preprocess, n=n, seed=seed)
     with make_runner("onnxruntime", bundle) as ref:
-        ref_out = _infer(ref, batch, 16)
+        ref_out = infer_batched(ref, batch, 16)
     avail = available_backends(bundle)
     out = {"bundle": str(bundle.root), "validation": {"source": source, "n": n, "seed": seed}, "runners": {}, "ok": True}
     for name in backends or BACKENDS:
@@ -45,7 +45,7 @@ def check_bundle(bundle, n: int = 32, seed: int = 1234, backends=None) -> dict:
         with runner:
             tol, max_mm = tolerances_for(name, runner)
             cmp = Comparator(tol, bundle.labels, bundle.thresholds, min_agreement, max_mm)
-            _infer(runner, batch[:4], 4)  # warm-up
+            infer_batched(runner, batch[:4], 4)  # warm-up
             t0 = time.perf_counter()
             rep = cmp.compare(None, runner, batch, name=f"{name} vs onnxruntime fp32", reference_name="onnxruntime-fp32", ref_outputs=ref_out)
             ms = (time.perf_counter() - t0) * 1e3 / len(batch)

@@ -10,6 +10,7 @@ ghosting) mixed in. Deterministic for a given seed.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -108,7 +109,16 @@ def _hu_and_spacing(item):
 def validation_batch(params: PreprocessParams, n: int = 48, seed: int = 1234, source: str = "auto") -> tuple[np.ndarray, str]:
     """``(batch (n, C, S, S) float32, source name)``: synthetic CT preprocessed by :func:`preprocess`.
 
-    ``source``: "auto" (the training generator when present, else the phantom), "synth" or "phantom"."""
+    ``source``: "auto" (the training generator when present, else the phantom), "synth" or "phantom".
+    The same arguments give the same batch; recent batches are kept (the gates of one export share one)."""
+    if source not in ("auto", "synth", "phantom"):
+        raise ValueError(f"unknown validation source {source!r}; choose auto, synth or phantom")
+    batch, used = _cached_batch(params, int(n), int(seed), source)
+    return batch.copy(), used
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_batch(params: PreprocessParams, n: int, seed: int, source: str) -> tuple[np.ndarray, str]:
     if source not in ("auto", "synth", "phantom"):
         raise ValueError(f"unknown validation source {source!r}; choose auto, synth or phantom")
     slices = None
