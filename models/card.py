@@ -68,6 +68,9 @@ def render_card(m: dict) -> str:
         f"- ONNX Runtime CPU, {ort.get('threads', 2)} threads, batch {ort.get('batch', 16)}: "
         f"**{_f(ort.get('ms_per_slice'))} ms/slice** ({_f(ort.get('slices_per_s'), 0)} slices/s) on a {ort.get('cpu_count', '?')}-core machine"
         + (f" (error: {ort['error']})" if "error" in ort else "") + ".",
+        *[f"- Shipped `{k}` file, same settings: {_f(v.get('ms_per_slice'))} ms/slice ({_f(v.get('slices_per_s'), 0)} slices/s)."
+          for k, v in m.get("ort_cpu_shipped", {}).items()],
+        "- Timings were taken on the shared 2-core development machine while other work ran; treat them as upper bounds.",
         "",
         "## Training data",
         "",
@@ -75,8 +78,10 @@ def render_card(m: dict) -> str:
         f"- {m.get('n_train_generated')} slices generated, {m.get('n_train')} used for training after removing the",
         f"  held-out parameter ranges; validation: {m.get('n_val')} slices from held-out seeds, of which",
         f"  {m.get('n_val_heldout_params')} fall in held-out parameter ranges: `{'`, `'.join(m.get('holdout_rules', []))}`.",
-        f"- Labels: artifact positive when the generator's severity >= {m.get('positive_at_severity')}; position from the",
-        "  generator's reference body coordinate (slices without one do not train the position head).",
+        *([f"- Recipe (from the generator): {m['generator_doc']}"] if m.get("generator_doc") else []),
+        f"- Labels: artifact positive when the generator's severity >= {m.get('positive_at_severity')}, negative when it is 0;",
+        "  fainter severities are neither trained nor scored for that class. Position: the generator's reference",
+        "  body coordinate (slices without one do not train the position head).",
         "- Augmentation in training: random left-right mirroring.",
         f"- Training label prevalence: {', '.join(f'{k} {v:.2f}' for k, v in m.get('train_label_prevalence', {}).items())}.",
         "",

@@ -29,6 +29,30 @@ def export(checkpoint: Path, bundle: Path, int8: bool) -> dict:
     return {"rc": rc}
 
 
+def bench_file(path: Path, batch: int = 16, threads: int = 2, reps: int = 20) -> dict:
+    """ONNX Runtime CPU timing of a bundle file (``threads`` threads, batch ``batch``)."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    x = np.random.default_rng(0).uniform(-1, 1, (batch, 4, 256, 256)).astype(np.float32)
+    for _ in range(3):
+        s.run(None, {name: x})
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        s.run(None, {name: x})
+        times.append(time.perf_counter() - t)
+    ms = float(np.median(times)) / batch * 1e3
+    return {"ms_per_slice": round(ms, 3), "slices_per_s": round(1000 / ms, 1), "batch": batch, "threads": threads}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m medqc.models.ship")
     ap.add_argument("--run", required=True, help="training output folder (qcnet.pt, metrics.json)")
@@ -52,6 +76,11 @@ def main(argv=None) -> int:
 
     b = load_bundle(bundle)
     metrics["version"] = b.version
+    if not metrics.get("generator_doc"):
+        from medqc.models.train import _generator_doc
+
+        metrics["generator_doc"] = _generator_doc()
+    metrics["ort_cpu_shipped"] = {k: bench_file(bundle / v["path"]) for k, v in b.manifest["files"].items() if k in ("onnx", "onnx_int8")}
     metrics["real_ct"] = realct.evaluate(bundle)
     metrics["bundle_files"] = {k: {kk: vv for kk, vv in v.items() if kk in ("path", "sha256", "precision")} for k, v in b.manifest["files"].items()}
     sizes = {k: (bundle / v["path"]).stat().st_size for k, v in b.manifest["files"].items()}

@@ -355,6 +355,7 @@ def train(args) -> dict:
         "train_label_prevalence": {a: float(prev[k]) for k, a in enumerate(ARTIFACTS)},
         "data_summary": summarise_meta([tr.meta[i] for i in train_idx]),
         "heldout_summary": summarise_meta([va.meta[i] for i in np.flatnonzero(va_hold)]),
+        "generator_doc": _generator_doc(),
     }
     try:
         metrics["ort_cpu"] = bench_onnx(model_cpu, params)
@@ -372,6 +373,15 @@ def train(args) -> dict:
     log.info("done in %.0f s", time.time() - t_start)
     return {"checkpoint": ckpt_path, "metrics_path": metrics_path, "card_path": card_path, "metrics": metrics,
             "summary": {k: v["auroc"] for k, v in final["artifacts"].items()} | {"position_median_abs_mm": final["position"].get("median_abs_mm")}}
+
+
+def _generator_doc() -> str:
+    try:
+        import medqc.synth.training as tr
+
+        return " ".join((tr.__doc__ or "").split())
+    except ImportError:
+        return ""
 
 
 def clean_json(v):
