@@ -35,8 +35,8 @@ METAL_HU = 2500.0
 BONE_HU = 300.0
 SKULL_HU = 700.0
 LUNG_HU = (-950.0, -500.0)
-SOFT_HU = (-150.0, 250.0)
 NOISE_BLOCK = 8  # block edge on the subsampled grid (16 px at full resolution)
+SOFT_HU = (-100.0, 150.0)
 
 MEASURES = (
     "metal_area_mm2", "metal_max_hu", "noise_sd", "body_touches_fov", "body_center_offset_x_mm",
@@ -74,6 +74,12 @@ def _edge_geometry(h: int, w: int, band: int) -> tuple[np.ndarray, np.ndarray, n
         if len(_GEOM_CACHE) < 16:
             _GEOM_CACHE[key] = g
     return g
+
+
+def _ring(h: int, w: int, r_px: float, band: int) -> np.ndarray:
+    yy, xx = np.ogrid[0:h, 0:w]
+    r = np.hypot(yy - (h - 1) / 2.0, xx - (w - 1) / 2.0)
+    return (r >= r_px - band) & (r <= r_px + 0.5)
 
 
 def _patient_mask(mask: np.ndarray, central: np.ndarray) -> np.ndarray:
@@ -130,20 +136,27 @@ def _holes(body: np.ndarray) -> np.ndarray:
 
 
 def _robust_noise(sub: np.ndarray, valid: np.ndarray) -> float:
-    """Robust σ (HU) in homogeneous soft tissue: the 30th percentile of 8×8 block SDs (subsampled grid,
-    i.e. 16×16 px at full resolution) over blocks whose every pixel lies in soft tissue (-150..250 HU)."""
+    """Robust σ (HU, at the image's own pixel size) in homogeneous soft tissue.
+
+    8×8 blocks of the 2× subsampled grid (16×16 px at full resolution) whose mean is soft tissue
+    (-100..150 HU) and that hold no air, lung or bone (every pixel within -500..500 HU: selecting by the
+    mean, not by every pixel, keeps very noisy slices measurable). Blocks that straddle fat/muscle/organ
+    boundaries have inflated SDs, so the low end of the distribution is used: the 10th percentile of
+    block SDs, divided by 0.886 (the 10th percentile of a χ distribution with 63 degrees of freedom)."""
     b = NOISE_BLOCK
     h, w = (sub.shape[0] // b) * b, (sub.shape[1] // b) * b
     blocks = sub[:h, :w].reshape(h // b, b, w // b, b).swapaxes(1, 2).reshape(-1, b * b)
     vmask = valid[:h, :w].reshape(h // b, b, w // b, b).swapaxes(1, 2).reshape(-1, b * b)
     lo, hi = blocks.min(axis=1), blocks.max(axis=1)
-    ok = (lo >= SOFT_HU[0]) & (hi <= SOFT_HU[1]) & vmask.all(axis=1)
-    if ok.sum() < 6:
+    ok = (lo >= -500.0) & (hi <= 500.0) & vmask.all(axis=1)
+    if ok.sum() < 8:
         return float("nan")
-    sd = blocks[ok].std(axis=1)
-    # mixed tissue in a block inflates its SD; pure blocks form the low end of the distribution. The
-    # 30th percentile of a chi distribution with 63 d.o.f. sits at ~0.95 σ, hence the small correction.
-    return float(np.percentile(sd, 30) * 1.05)
+    cand = blocks[ok]
+    mean = cand.mean(axis=1)
+    cand = cand[(mean >= SOFT_HU[0]) & (mean <= SOFT_HU[1])]
+    if len(cand) < 8:
+        return float("nan")
+    return float(np.percentile(cand.std(axis=1), 10) / 0.886)
 
 
 def measure(hu: np.ndarray, info) -> dict[str, float]:
@@ -172,6 +185,11 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
     body = _patient_mask((sub > BODY_HU) & valid, central)
     # FOV edge: inscribed circle rim, plus the band next to explicit padding
     edge = edge_g
+    dcd = getattr(info, "data_collection_diameter", None)
+    if dcd and dcd > 0:  # the scan field (SFOV) inside the displayed field: its rim is an edge too
+        r_px = dcd / 2.0 / (step * math.sqrt(rmm * cmm))
+        if r_px < min(h, w) / 2.0 - band:
+            edge = edge | _ring(h, w, r_px, band)
     if pad.any():
         near_pad = pad.copy()
         near_pad[band:, :] |= pad[:-band, :]
@@ -179,6 +197,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         near_pad[:, band:] |= pad[:, :-band]
         near_pad[:, :-band] |= pad[:, band:]
         edge = (edge_g | near_pad) & valid
+    edge = edge & valid
     n_edge = int(np.count_nonzero(edge))
     out["body_touches_fov"] = float(np.count_nonzero(body & edge)) / n_edge if n_edge else nan
 

@@ -6,7 +6,7 @@ Where each landmark lies in this patient's z comes from two sources:
    of a 175 cm adult), fitted against slice z with a Theil–Sen line ``ref = a + b·z``. Patient z grows
    towards the head whatever the patient position, so ``b`` is negative and ``-1/b`` is the patient's
    size factor (clamped to 0.7–1.4); a positive slope means the anatomy runs against the coordinates;
-2. classical HU anatomy, which wins wherever it is unambiguous: aerated lung (≥ 2,500 mm² on ≥ 2
+2. classical HU anatomy, which wins wherever it is unambiguous: aerated lung (≥ 1,500 mm² on ≥ 2
    neighbouring slices) gives the lung apices and bases directly; a head cut through the skull on the top
    slice proves the vertex was missed.
 
@@ -22,7 +22,7 @@ import statistics
 from medqc.anatomy import LANDMARK_NAMES, LANDMARKS
 from medqc.agent.checks.common import finding, finite
 
-LUNG_PRESENT_MM2 = 2500.0
+LUNG_PRESENT_MM2 = 1500.0
 SCALE_RANGE = (0.7, 1.4)
 MIN_FIT_POINTS = 5
 
