@@ -120,7 +120,8 @@ def _run_onnx(args) -> int:
     summary["ok"] = True
     lines = [f"wrote bundle {summary['bundle']} ({name} {summary['version']}{'' if ck else ', UNTRAINED'})"]
     for k, g in summary["parity"].items():
-        lines.append(f"  parity {k:10s} PASS decisions {100 * g['decision_agreement']:.2f}%  position Δ {g['position_max_delta_mm']:.3f} mm")
+        note = f" ({g['borderline']} of {g['decisions']} at the threshold, not counted)" if g["borderline"] else ""
+        lines.append(f"  parity {k:10s} PASS decisions {100 * g['decision_agreement']:.2f}%{note}  position Δ {g['position_max_delta_mm']:.3f} mm")
     lines.append(f"  time {sum(summary['timings_s'].values()):.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in summary['timings_s'].items())})")
     _emit(args, summary, "\n".join(lines))
     return 0

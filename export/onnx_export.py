@@ -469,7 +469,8 @@ def export_bundle(
         "trained": bool(checkpoint),
         "files": files,
         "validation": {"source": source, "n": int(len(batch))},
-        "parity": {k: {"passed": r.passed, "decision_agreement": r.decision_agreement, "position_max_delta_mm": r.position_max_delta_mm,
+        "parity": {k: {"passed": r.passed, "decision_agreement": r.decision_agreement, "borderline": r.borderline,
+                       "decisions": r.n * len(labels), "position_max_delta_mm": r.position_max_delta_mm,
                        "max_abs": {o.name: o.max_abs for o in r.outputs}} for k, r in gates.items()},
         "timings_s": timings,
     }
