@@ -1,0 +1,81 @@
+"""Classical detectors and classical coverage on physics-simulated slices (projection → noise/metal/
+truncation → FBP → vendor display grid) from ``medqc.synth``: anatomy the detectors never saw in tuning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+synth = pytest.importorskip("medqc.synth.training", reason="medqc.synth needs its optional dependencies")
+
+from medqc import detectors as D  # noqa: E402
+from medqc.agent.records import SliceInfo, SliceResult  # noqa: E402
+from medqc.agent.series import SeriesTracker  # noqa: E402
+from medqc.anatomy import LANDMARKS  # noqa: E402
+from medqc.config import load_config  # noqa: E402
+from medqc.synth.phantom import add_implant, random_patient  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def patient():
+    return random_patient(np.random.default_rng(3), contrast=False, arms="up")
+
+
+def sim(p, r, seed=1, **kw):
+    spec = synth.SliceSpec(r=r, **kw)
+    hu, phys = synth.simulate_slice(p, spec, np.random.default_rng(seed))
+    ps = spec.fov_mm / spec.matrix
+    info = SliceInfo("1", "2", "3", "4", rows=spec.matrix, cols=spec.matrix, pixel_spacing=(ps, ps),
+                     data_collection_diameter=spec.sfov_mm)
+    return D.measure(hu, info), phys
+
+
+def test_lungs_skull_and_clean_body(patient):
+    chest, _ = sim(patient, 380, fov_mm=400)
+    neck, _ = sim(patient, 200, fov_mm=400)
+    pelvis, _ = sim(patient, 700, fov_mm=450)
+    head, _ = sim(patient, 40, fov_mm=240)
+    assert chest["lung_area_mm2"] > 10000
+    assert neck["lung_area_mm2"] < 1500 and pelvis["lung_area_mm2"] < 1500
+    assert head["skull_ring"] >= 0.9 and head["lung_area_mm2"] < 1500
+    for m in (chest, neck, pelvis, head):
+        p = D.fuse({"metal": 0.0, "truncation": 0.0, "noise": 0.0}, m)
+        assert p["metal"] < 0.5 and p["truncation"] < 0.5 and p["noise"] < 0.5, m
+
+
+def test_metal_truncation_and_noise_evidence():
+    p = random_patient(np.random.default_rng(11), contrast=False, arms="up")
+    add_implant(p, np.random.default_rng(5), 820.0, 0.9)  # hip prosthesis level
+    m, phys = sim(p, 820.0, fov_mm=450)
+    assert phys["metal_area_mm2"] > 0
+    assert m["metal_area_mm2"] > 40 and D.fuse({"metal": 0.0}, m)["metal"] >= 0.9
+    # the body is wider than a 260 mm scan field: the rim of the scan field (DataCollectionDiameter) is hit
+    p2 = random_patient(np.random.default_rng(12), contrast=False, arms="up")
+    t, phys = sim(p2, 600.0, fov_mm=500, sfov_mm=260.0)
+    assert phys["truncation_fraction"] > 0.1
+    assert D.fuse({"truncation": 0.0}, t)["truncation"] >= 0.5
+    lo, _ = sim(p2, 600.0, fov_mm=400, noise_sigma=6.0)
+    hi, _ = sim(p2, 600.0, fov_mm=400, noise_sigma=30.0)
+    assert hi["noise_sd"] > 1.5 * lo["noise_sd"]
+
+
+def test_chest_series_lungs_give_apex_and_base(patient):
+    """A chest series with no network positions at all: the classical lung extent alone decides coverage."""
+    s = patient.scale
+    z_vertex = 1500.0
+    # reference positions 200..540 mm (apex 255, base 490) at 20 mm steps, as patient z
+    refs = np.arange(200.0, 541.0, 20.0)
+    tr = SeriesTracker(load_config(), {})
+    for i, r in enumerate(refs):
+        m, _ = sim(patient, float(r), seed=i, fov_mm=400, matrix=256)
+        z = z_vertex - r * s
+        info = SliceInfo(f"9.{i}", "9", "8", "1.2.840.10008.5.1.4.1.1.2", instance_number=i + 1, position=(-200.0, -200.0, z),
+                         orientation=(1, 0, 0, 0, 1, 0), body_part="CHEST", pixel_spacing=(400 / 256,) * 2, ctdivol=6.0)
+        tr.add(SliceResult(info=info, measures=m))
+    st, _ = tr.complete("9", "idle")
+    assert st.coverage["start_source"] == "lungs" and st.coverage["end_source"] == "lungs"
+    apex_z = z_vertex - LANDMARKS["lung_apex"] * s
+    base_z = z_vertex - LANDMARKS["lung_base"] * s
+    assert st.coverage["start_z"] == pytest.approx(apex_z, abs=25 * s)  # within one 20 mm step
+    assert st.coverage["end_z"] == pytest.approx(base_z, abs=25 * s + 30)  # posterior recesses reach lower
+    assert not [f for f in st.findings.values() if f.check in ("coverage.top", "coverage.bottom")]
