@@ -46,9 +46,9 @@ def centering_findings(state, results, tol: float) -> list:
         return []
     parts = []
     if abs(my) > tol:
-        parts.append(f"{abs(my):.0f} mm too {'low (posterior)' if my > 0 else 'high (anterior)'}")
+        parts.append(f"{abs(my):.0f} mm too {'low' if my > 0 else 'high'}")
     if abs(mx) > tol:
-        parts.append(f"{abs(mx):.0f} mm to the patient's {'left' if mx > 0 else 'right'}")
+        parts.append(f"{abs(mx):.0f} mm to the image {'right' if mx > 0 else 'left'}")
     sev = "warning"
     return [finding(state, "centering.offset", sev,
                     f"Patient off isocentre: body centre {' and '.join(parts)} — adjust table height / centring "
