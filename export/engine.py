@@ -91,13 +91,24 @@ def _pin_heads_fp32(trt, network) -> int:
 
 
 def build_engine(onnx_path: Path, input_name: str, input_shape: tuple, *, fp16: bool, batch: tuple, workspace_mb: int,
-                 timing_cache: str | Path | None = None, progress: bool = True):
-    """Build and return (serialized engine bytes, builder flags list, build seconds)."""
+                 timing_cache: str | Path | None = None, progress: bool = True, fp16_onnx_path: Path | None = None):
+    """Build and return (serialized engine bytes, builder flags list, build seconds).
+
+    TensorRT releases without the weakly-typed FP16 builder flag build strongly typed networks only; there
+    an FP16 engine is built from the bundle's ``model.fp16.onnx`` (FP16 trunk, FP32 heads) instead."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    strongly_typed = fp16 and not hasattr(trt.BuilderFlag, "FP16")
+    if strongly_typed:
+        if fp16_onnx_path is None:
+            raise ExportError(f"TensorRT {trt.__version__} has no FP16 builder flag (strongly typed networks only) and the "
+                              "bundle has no model.fp16.onnx: re-export with 'medqc export onnx --fp16'")
+        onnx_path = fp16_onnx_path
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    else:
+        network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -105,16 +116,18 @@ def build_engine(onnx_path: Path, input_name: str, input_shape: tuple, *, fp16: 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
     flags = []
-    if fp16:
-        if not builder.platform_has_fast_fp16:
+    if strongly_typed:
+        flags.append(f"STRONGLY_TYPED:{Path(onnx_path).name}")
+    elif fp16:
+        if not getattr(builder, "platform_has_fast_fp16", True):  # deprecated in later TensorRT 10 releases
             log.warning("this GPU has no fast FP16; building with the FP16 flag anyway")
         config.set_flag(trt.BuilderFlag.FP16)
         flags.append("FP16")
         pinned = _pin_heads_fp32(trt, network)
-        if pinned:
+        if pinned and hasattr(trt.BuilderFlag, "PREFER_PRECISION_CONSTRAINTS"):
             config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
             flags.append(f"heads-fp32:{pinned}-layers")
-    else:
+    elif hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # an "FP32" engine computes in FP32, not TF32
         flags.append("no-TF32")
     profile = builder.create_optimization_profile()
@@ -169,12 +182,17 @@ def build_engine_into_bundle(bundle, *, fp16: bool = True, batch: tuple = (1, 8,
     from medqc.runners.tensorrt_runner import TensorRTRunner
 
     env = require_tensorrt()
+    if not os.access(bundle.root, os.W_OK):
+        raise MedqcError(f"cannot write an engine into {bundle.root} (read-only); copy the bundle to a writable folder "
+                         "and point [inference] bundle at it")
     onnx_path = bundle.verify("onnx")
+    fp16_onnx = bundle.verify("onnx_fp16") if bundle.file("onnx_fp16") is not None else None
     onnx_sha = bundle.manifest["files"]["onnx"].get("sha256") or sha256_file(onnx_path)
     input_name = next(iter(bundle.manifest.get("inputs", {"image": None})))
     pp = bundle.preprocess
     data, flags, build_s = build_engine(onnx_path, input_name, (pp.channels, pp.size, pp.size), fp16=fp16, batch=batch,
-                                        workspace_mb=workspace_mb, timing_cache=timing_cache, progress=progress)
+                                        workspace_mb=workspace_mb, timing_cache=timing_cache, progress=progress,
+                                        fp16_onnx_path=fp16_onnx)
     precision = "fp16" if fp16 else "fp32"
     rel = Path("engines") / f"{_slug(env['gpu'])}-sm{env['compute_capability'].replace('.', '')}-trt{env['tensorrt']}-{precision}.plan"
     path = bundle.root / rel

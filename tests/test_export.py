@@ -352,7 +352,8 @@ def test_python310_compatible_sources():
     import ast
 
     root = Path(__file__).resolve().parents[1]
-    files = list((root / "export").glob("*.py")) + [root / "medqc/runners/torch_runner.py", root / "medqc/runners/tensorrt_runner.py"]
+    files = list((root / "export").glob("*.py")) + [root / "medqc/runners/torch_runner.py", root / "medqc/runners/tensorrt_runner.py",
+                                                    root / "scripts/gpu-check"]
     for f in files:
         src = f.read_text()
         ast.parse(src, feature_version=(3, 10))
