@@ -113,9 +113,13 @@ class SeriesTracker:
                 st._errors.append(result)
                 self._put(st, self._undecodable(st), changed)
                 return changed
+            if geometry_checks.is_localizer(info):  # a scout stored into the axial series: kept, not analysed
+                return changed
+            if geometry_checks.is_localizer(st.first):  # the header facts come from the first axial slice
+                st.first = info
             z = slice_z(result, seq)
             bisect.insort(st._order, (z, seq))
-            if seq == 0 or len(st._order) == 1:
+            if len(st._order) == 1:
                 cfg = self.cfg.checks.geometry
                 for f in (geometry_checks.tilt_from_header(st, cfg.tilt_tolerance_deg), geometry_checks.orientation_first(st)):
                     if f is not None:

@@ -311,3 +311,25 @@ def test_real_tilted_philips_series(real_ct, folder, tilt):
                   "artifact.metal", "artifact.truncation", "artifact.noise", "noise.index", "dose.ctdivol"):
         assert clean not in found, (clean, st.findings)
     assert st.verdict == "warn"
+
+
+def test_noise_index_is_compared_at_5mm_slices():
+    res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, slice_thickness=1.25, series="1.2.3.71")
+    for r in res:
+        r.measures.update(noise_sd=30.0)  # 30 HU at 1.25 mm ≈ 15 HU at 5 mm: below the chest reference
+    st, _ = run(res)
+    assert by_check(st, "noise.index") is None
+    for r in res:
+        r.measures.update(noise_sd=44.0)  # ≈ 22 HU at 5 mm
+    st, _ = run(res)
+    assert by_check(st, "noise.index").details["noise_sd_hu"] == pytest.approx(22.0, abs=0.1)
+
+
+def test_localizer_inside_an_axial_series_is_not_analysed():
+    res = stack(series="1.2.3.62")
+    scout = SliceInfo("1.2.3.62.999", "1.2.3.62", "1.2.3", CT, instance_number=999, position=(-250.0, 0.0, 100.0),
+                      orientation=(1.0, 0.0, 0.0, 0.0, 0.0, -1.0), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    st, _ = run([res[0], SliceResult(info=scout)] + res[1:])
+    assert st.verdict == "pass" and not st.findings and len(st.results) == len(res) + 1
+    st, _ = run([SliceResult(info=scout)] + res)  # the scout arrives first
+    assert st.verdict == "pass" and not st.findings and st.first.sop_instance_uid == res[0].info.sop_instance_uid

@@ -5,7 +5,7 @@ Where each landmark lies in this patient's z comes from two sources:
 1. the network's per-slice position on the reference body scale (``position_ref_mm``, mm below the vertex
    of a 175 cm adult), fitted against slice z with a Theil–Sen line ``ref = a + b·z``. Patient z grows
    towards the head whatever the patient position, so ``b`` is negative and ``-1/b`` is the patient's
-   size factor (clamped to 0.7–1.4); a positive slope means the anatomy runs against the coordinates;
+   size factor (clamped to 0.45–1.4); a positive slope means the anatomy runs against the coordinates;
 2. classical HU anatomy, which wins wherever it is unambiguous: aerated lung (≥ 1,500 mm² on ≥ 2
    neighbouring slices) gives the lung apices and bases directly; a head cut through the skull on the top
    slice proves the vertex was missed.
@@ -23,7 +23,7 @@ from medqc.anatomy import LANDMARK_NAMES, LANDMARKS
 from medqc.agent.checks.common import finding, finite
 
 LUNG_PRESENT_MM2 = 1500.0
-SCALE_RANGE = (0.7, 1.4)
+SCALE_RANGE = (0.45, 1.4)  # a 80 cm child to a 245 cm adult
 MIN_FIT_POINTS = 5
 
 

@@ -5,17 +5,20 @@
 * centering.offset — the median (over slices) body centre off the reconstruction centre by more than
   ``checks.centering_tolerance_mm``. Vertical mis-centring changes the bow-tie filtration and the
   tube-current modulation, so it is named first;
-* noise.index — median soft-tissue σ over the series above the rule's reference (warning). Sharp kernels
+* noise.index — median soft-tissue σ over the series, scaled to 5 mm slices (σ·√(thickness/5)), above the
+  rule's reference (warning). Sharp kernels
   (bone, lung, edge, detail …) are skipped: their noise is high by design.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 
 from medqc.agent.checks.common import finding, finite
 
+REF_THICKNESS_MM = 5.0
 SHARP_KERNEL = re.compile(r"BONE|LUNG|SHARP|EDGE|DETAIL|ULTRA|HIGH ?RES|\b[A-Z]{1,2}[6-9]\d[A-Z]?\b|FC[5-9]\d", re.I)
 
 
@@ -64,8 +67,14 @@ def noise_findings(state, results, rule) -> list:
     kernel = state.first.convolution_kernel or ""
     if kernel and SHARP_KERNEL.search(kernel):
         return []
-    sds = [r.measures.get("noise_sd") for r in results if not r.error]
-    sds = [s for s in sds if finite(s)]
+    sds = []
+    for r in results:
+        sd = r.measures.get("noise_sd")
+        if r.error or not finite(sd):
+            continue
+        t = r.info.slice_thickness
+        # σ falls with the square root of the slice thickness: compare at the reference 5 mm
+        sds.append(sd * math.sqrt(t / REF_THICKNESS_MM) if finite(t) and t > 0 else sd)
     if len(sds) < 3:
         return []
     med = statistics.median(sds)
@@ -73,7 +82,7 @@ def noise_findings(state, results, rule) -> list:
     if med <= ref:
         return []
     return [finding(state, "noise.index", "warning",
-                    f"Image noise σ {med:.1f} HU in soft tissue is above the {rule.name} reference of {ref:.0f} HU "
+                    f"Image noise σ {med:.1f} HU in soft tissue (at 5 mm slices) is above the {rule.name} reference of {ref:.0f} HU "
                     f"— check mAs / noise index for this patient size, or use iterative reconstruction",
                     score=round(med, 2), details={"noise_sd_hu": round(med, 2), "reference_hu": ref, "slices": len(sds),
                                                   "kernel": kernel})]

@@ -44,9 +44,13 @@ def _hi(*results):
     return max(insts) if insts else None
 
 
+def is_localizer(info) -> bool:
+    return any(t.upper() == "LOCALIZER" for t in (info.image_type or ()))
+
+
 def stack(results):
     """Results with geometry (undecodable pixels included: their headers still place them), by ascending z."""
-    geo = [r for r in results if r.info.position is not None and r.info.orientation is not None]
+    geo = [r for r in results if r.info.position is not None and r.info.orientation is not None and not is_localizer(r.info)]
     return sorted(geo, key=lambda r: r.info.z)
 
 
