@@ -42,6 +42,11 @@ class TorchRunner(Runner):
         self.amp = bool(self.device.type == "cuda") if amp is None else bool(amp)
         if self.amp and self.device.type != "cuda":
             raise BackendUnavailable("torch: FP16 autocast needs a CUDA device")
+        if self.device.type == "cuda" and not self.amp:
+            # FP32 means FP32: cuDNN/cuBLAS would otherwise use TF32 (10-bit mantissa) on Ampere and later,
+            # which alone moves the position output by ~0.5 mm. Process-wide setting, as torch offers no other.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         path = bundle.verify("checkpoint")
         try:
             name, model, meta = load_checkpoint(path)
