@@ -837,7 +837,7 @@ def write_plot(result: dict, records: list[SendRecord], path: Path) -> None:
     series_ids = list(dict.fromkeys(r.series_uid for r in records))
     for k, uid in enumerate(series_ids):
         rs = [r for r in records if r.series_uid == uid]
-        ax2.scatter([r.sent_at - t0 for r in rs if r.ok], [k] * sum(r.ok for r in rs), s=4, marker="|")
+        ax2.scatter([r.sent_at - t0 for r in rs if r.ok], [k] * sum(r.ok for r in rs), s=4, marker="|", color="tab:blue")
         bad = [r.sent_at - t0 for r in rs if not r.ok]
         if bad:
             ax2.scatter(bad, [k] * len(bad), s=12, marker="x", color="red")

@@ -51,6 +51,8 @@ def test_quick_bench_runs_and_explains_every_section(tmp_path, tiny_bundle):
                 _check_section(f"inference:{b}", sec)
             # ONNX Runtime CPU is a runtime dependency: it must have run on the tiny bundle
             assert inf["onnxruntime"]["status"] == "ran"
+            dp = res["sections"]["decode_preprocess"]
+            assert dp["status"] == "ran" and dp["decode_ms_p50"] > 0 and dp["preprocess_ms_p50"] > 0
         else:
             _check_section(name, res["sections"][name])
     # the storescp ceiling needs only DCMTK, installed wherever the tests run
@@ -64,7 +66,7 @@ def test_quick_bench_runs_and_explains_every_section(tmp_path, tiny_bundle):
     assert (r.returncode == 1) == bool(failed or any(v.get("status") == "failed" for v in res["sections"]["inference"].values()))
     # the table: one row per section (and per backend), ratios to (a) where both ran
     keys = [row["key"] for row in res["table"]]
-    assert keys[0] == "a" and keys[-1] == "e" and keys.count("d") == len(res["sections"]["inference"])
+    assert keys[0] == "a" and keys[-1] == "e" and keys.count("d") == len(res["sections"]["inference"]) + ("decode_preprocess" in res["sections"])
     for row in res["table"]:
         if row["slices_per_s"] and res["sections"]["storescp"]["status"] == "ran":
             assert abs(row["x_storescp"] - row["slices_per_s"] / res["sections"]["storescp"]["slices_per_s"]) < 0.02 * row["x_storescp"] + 0.01
