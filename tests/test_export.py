@@ -358,3 +358,14 @@ def test_python310_compatible_sources():
         src = f.read_text()
         ast.parse(src, feature_version=(3, 10))
         assert "import tomllib" not in src and "typing import Self" not in src, f
+
+
+def test_simplify_keeps_parity(checkpoints, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["export", "onnx", "--checkpoint", str(checkpoints["qcnet-small"]), "--out", str(out), "--simplify", "--opset", "17",
+                 "--validation-slices", "16", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    b = load_bundle(out)
+    assert b.manifest["export"]["simplifier"] in ("onnxsim", "onnxruntime-basic") and s["parity"]["onnx"]["passed"]
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    assert {p.key for p in onnx.load(str(out / "model.onnx")).metadata_props} >= {"medqc.name", "medqc.preprocess", "medqc.thresholds"}
