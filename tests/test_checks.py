@@ -333,3 +333,26 @@ def test_localizer_inside_an_axial_series_is_not_analysed():
     assert st.verdict == "pass" and not st.findings and len(st.results) == len(res) + 1
     st, _ = run([SliceResult(info=scout)] + res)  # the scout arrives first
     assert st.verdict == "pass" and not st.findings and st.first.sop_instance_uid == res[0].info.sop_instance_uid
+
+
+def test_bowel_gas_is_not_lung():
+    """A gas-filled colon below the lungs (separate run) or a thin rim of lung at the edge is no proof."""
+    top, bottom = z_of("lung_apex") + 20, z_of("lung_base") - 40
+    res = body_stack(top, bottom, outliers=0.0)
+    base = z_of("lung_base")
+    for r in res:
+        z = r.info.z
+        a = 9000.0 if z_of("lung_apex") >= z >= base else 0.0
+        if base - 15 >= z >= base - 35:
+            a = 2500.0  # colon gas and stool, separated from the lungs by gas-free slices
+        r.measures["lung_area_mm2"] = a
+    st, _ = run(res)
+    assert st.coverage["end_source"] == "lungs" and st.coverage["end_z"] == pytest.approx(base, abs=3)
+    assert by_check(st, "coverage.bottom") is None
+    # the scan ends 5 mm above the base where only a thin rim of lung is left: the network decides
+    res = body_stack(top, base + 5, outliers=0.0, series="1.2.3.52")
+    for r in res:
+        r.measures["lung_area_mm2"] = 9000.0 if r.info.z >= base + 30 else 2000.0
+    st, _ = run(res)
+    assert st.coverage["end_source"] == "network"
+    assert by_check(st, "coverage.bottom") is None  # 5 mm short is within the 10 mm tolerance

@@ -7,8 +7,9 @@ Where each landmark lies in this patient's z comes from two sources:
    towards the head whatever the patient position, so ``b`` is negative and ``-1/b`` is the patient's
    size factor (clamped to 0.45–1.4); a positive slope means the anatomy runs against the coordinates;
 2. classical HU anatomy, which wins wherever it is unambiguous: aerated lung (≥ 1,500 mm² on ≥ 2
-   neighbouring slices) gives the lung apices and bases directly; a head cut through the skull on the top
-   slice proves the vertex was missed.
+   neighbouring slices, the run around the largest lung section) gives the lung apices and bases
+   directly; ≥ 4,000 mm² on the first (last) two slices proves the scan started (ended) inside the
+   lungs; a head cut through the skull on the top slice proves the vertex was missed.
 
 Missing distance = how far the required landmark lies beyond the scanned range (patient mm), reported
 when it exceeds the rule's tolerance. Overscan = scanned length beyond the required range; reported when
@@ -23,6 +24,7 @@ from medqc.anatomy import LANDMARK_NAMES, LANDMARKS
 from medqc.agent.checks.common import finding, finite
 
 LUNG_PRESENT_MM2 = 1500.0
+LUNG_PROOF_MM2 = 4000.0
 SCALE_RANGE = (0.45, 1.4)  # a 80 cm child to a 245 cm adult
 MIN_FIT_POINTS = 5
 
@@ -71,19 +73,33 @@ def landmark_z_from_fit(fit: dict, name: str) -> float:
 
 
 def lung_extent(ordered) -> dict:
-    """Classical lung landmarks from per-slice lung area (ascending-z ``ordered``)."""
+    """Classical lung landmarks from per-slice lung area (ascending-z ``ordered``).
+
+    Lungs = the contiguous run of slices with aerated lung (≥ LUNG_PRESENT_MM2 on the slice and a
+    neighbour) that holds the slice with the most lung; runs elsewhere (bowel gas, stool) are ignored.
+    The scan is *proven* to start (end) inside the lungs only when its edge slice and that slice's
+    neighbour hold ≥ LUNG_PROOF_MM2 — a gas-filled colon at the splenic flexure does not, lungs 2–3 cm
+    from the apex or base do."""
     pres = [(z, r.measures.get("lung_area_mm2")) for z, r in ordered if not r.error and finite(r.measures.get("lung_area_mm2"))]
     if len(pres) < 3:
         return {}
-    flags = [a >= LUNG_PRESENT_MM2 for _, a in pres]
-    # present = lung on this slice and on a neighbour (single-slice gas pockets do not count)
+    areas = [a for _, a in pres]
+    flags = [a >= LUNG_PRESENT_MM2 for a in areas]
     conf = [f and ((i > 0 and flags[i - 1]) or (i + 1 < len(flags) and flags[i + 1])) for i, f in enumerate(flags)]
     if not any(conf):
         return {"lungs_seen": False}
-    zs = [z for (z, _), c in zip(pres, conf) if c]
-    out = {"lungs_seen": True, "lung_top_z": max(zs), "lung_bottom_z": min(zs)}
-    out["top_cut"] = conf[-1]  # the highest slice is already in the lungs: apices above the scan
-    out["bottom_cut"] = conf[0]  # the lowest slice is still in the lungs: bases below the scan
+    peak = max((i for i in range(len(conf)) if conf[i]), key=lambda i: areas[i])
+    lo = hi = peak
+    while lo > 0 and conf[lo - 1]:
+        lo -= 1
+    while hi + 1 < len(conf) and conf[hi + 1]:
+        hi += 1
+    out = {"lungs_seen": True, "lung_top_z": pres[hi][0], "lung_bottom_z": pres[lo][0], "peak_lung_mm2": round(areas[peak], 1)}
+    n = len(pres)
+    out["top_cut"] = hi == n - 1 and min(areas[-2:]) >= LUNG_PROOF_MM2  # apices above the scan
+    out["bottom_cut"] = lo == 0 and min(areas[:2]) >= LUNG_PROOF_MM2  # bases below the scan
+    out["top_open"] = hi == n - 1  # lungs reach the edge, but not provably: the network decides
+    out["bottom_open"] = lo == 0
     return out
 
 
@@ -111,17 +127,19 @@ def locate(ordered, rule) -> dict:
     lungs = lung_extent(ordered)
     loc["lungs"] = lungs
     zmax, zmin = ordered[-1][0], ordered[0][0]
-    for role, landmark, key, cut_key, inside in (("start", "lung_apex", "lung_top_z", "top_cut", zmax),
-                                                  ("end", "lung_base", "lung_bottom_z", "bottom_cut", zmin)):
+    for role, landmark, key, cut_key, open_key in (("start", "lung_apex", "lung_top_z", "top_cut", "top_open"),
+                                                    ("end", "lung_base", "lung_bottom_z", "bottom_cut", "bottom_open")):
         if getattr(rule, role) != landmark or not lungs.get("lungs_seen"):
             continue
+        prev = loc.get(role)
+        beyond = prev is not None and ((role == "start" and prev["z"] > zmax) or (role == "end" and prev["z"] < zmin))
         if lungs.get(cut_key):
-            prev = loc.get(role)
-            beyond = prev and ((role == "start" and prev["z"] > zmax) or (role == "end" and prev["z"] < zmin))
             if not beyond:  # the network thinks it is covered, the lungs say it is not: trust the lungs
                 loc[role] = {"z": None, "source": "lungs (cut)"}
             else:
                 loc[role] = dict(prev, source="network, lungs cut")
+        elif lungs.get(open_key):
+            pass  # lungs reach the edge of the scan with little area: not a proof either way
         else:
             loc[role] = {"z": lungs[key], "source": "lungs"}
     if rule.start == "vertex":
