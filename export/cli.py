@@ -61,16 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--batch", type=_batch_range, default=(1, 8, 32), metavar="MIN:OPT:MAX", help="optimisation profile (default 1:8:32)")
     e.add_argument("--workspace", type=_positive, default=1024, metavar="MB", help="builder workspace limit in MiB (default 1024)")
     e.add_argument("--timing-cache", metavar="PATH", help="timing cache file: read when present, written after the build")
-    e.add_argument("--validation-slices", type=_positive, default=48)
-    e.add_argument("--seed", type=int, default=1234)
+    e.add_argument("--validation-slices", type=_positive, default=48, help="synthetic CT slices in the GPU parity batch (default 48)")
+    e.add_argument("--seed", type=int, default=1234, help="seed of the parity batch")
     e.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     e.set_defaults(_export=_run_engine)
 
     c = sub.add_parser("check", help="list the runners available for a bundle here and gate each against FP32 ONNX Runtime")
     c.add_argument("--bundle", help="bundle folder (default: the embedded default bundle)")
-    c.add_argument("--validation-slices", type=_positive, default=32)
-    c.add_argument("--seed", type=int, default=1234)
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--validation-slices", type=_positive, default=32, help="synthetic CT slices in the parity batch (default 32)")
+    c.add_argument("--seed", type=int, default=1234, help="seed of the parity batch")
+    c.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     c.set_defaults(_export=_run_check)
 
 

@@ -210,11 +210,17 @@ def test_unknown_model_and_missing_checkpoint_name_the_choices(tmp_path, checkpo
     assert capsys.readouterr().out.split() == ["qcnet", "qcnet-small"]
 
 
-def test_existing_bundle_needs_force(qc_bundle, checkpoints, capsys):
+def test_existing_bundle_needs_force(qc_bundle, checkpoints, tmp_path, capsys):
     before = (qc_bundle / "manifest.json").read_text()
     assert main(["export", "onnx", "--checkpoint", str(checkpoints["qcnet"]), "--out", str(qc_bundle)]) == 2
     assert "--force" in capsys.readouterr().err
     assert (qc_bundle / "manifest.json").read_text() == before
+    out = tmp_path / "f"
+    out.mkdir()
+    (out / "stale.onnx").write_bytes(b"old")
+    assert main(["export", "onnx", "--checkpoint", str(checkpoints["qcnet-small"]), "--out", str(out), "--force", "--validation-slices", "8"]) == 0
+    assert not (out / "stale.onnx").exists() and load_bundle(out).name == "qcnet-small"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # no partial or old copies left beside it
 
 
 class Branchy(torch.nn.Module):
