@@ -210,6 +210,11 @@ class SeriesTracker:
             return
         cov = self.cfg.checks.coverage
         rule = st.rule
+        landmark = rule.start if ends == ("top",) else rule.end
+        if landmark in ("lung_apex", "lung_base"):
+            lungs = coverage_checks.lung_extent(ordered)
+            if lungs and not lungs.get("lungs_seen"):
+                return  # lung-free slices at this end: the lungs are still ahead, wait for them
         tol = rule.tolerance_mm if rule.tolerance_mm is not None else cov.tolerance_mm
         fs, _ = coverage_checks.coverage_findings(st, ordered, rule, tol, cov.overscan_margin_mm, None, ends=ends, overscan=False)
         for f in fs:

@@ -356,3 +356,19 @@ def test_bowel_gas_is_not_lung():
     st, _ = run(res)
     assert st.coverage["end_source"] == "network"
     assert by_check(st, "coverage.bottom") is None  # 5 mm short is within the 10 mm tolerance
+
+
+def test_lungs_anchor_the_network_fit_for_far_landmarks():
+    """CAP: the network reads 60 mm too low everywhere; the lungs (seen whole) re-anchor the fit, so the
+    pubic symphysis — far from any lung — is placed right and no overscan is invented."""
+    top, bottom = z_of("lung_apex") + 20, z_of("pubic_symphysis") - 10
+    res = body_stack(top, bottom, body_part="CAP", bias=60.0, lung=(z_of("lung_apex"), z_of("lung_base")))
+    st, _ = run(res)
+    assert st.protocol_rule == "chest-abdomen-pelvis"
+    assert st.coverage["fit"]["anchored_on_lungs"] == pytest.approx(-60, abs=8)
+    assert st.coverage["end_z"] == pytest.approx(z_of("pubic_symphysis"), abs=10)
+    assert not [f for f in st.findings.values() if f.check.startswith("coverage")]
+    # the same series without classical lungs: the bias shows as a bottom overscan (the network alone)
+    res = body_stack(top, bottom, body_part="CAP", bias=60.0, series="1.2.3.53")
+    st, _ = run(res)
+    assert by_check(st, "coverage.overscan") is not None

@@ -103,6 +103,32 @@ def lung_extent(ordered) -> dict:
     return out
 
 
+ANCHOR_MIN_MM = 15.0
+
+
+def anchor_on_lungs(fit: dict, lungs: dict) -> dict:
+    """Re-anchor the network fit on the lungs where they were seen whole at an end: with both apex and
+    base, slope and offset come from them; with one, the offset moves when the network is > 15 mm off."""
+    pts = []
+    if lungs.get("lungs_seen") and not lungs.get("top_open"):
+        pts.append((lungs["lung_top_z"], LANDMARKS["lung_apex"]))
+    if lungs.get("lungs_seen") and not lungs.get("bottom_open"):
+        pts.append((lungs["lung_bottom_z"], LANDMARKS["lung_base"]))
+    if not pts:
+        return fit
+    a, b = fit["a"], fit["b"]
+    if len(pts) == 2 and abs(pts[0][0] - pts[1][0]) > 50.0:
+        (z1, r1), (z2, r2) = pts
+        b2 = (r2 - r1) / (z2 - z1)
+        if b2 < 0 and SCALE_RANGE[0] <= -1.0 / b2 <= SCALE_RANGE[1]:
+            b = b2
+    delta = statistics.median([r - (a + b * z) for z, r in pts])
+    if abs(delta) <= ANCHOR_MIN_MM and b == fit["b"]:
+        return fit
+    out = dict(fit, a=a + delta, b=b, scale=-1.0 / b, anchored_on_lungs=round(delta, 1))
+    return out
+
+
 def head_top(ordered) -> dict:
     top = [r for _, r in ordered if not r.error][-3:]
     if not top:
@@ -119,13 +145,15 @@ def head_top(ordered) -> dict:
 def locate(ordered, rule) -> dict:
     """Patient z of the rule's start and end landmarks, and how each was found."""
     fit = fit_position(ordered)
-    loc: dict = {"fit": fit}
+    lungs = lung_extent(ordered)
+    if fit is not None:
+        fit = anchor_on_lungs(fit, lungs)
+    loc: dict = {"fit": fit, "lungs": lungs}
     for role in ("start", "end"):
         name = getattr(rule, role)
         if fit is not None:
-            loc[role] = {"z": landmark_z_from_fit(fit, name), "source": "network"}
-    lungs = lung_extent(ordered)
-    loc["lungs"] = lungs
+            src = "network" + (" anchored on lungs" if fit.get("anchored_on_lungs") else "")
+            loc[role] = {"z": landmark_z_from_fit(fit, name), "source": src}
     zmax, zmin = ordered[-1][0], ordered[0][0]
     for role, landmark, key, cut_key, open_key in (("start", "lung_apex", "lung_top_z", "top_cut", "top_open"),
                                                     ("end", "lung_base", "lung_bottom_z", "bottom_cut", "bottom_open")):
