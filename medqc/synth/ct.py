@@ -6,10 +6,11 @@ left is +x) and ``y = i - (n-1)/2`` (rows, posterior is +y). The detector has ``
 pixel pitch centred on the rotation axis; views cover ``[0, π)`` (rebinned parallel geometry, as
 third-generation scanners reconstruct after fan-to-parallel rebinning).
 
-The projector is ray driven (bilinear samples at one-pixel steps along each ray) and may move the object
+The projector is ray driven (Joseph's method: one sample per image row or column along each ray, linear
+interpolation across) and may move the object
 per view (patient motion during the rotation). The back-projector is pixel driven with linear detector
-interpolation. Both are compiled with numba when it is installed (about 20× faster than the numpy
-fallback, which gives the same numbers).
+interpolation. Both are compiled with numba when it is installed; without numba a vectorised numpy
+fallback (bilinear steps for the projector) gives numerically close results, many times slower.
 
 Physical units: the image holds linear attenuation μ in 1/mm; ``project`` returns line integrals
 (dimensionless, μ·mm) when given the pixel size; ``fbp`` inverts that.
@@ -57,35 +58,44 @@ class Geometry:
 # ---------------------------------------------------------------------------------------------- kernels
 @_njit
 def _project_kernel(img, us_x, us_y, ut_x, ut_y, b_x, b_y, n_det, out):
+    """Joseph's method: step one row (or column) at a time along each ray, interpolate linearly across."""
     n = img.shape[0]
     c0 = (n - 1) * 0.5
     d0 = (n_det - 1) * 0.5
     r = n * 0.5
     for v in range(us_x.shape[0]):
+        vert = abs(ut_y[v]) >= abs(ut_x[v])
         for d in range(n_det):
             s = d - d0
             if abs(s) >= r:
                 out[v, d] = 0.0
                 continue
-            half = math.sqrt(r * r - s * s)
-            nt = int(half) + 1
+            # ray: p(t) = s·us + t·ut + b (object pixel units, centred), t along the ray
+            px0 = s * us_x[v] + b_x[v] + c0
+            py0 = s * us_y[v] + b_y[v] + c0
             acc = 0.0
-            bx = s * us_x[v] + b_x[v] + c0
-            by = s * us_y[v] + b_y[v] + c0
-            for k in range(-nt, nt + 1):
-                t = float(k)
-                x = bx + t * ut_x[v]
-                y = by + t * ut_y[v]
-                if x < 0.0 or y < 0.0 or x >= n - 1 or y >= n - 1:
-                    continue
-                ix = int(x)
-                iy = int(y)
-                fx = x - ix
-                fy = y - iy
-                a = img[iy, ix] * (1.0 - fx) + img[iy, ix + 1] * fx
-                b = img[iy + 1, ix] * (1.0 - fx) + img[iy + 1, ix + 1] * fx
-                acc += a * (1.0 - fy) + b * fy
-            out[v, d] = acc
+            if vert:
+                inv = 1.0 / ut_y[v]
+                for i in range(n):
+                    t = (i - py0) * inv
+                    x = px0 + t * ut_x[v]
+                    if x < 0.0 or x >= n - 1:
+                        continue
+                    ix = int(x)
+                    fx = x - ix
+                    acc += img[i, ix] * (1.0 - fx) + img[i, ix + 1] * fx
+                out[v, d] = acc * abs(inv)
+            else:
+                inv = 1.0 / ut_x[v]
+                for j in range(n):
+                    t = (j - px0) * inv
+                    y = py0 + t * ut_y[v]
+                    if y < 0.0 or y >= n - 1:
+                        continue
+                    iy = int(y)
+                    fy = y - iy
+                    acc += img[iy, j] * (1.0 - fy) + img[iy + 1, j] * fy
+                out[v, d] = acc * abs(inv)
 
 
 @_njit
@@ -131,6 +141,39 @@ def _backproject_multi_kernel(q, cos_t, sin_t, n, out):
                     out[ch, i, j] += q[ch, v, k] * (1.0 - f) + q[ch, v, k + 1] * f
 
 
+@_njit
+def _backproject_grid_kernel(q, cos_t, sin_t, x0, y0, pitch, ny, nx, out):
+    """Back-project onto an arbitrary square-pixel grid: pixel (i, j) sits at (x0 + j·pitch, y0 + i·pitch)
+    in detector-pitch units relative to the rotation axis."""
+    n_views = q.shape[0]
+    n_det = q.shape[1]
+    d0 = (n_det - 1) * 0.5
+    for v in range(n_views):
+        c = cos_t[v]
+        s_ = sin_t[v]
+        dj = pitch * c
+        for i in range(ny):
+            s = x0 * c + (y0 + i * pitch) * s_ + d0
+            for j in range(nx):
+                if s >= 0.0 and s < n_det - 1:
+                    k = int(s)
+                    f = s - k
+                    out[i, j] += q[v, k] * (1.0 - f) + q[v, k + 1] * f
+                s += dj
+
+
+def _backproject_grid_numpy(q, cos_t, sin_t, x0, y0, pitch, ny, nx, out):
+    n_det = q.shape[1]
+    xs = x0 + np.arange(nx) * pitch
+    ys = y0 + np.arange(ny) * pitch
+    for v in range(q.shape[0]):
+        s = xs[None, :] * cos_t[v] + ys[:, None] * sin_t[v] + (n_det - 1) * 0.5
+        ok = (s >= 0) & (s < n_det - 1)
+        k = np.where(ok, s, 0).astype(np.int64)
+        f = s - k
+        out += np.where(ok, q[v, k] * (1 - f) + q[v, np.minimum(k + 1, n_det - 1)] * f, 0)
+
+
 def _project_numpy(img, us_x, us_y, ut_x, ut_y, b_x, b_y, n_det, out):  # same maths, vectorised per view
     n = img.shape[0]
     c0 = (n - 1) * 0.5
@@ -163,6 +206,7 @@ def _backproject_numpy(q, cos_t, sin_t, n, out):
 
 
 _project = _project_kernel if numba is not None else _project_numpy
+_backproject_grid = _backproject_grid_kernel if numba is not None else _backproject_grid_numpy
 _backproject = _backproject_kernel if numba is not None else _backproject_numpy
 
 
@@ -247,6 +291,14 @@ def backproject(q: np.ndarray, geo: Geometry) -> np.ndarray:
         out = np.zeros((q.shape[0], geo.n, geo.n), np.float64)
         for c in range(q.shape[0]):
             _backproject_numpy(q[c], np.cos(th), np.sin(th), geo.n, out[c])
+    return out * (math.pi / geo.n_views)
+
+
+def backproject_grid(q: np.ndarray, geo: Geometry, x0: float, y0: float, pitch: float, ny: int, nx: int) -> np.ndarray:
+    """Back-project a filtered sinogram onto a grid given in detector-pitch units (see the kernel)."""
+    th = geo.angles
+    out = np.zeros((ny, nx), np.float64)
+    _backproject_grid(np.ascontiguousarray(q, dtype=np.float64), np.cos(th), np.sin(th), float(x0), float(y0), float(pitch), int(ny), int(nx), out)
     return out * (math.pi / geo.n_views)
 
 

@@ -181,17 +181,30 @@ class _Canvas:
         self.hu = np.full(X.shape, HU["air"], np.float32)
         self.metal = np.zeros(X.shape, np.float32)  # μ/μ_water of metal
         self.table = np.zeros(X.shape, bool)
+        # the grid is regular (meshgrid): rows share Y, columns share X
+        self._xs = np.ascontiguousarray(X[0, :]) if X.ndim == 2 and X.shape[0] else np.zeros(0)
+        self._ys = np.ascontiguousarray(Y[:, 0]) if Y.ndim == 2 and Y.shape[0] else np.zeros(0)
 
     def ell(self, cx, cy, a, b, angle=0.0, p=2.0):
+        """Mask of an ellipse (superellipse for p != 2), evaluated only inside its bounding box."""
+        out = np.zeros(self.X.shape, bool)
         if a <= 0 or b <= 0:
-            return np.zeros(self.X.shape, bool)
-        dx, dy = self.X - cx, self.Y - cy
+            return out
+        R = max(a, b) * (1.0 if p >= 2.0 else 1.5)
+        i0, i1 = np.searchsorted(self._ys, [cy - R, cy + R])
+        j0, j1 = np.searchsorted(self._xs, [cx - R, cx + R])
+        if i1 <= i0 or j1 <= j0:
+            return out
+        dx = self.X[i0:i1, j0:j1] - cx
+        dy = self.Y[i0:i1, j0:j1] - cy
         if angle:
             c, s = math.cos(angle), math.sin(angle)
             dx, dy = c * dx + s * dy, -s * dx + c * dy
         if p == 2.0:
-            return (dx / a) ** 2 + (dy / b) ** 2 <= 1.0
-        return np.abs(dx / a) ** p + np.abs(dy / b) ** p <= 1.0
+            out[i0:i1, j0:j1] = (dx / a) ** 2 + (dy / b) ** 2 <= 1.0
+        else:
+            out[i0:i1, j0:j1] = np.abs(dx / a) ** p + np.abs(dy / b) ** p <= 1.0
+        return out
 
     def paint(self, mask, value):
         self.hu[mask] = value

@@ -18,12 +18,27 @@ import numpy as np
 from medqc import ARTIFACTS
 from medqc.anatomy import BODY_SCALE_MAX, LANDMARKS
 from medqc.synth import ct
-from medqc.synth.phantom import Patient, add_implant, random_patient, rasterize
+from medqc.synth.phantom import Patient, _Canvas, add_implant, random_patient, rasterize
 
 SIM_N = 256  # simulation grid (pixels); physical pixel = extent / SIM_N
-NOISE_CLEAN_MAX = 14.0  # HU σ at 2 mm (the network's view) below which noise is not an artifact
-NOISE_ARTIFACT_MIN = 20.0  # σ at 2 mm from which noise is labelled excessive
-NOISE_GROSS = 60.0
+TRAIN_RECON_MAX = 320  # training slices are reconstructed at most at 320² and interpolated to the display matrix
+# Noise σ (HU) measured at 2 mm pixels (the network's view) at the body centre. Brain imaging needs far
+# less noise than body imaging, so the head has its own scale: (clean at most, excessive from, gross at)
+NOISE_LEVELS = {"head": (5.0, 8.0, 30.0), "body": (14.0, 20.0, 60.0)}
+NOISE_CLEAN_MAX = NOISE_LEVELS["body"][0]
+NOISE_ARTIFACT_MIN = NOISE_LEVELS["body"][1]
+NOISE_GROSS = NOISE_LEVELS["body"][2]
+HEAD_NOISE_BELOW_REF_MM = LANDMARKS["c2"]  # slices above C2 are judged on the brain scale
+
+
+def noise_scale(r: float) -> tuple[float, float, float]:
+    return NOISE_LEVELS["head" if r < HEAD_NOISE_BELOW_REF_MM else "body"]
+
+
+def noise_target(r: float, severity: float) -> float:
+    """σ at 2 mm for a requested noise severity (0 = a clean dose)."""
+    clean, art, gross = noise_scale(r)
+    return art + 1.0 + (gross - art) * severity
 
 
 @dataclass
@@ -55,100 +70,165 @@ class SliceSpec:
     ring: float = 0.0  # ring severity 0..1
     metal: float = 0.0  # (already placed implants are in the patient)
     truncation_extended: bool = False  # show the extended (beyond SFOV) reconstruction instead of padding
+    tilt_deg: float = 0.0  # gantry tilt: the slice plane is tilted about the x axis
+    tilt_z_scale: float = 1.0  # patient size factor (converts the plane's z offsets to reference mm)
 
 
-def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-    """Simulate one slice. Returns (HU on the display grid, measured physics dict)."""
-    # simulation extent: must hold the whole object (table included) and the display field
-    extent = max(spec.fov_mm * (1.42 if spec.padding is None else 1.0) + 2 * max(abs(spec.center[0]), abs(spec.center[1])), 300.0 if spec.r < 240 else 540.0)
+def rasterize_plane(p: Patient, spec: SliceSpec, X: np.ndarray, Y: np.ndarray):
+    """Rasterise the slice plane; a tilted plane crosses the body obliquely (z varies along the rows),
+    approximated by bands of rows a few millimetres apart in z."""
+    t = math.radians(spec.tilt_deg)
+    if abs(t) < 1e-6:
+        return rasterize(p, spec.r, X, Y)
+    ys = Y[:, 0]
+    dz = np.abs(ys * math.sin(t)) / spec.tilt_z_scale
+    n_bands = int(min(48, max(3, math.ceil(dz.max() / 2.0) * 2 + 1)))
+    edges = np.linspace(ys.min(), ys.max() + 1e-6, n_bands + 1)
+    cv = _Canvas(X, Y)
+    for b in range(n_bands):
+        rows = (ys >= edges[b]) & (ys < edges[b + 1])
+        if not rows.any():
+            continue
+        yc = 0.5 * (edges[b] + edges[b + 1])
+        rb = spec.r - yc * math.sin(t) / spec.tilt_z_scale
+        part = rasterize(p, rb, X[rows], Y[rows] * math.cos(t))
+        cv.hu[rows] = part.hu
+        cv.metal[rows] = part.metal
+        cv.table[rows] = part.table
+    return cv
+
+
+def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_offsets: np.ndarray | None = None,
+                   recon_max: int | None = None) -> tuple[np.ndarray, dict]:
+    """Simulate one slice. Returns (HU on the display grid, measured physics dict).
+
+    The object is rasterised on a simulation grid just large enough to hold it (table and arms included),
+    projected with ``spec.n_views`` views onto a detector of the same pitch, corrupted in the projection
+    domain and reconstructed by FBP directly onto the display grid (``recon_max`` caps the reconstructed
+    matrix; a smaller reconstruction is then interpolated up to the display matrix).
+
+    ``ring_offsets``: fixed per-channel log offsets (a detector fault shared by a series); else random."""
     n = spec.sim_n
+    # 1. extent: the smallest centred circle that holds the object
+    cn = 96
+    cc = (np.arange(cn) - (cn - 1) / 2) * (700.0 / cn)
+    CX, CY = np.meshgrid(cc, cc)
+    coarse = rasterize_plane(p, spec, CX, CY)
+    obj = coarse.hu > -950
+    rmax = float(np.sqrt(CX[obj] ** 2 + CY[obj] ** 2).max()) + 700.0 / cn * 1.5 if obj.any() else 100.0
+    extent = float(np.clip(2 * rmax + 16.0, 160.0, 700.0))
     px = extent / n
     c = (np.arange(n) - (n - 1) / 2) * px
     X, Y = np.meshgrid(c, c)
-    cv = rasterize(p, spec.r, X, Y)
+    cv = rasterize_plane(p, spec, X, Y)
     inside = X**2 + Y**2 < (extent / 2 - px) ** 2
     hu = np.where(inside, cv.hu, -1000.0)
     mu_w = ct.mu_water(spec.kvp)
     mu = np.maximum(mu_w * (1.0 + hu / 1000.0), 0.0)
     metal = cv.metal * inside
-    if metal.any():
+    has_metal = bool(metal.any())
+    if has_metal:
         mu = np.where(metal > 0, 0.0, mu)
     geo = ct.Geometry(n, spec.n_views, n)
+    # 2. patient motion during the rotation (a pose per view)
     motion = None
     if spec.motion_mm > 0:
         t = np.linspace(0.0, 1.0, spec.n_views)
         amp = spec.motion_mm / px
-        if spec.motion_kind == "shift":  # a jerk: the patient moves part-way through the rotation
-            t0 = rng.uniform(0.2, 0.7)
-            w = rng.uniform(0.05, 0.25)
+        if spec.motion_kind == "shift":  # a jerk part-way through the rotation
+            t0 = rng.uniform(0.25, 0.75)
+            w = rng.uniform(0.05, 0.3)
             prof = 1.0 / (1.0 + np.exp(-(t - t0) / (w / 6)))
             ang = rng.uniform(0, 2 * math.pi)
-            motion = np.stack([amp * math.cos(ang) * prof, amp * math.sin(ang) * prof, np.zeros_like(t)], 1)
-        else:  # breathing / tremor: smooth oscillation, mostly antero-posterior, plus a little rotation
-            f = rng.uniform(0.5, 2.0)
+            rot = np.radians(rng.uniform(-1.0, 1.0) * spec.motion_mm * 0.15)
+            motion = np.stack([amp * math.cos(ang) * prof, amp * math.sin(ang) * prof, rot * prof], 1)
+        else:  # breathing / cardiac / tremor: a smooth oscillation, mostly antero-posterior
+            f = rng.uniform(0.4, 1.2)
             ph = rng.uniform(0, 2 * math.pi)
             osc = np.sin(2 * math.pi * f * t + ph)
-            motion = np.stack([0.3 * amp * osc, amp * osc, np.radians(spec.motion_mm * 0.2) * osc], 1)
+            motion = np.stack([0.25 * amp * osc, amp * osc, np.radians(spec.motion_mm * 0.1) * osc], 1)
     sino = ct.project(mu, geo, px, motion)
-    pm = None
-    if metal.any():
-        pm_lin = ct.project(metal * mu_w, geo, px, motion)
-        pm = ct.beam_hardening(pm_lin, 0.035)
-        sino = sino + pm
-    # dose: choose I0 so that the noise σ at 2 mm in water-like tissue meets the target (calibrated
-    # below by measuring the reconstructed noise); photon starvation uses the resulting I0
-    i0_guess = 2.0e5 * (8.0 / max(spec.noise_sigma, 0.5)) ** 2
+    # 3. dose: a reference I0, rescaled below so the measured noise meets the target
+    i0_guess = 4.0e5 * (6.0 / max(spec.noise_sigma, 0.5)) ** 2 * (px / 1.0)
     bt = ct.bowtie(n, px)[None, :]
-    if pm is not None:  # photon starvation: counts clipped at the electronic noise floor → biased, noisy rays
+    if has_metal:  # beam hardening of the metal path, then photon starvation behind it
+        pm = ct.beam_hardening(ct.project(metal * mu_w, geo, px, motion), 0.035)
+        sino = sino + pm
         lam = i0_guess * bt * np.exp(-sino)
-        floor = 6.0
-        starved = lam < floor
-        sino = np.where(starved, -np.log(np.maximum(lam, 0) * 0 + floor / (i0_guess * bt)), sino)
+        floor = 4.0
+        sino = np.where(lam < floor, np.log(i0_guess * bt / floor) + 0.0 * sino, sino)
     noise = ct.gaussian_noise_sino(sino, i0_guess, px, rng)
-    ring_sino = np.zeros_like(sino)
+    ring_sino = None
     if spec.ring > 0:
-        amp = 0.004 + 0.05 * spec.ring**1.5
-        ring_sino = np.broadcast_to(ct.ring_gains(n, rng, int(rng.integers(1, 5)), amp)[None, :], sino.shape).copy()
-    trunc_frac = 0.0
+        offs = ring_offsets if ring_offsets is not None else ct.ring_gains(n, rng, int(rng.integers(1, 5)), 0.004 + 0.05 * spec.ring**1.5)
+        ring_sino = np.broadcast_to(offs[None, :], sino.shape)
+    # 4. truncation: channels beyond the scan field are missing
     sfov_r = spec.sfov_mm / 2 / px
     body = (cv.hu > -500) & ~cv.table & inside
+    trunc_frac = 0.0
+    det_s = np.abs(np.arange(n) - (n - 1) / 2)[None, :]
     if sfov_r < n / 2 - 1:
         rr = np.sqrt(X**2 + Y**2)
-        outside = body & (rr > spec.sfov_mm / 2)
-        trunc_frac = float(outside.sum() / max(body.sum(), 1))
+        trunc_frac = float((body & (rr > spec.sfov_mm / 2)).sum() / max(body.sum(), 1))
         sino = ct.truncate(sino, sfov_r)
-        noise = np.where(np.abs(np.arange(n) - (n - 1) / 2)[None, :] <= sfov_r, noise, 0.0)
-        ring_sino = np.where(np.abs(np.arange(n) - (n - 1) / 2)[None, :] <= sfov_r, ring_sino, 0.0)
-    q = np.stack([ct.ramp_filter(x, px, spec.kernel) for x in (sino, noise, ring_sino)])
-    rec = ct.backproject(q, geo) / px
-    to_hu = 1000.0 / mu_w
-    img = (rec[0] - mu_w) * to_hu
-    noise_img = rec[1] * to_hu
-    ring_img = rec[2] * to_hu
-    # measure noise σ at 2 mm (area average) inside soft tissue and scale to the target
-    sig = _sigma_2mm(noise_img, body & (np.abs(cv.hu) < 200), px)
+        noise = np.where(det_s <= sfov_r, noise, 0.0)
+        if ring_sino is not None:
+            ring_sino = np.where(det_s <= sfov_r, ring_sino, 0.0)
+    # 5. measure noise (σ at 2 mm: area-averaged, in a patch at the body centre) and ring contrast
+    q_noise = ct.ramp_filter(noise, px, spec.kernel)
+    if body.any():
+        bx, by = float(X[body].mean()), float(Y[body].mean())
+    else:
+        bx, by = 0.0, 0.0
+    f2 = max(1, int(round(2.0 / px)))
+    g = 32 * f2
+    patch = ct.backproject_grid(q_noise, geo, bx / px - g / 2, by / px - g / 2, 1.0, g, g) / px * (1000.0 / mu_w)
+    sig = float(patch.reshape(32, f2, 32, f2).mean((1, 3)).std())
     k = spec.noise_sigma / sig if sig > 0 else 1.0
-    img = img + k * noise_img + ring_img
-    ring_amp = float(np.percentile(np.abs(ring_img[body]), 99.5)) if (spec.ring > 0 and body.any()) else 0.0
-    # display grid
-    out = _resample(img, px, spec)
+    ring_amp = 0.0
+    q = ct.ramp_filter(sino, px, spec.kernel) + k * q_noise
+    if ring_sino is not None:
+        q_ring = ct.ramp_filter(np.ascontiguousarray(ring_sino), px, spec.kernel)
+        rad = ct.backproject_grid(q_ring, geo, 0.0, 0.0, 1.0, 1, int(n / 2 * 0.95)) / px * (1000.0 / mu_w)
+        prof = rad[0]
+        prof = prof[: (prof.size // f2) * f2].reshape(-1, f2).mean(1)
+        ring_amp = float(np.abs(prof).max())
+        q = q + q_ring
+    # 6. FBP onto the display grid
     M = spec.matrix
+    Mr = M if recon_max is None else min(M, recon_max)
+    dpx_r = spec.fov_mm / Mr
+    x0 = (spec.center[0] - (Mr - 1) / 2 * dpx_r) / px
+    y0 = (spec.center[1] - (Mr - 1) / 2 * dpx_r) / px
+    rec = ct.backproject_grid(q, geo, x0, y0, dpx_r / px, Mr, Mr) / px
+    img = (rec - mu_w) * (1000.0 / mu_w)
+    if Mr != M:
+        import cv2
+
+        img = cv2.resize(img.astype(np.float32), (M, M), interpolation=cv2.INTER_LINEAR)
     dpx = spec.fov_mm / M
     dc = (np.arange(M) - (M - 1) / 2) * dpx
     DX, DY = np.meshgrid(dc + spec.center[0], dc + spec.center[1])
-    recon_r = min(spec.fov_mm / 2, spec.sfov_mm / 2 if not spec.truncation_extended else 1e9)
+    # beyond the detector the reconstruction has no data: air with a little noise, as scanners show
+    outside_det = DX**2 + DY**2 > (n / 2 - 1) ** 2 * px * px
+    if outside_det.any():
+        img = np.where(outside_det, -1000.0 + rng.normal(0, max(2.0, spec.noise_sigma), img.shape), img)
+    recon_r = spec.fov_mm / 2
     circle = (DX - spec.center[0]) ** 2 + (DY - spec.center[1]) ** 2 <= recon_r**2
-    outside_sim = DX**2 + DY**2 > (extent / 2 - px) ** 2
-    out = np.where(outside_sim, -1000.0 + rng.normal(0, 3, out.shape), out)
+    if not spec.truncation_extended:
+        circle &= DX**2 + DY**2 <= (spec.sfov_mm / 2) ** 2
     if spec.padding is not None:
-        out = np.where(circle, out, spec.padding)
-    elif spec.sfov_mm / 2 < spec.fov_mm / 2 * 1.42 and not spec.truncation_extended:
-        out = np.where(DX**2 + DY**2 <= (spec.sfov_mm / 2) ** 2, out, -1000.0)
-    out = np.clip(out, -1024.0 if spec.padding is None else min(-1024.0, spec.padding), 3071.0).astype(np.float32)
+        img = np.where(circle, img, spec.padding)
+        lo = min(-1024.0, spec.padding)
+    else:
+        img = np.where(circle | spec.truncation_extended, img, -1000.0 + rng.normal(0, 2.0, img.shape))
+        lo = -1024.0
+    img = np.clip(img, lo, 3071.0).astype(np.float32)
     metal_area = float((metal > 0).sum() * px * px)
     metal_dens = float(metal[metal > 0].mean()) if metal_area else 0.0
     phys = {
         "sim_pixel_mm": px,
+        "sim_extent_mm": extent,
         "noise_sigma_2mm": float(sig * k),
         "i0": float(i0_guess / k**2),
         "ring_amplitude_hu": ring_amp,
@@ -156,34 +236,7 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator) -> tup
         "metal_area_mm2": metal_area,
         "metal_density": metal_dens,
     }
-    return out, phys
-
-
-def _sigma_2mm(noise_img: np.ndarray, mask: np.ndarray, px: float) -> float:
-    f = max(1, int(round(2.0 / px)))
-    if f > 1:
-        h = (noise_img.shape[0] // f) * f
-        a = noise_img[:h, :h].reshape(h // f, f, h // f, f).mean((1, 3))
-        m = mask[:h, :h].reshape(h // f, f, h // f, f).all((1, 3))
-    else:
-        a, m = noise_img, mask
-    if m.sum() < 20:
-        m = np.ones_like(m)
-    return float(a[m].std())
-
-
-def _resample(img: np.ndarray, px: float, spec: SliceSpec) -> np.ndarray:
-    import cv2
-
-    n = img.shape[0]
-    M = spec.matrix
-    dpx = spec.fov_mm / M
-    # display pixel (j, i) → sim pixel coordinates
-    sx = dpx / px
-    ox = ((-(M - 1) / 2) * dpx + spec.center[0]) / px + (n - 1) / 2
-    oy = ((-(M - 1) / 2) * dpx + spec.center[1]) / px + (n - 1) / 2
-    A = np.array([[sx, 0, ox], [0, sx, oy]], np.float64)
-    return cv2.warpAffine(img.astype(np.float32), A, (M, M), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT, borderValue=-1000.0)
+    return img, phys
 
 
 # ------------------------------------------------------------------------------------------ severities
@@ -194,10 +247,11 @@ def metal_severity(area_mm2: float, density: float) -> float:
     return float(np.clip((math.log10(x) - 1.3) / 2.6, 0.05, 1.0))
 
 
-def noise_severity(sigma_2mm: float) -> float:
-    if sigma_2mm < NOISE_ARTIFACT_MIN:
+def noise_severity(sigma_2mm: float, r: float = 500.0) -> float:
+    _, art, gross = noise_scale(r)
+    if sigma_2mm < art:
         return 0.0
-    return float(np.clip(0.1 + 0.9 * (sigma_2mm - NOISE_ARTIFACT_MIN) / (NOISE_GROSS - NOISE_ARTIFACT_MIN), 0.1, 1.0))
+    return float(np.clip(0.1 + 0.9 * (sigma_2mm - art) / (gross - art), 0.1, 1.0))
 
 
 def ring_severity(amp_hu: float) -> float:
@@ -212,10 +266,17 @@ def truncation_severity(frac: float) -> float:
     return float(np.clip(frac / 0.15, 0.05, 1.0))
 
 
+MOTION_MM = (1.0, 13.0)  # amplitude for severity 0+ .. 1
+
+
+def motion_amplitude(severity: float) -> float:
+    return MOTION_MM[0] + (MOTION_MM[1] - MOTION_MM[0]) * severity
+
+
 def motion_severity(mm: float) -> float:
-    if mm < 1.0:
+    if mm < 0.75:
         return 0.0
-    return float(np.clip((mm - 1.0) / 19.0, 0.05, 1.0))
+    return float(np.clip((mm - MOTION_MM[0]) / (MOTION_MM[1] - MOTION_MM[0]), 0.05, 1.0))
 
 
 # ------------------------------------------------------------------------------------------ the sampler
@@ -241,7 +302,7 @@ def _random_spec(rng: np.random.Generator, r: float, p: Patient) -> SliceSpec:
         center=(float(rng.normal(0, 8)), float(rng.normal(0, 12) if not head else rng.normal(0, 8))),
         kernel=kernel,
         kvp=float(rng.choice([80.0, 100.0, 120.0, 120.0, 120.0, 140.0])),
-        noise_sigma=float(np.exp(rng.uniform(math.log(2.0), math.log(NOISE_CLEAN_MAX)))),
+        noise_sigma=float(np.exp(rng.uniform(math.log(noise_scale(r)[0] / 6.0), math.log(noise_scale(r)[0])))),
         sfov_mm=500.0,
         padding=PADDINGS[int(rng.integers(len(PADDINGS)))],
         n_views=256,
@@ -275,22 +336,22 @@ def _one(rng: np.random.Generator, artifact_rate: float, seed: int, index: int) 
     if "metal" in chosen:
         add_implant(p, rng, r, chosen["metal"])
     if "motion" in chosen:
-        spec.motion_mm = 1.5 + 18.0 * chosen["motion"]
+        spec.motion_mm = motion_amplitude(chosen["motion"])
         spec.motion_kind = "shift" if rng.random() < 0.6 else "oscillate"
     if "ring" in chosen:
         spec.ring = chosen["ring"]
     if "noise" in chosen:
-        spec.noise_sigma = NOISE_ARTIFACT_MIN + 2 + (NOISE_GROSS - NOISE_ARTIFACT_MIN) * chosen["noise"]
+        spec.noise_sigma = noise_target(r, chosen["noise"])
     if "truncation" in chosen:
         # the patient is larger than the scan field: a small SFOV (head mode) or a big patient
         width = _body_width(p, r)
         spec.sfov_mm = float(max(150.0, width * (1.0 - 0.04 - 0.3 * chosen["truncation"])))
         spec.fov_mm = float(min(spec.fov_mm, spec.sfov_mm) if rng.random() < 0.6 else max(spec.fov_mm, spec.sfov_mm))
         spec.truncation_extended = bool(rng.random() < 0.5)
-    hu, phys = simulate_slice(p, spec, rng)
+    hu, phys = simulate_slice(p, spec, rng, recon_max=TRAIN_RECON_MAX)
     arts = {k: 0.0 for k in ARTIFACTS}
     arts["metal"] = metal_severity(phys["metal_area_mm2"], phys["metal_density"])
-    arts["noise"] = noise_severity(phys["noise_sigma_2mm"])
+    arts["noise"] = noise_severity(phys["noise_sigma_2mm"], r)
     arts["ring"] = ring_severity(phys["ring_amplitude_hu"])
     arts["truncation"] = truncation_severity(phys["truncation_fraction"])
     arts["motion"] = motion_severity(spec.motion_mm)
