@@ -79,3 +79,23 @@ def test_chest_series_lungs_give_apex_and_base(patient):
     assert st.coverage["start_z"] == pytest.approx(apex_z, abs=25 * s)  # within one 20 mm step
     assert st.coverage["end_z"] == pytest.approx(base_z, abs=25 * s + 30)  # posterior recesses reach lower
     assert not [f for f in st.findings.values() if f.check in ("coverage.top", "coverage.bottom")]
+
+
+@pytest.mark.parametrize("r_top,cut", [(30.0, True), (-10.0, False)])
+def test_head_series_vertex_from_the_skull(patient, r_top, cut):
+    """Head protocol, no network positions: a top slice through the skull proves the vertex was missed;
+    a top slice above the head proves nothing is missing (and raises nothing)."""
+    s = patient.scale
+    tr = SeriesTracker(load_config(), {})
+    for i, r in enumerate(np.arange(r_top, r_top + 121.0, 30.0)):
+        m, _ = sim(patient, float(r), seed=i, fov_mm=240, matrix=256)
+        info = SliceInfo(f"7.{i}", "7", "8", "1.2.840.10008.5.1.4.1.1.2", instance_number=i + 1,
+                         position=(-120.0, -120.0, 1500.0 - r * s), orientation=(1, 0, 0, 0, 1, 0), body_part="HEAD",
+                         pixel_spacing=(240 / 256,) * 2)
+        tr.add(SliceResult(info=info, measures=m))
+    st, _ = tr.complete("7", "idle")
+    top = [f for f in st.findings.values() if f.check == "coverage.top"]
+    if cut:
+        assert top and top[0].severity == "critical" and "skull" in top[0].message
+    else:
+        assert not top
