@@ -333,10 +333,12 @@ def export_bundle(
     """Export ``model`` into a complete bundle at ``out_dir``. Returns the JSON-able summary.
 
     Raises :class:`~medqc.export.compare.ParityError` (bundle not written) when a gate fails."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        from medqc.errors import UsageError
+    from medqc.errors import UsageError
 
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file; give a folder for the bundle")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UsageError(f"{out_dir} exists and is not empty; pass --force to replace it")
     params = _params(meta)
     labels = tuple(meta.get("labels") or ARTIFACTS)
