@@ -365,10 +365,23 @@ def test_lungs_anchor_the_network_fit_for_far_landmarks():
     res = body_stack(top, bottom, body_part="CAP", bias=60.0, lung=(z_of("lung_apex"), z_of("lung_base")))
     st, _ = run(res)
     assert st.protocol_rule == "chest-abdomen-pelvis"
-    assert st.coverage["fit"]["anchored_on_lungs"] == pytest.approx(-60, abs=8)
+    assert st.coverage["fit"]["anchored_on_anatomy"] == pytest.approx(-60, abs=8)
     assert st.coverage["end_z"] == pytest.approx(z_of("pubic_symphysis"), abs=10)
     assert not [f for f in st.findings.values() if f.check.startswith("coverage")]
     # the same series without classical lungs: the bias shows as a bottom overscan (the network alone)
     res = body_stack(top, bottom, body_part="CAP", bias=60.0, series="1.2.3.53")
     st, _ = run(res)
     assert by_check(st, "coverage.overscan") is not None
+
+
+def test_iliac_crest_needs_one_clear_transition():
+    from medqc.agent.checks.coverage import iliac_crest
+
+    def series(pattern):
+        return [(float(-i * 10), SliceResult(info=SliceInfo(str(i), "s", "t", CT), measures={"lateral_bone_mm2": v}))
+                for i, v in enumerate(pattern)][::-1]  # ascending z
+
+    ribs, gap, wings = 900.0, 20.0, 1500.0
+    assert iliac_crest(series([ribs, ribs, gap, gap, gap, wings, wings, wings])) == {"iliac_crest_z": -50.0}
+    assert iliac_crest(series([gap, gap, wings, wings, gap, gap, wings, wings])) == {}  # ambiguous
+    assert iliac_crest(series([ribs, ribs, ribs, wings, wings])) == {}  # no lumbar gap: no proof

@@ -99,3 +99,22 @@ def test_head_series_vertex_from_the_skull(patient, r_top, cut):
         assert top and top[0].severity == "critical" and "skull" in top[0].message
     else:
         assert not top
+
+
+def test_abdomen_series_iliac_crest_from_the_iliac_wings(patient):
+    """Abdomen protocol (liver dome → iliac crests), no network positions: the iliac wings place the
+    crest; the scan runs ~95 mm further down, which is reported as overscan."""
+    s = patient.scale
+    tr = SeriesTracker(load_config(), {})
+    for i, r in enumerate(np.arange(520.0, 761.0, 20.0)):
+        m, _ = sim(patient, float(r), seed=i, fov_mm=450, matrix=256)
+        info = SliceInfo(f"6.{i}", "6", "8", "1.2.840.10008.5.1.4.1.1.2", instance_number=i + 1,
+                         position=(-225.0, -225.0, 1500.0 - r * s), orientation=(1, 0, 0, 0, 1, 0),
+                         body_part="ABDOMEN", pixel_spacing=(450 / 256,) * 2, ctdivol=10.0)
+        tr.add(SliceResult(info=info, measures=m))
+    st, _ = tr.complete("6", "idle")
+    assert st.coverage["end_source"] == "iliac wings"
+    assert st.coverage["end_z"] == pytest.approx(1500.0 - LANDMARKS["iliac_crest"] * s, abs=25 * s)
+    over = [f for f in st.findings.values() if f.check == "coverage.overscan"]
+    assert over and over[0].details["extra_mm"]["bottom"] == pytest.approx((760 - LANDMARKS["iliac_crest"]) * s, abs=25 * s)
+    assert not [f for f in st.findings.values() if f.check == "coverage.bottom"]

@@ -9,7 +9,8 @@ Where each landmark lies in this patient's z comes from two sources:
 2. classical HU anatomy, which wins wherever it is unambiguous: aerated lung (≥ 1,500 mm² on ≥ 2
    neighbouring slices, the run around the largest lung section) gives the lung apices and bases
    directly; ≥ 4,000 mm² on the first (last) two slices proves the scan started (ended) inside the
-   lungs; a head cut through the skull on the top slice proves the vertex was missed.
+   lungs; a head cut through the skull on the top slice proves the vertex was missed; the iliac crests
+   are where bone returns to the lateral thirds of the body below the lumbar gap (iliac wings).
 
 Missing distance = how far the required landmark lies beyond the scanned range (patient mm), reported
 when it exceeds the rule's tolerance. Overscan = scanned length beyond the required range; reported when
@@ -104,18 +105,44 @@ def lung_extent(ordered) -> dict:
 
 
 ANCHOR_MIN_MM = 15.0
+LATERAL_NONE_MM2 = 150.0
+LATERAL_BONE_MM2 = 600.0
 
 
-def anchor_on_lungs(fit: dict, lungs: dict) -> dict:
-    """Re-anchor the network fit on the lungs where they were seen whole at an end: with both apex and
-    base, slope and offset come from them; with one, the offset moves when the network is > 15 mm off."""
+def iliac_crest(ordered) -> dict:
+    """Classical iliac crests: going down the body, bone in the lateral thirds of the body section
+    disappears below the lowest ribs (the lumbar gap: < 150 mm² on ≥ 2 slices) and returns with the iliac
+    wings (≥ 600 mm² on ≥ 2 slices). The first slice of the wings is the crest. Only an unambiguous single
+    transition below the lungs counts."""
+    rows = [(z, r.measures.get("lateral_bone_mm2"), r.measures.get("lung_area_mm2")) for z, r in ordered
+            if not r.error and finite(r.measures.get("lateral_bone_mm2"))]
+    rows.sort(key=lambda t: -t[0])  # top → bottom
+    hits = []
+    for i in range(2, len(rows) - 1):
+        above = rows[i - 2:i]
+        below = rows[i:i + 2]
+        if all(a[1] < LATERAL_NONE_MM2 for a in above) and all(b[1] >= LATERAL_BONE_MM2 for b in below):
+            if not any(finite(t[2]) and t[2] >= LUNG_PRESENT_MM2 for t in rows[i - 2:i + 2]):
+                hits.append(rows[i][0])
+    if len(hits) != 1:
+        return {}
+    return {"iliac_crest_z": hits[0]}
+
+
+def anchor_on_lungs(fit: dict, lungs: dict, pelvis: dict | None = None) -> dict:
+    """Re-anchor the network fit on classical landmarks — lungs seen whole at an end, the iliac crests:
+    with two landmarks far apart, slope and offset come from them; with one, the offset moves when the
+    network is > 15 mm off."""
     pts = []
     if lungs.get("lungs_seen") and not lungs.get("top_open"):
         pts.append((lungs["lung_top_z"], LANDMARKS["lung_apex"]))
     if lungs.get("lungs_seen") and not lungs.get("bottom_open"):
         pts.append((lungs["lung_bottom_z"], LANDMARKS["lung_base"]))
+    if pelvis and "iliac_crest_z" in pelvis:
+        pts.append((pelvis["iliac_crest_z"], LANDMARKS["iliac_crest"]))
     if not pts:
         return fit
+    pts = [pts[0], pts[-1]] if len(pts) > 2 else pts
     a, b = fit["a"], fit["b"]
     if len(pts) == 2 and abs(pts[0][0] - pts[1][0]) > 50.0:
         (z1, r1), (z2, r2) = pts
@@ -125,7 +152,7 @@ def anchor_on_lungs(fit: dict, lungs: dict) -> dict:
     delta = statistics.median([r - (a + b * z) for z, r in pts])
     if abs(delta) <= ANCHOR_MIN_MM and b == fit["b"]:
         return fit
-    out = dict(fit, a=a + delta, b=b, scale=-1.0 / b, anchored_on_lungs=round(delta, 1))
+    out = dict(fit, a=a + delta, b=b, scale=-1.0 / b, anchored_on_anatomy=round(delta, 1))
     return out
 
 
@@ -146,13 +173,14 @@ def locate(ordered, rule) -> dict:
     """Patient z of the rule's start and end landmarks, and how each was found."""
     fit = fit_position(ordered)
     lungs = lung_extent(ordered)
+    pelvis = iliac_crest(ordered)
     if fit is not None:
-        fit = anchor_on_lungs(fit, lungs)
-    loc: dict = {"fit": fit, "lungs": lungs}
+        fit = anchor_on_lungs(fit, lungs, pelvis)
+    loc: dict = {"fit": fit, "lungs": lungs, "pelvis": pelvis}
     for role in ("start", "end"):
         name = getattr(rule, role)
         if fit is not None:
-            src = "network" + (" anchored on lungs" if fit.get("anchored_on_lungs") else "")
+            src = "network" + (" anchored on anatomy" if fit.get("anchored_on_anatomy") is not None else "")
             loc[role] = {"z": landmark_z_from_fit(fit, name), "source": src}
     zmax, zmin = ordered[-1][0], ordered[0][0]
     for role, landmark, key, cut_key, open_key in (("start", "lung_apex", "lung_top_z", "top_cut", "top_open"),
@@ -170,6 +198,11 @@ def locate(ordered, rule) -> dict:
             pass  # lungs reach the edge of the scan with little area: not a proof either way
         else:
             loc[role] = {"z": lungs[key], "source": "lungs"}
+    crest = pelvis.get("iliac_crest_z")
+    if crest is not None:
+        for role in ("start", "end"):
+            if getattr(rule, role) == "iliac_crest":
+                loc[role] = {"z": crest, "source": "iliac wings"}
     if rule.start == "vertex":
         h = head_top(ordered)
         if h.get("vertex_cut"):
