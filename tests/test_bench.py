@@ -80,3 +80,20 @@ def test_bench_usage_errors(tmp_path):
         r = subprocess.run([sys.executable, "-m", "medqc", "bench", "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2, (args, r.stderr)
         assert "error" in r.stderr
+
+
+def test_extend_series_repeats_with_fresh_uids_and_continuing_positions(tmp_path):
+    import pydicom
+
+    from medqc.bench import extend_series, write_phantom_series
+
+    src = write_phantom_series(tmp_path / "src", 3, size=64)
+    out = extend_series(src, tmp_path / "out", 7)
+    dss = [pydicom.dcmread(str(p)) for p in out]
+    assert len({d.SOPInstanceUID for d in dss}) == 7
+    assert len({d.SeriesInstanceUID for d in dss}) == 1
+    assert [int(d.InstanceNumber) for d in dss] == list(range(1, 8))
+    z = [float(d.ImagePositionPatient[2]) for d in dss]
+    assert all(abs((b - a) - (z[1] - z[0])) < 1e-6 for a, b in zip(z, z[1:])) and z[1] != z[0]
+    assert all(int(d.ImagesInAcquisition) == 7 for d in dss)
+    assert all(d.PixelData == pydicom.dcmread(str(src[i % 3])).PixelData for i, d in enumerate(dss))
