@@ -105,6 +105,21 @@ def _patient_mask(mask: np.ndarray, central: np.ndarray) -> np.ndarray:
     return keep[labels]
 
 
+def _border_pixels(a: np.ndarray):
+    """(y, x) of border pixels of ``a`` that are still 1 (unfilled background)."""
+    h, w = a.shape
+    ys, xs = [], []
+    for y0, row in ((0, a[0]), (h - 1, a[-1])):
+        x = np.flatnonzero(row == 1)
+        ys.append(np.full(len(x), y0))
+        xs.append(x)
+    for x0, col in ((0, a[:, 0]), (w - 1, a[:, -1])):
+        y = np.flatnonzero(col == 1)
+        ys.append(y)
+        xs.append(np.full(len(y), x0))
+    return zip(np.concatenate(ys).tolist(), np.concatenate(xs).tolist())
+
+
 def _holes(body: np.ndarray) -> np.ndarray:
     """Pixels enclosed by ``body`` (not reachable from the image border through non-body pixels)."""
     if cv2 is not None:
@@ -115,12 +130,10 @@ def _holes(body: np.ndarray) -> np.ndarray:
         for y, x in ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1)):
             if outside[y, x] == 1:
                 cv2.floodFill(outside, ff, (x, y), 2)
-        border = np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]])
-        if (border == 1).any():  # background pockets on the border not connected to a corner
-            for y, x in zip(*np.nonzero(outside == 1)):
-                if y in (0, h - 1) or x in (0, w - 1):
-                    if outside[y, x] == 1:
-                        cv2.floodFill(outside, ff, (int(x), int(y)), 2)
+        # background pockets on the border not connected to a corner (a body touching the image edge)
+        for y, x in _border_pixels(outside):
+            if outside[y, x] == 1:
+                cv2.floodFill(outside, ff, (int(x), int(y)), 2)
         return outside == 1
     # numpy fallback: inside both the row span and the column span of the body
     rows = body.any(axis=1)
