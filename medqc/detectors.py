@@ -82,15 +82,16 @@ def _ring(h: int, w: int, r_px: float, band: int) -> np.ndarray:
     return (r >= r_px - band) & (r <= r_px + 0.5)
 
 
-def _patient_mask(mask: np.ndarray, central: np.ndarray) -> np.ndarray:
-    """The patient among the dense objects of a slice: the connected component with most pixels in the
-    central disk, plus components beside it (arms: centroid row within its row range, area >= 5 % of it).
-    The couch (below), head holders and frames (above) are left out. Without OpenCV: the whole mask."""
+def _patient_mask(mask: np.ndarray, central: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The patient among the dense objects of a slice → (patient, trunk): the trunk is the connected
+    component with most pixels in the central disk; the patient adds components beside it (arms: centroid
+    row within its row range, area >= 5 % of it). The couch (below), head holders and frames (above) are
+    left out. Without OpenCV: the whole mask for both."""
     if cv2 is None or not mask.any():
-        return mask
+        return mask, mask
     n, labels, stats, cents = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
     if n <= 2:
-        return mask
+        return mask, mask
     in_centre = np.bincount(labels[central], minlength=n)
     in_centre[0] = 0
     main = int(np.argmax(in_centre)) if in_centre.max() > 0 else 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
@@ -102,7 +103,7 @@ def _patient_mask(mask: np.ndarray, central: np.ndarray) -> np.ndarray:
     for k in range(1, n):
         if k != main and stats[k, cv2.CC_STAT_AREA] >= min_area and top <= cents[k][1] <= bottom:
             keep[k] = True
-    return keep[labels]
+    return keep[labels], labels == main
 
 
 def _border_pixels(a: np.ndarray):
@@ -195,24 +196,34 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
     edge_g, inside_circle, central = _edge_geometry(h, w, band)
     pad = sub < PAD_HU
     valid = ~pad
-    body = _patient_mask((sub > BODY_HU) & valid, central)
-    # FOV edge: inscribed circle rim, plus the band next to explicit padding
-    edge = edge_g
+    body, trunk = _patient_mask((sub > BODY_HU) & valid, central)
+    # Field edges. The displayed field (inscribed circle rim, padding boundary) cuts arms on purpose in
+    # many protocols, so only the trunk counts there; the scan field (SFOV: DataCollectionDiameter, or
+    # padding well inside the displayed circle) is where anything outside produces truncation artifacts,
+    # so the whole patient counts there.
+    display_edge = edge_g
+    scan_edge = np.zeros_like(edge_g)
     dcd = getattr(info, "data_collection_diameter", None)
-    if dcd and dcd > 0:  # the scan field (SFOV) inside the displayed field: its rim is an edge too
+    if dcd and dcd > 0:
         r_px = dcd / 2.0 / (step * math.sqrt(rmm * cmm))
         if r_px < min(h, w) / 2.0 - band:
-            edge = edge | _ring(h, w, r_px, band)
+            scan_edge = _ring(h, w, r_px, band)
     if pad.any():
         near_pad = pad.copy()
         near_pad[band:, :] |= pad[:-band, :]
         near_pad[:-band, :] |= pad[band:, :]
         near_pad[:, band:] |= pad[:, :-band]
         near_pad[:, :-band] |= pad[:, band:]
-        edge = (edge_g | near_pad) & valid
-    edge = edge & valid
-    n_edge = int(np.count_nonzero(edge))
-    out["body_touches_fov"] = float(np.count_nonzero(body & edge)) / n_edge if n_edge else nan
+        if (pad & inside_circle & ~edge_g).any():
+            scan_edge = scan_edge | near_pad
+        else:
+            display_edge = display_edge | near_pad
+    fracs = []
+    for edge, who in ((display_edge & valid, trunk), (scan_edge & valid, body)):
+        n_edge = int(np.count_nonzero(edge))
+        if n_edge:
+            fracs.append(float(np.count_nonzero(edge & who)) / n_edge)
+    out["body_touches_fov"] = max(fracs) if fracs else nan
 
     body_cc = body
     n_body = int(np.count_nonzero(body_cc))

@@ -157,3 +157,15 @@ def test_real_philips_study_is_clean(real_ct):
         if np.isfinite(m["noise_sd"]):
             noise.append(m["noise_sd"])
     assert len(noise) > 10 and 0.5 < np.median(noise) < 15
+
+
+def test_arms_cut_by_the_displayed_field_are_not_truncation_but_outside_the_scan_field_are():
+    img = phantom(rx_mm=120.0, ry_mm=100.0, pad=-1024.0)
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+    for sx in (-1, 1):  # arms beside the trunk, reaching past the 179 mm displayed radius
+        arm = ((xx - sx * 165) / 30) ** 2 + (yy / 40) ** 2 <= 1
+        img[arm & (np.hypot(xx, yy) <= 179)] = 50.0
+    shown = D.measure(img, info())
+    assert shown["body_touches_fov"] < 0.02  # a displayed field that crops the arms is a choice
+    scanned = D.measure(img, info(data_collection_diameter=300.0))  # but a 300 mm scan field cuts them
+    assert D.fuse({"truncation": 0.0}, scanned)["truncation"] >= 0.5
