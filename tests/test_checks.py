@@ -385,3 +385,13 @@ def test_iliac_crest_needs_one_clear_transition():
     assert iliac_crest(series([ribs, ribs, gap, gap, gap, wings, wings, wings])) == {"iliac_crest_z": -50.0}
     assert iliac_crest(series([gap, gap, wings, wings, gap, gap, wings, wings])) == {}  # ambiguous
     assert iliac_crest(series([ribs, ribs, ribs, wings, wings])) == {}  # no lumbar gap: no proof
+
+
+def test_small_air_spaces_are_not_lungs():
+    """Sinus/mastoid-sized 'lung' areas never anchor the fit or decide coverage."""
+    res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, outliers=0.0, series="1.2.3.54")
+    for r in res:
+        r.measures["lung_area_mm2"] = 2500.0 if r.info.z > z_of("carina") else 0.0
+    st, _ = run(res)
+    assert st.coverage["start_source"] == "network" and "anchored_on_anatomy" not in st.coverage["fit"]
+    assert by_check(st, "coverage.top") is None

@@ -26,6 +26,7 @@ from medqc.agent.checks.common import finding, finite
 
 LUNG_PRESENT_MM2 = 1500.0
 LUNG_PROOF_MM2 = 4000.0
+LUNG_PEAK_MM2 = 6000.0  # a real lung section somewhere in the run (sinuses, mastoids, bowel gas never reach it)
 SCALE_RANGE = (0.45, 1.4)  # a 80 cm child to a 245 cm adult
 MIN_FIT_POINTS = 5
 
@@ -80,7 +81,8 @@ def lung_extent(ordered) -> dict:
     neighbour) that holds the slice with the most lung; runs elsewhere (bowel gas, stool) are ignored.
     The scan is *proven* to start (end) inside the lungs only when its edge slice and that slice's
     neighbour hold ≥ LUNG_PROOF_MM2 — a gas-filled colon at the splenic flexure does not, lungs 2–3 cm
-    from the apex or base do."""
+    from the apex or base do. Lungs count as seen only when the run's largest section reaches
+    LUNG_PEAK_MM2 (sinuses, mastoid cells and bowel gas do not)."""
     pres = [(z, r.measures.get("lung_area_mm2")) for z, r in ordered if not r.error and finite(r.measures.get("lung_area_mm2"))]
     if len(pres) < 3:
         return {}
@@ -95,6 +97,8 @@ def lung_extent(ordered) -> dict:
         lo -= 1
     while hi + 1 < len(conf) and conf[hi + 1]:
         hi += 1
+    if areas[peak] < LUNG_PEAK_MM2:
+        return {"lungs_seen": False, "peak_lung_mm2": round(areas[peak], 1)}
     out = {"lungs_seen": True, "lung_top_z": pres[hi][0], "lung_bottom_z": pres[lo][0], "peak_lung_mm2": round(areas[peak], 1)}
     n = len(pres)
     out["top_cut"] = hi == n - 1 and min(areas[-2:]) >= LUNG_PROOF_MM2  # apices above the scan
