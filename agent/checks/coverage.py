@@ -236,6 +236,10 @@ def coverage_findings(state, ordered, rule, tol: float, margin: float, ctdivol: 
             summary[f"{role}_source"] = loc[role]["source"]
     if loc.get("fit"):
         summary["fit"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in loc["fit"].items()}
+    if loc.get("lungs"):
+        summary["lungs"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in loc["lungs"].items()}
+    if loc.get("pelvis"):
+        summary["iliac_crest_z"] = round(loc["pelvis"]["iliac_crest_z"], 2)
     out = []
     extra = {}
     top_inst = usable[-1][1].info.instance_number
