@@ -395,3 +395,11 @@ def test_small_air_spaces_are_not_lungs():
     st, _ = run(res)
     assert st.coverage["start_source"] == "network" and "anchored_on_anatomy" not in st.coverage["fit"]
     assert by_check(st, "coverage.top") is None
+
+
+def test_scattered_network_positions_decide_nothing():
+    """Positions that do not follow the body (a phantom, a broken model) raise no coverage finding."""
+    res = body_stack(z_of("lung_apex") - 60, z_of("lung_base") + 60, sigma=250.0, outliers=0.0, series="1.2.3.55")
+    st, _ = run(res)
+    assert st.coverage["fit"]["unreliable"] is True
+    assert not [f for f in st.findings.values() if f.check.startswith("coverage") or f.check == "geometry.orientation"]

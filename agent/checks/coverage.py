@@ -12,6 +12,8 @@ Where each landmark lies in this patient's z comes from two sources:
    lungs; a head cut through the skull on the top slice proves the vertex was missed; the iliac crests
    are where bone returns to the lateral thirds of the body below the lumbar gap (iliac wings).
 
+The fit is not used when the median distance of the positions from it exceeds 40 mm (reference scale).
+
 Missing distance = how far the required landmark lies beyond the scanned range (patient mm), reported
 when it exceeds the rule's tolerance. Overscan = scanned length beyond the required range; reported when
 either end exceeds the margin, with the extra dose-length product CTDIvol × extra length (cm).
@@ -29,6 +31,7 @@ LUNG_PROOF_MM2 = 4000.0
 LUNG_PEAK_MM2 = 6000.0  # a real lung section somewhere in the run (sinuses, mastoids, bowel gas never reach it)
 SCALE_RANGE = (0.45, 1.4)  # a 80 cm child to a 245 cm adult
 MIN_FIT_POINTS = 5
+FIT_MAX_RESIDUAL_MM = 40.0  # median |position - fit| (reference mm) above which the network is not used
 
 
 def theil_sen(xs: list[float], ys: list[float], max_points: int = 120) -> tuple[float, float]:
@@ -181,9 +184,11 @@ def locate(ordered, rule) -> dict:
     if fit is not None:
         fit = anchor_on_lungs(fit, lungs, pelvis)
     loc: dict = {"fit": fit, "lungs": lungs, "pelvis": pelvis}
+    if fit is not None and fit["residual_mm"] > FIT_MAX_RESIDUAL_MM:
+        fit = loc["fit"] = dict(fit, unreliable=True)  # positions scatter too much to place anything
     for role in ("start", "end"):
         name = getattr(rule, role)
-        if fit is not None:
+        if fit is not None and not fit.get("unreliable"):
             src = "network" + (" anchored on anatomy" if fit.get("anchored_on_anatomy") is not None else "")
             loc[role] = {"z": landmark_z_from_fit(fit, name), "source": src}
     zmax, zmin = ordered[-1][0], ordered[0][0]
