@@ -291,7 +291,8 @@ class SeriesTracker:
             out += cov
             st.coverage = summary
             fit = summary.get("fit")
-            if fit and not fit["slope_sign_ok"] and fit["fitted_slope"] and fit["n"] >= 10 and not fit.get("unreliable"):
+            if (fit and not fit["slope_sign_ok"] and fit["fitted_slope"] and fit["n"] >= 10
+                    and fit["residual_mm"] <= coverage_checks.FIT_MAX_RESIDUAL_MM):
                 out.append(finding(st, "geometry.orientation", "warning",
                                    "Anatomy runs opposite to the slice positions (head and feet swapped?): check "
                                    "the patient position (head first / feet first) entered at the scanner",

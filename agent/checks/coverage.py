@@ -63,12 +63,13 @@ def fit_position(ordered) -> dict | None:
         a, b = theil_sen(xs, ys)
         fitted = True
     slope_ok = b < 0
+    # how well the positions follow a line at all (before any clamping): the reliability of the network
+    resid = statistics.median([abs(y - (a + b * x)) for x, y in pts])
     scale = -1.0 / b if b < 0 else 1.0
     clamped = min(max(scale, SCALE_RANGE[0]), SCALE_RANGE[1])
     if clamped != scale or not slope_ok:  # refit the offset with a plausible slope
         b = -1.0 / clamped
         a = statistics.median([y - b * x for x, y in pts])
-    resid = statistics.median([abs(y - (a + b * x)) for x, y in pts])
     return {"a": a, "b": b, "scale": clamped, "n": len(pts), "slope_sign_ok": slope_ok, "fitted_slope": fitted,
             "residual_mm": resid}
 
@@ -184,8 +185,9 @@ def locate(ordered, rule) -> dict:
     if fit is not None:
         fit = anchor_on_lungs(fit, lungs, pelvis)
     loc: dict = {"fit": fit, "lungs": lungs, "pelvis": pelvis}
-    if fit is not None and fit["residual_mm"] > FIT_MAX_RESIDUAL_MM:
-        fit = loc["fit"] = dict(fit, unreliable=True)  # positions scatter too much to place anything
+    if fit is not None and (fit["residual_mm"] > FIT_MAX_RESIDUAL_MM or not fit["slope_sign_ok"]):
+        # positions scatter too much, or run against the coordinates: they place nothing
+        fit = loc["fit"] = dict(fit, unreliable=True)
     for role in ("start", "end"):
         name = getattr(rule, role)
         if fit is not None and not fit.get("unreliable"):
