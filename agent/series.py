@@ -53,6 +53,7 @@ class SeriesState:
     matched_field: str = ""
     last_seen: float = 0.0
     mpps_done: bool = False
+    count_used: bool = False  # completed once by the expected count: late slices then complete by idle
     coverage: dict = field(default_factory=dict)
     rule: object = field(default=None, repr=False)
     _keys: set = field(default_factory=set, repr=False)
@@ -230,7 +231,7 @@ class SeriesTracker:
             for st in self._series.values():
                 if st.verdict is not None:
                     continue
-                if st.expected is not None and len(st._keys) >= st.expected:
+                if st.expected is not None and len(st._keys) >= st.expected and not st.count_used:
                     out.append((st.uid, "count"))
                 elif st.mpps_done:
                     out.append((st.uid, "mpps"))
@@ -269,6 +270,10 @@ class SeriesTracker:
             st.verdict = "fail" if "critical" in sev else "warn" if "warning" in sev else "pass"
             st.completed_reason = reason
             st.completed_at = time.time()
+            if reason == "count":
+                st.count_used = True
+            if reason == "mpps":
+                st.mpps_done = False  # a later slice re-opens the series; it then completes by idle
             self._prune()
             return st, changed
 

@@ -200,3 +200,18 @@ def test_no_rule_means_no_coverage_and_a_note(cfg):
     assert not [c for c in checks(st.findings.values()) if c.startswith("coverage")]
     rep = series_report(st, cfg.privacy)
     assert rep["protocol_rule"] is None and "no protocol rule" in rep["coverage_note"]
+
+
+def test_slices_beyond_the_expected_count_complete_by_idle(cfg):
+    tr = SeriesTracker(cfg, {})
+    res = make_results(12, images_in_acquisition=10)
+    for r in res[:10]:
+        tr.add(r)
+    assert tr.due(time.time()) == [("1.2.3.9", "count")]
+    tr.complete("1.2.3.9", "count")
+    for r in res[10:]:
+        tr.add(r)
+    assert tr.due(time.time()) == []  # no re-completion per late slice
+    assert tr.due(time.time() + cfg.series.idle_timeout_s + 0.1) == [("1.2.3.9", "idle")]
+    st, _ = tr.complete("1.2.3.9", "idle")
+    assert len(st.results) == 12 and st.verdict == "pass"
