@@ -60,6 +60,20 @@ def check_bundle(bundle, n: int = 32, seed: int = 1234, backends=None) -> dict:
                 "failures": rep.failures,
             }
             out["ok"] = out["ok"] and rep.passed
+    if backends is None and bundle.file("onnx_fp16") is not None:
+        # the FP16 file is meant for GPU runtimes; ONNX Runtime CPU can still check what it computes
+        from medqc.export.onnx_export import OnnxFileRunner
+
+        r16 = OnnxFileRunner(bundle.verify("onnx_fp16"), "onnx_fp16 (onnxruntime cpu)")
+        cmp = Comparator(FP16_TOL, bundle.labels, bundle.thresholds, min_agreement, 1.0)
+        t0 = time.perf_counter()
+        rep = cmp.compare(None, r16, batch, name="onnx fp16 vs onnxruntime fp32", reference_name="onnxruntime-fp32", ref_outputs=ref_out)
+        out["runners"][r16.name] = {
+            "status": "ran", "passed": rep.passed, "decision_agreement": rep.decision_agreement,
+            "position_max_delta_mm": rep.position_max_delta_mm, "max_abs": {o.name: o.max_abs for o in rep.outputs},
+            "ms_per_slice": (time.perf_counter() - t0) * 1e3 / len(batch), "failures": rep.failures,
+        }
+        out["ok"] = out["ok"] and rep.passed
     return out
 
 

@@ -334,7 +334,7 @@ def test_export_check_reports_every_backend(qc_bundle, capsys):
     s = json.loads(capsys.readouterr().out)
     assert rc == 0 and s["ok"]
     assert s["runners"]["onnxruntime-int8"]["status"] == "skipped"  # this bundle has no INT8 file
-    for name in ("onnxruntime", "torch"):
+    for name in ("onnxruntime", "torch", "onnx_fp16 (onnxruntime cpu)"):
         assert s["runners"][name]["status"] == "ran" and s["runners"][name]["passed"], s["runners"][name]
     trt = s["runners"]["tensorrt"]
     assert trt["status"] in ("ran", "skipped") and (trt["status"] == "ran" or trt["reason"])
