@@ -229,7 +229,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
     n_body = int(np.count_nonzero(body_cc))
     out["body_area_mm2"] = n_body * px_area
     if n_body >= 50:
-        ys, xs = np.nonzero(body_cc)
+        ys, xs = np.nonzero(trunk if trunk.any() else body_cc)  # centre and lateral thirds: the trunk, not the arms
         cy, cx = float(np.median(ys)) * step, float(np.median(xs)) * step
         dx_px = cx - (hu.shape[1] - 1) / 2.0
         dy_px = cy - (hu.shape[0] - 1) / 2.0
