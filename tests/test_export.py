@@ -377,3 +377,25 @@ def test_simplify_keeps_parity(checkpoints, tmp_path, capsys):
     assert b.manifest["export"]["simplifier"] in ("onnxsim", "onnxruntime-basic") and s["parity"]["onnx"]["passed"]
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     assert {p.key for p in onnx.load(str(out / "model.onnx")).metadata_props} >= {"medqc.name", "medqc.preprocess", "medqc.thresholds"}
+
+
+def test_runner_errors_name_the_fix(qc_bundle, monkeypatch):
+    """Without torch (hidden module) the torch runner says what to install; AMP needs CUDA."""
+    import sys
+
+    from medqc.runners import BackendUnavailable, make_runner
+    from medqc.runners.tensorrt_runner import TensorRTRunner, runtime_environment
+    from medqc.runners.torch_runner import TorchRunner
+
+    b = load_bundle(qc_bundle)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="CUDA"):
+            make_runner("torch", b, device="cpu", amp=True)
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch → ImportError
+    ok, why = TorchRunner.is_available(b)
+    assert not ok and "pip install torch" in why
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    ok, why = TensorRTRunner.is_available(b)
+    assert not ok and "pip install tensorrt" in why
+    with pytest.raises(BackendUnavailable, match="pip install tensorrt"):
+        runtime_environment()
