@@ -147,7 +147,10 @@ class TensorRTRunner(Runner):
                 raise BackendUnavailable(f"tensorrt: engine {path} does not match its recorded sha256 (corrupt or replaced)")
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        try:
+            self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        except Exception as e:  # some TensorRT releases raise instead of returning None
+            raise BackendUnavailable(f"tensorrt: cannot deserialize {path}: {e}") from e
         if self.engine is None:
             raise BackendUnavailable(f"tensorrt: cannot deserialize {path} (built for another TensorRT/GPU?)")
         self.context = self.engine.create_execution_context()
