@@ -261,8 +261,11 @@ def kernel_window(freq_cyc_per_mm: np.ndarray, kernel: str) -> np.ndarray:
     return w
 
 
-def ramp_filter(sino: np.ndarray, pixel_mm: float, kernel: str = "standard") -> np.ndarray:
-    """Ramp filter along the detector (spatial-domain Ram-Lak, no DC bias) times the kernel window."""
+def ramp_filter(sino: np.ndarray, pixel_mm: float, kernel: str = "standard", recon_pixel_mm: float | None = None) -> np.ndarray:
+    """Ramp filter along the detector (spatial-domain Ram-Lak, no DC bias) times the kernel window.
+
+    ``recon_pixel_mm``: when the image grid is coarser than the detector, frequencies above the grid's
+    Nyquist limit are rolled off (as scanners do) instead of aliasing into the image."""
     n_det = sino.shape[-1]
     size = 1 << int(math.ceil(math.log2(2 * n_det)))
     k = np.arange(-(size // 2), size // 2)
@@ -273,6 +276,8 @@ def ramp_filter(sino: np.ndarray, pixel_mm: float, kernel: str = "standard") -> 
     H = np.real(np.fft.fft(np.fft.ifftshift(h)))
     freq = np.fft.fftfreq(size) / pixel_mm
     H = H * kernel_window(freq, kernel)
+    if recon_pixel_mm is not None and recon_pixel_mm > pixel_mm:
+        H = H / (1.0 + (np.abs(freq) * 2.0 * recon_pixel_mm / 1.1) ** 8)
     P = np.fft.fft(sino, n=size, axis=-1)
     return np.real(np.fft.ifft(P * H, axis=-1))[..., :n_det]
 
@@ -328,11 +333,15 @@ def noisy_log(sino: np.ndarray, i0: float, pixel_mm: float, rng: np.random.Gener
     return -np.log(counts / (i0 * bowtie(sino.shape[1], pixel_mm)[None, :]))
 
 
-def gaussian_noise_sino(sino: np.ndarray, i0: float, pixel_mm: float, rng: np.random.Generator, electronic: float = 8.0) -> np.ndarray:
-    """Noise-only sinogram with the variance of the log of Poisson counts (1/λ + σe²/λ²)."""
+def log_noise_std(sino: np.ndarray, i0: float, pixel_mm: float, electronic: float = 8.0) -> np.ndarray:
+    """Standard deviation of the log of Poisson counts plus electronic noise: √(1/λ + σe²/λ²)."""
     lam = np.maximum(photon_counts(sino, i0, pixel_mm), 1e-3)
-    var = 1.0 / lam + (electronic**2) / lam**2
-    return rng.standard_normal(sino.shape) * np.sqrt(var)
+    return np.sqrt(1.0 / lam + (electronic**2) / lam**2)
+
+
+def gaussian_noise_sino(sino: np.ndarray, i0: float, pixel_mm: float, rng: np.random.Generator, electronic: float = 8.0) -> np.ndarray:
+    """Noise-only sinogram (Gaussian approximation of the log of Poisson counts)."""
+    return rng.standard_normal(sino.shape) * log_noise_std(sino, i0, pixel_mm, electronic)
 
 
 def beam_hardening(p_metal: np.ndarray, strength: float = 0.06) -> np.ndarray:
@@ -347,11 +356,13 @@ def ring_gains(n_det: int, rng: np.random.Generator, n_bad: int, amplitude: floa
     centre = (n_det - 1) * 0.5
     # bad channels anywhere but the very edge; a few adjacent channels often fail together (a module)
     for _ in range(n_bad):
-        c = int(rng.uniform(centre - 0.42 * n_det, centre + 0.42 * n_det))
+        c = int(centre + rng.choice([-1.0, 1.0]) * rng.uniform(0.06, 0.4) * n_det)
         w = int(rng.integers(1, 4))
         sign = rng.choice([-1.0, 1.0])
         off[c : c + w] += sign * amplitude * rng.uniform(0.6, 1.0)
-    return off
+    # a fan-beam channel sees the ray (θ, s) in one half-rotation and (θ + π, −s) in the other: after
+    # rebinning to parallel views over [0, π) a bad channel appears at both +s and −s, a full ring
+    return 0.5 * (off + off[::-1])
 
 
 def truncate(sino: np.ndarray, radius_px: float, taper_px: float = 12.0) -> np.ndarray:

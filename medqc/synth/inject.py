@@ -74,7 +74,7 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
     from medqc.synth import ct
     from medqc.synth.dicomio import UidMaker
     from medqc.synth.training import (metal_severity, motion_amplitude, motion_severity, noise_severity,
-                                      noise_target, ring_severity, truncation_severity)
+                                      noise_target, ring_severity, ring_target, truncation_severity)
 
     if kind not in ARTIFACTS:
         raise UsageError(f"unknown artifact {kind!r}; allowed: {', '.join(ARTIFACTS)}")
@@ -164,13 +164,15 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
                 sev["motion"] = motion_severity(mm)
             elif kind == "ring":
                 if ring_offsets is None:
-                    ring_offsets = ct.ring_gains(n, rng, int(rng.integers(2, 5)), 0.004 + 0.05 * severity**1.5)
-                p1 = p0 + ring_offsets[None, :]
+                    ring_offsets = ct.ring_gains(n, rng, int(rng.integers(2, 5)), 1.0)
                 q_ring = ct.ramp_filter(np.broadcast_to(ring_offsets[None, :], p0.shape).copy(), spx, kernel)
                 rad = ct.backproject_grid(q_ring, geo, 0.0, 0.0, 1.0, 1, int(n / 2 * 0.95)) / spx * (1000.0 / mu_w)
                 f2 = max(1, int(round(2.0 / spx)))
                 prof = rad[0][: (rad.shape[1] // f2) * f2].reshape(-1, f2).mean(1)
-                sev["ring"] = ring_severity(float(np.abs(prof).max()))
+                unit = float(np.abs(prof).max())
+                gain = ring_target(severity) / unit if unit > 0 else 0.0
+                p1 = p0 + gain * ring_offsets[None, :]
+                sev["ring"] = ring_severity(unit * gain)
             elif kind == "noise":
                 target = noise_target(500.0, severity)
                 i0 = 1.0e5 * spx

@@ -246,11 +246,11 @@ def write_study(out_dir: Path, opts: StudyOptions) -> dict:
             _place_inside(patient, imp, rng)
     ring_offsets = None
     ring_sev = max([a.severity for a in arts if a.kind == "ring"], default=0.0)
-    sim_n = int(min(512, max(256, 2 ** math.ceil(math.log2(opts.matrix)) if opts.matrix < 512 else 512)))
-    sim_n = 384 if opts.matrix <= 384 else sim_n
+    # simulation grid: about the display matrix (at least 256, at most 512 channels)
+    sim_n = int(min(512, max(256, 32 * round(opts.matrix / 32))))
     n_views = opts.n_views or sim_n
     if ring_sev > 0:
-        ring_offsets = ct.ring_gains(sim_n, np.random.default_rng([opts.seed, 0xA1]), int(rng.integers(2, 5)), 0.004 + 0.05 * ring_sev**1.5)
+        ring_offsets = ct.ring_gains(sim_n, np.random.default_rng([opts.seed, 0xA1]), int(rng.integers(2, 5)), 1.0)
     sfov_trunc = None
     if any(a.kind == "truncation" for a in arts):
         sev = max(a.severity for a in arts if a.kind == "truncation")

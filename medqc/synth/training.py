@@ -148,21 +148,29 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
             osc = np.sin(2 * math.pi * f * t + ph)
             motion = np.stack([0.25 * amp * osc, amp * osc, np.radians(spec.motion_mm * 0.1) * osc], 1)
     sino = ct.project(mu, geo, px, motion)
-    # 3. dose: a reference I0, rescaled below so the measured noise meets the target
-    i0_guess = 4.0e5 * (6.0 / max(spec.noise_sigma, 0.5)) ** 2 * (px / 1.0)
+    # 3. metal: beam hardening of the metal path and the non-linear partial volume at its edges (each
+    #    channel integrates intensity over its aperture: two sub-rays ±¼ channel, averaged before the log)
     bt = ct.bowtie(n, px)[None, :]
-    if has_metal:  # beam hardening of the metal path, then photon starvation behind it
-        pm = ct.beam_hardening(ct.project(metal * mu_w, geo, px, motion), 0.035)
+    sino_tissue = sino
+    if has_metal:
+        th = geo.angles
+        sub = []
+        for off in (-0.25, 0.25):
+            shift = np.stack([off * np.cos(th), off * np.sin(th), np.zeros_like(th)], 1)
+            mm_ = shift if motion is None else motion + shift
+            sub.append(ct.beam_hardening(ct.project(metal * mu_w, geo, px, mm_), 0.035))
+        pm = -np.log(0.5 * (np.exp(-sub[0]) + np.exp(-sub[1])))
         sino = sino + pm
-        lam = i0_guess * bt * np.exp(-sino)
-        floor = 4.0
-        sino = np.where(lam < floor, np.log(i0_guess * bt / floor) + 0.0 * sino, sino)
-    noise = ct.gaussian_noise_sino(sino, i0_guess, px, rng)
+    # 4. dose: a reference I0, rescaled below so the measured noise meets the target
+    #    (calibrated on the tissue alone: the metal's own streaks must not lower the dose)
+    i0_guess = 4.0e5 * (6.0 / max(spec.noise_sigma, 0.5)) ** 2 * (px / 1.0)
+    z_noise = rng.standard_normal(sino.shape)
+    noise = z_noise * ct.log_noise_std(sino_tissue, i0_guess, px)
     ring_sino = None
-    if spec.ring > 0:
-        offs = ring_offsets if ring_offsets is not None else ct.ring_gains(n, rng, int(rng.integers(1, 5)), 0.004 + 0.05 * spec.ring**1.5)
+    if spec.ring > 0:  # pattern of miscalibrated channels; its strength is set below from the HU it makes
+        offs = ring_offsets if ring_offsets is not None else ct.ring_gains(n, rng, int(rng.integers(1, 5)), 1.0)
         ring_sino = np.broadcast_to(offs[None, :], sino.shape)
-    # 4. truncation: channels beyond the scan field are missing
+    # 5. truncation: channels beyond the scan field are missing
     sfov_r = spec.sfov_mm / 2 / px
     body = (cv.hu > -500) & ~cv.table & inside
     trunc_frac = 0.0
@@ -174,7 +182,7 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
         noise = np.where(det_s <= sfov_r, noise, 0.0)
         if ring_sino is not None:
             ring_sino = np.where(det_s <= sfov_r, ring_sino, 0.0)
-    # 5. measure noise (σ at 2 mm: area-averaged, in a patch at the body centre) and ring contrast
+    # 6. measure noise (σ at 2 mm: area-averaged, in a patch at the body centre) and ring contrast
     q_noise = ct.ramp_filter(noise, px, spec.kernel)
     if body.any():
         bx, by = float(X[body].mean()), float(Y[body].mean())
@@ -185,15 +193,35 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
     patch = ct.backproject_grid(q_noise, geo, bx / px - g / 2, by / px - g / 2, 1.0, g, g) / px * (1000.0 / mu_w)
     sig = float(patch.reshape(32, f2, 32, f2).mean((1, 3)).std())
     k = spec.noise_sigma / sig if sig > 0 else 1.0
+    i0_eff = i0_guess / k**2
+    if has_metal:
+        noise = z_noise * ct.log_noise_std(sino, i0_eff, px)
+        if sfov_r < n / 2 - 1:
+            noise = np.where(det_s <= sfov_r, noise, 0.0)
+        meas = sino + noise
+    else:
+        meas = sino + k * noise
+    if has_metal:
+        # photon starvation behind the metal, with the photons of a real detector element and view
+        # (about 0.6 mm and 1/1200 of a rotation): Poisson counts + electronic noise, clipped at one
+        i0_star = i0_eff * (0.6 / px) * (spec.n_views / 1200.0)
+        lam = i0_star * bt * np.exp(-sino)
+        low = lam < 40.0
+        if low.any():
+            counts = rng.poisson(lam[low]).astype(np.float64) + rng.normal(0.0, 2.0, int(low.sum()))
+            meas[low] = -np.log(np.maximum(counts, 1.0) / (i0_star * np.broadcast_to(bt, sino.shape)[low]))
     ring_amp = 0.0
-    q = ct.ramp_filter(sino, px, spec.kernel) + k * q_noise
+    dpx_r = spec.fov_mm / (spec.matrix if recon_max is None else min(spec.matrix, recon_max))
+    q = ct.ramp_filter(meas, px, spec.kernel, dpx_r)
     if ring_sino is not None:
-        q_ring = ct.ramp_filter(np.ascontiguousarray(ring_sino), px, spec.kernel)
+        q_ring = ct.ramp_filter(np.ascontiguousarray(ring_sino), px, spec.kernel, dpx_r)
         rad = ct.backproject_grid(q_ring, geo, 0.0, 0.0, 1.0, 1, int(n / 2 * 0.95)) / px * (1000.0 / mu_w)
         prof = rad[0]
         prof = prof[: (prof.size // f2) * f2].reshape(-1, f2).mean(1)
-        ring_amp = float(np.abs(prof).max())
-        q = q + q_ring
+        unit_amp = float(np.abs(prof).max())
+        gain = ring_target(spec.ring) / unit_amp if unit_amp > 0 else 0.0
+        ring_amp = unit_amp * gain
+        q = q + gain * q_ring
     # 6. FBP onto the display grid
     M = spec.matrix
     Mr = M if recon_max is None else min(M, recon_max)
@@ -230,7 +258,7 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
         "sim_pixel_mm": px,
         "sim_extent_mm": extent,
         "noise_sigma_2mm": float(sig * k),
-        "i0": float(i0_guess / k**2),
+        "i0": float(i0_eff),
         "ring_amplitude_hu": ring_amp,
         "truncation_fraction": trunc_frac,
         "metal_area_mm2": metal_area,
@@ -254,10 +282,17 @@ def noise_severity(sigma_2mm: float, r: float = 500.0) -> float:
     return float(np.clip(0.1 + 0.9 * (sigma_2mm - art) / (gross - art), 0.1, 1.0))
 
 
+RING_HU = (10.0, 150.0)  # ring contrast (HU at 2 mm) for severity 0+ .. 1
+
+
+def ring_target(severity: float) -> float:
+    return RING_HU[0] + (RING_HU[1] - RING_HU[0]) * severity
+
+
 def ring_severity(amp_hu: float) -> float:
-    if amp_hu < 8.0:
+    if amp_hu < 0.8 * RING_HU[0]:
         return 0.0
-    return float(np.clip((amp_hu - 8.0) / 150.0, 0.05, 1.0))
+    return float(np.clip((amp_hu - RING_HU[0]) / (RING_HU[1] - RING_HU[0]), 0.05, 1.0))
 
 
 def truncation_severity(frac: float) -> float:
