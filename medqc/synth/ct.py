@@ -74,9 +74,14 @@ def _project_kernel(img, us_x, us_y, ut_x, ut_y, b_x, b_y, n_det, out):
             px0 = s * us_x[v] + b_x[v] + c0
             py0 = s * us_y[v] + b_y[v] + c0
             acc = 0.0
+            half = math.sqrt(r * r - s * s) + 2.0  # the ray's chord through the object circle
             if vert:
                 inv = 1.0 / ut_y[v]
-                for i in range(n):
+                ya = py0 - half * abs(ut_y[v])
+                yb = py0 + half * abs(ut_y[v])
+                i_lo = max(0, int(min(ya, yb)))
+                i_hi = min(n, int(max(ya, yb)) + 2)
+                for i in range(i_lo, i_hi):
                     t = (i - py0) * inv
                     x = px0 + t * ut_x[v]
                     if x < 0.0 or x >= n - 1:
@@ -87,7 +92,11 @@ def _project_kernel(img, us_x, us_y, ut_x, ut_y, b_x, b_y, n_det, out):
                 out[v, d] = acc * abs(inv)
             else:
                 inv = 1.0 / ut_x[v]
-                for j in range(n):
+                xa = px0 - half * abs(ut_x[v])
+                xb = px0 + half * abs(ut_x[v])
+                j_lo = max(0, int(min(xa, xb)))
+                j_hi = min(n, int(max(xa, xb)) + 2)
+                for j in range(j_lo, j_hi):
                     t = (j - px0) * inv
                     y = py0 + t * ut_y[v]
                     if y < 0.0 or y >= n - 1:
@@ -142,9 +151,9 @@ def _backproject_multi_kernel(q, cos_t, sin_t, n, out):
 
 
 @_njit
-def _backproject_grid_kernel(q, cos_t, sin_t, x0, y0, pitch, ny, nx, out):
+def _backproject_grid_kernel(q, cos_t, sin_t, x0, y0, pitch, ny, nx, j_lo, j_hi, out):
     """Back-project onto an arbitrary square-pixel grid: pixel (i, j) sits at (x0 + j·pitch, y0 + i·pitch)
-    in detector-pitch units relative to the rotation axis."""
+    in detector-pitch units relative to the rotation axis; row i covers columns j_lo[i] .. j_hi[i] - 1."""
     n_views = q.shape[0]
     n_det = q.shape[1]
     d0 = (n_det - 1) * 0.5
@@ -153,8 +162,8 @@ def _backproject_grid_kernel(q, cos_t, sin_t, x0, y0, pitch, ny, nx, out):
         s_ = sin_t[v]
         dj = pitch * c
         for i in range(ny):
-            s = x0 * c + (y0 + i * pitch) * s_ + d0
-            for j in range(nx):
+            s = (x0 + j_lo[i] * pitch) * c + (y0 + i * pitch) * s_ + d0
+            for j in range(j_lo[i], j_hi[i]):
                 if s >= 0.0 and s < n_det - 1:
                     k = int(s)
                     f = s - k
@@ -162,8 +171,10 @@ def _backproject_grid_kernel(q, cos_t, sin_t, x0, y0, pitch, ny, nx, out):
                 s += dj
 
 
-def _backproject_grid_numpy(q, cos_t, sin_t, x0, y0, pitch, ny, nx, out):
+def _backproject_grid_numpy(q, cos_t, sin_t, x0, y0, pitch, ny, nx, j_lo, j_hi, out):
     n_det = q.shape[1]
+    cols = np.arange(nx)[None, :]
+    keep = (cols >= j_lo[:, None]) & (cols < j_hi[:, None])
     xs = x0 + np.arange(nx) * pitch
     ys = y0 + np.arange(ny) * pitch
     for v in range(q.shape[0]):
@@ -171,7 +182,7 @@ def _backproject_grid_numpy(q, cos_t, sin_t, x0, y0, pitch, ny, nx, out):
         ok = (s >= 0) & (s < n_det - 1)
         k = np.where(ok, s, 0).astype(np.int64)
         f = s - k
-        out += np.where(ok, q[v, k] * (1 - f) + q[v, np.minimum(k + 1, n_det - 1)] * f, 0)
+        out += np.where(ok & keep, q[v, k] * (1 - f) + q[v, np.minimum(k + 1, n_det - 1)] * f, 0)
 
 
 def _project_numpy(img, us_x, us_y, ut_x, ut_y, b_x, b_y, n_det, out):  # same maths, vectorised per view
@@ -299,11 +310,25 @@ def backproject(q: np.ndarray, geo: Geometry) -> np.ndarray:
     return out * (math.pi / geo.n_views)
 
 
-def backproject_grid(q: np.ndarray, geo: Geometry, x0: float, y0: float, pitch: float, ny: int, nx: int) -> np.ndarray:
-    """Back-project a filtered sinogram onto a grid given in detector-pitch units (see the kernel)."""
+def backproject_grid(q: np.ndarray, geo: Geometry, x0: float, y0: float, pitch: float, ny: int, nx: int,
+                     circle: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Back-project a filtered sinogram onto a grid given in detector-pitch units (see the kernel).
+
+    ``circle`` = (centre row, centre column, radius) in grid pixels: only pixels inside it are computed
+    (the rest stay 0), for reconstructions whose corners are padded anyway."""
     th = geo.angles
     out = np.zeros((ny, nx), np.float64)
-    _backproject_grid(np.ascontiguousarray(q, dtype=np.float64), np.cos(th), np.sin(th), float(x0), float(y0), float(pitch), int(ny), int(nx), out)
+    if circle is None:
+        j_lo = np.zeros(ny, np.int64)
+        j_hi = np.full(ny, nx, np.int64)
+    else:
+        ci, cj, rad = circle
+        h = np.sqrt(np.clip(rad**2 - (np.arange(ny) - ci) ** 2, 0.0, None))
+        j_lo = np.clip(np.floor(cj - h - 1), 0, nx).astype(np.int64)
+        j_hi = np.clip(np.ceil(cj + h + 2), 0, nx).astype(np.int64)
+        j_hi = np.maximum(j_hi, j_lo)
+    _backproject_grid(np.ascontiguousarray(q, dtype=np.float64), np.cos(th), np.sin(th), float(x0), float(y0), float(pitch),
+                      int(ny), int(nx), j_lo, j_hi, out)
     return out * (math.pi / geo.n_views)
 
 

@@ -228,7 +228,10 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
     dpx_r = spec.fov_mm / Mr
     x0 = (spec.center[0] - (Mr - 1) / 2 * dpx_r) / px
     y0 = (spec.center[1] - (Mr - 1) / 2 * dpx_r) / px
-    rec = ct.backproject_grid(q, geo, x0, y0, dpx_r / px, Mr, Mr) / px
+    circle = None
+    if spec.padding is not None:  # corners outside the reconstruction circle are padded: skip them
+        circle = ((Mr - 1) / 2, (Mr - 1) / 2, spec.fov_mm / 2 / dpx_r + 2)
+    rec = ct.backproject_grid(q, geo, x0, y0, dpx_r / px, Mr, Mr, circle) / px
     img = (rec - mu_w) * (1000.0 / mu_w)
     if Mr != M:
         import cv2
@@ -301,7 +304,7 @@ def truncation_severity(frac: float) -> float:
     return float(np.clip(frac / 0.15, 0.05, 1.0))
 
 
-MOTION_MM = (1.0, 13.0)  # amplitude for severity 0+ .. 1
+MOTION_MM = (1.0, 10.0)  # amplitude for severity 0+ .. 1
 
 
 def motion_amplitude(severity: float) -> float:
