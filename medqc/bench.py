@@ -159,7 +159,14 @@ def make_study(folder: Path, n: int, size: int = 512, distinct: int | None = Non
     try:
         from medqc.synth import cli as _synth_cli  # noqa: F401
 
-        cached = _cache_dir() / f"synth-chest-{k}x{size}-seed0"
+        import hashlib
+
+        import medqc.synth as _synth
+
+        h = hashlib.sha256()  # the simulator's source: a changed simulator is a new study
+        for f in sorted(Path(_synth.__file__).parent.glob("*.py")):
+            h.update(f.read_bytes())
+        cached = _cache_dir() / f"synth-chest-{k}x{size}-seed0-{h.hexdigest()[:10]}"
         if not (cached / ".complete").is_file():
             tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
