@@ -867,7 +867,8 @@ def write_plot(res: dict, path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------- driver
 def run_bench(out: Path, quick: bool = False, bundle_path: str | None = None, slices: int | None = None,
-              sections: tuple[str, ...] = ("a", "b", "c", "d", "e"), threads: int = 0, keep: bool = False) -> dict:
+              sections: tuple[str, ...] = ("a", "b", "c", "d", "e"), threads: int = 0, keep: bool = False,
+              study_dir: str | None = None) -> dict:
     from medqc.bundle import BundleError, load_bundle
 
     n = slices or (24 if quick else 300)
@@ -887,9 +888,19 @@ def run_bench(out: Path, quick: bool = False, bundle_path: str | None = None, sl
     try:
         step("writing the study")
         study = tmp / "study"
-        files, source = make_study(study, n, distinct=6 if quick else None)
+        if study_dir:
+            files = sorted(p for p in Path(study_dir).rglob("*") if p.is_file() and _is_dicom(p))
+            if slices:
+                files = files[:slices]
+            source = f"{study_dir} ({len(files)} files)"
+            study = Path(study_dir)
+        else:
+            files, source = make_study(study, n, distinct=6 if quick else None)
         lat_files = reuid_copy(files[: 30 if quick else 120], tmp / "latency-study") if "c" in sections else []
-        res["study"] = {"slices": len(files), "size": 512, "source": source,
+        import pydicom
+
+        size = int(pydicom.dcmread(str(files[0]), stop_before_pixels=True).Rows)
+        res["study"] = {"slices": len(files), "size": size, "source": source,
                         "bytes_per_slice": int(sum(p.stat().st_size for p in files) / max(1, len(files)))}
         S = res["sections"]
         no_model = f"no model bundle: {res['bundle'].get('error')}" if bundle is None else ""
@@ -971,6 +982,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slices", type=int, default=None, metavar="N", help="slices in the study (default 300; 24 with --quick)")
     p.add_argument("--only", default="abcde", metavar="SECTIONS", help="run only these sections, e.g. 'ad' (default abcde)")
     p.add_argument("--threads", type=int, default=0, metavar="N", help="ONNX Runtime intra-op threads for (d) (default: the runner's)")
+    p.add_argument("--study", default=None, metavar="DIR", help="use this CT series (one series of uncompressed DICOM files) instead of a synthetic one")
     p.add_argument("--keep", action="store_true", help="keep the temporary study and agent state (path in the JSON)")
 
 
@@ -983,8 +995,12 @@ def run(args) -> int:
         raise UsageError("--slices must be between 2 and 5000")
     if args.bundle and not Path(args.bundle).exists():
         raise UsageError(f"--bundle {args.bundle}: no such folder")
+    if args.study:
+        d = Path(args.study)
+        if not d.is_dir() or not any(_is_dicom(p) for p in d.rglob("*") if p.is_file()):
+            raise UsageError(f"--study {args.study}: not a folder with DICOM files")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    res = run_bench(Path(args.out), args.quick, args.bundle, args.slices, only, args.threads, args.keep)
+    res = run_bench(Path(args.out), args.quick, args.bundle, args.slices, only, args.threads, args.keep, args.study)
     print_table(res)
     print(f"results: {res['json']}" + (f", {res['plot']}" if res.get("plot") else ""))
     failed = [k for k, v in res["sections"].items() if isinstance(v, dict) and v.get("status") == "failed"]
