@@ -21,7 +21,7 @@ from medqc.synth import ct
 from medqc.synth.phantom import Patient, _Canvas, add_implant, random_patient, rasterize
 
 SIM_N = 256  # simulation grid (pixels); physical pixel = extent / SIM_N
-TRAIN_RECON_MAX = 320  # training slices are reconstructed at most at 320² and interpolated to the display matrix
+TRAIN_RECON_MAX = 256  # training slices are reconstructed at most at 256² (≥ 2 mm network pixels) and interpolated to the display matrix
 # Noise σ (HU) measured at 2 mm pixels (the network's view) at the body centre. Brain imaging needs far
 # less noise than body imaging, so the head has its own scale: (clean at most, excessive from, gross at)
 NOISE_LEVELS = {"head": (5.0, 8.0, 30.0), "body": (14.0, 20.0, 60.0)}
