@@ -253,11 +253,11 @@ def project(img: np.ndarray, geo: Geometry, pixel_mm: float = 1.0, motion: np.nd
 # Reconstruction kernels: a window on the ramp in physical frequency (cycles/mm): a smooth roll-off with
 # 50% response at ``f50`` and an optional mid-frequency boost (edge enhancement of bone/lung kernels).
 KERNELS: dict[str, tuple[float, float]] = {
-    "soft": (0.33, 0.0),
-    "standard": (0.48, 0.0),
-    "detail": (0.62, 0.15),
-    "lung": (0.80, 0.35),
-    "bone": (0.95, 0.55),
+    "soft": (0.26, 0.0),
+    "standard": (0.36, 0.0),
+    "detail": (0.50, 0.15),
+    "lung": (0.70, 0.35),
+    "bone": (0.85, 0.55),
 }
 
 

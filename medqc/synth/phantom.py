@@ -523,14 +523,17 @@ def rasterize(p: Patient, r: float, X: np.ndarray, Y: np.ndarray) -> _Canvas:
     for imp in p.implants:
         if imp.r_top <= r <= imp.r_bottom:
             _paint_implant(cv, imp, r)
-    # table
+    # table; the head lies in a narrow, curved head holder
     if p.table and table_top is not None:
-        t0 = table_top + 8.0  # mattress
-        yt = t0 - p.table_curve * cv.X**2 * 1.0
-        shell = (cv.Y >= yt) & (cv.Y <= yt + p.table_thick) & (np.abs(cv.X) < 235)
-        core = (cv.Y > yt + p.table_thick) & (cv.Y <= yt + p.table_thick + 30) & (np.abs(cv.X) < 225)
-        bottom = (cv.Y > yt + p.table_thick + 30) & (cv.Y <= yt + 2 * p.table_thick + 30) & (np.abs(cv.X) < 225)
-        pad = (cv.Y >= t0 - 8) & (cv.Y < yt) & (np.abs(cv.X) < 220) & (cv.hu < -900)
+        holder = r < L["hyoid"] and p.arms != "up"  # arms raised: the head lies on the table pad
+        half = 105.0 if holder else 235.0
+        curve = 0.0025 if holder else p.table_curve
+        t0 = table_top + (3.0 if holder else 8.0)  # mattress / cushion
+        yt = t0 - curve * cv.X**2
+        shell = (cv.Y >= yt) & (cv.Y <= yt + p.table_thick) & (np.abs(cv.X) < half)
+        core = (cv.Y > yt + p.table_thick) & (cv.Y <= yt + p.table_thick + (10 if holder else 30)) & (np.abs(cv.X) < half - 10)
+        bottom = (cv.Y > yt + p.table_thick + (10 if holder else 30)) & (cv.Y <= yt + 2 * p.table_thick + (10 if holder else 30)) & (np.abs(cv.X) < half - 10)
+        pad = (cv.Y >= t0 - 8) & (cv.Y < yt) & (np.abs(cv.X) < half - 15) & (cv.hu < -900)
         cv.paint(pad, -880.0)
         cv.paint(shell | bottom, p.table_hu)
         cv.paint(core, -950.0)
