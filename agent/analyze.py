@@ -1,0 +1,103 @@
+"""``medqc analyze PATH... [--json] [--backend NAME] [--bundle DIR]``: the agent's pipeline, offline.
+
+Files and folders (recursively) go through the same decode → batch → infer → series checks as the agent;
+each series completes at the end of the input. Prints a human summary, or with ``--json`` one
+``medqc.report/1`` document. Exit 0 when the analysis ran (whatever it found), 2 usage, 1 internal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime", "onnxruntime-int8", "torch", "none")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders (searched recursively)")
+    p.add_argument("--json", action="store_true", help="print one medqc.report/1 JSON document")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="inference backend (default: the config's, 'auto'); 'none' = classical detectors only")
+    p.add_argument("--bundle", metavar="DIR", default=None, help="model bundle folder (default: the bundled model)")
+    p.add_argument("--config", metavar="FILE", default=None, help="agent configuration (TOML)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def collect(paths: list[str]) -> list[Path]:
+    from medqc.errors import UsageError
+
+    out = []
+    for s in paths:
+        p = Path(s)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UsageError(f"{s}: no such file or folder")
+    return out
+
+
+def human(report: dict) -> str:
+    lines = []
+    for s in report["series"]:
+        lines.append(f"series {s['series_instance_uid']}  {s.get('body_part') or '?'}  rule={s.get('protocol_rule') or '-'}  "
+                     f"slices={s['slices']}  verdict={str(s['verdict']).upper()}")
+        for f in s["findings"]:
+            lines.append(f"  [{f['severity']:8}] {f['check']:22} {f['message']}")
+    if report.get("rejected"):
+        lines.append(f"not analysed: {len(report['rejected'])} input(s)")
+        reasons: dict[str, int] = {}
+        for r in report["rejected"]:
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        for why, n in sorted(reasons.items(), key=lambda x: -x[1]):
+            lines.append(f"  {n:5d} × {why}")
+    if not report["series"]:
+        lines.append("no axial CT series found")
+    return "\n".join(lines)
+
+
+def analyze(paths: list[str], cfg, bundle: str | None = None, backend: str | None = None, progress: bool = False) -> dict:
+    from medqc.agent.pipeline import compose
+    from medqc.agent.report import build_report
+
+    files = collect(paths)
+    pipe = compose(cfg, bundle, backend, inference=backend != "none")
+    try:
+        for f in files:
+            pipe.submit(f)
+        bar = None
+        if progress and files:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(files), unit="file", file=sys.stderr, desc="analyse")
+        pipe.run_until_idle(bar)
+        if bar is not None:
+            bar.close()
+        pipe.complete_all("end-of-input")
+        return build_report(pipe.tracker.all(), list(pipe.rejected), cfg.privacy)
+    finally:
+        pipe.inferer.close()
+
+
+def run(args) -> int:
+    from medqc.bundle import BundleError
+    from medqc.config import ConfigError, load_config
+    from medqc.errors import UsageError
+    from medqc.runners import BackendUnavailable, RunnerError
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    try:
+        report = analyze(args.paths, cfg, args.bundle, args.backend, progress=not args.no_progress and sys.stderr.isatty())
+    except (BundleError, BackendUnavailable, RunnerError) as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        json.dump(report, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(human(report))
+    return 0

@@ -1,0 +1,317 @@
+"""Decode one spooled or dropped DICOM file: header → ``SliceInfo`` per frame; pixels → HU float32.
+
+Outcomes, one per frame (``Decoded``):
+* analysable: an axial CT image (orientation within 45° of axial, not a localizer) with geometry and HU;
+* ``ignored``: a valid object the QC does not analyse (dose report, secondary capture, localizer,
+  non-axial reformat, other modality) — recorded with the reason, never an error;
+* ``error``: a CT image that should be analysed but cannot be (transfer syntax without a decoder,
+  truncated pixel data, missing geometry) — becomes an ``input.undecodable`` finding for its series.
+A file that is not DICOM at all raises :class:`NotDicom` (the caller records it as rejected).
+
+Uncompressed little-endian pixel data is read with ``np.frombuffer`` (≈7× faster than ``pixel_array``);
+everything else goes through pydicom's decoder plugins.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medqc.agent.records import SliceInfo
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.2"
+CT_CLASSES = {CT_IMAGE, ENHANCED_CT, LEGACY_ENHANCED_CT}
+UNCOMPRESSED_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"}
+MAX_AXIAL_ANGLE_DEG = 45.0
+PAD_HU = -3024.0  # padding / outside-FOV pixels become this (preprocess treats < -1500 HU as outside the FOV)
+
+
+class NotDicom(Exception):
+    """The file is not a DICOM Part-10 file (or not readable as one)."""
+
+
+@dataclass
+class Decoded:
+    info: SliceInfo
+    hu: np.ndarray | None = None  # (rows, cols) float32 HU, only when analysable
+    error: str = ""
+    ignored: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.hu is not None and not self.error and not self.ignored
+
+
+def _f(v, default=None):
+    try:
+        if v is None or v == "":
+            return default
+        x = float(v)
+        return x if math.isfinite(x) else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _i(v):
+    try:
+        return int(v) if v not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _s(v) -> str:
+    return "" if v is None else str(v).strip()
+
+
+def _tuple(v, n):
+    try:
+        t = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        return None
+    return t if len(t) == n and all(math.isfinite(x) for x in t) else None
+
+
+def _seq_item(ds, keyword):
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
+def _from_groups(frame_groups, shared, seq_kw, attr):
+    for grp in (frame_groups, shared):
+        if grp is None:
+            continue
+        item = _seq_item(grp, seq_kw)
+        if item is not None and attr in item:
+            return item.get(attr)
+    return None
+
+
+def axial_angle_deg(orientation) -> float | None:
+    """Angle between the slice normal and the patient z axis (0 = axial)."""
+    if orientation is None:
+        return None
+    r, c = orientation[:3], orientation[3:]
+    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    norm = math.sqrt(sum(x * x for x in n))
+    if norm < 1e-6:
+        return None
+    return math.degrees(math.acos(min(1.0, abs(n[2]) / norm)))
+
+
+def header_infos(ds, source: str = "", received_at: float | None = None, identifiers: bool = False) -> list[SliceInfo]:
+    """One ``SliceInfo`` per frame (one for single-frame objects)."""
+    fm = getattr(ds, "file_meta", None)
+    sop_class = _s(ds.get("SOPClassUID")) or _s(fm.get("MediaStorageSOPClassUID") if fm is not None else "")
+    sop_uid = _s(ds.get("SOPInstanceUID")) or _s(fm.get("MediaStorageSOPInstanceUID") if fm is not None else "")
+    ctdi = _f(ds.get("CTDIvol"))
+    base = dict(
+        sop_instance_uid=sop_uid,
+        series_instance_uid=_s(ds.get("SeriesInstanceUID")),
+        study_instance_uid=_s(ds.get("StudyInstanceUID")),
+        sop_class_uid=sop_class,
+        source=source,
+        received_at=time.time() if received_at is None else received_at,
+        instance_number=_i(ds.get("InstanceNumber")),
+        modality=_s(ds.get("Modality")).upper(),
+        image_type=tuple(_s(x).upper() for x in (ds.get("ImageType") or ())) if ds.get("ImageType") is not None else (),
+        rows=_i(ds.get("Rows")) or 0,
+        cols=_i(ds.get("Columns")) or 0,
+        gantry_tilt=_f(ds.get("GantryDetectorTilt"), 0.0),
+        kvp=_f(ds.get("KVP")),
+        ctdivol=ctdi,
+        exposure_mas=_f(ds.get("Exposure")),
+        reconstruction_diameter=_f(ds.get("ReconstructionDiameter")),
+        data_collection_diameter=_f(ds.get("DataCollectionDiameter")),
+        table_height=_f(ds.get("TableHeight")),
+        patient_position=_s(ds.get("PatientPosition")).upper(),
+        body_part=_s(ds.get("BodyPartExamined")),
+        protocol_name=_s(ds.get("ProtocolName")),
+        study_description=_s(ds.get("StudyDescription")),
+        series_description=_s(ds.get("SeriesDescription")),
+        series_number=_i(ds.get("SeriesNumber")),
+        images_in_acquisition=_i(ds.get("ImagesInAcquisition")),
+        convolution_kernel=_s(ds.get("ConvolutionKernel") if not isinstance(ds.get("ConvolutionKernel"), (list, tuple)) else "\\".join(map(str, ds.get("ConvolutionKernel")))),
+        manufacturer=_s(ds.get("Manufacturer")),
+        acquisition_time=_s(ds.get("AcquisitionTime")),
+        content_time=_s(ds.get("ContentTime")),
+        patient_name=_s(ds.get("PatientName")) if identifiers else "",
+        patient_id=_s(ds.get("PatientID")) if identifiers else "",
+    )
+    nframes = _i(ds.get("NumberOfFrames")) or 1
+    pfg = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = _seq_item(ds, "SharedFunctionalGroupsSequence")
+    if pfg is None and shared is None:  # classic single-frame image
+        return [SliceInfo(**base, frame=0,
+                          position=_tuple(ds.get("ImagePositionPatient"), 3),
+                          orientation=_tuple(ds.get("ImageOrientationPatient"), 6),
+                          pixel_spacing=_tuple(ds.get("PixelSpacing"), 2),
+                          slice_thickness=_f(ds.get("SliceThickness")))]
+    out = []
+    for k in range(nframes):
+        fg = pfg[k] if pfg is not None and k < len(pfg) else None
+        ft = _from_groups(fg, shared, "CTImageFrameTypeSequence", "FrameType")
+        b = dict(base)
+        if ft is not None:
+            b["image_type"] = tuple(_s(x).upper() for x in ft)
+        fr_ctdi = _f(_from_groups(fg, shared, "CTExposureSequence", "CTDIvol"))
+        if fr_ctdi is not None:
+            b["ctdivol"] = fr_ctdi
+        out.append(SliceInfo(
+            **b, frame=k,
+            position=_tuple(_from_groups(fg, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
+            orientation=_tuple(_from_groups(fg, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+            or _tuple(ds.get("ImageOrientationPatient"), 6),
+            pixel_spacing=_tuple(_from_groups(fg, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
+            slice_thickness=_f(_from_groups(fg, shared, "PixelMeasuresSequence", "SliceThickness"))))
+    return out
+
+
+def _why_not_analysed(ds, info: SliceInfo) -> str:
+    """Reason an object is ignored (valid, but not an axial CT image), or ''."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return f"no image pixels (SOP class {info.sop_class_uid or 'unknown'})"
+    if info.sop_class_uid not in CT_CLASSES:
+        return f"not a CT image (SOP class {info.sop_class_uid or 'unknown'}, modality {info.modality or 'unknown'})"
+    if "LOCALIZER" in info.image_type:
+        return "localizer (scout) image"
+    if _i(ds.get("SamplesPerPixel")) not in (None, 1):
+        return "colour image"
+    ang = axial_angle_deg(info.orientation)
+    if ang is not None and ang > MAX_AXIAL_ANGLE_DEG:
+        return f"not axial (slice normal {ang:.0f}° from the patient axis)"
+    return ""
+
+
+def _missing_geometry(info: SliceInfo) -> str:
+    miss = [n for n, v in (("ImagePositionPatient", info.position), ("ImageOrientationPatient", info.orientation),
+                           ("PixelSpacing", info.pixel_spacing)) if v is None]
+    if info.pixel_spacing is not None and not all(x > 0 for x in info.pixel_spacing):
+        miss.append("PixelSpacing > 0")
+    if not info.rows or not info.cols:
+        miss.append("Rows/Columns")
+    return ("missing or invalid geometry: " + ", ".join(miss)) if miss else ""
+
+
+def _stored_values(ds, nframes: int) -> np.ndarray:
+    """(frames, rows, cols) stored values as a numeric array."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    ts = _s(ds.file_meta.get("TransferSyntaxUID")) if getattr(ds, "file_meta", None) is not None else ""
+    bits = _i(ds.get("BitsAllocated")) or 16
+    signed = (_i(ds.get("PixelRepresentation")) or 0) == 1
+    if ts in UNCOMPRESSED_LE and bits in (8, 16, 32) and "PixelData" in ds:
+        raw = ds.PixelData
+        dt = np.dtype(("i" if signed else "u") + str(bits // 8)).newbyteorder("<")
+        need = rows * cols * nframes * dt.itemsize
+        if len(raw) < need:
+            raise ValueError(f"truncated pixel data: {len(raw)} bytes, {need} expected for {nframes}×{rows}×{cols}×{bits}-bit")
+        arr = np.frombuffer(raw, dtype=dt, count=rows * cols * nframes).reshape(nframes, rows, cols)
+        stored = _i(ds.get("BitsStored")) or bits
+        if stored < bits:  # bits above BitsStored may hold overlays/garbage: mask (unsigned) or sign-extend
+            if signed:
+                shift = bits - stored
+                arr = ((arr.astype(np.int32) << shift).astype(dt) >> shift)
+            else:
+                arr = arr & ((1 << stored) - 1)
+        return arr
+    arr = ds.pixel_array  # compressed / big endian / float: pydicom's decoder plugins
+    return arr.reshape(nframes, rows, cols)
+
+
+def _rescale(ds, frame: int):
+    pfg = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = _seq_item(ds, "SharedFunctionalGroupsSequence")
+    fg = pfg[frame] if pfg is not None and frame < len(pfg) else None
+    slope = _f(_from_groups(fg, shared, "PixelValueTransformationSequence", "RescaleSlope"))
+    icpt = _f(_from_groups(fg, shared, "PixelValueTransformationSequence", "RescaleIntercept"))
+    if slope is None:
+        slope = _f(ds.get("RescaleSlope"), 1.0)
+    if icpt is None:
+        icpt = _f(ds.get("RescaleIntercept"), 0.0)
+    return slope or 1.0, icpt
+
+
+def to_hu(ds, stored: np.ndarray, frame: int) -> np.ndarray:
+    slope, icpt = _rescale(ds, frame)
+    hu = stored.astype(np.float32) * np.float32(slope) + np.float32(icpt)
+    pad = _i(ds.get("PixelPaddingValue"))
+    if pad is not None:
+        lim = _i(ds.get("PixelPaddingRangeLimit"))
+        if lim is None:
+            mask = stored == pad
+        else:
+            lo, hi = min(pad, lim), max(pad, lim)
+            mask = (stored >= lo) & (stored <= hi)
+        hu[mask] = PAD_HU
+    return hu
+
+
+def read_dataset(path: str | Path):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(str(path))
+    except InvalidDicomError as e:
+        raise NotDicom(f"not a DICOM file ({e})") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError) as e:
+        raise NotDicom(f"unreadable DICOM ({type(e).__name__}: {e})") from None
+
+
+def decode_dataset(ds, source: str = "", received_at: float | None = None, pixels: bool = True,
+                   identifiers: bool = False) -> list[Decoded]:
+    try:
+        infos = header_infos(ds, source, received_at, identifiers)
+    except Exception as e:  # a header so broken that even its facts cannot be read
+        info = SliceInfo(sop_instance_uid=_s(ds.get("SOPInstanceUID")), series_instance_uid=_s(ds.get("SeriesInstanceUID")),
+                         study_instance_uid=_s(ds.get("StudyInstanceUID")), sop_class_uid=_s(ds.get("SOPClassUID")), source=source)
+        return [Decoded(info, error=f"unreadable header ({type(e).__name__}: {e})")]
+    out: list[Decoded] = []
+    analyse = []
+    for info in infos:
+        why = _why_not_analysed(ds, info)
+        if why:
+            out.append(Decoded(info, ignored=why))
+            continue
+        if not info.series_instance_uid or not info.sop_instance_uid:
+            out.append(Decoded(info, ignored="no SeriesInstanceUID/SOPInstanceUID"))
+            continue
+        geo = _missing_geometry(info)
+        if geo:
+            out.append(Decoded(info, error=geo))
+            continue
+        analyse.append(len(out))
+        out.append(Decoded(info))
+    if not analyse or not pixels:
+        return out
+    try:
+        stored = _stored_values(ds, len(infos))
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this instance's problem only
+        ts = _s(ds.file_meta.get("TransferSyntaxUID")) if getattr(ds, "file_meta", None) is not None else "?"
+        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        for i in analyse:
+            out[i].error = f"pixel data cannot be decoded (transfer syntax {ts}): {msg}"
+        return out
+    for i in analyse:
+        d = out[i]
+        try:
+            d.hu = to_hu(ds, stored[d.info.frame], d.info.frame)
+        except Exception as e:  # noqa: BLE001
+            d.error = f"pixel data cannot be converted to HU: {type(e).__name__}: {e}"
+    return out
+
+
+def decode_file(path: str | Path, received_at: float | None = None, identifiers: bool = False) -> list[Decoded]:
+    """Decode one file; raises NotDicom for non-DICOM input."""
+    ds = read_dataset(path)
+    if received_at is None:
+        try:
+            received_at = Path(path).stat().st_mtime
+        except OSError:
+            received_at = time.time()
+    return decode_dataset(ds, str(path), received_at, identifiers=identifiers)

@@ -1,0 +1,112 @@
+"""Inference stage: preprocess (the one shared function) → runner → sigmoid → fusion with the classical
+detectors. One ``SliceResult`` per input slice; a slice that fails (bad pixels, preprocessing error) gets
+its own error record and never fails the batch; a runner failure on a batch is retried slice by slice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+
+from medqc import detectors
+from medqc.agent.records import SliceResult
+from medqc.preprocess import preprocess
+
+log = logging.getLogger("medqc.agent.infer")
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
+class Inferer:
+    """Wraps one runner (``medqc.runners.make_runner``) for the agent. ``runner=None`` → classical only."""
+
+    def __init__(self, bundle, backend: str = "auto", threads: int = 0, runner=None, classical: bool = True):
+        self.bundle = bundle
+        self.params = bundle.preprocess if bundle is not None else None
+        self.labels = tuple(bundle.labels) if bundle is not None else ()
+        self.classical = classical
+        if runner is None and bundle is not None and backend != "none":
+            from medqc.runners import make_runner
+
+            opts = {}
+            if threads:
+                opts["threads"] = threads
+            try:
+                runner = make_runner(backend, bundle, **opts)
+            except TypeError:  # a backend without a threads option
+                runner = make_runner(backend, bundle)
+        self.runner = runner
+        self.backend = getattr(runner, "name", "none") if runner is not None else "none"
+
+    def describe(self) -> dict:
+        d = {"backend": self.backend}
+        if self.bundle is not None:
+            d.update(model=self.bundle.name, model_version=self.bundle.version)
+        return d
+
+    def _measure(self, hu, info) -> dict:
+        if not self.classical:
+            return {}
+        try:
+            return detectors.measure(hu, info)
+        except Exception as e:  # noqa: BLE001 - evidence is optional; the network result still stands
+            log.warning("classical detectors failed on %s: %s", info.sop_instance_uid, e)
+            return {}
+
+    def run(self, items: list) -> list[SliceResult]:
+        """items: [(SliceInfo, hu float32)] → [SliceResult] in the same order."""
+        results: list[SliceResult | None] = [None] * len(items)
+        inputs, idx = [], []
+        for k, (info, hu) in enumerate(items):
+            try:
+                inputs.append(preprocess(hu, info.pixel_spacing, self.params) if self.runner is not None else None)
+                idx.append(k)
+            except Exception as e:  # noqa: BLE001
+                results[k] = SliceResult(info=info, error=f"preprocessing failed: {e}", analysed_at=time.time())
+        outs = {}
+        if self.runner is not None and idx:
+            batch = np.stack(inputs).astype(np.float32, copy=False)
+            try:
+                o = self.runner.infer(batch)
+                outs = {k: (o["artifact_logits"][j], o["position"][j]) for j, k in enumerate(idx)}
+            except Exception as e:  # noqa: BLE001 - retry one by one so one bad slice cannot fail the batch
+                log.warning("batch of %d failed on %s (%s); retrying slice by slice", len(idx), self.backend, e)
+                for j, k in enumerate(idx):
+                    try:
+                        o = self.runner.infer(batch[j:j + 1])
+                        outs[k] = (o["artifact_logits"][0], o["position"][0])
+                    except Exception as e2:  # noqa: BLE001
+                        results[k] = SliceResult(info=items[k][0], error=f"inference failed ({self.backend}): {e2}",
+                                                 analysed_at=time.time())
+        for k in idx:
+            if results[k] is not None:
+                continue
+            info, hu = items[k]
+            net, pos = {}, None
+            if k in outs:
+                logits, p = outs[k]
+                probs = _sigmoid(np.asarray(logits, np.float64))
+                net = {lab: float(probs[i]) for i, lab in enumerate(self.labels)}
+                pv = float(np.asarray(p).reshape(-1)[0])
+                pos = pv if math.isfinite(pv) else None
+            measures = self._measure(hu, info)
+            try:
+                scores = detectors.fuse(net, measures) if self.classical else net
+            except Exception as e:  # noqa: BLE001
+                log.warning("fusion failed on %s: %s", info.sop_instance_uid, e)
+                scores = net
+            results[k] = SliceResult(info=info, scores=scores, position_ref_mm=pos, measures=measures,
+                                     analysed_at=time.time())
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self.runner is not None:
+            try:
+                self.runner.close()
+            except Exception:  # noqa: BLE001
+                pass

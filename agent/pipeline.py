@@ -1,0 +1,270 @@
+"""The agent's one path, wired in :func:`compose`:
+
+    ingest (receiver.py: C-STORE, watch.py: drop folder)
+      → spool.py (durable, then ACK)  → queue of spool paths (pixels stay on disk: RAM stays bounded)
+      → decode.py (header → SliceInfo; pixels → HU)  → batch.py (max batch / max wait)
+      → infer.py (preprocess → runner → sigmoid → fusion with medqc.detectors)
+      → series.py (per-series state, streaming checks, completion, verdict)  → sinks (one thread each)
+
+``Pipeline`` runs decode → infer → series on one worker thread (the receiver keeps the other core) and
+checks for due series after every batch and at least every 50 ms.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from medqc.agent.batch import MicroBatcher
+from medqc.agent.decode import NotDicom, decode_file
+from medqc.agent.records import SliceResult
+from medqc.agent.sinks.base import SinkThread
+
+log = logging.getLogger("medqc.agent.pipeline")
+TICK_S = 0.05
+
+
+class Pipeline:
+    def __init__(self, cfg, inferer, tracker, spool=None, sinks=(), metrics=None, max_rejected: int = 10000):
+        self.cfg = cfg
+        self.inferer = inferer
+        self.tracker = tracker
+        self.spool = spool
+        self.metrics = metrics
+        self.q: queue.Queue = queue.Queue()
+        self.batcher = MicroBatcher(self.q, cfg.inference.max_batch, cfg.inference.max_wait_ms)
+        self.sinks = [SinkThread(s, metrics) for s in sinks]
+        self.rejected: deque = deque(maxlen=max_rejected)
+        self._files: dict[str, set] = {}  # series uid → spool files waiting for its verdict
+        self._keep: set = set()  # files kept after the verdict (undecodable inputs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._busy = 0
+        self._lock = threading.Lock()
+        self.identifiers = bool(cfg.privacy.show_patient_identifiers)
+
+    # ------------------------------------------------------------------------------------------ intake
+    def submit(self, path: str | Path, received_at: float | None = None) -> None:
+        with self._lock:
+            self._busy += 1
+        self.q.put((str(path), time.time() if received_at is None else received_at))
+        self._metric("set", "medqc_queue_depth", self.q.qsize())
+
+    def resume(self) -> int:
+        """Queue whatever the spool holds from before a restart."""
+        if self.spool is None:
+            return 0
+        files = self.spool.pending()
+        for p in files:
+            try:
+                self.submit(p, p.stat().st_mtime)
+            except OSError:
+                continue
+        if files:
+            log.info("resuming %d spooled instance(s)", len(files))
+        return len(files)
+
+    def mpps_completed(self, series_uids: list[str]) -> None:
+        self.tracker.mpps_completed(series_uids)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _metric(self, kind: str, name: str, value=1.0, **labels) -> None:
+        if self.metrics is not None:
+            try:
+                getattr(self.metrics, kind)(name, value, **labels)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _emit(self, method: str, *args) -> None:
+        for s in self.sinks:
+            s.submit(method, *args)
+
+    def _reject(self, path: str, reason: str, sop_uid: str = "", series_uid: str = "") -> None:
+        rec = {"path": path, "reason": reason}
+        if sop_uid:
+            rec["sop_instance_uid"] = sop_uid
+        if series_uid:
+            rec["series_instance_uid"] = series_uid
+        self.rejected.append(rec)
+        self._metric("inc", "medqc_slices_rejected_total", reason=reason.split(" (")[0].split(":")[0][:40])
+        for s in self.sinks:
+            if hasattr(s.sink, "on_rejected"):
+                s.submit("on_rejected", rec)
+
+    def _release(self, path: str, keep: bool = False) -> None:
+        if self.spool is not None:
+            self.spool.release(path, keep=keep)
+
+    # ---------------------------------------------------------------------------------------- one batch
+    def process(self, items: list[tuple[str, float]]) -> None:
+        t0 = time.perf_counter()
+        todo, meta = [], []
+        for path, received_at in items:
+            try:
+                decoded = decode_file(path, received_at, identifiers=self.identifiers)
+            except NotDicom as e:
+                self._reject(path, str(e))
+                self._release(path)
+                continue
+            except FileNotFoundError:
+                continue
+            except Exception as e:  # noqa: BLE001 - one bad file never stops the pipeline
+                log.exception("decoding %s failed", path)
+                self._reject(path, f"internal decode error: {type(e).__name__}: {e}")
+                self._release(path, keep=True)
+                continue
+            used = False
+            for d in decoded:
+                if d.ignored:
+                    self._reject(path, d.ignored, d.info.sop_instance_uid, d.info.series_instance_uid)
+                    continue
+                used = True
+                self._files.setdefault(d.info.series_instance_uid, set()).add(path)
+                if d.error:
+                    self._keep.add(path)
+                    log.warning("instance %s (series %s) not analysable: %s", d.info.sop_instance_uid,
+                                d.info.series_instance_uid, d.error)
+                    self._add(SliceResult(info=d.info, error=d.error, analysed_at=time.time()))
+                else:
+                    todo.append((d.info, d.hu))
+            if not used:
+                self._release(path)
+        self._metric("observe", "medqc_stage_seconds", time.perf_counter() - t0, stage="decode")
+        mb = self.cfg.inference.max_batch
+        for k in range(0, len(todo), mb):
+            chunk = todo[k:k + mb]
+            t1 = time.perf_counter()
+            results = self.inferer.run(chunk)
+            self._metric("observe", "medqc_stage_seconds", time.perf_counter() - t1, stage="infer")
+            self._metric("observe", "medqc_batch_size", len(chunk))
+            for r in results:
+                self._add(r)
+
+    def _add(self, result: SliceResult) -> None:
+        t0 = time.perf_counter()
+        try:
+            changed = self.tracker.add(result)
+        except Exception:  # noqa: BLE001
+            log.exception("series checks failed on %s", result.info.sop_instance_uid)
+            changed = []
+        self._metric("observe", "medqc_stage_seconds", time.perf_counter() - t0, stage="checks")
+        if result.error:
+            self._metric("inc", "medqc_slices_rejected_total", reason="undecodable")
+        else:
+            self._metric("inc", "medqc_slices_analysed_total")
+            if result.info.received_at:
+                self._metric("observe", "medqc_stage_seconds", max(0.0, result.analysed_at - result.info.received_at),
+                             stage="end_to_end")
+        state = self.tracker.get(result.info.series_instance_uid)
+        if state is None:
+            return
+        self._emit("on_slice", result, state)
+        for f in changed:
+            self._metric("inc", "medqc_findings_total", check=f.check, severity=f.severity)
+            self._emit("on_finding", f, state)
+
+    # -------------------------------------------------------------------------------------- completion
+    def complete_due(self, now: float | None = None) -> int:
+        n = 0
+        for uid, reason in self.tracker.due(time.time() if now is None else now):
+            self.complete(uid, reason)
+            n += 1
+        return n
+
+    def complete(self, uid: str, reason: str) -> None:
+        try:
+            state, changed = self.tracker.complete(uid, reason)
+        except Exception:  # noqa: BLE001
+            log.exception("completing series %s failed", uid)
+            return
+        for f in changed:
+            self._metric("inc", "medqc_findings_total", check=f.check, severity=f.severity)
+            self._emit("on_finding", f, state)
+        self._metric("inc", "medqc_series_completed_total", verdict=state.verdict)
+        log.info("series %s: verdict %s (%s, %d slices, %d findings)", uid, state.verdict, reason,
+                 len(state.results), len(state.findings))
+        self._emit("on_series", state)
+        for path in self._files.pop(uid, ()):  # retention: after the series verdict
+            if not any(path in s for s in self._files.values()):
+                self._release(path, keep=path in self._keep)
+                self._keep.discard(path)
+
+    def complete_all(self, reason: str = "end-of-input") -> None:
+        for st in self.tracker.all():
+            if st.verdict is None:
+                self.complete(st.uid, reason)
+
+    # ------------------------------------------------------------------------------------------ running
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            items = self.batcher.next(TICK_S)
+            if items:
+                try:
+                    self.process(items)
+                except Exception:  # noqa: BLE001
+                    log.exception("pipeline batch failed")
+                finally:
+                    with self._lock:
+                        self._busy -= len(items)
+                self._metric("set", "medqc_queue_depth", self.q.qsize())
+            try:
+                self.complete_due()
+                self._metric("set", "medqc_series_open", sum(1 for s in self.tracker.all() if s.verdict is None))
+            except Exception:  # noqa: BLE001
+                log.exception("series completion failed")
+
+    def start(self) -> "Pipeline":
+        self._thread = threading.Thread(target=self._loop, name="pipeline", daemon=True)
+        self._thread.start()
+        return self
+
+    def idle(self) -> bool:
+        with self._lock:
+            return self._busy == 0
+
+    def run_until_idle(self, progress=None) -> None:
+        """Offline use (``medqc analyze``): process the queue in this thread until it is empty."""
+        while True:
+            items = self.batcher.next(0)
+            if not items:
+                break
+            self.process(items)
+            with self._lock:
+                self._busy -= len(items)
+            if progress is not None:
+                progress.update(len(items))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish what is queued within ``timeout`` (the spool keeps the rest), then stop sinks."""
+        deadline = time.monotonic() + timeout
+        while not self.idle() and time.monotonic() < deadline and self._thread is not None and self._thread.is_alive():
+            time.sleep(0.02)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(max(0.1, deadline - time.monotonic()))
+        for s in self.sinks:
+            s.close(timeout=max(0.5, deadline - time.monotonic()))
+        self.inferer.close()
+
+    def flush_sinks(self, timeout: float = 5.0) -> None:
+        for s in self.sinks:
+            s.flush(timeout)
+
+
+def compose(cfg, bundle_dir: str | None = None, backend: str | None = None, metrics=None, sinks=None,
+            spool=None, inference: bool = True) -> Pipeline:
+    """Build the whole path from the config: bundle → runner → inferer → series tracker → sinks."""
+    from medqc.agent.infer import Inferer
+    from medqc.agent.series import SeriesTracker
+    from medqc.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir or cfg.inference.bundle or None)
+    inferer = Inferer(bundle, backend or cfg.inference.backend if inference else "none", cfg.inference.threads)
+    if metrics is not None:
+        metrics.set("medqc_backend_info", 1.0, backend=inferer.backend)
+    tracker = SeriesTracker(cfg, bundle.thresholds)
+    return Pipeline(cfg, inferer, tracker, spool=spool, sinks=list(sinks or ()), metrics=metrics)

@@ -1,0 +1,38 @@
+"""Findings and verdicts as JSON lines on stdout (one object per line; UIDs only, no patient identifiers)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+from medqc.agent.sinks.base import Sink
+
+
+class StdoutSink(Sink):
+    name = "stdout"
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self._lock = threading.Lock()
+
+    def _emit(self, obj: dict) -> None:
+        line = json.dumps(obj, default=str, separators=(",", ":"))
+        with self._lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def on_finding(self, finding, state) -> None:
+        d = finding.to_dict()
+        d.pop("details", None)
+        self._emit({"event": "finding", "time": time.time(), **d})
+
+    def on_series(self, state) -> None:
+        counts: dict[str, int] = {}
+        for f in state.findings.values():
+            counts[f.severity] = counts.get(f.severity, 0) + 1
+        self._emit({"event": "series", "time": time.time(), "series_instance_uid": state.uid,
+                    "study_instance_uid": state.study_uid, "verdict": state.verdict, "slices": len(state.results),
+                    "protocol_rule": state.protocol_rule, "completed_reason": state.completed_reason,
+                    "findings": counts})

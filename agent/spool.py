@@ -1,0 +1,115 @@
+"""The durable spool: every received instance is on disk (temp file, fsync, atomic rename, directory
+fsync) before the scanner hears "success"; the agent resumes whatever is in it after a restart.
+
+Layout under the spool directory:
+  incoming/<sop_uid>.dcm      received, not yet part of a series verdict (resumed on start)
+  kept/<sop_uid>.dcm          inputs kept for inspection (undecodable ones; everything with retention=keep)
+  .tmp/                       partial writes (removed on start)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+
+_SAFE = re.compile(r"[^0-9A-Za-z._-]")
+
+
+class SpoolFull(Exception):
+    """Free space is below the low-watermark: refuse new data rather than lose it."""
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(str(d), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, root: str | Path, min_free_mb: int = 512, retention: str = "delete", fsync: bool = True):
+        if retention not in ("delete", "keep"):
+            raise ValueError(f"spool retention {retention!r}: allowed values are delete, keep")
+        self.root = Path(root)
+        self.incoming = self.root / "incoming"
+        self.kept = self.root / "kept"
+        self.tmp = self.root / ".tmp"
+        for d in (self.incoming, self.kept, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        for p in self.tmp.iterdir():  # partial writes of a crash were never acknowledged
+            p.unlink(missing_ok=True)
+        self.min_free = int(min_free_mb) * 1024 * 1024
+        self.retention = retention
+        self.fsync = fsync
+        self._free_checked = 0.0
+        self._free = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------ space
+    def free_bytes(self, max_age_s: float = 0.5) -> int:
+        now = time.monotonic()
+        with self._lock:
+            if self._free is None or now - self._free_checked > max_age_s:
+                self._free = shutil.disk_usage(self.root).free
+                self._free_checked = now
+            return self._free
+
+    def has_room(self, size: int = 0) -> bool:
+        return self.free_bytes() - size >= self.min_free
+
+    # ------------------------------------------------------------------------------------------ write
+    def put(self, data: bytes | memoryview, name: str) -> Path:
+        """Durably store one instance; returns its path in incoming/. Raises SpoolFull below the watermark."""
+        if not self.has_room(len(data)):
+            raise SpoolFull(f"spool {self.root}: free space below {self.min_free // (1024 * 1024)} MiB")
+        safe = _SAFE.sub("_", name)[:120] or "instance"
+        final = self.incoming / f"{safe}.dcm"
+        tmp = self.tmp / f"{safe}.{uuid.uuid4().hex[:8]}.part"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if self.fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, final)  # a resend of the same SOP instance replaces it (never counted twice)
+        if self.fsync:
+            _fsync_dir(self.incoming)
+        with self._lock:
+            if self._free is not None:
+                self._free -= len(data)
+        return final
+
+    # ---------------------------------------------------------------------------------------- resume
+    def pending(self) -> list[Path]:
+        """Files received but not yet released, oldest first (resumed on start)."""
+        files = []
+        for p in self.incoming.iterdir():
+            try:
+                files.append((p.stat().st_mtime, p.name, p))
+            except OSError:
+                continue
+        return [p for _, _, p in sorted(files)]
+
+    # ------------------------------------------------------------------------------------- retention
+    def release(self, path: str | Path, keep: bool = False) -> None:
+        """The instance's series has its verdict (or it was ignored): delete it, or keep it."""
+        p = Path(path)
+        if p.parent != self.incoming:
+            return  # not a spool file (drop-folder input analysed in place)
+        try:
+            if keep or self.retention == "keep":
+                os.replace(p, self.kept / p.name)
+            else:
+                p.unlink()
+        except FileNotFoundError:
+            pass
