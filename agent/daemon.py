@@ -1,0 +1,205 @@
+"""``medqc agent``: the DICOM receiver, the drop folder and the streaming pipeline in the foreground.
+
+startup (config → state dir → spool → store → model → pipeline → resume the spool → receiver → drop
+folder → HTTP) → READY=1 → tick loop (WATCHDOG=1, gauges) → on SIGTERM/SIGINT: STOPPING=1, stop accepting,
+finish in-flight work within ``STOP_GRACE_S`` (the spool keeps the rest for the next start); a second
+SIGINT forces exit.
+
+Integration points: ``medqc.agent.http.serve(cfg, agent) -> object with .close()`` when that module
+exists; ``medqc.agent.notify.notify(message)`` when it exists (else a built-in sd_notify); an access
+policy from ``medqc.agent.access.from_config(cfg)`` handed to the receiver; extra sinks from
+``medqc.agent.sinks.<name>.from_config(cfg)`` (returns a Sink or None) for webhook and dicom_sr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("medqc.agent")
+STOP_GRACE_S = 10.0
+BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime", "onnxruntime-int8", "torch")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--port", type=int, default=None, help="DICOM port (default 11112)")
+    p.add_argument("--ae-title", default=None, help="our AE title (default MEDQC)")
+    p.add_argument("--state-dir", default=None, help="results and spool (default $STATE_DIRECTORY or ./medqc-state)")
+    p.add_argument("--config", default=None, metavar="FILE", help="agent configuration (TOML)")
+    p.add_argument("--http", default=None, metavar="HOST:PORT", help="HTTP API / console address (default 127.0.0.1:8480)")
+    p.add_argument("--backend", choices=BACKENDS, default=None, help="inference backend (default auto)")
+    p.add_argument("--bundle", default=None, metavar="DIR", help="model bundle folder (default: the bundled model)")
+    p.add_argument("--watch", action="append", default=None, metavar="DIR", help="drop folder to ingest (repeatable)")
+    p.add_argument("--no-inference", action="store_true", help="receive and spool only (no analysis; for benchmarks)")
+
+
+def _optional(modname: str):
+    try:
+        return importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        if e.name and modname.startswith(e.name) or e.name == modname:
+            return None
+        raise
+
+
+def _sd_notify(msg: str) -> None:
+    mod = _optional("medqc.agent.notify")
+    if mod is not None and hasattr(mod, "notify"):
+        try:
+            mod.notify(msg)
+        except Exception as e:  # noqa: BLE001
+            log.debug("notify failed: %s", e)
+        return
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(msg.encode())
+    except OSError as e:
+        log.debug("sd_notify failed: %s", e)
+
+
+def state_dir(cfg, arg: str | None) -> Path:
+    return Path(arg or cfg.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "medqc-state").resolve()
+
+
+class Agent:
+    """Everything ``medqc agent`` runs, started and stopped in order (also usable from tests)."""
+
+    def __init__(self, cfg, state: Path, bundle: str | None = None, backend: str | None = None, inference: bool = True,
+                 watch: list[str] | None = None):
+        from medqc.agent.metrics import Metrics
+
+        self.cfg = cfg
+        self.state_dir = Path(state)
+        self.bundle, self.backend, self.inference = bundle, backend, inference
+        self.watch_dirs = list(watch or ()) + list(cfg.watch.dirs)
+        self.metrics = Metrics()
+        self.stopping = threading.Event()
+        self.receiver = self.watch = self.http = self.pipeline = self.store = self.spool = None
+
+    # The HTTP API reads these
+    @property
+    def tracker(self):
+        return self.pipeline.tracker if self.pipeline else None
+
+    def start(self) -> "Agent":
+        from medqc.agent.pipeline import compose
+        from medqc.agent.receiver import Receiver
+        from medqc.agent.sinks.stdout import StdoutSink
+        from medqc.agent.spool import Spool
+        from medqc.agent.store import Store
+
+        cfg = self.cfg
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(cfg.spool.dir or self.state_dir / "spool", cfg.spool.min_free_mb, cfg.spool.retention)
+        self.store = Store(self.state_dir / "medqc.sqlite", cfg.privacy)
+        sinks = [self.store]
+        if cfg.sinks.stdout.enabled:
+            sinks.append(StdoutSink())
+        for name in ("webhook", "dicom_sr"):
+            mod = _optional(f"medqc.agent.sinks.{name}")
+            if mod is not None and hasattr(mod, "from_config"):
+                s = mod.from_config(cfg)
+                if s is not None:
+                    sinks.append(s)
+        self.pipeline = compose(cfg, self.bundle, self.backend, self.metrics, sinks, self.spool, self.inference)
+        self.pipeline.store = self.store
+        self.pipeline.agent = self
+        log.info("model %s %s on %s", self.pipeline.inferer.describe().get("model"),
+                 self.pipeline.inferer.describe().get("model_version"), self.pipeline.inferer.backend)
+        if self.inference:
+            self.pipeline.start()
+        self.pipeline.resume() if self.inference else None
+        access_mod = _optional("medqc.agent.access")
+        access = access_mod.from_config(cfg) if access_mod is not None and hasattr(access_mod, "from_config") else None
+        on_stored = self.pipeline.submit if self.inference else (lambda path, t: None)
+        self.receiver = Receiver(cfg, self.spool, on_stored, self.pipeline.mpps_completed, self.metrics, access).start()
+        if self.watch_dirs:
+            from medqc.agent.watch import DropFolder
+
+            self.watch = DropFolder(self.watch_dirs, self.spool, on_stored, self.metrics).start()
+        http_mod = _optional("medqc.agent.http")
+        if http_mod is not None and cfg.http.enabled and hasattr(http_mod, "serve"):
+            self.http = http_mod.serve(cfg, self)
+        return self
+
+    def tick(self) -> None:
+        try:
+            self.metrics.set("medqc_spool_free_bytes", float(self.spool.free_bytes(5.0)))
+        except OSError:
+            pass
+
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        for part in (self.receiver, self.watch):
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception:  # noqa: BLE001
+                    log.exception("stopping %s failed", type(part).__name__)
+        if self.pipeline is not None:
+            self.pipeline.stop(grace)  # unfinished series stay in the spool: resumed at the next start
+        if self.http is not None:
+            try:
+                self.http.close()
+            except Exception:  # noqa: BLE001
+                log.exception("stopping the HTTP server failed")
+
+
+def run(args) -> int:
+    from medqc.bundle import BundleError
+    from medqc.config import ConfigError, load_config
+    from medqc.errors import UsageError
+    from medqc.runners import BackendUnavailable, RunnerError
+
+    overrides = {"dicom.port": args.port, "dicom.ae_title": args.ae_title, "http.bind": args.http,
+                 "inference.backend": args.backend, "inference.bundle": args.bundle}
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if logging.getLogger().level > logging.DEBUG:  # pynetdicom logs every C-STORE at INFO
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    agent = Agent(cfg, state_dir(cfg, args.state_dir), args.bundle, args.backend, not args.no_inference, args.watch)
+
+    interrupts = []
+
+    def on_signal(signum, frame):
+        interrupts.append(signum)
+        if len(interrupts) > 1 and signum == signal.SIGINT:
+            log.warning("second interrupt: exiting now (the spool keeps unanalysed instances)")
+            os._exit(130)
+        agent.stopping.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            agent.start()
+        except (BundleError, BackendUnavailable, RunnerError) as e:
+            agent.stop(1.0)
+            raise UsageError(str(e)) from None
+        except OSError as e:
+            agent.stop(1.0)
+            raise UsageError(f"cannot listen on port {cfg.dicom.port}: {e}") from None
+        log.info("medqc agent ready: AE %s on port %d, state in %s", cfg.dicom.ae_title, agent.receiver.port, agent.state_dir)
+        _sd_notify("READY=1\nSTATUS=receiving")
+        while not agent.stopping.wait(1.0):
+            agent.tick()
+            _sd_notify("WATCHDOG=1")
+        log.info("stopping (finishing in-flight work for up to %.0f s)", STOP_GRACE_S)
+        _sd_notify("STOPPING=1")
+        agent.stop()
+        return 0
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

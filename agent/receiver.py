@@ -1,0 +1,139 @@
+"""The DICOM receiver: a pynetdicom SCP answering C-ECHO, C-STORE (every storage SOP class, every common
+transfer syntax) and MPPS N-CREATE/N-SET.
+
+C-STORE writes ``event.encoded_dataset()`` raw to the spool (fsync + atomic rename) and only then answers
+success; it never waits for inference. Below the spool's free-space watermark it answers 0xA700 ("out of
+resources") so the scanner keeps the image and retries. Tuning (ARCHITECTURE.md numbers): TCP_NODELAY on
+each accepted socket, a 0.1 ms DUL poll instead of 1 ms, a 128 KiB maximum PDU.
+
+Access control hooks in through ``access``: an object with ``handlers() -> [(event, handler)]`` and/or
+``allow(event) -> (bool, reason)``/``ssl_context()``; or append to ``Receiver.extra_handlers``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+log = logging.getLogger("medqc.agent.receiver")
+
+DUL_LOOP_DELAY = 1e-4
+MPPS_CLASS = "1.2.840.10008.3.1.2.3.3"
+
+
+class Receiver:
+    def __init__(self, cfg, spool, on_stored, on_mpps=None, metrics=None, access=None, ae_title: str | None = None,
+                 port: int | None = None, bind: str | None = None):
+        self.cfg = cfg
+        self.spool = spool
+        self.on_stored = on_stored  # callable(path, received_at)
+        self.on_mpps = on_mpps  # callable(series_uids) on N-SET COMPLETED
+        self.metrics = metrics
+        self.access = access
+        self.ae_title = ae_title or cfg.dicom.ae_title
+        self.port = cfg.dicom.port if port is None else port
+        self.bind = bind or cfg.dicom.bind
+        self.extra_handlers: list = []
+        self.server = None
+        self.mpps = None
+
+    def _metric(self, kind, name, value=1.0, **labels):
+        if self.metrics is not None:
+            try:
+                getattr(self.metrics, kind)(name, value, **labels)
+            except Exception:  # noqa: BLE001
+                pass
+
+    # ---------------------------------------------------------------------------------------- handlers
+    def _on_open(self, event) -> None:
+        try:
+            dul = event.assoc.dul
+            dul._run_loop_delay = DUL_LOOP_DELAY  # noqa: SLF001 - documented tuning knob, see module doc
+            sock = dul.socket.socket if dul.socket is not None else None
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except Exception as e:  # noqa: BLE001 - tuning only
+            log.debug("socket tuning failed: %s", e)
+
+    def _on_echo(self, event) -> int:
+        return 0x0000
+
+    def _on_store(self, event) -> int:
+        t0 = time.perf_counter()
+        try:
+            sop_uid = str(event.request.AffectedSOPInstanceUID)
+        except Exception:  # noqa: BLE001
+            sop_uid = ""
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as e:  # noqa: BLE001
+            log.error("C-STORE %s: cannot encode the received dataset: %s", sop_uid, e)
+            return 0xC210
+        from medqc.agent.spool import SpoolFull
+
+        try:
+            path = self.spool.put(data, sop_uid or f"instance-{time.time_ns()}")
+        except SpoolFull as e:
+            log.error("C-STORE %s refused: %s", sop_uid, e)
+            self._metric("inc", "medqc_slices_rejected_total", reason="spool-full")
+            return 0xA700
+        except OSError as e:
+            log.error("C-STORE %s refused: spool write failed: %s", sop_uid, e)
+            return 0xA700
+        now = time.time()
+        self._metric("inc", "medqc_slices_received_total", source="dicom")
+        self._metric("observe", "medqc_stage_seconds", time.perf_counter() - t0, stage="spool")
+        try:
+            self.on_stored(path, now)
+        except Exception:  # noqa: BLE001 - the instance is safe in the spool; resumed at the next start
+            log.exception("queueing %s failed (kept in the spool)", sop_uid)
+        return 0x0000
+
+    # --------------------------------------------------------------------------------------- lifecycle
+    def build_ae(self):
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config
+        from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
+
+        _config.UNRESTRICTED_STORAGE_SERVICE = True  # any storage SOP class a scanner proposes is accepted
+        _config.LOG_REQUEST_IDENTIFIERS = False  # no patient identifiers in logs
+        _config.LOG_RESPONSE_IDENTIFIERS = False
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_pdu_size = int(self.cfg.dicom.max_pdu)
+        ae.maximum_associations = int(self.cfg.dicom.max_associations)
+        ae.require_called_aet = False
+        ts = list(ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ts)
+        ae.add_supported_context(Verification, ts)
+        ae.add_supported_context(ModalityPerformedProcedureStep, ts)
+        return ae
+
+    def handlers(self) -> list:
+        from pynetdicom import evt
+
+        from medqc.agent.mpps import MppsService
+
+        self.mpps = MppsService(self.on_mpps)
+        hs = [(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
+              (evt.EVT_N_CREATE, self.mpps.on_n_create), (evt.EVT_N_SET, self.mpps.on_n_set)]
+        if self.access is not None and hasattr(self.access, "handlers"):
+            hs += list(self.access.handlers())
+        return hs + list(self.extra_handlers)
+
+    def start(self) -> "Receiver":
+        ae = self.build_ae()
+        kw = {}
+        if self.access is not None and hasattr(self.access, "ssl_context"):
+            ctx = self.access.ssl_context()
+            if ctx is not None:
+                kw["ssl_context"] = ctx
+        self.server = ae.start_server((self.bind, self.port), block=False, evt_handlers=self.handlers(), **kw)
+        self.port = self.server.server_address[1]
+        log.info("DICOM receiver %s listening on %s:%d", self.ae_title, self.bind, self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
