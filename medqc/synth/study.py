@@ -276,7 +276,7 @@ def write_study(out_dir: Path, opts: StudyOptions) -> dict:
             sp.sfov_mm = sfov_trunc
             sp.fov_mm = min(fov, sfov_trunc)
         sp.tilt_deg = float(opts.tilt)
-        sp.tilt_z_scale = patient.scale
+        sp.thickness_mm = float(pl["thickness"])
         specs.append(sp)
     # simulate (in parallel processes when there is work enough); every slice has its own seeded rng
     jobs = [(patient, sp, (int(opts.seed), i, ring_offsets)) for i, sp in enumerate(specs)]

@@ -20,6 +20,7 @@ from medqc.anatomy import BODY_SCALE_MAX, LANDMARKS
 from medqc.synth import ct
 from medqc.synth.phantom import Patient, _Canvas, add_implant, random_patient, rasterize
 
+GENERATOR_VERSION = "1"  # bump when the physics or the labels change (training caches key on it)
 SIM_N = 256  # simulation grid (pixels); physical pixel = extent / SIM_N
 TRAIN_RECON_MAX = 256  # training slices are reconstructed at most at 256² (≥ 2 mm network pixels) and interpolated to the display matrix
 # Noise σ (HU) measured at 2 mm pixels (the network's view) at the body centre. Brain imaging needs far
@@ -71,17 +72,15 @@ class SliceSpec:
     metal: float = 0.0  # (already placed implants are in the patient)
     truncation_extended: bool = False  # show the extended (beyond SFOV) reconstruction instead of padding
     tilt_deg: float = 0.0  # gantry tilt: the slice plane is tilted about the x axis
-    tilt_z_scale: float = 1.0  # patient size factor (converts the plane's z offsets to reference mm)
+    thickness_mm: float = 1.0  # slice thickness: sub-slices averaged across it (partial volume along z)
 
 
-def rasterize_plane(p: Patient, spec: SliceSpec, X: np.ndarray, Y: np.ndarray):
-    """Rasterise the slice plane; a tilted plane crosses the body obliquely (z varies along the rows),
-    approximated by bands of rows a few millimetres apart in z."""
+def _rasterize_tilted(p: Patient, spec: SliceSpec, r: float, X: np.ndarray, Y: np.ndarray):
     t = math.radians(spec.tilt_deg)
     if abs(t) < 1e-6:
-        return rasterize(p, spec.r, X, Y)
+        return rasterize(p, r, X, Y)
     ys = Y[:, 0]
-    dz = np.abs(ys * math.sin(t)) / spec.tilt_z_scale
+    dz = np.abs(ys * math.sin(t)) / p.scale
     n_bands = int(min(48, max(3, math.ceil(dz.max() / 2.0) * 2 + 1)))
     edges = np.linspace(ys.min(), ys.max() + 1e-6, n_bands + 1)
     cv = _Canvas(X, Y)
@@ -90,11 +89,27 @@ def rasterize_plane(p: Patient, spec: SliceSpec, X: np.ndarray, Y: np.ndarray):
         if not rows.any():
             continue
         yc = 0.5 * (edges[b] + edges[b + 1])
-        rb = spec.r - yc * math.sin(t) / spec.tilt_z_scale
+        rb = r - yc * math.sin(t) / p.scale
         part = rasterize(p, rb, X[rows], Y[rows] * math.cos(t))
         cv.hu[rows] = part.hu
         cv.metal[rows] = part.metal
         cv.table[rows] = part.table
+    return cv
+
+
+def rasterize_plane(p: Patient, spec: SliceSpec, X: np.ndarray, Y: np.ndarray):
+    """Rasterise the slice: a tilted plane crosses the body obliquely (z varies along the rows, approximated
+    by bands of rows a few millimetres apart in z); a thick slice averages sub-slices across its thickness
+    (partial volume along z)."""
+    k = int(min(4, max(1, round(spec.thickness_mm / 1.25))))
+    if k == 1:
+        return _rasterize_tilted(p, spec, spec.r, X, Y)
+    offs = ((np.arange(k) + 0.5) / k - 0.5) * spec.thickness_mm / p.scale
+    parts = [_rasterize_tilted(p, spec, spec.r + o, X, Y) for o in offs]
+    cv = parts[0]
+    cv.hu = np.mean([c.hu for c in parts], axis=0).astype(np.float32)
+    cv.metal = np.mean([c.metal for c in parts], axis=0).astype(np.float32)
+    cv.table = np.logical_or.reduce([c.table for c in parts])
     return cv
 
 
@@ -344,6 +359,7 @@ def _random_spec(rng: np.random.Generator, r: float, p: Patient) -> SliceSpec:
         sfov_mm=500.0,
         padding=PADDINGS[int(rng.integers(len(PADDINGS)))],
         n_views=256,
+        thickness_mm=float(rng.choice([0.625, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0])),
     )
 
 
@@ -403,6 +419,7 @@ def _one(rng: np.random.Generator, artifact_rate: float, seed: int, index: int) 
         "center_mm": [round(c, 2) for c in spec.center],
         "kernel": spec.kernel,
         "kvp": spec.kvp,
+        "thickness_mm": spec.thickness_mm,
         "padding": spec.padding,
         "sfov_mm": round(spec.sfov_mm, 1),
         "motion_mm": round(spec.motion_mm, 2),
