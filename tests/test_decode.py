@@ -1,0 +1,163 @@
+"""agent/decode.py on the real Philips study and on constructed edge cases (syntaxes, padding, bits, geometry)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (CTImageStorage, ExplicitVRBigEndian, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless,
+                         generate_uid)
+
+from medqc.agent.decode import PAD_HU, NotDicom, decode_dataset, decode_file
+
+
+def ct_dataset(rows=64, cols=64, hu=None, z=-100.0, orientation=(1, 0, 0, 0, 1, 0), signed=True, bits_stored=16,
+               intercept=-1024.0, ts=ExplicitVRLittleEndian) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.SOPClassUID = CTImageStorage
+    ds.Modality = "CT"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID = "Doe^Jane", "PID-12345"
+    ds.InstanceNumber = 1
+    ds.ImagePositionPatient = [-100.0, -100.0, z]
+    ds.ImageOrientationPatient = list(orientation)
+    ds.PixelSpacing = [0.8, 0.8]
+    ds.SliceThickness = 1.0
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, intercept
+    if hu is None:
+        yy, xx = np.mgrid[:rows, :cols]
+        hu = np.where((yy - rows / 2) ** 2 + (xx - cols / 2) ** 2 < (rows / 3) ** 2, 40.0, -1000.0)
+    stored = np.round(np.asarray(hu) - intercept).astype(np.int16 if signed else np.uint16)
+    ds.PixelData = stored.tobytes()
+    return ds
+
+
+def test_real_study_classification(real_ct):
+    counts = Counter()
+    for p in sorted(real_ct.rglob("*")):
+        if not p.is_file():
+            continue
+        try:
+            out = decode_file(p)
+        except NotDicom:
+            counts["not-dicom"] += 1
+            continue
+        for d in out:
+            if d.ok:
+                counts["ok"] += 1
+                assert d.hu.dtype == np.float32 and d.hu.shape == (d.info.rows, d.info.cols)
+                assert d.info.pixel_spacing and d.info.position and abs(d.info.gantry_tilt) > 10  # tilted series
+                assert -1100 < float(np.median(d.hu)) < 100  # air/water phantom in HU, not raw stored values
+                assert d.info.patient_name == ""  # identifiers only when the site opts in
+            elif "LOCALIZER" in d.info.image_type or "localizer" in d.ignored:
+                counts["localizer"] += 1
+            else:
+                counts["other"] += 1
+    assert counts["ok"] == 112 and counts["localizer"] == 1 and counts["not-dicom"] >= 1 and counts["other"] >= 5
+
+
+def test_hu_rescale_padding_and_masking():
+    hu = np.full((32, 32), 40.0)
+    hu[:4] = -3000.0
+    ds = ct_dataset(32, 32, hu=hu)
+    ds.PixelPaddingValue = int(np.int16(-3000 + 1024))
+    d = decode_dataset(ds)[0]
+    assert d.ok and np.all(d.hu[:4] == PAD_HU) and np.allclose(d.hu[4:], 40.0)
+    # unsigned 12-bit stored in 16 with garbage in the high bits (overlay habit): masked away
+    ds = ct_dataset(32, 32, hu=np.full((32, 32), 100.0), signed=False, bits_stored=12)
+    raw = np.frombuffer(ds.PixelData, np.uint16) | np.uint16(0xF000)
+    ds.PixelData = raw.tobytes()
+    assert np.allclose(decode_dataset(ds)[0].hu, 100.0)
+
+
+def test_compressed_and_big_endian_match_uncompressed():
+    base = ct_dataset(64, 64)
+    want = decode_dataset(base)[0].hu
+    rle = ct_dataset(64, 64)
+    rle.compress(RLELossless)
+    assert np.array_equal(decode_dataset(rle)[0].hu, want)
+    be = ct_dataset(64, 64)
+    be.PixelData = np.frombuffer(be.PixelData, np.int16).astype(">i2").tobytes()
+    be.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    assert np.array_equal(decode_dataset(be)[0].hu, want)
+
+
+def test_undecodable_truncated_and_missing_geometry_are_errors_not_crashes():
+    bad = ct_dataset(32, 32)
+    bad.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    from pydicom.encaps import encapsulate
+
+    bad.PixelData = encapsulate([b"\xff\x4f\xff\x51 this is not a codestream"])
+    d = decode_dataset(bad)[0]
+    assert d.hu is None and "cannot be decoded" in d.error and JPEG2000Lossless in d.error
+    short = ct_dataset(32, 32)
+    short.PixelData = short.PixelData[:100]
+    d = decode_dataset(short)[0]
+    assert d.hu is None and "truncated" in d.error
+    nogeo = ct_dataset(32, 32)
+    del nogeo.ImagePositionPatient
+    del nogeo.PixelSpacing
+    d = decode_dataset(nogeo)[0]
+    assert not d.ok and "ImagePositionPatient" in d.error and "PixelSpacing" in d.error
+
+
+def test_non_axial_and_non_ct_are_ignored():
+    sag = ct_dataset(32, 32, orientation=(0, 1, 0, 0, 0, -1))
+    assert "not axial" in decode_dataset(sag)[0].ignored
+    tilted = ct_dataset(32, 32, orientation=(1, 0, 0, 0, 0.94, -0.34))  # 20° gantry tilt stays axial
+    assert decode_dataset(tilted)[0].ok
+    sr = Dataset()
+    sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"  # X-ray radiation dose SR
+    sr.SOPInstanceUID, sr.SeriesInstanceUID, sr.StudyInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    sr.Modality = "SR"
+    assert "no image pixels" in decode_dataset(sr)[0].ignored
+
+
+def test_enhanced_ct_multiframe_per_frame_geometry():
+    n, rows = 4, 32
+    ds = ct_dataset(rows, rows)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "RescaleSlope", "RescaleIntercept"):
+        delattr(ds, k)
+    ds.NumberOfFrames = n
+    shared = Dataset()
+    po, pm, pvt = Dataset(), Dataset(), Dataset()
+    po.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    pm.PixelSpacing, pm.SliceThickness = [0.7, 0.7], 1.5
+    pvt.RescaleSlope, pvt.RescaleIntercept, pvt.RescaleType = 1, -1024, "HU"
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = [po], [pm]
+    shared.PixelValueTransformationSequence = [pvt]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for k in range(n):
+        fg, pp, ft = Dataset(), Dataset(), Dataset()
+        pp.ImagePositionPatient = [0.0, 0.0, -10.0 * k]
+        ft.FrameType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+        fg.PlanePositionSequence, fg.CTImageFrameTypeSequence = [pp], [ft]
+        frames.append(fg)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    ds.PixelData = (np.arange(n, dtype=np.int16)[:, None, None] * 100 + np.zeros((n, rows, rows), np.int16) + 1024).tobytes()
+    out = decode_dataset(ds)
+    assert [d.info.frame for d in out] == list(range(n)) and all(d.ok for d in out)
+    assert [d.info.z for d in out] == [0.0, -10.0, -20.0, -30.0]
+    assert out[0].info.pixel_spacing == (0.7, 0.7) and out[2].info.slice_thickness == 1.5
+    assert [float(d.hu.mean()) for d in out] == [0.0, 100.0, 200.0, 300.0]
+
+
+def test_not_dicom(tmp_path):
+    p = tmp_path / "DIRFILE"
+    p.write_bytes(b"not dicom at all" * 20)
+    with pytest.raises(NotDicom):
+        decode_file(p)
