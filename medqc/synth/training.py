@@ -81,7 +81,7 @@ def _rasterize_tilted(p: Patient, spec: SliceSpec, r: float, X: np.ndarray, Y: n
         return rasterize(p, r, X, Y)
     ys = Y[:, 0]
     dz = np.abs(ys * math.sin(t)) / p.scale
-    n_bands = int(min(48, max(3, math.ceil(dz.max() / 2.0) * 2 + 1)))
+    n_bands = int(min(160, max(3, math.ceil(dz.max() / 0.75) * 2 + 1)))
     edges = np.linspace(ys.min(), ys.max() + 1e-6, n_bands + 1)
     cv = _Canvas(X, Y)
     for b in range(n_bands):
