@@ -20,7 +20,7 @@ from medqc.anatomy import BODY_SCALE_MAX, LANDMARKS
 from medqc.synth import ct
 from medqc.synth.phantom import Patient, _Canvas, add_implant, random_patient, rasterize
 
-GENERATOR_VERSION = "1"  # bump when the physics or the labels change (training caches key on it)
+GENERATOR_VERSION = "2"  # bump when the physics or the labels change (training caches key on it)
 SIM_N = 256  # simulation grid (pixels); physical pixel = extent / SIM_N
 TRAIN_RECON_MAX = 256  # training slices are reconstructed at most at 256² (≥ 2 mm network pixels) and interpolated to the display matrix
 # Noise σ (HU) measured at 2 mm pixels (the network's view) at the body centre. Brain imaging needs far
@@ -379,6 +379,8 @@ def sample_training_slices(n: int, seed: int, *, artifact_rate: float = 0.5) -> 
 def _one(rng: np.random.Generator, artifact_rate: float, seed: int, index: int) -> TrainingSlice:
     p = random_patient(rng)
     r = float(rng.uniform(-15.0, LANDMARKS["mid_thigh"]))
+    if r < LANDMARKS["lung_apex"] - 20 and rng.random() < 0.85:
+        p.arms = "down"  # head and neck scans are done with the arms down (arms up: whole-body scans)
     spec = _random_spec(rng, r, p)
     chosen: dict[str, float] = {}
     if rng.random() < artifact_rate:
