@@ -2,7 +2,7 @@
 fsync) before the scanner hears "success"; the agent resumes whatever is in it after a restart.
 
 Layout under the spool directory:
-  incoming/<sop_uid>.dcm      received, not yet part of a series verdict (resumed on start)
+  incoming/<sop_uid>.<arrival>.dcm     received, not yet part of a series verdict (resumed on start)
   kept/<sop_uid>.dcm          inputs kept for inspection (undecodable ones; everything with retention=keep)
   .tmp/                       partial writes (removed on start)
 """
@@ -74,14 +74,17 @@ class Spool:
         if not self.has_room(len(data)):
             raise SpoolFull(f"spool {self.root}: free space below {self.min_free // (1024 * 1024)} MiB")
         safe = _SAFE.sub("_", name)[:120] or "instance"
-        final = self.incoming / f"{safe}.dcm"
-        tmp = self.tmp / f"{safe}.{uuid.uuid4().hex[:8]}.part"
+        # unique per arrival: two objects with one SOP Instance UID (a header-only copy, a resend) never
+        # overwrite each other before analysis; the series state counts an instance once
+        uniq = f"{time.time_ns():x}{uuid.uuid4().hex[:6]}"
+        final = self.incoming / f"{safe}.{uniq}.dcm"
+        tmp = self.tmp / f"{safe}.{uniq}.part"
         with open(tmp, "wb") as f:
             f.write(data)
             if self.fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, final)  # a resend of the same SOP instance replaces it (never counted twice)
+        os.replace(tmp, final)
         if self.fsync:
             _fsync_dir(self.incoming)
         with self._lock:

@@ -1,0 +1,229 @@
+"""``medqc agent`` with real DICOM peers on loopback: DCMTK echoscu/storescu, a pynetdicom SCU (spool-full
+refusal, MPPS completion, two series interleaved), and kill -9 in the middle of a study."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+
+def need_tool(name: str) -> str:
+    import shutil
+
+    path = shutil.which(name)
+    if not path:
+        pytest.skip(f"{name} is not installed")
+    return path
+
+EXPECTED = {54, 58}  # axial slices of the two tilted series in the real Philips study
+
+
+def _wait_port(port: int, proc, timeout: float = 30.0) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            return False
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+class AgentProc:
+    def __init__(self, tmp: Path, port: int, bundle: Path, idle_s: float = 1.0, min_free_mb: int = 0):
+        self.tmp, self.port, self.bundle = tmp, port, bundle
+        self.state = tmp / "state"
+        self.cfg = tmp / "medqc.toml"
+        self.cfg.write_text(f"[series]\nidle_timeout_s = {idle_s}\n[spool]\nmin_free_mb = {min_free_mb}\n"
+                            "[http]\nenabled = false\n")
+        self.out = tmp / f"out-{time.time_ns()}.jsonl"
+        self.err = self.out.with_suffix(".log")
+        self.proc = None
+
+    def start(self):
+        env = dict(os.environ, MEDQC_LOG_LEVEL="INFO", TCP_NODELAY="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "medqc", "agent", "--port", str(self.port), "--state-dir",
+                                      str(self.state), "--config", str(self.cfg), "--bundle", str(self.bundle),
+                                      "--backend", "onnxruntime"],
+                                     stdout=open(self.out, "w"), stderr=open(self.err, "w"), env=env)
+        assert _wait_port(self.port, self.proc), self.err.read_text()
+        return self
+
+    def events(self, kind: str) -> list[dict]:
+        out = []
+        for line in self.out.read_text().splitlines():
+            d = json.loads(line)
+            if d.get("event") == kind:
+                out.append(d)
+        return out
+
+    def wait_series(self, n: int, timeout: float = 60.0) -> list[dict]:
+        end = time.time() + timeout
+        while time.time() < end:
+            s = self.events("series")
+            if len(s) >= n:
+                return s
+            time.sleep(0.1)
+        raise AssertionError(f"{len(self.events('series'))} verdict(s) after {timeout} s; log:\n" + self.err.read_text()[-3000:])
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def storescu(port: int, path: Path) -> subprocess.CompletedProcess:
+    exe = need_tool("storescu")
+    return subprocess.run([exe, "-aec", "MEDQC", "+sd", "+r", "-nh", "127.0.0.1", str(port), str(path)],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, TCP_NODELAY="1"))
+
+
+def test_storescu_real_study_verdicts_store_and_spool(tmp_path, port, tiny_bundle, real_ct):
+    echoscu = need_tool("echoscu")
+    a = AgentProc(tmp_path, port, tiny_bundle).start()
+    try:
+        r = subprocess.run([echoscu, "-aec", "MEDQC", "127.0.0.1", str(port)], capture_output=True, text=True, timeout=30,
+                           env=dict(os.environ, TCP_NODELAY="1"))
+        assert r.returncode == 0, r.stderr
+        storescu(port, real_ct)
+        series = a.wait_series(2)
+    finally:
+        rc = a.stop()
+    assert rc == 0
+    assert {s["slices"] for s in series} == EXPECTED
+    assert all(s["verdict"] in ("pass", "warn", "fail") and s["completed_reason"] == "idle" for s in series)
+    tilt = [f for f in a.events("finding") if f["check"] == "geometry.tilt"]
+    assert {f["series_instance_uid"] for f in tilt} == {s["series_instance_uid"] for s in series}
+    db = sqlite3.connect(a.state / "medqc.sqlite")
+    rows = db.execute("SELECT verdict, slices, report FROM series").fetchall()
+    assert sorted(r[1] for r in rows) == sorted(EXPECTED) and all(r[0] for r in rows)
+    rep = json.loads(rows[0][2])
+    assert rep["per_slice"] and "scores" in rep["per_slice"][0]
+    reasons = [r[0] for r in db.execute("SELECT reason FROM rejected")]
+    assert any("localizer" in x for x in reasons) and any("not a CT image" in x for x in reasons)
+    assert list((a.state / "spool" / "incoming").iterdir()) == []  # default retention: deleted after the verdict
+    log = a.err.read_text() + a.out.read_text()
+    assert "Doe" not in log and "PatientName" not in log
+
+
+def test_kill9_mid_study_then_restart_loses_nothing(tmp_path, port, tiny_bundle, real_ct):
+    a = AgentProc(tmp_path, port, tiny_bundle, idle_s=120.0).start()  # no verdict before the kill
+    try:
+        r = storescu(port, real_ct)
+        assert "Store Response" not in r.stderr or "Success" in r.stderr or r.returncode in (0, 1)
+    finally:
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait()
+    assert a.events("series") == []
+    spooled = list((a.state / "spool" / "incoming").iterdir())
+    assert len(spooled) >= sum(EXPECTED)  # every acknowledged axial slice is on disk (a header-only copy never overwrites one)
+    a.cfg.write_text("[series]\nidle_timeout_s = 1.0\n[spool]\nmin_free_mb = 0\n[http]\nenabled = false\n")
+    b = AgentProc(tmp_path, port, tiny_bundle)
+    b.state, b.cfg = a.state, a.cfg
+    b.start()
+    try:
+        series = b.wait_series(2)
+    finally:
+        b.stop()
+    assert {s["slices"] for s in series} == EXPECTED
+
+
+def _scu(port: int, contexts):
+    from pynetdicom import AE
+
+    ae = AE(ae_title="SCANNER")
+    for cx in contexts:
+        ae.add_requested_context(cx)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDQC")
+    assert assoc.is_established
+    sock = assoc.dul.socket.socket
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return assoc
+
+
+def _real_series(real_ct: Path):
+    import pydicom
+
+    by = {}
+    for p in sorted(real_ct.rglob("*")):
+        if not p.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(p)
+        except Exception:  # noqa: BLE001
+            continue
+        if ds.get("SOPClassUID") == "1.2.840.10008.5.1.4.1.1.2" and "LOCALIZER" not in ds.get("ImageType", []):
+            by.setdefault(ds.SeriesInstanceUID, []).append(ds)
+    return list(by.values())
+
+
+def test_pynetdicom_interleaved_series_and_mpps_completion(tmp_path, port, tiny_bundle, real_ct):
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+    from pynetdicom.sop_class import CTImageStorage, ModalityPerformedProcedureStep
+
+    s1, s2 = _real_series(real_ct)
+    s1, s2 = s1[:10], s2[:12]
+    a = AgentProc(tmp_path, port, tiny_bundle, idle_s=120.0).start()  # only MPPS can complete these quickly
+    try:
+        assoc = _scu(port, [CTImageStorage, ModalityPerformedProcedureStep])
+        for k in range(max(len(s1), len(s2))):  # two series interleaved on one association
+            for s in (s1, s2):
+                if k < len(s):
+                    st = assoc.send_c_store(s[k])
+                    assert st.Status == 0x0000
+        mpps_uid = generate_uid()
+        create = Dataset()
+        create.PerformedProcedureStepStatus = "IN PROGRESS"
+        st, _ = assoc.send_n_create(create, ModalityPerformedProcedureStep, mpps_uid)
+        assert st.Status == 0x0000
+        mods = Dataset()
+        mods.PerformedProcedureStepStatus = "COMPLETED"
+        items = []
+        for s in (s1, s2):
+            it = Dataset()
+            it.SeriesInstanceUID = s[0].SeriesInstanceUID
+            items.append(it)
+        mods.PerformedSeriesSequence = items
+        t0 = time.time()
+        st, _ = assoc.send_n_set(mods, ModalityPerformedProcedureStep, mpps_uid)
+        assert st.Status == 0x0000
+        assoc.release()
+        series = a.wait_series(2, timeout=20)
+        assert time.time() - t0 < 10
+    finally:
+        a.stop()
+    got = {s["series_instance_uid"]: s for s in series}
+    assert got[s1[0].SeriesInstanceUID]["slices"] == 10 and got[s2[0].SeriesInstanceUID]["slices"] == 12
+    assert all(s["completed_reason"] == "mpps" for s in series)
+
+
+def test_spool_below_watermark_answers_out_of_resources(tmp_path, port, tiny_bundle, real_ct):
+    from pynetdicom.sop_class import CTImageStorage
+
+    ds = _real_series(real_ct)[0][0]
+    a = AgentProc(tmp_path, port, tiny_bundle, min_free_mb=10**9).start()
+    try:
+        assoc = _scu(port, [CTImageStorage])
+        st = assoc.send_c_store(ds)
+        assoc.release()
+    finally:
+        a.stop()
+    assert 0xA700 <= st.Status <= 0xA7FF
+    assert list((a.state / "spool" / "incoming").iterdir()) == []

@@ -1,0 +1,51 @@
+"""agent/spool.py and agent/batch.py: durable writes, resume order, watermark refusal, retention."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import pytest
+
+from medqc.agent.batch import MicroBatcher
+from medqc.agent.spool import Spool, SpoolFull
+
+
+def test_put_pending_release(tmp_path):
+    sp = Spool(tmp_path / "s", min_free_mb=0)
+    (sp.tmp / "crash.part").write_bytes(b"partial")  # a write interrupted by a crash
+    a = sp.put(b"one", "1.2.3")
+    time.sleep(0.01)
+    b = sp.put(b"two", "1.2/../4")  # hostile name stays inside incoming/
+    assert a.parent == sp.incoming and b.parent == sp.incoming and a.read_bytes() == b"one"
+    sp2 = Spool(tmp_path / "s", min_free_mb=0)  # restart: resumes in arrival order, partials dropped
+    assert sp2.pending() == [a, b] and not list(sp2.tmp.iterdir())
+    sp2.release(a)
+    sp2.release(b, keep=True)
+    assert sp2.pending() == [] and (sp2.kept / b.name).read_bytes() == b"two"
+    keep = Spool(tmp_path / "k", min_free_mb=0, retention="keep")
+    c = keep.put(b"x", "9")
+    keep.release(c)
+    assert (keep.kept / c.name).exists()
+    with pytest.raises(ValueError, match="delete, keep"):
+        Spool(tmp_path / "bad", retention="forever")
+
+
+def test_low_watermark_refuses(tmp_path):
+    sp = Spool(tmp_path / "s", min_free_mb=10**9)  # more than any disk has
+    with pytest.raises(SpoolFull):
+        sp.put(b"data", "1")
+    assert sp.pending() == []
+
+
+def test_micro_batcher_fills_and_times_out():
+    q = queue.Queue()
+    mb = MicroBatcher(q, max_batch=4, max_wait_ms=30)
+    for i in range(10):
+        q.put(i)
+    assert mb.next(0.1) == [0, 1, 2, 3] and mb.next(0.1) == [4, 5, 6, 7]
+    t0 = time.monotonic()
+    assert mb.next(0.1) == [8, 9]
+    assert time.monotonic() - t0 < 0.2
+    t0 = time.monotonic()
+    assert mb.next(0.05) == [] and time.monotonic() - t0 >= 0.04
