@@ -112,17 +112,21 @@ def generator_fingerprint() -> str:
         return ""
 
 
-def cache_key(n: int, seed: int, params: PreprocessParams) -> str:
+def generator_version() -> str:
+    try:
+        import medqc.synth.training as tr
+
+        return str(getattr(tr, "__version__", None) or getattr(tr, "GENERATOR_VERSION", None) or "")
+    except ImportError:
+        return ""
+
+
+def cache_key(n: int, seed: int, params: PreprocessParams, version: str | None = None) -> str:
     """Folder name for a cache: count, seed, preprocessing and the generator's declared version (if any).
 
     The generator's source fingerprint is stored in ``done.json``; a cache made by other generator source
     is still reused (generation is the expensive part) but with a warning — delete it to regenerate."""
-    try:
-        import medqc.synth.training as tr
-
-        ver = getattr(tr, "__version__", None) or getattr(tr, "GENERATOR_VERSION", None) or ""
-    except ImportError:
-        ver = ""
+    ver = generator_version() if version is None else version
     h = hashlib.sha256(json.dumps([n, seed, params.to_dict(), str(ver)], sort_keys=True).encode()).hexdigest()
     return f"n{n}-s{seed}-{h[:12]}"
 

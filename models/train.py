@@ -92,6 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--max-minutes", type=float, default=0.0, help="time budget for the whole run, data generation included; the training schedule shrinks to fit (0: none)")
     p.add_argument("--cache", default="data/train-cache", help="folder for the preprocessed float16 cache (reused when complete)")
+    p.add_argument("--generator-version", default=None, metavar="V",
+                   help="key the cache by this generator version instead of the installed one (reuse a cache made by an earlier generator)")
     p.add_argument("--workers", type=int, default=2, help="generator processes (default 2)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (CUDA uses automatic mixed precision)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -200,11 +202,13 @@ def train(args) -> dict:
     cache_root = Path(args.cache)
 
     # ---- data
-    from medqc.models.data import cache_key
+    from medqc.models.data import cache_key, generator_version
+
+    gver = args.generator_version if getattr(args, "generator_version", None) is not None else generator_version()
 
     t0 = time.time()
-    tr = build_cache(cache_root / cache_key(args.n_train, args.seed, params), args.n_train, args.seed, params, args.workers, progress, "train data")
-    va = build_cache(cache_root / cache_key(args.n_val, args.seed + 1_000_003, params), args.n_val, args.seed + 1_000_003, params, args.workers, progress, "val data")
+    tr = build_cache(cache_root / cache_key(args.n_train, args.seed, params, gver), args.n_train, args.seed, params, args.workers, progress, "train data")
+    va = build_cache(cache_root / cache_key(args.n_val, args.seed + 1_000_003, params, gver), args.n_val, args.seed + 1_000_003, params, args.workers, progress, "val data")
     data_s = time.time() - t0
     tr_hold = heldout_mask(tr.meta, args.holdout_rules)
     va_hold = heldout_mask(va.meta, args.holdout_rules)
@@ -240,6 +244,11 @@ def train(args) -> dict:
     steps_per_epoch = max(1, len(train_idx) // args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     warmup = min(100, total_steps // 10 + 1)
+    planned_steps = total_steps
+    t20 = time.time()
+
+    def epochs_left(step: int) -> int:  # validation passes still to come (one per epoch)
+        return max(0, math.ceil((total_steps - step) / steps_per_epoch))
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -298,15 +307,20 @@ def train(args) -> dict:
                 history.append({"step": step, "loss": run_loss / run_n, "loss_artifacts": float(loss_a.detach()), "loss_position": float(loss_p.detach())})
                 bar.set_postfix(loss=f"{run_loss / run_n:.3f}")
             bar.update(1)
-            if budget_s > 0 and step == 20:  # shrink the schedule to fit the time budget
-                per_step = (time.time() - t_opt) / 20
-                left = budget_s - (time.time() - t_start) - 60.0 - 0.02 * per_step * total_steps  # final evaluation, export check
-                fit = int(left / per_step * 0.9) + step
-                if fit < total_steps:
-                    log.info("time budget: %d of %d planned steps fit; shortening the schedule", fit, total_steps)
-                    total_steps = max(step + 1, fit)
+            if step == 20:
+                t20 = time.time()
+            if budget_s > 0 and step >= 50 and (step == 50 or step % 100 == 0):
+                # fit the schedule to the time budget; the rate is measured after the first (slow) steps and
+                # re-measured as the run goes, so a pessimistic early estimate does not cut the run short
+                per_step = (time.time() - t20) / (step - 20)
+                left = budget_s - (time.time() - t_start) - 90.0 - 0.4 * len(val_idx) * per_step / args.batch_size * (epochs_left(step) + 3)
+                fit = max(step + 1, int(left / per_step) + step)
+                new_total = min(planned_steps, fit)
+                if new_total != total_steps and abs(new_total - total_steps) > 0.02 * total_steps:
+                    log.info("time budget: %d of %d planned steps fit (%.2f s/step)", new_total, planned_steps, per_step)
+                    total_steps = new_total
                     bar.total = total_steps
-                    stopped_early = True
+                    stopped_early = total_steps < planned_steps
         epoch += 1
         m, logits, _ = evaluate(model, va, val_idx, device, amp=amp)
         thresholds = choose_thresholds(list(ARTIFACTS), labels_from_severity(va.y[val_idx]), logits, args.specificity)
@@ -356,6 +370,8 @@ def train(args) -> dict:
         "data_summary": summarise_meta([tr.meta[i] for i in train_idx]),
         "heldout_summary": summarise_meta([va.meta[i] for i in np.flatnonzero(va_hold)]),
         "generator_doc": _generator_doc(),
+        "generator_version": gver,
+        "generator_version_installed": generator_version(),
     }
     try:
         metrics["ort_cpu"] = bench_onnx(model_cpu, params)
