@@ -262,9 +262,17 @@ def compose(cfg, bundle_dir: str | None = None, backend: str | None = None, metr
     from medqc.agent.series import SeriesTracker
     from medqc.bundle import load_bundle
 
-    bundle = load_bundle(bundle_dir or cfg.inference.bundle or None)
-    inferer = Inferer(bundle, backend or cfg.inference.backend if inference else "none", cfg.inference.threads)
+    from medqc.bundle import BundleError
+
+    backend = (backend or cfg.inference.backend) if inference else "none"
+    try:
+        bundle = load_bundle(bundle_dir or cfg.inference.bundle or None)
+    except BundleError:
+        if backend != "none":
+            raise
+        bundle = None  # classical detectors only: no model needed
+    inferer = Inferer(bundle, backend, cfg.inference.threads)
     if metrics is not None:
         metrics.set("medqc_backend_info", 1.0, backend=inferer.backend)
-    tracker = SeriesTracker(cfg, bundle.thresholds)
+    tracker = SeriesTracker(cfg, bundle.thresholds if bundle is not None else {})
     return Pipeline(cfg, inferer, tracker, spool=spool, sinks=list(sinks or ()), metrics=metrics)
