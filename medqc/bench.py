@@ -379,9 +379,10 @@ class Agent:
         env = dict(os.environ, MEDQC_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
         self._logf = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._logf, stderr=subprocess.STDOUT)
-        if not (_wait_port(self.port, timeout, self.proc) and _wait_port(self.http_port, timeout, self.proc)):
+        if not _wait_port(self.port, timeout, self.proc):
             self.stop()
             return f"the agent did not start listening within {timeout:g} s: {self.tail()}"
+        self.http_up = _wait_port(self.http_port, 2.0, self.proc)  # optional: results are read from the store
         return ""
 
     def tail(self, n: int = 600) -> str:
@@ -389,24 +390,41 @@ class Agent:
             return self.log.read_text()[-n:].strip()
         return ""
 
-    def get(self, path: str):
-        import urllib.request
+    @property
+    def db_path(self) -> Path:
+        return self.work / "state" / "medqc.sqlite"
 
-        with urllib.request.urlopen(self.url + path, timeout=5) as r:
-            return json.loads(r.read())
+    def _query(self, sql: str, args=()) -> list:
+        """Read the agent's SQLite store (WAL: readers never block its writer)."""
+        import sqlite3
 
-    def series(self, uid: str) -> dict | None:
-        import urllib.error
-
+        if not self.db_path.is_file():
+            return []
+        con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5)
         try:
-            rep = self.get(f"/api/series/{uid}")
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                return None
-            raise
-        if isinstance(rep, dict) and isinstance(rep.get("series"), list):
-            rep = next((s for s in rep["series"] if s.get("series_instance_uid") == uid), None)
-        return rep
+            return con.execute(sql, args).fetchall()
+        except sqlite3.OperationalError:  # tables not created yet
+            return []
+        finally:
+            con.close()
+
+    def slice_times(self, uid: str) -> list[tuple[str, float, float]]:
+        return [(r[0], r[1] or 0.0, r[2] or 0.0) for r in
+                self._query("SELECT sop_uid, received_at, analysed_at FROM slices WHERE series_uid = ?", (uid,))]
+
+    def verdict(self, uid: str) -> tuple[str | None, float | None]:
+        rows = self._query("SELECT verdict, completed_at FROM series WHERE uid = ?", (uid,))
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
+
+    def wait_series(self, uid: str, n: int, timeout: float) -> tuple[list, str | None, float | None]:
+        """Wait until ``n`` slices of ``uid`` are stored with a verdict (or the timeout)."""
+        deadline = time.time() + timeout
+        while True:
+            times = self.slice_times(uid)
+            verdict, completed = self.verdict(uid)
+            if (len(times) >= n and verdict) or time.time() > deadline or (self.proc is not None and self.proc.poll() is not None):
+                return times, verdict, completed
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -445,7 +463,7 @@ def bench_agent_receive(files: list[Path], work: Path, bundle: str | None) -> di
             "what": "storescu → medqc agent --no-inference (spooled and acknowledged)"}
 
 
-def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str | None, latency_slices: list[Path], wait_s: float = 120) -> dict:
+def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str | None, latency_slices: list[Path], wait_s: float = 180) -> dict:
     if not shutil.which("storescu"):
         return _skip("DCMTK storescu not installed")
     agent = Agent(work / "agent-full", bundle, inference=True)
@@ -458,27 +476,22 @@ def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str
         wall, r = _storescu(files, agent.port, "MEDQC")
         if r.returncode != 0:
             return _failed(f"storescu exit {r.returncode}: {r.stderr.strip()[-300:]}; agent: {agent.tail()}")
-        rep, deadline = None, time.time() + wait_s
-        while time.time() < deadline:
-            rep = agent.series(uid)
-            if rep and len(rep.get("per_slice") or []) >= len(files) and rep.get("verdict"):
-                break
-            time.sleep(0.1)
-        per = (rep or {}).get("per_slice") or []
-        done = [p.get("analysed_at") for p in per if isinstance(p.get("analysed_at"), (int, float)) and p.get("analysed_at") > 0]
+        times, verdict, _ = agent.wait_series(uid, len(files), wait_s)
+        done = [a for _, _, a in times if a > 0]
         res = {"status": "ran", "slices": len(files), "ingest_wall_s": round(wall, 3), "ingest_slices_per_s": round(len(files) / wall, 1),
-               "slices_analysed": len(per), "verdict": (rep or {}).get("verdict"),
-               "what": "storescu → medqc agent (spool, decode, preprocess, batch, infer, checks, store)"}
-        if len(per) < len(files):
+               "slices_analysed": len(times), "verdict": verdict,
+               "what": "storescu → medqc agent (spool, decode, preprocess, batch, infer, checks, store); analysed_at from the agent's store"}
+        if len(done) < len(files):
             res["status"] = "failed"
-            res["reason"] = f"only {len(per)} of {len(files)} slices analysed within {wait_s:g} s; agent: {agent.tail()}"
+            res["reason"] = f"only {len(done)} of {len(files)} slices analysed within {wait_s:g} s; agent: {agent.tail()}"
             return res
-        if done:
-            span = max(done) - t0
-            res["wall_s"] = round(span, 3)
-            res["slices_per_s"] = round(len(files) / span, 1)
-        else:
-            res["reason"] = "the agent's report carries no analysed_at: end-to-end rate unmeasured"
+        span = max(done) - t0
+        res["wall_s"] = round(span, 3)
+        res["slices_per_s"] = round(len(files) / span, 1)
+        lat = [(a - rcv) * 1e3 for _, rcv, a in times if a > 0 and rcv > 0]
+        from medqc.replay import percentiles
+
+        res["slice_to_result_ms_at_full_speed"] = percentiles(lat)
         # latency at scanner pace: a fresh series (new UIDs) through medqc replay at 60 slices/s
         res["latency_at_60"] = _latency_at_rate(latency_slices, agent, 60.0)
         return res
@@ -486,31 +499,38 @@ def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str
         agent.stop()
 
 
-def _latency_at_rate(files: list[Path], agent: Agent, rate: float) -> dict:
-    from medqc.replay import replay
+def _latency_at_rate(files: list[Path], agent: Agent, rate: float, wait_s: float = 60.0) -> dict:
+    from medqc.replay import percentiles, replay
 
     if not files:
         return _skip("no latency study")
     try:
-        result, _ = replay([str(p) for p in files], "127.0.0.1", agent.port, "MEDQC", "MEDQC_BENCH", "rate", rate,
-                           agent_url=agent.url, agent_wait_s=30.0)
+        result, records = replay([str(p) for p in files], "127.0.0.1", agent.port, "MEDQC", "MEDQC_BENCH", "rate", rate)
     except Exception as e:
         return _failed(f"{type(e).__name__}: {e}")
-    a = result.get("agent") or {}
-    a.pop("_slice_ms", None)
     t = result["transport"]
-    return {
-        "status": "ran" if t["sent"] == len(files) else "failed",
+    uid = _series_uid(files)
+    times, verdict, completed = agent.wait_series(uid, len(files), wait_s)
+    sent = {r.sop_instance_uid: r for r in records if r.ok}
+    s2r = [(a - rcv) * 1e3 for _, rcv, a in times if a > 0 and rcv > 0]
+    send2r = [(a - sent[u].sent_at) * 1e3 for u, _, a in times if a > 0 and u in sent]
+    last_ack = max((r.acked_at for r in records if r.ok), default=None)
+    out = {
+        "status": "ran" if (t["sent"] == len(files) and len(s2r) == len(files)) else "failed",
         "rate": rate,
         "slices": t["sent"],
+        "achieved_rate_slices_per_s": (t["series"][0].get("rate_slices_per_s") if t["series"] else None),
         "c_store_rtt_ms": t["c_store_rtt_ms"],
-        "slice_to_result_ms": a.get("slice_to_result_ms"),
-        "send_to_result_ms": a.get("send_to_result_ms"),
-        "last_slice_to_verdict_s": a.get("last_slice_to_verdict_s"),
-        "time_to_first_flag_s": a.get("time_to_first_flag_s"),
-        **({"reason": a["error"]} if a.get("error") else {}),
-        **({"note": a["note"]} if a.get("note") else {}),
+        "slice_to_result_ms": percentiles(s2r),
+        "send_to_result_ms": percentiles(send2r),
+        "verdict": verdict,
+        "last_slice_to_verdict_s": percentiles([completed - last_ack] if (completed and last_ack) else []),
+        "how": "received_at → analysed_at of each slice and the series completed_at, read from the agent's store; "
+               "last slice = the C-STORE response of the last instance",
     }
+    if out["status"] != "ran":
+        out["reason"] = f"{t['sent']} sent, {len(s2r)} analysed, verdict {verdict!r} within {wait_s:g} s; {t['errors']}"
+    return out
 
 
 # --------------------------------------------------------------------------------------------- (d) inference

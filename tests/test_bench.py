@@ -72,6 +72,14 @@ def test_quick_bench_runs_and_explains_every_section(tmp_path, tiny_bundle):
             assert abs(row["x_storescp"] - row["slices_per_s"] / res["sections"]["storescp"]["slices_per_s"]) < 0.02 * row["x_storescp"] + 0.01
     assert set(res["targets"]) == {"full_pipeline_slices_per_s", "p95_slice_to_result_ms_at_60", "last_slice_to_verdict_s", "onnxruntime_vs_naive_torch"}
     assert "storescp" in r.stdout and "targets:" in r.stdout
+    full = res["sections"]["agent_full"]
+    if full["status"] == "ran":  # the agent is part of this install: its figures come with it
+        assert full["slices_analysed"] == res["study"]["slices"] and full["verdict"] in ("pass", "warn", "fail")
+        lat = full["latency_at_60"]
+        assert lat["status"] == "ran", lat
+        assert lat["slice_to_result_ms"]["n"] == lat["slices"] and lat["last_slice_to_verdict_s"]["n"] == 1
+        assert res["targets"]["p95_slice_to_result_ms_at_60"]["value"] == lat["slice_to_result_ms"]["p95"]
+        assert res["sections"]["agent_receive"]["status"] == "ran"
     assert elapsed < 90, f"--quick took {elapsed:.0f} s"
 
 
