@@ -1,0 +1,131 @@
+"""agent/pipeline.py in-process with the tiny real ONNX model: count completion latency, sink isolation,
+a bad slice inside a batch, drop-folder ingest."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from medqc.agent.metrics import Metrics
+from medqc.agent.pipeline import compose
+from medqc.agent.sinks.base import Sink
+from medqc.agent.spool import Spool
+from medqc.config import load_config
+
+
+class Recorder(Sink):
+    name = "recorder"
+
+    def __init__(self):
+        self.slices, self.findings, self.series = [], [], []
+        self.done = threading.Event()
+
+    def on_slice(self, result, state):
+        self.slices.append(result)
+
+    def on_finding(self, finding, state):
+        self.findings.append(finding)
+
+    def on_series(self, state):
+        self.series.append((time.time(), state.uid, state.verdict, len(state.results), state.completed_reason))
+        self.done.set()
+
+
+class Broken(Sink):
+    name = "broken"
+
+    def on_finding(self, finding, state):
+        raise RuntimeError("webhook endpoint down")
+
+
+class Slow(Sink):
+    name = "slow"
+
+    def on_slice(self, result, state):
+        time.sleep(0.5)
+
+
+def _series_files(real_ct: Path, tmp: Path, n: int, expected: int | None = None) -> list[Path]:
+    src = sorted((real_ct / "S3010").glob("I*"), key=lambda p: int(p.name[1:]))[:n]
+    out = []
+    tmp.mkdir(parents=True, exist_ok=True)
+    for p in src:
+        ds = pydicom.dcmread(p)
+        if expected is not None:
+            ds.ImagesInAcquisition = expected
+        q = tmp / p.name
+        ds.save_as(q, enforce_file_format=True)
+        out.append(q)
+    return out
+
+
+def _cfg(tmp: Path, idle: float = 30.0):
+    p = tmp / "c.toml"
+    p.write_text(f"[series]\nidle_timeout_s = {idle}\n[inference]\nmax_wait_ms = 5\n")
+    return load_config(p)
+
+
+def test_count_completion_fast_and_sinks_isolated(tmp_path, real_ct, tiny_bundle):
+    files = _series_files(real_ct, tmp_path / "in", 12, expected=12)
+    rec, metrics = Recorder(), Metrics()
+    pipe = compose(_cfg(tmp_path), str(tiny_bundle), "onnxruntime", metrics=metrics, sinks=[Broken(), Slow(), rec]).start()
+    try:
+        for f in files:
+            pipe.submit(f)
+        last = time.time()
+        assert rec.done.wait(10), "no verdict"
+    finally:
+        pipe.stop(2.0)
+    t, uid, verdict, n, reason = rec.series[0]
+    assert reason == "count" and n == 12 and verdict in ("pass", "warn", "fail")
+    # the slow sink (0.5 s per slice) and the broken one never delayed the verdict
+    assert t - last < 1.0, f"verdict {t - last:.2f} s after the last slice"
+    assert metrics.get("medqc_sink_errors_total", sink="broken") >= 1
+    assert metrics.get("medqc_slices_analysed_total") == 12
+    assert len(rec.slices) == 12 and all(r.scores and r.position_ref_mm is not None for r in rec.slices)
+
+
+def test_bad_slice_does_not_fail_its_batch(tmp_path, real_ct, tiny_bundle):
+    from medqc.agent.decode import decode_file
+
+    files = _series_files(real_ct, tmp_path / "in", 6)
+    pipe = compose(_cfg(tmp_path), str(tiny_bundle), "onnxruntime")
+    items = [(d.info, d.hu) for f in files for d in decode_file(f)]
+    items[2][0].pixel_spacing = (0.0, 0.0)  # impossible geometry reaching inference
+    items[4] = (items[4][0], items[4][1][:, :1])  # a sliver of an image: still analysable (padded as outside the FOV)
+    results = pipe.inferer.run(items)
+    assert [bool(r.error) for r in results] == [False, False, True, False, False, False]
+    assert all(r.scores for r in results if not r.error)
+    assert results[2].info.sop_instance_uid == items[2][0].sop_instance_uid and "pixel spacing" in results[2].error
+
+
+def test_drop_folder_ingest(tmp_path, real_ct, tiny_bundle):
+    pytest.importorskip("watchdog")
+    from medqc.agent.watch import DropFolder
+
+    files = _series_files(real_ct, tmp_path / "src", 5, expected=5)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    shutil.copy(files[0], drop / "already-there.dcm")  # present before start
+    (drop / "notes.txt").write_text("not dicom")
+    rec = Recorder()
+    spool = Spool(tmp_path / "spool", min_free_mb=0)
+    pipe = compose(_cfg(tmp_path), str(tiny_bundle), "onnxruntime", sinks=[rec], spool=spool).start()
+    watch = DropFolder([drop], spool, pipe.submit).start()
+    try:
+        for f in files[1:]:
+            shutil.copy(f, drop / (f.name + ".part"))  # writer's temp name, renamed into place
+            (drop / (f.name + ".part")).rename(drop / f.name)
+        assert rec.done.wait(15), "no verdict from the drop folder"
+    finally:
+        watch.stop()
+        pipe.stop(2.0)
+    assert rec.series[0][3] == 5 and rec.series[0][4] == "count"
+    assert not any(drop.iterdir())  # taken into the spool
+    assert any("not a DICOM file" in r["reason"] for r in pipe.rejected)
+    assert spool.pending() == []  # released after the verdict
