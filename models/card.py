@@ -79,6 +79,9 @@ def render_card(m: dict) -> str:
         f"  held-out parameter ranges; validation: {m.get('n_val')} slices from held-out seeds, of which",
         f"  {m.get('n_val_heldout_params')} fall in held-out parameter ranges: `{'`, `'.join(m.get('holdout_rules', []))}`.",
         *([f"- Recipe (from the generator): {m['generator_doc']}"] if m.get("generator_doc") else []),
+        *([f"- Generator version of the cached data: {m.get('generator_version') or 'untagged'}"
+           f" (installed generator: {m.get('generator_version_installed') or 'untagged'})."] if "generator_version" in m else []),
+        *([f"- Note: {m['data_note']}"] if m.get("data_note") else []),
         f"- Labels: artifact positive when the generator's severity >= {m.get('positive_at_severity')}, negative when it is 0;",
         "  fainter severities are neither trained nor scored for that class. Position: the generator's reference",
         "  body coordinate (slices without one do not train the position head).",

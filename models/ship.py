@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
     ap.add_argument("--card", default=str(Path(__file__).resolve().parent / "cards" / "qcnet.md"))
     ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--note", default="", help="a note on the training data for the card")
     args = ap.parse_args(argv)
     run = Path(args.run)
     ckpt = run / "qcnet.pt"
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
 
     b = load_bundle(bundle)
     metrics["version"] = b.version
+    if args.note:
+        metrics["data_note"] = args.note
     if not metrics.get("generator_doc"):
         from medqc.models.train import _generator_doc
 
