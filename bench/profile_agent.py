@@ -20,9 +20,12 @@ import time
 from pathlib import Path
 
 
-def summarise(raw: Path, top: int = 25) -> str:
-    leaf, owner, total = collections.Counter(), collections.Counter(), 0
-    threads = collections.Counter()
+_WAITS = ("threading.py", "selectors.py")
+
+
+def summarise(raw: Path, top: int = 12) -> str:
+    """Per thread: share of its samples spent in each innermost medqc / pynetdicom / onnxruntime frame."""
+    per: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         try:
@@ -30,18 +33,17 @@ def summarise(raw: Path, top: int = 25) -> str:
         except ValueError:
             continue
         frames = stack.split(";")
-        total += n
-        threads[frames[0]] += n
-        leaf[frames[-1]] += n
-        mine = next((f for f in reversed(frames) if "medqc" in f or "/agent/" in f or "pynetdicom" in f), frames[-1])
-        owner[mine] += n
-    out = [f"{total} samples"]
-    out.append("by thread:")
-    out += [f"  {100 * v / total:5.1f}%  {k[:110]}" for k, v in threads.most_common(8)]
-    out.append("leaf frames (self):")
-    out += [f"  {100 * v / total:5.1f}%  {k[:110]}" for k, v in leaf.most_common(top)]
-    out.append("innermost medqc / pynetdicom frame:")
-    out += [f"  {100 * v / total:5.1f}%  {k[:110]}" for k, v in owner.most_common(top)]
+        key = next((f for f in reversed(frames[1:]) if any(m in f for m in ("medqc/", "agent/", "pynetdicom/", "onnxruntime/"))),
+                   frames[-1])
+        if any(w in frames[-1] for w in _WAITS):
+            key = f"(waiting) {key}"
+        per[frames[0]][key] += n
+    out = []
+    busy = sorted(per.items(), key=lambda kv: -sum(v for k, v in kv[1].items() if not k.startswith("(waiting)")))
+    for thread, c in busy[:5]:
+        total = sum(c.values())
+        out.append(f"{thread}: {total} samples")
+        out += [f"  {100 * v / total:5.1f}%  {k[:120]}" for k, v in c.most_common(top)]
     return "\n".join(out)
 
 
