@@ -74,7 +74,8 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
     from medqc.synth import ct
     from medqc.synth.dicomio import UidMaker
     from medqc.synth.training import (metal_severity, motion_amplitude, motion_severity, noise_severity,
-                                      noise_target, ring_severity, ring_target, truncation_severity)
+                                      noise_target, ring_severity, ring_target, truncation_severity,
+                                      truncation_sfov)
 
     if kind not in ARTIFACTS:
         raise UsageError(f"unknown artifact {kind!r}; allowed: {', '.join(ARTIFACTS)}")
@@ -85,6 +86,9 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
         raise UsageError(f"{out_dir} exists and is not an empty folder; choose a new OUT_DIR")
     items = _load_series(src)
     n_sl = len(items)
+    # brain imaging has its own noise scale: judge head series on it (from the header's description)
+    desc = " ".join(str(getattr(items[0][1], k, "") or "") for k in ("BodyPartExamined", "ProtocolName", "SeriesDescription", "StudyDescription")).upper()
+    r_ref = 60.0 if any(w in desc for w in ("HEAD", "BRAIN", "SKULL", "CRAN", "NEURO", "KOPF", "SCHAEDEL")) else 500.0
     rng = np.random.default_rng([int(seed), 0x1A7EC7])
     uid = UidMaker(seed, 0, salt="medqc-inject/" + str(items[0][1].SeriesInstanceUID))
     # metal sits in a run of slices in the middle; everything else affects the whole series
@@ -128,7 +132,7 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
             mu = np.maximum(mu_w * (1.0 + canvas / 1000.0), 0.0)
             geo = ct.Geometry(n, n, n)
             p0 = ct.project(mu, geo, spx)
-            body = canvas > -500
+            body = _patient_mask(canvas, spx)
             c = (np.arange(n) - (n - 1) / 2) * spx
             X, Y = np.meshgrid(c, c)
             sev = {k: 0.0 for k in ARTIFACTS}
@@ -174,7 +178,7 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
                 p1 = p0 + gain * ring_offsets[None, :]
                 sev["ring"] = ring_severity(unit * gain)
             elif kind == "noise":
-                target = noise_target(500.0, severity)
+                target = noise_target(r_ref, severity)
                 i0 = 1.0e5 * spx
                 nz = ct.gaussian_noise_sino(p0, i0, spx, srng)
                 qn = ct.ramp_filter(nz, spx, kernel)
@@ -185,12 +189,12 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
                 sig = float(patch.reshape(32, f2, 32, f2).mean((1, 3)).std())
                 k = target / sig if sig > 0 else 1.0
                 p1 = p0 + k * nz
-                sev["noise"] = noise_severity(target)
+                sev["noise"] = noise_severity(target, r_ref)
             else:  # truncation
                 if sfov is None:
                     rr = np.sqrt(X**2 + Y**2)[body]
                     width = 2 * float(rr.max()) if rr.size else 200.0
-                    sfov = max(120.0, width * (1.0 - 0.04 - 0.3 * severity))
+                    sfov = max(120.0, truncation_sfov(width, severity))
                 p1 = ct.truncate(p0, sfov / 2 / spx)
                 frac = float((body & (X**2 + Y**2 > (sfov / 2) ** 2)).sum() / max(body.sum(), 1))
                 sev["truncation"] = truncation_severity(frac)
@@ -245,11 +249,25 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
     return truth
 
 
+def _patient_mask(canvas: np.ndarray, spx: float) -> np.ndarray:
+    """The patient, without the table or head holder: the patient's outline is closed (holes filled),
+    the table's thin open shells do not survive an opening; the patient is the largest region left."""
+    from scipy import ndimage
+
+    m = ndimage.binary_fill_holes(canvas > -400)  # a closed outline (skin, skull) encloses the patient
+    m = ndimage.binary_opening(m, iterations=max(1, int(round(3.0 / spx))))
+    lab, k = ndimage.label(m)
+    if k == 0:
+        return m
+    sizes = ndimage.sum(m, lab, index=np.arange(1, k + 1))
+    return ndimage.binary_fill_holes(lab == (int(np.argmax(sizes)) + 1))
+
+
 def _metal_site(canvas, X, Y, radius, rng):
     from scipy.ndimage import binary_erosion
 
-    tissue = (canvas > -200) & (canvas < 300)
     px = float(X[0, 1] - X[0, 0])
+    tissue = (canvas > -200) & (canvas < 300) & _patient_mask(canvas, px)
     core = binary_erosion(tissue, iterations=max(1, int(radius / px) + 2))
     cand = np.argwhere(core if core.any() else tissue)
     if cand.size == 0:
@@ -286,6 +304,11 @@ def _write_like(src, hu: np.ndarray, path: Path, uid, sop: str, kind: str) -> No
     for tag in ("LossyImageCompression",):
         if tag in ds:
             del ds[tag]
+    if not hasattr(ds, "file_meta") or ds.file_meta is None:
+        from pydicom.dataset import FileMetaDataset
+
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = sop
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.save_as(str(path), enforce_file_format=True)

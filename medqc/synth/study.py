@@ -199,7 +199,8 @@ def write_study(out_dir: Path, opts: StudyOptions) -> dict:
     from medqc.synth import dicomio
     from medqc.synth.phantom import add_implant, random_patient
     from medqc.synth.training import (SliceSpec, metal_severity, motion_amplitude, motion_severity, noise_scale,
-                                      noise_severity, noise_target, ring_severity, truncation_severity)
+                                      noise_severity, noise_target, ring_severity, truncation_severity,
+                                      truncation_sfov)
     from medqc.synth import ct
 
     validate(opts)
@@ -256,7 +257,7 @@ def write_study(out_dir: Path, opts: StudyOptions) -> dict:
         sev = max(a.severity for a in arts if a.kind == "truncation")
         from medqc.synth.training import _body_width
         widths = [_body_width(patient, (z_v - z) / patient.scale) for z in zs]
-        sfov_trunc = float(max(150.0, np.median(widths) * (1.0 - 0.04 - 0.3 * sev)))
+        sfov_trunc = float(max(150.0, truncation_sfov(float(np.median(widths)), sev)))
 
     specs = []
     for i, z in enumerate(zs):

@@ -313,6 +313,11 @@ def ring_severity(amp_hu: float) -> float:
     return float(np.clip((amp_hu - RING_HU[0]) / (RING_HU[1] - RING_HU[0]), 0.05, 1.0))
 
 
+def truncation_sfov(body_width_mm: float, severity: float) -> float:
+    """A scan field a little smaller than the patient: subtle (2 % narrower) to gross (16 % narrower)."""
+    return body_width_mm * (1.0 - 0.02 - 0.14 * severity)
+
+
 def truncation_severity(frac: float) -> float:
     if frac < 0.002:
         return 0.0
@@ -401,7 +406,7 @@ def _one(rng: np.random.Generator, artifact_rate: float, seed: int, index: int) 
     if "truncation" in chosen:
         # the patient is larger than the scan field: a small SFOV (head mode) or a big patient
         width = _body_width(p, r)
-        spec.sfov_mm = float(max(150.0, width * (1.0 - 0.04 - 0.3 * chosen["truncation"])))
+        spec.sfov_mm = float(max(150.0, truncation_sfov(width, chosen["truncation"])))
         spec.fov_mm = float(min(spec.fov_mm, spec.sfov_mm) if rng.random() < 0.6 else max(spec.fov_mm, spec.sfov_mm))
         spec.truncation_extended = bool(rng.random() < 0.5)
     hu, phys = simulate_slice(p, spec, rng, recon_max=TRAIN_RECON_MAX)
