@@ -1,7 +1,8 @@
 """Micro-batcher: take up to ``max_batch`` items, waiting at most ``max_wait_ms`` after the first one.
 
-At low rates a slice is analysed within ``max_wait_ms`` of arriving; under load the batches fill up and
-throughput rises, without an unbounded queue in RAM (the queue carries spool paths, not pixels).
+A lone slice (nothing else queued) is analysed at once: at scanner rates below our throughput waiting only
+adds latency. When more is queued (a burst, a backlog) the batch fills from the queue and waits up to
+``max_wait_ms`` for stragglers, so under load the batches grow and throughput rises, without an unbounded queue in RAM (the queue carries spool paths, not pixels).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class MicroBatcher:
                 continue
             except queue.Empty:
                 pass
+            if len(items) == 1:  # nothing else waiting: the scanner is slower than us, analyse at once
+                break
             left = deadline - time.monotonic()
             if left <= 0:
                 break
