@@ -331,10 +331,13 @@ def test_training_sampler_contract():
     (["--region", "head", "--short-top", "200", "--short-bottom", "200"], "impossible scan range"),
     (["--slices", "10", "--missing", "40"], "outside"),
     (["--inject", "metal"], "--from"),
+    (["--inject", "blur", "--from", "."], "allowed: metal, motion, ring, noise, truncation"),
+    (["--matrix", "5000"], "matrix must be"),
 ])
 def test_bad_input_exit_2_nothing_written(tmp_path, capsys, argv, needle):
     out = tmp_path / "out"
-    rc = medqc_main(["synth", str(out), "--no-progress", "--matrix", "128", *argv])
+    base = ["--matrix", "128"] if "--matrix" not in argv else []
+    rc = medqc_main(["synth", str(out), "--no-progress", *base, *argv])
     assert rc == 2
     assert needle in capsys.readouterr().err
     assert not out.exists()

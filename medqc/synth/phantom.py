@@ -411,13 +411,21 @@ def rasterize(p: Patient, r: float, X: np.ndarray, Y: np.ndarray) -> _Canvas:
             if L["lung_apex"] - 5 < r < L["renal_hilum"] + 20:
                 ang = np.arctan2(cv.X / max(Ai, 1), -(cv.Y - cy) / max(Bi, 1))  # 0 anterior, ±π posterior
                 rad = np.sqrt((cv.X / max(Ai, 1)) ** 2 + ((cv.Y - cy) / max(Bi, 1)) ** 2)
-                band = (rad > 0.9) & (rad < 0.985)
-                # a rib descends ~90 mm from its posterior end to the anterior costal cartilage
+                # a rib descends ~90 mm from its posterior end to the anterior costal cartilage; the slice
+                # cuts each hoop obliquely: an oval of bone (cortex around marrow) in the chest wall
+                thick = 9.0 / max(Ai, 1.0)
+                mid = 0.95
                 phase = (r + 90.0 * (1 - np.abs(ang) / math.pi)) / (26.0 * s)
-                rib = band & (np.cos(2 * math.pi * phase) > 0.55) & ((r - L["lung_apex"]) > 0)
+                c = np.cos(2 * math.pi * phase)
+                along = np.clip((c - 0.6) / 0.4, 0.0, 1.0)  # 0 at the rib's ends, 1 in its middle
+                half = 0.5 * thick * np.sqrt(along)
+                rib = (np.abs(rad - mid) < half) & ((r - L["lung_apex"]) > 0)
                 if r > L["lung_base"]:
                     rib &= np.abs(ang) > 1.0
-                cv.hu[rib] = np.where(np.abs(ang[rib]) < 0.5, HU["cartilage"] + 40, 700.0 + jit.get("bone", 0))
+                marrow = rib & (np.abs(rad - mid) < half - 1.8 / max(Ai, 1.0))
+                cart = np.abs(ang) < 0.5
+                cv.hu[rib] = np.where(cart[rib], HU["cartilage"] + 40, 900.0 + jit.get("bone", 0))
+                cv.hu[marrow & ~cart] = 260.0
             # --------------------------------------------------- abdomen
             if L["liver_dome"] <= r < 640:
                 # liver: right upper quadrant (patient right = -x), under the right dome
