@@ -20,7 +20,7 @@ from medqc.anatomy import BODY_SCALE_MAX, LANDMARKS
 from medqc.synth import ct
 from medqc.synth.phantom import Patient, _Canvas, add_implant, random_patient, rasterize
 
-GENERATOR_VERSION = "2"  # bump when the physics or the labels change (training caches key on it)
+GENERATOR_VERSION = "3"  # bump when the physics or the labels change (training caches key on it)
 SIM_N = 256  # simulation grid (pixels); physical pixel = extent / SIM_N
 TRAIN_RECON_MAX = 256  # training slices are reconstructed at most at 256² (≥ 2 mm network pixels) and interpolated to the display matrix
 # Noise σ (HU) measured at 2 mm pixels (the network's view) at the body centre. Brain imaging needs far
