@@ -102,7 +102,8 @@ class Agent:
 
         cfg = self.cfg
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.spool = Spool(cfg.spool.dir or self.state_dir / "spool", cfg.spool.min_free_mb, cfg.spool.retention)
+        self.spool = Spool(cfg.spool.dir or self.state_dir / "spool", cfg.spool.min_free_mb, cfg.spool.retention,
+                           fsync=getattr(cfg.spool, "fsync", True))
         self.store = Store(self.state_dir / "medqc.sqlite", cfg.privacy)
         sinks = [self.store]
         if cfg.sinks.stdout.enabled:

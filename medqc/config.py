@@ -62,6 +62,8 @@ class SpoolConfig:
     dir: str = field(default="", metadata={"help": "default: <state_dir>/spool"})
     min_free_mb: int = field(default=512, metadata=_range(0, None))
     retention: str = field(default="delete", metadata=_choice("delete", "keep"))
+    fsync: bool = field(default=True, metadata={"help": "fsync each instance before acknowledging it; false is faster and "
+                                                        "survives an agent crash, but not a power loss"})
 
 
 @dataclass(frozen=True)
