@@ -68,10 +68,11 @@ def windows_for(region: str) -> list[tuple[float, float]]:
 
 
 def ctdivol_for(region: str, sigma: float, girth: float) -> float:
+    """CTDIvol consistent with the simulated noise: dose ∝ 1/σ² at fixed size, more for a bigger patient.
+    The quietest clean series sits just under the reference level (head 50, body 12 mGy)."""
     ref = 50.0 if region == "head" else 12.0
-    # noise σ ∝ 1/√dose at fixed size; bigger patients need more dose for the same σ
-    base_sigma = 2.5 if region == "head" else 7.0
-    return float(round(ref * (base_sigma / max(sigma, 0.5)) ** 2 * girth**2, 2))
+    sigma_lo = 0.25 * (5.0 if region == "head" else 14.0)  # the lowest clean noise the study writer draws
+    return float(round(max(1.0, ref * 0.9 * (sigma_lo / max(sigma, 0.1)) ** 2 * girth), 2))
 
 
 def write_slice(path: Path, hu: np.ndarray, ctx: SeriesContext, spec, z: float, instance: int, sop_uid: str, index: int) -> None:

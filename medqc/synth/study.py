@@ -220,7 +220,7 @@ def write_study(out_dir: Path, opts: StudyOptions) -> dict:
     fov = min(fov, 500.0) if not opts.fov else fov
     kernel = "standard" if rng.random() < 0.7 else ("soft" if opts.region != "head" else "standard")
     kvp = float(rng.choice([100.0, 120.0, 120.0, 120.0])) if opts.region != "head" else 120.0
-    base_sigma = float(rng.uniform(0.3, 0.75))  # fraction of the clean-noise ceiling
+    base_sigma = float(rng.uniform(0.25, 0.45))  # fraction of the clean-noise ceiling: a routine dose
     padding = vendor["padding"]
     if not vendor["signed"] and vendor["intercept"] == -1024.0:
         padding = -1024.0 if padding is not None else None
