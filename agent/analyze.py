@@ -64,6 +64,7 @@ def analyze(paths: list[str], cfg, bundle: str | None = None, backend: str | Non
 
     files = collect(paths)
     pipe = compose(cfg, bundle, backend, inference=backend != "none")
+    pipe.thumbnails = False  # console thumbnails are for the live agent only
     try:
         for f in files:
             pipe.submit(f)

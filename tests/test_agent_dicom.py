@@ -88,9 +88,9 @@ class AgentProc:
         return self.proc.returncode
 
 
-def storescu(port: int, path: Path) -> subprocess.CompletedProcess:
+def storescu(port: int, path: Path, *extra: str) -> subprocess.CompletedProcess:
     exe = need_tool("storescu")
-    return subprocess.run([exe, "-aec", "MEDQC", "+sd", "+r", "-nh", "127.0.0.1", str(port), str(path)],
+    return subprocess.run([exe, "-aec", "MEDQC", "+sd", "+r", "-nh", *extra, "127.0.0.1", str(port), str(path)],
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, TCP_NODELAY="1"))
 
 
