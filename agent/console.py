@@ -1,0 +1,488 @@
+"""The technologist console: a page at ``/`` on the agent's HTTP port that shows, live, the series
+arriving now and the recent ones.
+
+Per series: a craniocaudal strip (one mark per slice as it arrives, coloured by its worst artifact
+score), a coverage bar (scanned range against the protocol's required anatomy on the fixed body scale of
+``medqc.anatomy``), the findings with severity, slice range and message, a windowed thumbnail of the most
+affected slice per artifact finding, and an acknowledgement button (who/when, stored in the SQLite
+store). Everything is served by the agent (``agent/static``; no CDN), updates arrive over Server-Sent
+Events.
+
+Routes (``ROUTES``; the HTTP server mounts them with :func:`register`, or :func:`serve` runs them alone):
+
+- ``GET /`` and ``GET /static/<file>``: the page and its assets;
+- ``GET /api/console/state``: JSON snapshot of the recent series (console view, privacy applied);
+- ``GET /api/console/stream``: SSE, event ``series`` with each changed series (slices appended
+  incrementally), ``hello`` first and a comment heartbeat;
+- ``GET /api/series/{uid}/thumbnail/{sop}``: PNG of that slice, kept only for the most affected slices;
+- ``POST /api/findings/{id}/ack`` with JSON ``{"who": "...", "note": "..."}``: record an acknowledgement.
+
+The console reads the live series tracker (under its lock) rather than a sink queue, so it also sees
+series that were open before a browser connected; each SSE client polls it every ``POLL_S``.
+
+No patient identifiers by default: series are named by description, time and a shortened UID; a site
+may opt in (``privacy.show_patient_identifiers``) to show the patient name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mimetypes
+import re
+import threading
+import time
+from contextlib import nullcontext
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import numpy as np
+
+from medqc import ARTIFACTS
+
+log = logging.getLogger("medqc.agent.console")
+
+STATIC = Path(__file__).resolve().parent / "static"
+POLL_S = 0.25
+HEARTBEAT_S = 15.0
+THUMB_SIZE = 192
+THUMB_MIN_SCORE = 0.2  # slices below this for every class get no thumbnail (nothing to show)
+WINDOWS = {"head": (40.0, 120.0), "body": (40.0, 400.0)}  # (level, width) HU
+
+
+# ---------------------------------------------------------------------------------------- thumbnails
+def _region(info) -> str:
+    text = " ".join(str(getattr(info, k, "") or "") for k in ("body_part", "protocol_name", "series_description")).upper()
+    return "head" if re.search(r"HEAD|BRAIN|SKULL|CRAN|KOPF|SCHAEDEL|SCHÄDEL", text) else "body"
+
+
+def window(hu: np.ndarray, level: float, width: float) -> np.ndarray:
+    lo = level - width / 2.0
+    img = (np.asarray(hu, np.float32) - lo) * (255.0 / width)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def thumbnail_png(hu: np.ndarray, info=None, size: int = THUMB_SIZE) -> bytes:
+    """A small windowed PNG of one slice (brain window for heads, soft tissue otherwise)."""
+    import cv2
+
+    level, width = WINDOWS[_region(info) if info is not None else "body"]
+    img = window(hu, level, width)
+    h, w = img.shape[:2]
+    scale = size / max(h, w)
+    if scale < 1:
+        img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def attach_thumbnails(results, chunk) -> None:
+    """Give each analysed slice with a notable artifact score a thumbnail (called by the pipeline while
+    the HU pixels are still at hand; ~1 ms per slice, only for slices that may be shown)."""
+    by_info = {id(info): hu for info, hu in chunk}
+    for r in results:
+        if r.error or r.thumbnail is not None or not r.scores:
+            continue
+        if max(r.scores.get(k, 0.0) for k in ARTIFACTS) < THUMB_MIN_SCORE:
+            continue
+        hu = by_info.get(id(r.info))
+        if hu is None:
+            continue
+        try:
+            r.thumbnail = thumbnail_png(hu, r.info)
+        except Exception as e:  # noqa: BLE001 - the console is never worth a lost result
+            log.debug("thumbnail of %s failed: %s", r.info.sop_instance_uid, e)
+
+
+# ------------------------------------------------------------------------------------------ the view
+def short_uid(uid: str, n: int = 8) -> str:
+    return "…" + uid[-n:] if len(uid) > n else uid
+
+
+def _hhmm(dicom_time: str, fallback: float) -> str:
+    t = (dicom_time or "").strip()
+    if len(t) >= 4 and t[:4].isdigit():
+        return f"{t[:2]}:{t[2:4]}" + (f":{t[4:6]}" if len(t) >= 6 and t[4:6].isdigit() else "")
+    return time.strftime("%H:%M:%S", time.localtime(fallback)) if fallback else ""
+
+
+def coverage_view(state, positions: list[float]) -> dict | None:
+    """Scanned range against the protocol's required range on the reference body scale (mm below the
+    vertex), with the landmarks named and the missing / excess millimetres at each end."""
+    from medqc.anatomy import LANDMARKS
+
+    rule = getattr(state, "rule", None)
+    if rule is None or rule.start not in LANDMARKS or rule.end not in LANDMARKS:
+        return None
+    req = (LANDMARKS[rule.start], LANDMARKS[rule.end])
+    out = {"rule": rule.name, "start": rule.start, "end": rule.end, "required_mm": list(req), "scanned_mm": None}
+    if positions:
+        top, bottom = min(positions), max(positions)
+        out["scanned_mm"] = [round(top, 1), round(bottom, 1)]
+        out["missing_top_mm"] = round(max(0.0, top - req[0]), 1)
+        out["missing_bottom_mm"] = round(max(0.0, req[1] - bottom), 1)
+        out["excess_top_mm"] = round(max(0.0, req[0] - top), 1)
+        out["excess_bottom_mm"] = round(max(0.0, bottom - req[1]), 1)
+        lo, hi = min(top, req[0]), max(bottom, req[1])
+    else:
+        lo, hi = req
+    pad = max(20.0, 0.08 * (hi - lo))
+    out["scale_mm"] = [round(lo - pad, 1), round(hi + pad, 1)]
+    out["landmarks"] = [[k, v] for k, v in sorted(LANDMARKS.items(), key=lambda kv: kv[1]) if lo - pad <= v <= hi + pad]
+    return out
+
+
+def _worst(scores: dict) -> tuple[str | None, float]:
+    best, p = None, 0.0
+    for k in ARTIFACTS:
+        v = float(scores.get(k, 0.0) or 0.0)
+        if v > p:
+            best, p = k, v
+    return best, p
+
+
+class Console:
+    """The console's state and handlers (framework-free: each handler returns (status, headers, body))."""
+
+    def __init__(self, cfg, agent):
+        self.cfg = cfg
+        self.agent = agent
+        self._acks: dict[str, dict] = {}
+        self._acks_loaded: set[str] = set()
+        self._ack_version = 0
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------------------------- series view
+    def _tracker(self):
+        return getattr(self.agent, "tracker", None)
+
+    def _states(self) -> list:
+        tr = self._tracker()
+        if tr is None:
+            return []
+        with getattr(tr, "_lock", None) or nullcontext():
+            states = list(tr.all())
+        horizon = time.time() - 60.0 * float(self.cfg.console.recent_minutes)
+        keep = [s for s in states if s.verdict is None or (s.completed_at or s.last_seen or s.opened_at) >= horizon]
+        keep.sort(key=lambda s: s.opened_at, reverse=True)
+        return keep
+
+    def _load_acks(self, uid: str) -> None:
+        if uid in self._acks_loaded:
+            return
+        self._acks_loaded.add(uid)
+        store = getattr(self.agent, "store", None)
+        if store is None:
+            return
+        try:
+            rep = store.get_series(uid) or {}
+        except Exception as e:  # noqa: BLE001
+            log.debug("loading acknowledgements of %s failed: %s", uid, e)
+            return
+        for a in rep.get("acknowledgements", []):
+            self._acks[a["finding_id"]] = a
+
+    def series_view(self, st, from_slice: int = 0) -> dict:
+        tr = self._tracker()
+        with getattr(tr, "_lock", None) or nullcontext():
+            results = list(st.results)
+            findings = list(st.findings.values())
+            verdict, rule_name = st.verdict, st.protocol_rule
+        self._load_acks(st.uid)
+        first = st.first
+        slices, positions, best = [], [], {}
+        for k, r in enumerate(results):
+            kind, p = _worst(r.scores) if not r.error else (None, 0.0)
+            if r.position_ref_mm is not None and not r.error:
+                positions.append(float(r.position_ref_mm))
+            for a in ARTIFACTS:
+                v = r.scores.get(a, 0.0) if r.thumbnail is not None else -1.0
+                if v > best.get(a, (-1.0, None))[0]:
+                    best[a] = (v, r)
+            if k >= from_slice:
+                z = r.info.z
+                slices.append({"k": k, "instance": r.info.instance_number, "z": None if z is None else round(z, 2),
+                               "pos_mm": None if r.position_ref_mm is None else round(float(r.position_ref_mm), 1),
+                               "worst": kind, "score": round(p, 3),
+                               "scores": {a: round(float(r.scores.get(a, 0.0)), 3) for a in ARTIFACTS if a in r.scores},
+                               "error": r.error or None})
+        fviews = []
+        for f in sorted(findings, key=lambda f: ({"critical": 0, "warning": 1, "info": 2}.get(f.severity, 3), f.raised_at)):
+            thumb = None
+            if f.check.startswith("artifact."):
+                kind = f.check.split(".", 1)[1]
+                cand = self._best_in_range(results, kind, f.first_instance, f.last_instance) or best.get(kind, (0, None))[1]
+                if cand is not None and cand.thumbnail is not None:
+                    thumb = {"sop": cand.info.sop_instance_uid, "instance": cand.info.instance_number,
+                             "url": f"/api/series/{st.uid}/thumbnail/{cand.info.sop_instance_uid}"}
+            fviews.append({"id": f.finding_id, "check": f.check, "severity": f.severity, "message": f.message,
+                           "first_instance": f.first_instance, "last_instance": f.last_instance,
+                           "z_range_mm": list(f.z_range_mm) if f.z_range_mm else None,
+                           "score": None if f.score is None else round(float(f.score), 3),
+                           "raised_at": f.raised_at, "thumbnail": thumb, "ack": self._acks.get(f.finding_id)})
+        desc = first.series_description or first.protocol_name or first.study_description or "CT series"
+        view = {
+            "uid": st.uid, "short_uid": short_uid(st.uid), "description": desc,
+            "series_number": first.series_number, "body_part": first.body_part,
+            "time": _hhmm(first.acquisition_time or first.content_time, st.opened_at),
+            "opened_at": st.opened_at, "completed_at": st.completed_at, "verdict": verdict,
+            "protocol_rule": rule_name, "expected": st.expected, "n_slices": len(results),
+            "slices_from": from_slice, "slices": slices, "findings": fviews,
+            "coverage": coverage_view(st, positions),
+            "thresholds": dict(getattr(tr, "thresholds", {}) or {}),
+        }
+        if self.cfg.privacy.show_patient_identifiers and getattr(first, "patient_name", ""):
+            view["patient_name"] = str(first.patient_name).replace("^", " ").strip()
+        return view
+
+    @staticmethod
+    def _best_in_range(results, kind, lo, hi):
+        best, bv = None, -1.0
+        for r in results:
+            if r.thumbnail is None or r.error:
+                continue
+            n = r.info.instance_number
+            if lo is not None and hi is not None and n is not None and not (min(lo, hi) <= n <= max(lo, hi)):
+                continue
+            v = r.scores.get(kind, 0.0)
+            if v > bv:
+                best, bv = r, v
+        return best
+
+    def _signature(self, st) -> tuple:
+        fs = tuple(sorted((f.finding_id, f.severity, f.first_instance, f.last_instance, f.message) for f in list(st.findings.values())))
+        return (len(st.results), fs, st.verdict, st.protocol_rule, self._ack_version)
+
+    def snapshot(self) -> dict:
+        return {"schema": "medqc.console/1", "now": time.time(), "settings": self.settings(),
+                "series": [self.series_view(s) for s in self._states()]}
+
+    def settings(self) -> dict:
+        return {"recent_minutes": self.cfg.console.recent_minutes, "sound": bool(self.cfg.console.sound),
+                "show_patient": bool(self.cfg.privacy.show_patient_identifiers), "artifacts": list(ARTIFACTS)}
+
+    # ------------------------------------------------------------------------------------- handlers
+    def handle_index(self, req):
+        return 200, {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache"}, (STATIC / "index.html").read_bytes()
+
+    def handle_static(self, req, name: str):
+        name = unquote(name)
+        if "/" in name or name.startswith(".") or not (STATIC / name).is_file():
+            return _json(404, {"error": f"no static file {name!r}"})
+        ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype == "application/javascript":
+            ctype += "; charset=utf-8"
+        return 200, {"Content-Type": ctype, "Cache-Control": "no-cache"}, (STATIC / name).read_bytes()
+
+    def handle_state(self, req):
+        return _json(200, self.snapshot())
+
+    def handle_thumbnail(self, req, uid: str, sop: str):
+        tr = self._tracker()
+        st = tr.get(unquote(uid)) if tr is not None else None
+        if st is None:
+            return _json(404, {"error": "unknown or expired series"})
+        sop = unquote(sop)
+        for r in list(st.results):
+            if r.info.sop_instance_uid == sop and r.thumbnail is not None:
+                return 200, {"Content-Type": "image/png", "Cache-Control": "max-age=3600"}, r.thumbnail
+        return _json(404, {"error": "no thumbnail kept for this slice"})
+
+    def handle_ack(self, req, finding_id: str):
+        finding_id = unquote(finding_id)
+        try:
+            body = json.loads(req.body or b"{}")
+        except ValueError:
+            return _json(400, {"error": "body must be JSON: {\"who\": \"initials\", \"note\": \"optional\"}"})
+        who = str(body.get("who", "")).strip()[:64]
+        note = str(body.get("note", "")).strip()[:500]
+        if not who:
+            return _json(400, {"error": "'who' is required (the initials or name of the person acknowledging)"})
+        store = getattr(self.agent, "store", None)
+        if store is None:
+            return _json(503, {"error": "no store"})
+        try:
+            rec = store.acknowledge(finding_id, who, note)
+        except KeyError:
+            return _json(404, {"error": f"unknown finding {finding_id!r}"})
+        with self._lock:
+            self._acks[finding_id] = rec
+            self._ack_version += 1
+        log.info("finding %s acknowledged", finding_id)
+        return _json(200, rec)
+
+    def stream(self, write, stop: threading.Event | None = None) -> None:
+        """Write SSE frames with ``write(bytes)`` until it raises (client gone) or ``stop`` is set."""
+        stop = stop or threading.Event()
+        sent: dict[str, tuple] = {}
+        counts: dict[str, int] = {}
+        write(_sse("hello", {"settings": self.settings(), "now": time.time()}))
+        last = time.monotonic()
+        while not stop.is_set():
+            states = self._states()
+            live = set()
+            for st in reversed(states):  # oldest first, so the newest ends on top
+                live.add(st.uid)
+                sig = self._signature(st)
+                if sent.get(st.uid) == sig:
+                    continue
+                n0 = counts.get(st.uid, 0)
+                if n0 > len(st.results):
+                    n0 = 0
+                view = self.series_view(st, from_slice=n0)
+                counts[st.uid] = view["n_slices"]
+                sent[st.uid] = sig
+                write(_sse("series", view))
+                last = time.monotonic()
+            for uid in list(sent):
+                if uid not in live:
+                    sent.pop(uid)
+                    counts.pop(uid, None)
+                    write(_sse("expired", {"uid": uid}))
+            if time.monotonic() - last > HEARTBEAT_S:
+                write(b": keep-alive\n\n")
+                last = time.monotonic()
+            stop.wait(POLL_S)
+
+
+def _json(status: int, obj) -> tuple:
+    return status, {"Content-Type": "application/json", "Cache-Control": "no-cache"}, json.dumps(obj).encode()
+
+
+def _sse(event: str, data) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+# ---------------------------------------------------------------------------------------------- routes
+# (method, regex, handler name, needs token)
+ROUTES = [
+    ("GET", r"/", "handle_index", False),
+    ("GET", r"/static/([^/]+)", "handle_static", False),
+    ("GET", r"/api/console/state", "handle_state", True),
+    ("GET", r"/api/console/stream", "stream", True),
+    ("GET", r"/api/series/([^/]+)/thumbnail/([^/]+)", "handle_thumbnail", True),
+    ("POST", r"/api/findings/(.+)/ack", "handle_ack", True),
+]
+
+
+def register(routes: list, cfg, agent) -> Console:
+    """Add the console's routes to an HTTP server's route table as ``(method, compiled regex, handler,
+    needs_token, kind)`` tuples; ``kind`` is "sse" for the stream (handler(req, write, stop)) and "plain"
+    otherwise (handler(req, *groups) -> (status, headers, body))."""
+    console = Console(cfg, agent)
+    for method, pattern, name, auth in ROUTES:
+        if name == "stream":
+            routes.append((method, re.compile(pattern + r"$"), lambda req, write, stop, c=console: c.stream(write, stop), auth, "sse"))
+        else:
+            routes.append((method, re.compile(pattern + r"$"), getattr(console, name), auth, "plain"))
+    return console
+
+
+class _Request:
+    def __init__(self, method: str, path: str, query: dict, headers, body: bytes):
+        self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
+
+
+class ConsoleServer:
+    """A standalone HTTP server for the console's routes (used when the agent's HTTP API does not mount
+    them itself, and by tests). Bearer token from ``http.token`` on /api (also ``?token=`` for the page)."""
+
+    def __init__(self, cfg, agent, bind: str | None = None):
+        self.cfg = cfg
+        self.routes: list = []
+        self.console = register(self.routes, cfg, agent)
+        self._stop = threading.Event()
+        host, _, port = (bind or cfg.http.bind).rpartition(":")
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, fmt, *args):  # no per-request access log (URLs carry only UIDs anyway)
+                log.debug("http: " + fmt, *args)
+
+            def _dispatch(self, method):
+                parts = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                req = _Request(method, parts.path, parse_qs(parts.query), self.headers, body)
+                for m, rx, fn, auth, kind in server.routes:
+                    mt = rx.match(parts.path)
+                    if not mt:
+                        continue
+                    if m != method:
+                        return self._send(*_json(405, {"error": f"use {m}"}))
+                    if auth and not server._authorised(req):
+                        return self._send(*_json(401, {"error": "bearer token required"}))
+                    if kind == "sse":
+                        return self._sse(fn, req)
+                    try:
+                        return self._send(*fn(req, *mt.groups()))
+                    except (BrokenPipeError, ConnectionResetError):
+                        return None
+                    except Exception as e:  # noqa: BLE001
+                        log.exception("console route %s failed", parts.path)
+                        return self._send(*_json(500, {"error": f"{type(e).__name__}"}))
+                return self._send(*_json(404, {"error": "not found"}))
+
+            def do_GET(self):
+                self._dispatch("GET")
+
+            def do_POST(self):
+                self._dispatch("POST")
+
+            def _send(self, status, headers, body):
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _sse(self, fn, req):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+
+                def write(b: bytes):
+                    self.wfile.write(b)
+                    self.wfile.flush()
+
+                try:
+                    fn(req, write, server._stop)
+                except (BrokenPipeError, ConnectionResetError, OSError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="console-http", daemon=True)
+
+    def _authorised(self, req) -> bool:
+        token = self.cfg.http.token
+        if not token:
+            return True
+        got = (req.headers.get("Authorization") or "").removeprefix("Bearer ").strip() or (req.query.get("token") or [""])[0]
+        import hmac
+
+        return hmac.compare_digest(got.encode(), token.encode())
+
+    def start(self) -> "ConsoleServer":
+        self._thread.start()
+        log.info("console on http://%s:%d/", self.httpd.server_address[0], self.port)
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def serve(cfg, agent, bind: str | None = None) -> ConsoleServer:
+    return ConsoleServer(cfg, agent, bind).start()

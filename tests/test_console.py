@@ -1,0 +1,186 @@
+"""The technologist console, end to end in a real browser.
+
+A real agent (pynetdicom receiver, pipeline with a tiny real ONNX model and the classical detectors,
+SQLite store) receives a ``medqc synth`` head study with metal slices and a short scan range from DCMTK
+``storescu``; Debian's chromium, driven by Playwright, watches the console page. The strip, the coverage
+bar and the findings must appear without a reload, the metal finding must carry a thumbnail, and the
+acknowledgement must reach the store. A screenshot is written to the test's tmp folder (and to
+``$MEDQC_CONSOLE_SCREENSHOT`` when set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- unit-level: thumbnails, coverage view, privacy ----------------------------------------------------
+def test_thumbnail_is_a_windowed_png():
+    import cv2
+
+    from medqc.agent.console import thumbnail_png
+    from medqc.agent.records import SliceInfo
+
+    hu = np.full((512, 512), -1000.0, np.float32)
+    hu[100:400, 100:400] = 40.0  # soft tissue → mid grey in the brain window
+    hu[240:260, 240:260] = 3000.0  # metal → white
+    info = SliceInfo("1.2.3", "1.2", "1", "1.2.840.10008.5.1.4.1.1.2", body_part="HEAD")
+    png = thumbnail_png(hu, info)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 40000
+    img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert img.shape == (192, 192)
+    assert img[5, 5] == 0 and img[96, 96] == 255 and 110 <= img[60, 60] <= 145
+
+
+def _run(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
+    return r
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("console-study") / "head"
+    _run([sys.executable, "-m", "medqc", "synth", "--region", "head", "--slices", "20", "--matrix", "128",
+          "--artifact", "metal:0.9@8-12", "--short-top", "40", "--seed", "7", "--no-progress", str(out)], timeout=300)
+    return out
+
+
+@pytest.fixture
+def agent(tiny_bundle, tmp_path):
+    from medqc.agent.console import serve
+    from medqc.agent.daemon import Agent
+    from medqc.config import load_config
+
+    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": _free_port(), "http.bind": f"127.0.0.1:{_free_port()}",
+                             "inference.backend": "onnxruntime", "series.idle_timeout_s": 2.0, "sinks.stdout.enabled": False})
+    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    server = serve(cfg, a, bind=f"127.0.0.1:{_free_port()}")
+    try:
+        yield cfg, a, server
+    finally:
+        server.close()
+        a.stop(5.0)
+
+
+def _send(study: Path, port: int) -> None:
+    storescu = shutil.which("storescu")
+    if not storescu:
+        pytest.skip("storescu (dcmtk) is not installed")
+    files = sorted(str(p) for p in study.glob("*.dcm"))
+    _run([storescu, "-aet", "CT_TEST", "-aec", "MEDQC", "127.0.0.1", str(port), *files],
+         env={**os.environ, "TCP_NODELAY": "1"}, timeout=120)
+
+
+def test_console_api_privacy_and_ack(agent, study):
+    cfg, a, server = agent
+    base = f"http://127.0.0.1:{server.port}"
+    _send(study, cfg.dicom.port)
+    deadline, snap = time.time() + 60, None
+    while time.time() < deadline:
+        snap = json.load(urllib.request.urlopen(base + "/api/console/state", timeout=5))
+        if snap["series"] and snap["series"][0]["verdict"]:
+            break
+        time.sleep(0.3)
+    (s,) = snap["series"]
+    assert s["verdict"] in ("warn", "fail") and s["n_slices"] == 20 and len(s["slices"]) == 20
+    text = json.dumps(snap)
+    assert "SYNTH" not in text.upper() or "patient_name" not in s  # no patient name by default
+    assert "patient_name" not in s and s["short_uid"].startswith("…")
+    checks = {f["check"]: f for f in s["findings"]}
+    assert "artifact.metal" in checks and "coverage.top" in checks, list(checks)
+    metal = checks["artifact.metal"]
+    assert metal["thumbnail"] is not None
+    png = urllib.request.urlopen(base + metal["thumbnail"]["url"], timeout=5).read()
+    assert png[:4] == b"\x89PNG"
+    cov = s["coverage"]
+    assert cov["start"] == "vertex" or cov["required_mm"][0] < cov["scanned_mm"][0]
+    assert cov["missing_top_mm"] > 20, cov
+    # acknowledgement: who/when stored
+    fid = urllib.parse.quote(metal["id"], safe="")  # ids are "<series>/<check>[/<key>]"
+    req = urllib.request.Request(base + f"/api/findings/{fid}/ack", data=json.dumps({"who": "AB"}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    rec = json.load(urllib.request.urlopen(req, timeout=5))
+    assert rec["who"] == "AB" and abs(rec["at"] - time.time()) < 60
+    stored = a.store.get_series(s["uid"])["acknowledgements"]
+    assert [x["who"] for x in stored] == ["AB"]
+    # bad input: clear errors
+    for body, code in ((b"{}", 400), (b"not json", 400)):
+        r = urllib.request.Request(base + f"/api/findings/{fid}/ack", data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(r, timeout=5)
+        assert e.value.code == code
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(base + "/api/findings/nope/ack", data=b'{"who":"x"}', method="POST"), timeout=5)
+    assert e.value.code == 404
+
+
+def test_console_live_in_chromium(agent, study, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+    cfg, a, server = agent
+    url = f"http://127.0.0.1:{server.port}/"
+    shot = tmp_path / "console.png"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            requests = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(url)
+            page.wait_for_selector("#empty")
+            page.wait_for_function("document.querySelector('#conn').classList.contains('on')", timeout=10000)
+            t_send = time.time()
+            _send(study, cfg.dicom.port)  # after the page loaded: everything below arrives live
+            page.wait_for_selector("section.series .strip .mark", timeout=15000)
+            t_first = time.time() - t_send
+            page.wait_for_function("document.querySelectorAll('section.series .strip .mark').length === 20", timeout=30000)
+            page.wait_for_selector("li.finding[data-check='artifact.metal'] img.thumb", timeout=30000)
+            page.wait_for_selector("li.finding[data-check='coverage.top']", timeout=30000)
+            page.wait_for_selector("section.series .verdict:not(.open)", timeout=30000)
+            marks = page.eval_on_selector_all("section.series .strip .mark", "els => els.map(e => [e.className, e.dataset.kind, e.title])")
+            assert sum("s2" in c for c, _, _ in marks) >= 3, marks
+            assert any(k == "metal" and "metal" in t for c, k, t in marks if "s2" in c), marks
+            cov = page.inner_text("section.series .covtext")
+            assert "missing" in cov and "top" in cov, cov
+            assert page.locator("section.series .cov .lm").count() >= 3
+            assert page.locator("section.series .cov .miss").count() >= 1
+            # critical findings (if any) raise the banner; the page never reloaded
+            assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
+            page.fill("#who", "TS")
+            page.dispatch_event("#who", "change")
+            page.click("li.finding[data-check='artifact.metal'] button.ack")
+            page.wait_for_selector("li.finding[data-check='artifact.metal'] .acked", timeout=10000)
+            assert "TS" in page.inner_text("li.finding[data-check='artifact.metal'] .acked")
+            page.screenshot(path=str(shot), full_page=True)
+            assert all(r.startswith(f"http://127.0.0.1:{server.port}/") or r.startswith("data:") for r in requests), requests
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 20000
+    if os.environ.get("MEDQC_CONSOLE_SCREENSHOT"):
+        shutil.copy(shot, os.environ["MEDQC_CONSOLE_SCREENSHOT"])
+    print(f"first mark {t_first:.2f} s after storescu started; screenshot {shot}")
+    assert t_first < 10
