@@ -46,6 +46,7 @@ class Pipeline:
         self._busy = 0
         self._lock = threading.Lock()
         self.identifiers = bool(cfg.privacy.show_patient_identifiers)
+        self.thumbnails = bool(cfg.http.enabled)  # console thumbnails (agent/console.py); off for batch use
 
     # ------------------------------------------------------------------------------------------ intake
     def submit(self, path: str | Path, received_at: float | None = None) -> None:
@@ -139,6 +140,10 @@ class Pipeline:
             chunk = todo[k:k + mb]
             t1 = time.perf_counter()
             results = self.inferer.run(chunk)
+            if self.thumbnails:  # console: a small PNG of slices with a notable artifact score
+                from medqc.agent.console import attach_thumbnails
+
+                attach_thumbnails(results, chunk)
             self._metric("observe", "medqc_stage_seconds", time.perf_counter() - t1, stage="infer")
             self._metric("observe", "medqc_batch_size", len(chunk))
             for r in results:
