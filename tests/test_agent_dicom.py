@@ -51,8 +51,8 @@ class AgentProc:
         self.err = self.out.with_suffix(".log")
         self.proc = None
 
-    def start(self):
-        env = dict(os.environ, MEDQC_LOG_LEVEL="INFO", TCP_NODELAY="1")
+    def start(self, **extra_env):
+        env = dict(os.environ, MEDQC_LOG_LEVEL="INFO", TCP_NODELAY="1", **extra_env)
         self.proc = subprocess.Popen([sys.executable, "-m", "medqc", "agent", "--port", str(self.port), "--state-dir",
                                       str(self.state), "--config", str(self.cfg), "--bundle", str(self.bundle),
                                       "--backend", "onnxruntime"],
@@ -227,3 +227,28 @@ def test_spool_below_watermark_answers_out_of_resources(tmp_path, port, tiny_bun
         a.stop()
     assert 0xA700 <= st.Status <= 0xA7FF
     assert list((a.state / "spool" / "incoming").iterdir()) == []
+
+
+def test_sd_notify_ready_and_graceful_sigint(tmp_path, port, tiny_bundle):
+    sock_path = tmp_path / "notify.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(str(sock_path))
+    srv.settimeout(20)
+    a = AgentProc(tmp_path, port, tiny_bundle)
+    try:
+        a.start(NOTIFY_SOCKET=str(sock_path))
+        msgs = [srv.recv(4096).decode()]
+        assert msgs[0].startswith("READY=1")  # sent once listening with the model loaded
+        a.proc.send_signal(signal.SIGINT)
+        a.proc.wait(20)
+        srv.settimeout(0.5)
+        try:
+            while True:
+                msgs.append(srv.recv(4096).decode())
+        except socket.timeout:
+            pass
+    finally:
+        a.stop()
+        srv.close()
+    assert a.proc.returncode == 0
+    assert any(m.startswith("STOPPING=1") for m in msgs)
