@@ -334,7 +334,7 @@ def bench_storescp(files: list[Path], work: Path) -> dict:
 class Agent:
     """``medqc agent`` as a subprocess on loopback ports, configured by a TOML file."""
 
-    def __init__(self, work: Path, bundle: str | None, inference: bool, threads: int = 0):
+    def __init__(self, work: Path, bundle: str | None, inference: bool, threads: int = 0, fsync: bool | None = None):
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
         self.port, self.http_port = _free_port(), _free_port()
@@ -346,6 +346,7 @@ class Agent:
             "[dicom]", 'ae_title = "MEDQC"', 'bind = "127.0.0.1"', f"port = {self.port}",
             "[http]", f'bind = "127.0.0.1:{self.http_port}"',
             "[series]", "idle_timeout_s = 2.0",
+            *(["[spool]", f"fsync = {'true' if fsync else 'false'}"] if fsync is not None else []),
             "[sinks.stdout]", "enabled = false",
             "[inference]",
         ]
@@ -463,10 +464,23 @@ def bench_agent_receive(files: list[Path], work: Path, bundle: str | None) -> di
             "what": "storescu → medqc agent --no-inference (spooled and acknowledged)"}
 
 
-def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str | None, latency_slices: list[Path], wait_s: float = 180) -> dict:
+def _config_has(dotted: str) -> bool:
+    from medqc.config import load_config
+
+    try:
+        load_config(None, {dotted: False})
+        return True
+    except Exception:
+        return False
+
+
+def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str | None, latency_slices: list[Path], wait_s: float = 180,
+                     fsync: bool | None = None) -> dict:
     if not shutil.which("storescu"):
         return _skip("DCMTK storescu not installed")
-    agent = Agent(work / "agent-full", bundle, inference=True)
+    if fsync is not None and not _config_has("spool.fsync"):
+        return _skip("this agent has no spool.fsync setting")
+    agent = Agent(work / ("agent-full" if fsync is None else f"agent-full-fsync-{fsync}"), bundle, inference=True, fsync=fsync)
     why = agent.start()
     if why:
         return _skip(why)
@@ -771,6 +785,8 @@ def table_rows(res: dict) -> list[dict]:
     add("a", "DCMTK storescu → storescp (ingest ceiling)", s.get("storescp"))
     add("b", "agent, receive only", s.get("agent_receive"))
     add("c", "agent, full pipeline (analysed)", s.get("agent_full"))
+    if s.get("agent_full_nofsync"):
+        add("c", "agent, full pipeline, spool.fsync = false", s.get("agent_full_nofsync"))
     if s.get("decode_preprocess"):
         add("d", "decode + preprocess (per slice, no inference)", s.get("decode_preprocess"))
     for name, sec in (s.get("inference") or {}).items():
@@ -933,6 +949,9 @@ def run_bench(out: Path, quick: bool = False, bundle_path: str | None = None, sl
         if "c" in sections:
             step("(c) agent, full pipeline + latency at 60/s")
             S["agent_full"] = _skip(no_model) if no_model else bench_agent_full(files, study, tmp, bundle_path, lat_files)
+            # the same without fsync before each ACK (spool.fsync = false): what durability costs here
+            S["agent_full_nofsync"] = _skip(no_model) if no_model else bench_agent_full(
+                files, study, tmp, bundle_path, reuid_copy(lat_files, tmp / "latency-study-2") if lat_files else [], fsync=False)
         if "d" in sections or "e" in sections:
             x = None
             if bundle is not None:
@@ -951,6 +970,8 @@ def run_bench(out: Path, quick: bool = False, bundle_path: str | None = None, sl
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     names = {"a": "storescp", "b": "agent_receive", "c": "agent_full", "d": "inference", "e": "naive"}
+    if "c" not in sections:
+        res["sections"].setdefault("agent_full_nofsync", _skip(f"not selected (--only {''.join(sections)})"))
     for letter, key in names.items():
         res["sections"].setdefault(key, _skip(f"not selected (--only {''.join(sections)})"))
     res["table"] = table_rows(res)

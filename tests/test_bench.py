@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-SECTIONS = ("storescp", "agent_receive", "agent_full", "inference", "naive")
+SECTIONS = ("storescp", "agent_receive", "agent_full", "agent_full_nofsync", "inference", "naive")
 
 
 def _check_section(name: str, sec: dict) -> None:
