@@ -876,6 +876,9 @@ def write_plot(res: dict, path: Path) -> None:
     ax1.set_yticklabels([n[:48] for n in names], fontsize=8)
     ax1.invert_yaxis()
     ax1.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax1.xaxis.set_minor_formatter(NullFormatter())
     ax1.axvline(240, color="k", ls="--", lw=0.8)
     ax1.text(240, len(rows) - 0.5, " 240/s target", fontsize=7, va="bottom")
     ax1.set_xlabel("slices per second (log)")
