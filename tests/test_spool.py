@@ -14,13 +14,18 @@ from medqc.agent.spool import Spool, SpoolFull
 def test_put_pending_release(tmp_path):
     sp = Spool(tmp_path / "s", min_free_mb=0)
     (sp.tmp / "crash.part").write_bytes(b"partial")  # a write interrupted by a crash
+    (sp.tmp / "1.2.9.abc.100.part").write_bytes(b"x" * 60)  # shorter than its announced length: never acknowledged
+    (sp.tmp / "1.2.8.abd.5.part").write_bytes(b"fsync")  # complete, but its rename was lost (power cut)
     a = sp.put(b"one", "1.2.3")
     time.sleep(0.01)
     b = sp.put(b"two", "1.2/../4")  # hostile name stays inside incoming/
     assert a.parent == sp.incoming and b.parent == sp.incoming and a.read_bytes() == b"one"
     sp2 = Spool(tmp_path / "s", min_free_mb=0)  # restart: resumes in arrival order, partials dropped
-    assert sp2.pending() == [a, b] and not list(sp2.tmp.iterdir())
+    rec = sp2.incoming / "1.2.8.abd.dcm"
+    assert rec.read_bytes() == b"fsync" and not list(sp2.tmp.iterdir())
+    assert [p for p in sp2.pending() if p != rec] == [a, b]
     sp2.release(a)
+    sp2.release(rec)
     sp2.release(b, keep=True)
     assert sp2.pending() == [] and (sp2.kept / b.name).read_bytes() == b"two"
     keep = Spool(tmp_path / "k", min_free_mb=0, retention="keep")
