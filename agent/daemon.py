@@ -100,6 +100,9 @@ class Agent:
         from medqc.agent.spool import Spool
         from medqc.agent.store import Store
 
+        import pydicom  # noqa: F401 - fully imported before any worker thread starts (import races)
+        import pynetdicom  # noqa: F401
+
         cfg = self.cfg
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.spool = Spool(cfg.spool.dir or self.state_dir / "spool", cfg.spool.min_free_mb, cfg.spool.retention,
@@ -133,6 +136,10 @@ class Agent:
         http_mod = _optional("medqc.agent.http")
         if http_mod is not None and cfg.http.enabled and hasattr(http_mod, "serve"):
             self.http = http_mod.serve(cfg, self)
+        elif cfg.http.enabled:  # no HTTP API module in this install: the console (and /healthz) alone
+            from medqc.agent.console import serve as serve_console
+
+            self.http = serve_console(cfg, self)
         return self
 
     def tick(self) -> None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom  # imported here, not lazily: a lazy import racing pynetdicom's in another thread fails
+from pydicom.errors import InvalidDicomError
 
 from medqc.agent.records import SliceInfo
 
@@ -252,9 +254,6 @@ def to_hu(ds, stored: np.ndarray, frame: int) -> np.ndarray:
 
 
 def read_dataset(path: str | Path):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     try:
         return pydicom.dcmread(str(path))
     except InvalidDicomError as e:
