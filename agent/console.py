@@ -118,7 +118,11 @@ def coverage_view(state, positions: list[float]) -> dict | None:
     if rule is None or rule.start not in LANDMARKS or rule.end not in LANDMARKS:
         return None
     req = (LANDMARKS[rule.start], LANDMARKS[rule.end])
-    out = {"rule": rule.name, "start": rule.start, "end": rule.end, "required_mm": list(req), "scanned_mm": None}
+    out = {"rule": rule.name, "start": rule.start, "end": rule.end, "required_mm": list(req), "scanned_mm": None,
+           "source": "network"}
+    if not positions:  # no network positions: the completed series' landmarks located in patient z
+        positions = _positions_from_summary(getattr(state, "coverage", None) or {}, rule, LANDMARKS)
+        out["source"] = "landmarks" if positions else None
     if positions:
         top, bottom = min(positions), max(positions)
         out["scanned_mm"] = [round(top, 1), round(bottom, 1)]
@@ -133,6 +137,21 @@ def coverage_view(state, positions: list[float]) -> dict | None:
     out["scale_mm"] = [round(lo - pad, 1), round(hi + pad, 1)]
     out["landmarks"] = [[k, v] for k, v in sorted(LANDMARKS.items(), key=lambda kv: kv[1]) if lo - pad <= v <= hi + pad]
     return out
+
+
+def _positions_from_summary(summary: dict, rule, landmarks: dict) -> list[float]:
+    """Map the scanned z range to the reference scale through the protocol landmarks the coverage check
+    located in patient z (two: their spacing sets the scale; one: 1 mm per mm, feet toward lower z)."""
+    top, bottom = summary.get("scan_top_z"), summary.get("scan_bottom_z")
+    pts = [(summary.get(f"{r}_z"), landmarks[getattr(rule, r)]) for r in ("start", "end")
+           if summary.get(f"{r}_z") is not None and summary.get(f"{r}_landmark") == getattr(rule, r)]
+    if top is None or bottom is None or not pts:
+        return []
+    slope = -1.0
+    if len(pts) == 2 and abs(pts[1][0] - pts[0][0]) > 1.0:
+        slope = (pts[1][1] - pts[0][1]) / (pts[1][0] - pts[0][0])
+    z0, r0 = pts[0]
+    return [r0 + slope * (float(top) - z0), r0 + slope * (float(bottom) - z0)]
 
 
 def _worst(scores: dict) -> tuple[str | None, float]:
@@ -409,6 +428,8 @@ class ConsoleServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 req = _Request(method, parts.path, parse_qs(parts.query), self.headers, body)
+                if parts.path == "/healthz" and method == "GET":  # liveness (container HEALTHCHECK)
+                    return self._send(*_json(200, {"status": "ok"}))
                 for m, rx, fn, auth, kind in server.routes:
                     mt = rx.match(parts.path)
                     if not mt:

@@ -38,9 +38,9 @@
     const bar = el("div", "cov");
     const [lo, hi] = c.scale_mm, span = Math.max(1, hi - lo);
     const pct = (v) => (100 * (v - lo) / span).toFixed(2) + "%";
-    for (const [name, mm] of c.landmarks) {
-      const m = el("div", "lm"); m.style.left = pct(mm); m.appendChild(el("span", null, landmark(name))); bar.appendChild(m);
-    }
+    c.landmarks.forEach(([name, mm], i) => {
+      const m = el("div", i % 2 ? "lm alt" : "lm"); m.style.left = pct(mm); m.appendChild(el("span", null, landmark(name))); bar.appendChild(m);
+    });
     const req = el("div", "req"); req.style.left = pct(c.required_mm[0]); req.style.width = (100 * (c.required_mm[1] - c.required_mm[0]) / span).toFixed(2) + "%";
     req.title = "required: " + landmark(c.start) + " to " + landmark(c.end); bar.appendChild(req);
     const text = el("div", "covtext");
@@ -57,7 +57,7 @@
       if (!gaps.length) gaps.push(["ok", "required range covered"]);
       gaps.forEach(([cls, t], i) => { if (i) text.appendChild(document.createTextNode(" · ")); text.appendChild(el("b", cls, t)); });
     } else {
-      text.textContent = "no slice positioned on the body scale yet";
+      text.textContent = "scanned range not placed on the body scale yet (needs model positions or located landmarks)";
     }
     box.appendChild(bar); box.appendChild(text);
     return box;
@@ -114,7 +114,8 @@
     card.appendChild(head);
     card.appendChild(el("div", "label", "Slices, head → feet, coloured by the worst artifact score"));
     const strip = el("div", "strip");
-    const ordered = s.slices.slice().sort((a, b) => (a.pos_mm != null && b.pos_mm != null) ? a.pos_mm - b.pos_mm : a.k - b.k);
+    const ordered = s.slices.slice().sort((a, b) => (a.pos_mm != null && b.pos_mm != null) ? a.pos_mm - b.pos_mm
+      : (a.z != null && b.z != null) ? b.z - a.z : a.k - b.k);  // head first: reference mm below vertex, else patient z (+ = head)
     for (const sl of ordered) { const m = el("div", markClass(sl, s.thresholds)); m.title = markTitle(sl); m.dataset.kind = sl.worst || ""; strip.appendChild(m); }
     card.appendChild(strip);
     if (s.coverage) card.appendChild(coverageEl(s.coverage));
