@@ -260,6 +260,21 @@ def test_entrypoint_starts_the_agent_without_gpu(tiny_bundle, tmp_path):
         assert ok, f"agent did not answer C-ECHO on {dport}:\n{text[-3000:]}"
         assert "no TensorRT engine" in text, text[-3000:]
         assert (tmp_path / "state").is_dir()
+        # the image's HEALTHCHECK command itself, pointed at this agent's HTTP port
+        hc = [i for i in parse_dockerfile((ROOT / "Dockerfile.x86").read_text()) if i["op"] == "HEALTHCHECK"][0]
+        cmd = hc["rest"].split(" CMD ", 1)[1] if " CMD " in hc["rest"] else hc["rest"].split("CMD ", 1)[1]
+        cmd = cmd.replace("127.0.0.1:8480", f"127.0.0.1:{hport}").replace("python3 ", f"{PY} ", 1)
+        deadline = time.time() + 20
+        while True:
+            r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30)
+            if r.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(0.3)
+        assert r.returncode == 0, (cmd, r.stderr[-1500:], log.read_text(errors="replace")[-2000:])
+        import urllib.request
+
+        page = urllib.request.urlopen(f"http://127.0.0.1:{hport}/", timeout=5).read().decode()
+        assert "medqc" in page and "/static/console.js" in page
     finally:
         p.send_signal(signal.SIGTERM)
         try:
