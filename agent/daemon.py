@@ -5,8 +5,8 @@ folder → HTTP) → READY=1 → tick loop (WATCHDOG=1, gauges) → on SIGTERM/S
 finish in-flight work within ``STOP_GRACE_S`` (the spool keeps the rest for the next start); a second
 SIGINT forces exit.
 
-Integration points: ``medqc.agent.http.serve(cfg, pipeline) -> object with .close()`` when that module
-exists (``pipeline.store``, ``.tracker``, ``.metrics``, ``.cfg``, ``.agent`` are set); ``medqc.agent.notify.notify(message)`` when it exists (else a built-in sd_notify); an access
+Integration points: ``medqc.agent.http.serve(cfg, agent) -> object with .close()`` when that module
+exists (``agent.pipeline``, ``.store``, ``.metrics``, ``.tracker``, ``.cfg``); ``medqc.agent.notify.notify(message)`` when it exists (else a built-in sd_notify); an access
 policy from ``medqc.agent.access.from_config(cfg)`` handed to the receiver; extra sinks from
 ``medqc.agent.sinks.<name>.from_config(cfg)`` (returns a Sink or None) for webhook and dicom_sr.
 """
@@ -135,7 +135,7 @@ class Agent:
             self.watch = DropFolder(self.watch_dirs, self.spool, on_stored, self.metrics).start()
         http_mod = _optional("medqc.agent.http")
         if http_mod is not None and cfg.http.enabled and hasattr(http_mod, "serve"):
-            self.http = http_mod.serve(cfg, self.pipeline)  # pipeline.store / .tracker / .metrics / .agent
+            self.http = http_mod.serve(cfg, self)  # reads agent.pipeline / .store / .metrics / .tracker
         elif cfg.http.enabled:  # no HTTP API module in this install: the console (and /healthz) alone
             from medqc.agent.console import serve as serve_console
 
