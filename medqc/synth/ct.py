@@ -344,8 +344,9 @@ def bowtie(n_det: int, pixel_mm: float) -> np.ndarray:
     return np.exp(-((s / 210.0) ** 2) * 1.4)
 
 
-def photon_counts(sino: np.ndarray, i0: float, pixel_mm: float) -> np.ndarray:
-    """Expected detected photons per ray."""
+def photon_counts(sino: np.ndarray, i0, pixel_mm: float) -> np.ndarray:
+    """Expected detected photons per ray (``i0``: a number, or per view (views, 1) for tube-current
+    modulation)."""
     return i0 * bowtie(sino.shape[1], pixel_mm)[None, :] * np.exp(-sino)
 
 

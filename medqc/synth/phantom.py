@@ -361,7 +361,7 @@ def rasterize(p: Patient, r: float, X: np.ndarray, Y: np.ndarray) -> _Canvas:
                     lung = cv.ell(lx, ly, la, lb)
                     du = (cv.X - lx) / max(la, 1)
                     dv = (cv.Y - ly) / max(lb, 1)
-                    d_r = dome_top + (5 if sx < 0 else 25) + (base - dome_top - (5 if sx < 0 else 25)) * np.clip(0.5 * (du**2) + 0.8 * np.clip(dv, 0, None) ** 2 + 0.25 * np.clip(-dv, 0, None) ** 2, 0, 1)
+                    d_r = dome_top + (5 if sx < 0 else 25) + (base - dome_top - (5 if sx < 0 else 25)) * np.clip(1.0 * (du**2) + 1.5 * np.clip(dv, 0, None) ** 2 + 0.3 * np.clip(-dv, 0, None) ** 2, 0, 1) ** 0.7
                     lung &= r < d_r
                     # lung: gravity-dependent density, posterior denser
                     lung_hu = HU["lung"] + jit.get("lung", 0) + 60 * np.clip(dv, 0, 1)

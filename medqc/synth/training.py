@@ -20,8 +20,9 @@ from medqc.anatomy import BODY_SCALE_MAX, LANDMARKS
 from medqc.synth import ct
 from medqc.synth.phantom import Patient, _Canvas, add_implant, random_patient, rasterize
 
-GENERATOR_VERSION = "3"  # bump when the physics or the labels change (training caches key on it)
+GENERATOR_VERSION = "5"  # bump when the physics or the labels change (training caches key on it)
 SIM_N = 256  # simulation grid (pixels); physical pixel = extent / SIM_N
+TRAIN_VIEWS = 352  # 1.4 × the 256 channels: the rim of the simulation circle only is view-aliased
 TRAIN_RECON_MAX = 256  # training slices are reconstructed at most at 256² (≥ 2 mm network pixels) and interpolated to the display matrix
 # Noise σ (HU) measured at 2 mm pixels (the network's view) at the body centre. Brain imaging needs far
 # less noise than body imaging, so the head has its own scale: (clean at most, excessive from, gross at)
@@ -144,6 +145,14 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
     has_metal = bool(metal.any())
     if has_metal:
         mu = np.where(metal > 0, 0.0, mu)
+    # the rasterised phantom has hard, stair-stepped edges on the simulation grid; real objects do not and
+    # the focal spot and detector aperture blur each ray by about a channel: band-limit before projecting
+    # (otherwise the stair steps come back as streaky texture wherever the display grid is finer)
+    from scipy.ndimage import gaussian_filter
+
+    mu = gaussian_filter(mu, 0.7, mode="constant")
+    if has_metal:
+        metal = gaussian_filter(metal, 0.7, mode="constant")
     geo = ct.Geometry(n, spec.n_views, n)
     # 2. patient motion during the rotation (a pose per view)
     motion = None
@@ -179,8 +188,13 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
     # 4. dose: a reference I0, rescaled below so the measured noise meets the target
     #    (calibrated on the tissue alone: the metal's own streaks must not lower the dose)
     i0_guess = 4.0e5 * (6.0 / max(spec.noise_sigma, 0.5)) ** 2 * (px / 1.0)
+    # angular tube-current modulation (every vendor's dose control): more photons through the long
+    # (lateral) paths, fewer through the short ones, ∝ exp(p_max / 2) per view, mean 1
+    pmax = sino_tissue.max(axis=1)
+    aec = np.clip(np.exp(0.5 * (pmax - pmax.mean())), 0.3, 3.0)
+    aec = (aec / aec.mean())[:, None]
     z_noise = rng.standard_normal(sino.shape)
-    noise = z_noise * ct.log_noise_std(sino_tissue, i0_guess, px)
+    noise = z_noise * ct.log_noise_std(sino_tissue, i0_guess * aec, px)
     ring_sino = None
     if spec.ring > 0:  # pattern of miscalibrated channels; its strength is set below from the HU it makes
         offs = ring_offsets if ring_offsets is not None else ct.ring_gains(n, rng, int(rng.integers(1, 5)), 1.0)
@@ -210,7 +224,7 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
     k = spec.noise_sigma / sig if sig > 0 else 1.0
     i0_eff = i0_guess / k**2
     if has_metal:
-        noise = z_noise * ct.log_noise_std(sino, i0_eff, px)
+        noise = z_noise * ct.log_noise_std(sino, i0_eff * aec, px)
         if sfov_r < n / 2 - 1:
             noise = np.where(det_s <= sfov_r, noise, 0.0)
         meas = sino + noise
@@ -219,12 +233,12 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
     if has_metal:
         # photon starvation behind the metal, with the photons of a real detector element and view
         # (about 0.6 mm and 1/1200 of a rotation): Poisson counts + electronic noise, clipped at one
-        i0_star = i0_eff * (0.6 / px) * (spec.n_views / 1200.0)
+        i0_star = i0_eff * aec * (0.6 / px) * (spec.n_views / 1200.0)
         lam = i0_star * bt * np.exp(-sino)
         low = lam < 40.0
         if low.any():
             counts = rng.poisson(lam[low]).astype(np.float64) + rng.normal(0.0, 2.0, int(low.sum()))
-            meas[low] = -np.log(np.maximum(counts, 1.0) / (i0_star * np.broadcast_to(bt, sino.shape)[low]))
+            meas[low] = -np.log(np.maximum(counts, 1.0) / np.broadcast_to(i0_star * bt, sino.shape)[low])
     ring_amp = 0.0
     dpx_r = spec.fov_mm / (spec.matrix if recon_max is None else min(spec.matrix, recon_max))
     q = ct.ramp_filter(meas, px, spec.kernel, dpx_r)
@@ -363,7 +377,7 @@ def _random_spec(rng: np.random.Generator, r: float, p: Patient) -> SliceSpec:
         noise_sigma=float(np.exp(rng.uniform(math.log(noise_scale(r)[0] / 6.0), math.log(noise_scale(r)[0])))),
         sfov_mm=500.0,
         padding=PADDINGS[int(rng.integers(len(PADDINGS)))],
-        n_views=256,
+        n_views=TRAIN_VIEWS,
         thickness_mm=float(rng.choice([0.625, 1.0, 1.25, 2.0, 2.5, 3.0, 5.0])),
     )
 
