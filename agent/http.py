@@ -1,0 +1,316 @@
+"""The agent's HTTP API (stdlib ``ThreadingHTTPServer``), bound to 127.0.0.1:8480 by default.
+
+Routes (a small table; other modules add theirs with ``register(routes, cfg, agent)``, e.g. the console):
+
+- ``GET /healthz``               liveness + readiness (always open): {"status": "ok"|"starting", "backend": ...}
+- ``GET /metrics``               Prometheus text format (bearer token when ``http.token`` is set)
+- ``GET /api/series``            ``medqc.report/1`` of open and recent series (``?limit=N``)
+- ``GET /api/series/{uid}``      one ``medqc.report/1`` series
+- ``GET /api/findings/stream``   server-sent events, one ``finding`` event per finding as it is raised, a
+                                 ``series`` event per verdict, ``: keep-alive`` comments every 15 s
+
+Findings reach the stream through a sink of their own (a bounded queue per client; a client that does not
+read is dropped, never the pipeline). Nothing here carries patient identifiers: UIDs only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import queue
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+log = logging.getLogger("medqc.agent.http")
+
+KEEPALIVE_S = 15.0
+CLIENT_QUEUE = 256
+FINDING_KEYS = ("finding_id", "check", "severity", "message", "series_instance_uid", "study_instance_uid",
+                "first_instance", "last_instance", "z_range_mm", "score", "raised_at")
+
+
+class Request:
+    def __init__(self, method: str, path: str, query: dict, headers, body: bytes):
+        self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
+
+
+def _json(status: int, obj) -> tuple:
+    return status, {"Content-Type": "application/json", "Cache-Control": "no-cache"}, json.dumps(obj, default=str).encode()
+
+
+def finding_event(finding) -> dict:
+    """The public form of a finding (no free-form details: they never carry identifiers this way)."""
+    d = finding.to_dict()
+    return {k: d.get(k) for k in FINDING_KEYS}
+
+
+class Broadcaster:
+    """A pipeline sink that fans findings and verdicts out to SSE clients, each with a bounded queue."""
+
+    name = "http-stream"
+
+    def __init__(self, maxsize: int = CLIENT_QUEUE):
+        self.maxsize = maxsize
+        self._clients: list[queue.Queue] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self) -> queue.Queue:
+        q: queue.Queue = queue.Queue(self.maxsize)
+        with self._lock:
+            self._clients.append(q)
+        return q
+
+    def unsubscribe(self, q) -> None:
+        with self._lock:
+            if q in self._clients:
+                self._clients.remove(q)
+
+    @property
+    def clients(self) -> int:
+        with self._lock:
+            return len(self._clients)
+
+    def publish(self, event: str, data: dict) -> None:
+        with self._lock:
+            clients = list(self._clients)
+        for q in clients:
+            try:
+                q.put_nowait((event, data))
+            except queue.Full:  # a client that stopped reading: drop it, it reconnects and re-reads /api
+                log.warning("SSE client not reading; disconnecting it")
+                self.unsubscribe(q)
+                try:
+                    q.put_nowait(None)
+                except queue.Full:
+                    pass
+
+    # Sink interface (called from the pipeline's sink thread)
+    def on_slice(self, result, state) -> None:
+        pass
+
+    def on_finding(self, finding, state) -> None:
+        self.publish("finding", finding_event(finding))
+
+    def on_series(self, state) -> None:
+        self.publish("series", {"series_instance_uid": state.uid, "study_instance_uid": state.study_uid,
+                                "verdict": state.verdict, "slices": len(state.results),
+                                "findings": len(state.findings), "completed_reason": state.completed_reason})
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for q in clients:
+            try:
+                q.put_nowait(None)
+            except queue.Full:
+                pass
+
+
+class Api:
+    """The core routes, reading the running agent (``agent.pipeline``, ``agent.store``, ``agent.metrics``)."""
+
+    def __init__(self, cfg, agent, broadcaster: Broadcaster):
+        self.cfg, self.agent, self.broadcaster = cfg, agent, broadcaster
+
+    def healthz(self, req):
+        pipe = getattr(self.agent, "pipeline", None)
+        ready = pipe is not None and getattr(self.agent, "receiver", None) is not None
+        backend = getattr(getattr(pipe, "inferer", None), "backend", None)
+        return _json(200 if ready else 503, {"status": "ok" if ready else "starting", "backend": backend})
+
+    def metrics(self, req):
+        m = getattr(self.agent, "metrics", None)
+        body = m.render().encode() if m is not None else b""
+        return 200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}, body
+
+    def _privacy(self):
+        return self.cfg.privacy
+
+    def series_list(self, req):
+        from medqc.agent.report import SCHEMA, series_report
+
+        try:
+            limit = max(1, min(1000, int((req.query.get("limit") or ["100"])[0])))
+        except ValueError:
+            return _json(400, {"error": "limit must be an integer"})
+        tracker = getattr(self.agent, "tracker", None)
+        states = sorted(tracker.all(), key=lambda s: -s.opened_at) if tracker is not None else []
+        out = [series_report(s, self._privacy()) for s in states[:limit]]
+        seen = {s["series_instance_uid"] for s in out}
+        store = getattr(self.agent, "store", None)
+        if store is not None and len(out) < limit:
+            for row in store.list_series(limit):
+                if row["series_instance_uid"] not in seen and len(out) < limit:
+                    rep = store.get_series(row["series_instance_uid"])
+                    if rep is not None:
+                        out.append(rep)
+        pipe = getattr(self.agent, "pipeline", None)
+        rejected = list(getattr(pipe, "rejected", []) or [])[-limit:]
+        from medqc.agent.report import REJECTED_KEYS
+
+        return _json(200, {"schema": SCHEMA, "series": out,
+                           "rejected": [{k: r[k] for k in REJECTED_KEYS if k in r} for r in rejected]})
+
+    def series_one(self, req, uid: str):
+        from medqc.agent.report import SCHEMA, series_report
+
+        uid = unquote(uid)
+        tracker = getattr(self.agent, "tracker", None)
+        st = tracker.get(uid) if tracker is not None else None
+        if st is not None:
+            return _json(200, {"schema": SCHEMA, **series_report(st, self._privacy())})
+        store = getattr(self.agent, "store", None)
+        rep = store.get_series(uid) if store is not None else None
+        if rep is None:
+            return _json(404, {"error": f"no series {uid}"})
+        return _json(200, {"schema": SCHEMA, **rep})
+
+    def findings_stream(self, req, write, stop: threading.Event) -> None:
+        q = self.broadcaster.subscribe()
+        try:
+            write(b"retry: 2000\n: connected\n\n")
+            while not stop.is_set():
+                try:
+                    item = q.get(timeout=KEEPALIVE_S)
+                except queue.Empty:
+                    write(b": keep-alive\n\n")
+                    continue
+                if item is None:
+                    return
+                event, data = item
+                write(f"event: {event}\ndata: {json.dumps(data, default=str, separators=(',', ':'))}\n\n".encode())
+        finally:
+            self.broadcaster.unsubscribe(q)
+
+
+def core_routes(api: Api) -> list:
+    """(method, compiled regex, handler, needs_token, kind) — the same tuples the console registers."""
+    table = [("GET", r"/healthz", api.healthz, False, "plain"),
+             ("GET", r"/metrics", api.metrics, True, "plain"),
+             ("GET", r"/api/series", api.series_list, True, "plain"),
+             ("GET", r"/api/series/([^/]+)", api.series_one, True, "plain"),
+             ("GET", r"/api/findings/stream", api.findings_stream, True, "sse")]
+    return [(m, re.compile(p + r"$"), fn, auth, kind) for m, p, fn, auth, kind in table]
+
+
+class HttpServer:
+    def __init__(self, cfg, agent, bind: str | None = None, console: bool = True):
+        self.cfg = cfg
+        self.token = cfg.http.token
+        self._stop = threading.Event()
+        self.broadcaster = Broadcaster()
+        self.api = Api(cfg, agent, self.broadcaster)
+        self.routes: list = core_routes(self.api)
+        self._sink = None
+        pipe = getattr(agent, "pipeline", None)
+        if pipe is not None and hasattr(pipe, "sinks"):
+            from medqc.agent.sinks.base import SinkThread
+
+            self._sink = SinkThread(self.broadcaster, getattr(agent, "metrics", None))
+            pipe.sinks.append(self._sink)
+        if console:
+            try:
+                from medqc.agent.console import register
+            except ImportError:
+                register = None
+            if register is not None:
+                register(self.routes, cfg, agent)
+        host, _, port = (bind or cfg.http.bind).rpartition(":")
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            server_version = "medqc"
+
+            def log_message(self, fmt, *args):  # URLs carry UIDs only; keep access logs at debug
+                log.debug("http: " + fmt, *args)
+
+            def _dispatch(self, method):
+                parts = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(min(length, 1 << 20)) if length else b""
+                req = Request(method, parts.path, parse_qs(parts.query), self.headers, body)
+                allowed = []
+                for m, rx, fn, auth, kind in server.routes:
+                    mt = rx.match(parts.path)
+                    if not mt:
+                        continue
+                    if m != method:
+                        allowed.append(m)
+                        continue
+                    if auth and not server.authorised(req):
+                        return self._send(401, {"Content-Type": "application/json", "WWW-Authenticate": "Bearer"},
+                                          b'{"error": "bearer token required"}')
+                    if kind == "sse":
+                        return self._sse(fn, req, mt.groups())
+                    try:
+                        return self._send(*fn(req, *mt.groups()))
+                    except (BrokenPipeError, ConnectionResetError):
+                        return None
+                    except Exception as e:  # noqa: BLE001
+                        log.exception("HTTP route %s failed", parts.path)
+                        return self._send(*_json(500, {"error": type(e).__name__}))
+                if allowed:
+                    return self._send(*_json(405, {"error": f"use {', '.join(allowed)}"}))
+                return self._send(*_json(404, {"error": "not found"}))
+
+            def do_GET(self):
+                self._dispatch("GET")
+
+            def do_POST(self):
+                self._dispatch("POST")
+
+            def _send(self, status, headers, body):
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _sse(self, fn, req, groups):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+
+                def write(b: bytes):
+                    self.wfile.write(b)
+                    self.wfile.flush()
+
+                try:
+                    fn(req, write, server._stop, *groups)
+                except (BrokenPipeError, ConnectionResetError, OSError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
+
+    def authorised(self, req) -> bool:
+        if not self.token:
+            return True
+        auth = req.headers.get("Authorization") or ""
+        got = auth[7:].strip() if auth.startswith("Bearer ") else (req.query.get("token") or [""])[0]
+        return hmac.compare_digest(got.encode(), self.token.encode())
+
+    def start(self) -> "HttpServer":
+        self._thread.start()
+        log.info("HTTP API on http://%s:%d/", self.httpd.server_address[0], self.port)
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self.broadcaster.close()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def serve(cfg, agent, bind: str | None = None) -> HttpServer:
+    return HttpServer(cfg, agent, bind).start()
