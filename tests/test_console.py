@@ -168,7 +168,11 @@ def test_console_live_in_chromium(agent, study, tmp_path):
             assert "missing" in cov and "top" in cov, cov
             assert page.locator("section.series .cov .lm").count() >= 3
             assert page.locator("section.series .cov .miss").count() >= 1
-            # critical findings (if any) raise the banner; the page never reloaded
+            # unacknowledged critical findings raise the banner; the page never reloaded
+            crit = page.locator("li.finding.critical").count()
+            assert page.is_visible("#alert") == (crit > 0)
+            if crit:
+                assert page.inner_text("#alert").startswith("⚠")
             assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
             page.fill("#who", "TS")
             page.dispatch_event("#who", "change")
@@ -184,3 +188,39 @@ def test_console_live_in_chromium(agent, study, tmp_path):
         shutil.copy(shot, os.environ["MEDQC_CONSOLE_SCREENSHOT"])
     print(f"first mark {t_first:.2f} s after storescu started; screenshot {shot}")
     assert t_first < 10
+
+
+def test_console_privacy_opt_in_and_token(tiny_bundle, tmp_path, study):
+    """Patient name only when the site opts in; with http.token the API needs the bearer (or ?token=)."""
+    from medqc.agent.console import serve
+    from medqc.agent.daemon import Agent
+    from medqc.config import load_config
+
+    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": _free_port(), "http.bind": f"127.0.0.1:{_free_port()}",
+                             "series.idle_timeout_s": 1.0, "sinks.stdout.enabled": False,
+                             "privacy.show_patient_identifiers": True, "http.token": "s3cret"})
+    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    server = serve(cfg, a, bind=f"127.0.0.1:{_free_port()}")
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert urllib.request.urlopen(base + "/", timeout=5).status == 200  # the page itself is public
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + "/api/console/state", timeout=5)
+        assert e.value.code == 401
+        _send(study, cfg.dicom.port)
+        auth = urllib.request.Request(base + "/api/console/state", headers={"Authorization": "Bearer s3cret"})
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            snap = json.load(urllib.request.urlopen(auth, timeout=5))
+            if snap["series"]:
+                break
+            time.sleep(0.2)
+        import pydicom
+
+        name = str(pydicom.dcmread(next(study.glob("*.dcm")), stop_before_pixels=True).PatientName).replace("^", " ").strip()
+        assert name and snap["series"][0].get("patient_name") == name
+        snap2 = json.load(urllib.request.urlopen(base + "/api/console/state?token=s3cret", timeout=5))
+        assert snap2["series"][0]["uid"] == snap["series"][0]["uid"]
+    finally:
+        server.close()
+        a.stop(5.0)
