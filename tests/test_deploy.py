@@ -352,3 +352,30 @@ def test_pyproject_python_floor():
     proj = _pyproject()
     assert proj["project"]["requires-python"] == ">=3.10"
     assert any(d.startswith("tomli") and "python_version < '3.11'" in d for d in proj["project"]["dependencies"])
+
+
+def test_systemd_unit_in_the_guide_verifies(tmp_path):
+    """The unit printed in docs/deploy.md passes ``systemd-analyze verify`` without a warning, and its
+    ExecStart is a command line ``medqc`` accepts."""
+    import shutil
+
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    units = re.findall(r"```ini\n(.*?)```", doc, re.S)
+    assert units, "docs/deploy.md has no systemd unit"
+    unit = units[0]
+    assert "Type=notify" in unit and "User=medqc" in unit and "StateDirectory=medqc" in unit
+    exec_start = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1).split()
+    assert exec_start[0].endswith("/medqc")
+    from medqc.cli import build_parser
+
+    ns = build_parser().parse_args(exec_start[1:])
+    assert ns.command == "agent"
+    tool = shutil.which("systemd-analyze")
+    if not tool:
+        pytest.skip("systemd-analyze is not installed")
+    medqc = Path(PY).parent / "medqc"
+    f = tmp_path / "medqc.service"
+    f.write_text(unit.replace(exec_start[0], str(medqc)))
+    r = subprocess.run([tool, "verify", str(f)], capture_output=True, text=True, timeout=60)
+    problems = [ln for ln in (r.stderr + r.stdout).splitlines() if str(f) in ln or "medqc.service" in ln]
+    assert r.returncode == 0 and not problems, r.stderr
