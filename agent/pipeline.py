@@ -272,9 +272,13 @@ def compose(cfg, bundle_dir: str | None = None, backend: str | None = None, metr
     backend = (backend or cfg.inference.backend) if inference else "none"
     try:
         bundle = load_bundle(bundle_dir or cfg.inference.bundle or None)
-    except BundleError:
-        if backend != "none":
+    except BundleError as e:
+        explicit = bool(bundle_dir or cfg.inference.bundle)
+        if backend != "none" and (explicit or backend != "auto"):
             raise
+        if backend != "none":  # zero configuration without the bundled model: still useful, and says so
+            log.warning("%s: running the classical detectors only (pass --bundle DIR for the network)", e)
+            backend = "none"
         bundle = None  # classical detectors only: no model needed
     inferer = Inferer(bundle, backend, cfg.inference.threads)
     if metrics is not None:
