@@ -22,7 +22,7 @@ from medqc.synth.phantom import Patient, _Canvas, add_implant, random_patient, r
 
 GENERATOR_VERSION = "5"  # bump when the physics or the labels change (training caches key on it)
 SIM_N = 256  # simulation grid (pixels); physical pixel = extent / SIM_N
-TRAIN_VIEWS = 352  # 1.4 × the 256 channels: the rim of the simulation circle only is view-aliased
+TRAIN_VIEWS = 256  # = channels: slight view aliasing at the rim of the simulation circle only (table, arms)
 TRAIN_RECON_MAX = 256  # training slices are reconstructed at most at 256² (≥ 2 mm network pixels) and interpolated to the display matrix
 # Noise σ (HU) measured at 2 mm pixels (the network's view) at the body centre. Brain imaging needs far
 # less noise than body imaging, so the head has its own scale: (clean at most, excessive from, gross at)
