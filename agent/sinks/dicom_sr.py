@@ -111,6 +111,7 @@ def build_document(state, findings, kind: str = "sr", ae_title: str = "MEDQC", n
         ds.ConceptNameCodeSequence = [_code("18748-4", "LN", "Diagnostic imaging report")]
         ds.CompletionFlag = "COMPLETE"
         ds.VerificationFlag = "UNVERIFIED"
+        ds.PerformedProcedureCodeSequence = []  # SR Document General, type 2
         for f in findings:
             t = Dataset()
             t.RelationshipType = "CONTAINS"
@@ -159,8 +160,6 @@ def build_document(state, findings, kind: str = "sr", ae_title: str = "MEDQC", n
         study.StudyInstanceUID = state.study_uid
         study.ReferencedSeriesSequence = [series]
         ds.CurrentRequestedProcedureEvidenceSequence = [study]
-    if kind == "ko":
-        ds.ReferencedRequestSequence = []  # Key Object Document module, type 2 when no request is known
     return ds
 
 
