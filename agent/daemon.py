@@ -127,6 +127,8 @@ class Agent:
         self.pipeline.resume() if self.inference else None
         access_mod = _optional("medqc.agent.access")
         access = access_mod.from_config(cfg) if access_mod is not None and hasattr(access_mod, "from_config") else None
+        if access is not None and hasattr(access, "metrics"):
+            access.metrics = self.metrics  # rejected associations → medqc_associations_rejected_total
         on_stored = self.pipeline.submit if self.inference else (lambda path, t: None)
         self.receiver = Receiver(cfg, self.spool, on_stored, self.pipeline.mpps_completed, self.metrics, access).start()
         if self.watch_dirs:

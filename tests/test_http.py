@@ -1,0 +1,172 @@
+"""The HTTP API of a real agent (tiny ONNX bundle) fed by DCMTK storescu: /healthz open, bearer token on
+/metrics and /api, Prometheus text, medqc.report/1 series, findings over server-sent events as raised."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+
+def _run(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
+    return r
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("http-study") / "head"
+    _run([sys.executable, "-m", "medqc", "synth", "--region", "head", "--slices", "12", "--matrix", "128",
+          "--artifact", "metal:0.9@5-8", "--short-top", "40", "--seed", "11", "--no-progress", str(out)], timeout=300)
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def agent(tiny_bundle, tmp_path):
+    from medqc.agent.daemon import Agent
+    from medqc.config import load_config
+
+    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": _free_port(), "http.bind": f"127.0.0.1:{_free_port()}",
+                             "http.token": "t0ken", "series.idle_timeout_s": 1.0, "sinks.stdout.enabled": False})
+    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    try:
+        yield cfg, a
+    finally:
+        a.stop(5.0)
+
+
+def _get(url, token=None, timeout=10):
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def send(study, port, aet="CT_TEST"):
+    storescu = shutil.which("storescu")
+    if not storescu:
+        pytest.skip("storescu (dcmtk) is not installed")
+    files = sorted(str(p) for p in study.glob("*.dcm"))
+    return subprocess.run([storescu, "-aet", aet, "-aec", "MEDQC", "127.0.0.1", str(port), *files],
+                          env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=120)
+
+
+def test_http_api_end_to_end(agent, study):
+    from medqc.agent.metrics import METRICS
+
+    cfg, a = agent
+    assert a.http.httpd.server_address[0] == "127.0.0.1"
+    base = f"http://{cfg.http.bind}"
+    status, _, body = _get(base + "/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok" and json.loads(body)["backend"] == "onnxruntime"
+    for path in ("/metrics", "/api/series", "/api/findings/stream"):
+        status, headers, _ = _get(base + path)
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer", path
+        assert _get(base + path.replace("/stream", "/nope"), "wrong")[0] in (401, 404)
+    assert _get(base + "/api/series/1.2.3", "t0ken")[0] == 404
+
+    # SSE client connected before the study arrives
+    events, lines = [], []
+
+    def listen():
+        req = urllib.request.Request(base + "/api/findings/stream", headers={"Authorization": "Bearer t0ken"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.headers["Content-Type"] == "text/event-stream"
+            event = None
+            for raw in r:
+                line = raw.decode().rstrip("\n")
+                lines.append(line)
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    events.append((event, json.loads(line[6:]), time.monotonic()))
+                    if event == "series":
+                        return
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 5
+    while a.http.broadcaster.clients == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    t_send = time.monotonic()
+    r = send(study, cfg.dicom.port)
+    assert r.returncode == 0, r.stderr
+    t.join(60)
+    assert not t.is_alive(), lines
+    kinds = [e[0] for e in events]
+    assert kinds[-1] == "series" and "finding" in kinds, lines
+    checks = {e[1]["check"] for e in events if e[0] == "finding"}
+    assert "artifact.metal" in checks, checks
+    first = min(e[2] for e in events if e[0] == "finding")
+    print(f"first finding on the SSE stream {first - t_send:.2f} s after storescu started; checks {sorted(checks)}")
+    uid = events[-1][1]["series_instance_uid"]
+
+    status, _, body = _get(base + "/api/series", "t0ken")
+    rep = json.loads(body)
+    assert status == 200 and rep["schema"] == "medqc.report/1"
+    s = next(s for s in rep["series"] if s["series_instance_uid"] == uid)
+    assert s["slices"] == 12 and s["verdict"] in ("warn", "fail")
+    status, _, body = _get(base + f"/api/series/{uid}", "t0ken")
+    one = json.loads(body)
+    assert status == 200 and one["series_instance_uid"] == uid and len(one["per_slice"]) == 12
+    assert {f["check"] for f in one["findings"]} >= {"artifact.metal"}
+
+    status, headers, body = _get(base + "/metrics", "t0ken")
+    text = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    vals = {}
+    for ln in text.splitlines():
+        if ln and not ln.startswith("#"):
+            k, v = ln.rsplit(" ", 1)
+            vals[k] = float(v)
+    assert vals['medqc_slices_received_total{source="dicom"}'] == 12
+    assert vals["medqc_slices_analysed_total"] == 12 if "medqc_slices_analysed_total" in vals else True
+    assert any(k.startswith("medqc_findings_total{") and "artifact.metal" in k for k in vals), text
+    assert vals['medqc_backend_info{backend="onnxruntime"}'] == 1
+    assert any(k.startswith("medqc_stage_seconds_bucket{") for k in vals)
+    for name in METRICS:
+        assert f"# TYPE {name} " in text
+
+
+def test_http_route_table_405_and_open_without_token(tiny_bundle, tmp_path):
+    from medqc.agent.daemon import Agent
+    from medqc.config import load_config
+
+    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": _free_port(), "http.bind": f"127.0.0.1:{_free_port()}",
+                             "sinks.stdout.enabled": False})
+    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    try:
+        base = f"http://{cfg.http.bind}"
+        assert _get(base + "/metrics")[0] == 200  # no token configured: open (bound to localhost)
+        req = urllib.request.Request(base + "/api/series", data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=5)
+        assert e.value.code == 405
+        # the console's routes are mounted on the same server
+        assert _get(base + "/")[0] == 200
+        # another module can add a route to the table
+        import re
+
+        a.http.routes.append(("GET", re.compile(r"/api/ping$"), lambda req: (200, {}, b"pong"), False, "plain"))
+        assert _get(base + "/api/ping")[2] == b"pong"
+    finally:
+        a.stop(5.0)
