@@ -198,7 +198,7 @@ def test_entrypoint_script(dockerfile, tmp_path):
     execs = re.findall(r"^\s*exec (\S+) (.*?)(?<!\\)$", script.replace("\\\n", " "), re.M)
     assert execs and all(cmd in scripts for cmd, _ in execs), execs
     agent_line = [a for c, a in execs if a.startswith("agent")][0]
-    argv = shlex.split(re.sub(r'"\$\{?(\w+)\}?"', r"X\1", agent_line).replace('"$@"', ""))
+    argv = shlex.split(re.sub(r'"\$\{?(\w+)(?::-[^}"]*)?\}?"', r"X\1", agent_line).replace('"$@"', ""))
     argv = [a if not a.startswith("X") else ("11112" if "PORT" in a else "auto" if "BACKEND" in a else "0.0.0.0:8480" if "HTTP" in a else "/x") for a in argv]
     from medqc.cli import build_parser
 
