@@ -68,12 +68,13 @@ def thumbnail_png(hu: np.ndarray, info=None, size: int = THUMB_SIZE) -> bytes:
     import cv2
 
     level, width = WINDOWS[_region(info) if info is not None else "body"]
-    img = window(hu, level, width)
-    h, w = img.shape[:2]
+    hu = np.asarray(hu, np.float32)
+    h, w = hu.shape[:2]
     scale = size / max(h, w)
-    if scale < 1:
-        img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    if scale < 1:  # shrink first (area average in HU), then window: ~4x less work than the other way round
+        hu = cv2.resize(hu, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    img = window(hu, level, width)
+    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 3])
     if not ok:
         raise ValueError("PNG encoding failed")
     return buf.tobytes()
