@@ -60,30 +60,49 @@ class AccessPolicy:
             return False, "calling-aet"
         return True, ""
 
-    def allow(self, event) -> tuple[bool, str]:
+    @staticmethod
+    def calling_aet(event) -> str:
         req = event.assoc.requestor
-        aet = req.ae_title if isinstance(req.ae_title, str) else req.ae_title.decode(errors="replace")
-        return self.check(aet, str(req.address or ""))
+        prim = getattr(req, "primitive", None)  # at EVT_REQUESTED the A-ASSOCIATE-RQ is not applied yet
+        aet = getattr(prim, "calling_ae_title", None) or req.ae_title or ""
+        return (aet if isinstance(aet, str) else aet.decode(errors="replace")).strip()
+
+    def allow(self, event) -> tuple[bool, str]:
+        return self.check(self.calling_aet(event), str(event.assoc.requestor.address or ""))
 
     def _on_requested(self, event) -> None:
         ok, reason = self.allow(event)
         if ok:
             return
         req = event.assoc.requestor
-        log.warning("association rejected (%s): calling AE %r from %s:%s", reason, str(req.ae_title).strip(),
+        log.warning("association rejected (%s): calling AE %r from %s:%s", reason, self.calling_aet(event),
                     req.address, req.port)
+        self._count(reason)
+        diag = _RJ_CALLING_AE if reason == "calling-aet" else _RJ_NO_REASON
+        event.assoc.acse.send_reject(_RJ_PERMANENT, _RJ_USER, diag)
+        event.assoc.kill()  # as pynetdicom does after its own rejections: the DUL sends the A-ASSOCIATE-RJ, then stops
+
+    def _count(self, reason: str) -> None:
         if self.metrics is not None:
             try:
                 self.metrics.inc("medqc_associations_rejected_total", reason=reason)
             except Exception:  # noqa: BLE001
                 pass
-        diag = _RJ_CALLING_AE if reason == "calling-aet" else _RJ_NO_REASON
-        event.assoc.acse.send_reject(_RJ_PERMANENT, _RJ_USER, diag)
+
+    def _on_rejected(self, event) -> None:
+        """Rejections pynetdicom makes itself (dicom.max_associations reached, ...)."""
+        prim = getattr(event.assoc.acceptor, "primitive", None)
+        rsd = (getattr(prim, "result", None), getattr(prim, "result_source", None), getattr(prim, "diagnostic", None))
+        reason = "max-associations" if rsd == (0x02, 0x03, 0x02) else "protocol"
+        req = event.assoc.requestor
+        log.warning("association rejected (%s): calling AE %r from %s:%s", reason, self.calling_aet(event), req.address,
+                    req.port)
+        self._count(reason)
 
     def handlers(self) -> list:
         from pynetdicom import evt
 
-        return [(evt.EVT_REQUESTED, self._on_requested)]
+        return [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_REJECTED, self._on_rejected)]
 
     # ------------------------------------------------------------------------------------------ TLS
     def ssl_context(self):
