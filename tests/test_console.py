@@ -77,11 +77,14 @@ def agent(tiny_bundle, tmp_path):
     cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": _free_port(), "http.bind": f"127.0.0.1:{_free_port()}",
                              "inference.backend": "onnxruntime", "series.idle_timeout_s": 2.0, "sinks.stdout.enabled": False})
     a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
-    server = serve(cfg, a, bind=f"127.0.0.1:{_free_port()}")
+    # the agent's own HTTP server mounts the console; without the HTTP API module it serves the console alone
+    own = a.http is None
+    server = serve(cfg, a, bind=f"127.0.0.1:{_free_port()}") if own else a.http
     try:
         yield cfg, a, server
     finally:
-        server.close()
+        if own:
+            server.close()
         a.stop(5.0)
 
 
@@ -200,7 +203,8 @@ def test_console_privacy_opt_in_and_token(tiny_bundle, tmp_path, study):
                              "series.idle_timeout_s": 1.0, "sinks.stdout.enabled": False,
                              "privacy.show_patient_identifiers": True, "http.token": "s3cret"})
     a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
-    server = serve(cfg, a, bind=f"127.0.0.1:{_free_port()}")
+    own = a.http is None
+    server = serve(cfg, a, bind=f"127.0.0.1:{_free_port()}") if own else a.http
     try:
         base = f"http://127.0.0.1:{server.port}"
         assert urllib.request.urlopen(base + "/", timeout=5).status == 200  # the page itself is public
@@ -221,6 +225,38 @@ def test_console_privacy_opt_in_and_token(tiny_bundle, tmp_path, study):
         assert name and snap["series"][0].get("patient_name") == name
         snap2 = json.load(urllib.request.urlopen(base + "/api/console/state?token=s3cret", timeout=5))
         assert snap2["series"][0]["uid"] == snap["series"][0]["uid"]
+    finally:
+        if own:
+            server.close()
+        a.stop(5.0)
+
+
+def test_standalone_console_server_static_and_errors(tiny_bundle, tmp_path):
+    """The console's own server (used when the HTTP API module is absent): page, assets, /healthz, and no
+    way out of agent/static."""
+    from medqc.agent.console import STATIC, serve
+    from medqc.agent.daemon import Agent
+    from medqc.config import load_config
+
+    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": _free_port(), "http.enabled": False,
+                             "sinks.stdout.enabled": False})
+    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    server = serve(cfg, a, bind=f"127.0.0.1:{_free_port()}")
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert json.load(urllib.request.urlopen(base + "/healthz", timeout=5))["status"] == "ok"
+        page = urllib.request.urlopen(base + "/", timeout=5).read().decode()
+        for ref in ("/static/console.js", "/static/console.css"):
+            assert ref in page
+            r = urllib.request.urlopen(base + ref, timeout=5)
+            assert r.read() == (STATIC / ref.rsplit("/", 1)[1]).read_bytes()
+        assert "http://" not in page and "https://" not in page  # offline: nothing from elsewhere
+        assert "https://" not in (STATIC / "console.js").read_text() + (STATIC / "console.css").read_text()
+        for bad in ("/static/..%2Fconsole.py", "/static/%2E%2Fx", "/static/nope.js", "/nothing"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(base + bad, timeout=5)
+            assert e.value.code == 404, bad
+        assert json.load(urllib.request.urlopen(base + "/api/console/state", timeout=5))["series"] == []
     finally:
         server.close()
         a.stop(5.0)
