@@ -310,6 +310,12 @@ def test_wheel_from_copied_sources_installs_clean_and_analyzes(tiny_bundle, tmp_
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("medqc-*.whl"))
     t_build = time.time() - t0
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for need in ("medqc/agent/static/index.html", "medqc/agent/static/console.js", "medqc/agent/static/console.css",
+                 "medqc/agent/protocols.toml", "medqc/agent/console.py"):
+        assert need in names, f"{need} missing from the wheel"
 
     vdir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(vdir)
