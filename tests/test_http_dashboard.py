@@ -14,7 +14,8 @@ PROMETHEUS_BUILTIN = {"up"}
 
 
 def metric_names(expr: str) -> set[str]:
-    e = re.sub(r'"[^"]*"', '""', expr)  # strings
+    e = re.sub(r"label_values\(([^,)]+)(,[^)]*)?\)", r"\1", expr)  # Grafana variable query: metric, label
+    e = re.sub(r'"[^"]*"', '""', e)  # strings
     e = re.sub(r"\{[^}]*\}", "", e)  # label matchers
     e = re.sub(r"\[[^\]]*\]", "", e)  # range selectors
     e = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", e)  # grouping labels
@@ -47,6 +48,7 @@ def _exprs(dash: dict) -> list[str]:
 def test_parser_sees_metric_names():
     assert metric_names('histogram_quantile(0.95, sum by (le, stage) (rate(medqc_stage_seconds_bucket{job=~"$job"}[5m])))') \
         == {"medqc_stage_seconds_bucket"}
+    assert metric_names("label_values(medqc_slices_received_total, job)") == {"medqc_slices_received_total"}
     assert metric_names("sum(rate(nope_total[5m])) / medqc_queue_depth") == {"nope_total", "medqc_queue_depth"}
 
 
