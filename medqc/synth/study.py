@@ -249,8 +249,8 @@ def write_study(out_dir: Path, opts: StudyOptions) -> dict:
     ring_sev = max([a.severity for a in arts if a.kind == "ring"], default=0.0)
     # simulation grid: about the display matrix (at least 256, at most 512 channels)
     sim_n = int(min(512, max(256, 32 * round(opts.matrix / 32))))
-    # views: 1.25 × channels keeps view aliasing (streaks off high-contrast edges) out of all but the rim
-    n_views = opts.n_views or int(32 * round(1.25 * sim_n / 32))
+    # views = channels: view aliasing (streaks off high-contrast edges) stays at the rim of the circle
+    n_views = opts.n_views or sim_n
     if ring_sev > 0:
         ring_offsets = ct.ring_gains(sim_n, np.random.default_rng([opts.seed, 0xA1]), int(rng.integers(2, 5)), 1.0)
     sfov_trunc = None
