@@ -594,7 +594,13 @@ class AgentWatcher:
         """Poll /api/series/{uid} until each series has a verdict (or the deadline). → {uid: (seen_at, report)}."""
         pending = set(series_uids)
         seen: dict[str, tuple[float, dict]] = {}
+        unknown: set[str] = set()
+        last_progress = time.time()
         while pending and time.time() < deadline:
+            # series the agent has no record of (every instance rejected: localizers, secondary captures)
+            # never get a verdict: stop waiting for them once the others are done and nothing moved for 5 s
+            if pending <= unknown and time.time() - last_progress > 5.0:
+                break
             for uid in list(pending):
                 # a verdict event on the stream counts as soon as it arrived
                 ev = _stream_verdict(self.snapshot(), uid)
@@ -604,10 +610,15 @@ class AgentWatcher:
                     rep = None
                 if rep is not None and isinstance(rep, dict) and "series" in rep and isinstance(rep["series"], list):
                     rep = next((s for s in rep["series"] if s.get("series_instance_uid") == uid), None)
+                if rep is None:
+                    unknown.add(uid)
+                else:
+                    unknown.discard(uid)
                 if rep and rep.get("verdict"):
                     t = time.time()
                     seen[uid] = (min(t, ev) if ev else t, rep)
                     pending.discard(uid)
+                    last_progress = t
             if pending:
                 time.sleep(poll_s)
         for uid in pending:  # no verdict in time: keep what the agent has
@@ -617,6 +628,7 @@ class AgentWatcher:
                 rep = None
             if rep:
                 seen[uid] = (float("nan"), rep)
+        self.unknown = sorted(u for u in pending if u not in seen)
         return seen
 
 
@@ -986,7 +998,12 @@ def replay(
         events = watcher.snapshot()
         watcher.stop()
         fig = agent_figures(records, runs, events, verdicts)
-        missing = [u for u in uids if u not in verdicts or math.isnan(verdicts[u][0])]
+        missing = [u for u in uids if u in verdicts and math.isnan(verdicts[u][0])]
+        ignored = getattr(watcher, "unknown", [])
+        if ignored:  # not an error: the agent rejected every instance of these (the reason is in its log/API)
+            fig["series_not_analysed"] = ignored
+            fig["note"] = (fig.get("note", "") + "; " if fig.get("note") else "") + \
+                f"{len(ignored)} series unknown to the agent (all instances rejected, e.g. localizers or secondary captures)"
         if missing:
             agent_error = (agent_error + "; " if agent_error else "") + f"{len(missing)} series without a verdict within {agent_wait_s:g} s"
         if agent_error:
