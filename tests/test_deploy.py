@@ -351,6 +351,32 @@ def test_wheel_from_copied_sources_installs_clean_and_analyzes(tiny_bundle, tmp_
         assert "artifact.metal" in checks, checks
         metal = [f for f in s["findings"] if f["check"] == "artifact.metal"][0]
         assert 3 <= metal["first_instance"] <= metal["last_instance"] <= 8
+    # the installed agent serves the console from the installed package
+    import urllib.request
+
+    dport, hport = _free_port(), _free_port()
+    cfgf = tmp_path / "agent.toml"
+    cfgf.write_text('[dicom]\nbind = "127.0.0.1"\n')
+    p = subprocess.Popen([str(medqc), "agent", "--config", str(cfgf), "--port", str(dport), "--http", f"127.0.0.1:{hport}",
+                          "--backend", "onnxruntime", "--bundle", str(tiny_bundle), "--state-dir", str(tmp_path / "state")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        js, deadline = None, time.time() + 30
+        while js is None and time.time() < deadline and p.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{hport}/", timeout=2).read().decode()
+                js = urllib.request.urlopen(f"http://127.0.0.1:{hport}/static/console.js", timeout=2).read()
+            except OSError:
+                time.sleep(0.3)
+        assert js and "EventSource" in js.decode() and "/static/console.css" in page
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            _, err = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+    assert p.returncode == 0, err.decode(errors="replace")[-2000:]
     print(f"wheel build {t_build:.1f} s, clean install {t_install:.1f} s")
 
 
