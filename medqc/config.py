@@ -246,6 +246,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"dicom.ae_title = {cfg.dicom.ae_title!r} must be 1-16 characters without surrounding spaces")
     if cfg.dicom.tls.enabled and not (cfg.dicom.tls.cert and cfg.dicom.tls.key):
         raise ConfigError("dicom.tls.enabled = true needs dicom.tls.cert and dicom.tls.key")
+    import ipaddress
+
+    for ip in cfg.dicom.allowed_ips:
+        try:
+            ipaddress.ip_network(ip.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"dicom.allowed_ips: {ip!r} is not an IP address or CIDR network (e.g. 10.1.2.0/24)") from None
+    if cfg.sinks.webhook.url and not cfg.sinks.webhook.url.startswith(("http://", "https://")):
+        raise ConfigError(f"sinks.webhook.url = {cfg.sinks.webhook.url!r} must start with http:// or https://")
     from medqc import ARTIFACTS
 
     for k, v in cfg.checks.artifact.thresholds.items():
