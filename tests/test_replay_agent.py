@@ -50,3 +50,30 @@ def test_replay_measures_agent_latency(tmp_path, tiny_bundle):
     assert a["last_slice_to_verdict_s"]["n"] == 1 and 0 <= a["last_slice_to_verdict_s"]["max"] < 20
     assert "slice arrival → result" in r.stdout and "last slice → verdict" in r.stdout
     assert png.stat().st_size > 5000
+
+
+def test_replay_real_vendor_study_into_agent(tmp_path, tiny_bundle, real_ct):
+    """The Philips study: two tilted axial series get verdicts; the localizer and the secondary captures are
+    rejected by the agent, noted by replay, and not waited for."""
+    from medqc.bench import Agent
+
+    agent = Agent(tmp_path / "agent", str(tiny_bundle), inference=True)
+    why = agent.start()
+    if why:
+        pytest.skip(why)
+    if not agent.http_up:
+        agent.stop()
+        pytest.skip("this agent build serves no HTTP API")
+    try:
+        out = tmp_path / "r.json"
+        r = subprocess.run([sys.executable, "-m", "medqc", "replay", str(real_ct), "--to", f"127.0.0.1:{agent.port}", "--asap",
+                            "--agent-url", agent.url, "--agent-wait", "30", "--ignore-non-dicom", "--json", str(out)],
+                           capture_output=True, text=True, timeout=120, env=dict(os.environ, MEDQC_LOG_LEVEL="WARNING"))
+    finally:
+        agent.stop()
+    assert r.returncode == 0, r.stdout + r.stderr + agent.tail()
+    a = json.loads(out.read_text())["agent"]
+    with_verdict = [s for s in a["series"] if s["verdict"]]
+    assert len(with_verdict) == 2 and {s["slices_reported"] for s in with_verdict} == {54, 58}
+    assert len(a["series_not_analysed"]) == 2
+    assert a["slice_to_result_ms"]["n"] == 112
