@@ -932,6 +932,12 @@ def run_bench(out: Path, quick: bool = False, bundle_path: str | None = None, sl
             if slices:
                 files = files[:slices]
             source = f"{study_dir} ({len(files)} files)"
+            with contextlib.suppress(Exception):
+                import pydicom as _pd
+
+                if "medqc" in str(_pd.dcmread(str(files[0]), stop_before_pixels=True).get("Manufacturer", "")).lower() or \
+                        any((p / "truth.json").is_file() for p in (Path(study_dir), *Path(study_dir).parents[:1])):
+                    source = f"medqc synth series given with --study ({len(files)} files)"
             study = Path(study_dir)
         else:
             files, source = make_study(study, n, distinct=6 if quick else None)
