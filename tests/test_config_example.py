@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "medqc.toml"
 
 
@@ -37,10 +42,6 @@ def _lookup(data, dotted):
 def test_example_documents_every_key_with_its_default():
     from medqc.config import Config, config_to_dict, load_config
 
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        import tomli as tomllib
     text = EXAMPLE.read_text()
     data = tomllib.loads(text)
     lines = text.splitlines()
