@@ -134,3 +134,24 @@ def test_tls_bad_files_are_a_usage_error(tmp_path):
     cfg = load_config(None, {"dicom.tls": {"enabled": True, "cert": str(tmp_path / "no.pem"), "key": str(tmp_path / "no.key")}})
     with pytest.raises(AccessError, match="dicom.tls"):
         from_config(cfg)
+
+
+def test_max_associations_rejection_is_logged_and_counted(tiny_bundle, tmp_path, study, caplog):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    cfg, a = _agent(tiny_bundle, tmp_path, **{"dicom.max_associations": 1})
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", cfg.dicom.port, ae_title="MEDQC")
+    try:
+        assert held.is_established
+        with caplog.at_level(logging.WARNING, logger="medqc.agent.access"):
+            r = _storescu(study, cfg.dicom.port, "CT_BUSY")
+        assert r.returncode != 0
+        assert a.metrics.get("medqc_associations_rejected_total", reason="max-associations") == 1
+        assert any("max-associations" in rec.getMessage() and "CT_BUSY" in rec.getMessage() for rec in caplog.records)
+    finally:
+        held.release()
+        a.stop(2.0)
+    assert a.metrics.get("medqc_slices_received_total", source="dicom") == 0
