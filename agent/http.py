@@ -82,10 +82,12 @@ class Broadcaster:
             except queue.Full:  # a client that stopped reading: drop it, it reconnects and re-reads /api
                 log.warning("SSE client not reading; disconnecting it")
                 self.unsubscribe(q)
-                try:
-                    q.put_nowait(None)
-                except queue.Full:
+                try:  # make room for the end marker: its stream closes, the client reconnects
+                    while True:
+                        q.get_nowait()
+                except queue.Empty:
                     pass
+                q.put_nowait(None)
 
     # Sink interface (called from the pipeline's sink thread)
     def on_slice(self, result, state) -> None:

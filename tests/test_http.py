@@ -170,3 +170,36 @@ def test_http_route_table_405_and_open_without_token(tiny_bundle, tmp_path):
         assert _get(base + "/api/ping")[2] == b"pong"
     finally:
         a.stop(5.0)
+
+
+def test_sse_keepalive_and_slow_client_dropped(monkeypatch):
+    import medqc.agent.http as http
+    from medqc.agent.records import Finding
+
+    monkeypatch.setattr(http, "KEEPALIVE_S", 0.05)
+    b = http.Broadcaster(maxsize=3)
+    api = http.Api(None, None, b)
+    out, stop = [], threading.Event()
+    t = threading.Thread(target=api.findings_stream, args=(None, out.append, stop), daemon=True)
+    t.start()
+    time.sleep(0.2)
+    assert b": keep-alive\n\n" in out  # comments keep proxies and browsers from timing out
+    f = Finding("artifact.ring", "warning", "rings", "1.2.3", "1.2", 4, 9, details={"x": 1}, finding_id="r1")
+    b.on_finding(f, None)
+    time.sleep(0.2)
+    ev = [o for o in out if o.startswith(b"event: finding")]
+    assert ev and json.loads(ev[0].split(b"data: ")[1]) == {**{k: None for k in http.FINDING_KEYS},
+                                                             **{"finding_id": "r1", "check": "artifact.ring",
+                                                                "severity": "warning", "message": "rings",
+                                                                "series_instance_uid": "1.2.3", "study_instance_uid": "1.2",
+                                                                "first_instance": 4, "last_instance": 9, "raised_at": 0.0}}
+    stop.set()
+    t.join(2)
+    assert not t.is_alive() and b.clients == 0
+    # a client that does not read is dropped once its bounded queue is full; publishing never blocks
+    q = b.subscribe()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.on_finding(f, None)
+    assert time.perf_counter() - t0 < 0.1 and b.clients == 0
+    assert q.qsize() == 1 and q.get_nowait() is None  # its stream ends; the client reconnects
