@@ -87,7 +87,10 @@ class Broadcaster:
                         q.get_nowait()
                 except queue.Empty:
                     pass
-                q.put_nowait(None)
+                try:
+                    q.put_nowait(None)
+                except queue.Full:  # a concurrent publish refilled it; the reader still ends at the next drop
+                    pass
 
     # Sink interface (called from the pipeline's sink thread)
     def on_slice(self, result, state) -> None:
