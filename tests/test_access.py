@@ -155,3 +155,12 @@ def test_max_associations_rejection_is_logged_and_counted(tiny_bundle, tmp_path,
         held.release()
         a.stop(2.0)
     assert a.metrics.get("medqc_slices_received_total", source="dicom") == 0
+
+
+def test_agent_with_unreadable_tls_files_exits_2(tiny_bundle, tmp_path):
+    conf = tmp_path / "medqc.toml"
+    conf.write_text(f'[dicom.tls]\nenabled = true\ncert = "{tmp_path}/no.pem"\nkey = "{tmp_path}/no.key"\n')
+    r = subprocess.run([sys.executable, "-m", "medqc", "agent", "--config", str(conf), "--state-dir", str(tmp_path / "s"),
+                        "--port", "0", "--http", "127.0.0.1:0", "--backend", "onnxruntime", "--bundle", str(tiny_bundle)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "dicom.tls: cannot load" in r.stderr and "no.pem" in r.stderr, r.stderr[-1000:]
