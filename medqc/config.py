@@ -127,6 +127,7 @@ class WebhookSinkConfig:
     secret: str = field(default="", metadata={"help": "HMAC-SHA256 key for the X-Medqc-Signature header"})
     retries: int = field(default=5, metadata=_range(0, 100))
     timeout_s: float = field(default=5.0, metadata=_range(0.1, 300))
+    backoff_s: float = field(default=1.0, metadata={**_range(0.01, 600), "help": "first retry delay; doubles each attempt (max 60 s)"})
 
 
 @dataclass(frozen=True)

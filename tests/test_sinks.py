@@ -172,3 +172,13 @@ def test_dicom_sink_below_min_severity_sends_nothing_and_reports_failures(port):
     assert sink.sent == []
     with pytest.raises(ConnectionError):
         DicomSrSink("127.0.0.1", port, min_severity="info", timeout_s=2).on_series(st)
+
+
+def test_webhook_from_config():
+    from medqc.agent.sinks.webhook import from_config
+    from medqc.config import load_config
+
+    assert from_config(load_config(None)) is None  # off by default
+    s = from_config(load_config(None, {"sinks.webhook.url": "https://hooks.example/qc", "sinks.webhook.backoff_s": 0.5,
+                                       "sinks.webhook.retries": 2, "sinks.webhook.secret": "k"}))
+    assert (s.url, s.backoff_s, s.retries, s.secret) == ("https://hooks.example/qc", 0.5, 2, "k")

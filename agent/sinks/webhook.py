@@ -2,7 +2,7 @@
 
 One POST per event: ``{"event": "finding", ...}`` (the public finding fields, UIDs only) or
 ``{"event": "series", ...}`` (verdict). Failures (connection errors, 5xx, 408, 429) are retried with
-exponential backoff (``backoff_s`` · 2^attempt, at most 60 s) up to ``retries`` times on this sink's own
+exponential backoff (``backoff_s`` · 2^(attempt-1), at most 60 s) up to ``retries`` times on this sink's own
 thread, so the pipeline never waits; other 4xx are not retried. With ``secret`` set, every request
 carries ``X-Medqc-Signature: sha256=<hex HMAC-SHA256 of the body>`` so the receiver can verify it.
 """
@@ -87,4 +87,4 @@ def from_config(cfg):
     w = cfg.sinks.webhook
     if not w.url:
         return None
-    return WebhookSink(w.url, w.secret, w.retries, w.timeout_s, getattr(w, "backoff_s", 1.0))
+    return WebhookSink(w.url, w.secret, w.retries, w.timeout_s, w.backoff_s)
