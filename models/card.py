@@ -15,7 +15,7 @@ LIMITATIONS = """\
   robustly against slice z per series. It is meaningless on phantoms and outside the body range, and
   unusual anatomy (children, amputations, situs, post-surgical) was not modelled.
 - Artifact labels are per slice: a slice counts as positive when the generator's severity for that class
-  is at least the positive threshold given above; fainter artifacts are labelled negative.
+  is at least the positive threshold given above; fainter artifacts are not scored.
 - Not a medical device. It flags image-quality problems for a technologist to look at; it does not
   diagnose.
 """
@@ -153,6 +153,18 @@ def render_card(m: dict) -> str:
         lines += ["", "## Shipped bundle (`models/default`)", "", "| file | precision | bytes | sha256 |", "|---|---|---|---|"]
         for k, f in files.items():
             lines.append(f"| {f.get('path')} | {f.get('precision', k)} | {m.get('bundle_bytes', {}).get(k, '?')} | `{str(f.get('sha256'))[:16]}…` |")
+    dis = m.get("disabled_labels") or {}
+    if dis:
+        lines += ["", "**Switched off in the shipped bundle** (validation AUROC below the shipping minimum; threshold set to",
+                  "0.9999 so they do not raise false alarms): " + ", ".join(f"{k} (AUROC {v:.3f})" for k, v in dis.items()) + "."]
+    allv = m.get("validation", {}).get("all", {})
+    if allv:
+        met = [k for k, v in allv.get("artifacts", {}).items() if (v.get("auroc") or 0) >= 0.97]
+        med = allv.get("position", {}).get("median_abs_mm")
+        lines += ["", "## Targets (synthetic validation)", "",
+                  f"- AUROC >= 0.97 per class: met for {', '.join(met) if met else 'no class'}; not met for "
+                  f"{', '.join(k for k in allv.get('artifacts', {}) if k not in met) or 'none'}.",
+                  f"- Median position error <= 10 mm: {'met' if med is not None and med <= 10 else 'not met'} ({_f(med, 1)} mm per slice)."]
     lines += ["", "## Chosen thresholds", "", "| class | probability threshold |", "|---|---|"]
     for k, v in m.get("thresholds", {}).items():
         lines.append(f"| {k} | {v:.4f} |")

@@ -59,12 +59,27 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
     ap.add_argument("--card", default=str(Path(__file__).resolve().parent / "cards" / "qcnet.md"))
     ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--min-auroc", type=float, default=0.8, help="classes below this validation AUROC ship switched off")
     ap.add_argument("--note", default="", help="a note on the training data for the card")
     args = ap.parse_args(argv)
     run = Path(args.run)
     ckpt = run / "qcnet.pt"
     metrics = json.loads((run / "metrics.json").read_text())
     bundle = Path(args.bundle)
+    # a class whose validation AUROC is below --min-auroc would only add false alarms: it ships switched
+    # off (threshold 0.9999) and the card says so
+    val = metrics.get("validation", {}).get("all", {}).get("artifacts", {})
+    weak = {k: v.get("auroc") for k, v in val.items() if v.get("auroc") is not None and v["auroc"] < args.min_auroc}
+    if weak:
+        import torch
+
+        ck = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+        ck["thresholds"] = {k: (0.9999 if k in weak else v) for k, v in ck["thresholds"].items()}
+        ck["disabled_labels"] = weak
+        ckpt = run / "qcnet.ship.pt"
+        torch.save(ck, ckpt)
+        metrics["disabled_labels"] = weak
+        metrics["thresholds"] = ck["thresholds"]
     res = export(ckpt, bundle, int8=not args.no_int8)
     if res["rc"] != 0 and not args.no_int8:
         print("INT8 export did not pass its gate; exporting FP32 only", file=sys.stderr)
