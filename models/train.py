@@ -92,6 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--max-minutes", type=float, default=0.0, help="time budget for the whole run, data generation included; the training schedule shrinks to fit (0: none)")
     p.add_argument("--cache", default="data/train-cache", help="folder for the preprocessed float16 cache (reused when complete)")
+    p.add_argument("--init", default=None, metavar="CKPT", help="start from this checkpoint's weights (continue a run); recorded in the metrics")
     p.add_argument("--generator-version", default=None, metavar="V",
                    help="key the cache by this generator version instead of the installed one (reuse a cache made by an earlier generator)")
     p.add_argument("--workers", type=int, default=2, help="generator processes (default 2)")
@@ -228,6 +229,14 @@ def train(args) -> dict:
     model = build_model(args.model, **kwargs)
     full_kwargs = {k: getattr(model, k) for k in ("in_channels", "num_labels")}
     full_kwargs["width"] = args.width or build_model(args.model).features[0][0].out_channels
+    init = getattr(args, "init", None)
+    if init:
+        from medqc.models import load_checkpoint
+
+        iname, imodel, imeta = load_checkpoint(init)
+        if iname != args.model:
+            raise UsageError(f"--init {init} holds {iname!r}, not --model {args.model!r}")
+        model.load_state_dict(imodel.state_dict())
     model = model.to(device)
     if device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
@@ -371,6 +380,7 @@ def train(args) -> dict:
         "heldout_summary": summarise_meta([va.meta[i] for i in np.flatnonzero(va_hold)]),
         "generator_doc": _generator_doc(),
         "generator_version": gver,
+        "init": {"checkpoint": str(init), "version": imeta.get("version"), "steps": (imeta.get("metrics") or {}).get("steps")} if init else None,
         "generator_version_installed": generator_version(),
     }
     try:
