@@ -22,7 +22,7 @@ from pathlib import Path
 from medqc.bundle import load_bundle, sha256_file, write_manifest
 from medqc.errors import MedqcError
 from medqc.export.compare import Comparator, ExportError, ParityError, infer_batched
-from medqc.export.specs import FP16_TOL, FP32_TOL, SPECS
+from medqc.export.specs import FP16_TOL, FP32_TOL, MAX_POSITION_MM, SPECS
 from medqc.export.validation import validation_batch
 from medqc.runners.base import BackendUnavailable
 
@@ -217,7 +217,8 @@ def build_engine_into_bundle(bundle, *, fp16: bool = True, batch: tuple = (1, 8,
     probe = type(bundle)(root=bundle.root, manifest={**bundle.manifest, "engines": [entry]})
     spec = SPECS.get(bundle.name)
     cmp = Comparator(FP16_TOL if fp16 else FP32_TOL, bundle.labels, bundle.thresholds,
-                     spec.min_agreement if spec else 0.995, spec.max_position_mm if spec else 1.0)
+                     spec.min_agreement if spec else 0.995,
+                     spec.max_position("fp16" if fp16 else "fp32") if spec else MAX_POSITION_MM["fp16" if fp16 else "fp32"])
     batch_arr, source = validation_batch(pp, n=validation_n, seed=seed)
     try:
         with OrtRunner(bundle) as ref:

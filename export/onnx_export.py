@@ -409,7 +409,7 @@ def export_bundle(
             step("fp16")
             p16 = convert_fp16(onnx_path, tmp / "model.fp16.onnx")
             check_onnx(p16)
-            cmp16 = Comparator(spec.tol("fp16"), labels, thresholds, spec.min_agreement, spec.max_position_mm)
+            cmp16 = Comparator(spec.tol("fp16"), labels, thresholds, spec.min_agreement, spec.max_position("fp16"))
             gates["onnx_fp16"] = cmp16.gate(None, OnnxFileRunner(p16, "onnxruntime-fp16"), batch, name="onnx fp16 vs torch fp32",
                                             reference_name="torch-fp32", ref_outputs=ref)
             files["onnx_fp16"] = {"path": p16.name, "sha256": sha256_file(p16), "precision": "fp16"}

@@ -7,7 +7,7 @@ import time
 
 
 from medqc.export.compare import Comparator, infer_batched
-from medqc.export.specs import FP16_TOL, FP32_TOL, INT8_TOL, SPECS
+from medqc.export.specs import FP16_TOL, FP32_TOL, INT8_TOL, MAX_POSITION_MM, SPECS
 from medqc.export.validation import validation_batch
 
 
@@ -16,10 +16,10 @@ def tolerances_for(backend: str, runner=None) -> tuple[dict, float]:
     desc = runner.describe() if runner is not None and hasattr(runner, "describe") else {}
     precision = desc.get("precision", "fp32")
     if backend == "onnxruntime-int8" or precision == "int8":
-        return INT8_TOL, 5.0
+        return INT8_TOL, MAX_POSITION_MM["int8"]
     if precision == "fp16":
-        return FP16_TOL, 1.0
-    return FP32_TOL, 1.0
+        return FP16_TOL, MAX_POSITION_MM["fp16"]
+    return FP32_TOL, MAX_POSITION_MM["fp32"]
 
 
 def check_bundle(bundle, n: int = 32, seed: int = 1234, backends=None) -> dict:
@@ -65,7 +65,7 @@ def check_bundle(bundle, n: int = 32, seed: int = 1234, backends=None) -> dict:
         from medqc.export.onnx_export import OnnxFileRunner
 
         r16 = OnnxFileRunner(bundle.verify("onnx_fp16"), "onnx_fp16 (onnxruntime cpu)")
-        cmp = Comparator(FP16_TOL, bundle.labels, bundle.thresholds, min_agreement, 1.0)
+        cmp = Comparator(FP16_TOL, bundle.labels, bundle.thresholds, min_agreement, MAX_POSITION_MM["fp16"])
         t0 = time.perf_counter()
         rep = cmp.compare(None, r16, batch, name="onnx fp16 vs onnxruntime fp32", reference_name="onnxruntime-fp32", ref_outputs=ref_out)
         out["runners"][r16.name] = {
