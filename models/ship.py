@@ -19,12 +19,14 @@ from pathlib import Path
 from medqc.models import DEFAULT_BUNDLE
 
 
-def export(checkpoint: Path, bundle: Path, int8: bool) -> dict:
+def export(checkpoint: Path, bundle: Path, int8: bool, fp16: bool = True) -> dict:
     from medqc.cli import main
 
     argv = ["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(bundle), "--force", "--json"]
     if int8:
         argv.append("--int8")
+    if fp16:  # the FP16 graph for GPU runtimes (ONNX Runtime CUDA, TensorRT builds from the FP32 file)
+        argv.append("--fp16")
     rc = main(argv)
     return {"rc": rc}
 
@@ -59,6 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
     ap.add_argument("--card", default=str(Path(__file__).resolve().parent / "cards" / "qcnet.md"))
     ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--no-fp16", action="store_true", help="do not ship the FP16 ONNX graph for GPU runtimes")
     ap.add_argument("--min-auroc", type=float, default=0.8, help="classes below this validation AUROC ship switched off")
     ap.add_argument("--note", default="", help="a note on the training data for the card")
     args = ap.parse_args(argv)
@@ -80,10 +83,10 @@ def main(argv=None) -> int:
         torch.save(ck, ckpt)
         metrics["disabled_labels"] = weak
         metrics["thresholds"] = ck["thresholds"]
-    res = export(ckpt, bundle, int8=not args.no_int8)
+    res = export(ckpt, bundle, int8=not args.no_int8, fp16=not args.no_fp16)
     if res["rc"] != 0 and not args.no_int8:
         print("INT8 export did not pass its gate; exporting FP32 only", file=sys.stderr)
-        res = export(ckpt, bundle, int8=False)
+        res = export(ckpt, bundle, int8=False, fp16=not args.no_fp16)
     if res["rc"] != 0:
         return res["rc"]
     from medqc.bundle import load_bundle
