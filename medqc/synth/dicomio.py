@@ -94,7 +94,7 @@ def write_slice(path: Path, hu: np.ndarray, ctx: SeriesContext, spec, z: float, 
     ds.ReferringPhysicianName = ""
     ds.StationName = "SYNTH01"
     ds.StudyDescription = f"CT {ctx.reg['body_part']}"
-    ds.SeriesDescription = f"{ctx.reg['protocol']} {spec.kernel.upper()} {ctx.thickness:g}mm"
+    ds.SeriesDescription = f"{ctx.reg['protocol']} {spec.kernel.upper()} {round(ctx.thickness, 1):g}mm"
     ds.ManufacturerModelName = v["model"]
     ds.PatientName = opts.patient_name if opts.patient_name is not None else f"SYNTHETIC^PATIENT{ctx.rng_seed}"
     ds.PatientID = f"SYN{ctx.rng_seed:06d}"
