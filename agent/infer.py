@@ -25,7 +25,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 class Inferer:
     """Wraps one runner (``medqc.runners.make_runner``) for the agent. ``runner=None`` → classical only."""
 
-    def __init__(self, bundle, backend: str = "auto", threads: int = 0, runner=None, classical: bool = True):
+    def __init__(self, bundle, backend: str = "auto", threads: int = 0, runner=None, classical: bool = True, rebuild_engine: bool = False):
         self.bundle = bundle
         self.params = bundle.preprocess if bundle is not None else None
         self.labels = tuple(bundle.labels) if bundle is not None else ()
@@ -34,6 +34,8 @@ class Inferer:
             from medqc.runners import make_runner
 
             opts = {}
+            if rebuild_engine:  # a TensorRT engine built for another GPU/TensorRT is rebuilt instead of skipped
+                opts["rebuild"] = True
             if threads:
                 opts["threads"] = threads
             try:

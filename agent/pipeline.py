@@ -280,7 +280,7 @@ def compose(cfg, bundle_dir: str | None = None, backend: str | None = None, metr
             log.warning("%s: running the classical detectors only (pass --bundle DIR for the network)", e)
             backend = "none"
         bundle = None  # classical detectors only: no model needed
-    inferer = Inferer(bundle, backend, cfg.inference.threads)
+    inferer = Inferer(bundle, backend, cfg.inference.threads, rebuild_engine=cfg.inference.rebuild_engine)
     if metrics is not None:
         metrics.set("medqc_backend_info", 1.0, backend=inferer.backend)
     tracker = SeriesTracker(cfg, bundle.thresholds if bundle is not None else {})
