@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""Series-level evaluation of ``medqc analyze`` on synthetic studies with known truth, plus real CT.
+
+    .venv/bin/python bench/evaluate_series.py [--generate-only] [--backend auto|none] [--out bench/results/series-eval]
+
+1. Generates (once; cached under ``data/series-eval/``) a fixed, seeded set of ``medqc synth`` studies:
+   head / chest / abdomen-pelvis / pelvis, clean ones, one per artifact kind and severity, short scan ranges.
+2. Runs the offline pipeline that ``medqc analyze --json`` runs (``medqc.agent.analyze.analyze``) on each
+   series and compares the finding check names with ``truth.json``'s ``expected_findings``: per check,
+   series-level true/false positives and negatives. Only the checks a study's truth can speak for are
+   scored (``artifact.*``, ``coverage.top|bottom|overscan``, ``geometry.*``); everything else is listed.
+3. Runs the same on the real Philips head-phantom study in /work/shared/real-ct (clean phantom: every
+   ``artifact.*`` finding is a false alarm; coverage findings on a phantom are not meaningful and are only
+   listed) and on pydicom's bundled ``CT_small.dcm`` (a clean real GE slice).
+
+Writes ``<out>.md`` (tables, every false alarm with its message) and ``<out>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "data" / "series-eval"
+REAL = Path("/work/shared/real-ct/philips-ingenuity-head-phantom")
+
+# name, region, slices, extra synth arguments. Seeds are fixed per study (index + 7100).
+STUDIES: list[tuple[str, str, int, list[str]]] = [
+    ("head-clean", "head", 40, []),
+    ("chest-clean", "chest", 50, []),
+    ("abdpel-clean", "abdomen-pelvis", 60, []),
+    ("pelvis-clean", "pelvis", 40, []),
+    ("chest-clean-2", "chest", 50, []),
+    ("head-metal", "head", 40, ["--artifact", "metal:0.7"]),
+    ("chest-metal", "chest", 50, ["--artifact", "metal:0.7"]),
+    ("abdpel-metal", "abdomen-pelvis", 60, ["--artifact", "metal:0.8"]),
+    ("head-motion", "head", 40, ["--artifact", "motion:0.7"]),
+    ("chest-motion", "chest", 50, ["--artifact", "motion:0.6"]),
+    ("chest-ring", "chest", 50, ["--artifact", "ring:0.6"]),
+    ("abdpel-noise", "abdomen-pelvis", 60, ["--artifact", "noise:0.7"]),
+    ("chest-truncation", "chest", 50, ["--artifact", "truncation:0.7"]),
+    ("chest-short-top", "chest", 45, ["--short-top", "40"]),
+    ("abdpel-short-bottom", "abdomen-pelvis", 55, ["--short-bottom", "50"]),
+    ("head-noise", "head", 40, ["--artifact", "noise:0.6"]),
+]
+
+SCORED_PREFIXES = ("artifact.", "coverage.", "geometry.")
+ARTIFACTS = ("metal", "motion", "ring", "noise", "truncation")
+
+
+def medqc_bin() -> str:
+    exe = ROOT / ".venv" / "bin" / "medqc"
+    return str(exe) if exe.exists() else "medqc"
+
+
+def generate(workers: int) -> list[Path]:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, (name, region, slices, extra) in enumerate(STUDIES):
+        d = CACHE / name
+        if not (d / "truth.json").exists():
+            if d.exists() and not any(d.iterdir()):
+                d.rmdir()
+            cmd = [medqc_bin(), "synth", str(d), "--region", region, "--seed", str(7100 + i), "--slices", str(slices),
+                   "--matrix", "512", "--workers", str(workers), "--no-progress", "--series", str(i + 1), *extra]
+            t0 = time.time()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            print(f"generated {name} ({slices} slices) in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        out.append(d)
+    return out
+
+
+def run_analyze(paths: list[str], backend: str | None) -> dict:
+    from medqc.agent.analyze import analyze
+    from medqc.config import load_config
+
+    return analyze(paths, load_config(None), None, backend, progress=False)
+
+
+def dump_per_slice(name: str, series: dict, truth: dict | None) -> None:
+    """Per-slice fused scores, classical measures and truth beside the cache (for looking into a result)."""
+    bysop = {s["sop_instance_uid"]: s for s in (truth or {}).get("slices", [])}
+    rows = []
+    for r in series.get("per_slice", []):
+        t = bysop.get(r["sop_instance_uid"], {})
+        rows.append({"instance": r["instance_number"], "z": r["z"], "scores": r["scores"], "measures": r["measures"],
+                     "position_ref_mm": r["position_ref_mm"], "truth": t.get("artifacts"),
+                     "truth_position_ref_mm": t.get("position_ref_mm"), "noise_sigma_2mm": t.get("noise_sigma_2mm")})
+    out = ROOT / "data" / "series-eval-out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rows, default=str))
+
+
+def scored(check: str) -> bool:
+    return check.startswith(SCORED_PREFIXES) and check != "geometry.orientation"
+
+
+def finding_row(f: dict) -> dict:
+    return {"check": f["check"], "severity": f["severity"], "message": f["message"], "score": f.get("score"),
+            "details": {k: v for k, v in (f.get("details") or {}).items() if k in ("runs", "slices", "mean_probability", "resolved")}}
+
+
+def evaluate(backend: str | None, workers: int) -> dict:
+    dirs = generate(workers)
+    studies = []
+    for d in dirs:
+        truth = json.loads((d / "truth.json").read_text())
+        t0 = time.time()
+        rep = run_analyze([str(d)], backend)
+        dt = time.time() - t0
+        series = rep["series"][0] if rep["series"] else {"findings": [], "verdict": None}
+        # a finding resolved at completion (info, details.resolved) is not a finding of the series
+        found = sorted({f["check"] for f in series["findings"] if not (f.get("details") or {}).get("resolved")})
+        expected = sorted(set(truth["expected_findings"]))
+        dump_per_slice(d.name, series, truth)
+        art_slices = {k: sum(1 for s in truth["slices"] if s["artifacts"].get(k, 0) > 0) for k in ARTIFACTS}
+        studies.append({
+            "name": d.name, "region": truth["region"], "slices": len(truth["slices"]),
+            "manufacturer": truth["manufacturer"], "kernel": truth["kernel"], "seconds": round(dt, 1),
+            "expected": expected, "found": found, "verdict": series.get("verdict"),
+            "protocol_rule": series.get("protocol_rule"),
+            "truth_artifact_slices": art_slices,
+            "findings": [finding_row(f) for f in series["findings"]],
+        })
+        print(f"{d.name}: expected {expected} found {found} ({dt:.1f} s)", file=sys.stderr, flush=True)
+
+    checks = sorted({c for s in studies for c in s["expected"] + s["found"] if scored(c)} | {f"artifact.{a}" for a in ARTIFACTS})
+    table = {}
+    for c in checks:
+        tp = sum(1 for s in studies if c in s["expected"] and c in s["found"])
+        fp = sum(1 for s in studies if c not in s["expected"] and c in s["found"])
+        fn = sum(1 for s in studies if c in s["expected"] and c not in s["found"])
+        tn = len(studies) - tp - fp - fn
+        table[c] = {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
+    false_alarms = [{"study": s["name"], **f} for s in studies for f in s["findings"]
+                    if scored(f["check"]) and f["check"] not in s["expected"] and not (f.get("details") or {}).get("resolved")]
+    misses = [{"study": s["name"], "check": c} for s in studies for c in s["expected"] if c not in s["found"]]
+
+    real = []
+    if REAL.exists():
+        rep = run_analyze([str(REAL)], backend)
+        for s in rep["series"]:
+            dump_per_slice("real-" + s["series_instance_uid"][-12:], s, None)
+            real.append({"name": f"philips-head-phantom …{s['series_instance_uid'][-12:]}", "slices": s["slices"],
+                         "verdict": s["verdict"], "protocol_rule": s.get("protocol_rule"),
+                         "findings": [finding_row(f) for f in s["findings"]]})
+    try:
+        from pydicom.data import get_testdata_file
+
+        ct_small = get_testdata_file("CT_small.dcm")
+        rep = run_analyze([ct_small], backend)
+        for s in rep["series"]:
+            dump_per_slice("real-ct-small", s, None)
+            real.append({"name": "pydicom CT_small.dcm (GE, 1 slice)", "slices": s["slices"], "verdict": s["verdict"],
+                         "protocol_rule": s.get("protocol_rule"), "findings": [finding_row(f) for f in s["findings"]]})
+        for r in rep["rejected"]:
+            real.append({"name": "pydicom CT_small.dcm", "rejected": r.get("reason")})
+    except Exception as e:  # pragma: no cover - pydicom test data missing
+        real.append({"name": "pydicom CT_small.dcm", "error": str(e)})
+    real_false_alarms = [{"study": r["name"], **f} for r in real for f in r.get("findings", [])
+                         if f["check"].startswith("artifact.") and not (f.get("details") or {}).get("resolved")]
+    return {"schema": "medqc.series-eval/1", "backend": backend or "auto", "studies": studies, "table": table,
+            "false_alarms": false_alarms, "misses": misses, "real": real, "real_false_alarms": real_false_alarms}
+
+
+def markdown(res: dict) -> str:
+    L = [f"# Series-level evaluation (`bench/evaluate_series.py`, backend {res['backend']})", "",
+         f"{len(res['studies'])} synthetic `medqc synth` series (512², seeds 7100+, cached in data/series-eval/) "
+         "scored against truth.json's expected findings; a check counts once per series.", "",
+         "| check | TP | FP | FN | TN |", "|---|---|---|---|---|"]
+    for c, r in res["table"].items():
+        L.append(f"| `{c}` | {r['tp']} | {r['fp']} | {r['fn']} | {r['tn']} |")
+    L += ["", f"Series-level false alarms: **{len(res['false_alarms'])}**, misses: **{len(res['misses'])}** "
+          f"(real CT artifact false alarms: **{len(res['real_false_alarms'])}**)", "",
+          "## Studies", "", "| study | region | slices | vendor / kernel | expected | found | verdict |", "|---|---|---|---|---|---|---|"]
+    for s in res["studies"]:
+        L.append(f"| {s['name']} | {s['region']} | {s['slices']} | {s['manufacturer']} / {s['kernel']} | "
+                 f"{', '.join(s['expected']) or '—'} | {', '.join(c for c in s['found']) or '—'} | {s['verdict']} |")
+    L += ["", "## False alarms (synthetic)", ""]
+    L += [f"- {f['study']}: `{f['check']}` ({f['severity']}) — {f['message']}" for f in res["false_alarms"]] or ["- none"]
+    L += ["", "## Misses (synthetic)", ""]
+    L += [f"- {m['study']}: `{m['check']}`" for m in res["misses"]] or ["- none"]
+    L += ["", "## Real CT", ""]
+    for r in res["real"]:
+        if "findings" not in r:
+            L.append(f"- {r['name']}: {r.get('rejected') or r.get('error')}")
+            continue
+        L.append(f"- **{r['name']}** ({r['slices']} slices, rule {r['protocol_rule']}, verdict {r['verdict']})")
+        L += [f"  - `{f['check']}` ({f['severity']}) — {f['message']}" for f in r["findings"]] or ["  - no findings"]
+    L += ["", "Artifact findings on the real series are false alarms (clean phantom, clean patient slice); coverage "
+          "findings on the phantom are not meaningful (no anatomy) and are listed, not scored.", ""]
+    return "\n".join(L)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--backend", default=None, help="inference backend (default: auto)")
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "series-eval"))
+    a = ap.parse_args()
+    if a.generate_only:
+        generate(a.workers)
+        return 0
+    t0 = time.time()
+    res = evaluate(a.backend, a.workers)
+    res["seconds"] = round(time.time() - t0, 1)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
