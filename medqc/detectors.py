@@ -313,16 +313,28 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     * noise: ``1 - (1 - net) * (1 - classical)`` (noisy-OR: either source can raise it, agreement raises
       it further) — σ alone cannot tell a sharp kernel from a low dose, so classical evidence ramps late;
     * motion, ring: the network only.
+    Metal needs metal-density pixels: a measured slice with no pixel at >= ``METAL_HU`` cannot show a metal
+    artifact (every implant reconstructs far above it, saturating at the top of the CT number range), so
+    there the network's metal score is dropped and the (zero) classical value stands.
     Missing network classes take the classical value; missing measures leave the network value.
     """
     out = {k: float(v) for k, v in (net_probs or {}).items()}
-    cls = classical_probs(measures)
+    m = measures or {}
+    cls = classical_probs(m)
     for k, p in cls.items():
         n = out.get(k)
         if n is None or not math.isfinite(n):
             out[k] = p
         elif k == "noise":
             out[k] = 1.0 - (1.0 - n) * (1.0 - p)
+        elif k == "metal" and no_metal_density(m):
+            out[k] = p
         else:
             out[k] = max(n, p)
     return out
+
+
+def no_metal_density(measures: dict[str, float]) -> bool:
+    """True when the slice was measured and holds no pixel at metal density (>= METAL_HU)."""
+    hu = (measures or {}).get("metal_max_hu", float("nan"))
+    return hu is not None and math.isfinite(hu) and hu < METAL_HU

@@ -397,6 +397,29 @@ def test_small_air_spaces_are_not_lungs():
     assert by_check(st, "coverage.top") is None
 
 
+def test_short_head_stack_uses_average_size_not_its_slope():
+    """A 130 mm head stack: the network's positions are compressed (slope 0.6 of the truth, as the shipped
+    network reads heads near the vertex); the fitted slope would put the skull base ~40 mm below the scan.
+    Below 180 mm of span the size factor is 1 and only the offset is fitted: no false coverage finding."""
+    top, bottom = z_of("vertex") + 8, z_of("skull_base") - 15
+    assert top - bottom < 180
+    res = body_stack(top, bottom, spacing=3.0, sigma=4.0, outliers=0.05, series="1.2.3.56", body_part="HEAD")
+    refs = [r.position_ref_mm for r in res]
+    mid = float(np.median(refs))
+    for r in res:
+        r.position_ref_mm = mid + 0.6 * (r.position_ref_mm - mid)
+    st, _ = run(res)
+    assert st.protocol_rule == "head"
+    fit = st.coverage["fit"]
+    assert fit["scale"] == 1.0 and fit["short_span_scale"] > 1.5
+    assert abs(st.coverage["end_z"] - z_of("skull_base")) < 12
+    assert by_check(st, "coverage.bottom") is None and by_check(st, "coverage.top") is None
+    # a long stack still fits its size factor from the slope
+    res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 20, series="1.2.3.57")
+    st, _ = run(res)
+    assert st.coverage["fit"]["scale"] == pytest.approx(SCALE, abs=0.1) and "short_span_scale" not in st.coverage["fit"]
+
+
 def test_scattered_network_positions_decide_nothing():
     """Positions that do not follow the body (a phantom, a broken model) raise no coverage finding."""
     res = body_stack(z_of("lung_apex") - 60, z_of("lung_base") + 60, sigma=250.0, outliers=0.0, series="1.2.3.55")

@@ -52,7 +52,8 @@ def test_clean_body_noise_centre_and_no_false_alarms():
     assert m["body_area_mm2"] == pytest.approx(np.pi * 150 * 110, rel=0.05)
     assert m["lung_area_mm2"] < 100
     p = D.fuse({"metal": 0.1, "motion": 0.2, "ring": 0.3, "noise": 0.1, "truncation": 0.1}, m)
-    assert p["metal"] == pytest.approx(0.1) and p["truncation"] == pytest.approx(0.1)
+    assert p["metal"] == 0.0  # no metal-density pixel: the network's metal score is dropped
+    assert p["truncation"] == pytest.approx(0.1)
     assert p["motion"] == 0.2 and p["ring"] == 0.3
     assert p["noise"] == pytest.approx(0.1, abs=0.01)
 
@@ -92,8 +93,22 @@ def test_metal_area_and_fusion(metal_mm, hu, expect_area):
 def test_dense_bone_is_not_metal():
     m = D.measure(phantom(metal_mm=8.0, metal_hu=1800.0), info())
     assert m["metal_area_mm2"] == 0.0
-    assert D.fuse({"metal": 0.05}, m)["metal"] == pytest.approx(0.05)
+    assert D.fuse({"metal": 0.05}, m)["metal"] == 0.0
     assert m["bone_area_mm2"] == pytest.approx(np.pi * 64, rel=0.25)
+
+
+def test_network_metal_needs_metal_density_pixels():
+    # a confident network on a slice whose densest pixel is enamel-like bone (2,200 HU): no metal possible
+    bone = D.measure(phantom(metal_mm=4.0, metal_hu=2200.0), info())
+    assert bone["metal_max_hu"] < D.METAL_HU and D.no_metal_density(bone)
+    assert D.fuse({"metal": 0.85}, bone)["metal"] == 0.0
+    # a small implant (area below the classical ramp) keeps the network's score
+    clip = D.measure(phantom(metal_mm=0.8, metal_hu=3071.0), info())
+    assert clip["metal_max_hu"] >= D.METAL_HU and not D.no_metal_density(clip)
+    assert D.fuse({"metal": 0.85}, clip)["metal"] == pytest.approx(0.85)
+    # unmeasured slices (no classical measures) keep the network's score
+    assert D.fuse({"metal": 0.85}, {})["metal"] == pytest.approx(0.85)
+    assert D.fuse({"metal": 0.85}, {"metal_max_hu": float("nan")})["metal"] == pytest.approx(0.85)
 
 
 @pytest.mark.parametrize("pad", [-1024.0, -2000.0, -3024.0])

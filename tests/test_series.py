@@ -75,6 +75,29 @@ def test_lone_slice_needs_a_very_high_score(cfg):
     assert st.verdict == "warn"
 
 
+def test_network_only_classes_need_a_strong_run(cfg):
+    # motion and ring have no classical evidence: min_run slices just over the threshold are not enough
+    # (one confusing region puts neighbouring slices over it together); the run's mean must reach
+    # (threshold + 1) / 2. Metal (classically gated) keeps the plain min_run rule.
+    tr = SeriesTracker(cfg, {"metal": 0.5, "motion": 0.5, "ring": 0.5})
+    weak = {i: {"motion": 0.65, "ring": 0.65, "metal": 0.65} for i in range(3, 6)}
+    streamed = []
+    for r in make_results(20, scores=weak):
+        streamed += tr.add(r)
+    assert checks(streamed) == ["artifact.metal"] * len(streamed)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    assert "1.2.3.9/artifact.motion" not in st.findings and "1.2.3.9/artifact.ring" not in st.findings
+    assert "1.2.3.9/artifact.metal" in st.findings
+
+    tr = SeriesTracker(cfg, {"motion": 0.5})
+    streamed = []
+    for r in make_results(20, scores={i: {"motion": 0.8} for i in range(3, 6)}):
+        streamed += tr.add(r)
+    assert "artifact.motion" in checks(streamed)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    assert st.findings["1.2.3.9/artifact.motion"].details["slices"] == 3
+
+
 def test_config_thresholds_override_bundle(cfg):
     cfg2 = load_config(overrides={"checks.artifact.thresholds": {"noise": 0.9}, "checks.artifact.min_run": 3})
     tr = SeriesTracker(cfg2, {"noise": 0.3})

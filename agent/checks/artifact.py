@@ -1,7 +1,8 @@
 """artifact.<class>: runs of consecutive slices (by z) whose fused score is over the class threshold.
 
 A run is reported when it has ``checks.artifact.min_run`` slices, or when one slice scores "very high"
-(``1 - (1 - threshold) / 5``: 0.9 for a 0.5 threshold). One finding per class and series (id
+(``1 - (1 - threshold) / 5``: 0.9 for a 0.5 threshold). For the classes only the network sees (motion,
+ring) a run of ``min_run`` slices must also have a mean score of at least ``(threshold + 1) / 2``. One finding per class and series (id
 ``<series>/artifact.<class>``) covers every qualifying run and is updated as runs grow. Severity:
 critical when ≥ 5 slices qualify and their mean score is at least the midpoint between threshold and 1,
 else warning.
@@ -13,6 +14,8 @@ from medqc import ARTIFACTS
 from medqc.agent.checks.common import finding
 
 CRITICAL_SLICES = 5
+# classes with no classical evidence in the fused score (medqc.detectors.fuse): the network alone decides
+NETWORK_ONLY = frozenset({"motion", "ring"})
 NAMES = {
     "metal": "Metal artifact",
     "motion": "Motion artifact",
@@ -47,8 +50,21 @@ def runs(ordered: list[tuple[float, object]], cls: str, thr: float) -> list[list
     return out
 
 
+def strong_threshold(thr: float) -> float:
+    """Mean score a run of a network-only class needs: the midpoint between threshold and 1."""
+    return (thr + 1.0) / 2.0
+
+
 def qualifying(run, cls: str, thr: float, min_run: int) -> bool:
-    return len(run) >= min_run or max(r.scores.get(cls, 0.0) for _, r in run) >= high_threshold(thr)
+    scores = [r.scores.get(cls, 0.0) for _, r in run]
+    if max(scores) >= high_threshold(thr):
+        return True
+    if len(run) < min_run:
+        return False
+    # a class that only the network sees (no classical evidence can confirm it) needs a strong run, not
+    # min_run slices just over a threshold chosen per slice: neighbouring slices share anatomy, so one
+    # confusing region (shoulders, skull base) puts several adjacent slices over it together
+    return cls not in NETWORK_ONLY or sum(scores) / len(scores) >= strong_threshold(thr)
 
 
 def summarise(state, cls: str, thr: float, qual_runs) -> object | None:
@@ -60,7 +76,7 @@ def summarise(state, cls: str, thr: float, qual_runs) -> object | None:
     zs = [z for z, _ in members]
     insts = [r.info.instance_number for _, r in members if r.info.instance_number is not None]
     mean = sum(scores) / len(scores)
-    severe = len(members) >= CRITICAL_SLICES and mean >= (thr + 1.0) / 2.0
+    severe = len(members) >= CRITICAL_SLICES and mean >= strong_threshold(thr)
     zr = (min(zs), max(zs))
     n = len(members)
     where = f"slice{'s' if n > 1 else ''} {min(insts)}–{max(insts)}" if insts else f"{n} slice(s)"

@@ -5,7 +5,8 @@ Where each landmark lies in this patient's z comes from two sources:
 1. the network's per-slice position on the reference body scale (``position_ref_mm``, mm below the vertex
    of a 175 cm adult), fitted against slice z with a Theil–Sen line ``ref = a + b·z``. Patient z grows
    towards the head whatever the patient position, so ``b`` is negative and ``-1/b`` is the patient's
-   size factor (clamped to 0.45–1.4); a positive slope means the anatomy runs against the coordinates;
+   size factor (clamped to 0.45–1.4; 1 for a stack shorter than 180 mm, whose slope is too uncertain); a
+   positive slope means the anatomy runs against the coordinates;
 2. classical HU anatomy, which wins wherever it is unambiguous: aerated lung (≥ 1,500 mm² on ≥ 2
    neighbouring slices, the run around the largest lung section) gives the lung apices and bases
    directly; ≥ 4,000 mm² on the first (last) two slices proves the scan started (ended) inside the
@@ -31,6 +32,11 @@ LUNG_PROOF_MM2 = 4000.0
 LUNG_PEAK_MM2 = 6000.0  # a real lung section somewhere in the run (sinuses, mastoids, bowel gas never reach it)
 SCALE_RANGE = (0.45, 1.4)  # a 80 cm child to a 245 cm adult
 MIN_FIT_POINTS = 5
+# below this z span the fitted slope is not used for the size factor (the offset still is): the network's
+# per-slice error (~20 mm) and its compression near the ends of the body (vertex) make the slope of a
+# 120-180 mm head stack read size factors of 1.1-2.6 for adults of 0.93-1.01 (bench/evaluate_series.py),
+# while adult sizes differ by ±15 %, i.e. ±25 mm at the far end of such a stack
+SHORT_SPAN_MM = 180.0
 FIT_MAX_RESIDUAL_MM = 40.0  # median |position - fit| (reference mm) above which the network is not used
 
 
@@ -67,11 +73,17 @@ def fit_position(ordered) -> dict | None:
     resid = statistics.median([abs(y - (a + b * x)) for x, y in pts])
     scale = -1.0 / b if b < 0 else 1.0
     clamped = min(max(scale, SCALE_RANGE[0]), SCALE_RANGE[1])
-    if clamped != scale or not slope_ok:  # refit the offset with a plausible slope
+    short = fitted and slope_ok and span < SHORT_SPAN_MM
+    if short:  # the slope of a short stack is not trustworthy: average size, offset only
+        clamped = 1.0
+    if short or clamped != scale or not slope_ok:  # refit the offset with a plausible slope
         b = -1.0 / clamped
         a = statistics.median([y - b * x for x, y in pts])
-    return {"a": a, "b": b, "scale": clamped, "n": len(pts), "slope_sign_ok": slope_ok, "fitted_slope": fitted,
-            "residual_mm": resid}
+    out = {"a": a, "b": b, "scale": clamped, "n": len(pts), "slope_sign_ok": slope_ok, "fitted_slope": fitted,
+           "residual_mm": resid}
+    if short:
+        out["short_span_scale"] = round(scale, 3)  # what the slope alone would have said
+    return out
 
 
 def landmark_z_from_fit(fit: dict, name: str) -> float:
