@@ -296,7 +296,7 @@ def classical_probs(measures: dict[str, float]) -> dict[str, float]:
     if math.isfinite(m.get("metal_area_mm2", float("nan"))):
         p = _ramp(m["metal_area_mm2"], *METAL_AREA_MM2)
         if m.get("metal_max_hu", 0.0) < METAL_MIN_HU:
-            p = min(p, 0.3)
+            p = 0.0  # bone, enamel or contrast: no metal evidence (the bundle's metal threshold is 0.14)
         out["metal"] = p
     if math.isfinite(m.get("body_touches_fov", float("nan"))):
         out["truncation"] = _ramp(m["body_touches_fov"], *TRUNC_EDGE)
@@ -313,9 +313,10 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     * noise: ``1 - (1 - net) * (1 - classical)`` (noisy-OR: either source can raise it, agreement raises
       it further) — σ alone cannot tell a sharp kernel from a low dose, so classical evidence ramps late;
     * motion, ring: the network only.
-    Metal needs metal-density pixels: a measured slice with no pixel at >= ``METAL_HU`` cannot show a metal
-    artifact (every implant reconstructs far above it, saturating at the top of the CT number range), so
-    there the network's metal score is dropped and the (zero) classical value stands.
+    Metal needs metal-density pixels: a measured slice whose densest pixel stays below ``METAL_MIN_HU``
+    (3,000 HU; enamel and dense cortical bone stay below it, implants reconstruct far above it and saturate
+    at the top of the CT number range) cannot show a metal artifact, so there the network's metal score is
+    dropped too: metal is 0 on such a slice.
     Missing network classes take the classical value; missing measures leave the network value.
     """
     out = {k: float(v) for k, v in (net_probs or {}).items()}
@@ -335,6 +336,6 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
 
 
 def no_metal_density(measures: dict[str, float]) -> bool:
-    """True when the slice was measured and holds no pixel at metal density (>= METAL_HU)."""
+    """True when the slice was measured and holds no pixel at metal density (>= METAL_MIN_HU)."""
     hu = (measures or {}).get("metal_max_hu", float("nan"))
-    return hu is not None and math.isfinite(hu) and hu < METAL_HU
+    return hu is not None and math.isfinite(hu) and hu < METAL_MIN_HU

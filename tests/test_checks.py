@@ -420,6 +420,43 @@ def test_short_head_stack_uses_average_size_not_its_slope():
     assert st.coverage["fit"]["scale"] == pytest.approx(SCALE, abs=0.1) and "short_span_scale" not in st.coverage["fit"]
 
 
+def test_iliac_crest_pattern_in_a_head_is_not_used():
+    """Bone leaving and returning to the lateral thirds also happens in a skull; where a coherent network
+    fit sees a head (> 200 reference mm from the crest), that 'crest' re-anchors nothing (it moved a clean
+    synthetic head's fit by 678 mm and raised coverage.top 650 mm)."""
+    top, bottom = z_of("vertex") + 8, z_of("skull_base") - 15
+    res = body_stack(top, bottom, spacing=3.0, sigma=4.0, outliers=0.0, series="1.2.3.58", body_part="HEAD")
+    n = len(res)
+    for i, r in enumerate(res):  # top → bottom: lateral bone, a gap of 4 slices, bone again
+        r.measures["lateral_bone_mm2"] = 100.0 if n // 3 <= i < n // 3 + 4 else 900.0
+    st, _ = run(res)
+    assert "iliac_crest_z" not in st.coverage and "iliac_crest_rejected" in st.coverage
+    assert "anchored_on_anatomy" not in st.coverage["fit"]
+    assert not [f for f in st.findings.values() if f.check.startswith("coverage") and not f.details.get("resolved")]
+
+
+def test_neck_scan_ending_in_the_entering_lungs_covers_the_apices():
+    """A neck scan ends 13 mm below the apices: lung enters its last slices (too little to count as lungs
+    seen), while the network reads those slices 40 mm too high up the body. The entering lung is the apex."""
+    top, bottom = z_of("skull_base") + 15, z_of("lung_apex") - 13
+    res = body_stack(top, bottom, spacing=3.0, sigma=4.0, outliers=0.0, bias=-40.0, series="1.2.3.59",
+                     body_part="NECK")
+    apex = z_of("lung_apex")
+    for r in res:
+        below = apex - r.info.position[2]
+        r.measures["lung_area_mm2"] = 0.0 if below < 0 else 400.0 * below  # grows downwards, < 6,000 mm²
+    st, _ = run(res)
+    assert st.protocol_rule == "neck"
+    assert st.coverage["end_source"].startswith("lungs (apices entering")
+    assert abs(st.coverage["end_z"] - apex) <= 6
+    assert by_check(st, "coverage.bottom") is None
+    # without the entering lung the network (40 mm off) decides, and calls the apices missed
+    for r in res:
+        r.measures["lung_area_mm2"] = 0.0
+    st, _ = run([SliceResult(info=r.info, scores={}, position_ref_mm=r.position_ref_mm, measures=r.measures) for r in res])
+    assert by_check(st, "coverage.bottom") is not None
+
+
 def test_scattered_network_positions_decide_nothing():
     """Positions that do not follow the body (a phantom, a broken model) raise no coverage finding."""
     res = body_stack(z_of("lung_apex") - 60, z_of("lung_base") + 60, sigma=250.0, outliers=0.0, series="1.2.3.55")

@@ -98,10 +98,14 @@ def test_dense_bone_is_not_metal():
 
 
 def test_network_metal_needs_metal_density_pixels():
-    # a confident network on a slice whose densest pixel is enamel-like bone (2,200 HU): no metal possible
+    # a confident network on a slice whose densest pixel is bone (2,200 HU) or enamel (2,650 HU, an area
+    # over the classical metal ramp): no metal possible, whatever the network says
     bone = D.measure(phantom(metal_mm=4.0, metal_hu=2200.0), info())
     assert bone["metal_max_hu"] < D.METAL_HU and D.no_metal_density(bone)
     assert D.fuse({"metal": 0.85}, bone)["metal"] == 0.0
+    enamel = D.measure(phantom(metal_mm=9.0, metal_hu=2650.0), info())
+    assert enamel["metal_area_mm2"] > 200 and D.no_metal_density(enamel)
+    assert D.fuse({"metal": 0.96}, enamel)["metal"] == 0.0
     # a small implant (area below the classical ramp) keeps the network's score
     clip = D.measure(phantom(metal_mm=0.8, metal_hu=3071.0), info())
     assert clip["metal_max_hu"] >= D.METAL_HU and not D.no_metal_density(clip)

@@ -10,8 +10,10 @@ Where each landmark lies in this patient's z comes from two sources:
 2. classical HU anatomy, which wins wherever it is unambiguous: aerated lung (≥ 1,500 mm² on ≥ 2
    neighbouring slices, the run around the largest lung section) gives the lung apices and bases
    directly; ≥ 4,000 mm² on the first (last) two slices proves the scan started (ended) inside the
-   lungs; a head cut through the skull on the top slice proves the vertex was missed; the iliac crests
-   are where bone returns to the lateral thirds of the body below the lumbar gap (iliac wings).
+   lungs; lung entering the last slices of a scan that must end at the apices (neck) is the apices; a
+   head cut through the skull on the top slice proves the vertex was missed; the iliac crests are where
+   bone returns to the lateral thirds of the body below the lumbar gap (iliac wings) — not used when a
+   coherent network fit puts them > 200 reference mm elsewhere (a skull does the same).
 
 The fit is not used when the median distance of the positions from it exceeds 40 mm (reference scale).
 
@@ -114,7 +116,13 @@ def lung_extent(ordered) -> dict:
     while hi + 1 < len(conf) and conf[hi + 1]:
         hi += 1
     if areas[peak] < LUNG_PEAK_MM2:
-        return {"lungs_seen": False, "peak_lung_mm2": round(areas[peak], 1)}
+        out = {"lungs_seen": False, "peak_lung_mm2": round(areas[peak], 1)}
+        if lo == 0 and peak == 0 and hi < len(pres) - 1:
+            # lung entering at the bottom of the scan, growing towards its edge: the apices of a neck (or
+            # head-and-neck) scan that ends in the upper chest — nothing else in the lower neck encloses
+            # that much −950…−500 HU; too little lung to be "seen", but its top is the apices
+            out["apex_entering_z"] = pres[hi][0]
+        return out
     out = {"lungs_seen": True, "lung_top_z": pres[hi][0], "lung_bottom_z": pres[lo][0], "peak_lung_mm2": round(areas[peak], 1)}
     n = len(pres)
     out["top_cut"] = hi == n - 1 and min(areas[-2:]) >= LUNG_PROOF_MM2  # apices above the scan
@@ -125,6 +133,9 @@ def lung_extent(ordered) -> dict:
 
 
 ANCHOR_MIN_MM = 15.0
+# a classical iliac crest this far (reference mm) from where a coherent network fit puts it is not used:
+# the network's per-slice error is ~20 mm median, 57 mm at the 90th percentile, its fitted line far better
+CREST_MAX_DISAGREEMENT_MM = 200.0
 LATERAL_NONE_MM2 = 150.0
 LATERAL_BONE_MM2 = 600.0
 
@@ -194,6 +205,12 @@ def locate(ordered, rule) -> dict:
     fit = fit_position(ordered)
     lungs = lung_extent(ordered)
     pelvis = iliac_crest(ordered)
+    crest = pelvis.get("iliac_crest_z")
+    if (crest is not None and fit is not None and fit["slope_sign_ok"] and fit["residual_mm"] <= FIT_MAX_RESIDUAL_MM
+            and abs(fit["a"] + fit["b"] * crest - LANDMARKS["iliac_crest"]) > CREST_MAX_DISAGREEMENT_MM):
+        # bone leaving and returning to the lateral thirds happens in skulls too; a crest where a coherent
+        # network fit sees the head or the chest is not the pelvis
+        pelvis = {"rejected_iliac_crest_z": crest, "network_ref_mm": round(fit["a"] + fit["b"] * crest, 1)}
     if fit is not None:
         fit = anchor_on_lungs(fit, lungs, pelvis)
     loc: dict = {"fit": fit, "lungs": lungs, "pelvis": pelvis}
@@ -221,6 +238,8 @@ def locate(ordered, rule) -> dict:
             pass  # lungs reach the edge of the scan with little area: not a proof either way
         else:
             loc[role] = {"z": lungs[key], "source": "lungs"}
+    if rule.end == "lung_apex" and lungs.get("apex_entering_z") is not None:
+        loc["end"] = {"z": lungs["apex_entering_z"], "source": "lungs (apices entering the scan)"}
     crest = pelvis.get("iliac_crest_z")
     if crest is not None:
         for role in ("start", "end"):
@@ -257,8 +276,10 @@ def coverage_findings(state, ordered, rule, tol: float, margin: float, ctdivol: 
         summary["fit"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in loc["fit"].items()}
     if loc.get("lungs"):
         summary["lungs"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in loc["lungs"].items()}
-    if loc.get("pelvis"):
+    if loc.get("pelvis", {}).get("iliac_crest_z") is not None:
         summary["iliac_crest_z"] = round(loc["pelvis"]["iliac_crest_z"], 2)
+    elif loc.get("pelvis", {}).get("rejected_iliac_crest_z") is not None:
+        summary["iliac_crest_rejected"] = {k: round(v, 2) for k, v in loc["pelvis"].items()}
     out = []
     extra = {}
     top_inst = usable[-1][1].info.instance_number
