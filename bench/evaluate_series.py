@@ -48,6 +48,13 @@ STUDIES: list[tuple[str, str, int, list[str]]] = [
     ("chest-short-top", "chest", 45, ["--short-top", "40"]),
     ("abdpel-short-bottom", "abdomen-pelvis", 55, ["--short-bottom", "50"]),
     ("head-noise", "head", 40, ["--artifact", "noise:0.6"]),
+    # added after the first fixes, as a check on series the rules were not looked at with
+    ("neck-clean", "neck", 40, []),
+    ("cap-clean", "chest-abdomen-pelvis", 70, []),
+    ("head-clean-2", "head", 45, []),
+    ("abdomen-clean", "abdomen", 50, []),
+    ("chest-clean-3", "chest", 55, []),
+    ("head-clean-3", "head", 35, []),
 ]
 
 SCORED_PREFIXES = ("artifact.", "coverage.", "geometry.")
@@ -171,6 +178,7 @@ def evaluate(backend: str | None, workers: int) -> dict:
 
 def markdown(res: dict) -> str:
     L = [f"# Series-level evaluation (`bench/evaluate_series.py`, backend {res['backend']})", "",
+         *([f"Code: {res['label']}", ""] if res.get("label") else []),
          f"{len(res['studies'])} synthetic `medqc synth` series (512², seeds 7100+, cached in data/series-eval/) "
          "scored against truth.json's expected findings; a check counts once per series.", "",
          "| check | TP | FP | FN | TN |", "|---|---|---|---|---|"]
@@ -204,6 +212,7 @@ def main() -> int:
     ap.add_argument("--backend", default=None, help="inference backend (default: auto)")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "series-eval"))
+    ap.add_argument("--label", default="", help="a line naming the code evaluated (shown in the report)")
     a = ap.parse_args()
     if a.generate_only:
         generate(a.workers)
@@ -211,6 +220,7 @@ def main() -> int:
     t0 = time.time()
     res = evaluate(a.backend, a.workers)
     res["seconds"] = round(time.time() - t0, 1)
+    res["label"] = a.label
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
