@@ -137,7 +137,8 @@ def evaluate(backend: str | None, workers: int) -> dict:
         })
         print(f"{d.name}: expected {expected} found {found} ({dt:.1f} s)", file=sys.stderr, flush=True)
 
-    checks = sorted({c for s in studies for c in s["expected"] + s["found"] if scored(c)} | {f"artifact.{a}" for a in ARTIFACTS})
+    checks = sorted({c for s in studies for c in s["expected"] + s["found"] if scored(c)} | {f"artifact.{a}" for a in ARTIFACTS}
+                    | {"coverage.top", "coverage.bottom", "coverage.overscan"})
     table = {}
     for c in checks:
         tp = sum(1 for s in studies if c in s["expected"] and c in s["found"])

@@ -260,7 +260,10 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
             lat = np.zeros_like(bone)
             lat[:, : int(x0 + third)] = True
             lat[:, int(x1 - third) + 1:] = True
-            out["lateral_bone_mm2"] = float(np.count_nonzero(bone & lat)) * px_area
+            # trunk bone only: the humeri and forearms of arms held down lie in (or beyond) those thirds
+            # on every slice and would hide the lumbar gap above the iliac wings
+            own = bone & trunk if trunk.any() else bone
+            out["lateral_bone_mm2"] = float(np.count_nonzero(own & lat)) * px_area
         out["noise_sd"] = _robust_noise(sub, valid & inside_circle)
     else:
         out["lung_area_mm2"] = 0.0

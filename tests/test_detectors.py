@@ -188,3 +188,20 @@ def test_arms_cut_by_the_displayed_field_are_not_truncation_but_outside_the_scan
     assert shown["body_touches_fov"] < 0.02  # a displayed field that crops the arms is a choice
     scanned = D.measure(img, info(data_collection_diameter=300.0))  # but a 300 mm scan field cuts them
     assert D.fuse({"truncation": 0.0}, scanned)["truncation"] >= 0.5
+
+
+def test_lateral_bone_is_the_trunks_not_the_arms():
+    """Arms held down beside an abdomen carry humeri in (or beyond) the lateral thirds on every slice; they
+    would hide the lumbar gap above the iliac wings. Only the trunk's bone counts; the iliac wings do."""
+    img = phantom(rx_mm=120.0, ry_mm=100.0, pad=-1024.0)
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+    for sx in (-1, 1):  # separate arms with a cortical humerus each
+        img[((xx - sx * 150) / 22) ** 2 + (yy / 30) ** 2 <= 1] = 50.0
+        img[((xx - sx * 150) / 8) ** 2 + (yy / 8) ** 2 <= 1] = 1200.0
+    gap = D.measure(img, info())
+    assert gap["lateral_bone_mm2"] < 150.0  # the lumbar gap stays a gap
+    assert gap["bone_area_mm2"] > 300.0  # the humeri are still bone of the patient
+    for sx in (-1, 1):  # iliac wings inside the trunk's lateral thirds
+        img[((xx - sx * 85) / 25) ** 2 + (yy / 12) ** 2 <= 1] = 700.0
+    wings = D.measure(img, info())
+    assert wings["lateral_bone_mm2"] > 600.0
