@@ -75,10 +75,11 @@ def test_lone_slice_needs_a_very_high_score(cfg):
     assert st.verdict == "warn"
 
 
-def test_network_only_classes_need_a_strong_run(cfg):
+def test_network_only_classes_need_a_strong_or_long_run(cfg):
     # motion and ring have no classical evidence: min_run slices just over the threshold are not enough
     # (one confusing region puts neighbouring slices over it together); the run's mean must reach
-    # (threshold + 1) / 2. Metal (classically gated) keeps the plain min_run rule.
+    # (threshold + 1) / 2, or the run must span 25 mm of z (physical motion spoils at least one rotation's
+    # table feed). Metal (classically gated) keeps the plain min_run rule.
     tr = SeriesTracker(cfg, {"metal": 0.5, "motion": 0.5, "ring": 0.5})
     weak = {i: {"motion": 0.65, "ring": 0.65, "metal": 0.65} for i in range(3, 6)}
     streamed = []
@@ -96,6 +97,14 @@ def test_network_only_classes_need_a_strong_run(cfg):
     assert "artifact.motion" in checks(streamed)
     st, _ = tr.complete("1.2.3.9", "idle")
     assert st.findings["1.2.3.9/artifact.motion"].details["slices"] == 3
+
+    # weak but long: 11 slices at 0.65, 2.5 mm apart (25 mm first to last) qualify; 10 (22.5 mm) do not
+    for n, raised in ((11, True), (10, False)):
+        tr = SeriesTracker(cfg, {"motion": 0.5})
+        for r in make_results(30, scores={i: {"motion": 0.65} for i in range(5, 5 + n)}):
+            tr.add(r)
+        st, _ = tr.complete("1.2.3.9", "idle")
+        assert ("1.2.3.9/artifact.motion" in st.findings) is raised, n
 
 
 def test_config_thresholds_override_bundle(cfg):

@@ -2,7 +2,8 @@
 
 A run is reported when it has ``checks.artifact.min_run`` slices, or when one slice scores "very high"
 (``1 - (1 - threshold) / 5``: 0.9 for a 0.5 threshold). For the classes only the network sees (motion,
-ring) a run of ``min_run`` slices must also have a mean score of at least ``(threshold + 1) / 2``. One finding per class and series (id
+ring) a run of ``min_run`` slices must also span 25 mm of z or have a mean score of at least
+``(threshold + 1) / 2``. One finding per class and series (id
 ``<series>/artifact.<class>``) covers every qualifying run and is updated as runs grow. Severity:
 critical when ≥ 5 slices qualify and their mean score is at least the midpoint between threshold and 1,
 else warning.
@@ -16,6 +17,7 @@ from medqc.agent.checks.common import finding
 CRITICAL_SLICES = 5
 # classes with no classical evidence in the fused score (medqc.detectors.fuse): the network alone decides
 NETWORK_ONLY = frozenset({"motion", "ring"})
+NETWORK_ONLY_MIN_EXTENT_MM = 25.0  # z from the first to the last slice of a run (see qualifying)
 NAMES = {
     "metal": "Metal artifact",
     "motion": "Motion artifact",
@@ -61,10 +63,16 @@ def qualifying(run, cls: str, thr: float, min_run: int) -> bool:
         return True
     if len(run) < min_run:
         return False
-    # a class that only the network sees (no classical evidence can confirm it) needs a strong run, not
-    # min_run slices just over a threshold chosen per slice: neighbouring slices share anatomy, so one
-    # confusing region (shoulders, skull base) puts several adjacent slices over it together
-    return cls not in NETWORK_ONLY or sum(scores) / len(scores) >= strong_threshold(thr)
+    if cls not in NETWORK_ONLY:
+        return True
+    # a class that only the network sees (no classical evidence can confirm it) needs more than min_run
+    # slices just over a threshold chosen per slice: neighbouring slices share anatomy, so one confusing
+    # region (shoulders, a liver dome) puts a few adjacent slices over it together. Physical motion
+    # corrupts every slice reconstructed from the affected rotations — at least one rotation's table feed
+    # (collimation × pitch, ≥ ~25 mm on current scanners) — and a detector ring is on every slice, so the
+    # run must span NETWORK_ONLY_MIN_EXTENT_MM, or be strong (mean ≥ the midpoint of threshold and 1).
+    zs = [z for z, _ in run]
+    return max(zs) - min(zs) >= NETWORK_ONLY_MIN_EXTENT_MM or sum(scores) / len(scores) >= strong_threshold(thr)
 
 
 def summarise(state, cls: str, thr: float, qual_runs) -> object | None:
