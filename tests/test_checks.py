@@ -450,6 +450,13 @@ def test_neck_scan_ending_in_the_entering_lungs_covers_the_apices():
     assert st.coverage["end_source"].startswith("lungs (apices entering")
     assert abs(st.coverage["end_z"] - apex) <= 6
     assert by_check(st, "coverage.bottom") is None
+    # a neck scan reaching well into the chest (lungs seen whole-section): the top of the lungs is the apex
+    for r in res:
+        below = apex - r.info.position[2]
+        r.measures["lung_area_mm2"] = 0.0 if below < 0 else 9000.0
+    st, _ = run([SliceResult(info=r.info, scores={}, position_ref_mm=r.position_ref_mm, measures=r.measures) for r in res])
+    assert st.coverage["end_source"] == "lungs" and abs(st.coverage["end_z"] - apex) <= 6
+    assert by_check(st, "coverage.bottom") is None
     # without the entering lung the network (40 mm off) decides, and calls the apices missed
     for r in res:
         r.measures["lung_area_mm2"] = 0.0

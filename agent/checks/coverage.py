@@ -238,8 +238,11 @@ def locate(ordered, rule) -> dict:
             pass  # lungs reach the edge of the scan with little area: not a proof either way
         else:
             loc[role] = {"z": lungs[key], "source": "lungs"}
-    if rule.end == "lung_apex" and lungs.get("apex_entering_z") is not None:
-        loc["end"] = {"z": lungs["apex_entering_z"], "source": "lungs (apices entering the scan)"}
+    if rule.end == "lung_apex":  # a neck: the lungs, if any, lie at the bottom of the scan
+        if lungs.get("apex_entering_z") is not None:
+            loc["end"] = {"z": lungs["apex_entering_z"], "source": "lungs (apices entering the scan)"}
+        elif lungs.get("lungs_seen") and not lungs.get("top_open"):
+            loc["end"] = {"z": lungs["lung_top_z"], "source": "lungs"}
     crest = pelvis.get("iliac_crest_z")
     if crest is not None:
         for role in ("start", "end"):
