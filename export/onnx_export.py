@@ -239,9 +239,40 @@ def convert_fp16(path: Path, out: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m16 = convert_float_to_float16(model, keep_io_types=True, node_block_list=head_nodes(model.graph))
+    _dedupe_casts(m16.graph)
     _toposort(m16.graph)  # the converter appends its input Casts at the end of the node list
     onnx.save(m16, str(out))
     return out
+
+
+def _dedupe_casts(graph) -> None:
+    """Drop repeated Casts (in place). ONNX Runtime's FP16 converter before 1.32 adds one Cast per kept
+    FP32 node that reads an FP16 tensor and names each ``<input>_cast_to_fp32``: a tensor feeding two
+    kept nodes (here the trunk's last ReLU feeds ReduceMean and ReduceMax) is then produced twice, and
+    ``onnx.checker`` rejects the graph (not in SSA form). Identical Casts (same input, same target type,
+    same output name) are one node; repeated value_info entries go with them. A no-op on newer converters."""
+    producer: dict[str, object] = {}
+    keep = []
+    for n in graph.node:
+        first = producer.get(n.output[0]) if len(n.output) == 1 else None
+        if first is not None and n.op_type == "Cast" and first.op_type == "Cast" and list(first.input) == list(n.input) \
+                and list(first.attribute) == list(n.attribute):
+            continue
+        for o in n.output:
+            producer.setdefault(o, n)
+        keep.append(n)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+    seen_vi: set[str] = set()
+    vis = []
+    for v in graph.value_info:
+        if v.name not in seen_vi:
+            seen_vi.add(v.name)
+            vis.append(v)
+    if len(vis) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(vis)
 
 
 def _toposort(graph) -> None:

@@ -407,3 +407,31 @@ def test_runner_errors_name_the_fix(qc_bundle, monkeypatch):
     assert not ok and "pip install tensorrt" in why
     with pytest.raises(BackendUnavailable, match="pip install tensorrt"):
         runtime_environment()
+
+
+def test_fp16_duplicate_casts_are_merged():
+    """ONNX Runtime's FP16 converter before 1.32 emits one Cast per FP32-kept consumer of an FP16 tensor, all
+    with the same output name; the export merges them so ``onnx.checker`` accepts the graph (seen on a GPU
+    machine with onnxruntime 1.30)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from medqc.export.onnx_export import _dedupe_casts, _toposort
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4])
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 1])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 1])
+    nodes = [
+        helper.make_node("Cast", ["x"], ["x_cast_to_fp32"], name="c1", to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["x_cast_to_fp32"], ["a"], name="mean", axes=[1]),
+        helper.make_node("Cast", ["x"], ["x_cast_to_fp32"], name="c2", to=TensorProto.FLOAT),
+        helper.make_node("ReduceMax", ["x_cast_to_fp32"], ["b"], name="max", axes=[1]),
+    ]
+    g = helper.make_graph(nodes, "dup", [x], [a, b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(m)
+    _dedupe_casts(m.graph)
+    _toposort(m.graph)
+    onnx.checker.check_model(m)
+    assert [n.name for n in m.graph.node].count("c2") == 0 and len(m.graph.node) == 3
