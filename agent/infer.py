@@ -29,6 +29,8 @@ class Inferer:
         self.bundle = bundle
         self.params = bundle.preprocess if bundle is not None else None
         self.labels = tuple(bundle.labels) if bundle is not None else ()
+        # classes the bundle ships switched off in the network: their scores are not used (classical only)
+        self.network_off = frozenset(bundle.network_off) if bundle is not None else frozenset()
         self.classical = classical
         if runner is None and bundle is not None and backend != "none":
             from medqc.runners import make_runner
@@ -93,7 +95,7 @@ class Inferer:
             if k in outs:
                 logits, p = outs[k]
                 probs = _sigmoid(np.asarray(logits, np.float64))
-                net = {lab: float(probs[i]) for i, lab in enumerate(self.labels)}
+                net = {lab: float(probs[i]) for i, lab in enumerate(self.labels) if lab not in self.network_off}
                 pv = float(np.asarray(p).reshape(-1)[0])
                 pos = pv if math.isfinite(pv) else None
             measures = self._measure(hu, info)

@@ -28,6 +28,9 @@ log = logging.getLogger("medqc.agent.pipeline")
 TICK_S = 0.05
 
 
+MPPS_DRAIN_S = 30.0  # longest an MPPS-completed series waits for the queue to drain before its verdict
+
+
 class Pipeline:
     def __init__(self, cfg, inferer, tracker, spool=None, sinks=(), metrics=None, max_rejected: int = 10000):
         self.cfg = cfg
@@ -44,6 +47,7 @@ class Pipeline:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy = 0
+        self._mpps_at = 0.0
         self._lock = threading.Lock()
         self.identifiers = bool(cfg.privacy.show_patient_identifiers)
         self.thumbnails = bool(cfg.http.enabled)  # console thumbnails (agent/console.py); off for batch use
@@ -70,6 +74,11 @@ class Pipeline:
         return len(files)
 
     def mpps_completed(self, series_uids: list[str]) -> None:
+        """MPPS COMPLETED names the series; their last slices may still be queued behind it (the N-SET
+        arrives right after the last C-STORE), so the verdict waits until the queue has drained — at most
+        ``MPPS_DRAIN_S`` (a slice later still re-opens the series)."""
+        with self._lock:
+            self._mpps_at = time.monotonic()
         self.tracker.mpps_completed(series_uids)
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -175,7 +184,11 @@ class Pipeline:
     # -------------------------------------------------------------------------------------- completion
     def complete_due(self, now: float | None = None) -> int:
         n = 0
+        with self._lock:
+            draining = self._busy > 0 and time.monotonic() - self._mpps_at < MPPS_DRAIN_S
         for uid, reason in self.tracker.due(time.time() if now is None else now):
+            if reason == "mpps" and draining:
+                continue  # slices received before the N-SET are still queued: finish them first
             self.complete(uid, reason)
             n += 1
         return n
@@ -283,5 +296,5 @@ def compose(cfg, bundle_dir: str | None = None, backend: str | None = None, metr
     inferer = Inferer(bundle, backend, cfg.inference.threads, rebuild_engine=cfg.inference.rebuild_engine)
     if metrics is not None:
         metrics.set("medqc_backend_info", 1.0, backend=inferer.backend)
-    tracker = SeriesTracker(cfg, bundle.thresholds if bundle is not None else {})
+    tracker = SeriesTracker(cfg, bundle.check_thresholds if bundle is not None else {})
     return Pipeline(cfg, inferer, tracker, spool=spool, sinks=list(sinks or ()), metrics=metrics)

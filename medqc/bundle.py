@@ -69,6 +69,26 @@ class Bundle:
         return {k: float(v) for k, v in self.manifest.get("thresholds", {}).items()}
 
     @property
+    def network_off(self) -> tuple[str, ...]:
+        """Labels the network ships switched off (too weak on validation: threshold >= NETWORK_OFF_AT, or
+        listed under ``network_off``). The agent ignores their network scores; classical evidence alone
+        decides them where there is any (``medqc.detectors.classical_probs``)."""
+        listed = set(self.manifest.get("network_off", []))
+        return tuple(k for k in self.labels if k in listed or self.thresholds.get(k, 0.0) >= NETWORK_OFF_AT)
+
+    @property
+    def check_thresholds(self) -> dict[str, float]:
+        """Thresholds the series checks apply to fused scores: the manifest's, except that a class whose
+        network is off and that classical evidence can see takes the classical threshold."""
+        from medqc.detectors import CLASSICAL_CLASSES, CLASSICAL_THRESHOLD
+
+        th = self.thresholds
+        for k in self.network_off:
+            if k in CLASSICAL_CLASSES:
+                th[k] = CLASSICAL_THRESHOLD
+        return th
+
+    @property
     def preprocess(self) -> PreprocessParams:
         return PreprocessParams.from_dict(self.manifest["preprocess"])
 
@@ -92,6 +112,9 @@ class Bundle:
     @property
     def engines(self) -> list[dict]:
         return list(self.manifest.get("engines", []))
+
+
+NETWORK_OFF_AT = 0.999  # a manifest threshold at or above this switches the class off in the network
 
 
 def load_bundle(path: str | Path | None = None) -> Bundle:

@@ -156,7 +156,9 @@ def render_card(m: dict) -> str:
     dis = m.get("disabled_labels") or {}
     if dis:
         lines += ["", "**Switched off in the shipped bundle** (validation AUROC below the shipping minimum; threshold set to",
-                  "0.9999 so they do not raise false alarms): " + ", ".join(f"{k} (AUROC {v:.3f})" for k, v in dis.items()) + "."]
+                  "0.9999): " + ", ".join(f"{k} (AUROC {v:.3f})" for k, v in dis.items()) + ". The agent drops the network's",
+                  "score for these and decides them from the classical detectors alone where physics gives a signal",
+                  "(noise, truncation; docs/checks.md), at the classical threshold 0.5."]
     allv = m.get("validation", {}).get("all", {})
     if allv:
         met = [k for k, v in allv.get("artifacts", {}).items() if (v.get("auroc") or 0) >= 0.97]

@@ -64,9 +64,31 @@ def test_noise_tracks_sigma_and_fuses_as_noisy_or():
     assert low == pytest.approx(5.0, rel=0.2)
     # with σ=80 few blocks stay inside the soft-tissue window: the estimate saturates high or is absent
     assert not np.isfinite(high["noise_sd"]) or high["noise_sd"] > 40
-    mid = D.measure(phantom(sigma=40.0, seed=3), info())
+    # at 2 mm (3×3 pixels of 0.7 mm) white noise of σ reads σ/3; 135 HU → 45 HU at 2 mm: 1.5 × the body level
+    mid = D.measure(phantom(sigma=135.0, seed=3), info(convolution_kernel="B30f", slice_thickness=5.0))
+    assert mid["noise_sd_2mm"] == pytest.approx(45.0, rel=0.15)
+    assert mid["noise_ratio"] == pytest.approx(45.0 / D.NOISE_2MM_HU["body"], rel=0.15)
     p = D.fuse({"noise": 0.3}, mid)["noise"]
     assert p > 0.3 + 0.2  # classical evidence raised it (noisy-OR)
+    assert D.classical_probs(mid)["noise"] > D.CLASSICAL_THRESHOLD
+
+
+@pytest.mark.parametrize("sigma_2mm", [4.0, 12.0, 25.0])
+def test_noise_at_2mm_reads_sigma_on_a_routine_body(sigma_2mm):
+    m = D.measure(phantom(sigma=3 * sigma_2mm, seed=int(sigma_2mm)), info(convolution_kernel="STANDARD", slice_thickness=5.0))
+    assert m["noise_sd_2mm"] == pytest.approx(sigma_2mm, rel=0.15)
+    assert D.classical_probs(m).get("noise", 0.0) < D.CLASSICAL_THRESHOLD  # below the body level: no evidence
+
+
+def test_noise_is_not_judged_on_sharp_kernels_and_thin_slices_are_scaled():
+    img = phantom(sigma=150.0, seed=5)  # 50 HU at 2 mm
+    for kernel in ("B70f", "BONE", "LUNG", "Br64d", "FC52", "FC30", "YC", "Bl57"):
+        m = D.measure(img, info(convolution_kernel=kernel))
+        assert np.isnan(m["noise_ratio"]), kernel
+        assert "noise" not in D.classical_probs(m)
+    thick = D.measure(img, info(convolution_kernel="B30f", slice_thickness=5.0))["noise_ratio"]
+    thin = D.measure(img, info(convolution_kernel="B30f", slice_thickness=0.75))["noise_ratio"]
+    assert thin == pytest.approx(thick * (0.75 / 3.0) ** 0.5, rel=1e-6)
 
 
 def test_vertical_miscentring_is_measured():
@@ -188,6 +210,26 @@ def test_arms_cut_by_the_displayed_field_are_not_truncation_but_outside_the_scan
     assert shown["body_touches_fov"] < 0.02  # a displayed field that crops the arms is a choice
     scanned = D.measure(img, info(data_collection_diameter=300.0))  # but a 300 mm scan field cuts them
     assert D.fuse({"truncation": 0.0}, scanned)["truncation"] >= 0.5
+
+
+def test_targeted_reconstruction_is_not_truncation_but_a_scan_field_rim_is():
+    """Truncation artifacts need anatomy outside the scan field (DataCollectionDiameter). A displayed field
+    smaller than the scan field only crops the picture (cardiac, spine, targeted reconstructions): the data
+    are complete, so no truncation evidence even with the trunk cut. When the displayed circle is the scan
+    field, anything touching its rim (arms too) is outside it."""
+    wide = phantom(rx_mm=200.0, ry_mm=120.0, pad=-3024.0)  # trunk wider than the 358 mm displayed field
+    crop = D.measure(wide, info(data_collection_diameter=500.0, reconstruction_diameter=358.4))
+    assert crop["body_touches_fov"] == 0.0
+    assert D.classical_probs(crop)["truncation"] == 0.0
+    at_rim = D.measure(wide, info(data_collection_diameter=358.0, reconstruction_diameter=358.4))
+    assert at_rim["body_touches_fov"] > 0.15 and D.classical_probs(at_rim)["truncation"] >= 0.8
+    img = phantom(rx_mm=120.0, ry_mm=100.0, pad=-1024.0)
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+    for sx in (-1, 1):  # arms down beside the trunk, past the rim of a displayed field that is the scan field
+        arm = ((xx - sx * 165) / 30) ** 2 + (yy / 40) ** 2 <= 1
+        img[arm & (np.hypot(xx, yy) <= 179)] = 50.0
+    arms = D.measure(img, info(data_collection_diameter=358.0))
+    assert D.classical_probs(arms)["truncation"] >= 0.5
 
 
 def test_lateral_bone_is_the_trunks_not_the_arms():
