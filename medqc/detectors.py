@@ -121,7 +121,18 @@ def _patient_mask(mask: np.ndarray, central: np.ndarray) -> tuple[np.ndarray, np
     for k in range(1, n):
         if k != main and stats[k, cv2.CC_STAT_AREA] >= min_area and top <= cents[k][1] <= bottom:
             keep[k] = True
-    return keep[labels], labels == main
+    trunk = labels == main
+    return (keep[labels] if np.count_nonzero(keep) > 1 else trunk), trunk
+
+
+def _median_index(counts: np.ndarray) -> float:
+    """The median of the indices of a mask's pixels along one axis, from that axis's pixel counts (what
+    ``np.median`` of their coordinates gives: the mean of the two middle ones for an even count)."""
+    cum = np.cumsum(counts)
+    n = int(cum[-1])
+    lo = int(np.searchsorted(cum, (n - 1) // 2, side="right"))
+    hi = int(np.searchsorted(cum, n // 2, side="right"))
+    return (lo + hi) / 2.0
 
 
 def _border_pixels(a: np.ndarray):
@@ -177,18 +188,24 @@ def _robust_noise(sub: np.ndarray, valid: np.ndarray) -> float:
     block SDs, divided by 0.886 (the 10th percentile of a χ distribution with 63 degrees of freedom)."""
     b = NOISE_BLOCK
     h, w = (sub.shape[0] // b) * b, (sub.shape[1] // b) * b
-    blocks = sub[:h, :w].reshape(h // b, b, w // b, b).swapaxes(1, 2).reshape(-1, b * b)
-    vmask = valid[:h, :w].reshape(h // b, b, w // b, b).swapaxes(1, 2).reshape(-1, b * b)
-    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
-    ok = (lo >= -500.0) & (hi <= 500.0) & vmask.all(axis=1)
-    if ok.sum() < 8:
+    ok = _block_all((sub[:h, :w] >= -500.0) & (sub[:h, :w] <= 500.0) & valid[:h, :w], b)
+    if np.count_nonzero(ok) < 8:
         return float("nan")
-    cand = blocks[ok]
+    cand = sub[:h, :w].reshape(h // b, b, w // b, b).swapaxes(1, 2)[ok].reshape(-1, b * b)
     mean = cand.mean(axis=1)
     cand = cand[(mean >= SOFT_HU[0]) & (mean <= SOFT_HU[1])]
     if len(cand) < 8:
         return float("nan")
     return float(np.percentile(cand.std(axis=1), 10) / 0.886)
+
+
+def _block_all(m: np.ndarray, b: int) -> np.ndarray:
+    """(h/b, w/b) booleans: every pixel of the b×b block of ``m`` (h, w multiples of b) is set."""
+    h, w = m.shape
+    if cv2 is not None:  # block minimum: erode with the block as kernel, anchored at its top-left pixel
+        k = np.ones((b, b), np.uint8)
+        return cv2.erode(m.view(np.uint8), k, anchor=(0, 0), borderType=cv2.BORDER_CONSTANT, borderValue=0)[::b, ::b] == 1
+    return m.reshape(h // b, b, w // b, b).all(axis=(1, 3))
 
 
 def _box(a: np.ndarray, k: int) -> np.ndarray:
@@ -233,10 +250,12 @@ def noise_2mm(hu: np.ndarray, rmm: float, cmm: float) -> float:
     if h < 5 * f or w < 5 * f:
         return float("nan")
     valid = hu[:h, :w] > PAD_HU
-    img = np.where(valid, hu[:h, :w], np.float32(-1000.0)).astype(np.float32, copy=False)
+    everywhere = bool(valid.all())  # no padding (the usual case): nothing to replace, every pooled pixel valid
+    img = (hu[:h, :w] if everywhere else np.where(valid, hu[:h, :w], np.float32(-1000.0))).astype(np.float32, copy=False)
     if cv2 is not None:  # exact f×f area means (an integer factor), ~50× faster than the reshape
-        pooled = cv2.resize(img, (w // f, h // f), interpolation=cv2.INTER_AREA)
-        pvalid = cv2.resize(valid.view(np.uint8) * np.uint8(255), (w // f, h // f), interpolation=cv2.INTER_AREA) >= 255
+        pooled = cv2.resize(np.ascontiguousarray(img), (w // f, h // f), interpolation=cv2.INTER_AREA)
+        pvalid = (np.ones(pooled.shape, bool) if everywhere else
+                  cv2.resize(valid.view(np.uint8) * np.uint8(255), (w // f, h // f), interpolation=cv2.INTER_AREA) >= 255)
     else:
         pooled = img.reshape(h // f, f, w // f, f).mean(axis=(1, 3), dtype=np.float32)
         pvalid = valid.reshape(h // f, f, w // f, f).all(axis=(1, 3))
@@ -298,15 +317,13 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         return out
     rmm, cmm = _pixel_mm(info)
     # metal: full resolution (small dense objects must not fall between subsamples)
-    metal = hu >= METAL_HU
-    n_metal = int(np.count_nonzero(metal))
+    top_hu = hu.max()
+    n_metal = 0 if top_hu < METAL_HU else int(np.count_nonzero(hu >= METAL_HU))
     out["metal_area_mm2"] = n_metal * rmm * cmm
-    out["metal_max_hu"] = float(hu.max()) if n_metal else float(min(hu.max(), METAL_HU))
+    out["metal_max_hu"] = float(top_hu) if n_metal else float(min(top_hu, METAL_HU))
 
     step = 2 if min(hu.shape) >= 256 else 1
-    sub = hu[::step, ::step]
-    if sub.dtype != np.float32:
-        sub = sub.astype(np.float32)
+    sub = np.ascontiguousarray(hu[::step, ::step], dtype=np.float32)
     px_area = rmm * cmm * step * step
     h, w = sub.shape
     band = max(2, int(round(min(h, w) * 0.012)))
@@ -354,8 +371,9 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
     n_body = int(np.count_nonzero(body_cc))
     out["body_area_mm2"] = n_body * px_area
     if n_body >= 50:
-        ys, xs = np.nonzero(trunk if trunk.any() else body_cc)  # centre and lateral thirds: the trunk, not the arms
-        cy, cx = float(np.median(ys)) * step, float(np.median(xs)) * step
+        core = trunk if trunk.any() else body_cc  # centre and lateral thirds: the trunk, not the arms
+        rows_n, cols_n = np.count_nonzero(core, axis=1), np.count_nonzero(core, axis=0)
+        cy, cx = _median_index(rows_n) * step, _median_index(cols_n) * step
         dx_px = cx - (hu.shape[1] - 1) / 2.0
         dy_px = cy - (hu.shape[0] - 1) / 2.0
         ox, oy = dx_px * cmm, dy_px * rmm
@@ -374,12 +392,12 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         if dense.any():
             dy_, dx_ = np.nonzero(dense)
             ang = np.arctan2(dy_ - cy / step, dx_ - cx / step)
-            sectors = np.unique(((ang + math.pi) / (2 * math.pi) * 24).astype(int) % 24)
-            out["skull_ring"] = len(sectors) / 24.0
+            sectors = np.bincount(((ang + math.pi) / (2 * math.pi) * 24).astype(int) % 24, minlength=24)
+            out["skull_ring"] = np.count_nonzero(sectors) / 24.0
         else:
             out["skull_ring"] = 0.0
         # bone in the lateral thirds of the body (iliac wings are broad; ribs are thin)
-        x0, x1 = xs.min(), xs.max()
+        x0, x1 = np.flatnonzero(cols_n)[[0, -1]]
         third = (x1 - x0) / 3.0
         if third > 0:
             lat = np.zeros_like(bone)
