@@ -15,6 +15,8 @@
 3. Runs the same on the real Philips head-phantom study in /work/shared/real-ct (clean phantom: every
    ``artifact.*`` finding is a false alarm; coverage findings on a phantom are not meaningful and are only
    listed) and on pydicom's bundled ``CT_small.dcm`` (a clean real GE slice).
+4. Injects each artifact kind into the real phantom's axial series (``medqc synth --from --inject``) and
+   reports whether ``medqc analyze`` finds it.
 
 Writes ``<out>.md`` (tables, every false alarm with its message) and ``<out>.json``.
 """
@@ -120,6 +122,33 @@ def generate(workers: int, which: str = "main") -> list[Path]:
     return out
 
 
+INJECT = [("metal", 0.7), ("motion", 0.8), ("ring", 0.7), ("noise", 0.7), ("truncation", 0.7)]
+INJECT_SERIES = "S3010"  # the phantom's 58-slice axial series
+
+
+def real_injected(backend: str | None) -> list[dict]:
+    """Artifacts injected into the real phantom series with ``medqc synth --from --inject`` (projection-domain
+    physics on the real slices; cached under data/series-eval/real-inject/): found or missed."""
+    src = REAL / INJECT_SERIES
+    if not src.exists():
+        return []
+    out = []
+    for kind, sev in INJECT:
+        d = CACHE / "real-inject" / f"{kind}-{sev:g}"
+        if not (d / "truth.json").exists():
+            subprocess.run([medqc_bin(), "synth", str(d), "--from", str(src), "--inject", f"{kind}:{sev:g}", "--no-progress"],
+                           check=True, stdout=subprocess.DEVNULL)
+        rep = run_analyze([str(d)], backend)
+        for s in rep["series"]:
+            arts = [f for f in s["findings"] if f["check"].startswith("artifact.") and not (f.get("details") or {}).get("resolved")]
+            peak = max((p["scores"].get(kind, 0.0) for p in s.get("per_slice", []) if p.get("scores")), default=0.0)
+            out.append({"kind": kind, "severity": sev, "slices": s["slices"],
+                        "found": any(f["check"] == f"artifact.{kind}" for f in arts),
+                        "other_artifacts": sorted({f["check"] for f in arts} - {f"artifact.{kind}"}),
+                        "peak_score": round(peak, 3)})
+    return out
+
+
 def run_analyze(paths: list[str], backend: str | None) -> dict:
     from medqc.agent.analyze import analyze
     from medqc.config import load_config
@@ -208,11 +237,13 @@ def evaluate(backend: str | None, workers: int, which: str = "main") -> dict:
             real.append({"name": "pydicom CT_small.dcm", "rejected": r.get("reason")})
     except Exception as e:  # pragma: no cover - pydicom test data missing
         real.append({"name": "pydicom CT_small.dcm", "error": str(e)})
+    injected = real_injected(backend)
     real_false_alarms = [{"study": r["name"], **f} for r in real for f in r.get("findings", [])
                          if f["check"].startswith("artifact.") and not (f.get("details") or {}).get("resolved")]
     return {"schema": "medqc.series-eval/1", "set": which, "seed0": SETS[which][1], "backend": backend or "auto",
             "studies": studies, "table": table,
-            "false_alarms": false_alarms, "misses": misses, "real": real, "real_false_alarms": real_false_alarms}
+            "false_alarms": false_alarms, "misses": misses, "real": real, "real_false_alarms": real_false_alarms,
+            "real_injected": injected}
 
 
 def markdown(res: dict) -> str:
@@ -243,6 +274,14 @@ def markdown(res: dict) -> str:
         L += [f"  - `{f['check']}` ({f['severity']}) — {f['message']}" for f in r["findings"]] or ["  - no findings"]
     L += ["", "Artifact findings on the real series are false alarms (clean phantom, clean patient slice); coverage "
           "findings on the phantom are not meaningful (no anatomy) and are listed, not scored.", ""]
+    if res.get("real_injected"):
+        L += ["## Artifacts injected into the real phantom series", "",
+              f"`medqc synth --from {INJECT_SERIES} --inject KIND:SEV` (projection-domain physics on the real slices).", "",
+              "| injected | slices | found | peak slice score | other artifact findings |", "|---|---|---|---|---|"]
+        for r in res["real_injected"]:
+            L.append(f"| {r['kind']} {r['severity']:g} | {r['slices']} | {'yes' if r['found'] else '**no**'} | "
+                     f"{r['peak_score']:.2f} | {', '.join(r['other_artifacts']) or '—'} |")
+        L.append("")
     return "\n".join(L)
 
 

@@ -100,6 +100,43 @@ def _ring(h: int, w: int, r_px: float, band: int) -> np.ndarray:
     return (r >= r_px - band) & (r <= r_px + 0.5)
 
 
+_RADIUS_CACHE: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _constant_fill_radius(sub: np.ndarray, band: int) -> float | None:
+    """Radius (px) of a scan-field edge that the vendor (or a reconstruction) fills with one constant air-like
+    value instead of padding: every pixel from that radius out to the displayed rim holds exactly the
+    value (≤ −900 HU) that fills ≥ 97 % of the rim band. Air around a patient is noisy (even where -1024 clips it, about half its
+    pixels differ), so a ≥ 97 % constant annulus is the scan field, not air. None when there is none."""
+    h, w = sub.shape
+    rb = _RADIUS_CACHE.get((h, w))
+    if rb is None:
+        yy, xx = np.mgrid[0:h, 0:w]
+        rb = np.hypot(yy - (h - 1) / 2.0, xx - (w - 1) / 2.0).astype(np.int32)
+        if len(_RADIUS_CACHE) < 16:
+            _RADIUS_CACHE[(h, w)] = rb
+    rmax = min(h, w) // 2
+    hi = rmax - band  # bins [r0, hi) must all be constant fill
+    rim = sub[(rb >= hi - band) & (rb < hi)]
+    if rim.size == 0:
+        return None
+    vals, counts = np.unique(rim, return_counts=True)
+    k = int(np.argmax(counts))
+    v = float(vals[k])
+    if counts[k] < 0.97 * rim.size or v > -900.0 or v < PAD_HU:
+        return None
+    inside = rb < hi
+    const = sub[inside] == v
+    tot = np.bincount(rb[inside], minlength=hi)
+    frac = np.bincount(rb[inside], weights=const, minlength=hi) / np.maximum(tot, 1)
+    ok = frac[:hi] >= 0.97
+    bad = np.flatnonzero(~ok)
+    r0 = int(bad[-1]) + 1 if bad.size else 0
+    if r0 > hi - 2 * band or r0 < 0.2 * rmax:
+        return None
+    return float(r0)
+
+
 def _patient_mask(mask: np.ndarray, central: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The patient among the dense objects of a slice → (patient, trunk): the trunk is the connected
     component with most pixels in the central disk; the patient adds components beside it (arms: centroid
@@ -360,6 +397,10 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
             scan_edge = scan_edge | near_pad
         elif not (dcd and dcd > 0):
             display_edge = display_edge | near_pad
+    else:
+        r_fill = _constant_fill_radius(sub, band)
+        if r_fill is not None:  # a scan field filled with constant air inside the displayed circle
+            scan_edge = scan_edge | _ring(h, w, r_fill, band)
     fracs = []
     for edge, who in ((display_edge & valid, trunk), (scan_edge & valid, body)):
         n_edge = int(np.count_nonzero(edge))

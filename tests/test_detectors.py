@@ -232,6 +232,21 @@ def test_targeted_reconstruction_is_not_truncation_but_a_scan_field_rim_is():
     assert D.classical_probs(arms)["truncation"] >= 0.5
 
 
+def test_scan_field_filled_with_constant_air_is_found_without_the_header():
+    """Some reconstructions fill the area outside the scan field with one constant (−1024 HU) instead of
+    padding, and DataCollectionDiameter may be absent or stale: the constant annulus is the scan field edge.
+    Noisy air around a patient that merely clips at −1024 is not mistaken for it."""
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+    cut = phantom(rx_mm=170.0, ry_mm=120.0, pad=-1024.0, seed=7)
+    cut[np.hypot(yy, xx) > 150.0] = -1024.0  # a 300 mm scan field inside the 358 mm displayed circle
+    m = D.measure(cut, info(data_collection_diameter=500.0))  # a header that still says 500 mm
+    assert m["body_touches_fov"] > 0.15 and D.classical_probs(m)["truncation"] >= 0.8
+    air = phantom(pad=-1024.0, seed=8)
+    air = np.where(air > -1500, np.maximum(air + np.random.default_rng(9).normal(0, 15, air.shape), -1024.0), air)
+    clean = D.measure(air.astype(np.float32), info())  # air clipped at -1024 about half the time
+    assert clean["body_touches_fov"] < 0.02
+
+
 def test_lateral_bone_is_the_trunks_not_the_arms():
     """Arms held down beside an abdomen carry humeri in (or beyond) the lateral thirds on every slice; they
     would hide the lumbar gap above the iliac wings. Only the trunk's bone counts; the iliac wings do."""

@@ -106,7 +106,8 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
         from tqdm import tqdm
 
         bar = tqdm(total=n_sl, desc=f"injecting {kind}", unit="slice")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=str(out_dir.parent if out_dir.parent.exists() else Path.cwd())))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)  # the temp folder must sit beside OUT (atomic rename)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=str(out_dir.parent)))
     slices = []
     try:
         for idx, (f, ds) in enumerate(items):

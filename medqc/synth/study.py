@@ -302,7 +302,8 @@ def write_study(out_dir: Path, opts: StudyOptions) -> dict:
         d = opts.duplicate - 1
         if d in keep:
             files.append((d, results[d][0], files[keep.index(d)][2], results[d][1]))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=str(out_dir.parent if out_dir.parent.exists() else Path.cwd())))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)  # the temp folder must sit beside OUT (atomic rename)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=str(out_dir.parent)))
     try:
         ctx = dicomio.SeriesContext(opts=opts, vendor=vendor, uid=uid, region=opts.region, reg=reg, patient=patient,
                                     kernel=kernel, kvp=kvp, fov=fov, spacing=pl["spacing"], thickness=pl["thickness"],
