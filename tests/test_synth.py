@@ -358,7 +358,7 @@ def test_existing_output_refused(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ injection
 def test_inject_ring_into_existing_series(tmp_path, capsys):
     src, _ = _write(tmp_path, "src", region="abdomen", slices=3, seed=2, matrix=256)
-    out = tmp_path / "inj"
+    out = tmp_path / "new" / "folders" / "inj"  # missing parents are created (the temp folder sits beside OUT)
     rc = medqc_main(["synth", str(out), "--inject", "ring:0.8", "--from", str(src), "--no-progress", "--seed", "1"])
     assert rc == 0, capsys.readouterr().err
     truth = json.loads((out / "truth.json").read_text())
