@@ -42,7 +42,7 @@ SOFT_HU = (-100.0, 150.0)
 MEASURES = (
     "metal_area_mm2", "metal_max_hu", "noise_sd", "body_touches_fov", "body_center_offset_x_mm",
     "body_center_offset_y_mm", "body_area_mm2", "lung_area_mm2", "bone_area_mm2", "skull_ring",
-    "lateral_bone_mm2", "noise_sd_2mm", "noise_ratio",
+    "lateral_bone_mm2", "noise_sd_2mm", "noise_ratio", "ring_contrast_hu",
 )
 
 # Noise judged at 2 mm (the scale a reader sees and the network's input pixel), where kernels differ far less
@@ -331,6 +331,98 @@ def noise_2mm(hu: np.ndarray, rmm: float, cmm: float) -> float:
     return float(np.median(v))
 
 
+RING_ANGLES = 180
+RING_MIN_R_PX = 20
+RING_NOISE_K = 5.0  # ring contrast is counted above this many robust SDs of the radial profile
+_POLAR_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _polar(hu: np.ndarray, cy: float, cx: float, rad: float) -> np.ndarray:
+    """(angles × radius) resampling of the disk of radius ``rad`` around (cy, cx), 1 px per radial step."""
+    nr = int(rad)
+    if cv2 is not None:
+        return cv2.warpPolar(hu.astype(np.float32, copy=False), (nr, RING_ANGLES), (cx, cy), rad,
+                             cv2.INTER_LINEAR + cv2.WARP_POLAR_LINEAR)
+    h, w = hu.shape
+    key = (h, w, round(cy, 1), round(cx, 1), nr)
+    idx = _POLAR_CACHE.get(key)
+    if idx is None:  # nearest-neighbour sampling without OpenCV
+        th = np.arange(RING_ANGLES) * (2 * np.pi / RING_ANGLES)
+        r = np.arange(nr) * (rad / nr)
+        yy = np.clip(np.rint(cy + np.sin(th)[:, None] * r[None, :]), 0, h - 1).astype(np.intp)
+        xx = np.clip(np.rint(cx + np.cos(th)[:, None] * r[None, :]), 0, w - 1).astype(np.intp)
+        idx = (yy, xx)
+        if len(_POLAR_CACHE) < 8:
+            _POLAR_CACHE[key] = idx
+    return hu[idx].astype(np.float32)
+
+
+def isocentre_px(info, shape: tuple[int, int]) -> tuple[float, float] | None:
+    """(row, col) of the scanner axis (patient x = y = 0, where scanners put the isocentre) in this slice,
+    from ImagePositionPatient / ImageOrientationPatient / PixelSpacing; None when unknown."""
+    pos = getattr(info, "position", None)
+    ori = getattr(info, "orientation", None)
+    ps = getattr(info, "pixel_spacing", None)
+    if not pos or not ori or not ps or len(ori) != 6 or not (ps[0] and ps[1]):
+        return None
+    ipp = np.asarray(pos, float)
+    rowcos, colcos = np.asarray(ori[:3], float), np.asarray(ori[3:], float)
+    n = np.cross(rowcos, colcos)
+    if abs(n[2]) < 0.5:  # not an axial-ish plane
+        return None
+    t = ipp[2] + (n[0] * ipp[0] + n[1] * ipp[1]) / n[2]  # where the axis (0, 0, t) crosses the slice plane
+    d = np.array([0.0, 0.0, t]) - ipp
+    col = float(d @ rowcos) / float(ps[1])
+    row = float(d @ colcos) / float(ps[0])
+    h, w = shape
+    return (row, col) if 0 <= row < h and 0 <= col < w else None
+
+
+def ring_contrast(hu: np.ndarray, centres=None) -> float:
+    """Peak contrast (HU) of a thin ring around a rotation centre: the slice in polar coordinates (180 angles
+    × 1 px radial steps), minus its 5×5 median (which removes thin lines and keeps edges), then for each
+    radius the median over the angles where the neighbourhood is smooth (the 9-px radial range of the
+    median image < 250 HU: skull, skin and organ boundaries are out) — at least half of them; the largest
+    |value| between 8 px and the disk's edge. A detector channel with a gain error adds the same error along
+    its whole circle around the isocentre, so the median over angles keeps it, while anatomy, noise and
+    streaks (different at each angle) cancel. ``centres``: (row, col) candidates (default: the image centre;
+    the agent adds the isocentre from the header, which an offset displayed field moves off the centre);
+    the largest contrast wins. Half circles and short arcs are not seen."""
+    h, w = hu.shape
+    cands = list(centres) if centres else [((h - 1) / 2.0, (w - 1) / 2.0)]
+    best = float("nan")
+    for cy, cx in cands:
+        rad = float(int(min(cy, cx, h - 1 - cy, w - 1 - cx) + 0.5))  # whole pixels: one radial sample per pixel
+        if rad < 32:
+            continue
+        pol = _polar(hu, cy, cx, rad)
+        med = _median5(pol)
+        res = pol - med
+        if cv2 is not None:
+            kern = np.ones((1, 9), np.uint8)
+            span = cv2.dilate(med, kern) - cv2.erode(med, kern)
+        else:
+            from numpy.lib.stride_tricks import sliding_window_view
+
+            win = sliding_window_view(np.pad(med, ((0, 0), (4, 4)), mode="edge"), 9, axis=1)
+            span = win.max(axis=-1) - win.min(axis=-1)
+        ok = (span < 250.0) & (pol > -1090.0) & (pol < 1500.0)
+        good = ok.sum(axis=0) >= 0.6 * RING_ANGLES
+        good[:RING_MIN_R_PX] = False  # near the centre few distinct pixels share the 180 angles
+        good[-6:] = False
+        if not good.any():
+            continue
+        prof = np.nanmedian(np.where(ok[:, good], res[:, good], np.nan), axis=0)
+        prof = prof[np.isfinite(prof)]
+        if prof.size >= 16:
+            # above the profile's own noise floor: heavy noise leaves a median over ~100 angles at a few HU
+            # at every radius, and the largest of ~250 radii would otherwise read as a ring
+            floor = 1.4826 * float(np.median(np.abs(prof - np.median(prof))))
+            v = max(0.0, float(np.max(np.abs(prof))) - RING_NOISE_K * floor)
+            best = v if not math.isfinite(best) else max(best, v)
+    return best
+
+
 def noise_ratio(sd_2mm: float, info, head: bool) -> float:
     """σ at 2 mm over the artifact level of its region (brain or body), thin slices scaled to 3 mm; NaN for
     a sharp (bone, lung, high-resolution) kernel, whose noise is high by design."""
@@ -453,6 +545,10 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         # brain scale inside a skull (a closed ring of skull-density bone around a head-sized section)
         head = out["skull_ring"] >= 0.75 and out["body_area_mm2"] < 45000.0
         out["noise_ratio"] = noise_ratio(out["noise_sd_2mm"], info, head)
+        centre = ((hu.shape[0] - 1) / 2.0, (hu.shape[1] - 1) / 2.0)
+        iso = isocentre_px(info, hu.shape)
+        far = iso is not None and math.hypot(iso[0] - centre[0], iso[1] - centre[1]) >= 2.0
+        out["ring_contrast_hu"] = ring_contrast(hu, [centre, iso] if far else [centre])
     else:
         out["lung_area_mm2"] = 0.0
         out["bone_area_mm2"] = 0.0
@@ -467,7 +563,8 @@ METAL_AREA_MM2 = (5.0, 40.0)  # classical metal evidence ramps from 0.5 to 0.95 
 METAL_MIN_HU = 3000.0  # the densest bone and enamel rarely exceed this; metal saturates far above it
 TRUNC_EDGE = (0.10, 0.25)  # fraction of the FOV edge covered by tissue: evidence ramps from 0.5 to 0.95
 CLASSICAL_THRESHOLD = 0.5  # the checks' threshold for a class the bundle's network does not score
-CLASSICAL_CLASSES = ("metal", "truncation", "noise")  # classes with classical evidence (classical_probs)
+CLASSICAL_CLASSES = ("metal", "truncation", "noise", "ring")
+RING_HU = (15.0, 40.0)  # ring contrast: evidence ramps from 0.5 to 0.95  # classes with classical evidence (classical_probs)
 
 
 def _ramp(x: float, lo: float, hi: float) -> float:
@@ -492,6 +589,8 @@ def classical_probs(measures: dict[str, float]) -> dict[str, float]:
         out["metal"] = p
     if math.isfinite(m.get("body_touches_fov", float("nan"))):
         out["truncation"] = _ramp(m["body_touches_fov"], *TRUNC_EDGE)
+    if math.isfinite(m.get("ring_contrast_hu", float("nan"))):
+        out["ring"] = _ramp(m["ring_contrast_hu"], *RING_HU)
     if math.isfinite(m.get("noise_ratio", float("nan"))):
         out["noise"] = _ramp(m["noise_ratio"], 1.0, NOISE_RATIO_HI)
     return out
@@ -504,7 +603,8 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
       tissue on the FOV edge) that a network trained on synthetic data must not be able to overrule;
     * noise: ``1 - (1 - net) * (1 - classical)`` (noisy-OR: either source can raise it, agreement raises
       it further) — σ alone cannot tell a sharp kernel from a low dose, so classical evidence ramps late;
-    * motion, ring: the network only.
+    * ring: ``max(network, classical)`` — a thin ring centred on the reconstruction centre is physics too;
+    * motion: the network only.
     Metal needs metal-density pixels: a measured slice whose densest pixel stays below ``METAL_MIN_HU``
     (3,000 HU; enamel and dense cortical bone stay below it, implants reconstruct far above it and saturate
     at the top of the CT number range) cannot show a metal artifact, so there the network's metal score is

@@ -158,7 +158,7 @@ def render_card(m: dict) -> str:
         lines += ["", "**Switched off in the shipped bundle** (validation AUROC below the shipping minimum; threshold set to",
                   "0.9999): " + ", ".join(f"{k} (AUROC {v:.3f})" for k, v in dis.items()) + ". The agent drops the network's",
                   "score for these and decides them from the classical detectors alone where physics gives a signal",
-                  "(noise, truncation; docs/checks.md), at the classical threshold 0.5."]
+                  "(noise, truncation, ring; docs/checks.md), at the classical threshold 0.5."]
     allv = m.get("validation", {}).get("all", {})
     if allv:
         met = [k for k, v in allv.get("artifacts", {}).items() if (v.get("auroc") or 0) >= 0.97]

@@ -247,6 +247,47 @@ def test_scan_field_filled_with_constant_air_is_found_without_the_header():
     assert clean["body_touches_fov"] < 0.02
 
 
+def _ringed(amp: float, r_mm: float = 80.0, seed: int = 11) -> np.ndarray:
+    img = phantom(sigma=12.0, seed=seed)
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+    img[np.abs(np.hypot(yy, xx) - r_mm) <= PS] += amp  # a detector channel's circle, ~2 px wide
+    return img
+
+
+def test_ring_centred_on_the_reconstruction_centre_is_found():
+    clean = D.measure(phantom(sigma=12.0, seed=11), info())
+    assert clean["ring_contrast_hu"] < 5.0
+    assert D.classical_probs(clean)["ring"] == 0.0
+    faint = D.measure(_ringed(10.0), info())
+    assert 5.0 < faint["ring_contrast_hu"] < D.RING_HU[0]  # measured, but below the evidence level
+    strong = D.measure(_ringed(60.0), info())
+    assert strong["ring_contrast_hu"] > D.RING_HU[1]
+    assert D.classical_probs(strong)["ring"] >= 0.9
+    assert D.fuse({"ring": 0.1}, strong)["ring"] >= 0.9  # max(network, classical)
+
+
+def test_round_anatomy_is_not_a_ring():
+    """Concentric organ boundaries (steps, not thin lines) and a thick bright shell (a skull) stay quiet."""
+    img = phantom(sigma=12.0, seed=12)
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+    r = np.hypot(yy, xx)
+    img[r <= 60] += 60.0  # a centred round organ: a 60 HU step
+    img[(r >= 90) & (r <= 97)] = 1200.0  # a centred 7 mm bone shell
+    m = D.measure(img, info())
+    assert m["ring_contrast_hu"] < D.RING_HU[0]
+
+
+def test_measures_without_opencv_agree(monkeypatch):
+    """The classical measures run (and agree closely) on numpy alone."""
+    img = _ringed(60.0)
+    with_cv = D.measure(img, info(convolution_kernel="B30f", slice_thickness=5.0))
+    monkeypatch.setattr(D, "cv2", None)
+    plain = D.measure(img, info(convolution_kernel="B30f", slice_thickness=5.0))
+    assert plain["ring_contrast_hu"] > D.RING_HU[1]
+    assert plain["noise_sd_2mm"] == pytest.approx(with_cv["noise_sd_2mm"], rel=0.15)
+    assert plain["body_touches_fov"] == pytest.approx(with_cv["body_touches_fov"], abs=0.02)
+
+
 def test_lateral_bone_is_the_trunks_not_the_arms():
     """Arms held down beside an abdomen carry humeri in (or beyond) the lateral thirds on every slice; they
     would hide the lumbar gap above the iliac wings. Only the trunk's bone counts; the iliac wings do."""

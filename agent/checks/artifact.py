@@ -1,8 +1,8 @@
 """artifact.<class>: runs of consecutive slices (by z) whose fused score is over the class threshold.
 
 A run is reported when it has ``checks.artifact.min_run`` slices, or when one slice scores "very high"
-(``1 - (1 - threshold) / 5``: 0.9 for a 0.5 threshold). For the classes only the network sees (motion,
-ring) a run of ``min_run`` slices must also span 25 mm of z or have a mean score of at least
+(``1 - (1 - threshold) / 5``: 0.9 for a 0.5 threshold). For motion (the network alone) and ring (a
+detector fault, on every slice) a run of ``min_run`` slices must also span 25 mm of z or have a mean score of at least
 ``(threshold + 1) / 2``. One finding per class and series (id
 ``<series>/artifact.<class>``) covers every qualifying run and is updated as runs grow. Severity:
 critical when ≥ 5 slices qualify and their mean score is at least the midpoint between threshold and 1,
@@ -15,7 +15,8 @@ from medqc import ARTIFACTS
 from medqc.agent.checks.common import finding
 
 CRITICAL_SLICES = 5
-# classes with no classical evidence in the fused score (medqc.detectors.fuse): the network alone decides
+# classes whose runs must also span z (see qualifying): motion, where the network alone decides, and ring,
+# whose cause (a detector channel) is on every slice, so a real ring is never confined to a few slices
 NETWORK_ONLY = frozenset({"motion", "ring"})
 NETWORK_ONLY_MIN_EXTENT_MM = 25.0  # z from the first to the last slice of a run (see qualifying)
 NAMES = {
