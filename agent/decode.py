@@ -240,7 +240,10 @@ def _rescale(ds, frame: int):
 
 def to_hu(ds, stored: np.ndarray, frame: int) -> np.ndarray:
     slope, icpt = _rescale(ds, frame)
-    hu = stored.astype(np.float32) * np.float32(slope) + np.float32(icpt)
+    hu = stored.astype(np.float32)  # in place from here: one float32 image, no temporaries
+    if slope != 1.0:
+        hu *= np.float32(slope)
+    hu += np.float32(icpt)
     pad = _i(ds.get("PixelPaddingValue"))
     if pad is not None:
         lim = _i(ds.get("PixelPaddingRangeLimit"))

@@ -52,6 +52,22 @@ class PreprocessParams:
         return cls(**d)
 
 
+_ONES_CACHE: dict[tuple[int, int, int, int], np.ndarray] = {}
+
+
+def _resized_ones(h: int, w: int, out_h: int, out_w: int) -> np.ndarray:
+    """The FOV mask of a slice without padding: the same resize of an all-ones image, computed once per
+    geometry (read-only; callers copy from it)."""
+    key = (h, w, out_h, out_w)
+    m = _ONES_CACHE.get(key)
+    if m is None:
+        m = _area_resize(np.ones((h, w), np.float32), out_h, out_w)
+        m.flags.writeable = False
+        if len(_ONES_CACHE) < 16:
+            _ONES_CACHE[key] = m
+    return m
+
+
 def _area_resize(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     if img.shape == (out_h, out_w):
         return img
@@ -79,11 +95,16 @@ def preprocess(hu: np.ndarray, pixel_spacing: tuple[float, float], params: Prepr
         raise ValueError(f"pixel spacing must be positive, got {pixel_spacing}")
     img = hu.astype(np.float32, copy=False)
     inside = img >= params.pad_below_hu
-    img = np.where(inside, img, np.float32(-1000.0))
+    everywhere = bool(inside.all())  # no padding: nothing to replace, and the mask resize is known
+    if not everywhere:
+        img = np.where(inside, img, np.float32(-1000.0))
     out_h = max(1, int(round(img.shape[0] * row_mm / params.pixel_mm)))
     out_w = max(1, int(round(img.shape[1] * col_mm / params.pixel_mm)))
+    mask = None
+    if params.fov_mask:
+        mask = (_resized_ones(*img.shape, out_h, out_w) if everywhere
+                else _area_resize(inside.astype(np.float32), out_h, out_w))
     img = _area_resize(img, out_h, out_w)
-    mask = _area_resize(inside.astype(np.float32), out_h, out_w) if params.fov_mask else None
 
     s = params.size
     chans = len(params.windows) + (1 if params.fov_mask else 0)
@@ -97,10 +118,14 @@ def preprocess(hu: np.ndarray, pixel_spacing: tuple[float, float], params: Prepr
         return slice(0, n), slice(a, a + n)
 
     (sr, dr), (sc, dc) = span(out_h), span(out_w)
-    for i, (lo, hi) in enumerate(params.windows):
+    win = img[sr, sc]
+    tmp = np.empty(win.shape, np.float32)
+    for i, (lo, hi) in enumerate(params.windows):  # (win - lo) * 2 / (hi - lo) - 1, clipped to [-1, 1]
         out[i].fill(-1.0)
-        win = img[sr, sc]
-        out[i][dr, dc] = np.clip((win - lo) * (2.0 / (hi - lo)) - 1.0, -1.0, 1.0)
+        np.subtract(win, lo, out=tmp)
+        np.multiply(tmp, 2.0 / (hi - lo), out=tmp)
+        np.subtract(tmp, 1.0, out=tmp)
+        np.clip(tmp, -1.0, 1.0, out=out[i][dr, dc])
     if mask is not None:
         out[-1].fill(0.0)
         out[-1][dr, dc] = mask[sr, sc]
