@@ -382,8 +382,9 @@ def ring_contrast(hu: np.ndarray, centres=None) -> float:
     """Peak contrast (HU) of a thin ring around a rotation centre: the slice in polar coordinates (180 angles
     × 1 px radial steps), minus its 5×5 median (which removes thin lines and keeps edges), then for each
     radius the median over the angles where the neighbourhood is smooth (the 9-px radial range of the
-    median image < 250 HU: skull, skin and organ boundaries are out) — at least half of them; the largest
-    |value| between 8 px and the disk's edge. A detector channel with a gain error adds the same error along
+    median image < 250 HU: skull, skin and organ boundaries are out) — at least 60 % of them; the largest
+    |value| between 20 px and the disk's edge, less ``RING_NOISE_K`` robust SDs of that radial profile (its
+    noise floor). A detector channel with a gain error adds the same error along
     its whole circle around the isocentre, so the median over angles keeps it, while anatomy, noise and
     streaks (different at each angle) cancel. ``centres``: (row, col) candidates (default: the image centre;
     the agent adds the isocentre from the header, which an offset displayed field moves off the centre);
