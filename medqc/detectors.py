@@ -378,6 +378,16 @@ def isocentre_px(info, shape: tuple[int, int]) -> tuple[float, float] | None:
     return (row, col) if 0 <= row < h and 0 <= col < w else None
 
 
+def _column_median(vals: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(np.where(ok, vals, nan), axis=0)`` with one sort instead of a masked-array median (7×
+    faster, the same values: the middle one, or the mean of the two middle ones; NaN for an empty column)."""
+    x = np.where(ok, vals, np.nan).T.copy()  # one row per column, contiguous for the sort
+    x.sort(axis=1)  # NaN last
+    n = np.count_nonzero(~np.isnan(x), axis=1)
+    rows = np.arange(x.shape[0])
+    return (x[rows, np.maximum(n - 1, 0) // 2] + x[rows, n // 2 - (n == 0)]) / 2
+
+
 def ring_contrast(hu: np.ndarray, centres=None) -> float:
     """Peak contrast (HU) of a thin ring around a rotation centre: the slice in polar coordinates (180 angles
     × 1 px radial steps), minus its 5×5 median (which removes thin lines and keeps edges), then for each
@@ -413,7 +423,7 @@ def ring_contrast(hu: np.ndarray, centres=None) -> float:
         good[-6:] = False
         if not good.any():
             continue
-        prof = np.nanmedian(np.where(ok[:, good], res[:, good], np.nan), axis=0)
+        prof = _column_median(res[:, good], ok[:, good])
         prof = prof[np.isfinite(prof)]
         if prof.size >= 16:
             # above the profile's own noise floor: heavy noise leaves a median over ~100 angles at a few HU
