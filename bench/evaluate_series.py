@@ -149,11 +149,14 @@ def real_injected(backend: str | None) -> list[dict]:
     return out
 
 
+BUNDLE: list[str] = []  # --bundle: a model bundle other than the embedded default
+
+
 def run_analyze(paths: list[str], backend: str | None) -> dict:
     from medqc.agent.analyze import analyze
     from medqc.config import load_config
 
-    return analyze(paths, load_config(None), None, backend, progress=False)
+    return analyze(paths, load_config(None), BUNDLE[0] if BUNDLE else None, backend, progress=False)
 
 
 def dump_per_slice(name: str, series: dict, truth: dict | None) -> None:
@@ -295,7 +298,10 @@ def main() -> int:
                     help="main: the 22 series the rules were developed on; holdout: 14 more, generated after them "
                          "(one rule was changed on what it showed); fresh: 10 more, generated after that")
     ap.add_argument("--label", default="", help="a line naming the code evaluated (shown in the report)")
+    ap.add_argument("--bundle", default=None, help="model bundle to evaluate (default: the embedded one)")
     a = ap.parse_args()
+    if a.bundle:
+        BUNDLE.append(a.bundle)
     if a.generate_only:
         generate(a.workers, a.set)
         return 0
