@@ -36,6 +36,8 @@ class Inferer:
         self.labels = tuple(bundle.labels) if bundle is not None else ()
         # classes the bundle ships switched off in the network: their scores are not used (classical only)
         self.network_off = frozenset(bundle.network_off) if bundle is not None else frozenset()
+        # slices thicker than the network's domain: its artifact scores are not used (position is)
+        self.max_thickness = bundle.max_slice_thickness_mm if bundle is not None else math.inf
         self.classical = classical
         self._detectors = ThreadPoolExecutor(1, thread_name_prefix="detectors") if classical else None
         if runner is None and bundle is not None and backend != "none":
@@ -104,7 +106,11 @@ class Inferer:
             if k in outs:
                 logits, p = outs[k]
                 probs = _sigmoid(np.asarray(logits, np.float64))
-                net = {lab: float(probs[i]) for i, lab in enumerate(self.labels) if lab not in self.network_off}
+                t = info.slice_thickness
+                if t is not None and math.isfinite(t) and t > self.max_thickness:
+                    net = {}
+                else:
+                    net = {lab: float(probs[i]) for i, lab in enumerate(self.labels) if lab not in self.network_off}
                 pv = float(np.asarray(p).reshape(-1)[0])
                 pos = pv if math.isfinite(pv) else None
             measures = measured[k].result() if k in measured else self._measure(hu, info)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from medqc import ARTIFACTS
-from medqc.bundle import SCHEMA, sha256_file, write_manifest
+from medqc.bundle import NETWORK_MAX_THICKNESS_MM, SCHEMA, TRAINED_SLICE_THICKNESS_MM, sha256_file, write_manifest
 from medqc.export.compare import Comparator, ExportError, ParityReport
 from medqc.export.specs import ExportSpec
 from medqc.export.validation import validation_batch
@@ -473,6 +473,8 @@ def export_bundle(
             "inputs": {spec.input_name: [-1, params.channels, params.size, params.size]},
             "outputs": {"artifact_logits": [-1, len(labels)], "position": [-1, 1]},
             "position": {"scale": "medqc.body/1", "units": "reference mm below vertex"},
+            "domain": {"trained_slice_thickness_mm": list(TRAINED_SLICE_THICKNESS_MM),
+                       "max_slice_thickness_mm": NETWORK_MAX_THICKNESS_MM},
             "files": files,
             "engines": [],
             "metrics": meta.get("metrics") or {},

@@ -129,3 +129,32 @@ def test_drop_folder_ingest(tmp_path, real_ct, tiny_bundle):
     assert not any(drop.iterdir())  # taken into the spool
     assert any("not a DICOM file" in r["reason"] for r in pipe.rejected)
     assert spool.pending() == []  # released after the verdict
+
+
+def test_network_artifact_scores_only_within_the_trained_slice_thickness(tiny_bundle):
+    """Slices thicker than the bundle's domain (partial volume over more z than the network ever saw; the
+    shipped network read it as motion) keep classical evidence and position but lose the network's
+    artifact scores."""
+    import numpy as np
+
+    from medqc import ARTIFACTS
+    from medqc.agent.infer import Inferer
+    from medqc.agent.records import SliceInfo
+    from medqc.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    assert bundle.max_slice_thickness_mm == 10.0  # the default for bundles without a "domain"
+    inf = Inferer(bundle, "onnxruntime")
+    yy, xx = (np.mgrid[0:256, 0:256] - 127.5) * 1.4
+    hu = np.where(np.hypot(xx, yy) < 120, 40.0, -1000.0).astype(np.float32)
+
+    def info(t):
+        return SliceInfo("1.2.3", "1.2", "1", "1.2.840.10008.5.1.4.1.1.2", rows=256, cols=256, pixel_spacing=(1.4, 1.4),
+                         slice_thickness=t)
+
+    thin, thick = inf.run([(info(5.0), hu), (info(20.0), hu)])
+    assert set(thin.scores) == set(ARTIFACTS)  # network for every class (none switched off in this bundle)
+    off = [k for k in ARTIFACTS if k not in ("metal", "truncation", "noise", "ring")]  # no classical evidence
+    assert off and all(k not in thick.scores for k in off)
+    assert thick.position_ref_mm is not None and thick.position_ref_mm == pytest.approx(thin.position_ref_mm)
+    inf.close()
