@@ -63,6 +63,7 @@ SHARP_KERNEL = re.compile(
 _NOISE_CAL: list[float] = []
 
 _GEOM_CACHE: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+_RADIUS_CACHE: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _pixel_mm(info) -> tuple[float, float]:
@@ -76,15 +77,25 @@ def _pixel_mm(info) -> tuple[float, float]:
     return 0.7, 0.7  # a typical body FOV of 360 mm on 512²; only areas depend on it
 
 
+def _radius(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distance (px) of every pixel from the image centre, as floats and truncated to whole pixels (cached)."""
+    g = _RADIUS_CACHE.get((h, w))
+    if g is None:
+        yy, xx = np.ogrid[0:h, 0:w]
+        r = np.hypot(yy - (h - 1) / 2.0, xx - (w - 1) / 2.0)
+        g = (r, r.astype(np.int32))
+        if len(_RADIUS_CACHE) < 16:
+            _RADIUS_CACHE[(h, w)] = g
+    return g
+
+
 def _edge_geometry(h: int, w: int, band: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Boolean masks (subsampled grid): the FOV-edge band (the inscribed circle's rim, which also meets the
     image border at its four sides), the inscribed circle and the central disk (half its radius)."""
     key = (h, w, band)
     g = _GEOM_CACHE.get(key)
     if g is None:
-        yy, xx = np.mgrid[0:h, 0:w]
-        cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-        r = np.hypot(yy - cy, xx - cx)
+        r = _radius(h, w)[0]
         rmax = min(h, w) / 2.0
         edge = (r >= rmax - band) & (r <= rmax + 0.5)
         inside = r <= rmax + 0.5
@@ -95,12 +106,8 @@ def _edge_geometry(h: int, w: int, band: int) -> tuple[np.ndarray, np.ndarray, n
 
 
 def _ring(h: int, w: int, r_px: float, band: int) -> np.ndarray:
-    yy, xx = np.ogrid[0:h, 0:w]
-    r = np.hypot(yy - (h - 1) / 2.0, xx - (w - 1) / 2.0)
+    r = _radius(h, w)[0]
     return (r >= r_px - band) & (r <= r_px + 0.5)
-
-
-_RADIUS_CACHE: dict[tuple[int, int], np.ndarray] = {}
 
 
 def _constant_fill_radius(sub: np.ndarray, band: int) -> float | None:
@@ -109,12 +116,7 @@ def _constant_fill_radius(sub: np.ndarray, band: int) -> float | None:
     value (≤ −900 HU) that fills ≥ 97 % of the rim band. Air around a patient is noisy (even where -1024 clips it, about half its
     pixels differ), so a ≥ 97 % constant annulus is the scan field, not air. None when there is none."""
     h, w = sub.shape
-    rb = _RADIUS_CACHE.get((h, w))
-    if rb is None:
-        yy, xx = np.mgrid[0:h, 0:w]
-        rb = np.hypot(yy - (h - 1) / 2.0, xx - (w - 1) / 2.0).astype(np.int32)
-        if len(_RADIUS_CACHE) < 16:
-            _RADIUS_CACHE[(h, w)] = rb
+    rb = _radius(h, w)[1]
     rmax = min(h, w) // 2
     hi = rmax - band  # bins [r0, hi) must all be constant fill
     rim = sub[(rb >= hi - band) & (rb < hi)]
@@ -256,6 +258,17 @@ def _box(a: np.ndarray, k: int) -> np.ndarray:
     return ((c[k:k + h, k:k + w] - c[:h, k:k + w] - c[k:k + h, :w] + c[:h, :w]) / (k * k)).astype(np.float32)
 
 
+def _min_max(a: np.ndarray, kh: int, kw: int) -> tuple[np.ndarray, np.ndarray]:
+    """Minimum and maximum over the kh×kw window around each pixel (odd sizes; edges replicated)."""
+    if cv2 is not None:
+        kern = np.ones((kh, kw), np.uint8)
+        return cv2.erode(a, kern), cv2.dilate(a, kern)
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    win = sliding_window_view(np.pad(a, ((kh // 2, kh // 2), (kw // 2, kw // 2)), mode="edge"), (kh, kw))
+    return win.min(axis=(-2, -1)), win.max(axis=(-2, -1))
+
+
 def _median5(a: np.ndarray) -> np.ndarray:
     if cv2 is not None:
         return cv2.medianBlur(a.astype(np.float32), 5)
@@ -291,24 +304,14 @@ def noise_2mm(hu: np.ndarray, rmm: float, cmm: float) -> float:
     img = (hu[:h, :w] if everywhere else np.where(valid, hu[:h, :w], np.float32(-1000.0))).astype(np.float32, copy=False)
     if cv2 is not None:  # exact f×f area means (an integer factor), ~50× faster than the reshape
         pooled = cv2.resize(np.ascontiguousarray(img), (w // f, h // f), interpolation=cv2.INTER_AREA)
-        pvalid = (np.ones(pooled.shape, bool) if everywhere else
-                  cv2.resize(valid.view(np.uint8) * np.uint8(255), (w // f, h // f), interpolation=cv2.INTER_AREA) >= 255)
     else:
         pooled = img.reshape(h // f, f, w // f, f).mean(axis=(1, 3), dtype=np.float32)
-        pvalid = valid.reshape(h // f, f, w // f, f).all(axis=(1, 3))
+    pvalid = np.ones(pooled.shape, bool) if everywhere else _block_all(valid, f)
     med = _median5(pooled)
     resid = np.abs(pooled - med)
     local = _box(resid, 7) / _noise_cal()
     mean7 = _box(med, 7)
-    if cv2 is not None:
-        kern = np.ones((7, 7), np.uint8)
-        lo = cv2.erode(med, kern)
-        hi = cv2.dilate(med, kern)
-    else:
-        from numpy.lib.stride_tricks import sliding_window_view
-
-        win = sliding_window_view(np.pad(med, 3, mode="edge"), (7, 7))
-        lo, hi = win.min(axis=(-2, -1)), win.max(axis=(-2, -1))
+    lo, hi = _min_max(med, 7, 7)
     body = (med > BODY_HU) & pvalid
     if cv2 is not None:
         n, lab, st, _ = cv2.connectedComponentsWithStats(body.view(np.uint8), connectivity=8)
@@ -409,14 +412,8 @@ def ring_contrast(hu: np.ndarray, centres=None) -> float:
         pol = _polar(hu, cy, cx, rad)
         med = _median5(pol)
         res = pol - med
-        if cv2 is not None:
-            kern = np.ones((1, 9), np.uint8)
-            span = cv2.dilate(med, kern) - cv2.erode(med, kern)
-        else:
-            from numpy.lib.stride_tricks import sliding_window_view
-
-            win = sliding_window_view(np.pad(med, ((0, 0), (4, 4)), mode="edge"), 9, axis=1)
-            span = win.max(axis=-1) - win.min(axis=-1)
+        lo, hi = _min_max(med, 1, 9)
+        span = hi - lo
         ok = (span < 250.0) & (pol > -1090.0) & (pol < 1500.0)
         good = ok.sum(axis=0) >= 0.6 * RING_ANGLES
         good[:RING_MIN_R_PX] = False  # near the centre few distinct pixels share the 180 angles
@@ -574,8 +571,8 @@ METAL_AREA_MM2 = (5.0, 40.0)  # classical metal evidence ramps from 0.5 to 0.95 
 METAL_MIN_HU = 3000.0  # the densest bone and enamel rarely exceed this; metal saturates far above it
 TRUNC_EDGE = (0.10, 0.25)  # fraction of the FOV edge covered by tissue: evidence ramps from 0.5 to 0.95
 CLASSICAL_THRESHOLD = 0.5  # the checks' threshold for a class the bundle's network does not score
-CLASSICAL_CLASSES = ("metal", "truncation", "noise", "ring")
-RING_HU = (15.0, 40.0)  # ring contrast: evidence ramps from 0.5 to 0.95  # classes with classical evidence (classical_probs)
+CLASSICAL_CLASSES = ("metal", "truncation", "noise", "ring")  # classes with classical evidence (classical_probs)
+RING_HU = (15.0, 40.0)  # ring contrast: evidence ramps from 0.5 to 0.95
 
 
 def _ramp(x: float, lo: float, hi: float) -> float:
