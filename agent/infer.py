@@ -76,7 +76,7 @@ class Inferer:
         inputs, idx, measured = [], [], {}
         for k, (info, hu) in enumerate(items):
             try:
-                inputs.append(preprocess(hu, info.pixel_spacing, self.params) if self.runner is not None else None)
+                inputs.append(preprocess(hu, info.pixel_spacing, self.params, info.orientation) if self.runner is not None else None)
                 idx.append(k)
             except Exception as e:  # noqa: BLE001
                 results[k] = SliceResult(info=info, error=f"preprocessing failed: {e}", analysed_at=time.time())

@@ -173,6 +173,43 @@ def dump_per_slice(name: str, series: dict, truth: dict | None) -> None:
     (out / f"{name}.json").write_text(json.dumps(rows, default=str))
 
 
+def landmark_errors(series: dict, truth: dict) -> list[dict]:
+    """Where the series' coverage check located the protocol's start and end landmarks (patient z) against the
+    synthetic truth: the landmark error of the product (network positions fitted per series, anchored on
+    lungs / iliac wings / skull where those are seen). ``inside``: the true landmark lies within the scanned
+    z range (else the located z is an extrapolation beyond the first or last slice)."""
+    cov = series.get("coverage") or {}
+    sr = truth.get("scan_range") or {}
+    out = []
+    for role in ("start", "end"):
+        name, z = cov.get(f"{role}_landmark"), cov.get(f"{role}_z")
+        true_z = (truth.get("landmarks") or {}).get(name)
+        if name is None or z is None or true_z is None:
+            continue
+        inside = sr.get("z_bottom", -1e9) <= true_z <= sr.get("z_top", 1e9)
+        out.append({"role": role, "landmark": name, "z": z, "true_z": true_z, "error_mm": round(abs(z - true_z), 1),
+                    "source": cov.get(f"{role}_source"), "inside": inside})
+    return out
+
+
+def _pct(vals: list[float], q: float) -> float | None:
+    if not vals:
+        return None
+    v = sorted(vals)
+    return round(v[min(len(v) - 1, int(round(q * (len(v) - 1))))], 1)
+
+
+def landmark_summary(studies: list[dict]) -> dict:
+    rows = [r for s in studies for r in s.get("landmarks", [])]
+    out = {}
+    for key, sel in (("all", rows), ("inside", [r for r in rows if r["inside"]]),
+                     ("outside", [r for r in rows if not r["inside"]])):
+        errs = [r["error_mm"] for r in sel]
+        out[key] = {"n": len(errs), "median_mm": _pct(errs, 0.5), "p90_mm": _pct(errs, 0.9),
+                    "max_mm": max(errs) if errs else None}
+    return out
+
+
 def scored(check: str) -> bool:
     return check.startswith(SCORED_PREFIXES) and check != "geometry.orientation"
 
@@ -202,6 +239,7 @@ def evaluate(backend: str | None, workers: int, which: str = "main") -> dict:
             "expected": expected, "found": found, "verdict": series.get("verdict"),
             "protocol_rule": series.get("protocol_rule"),
             "truth_artifact_slices": art_slices,
+            "landmarks": landmark_errors(series, truth),
             "findings": [finding_row(f) for f in series["findings"]],
         })
         print(f"{d.name}: expected {expected} found {found} ({dt:.1f} s)", file=sys.stderr, flush=True)
@@ -244,7 +282,7 @@ def evaluate(backend: str | None, workers: int, which: str = "main") -> dict:
     real_false_alarms = [{"study": r["name"], **f} for r in real for f in r.get("findings", [])
                          if f["check"].startswith("artifact.") and not (f.get("details") or {}).get("resolved")]
     return {"schema": "medqc.series-eval/1", "set": which, "seed0": SETS[which][1], "backend": backend or "auto",
-            "studies": studies, "table": table,
+            "studies": studies, "table": table, "landmark_error": landmark_summary(studies),
             "false_alarms": false_alarms, "misses": misses, "real": real, "real_false_alarms": real_false_alarms,
             "real_injected": injected}
 
@@ -264,6 +302,19 @@ def markdown(res: dict) -> str:
     for s in res["studies"]:
         L.append(f"| {s['name']} | {s['region']} | {s['slices']} | {s['manufacturer']} / {s['kernel']} | "
                  f"{', '.join(s['expected']) or '—'} | {', '.join(c for c in s['found']) or '—'} | {s['verdict']} |")
+    lm = res.get("landmark_error")
+    if lm:
+        L += ["", "## Landmark error (protocol start and end landmarks located by the coverage check)", "",
+              "| landmarks | n | median | p90 | max |", "|---|---|---|---|---|"]
+        for key, label in (("all", "all located"), ("inside", "true landmark inside the scanned range"),
+                           ("outside", "beyond the first / last slice (extrapolated)")):
+            r = lm[key]
+            L.append(f"| {label} | {r['n']} | {r['median_mm']} mm | {r['p90_mm']} mm | {r['max_mm']} mm |")
+        L += ["", "| study | landmark | located z | true z | error | source |", "|---|---|---|---|---|---|"]
+        for s in res["studies"]:
+            for r in s.get("landmarks", []):
+                L.append(f"| {s['name']} | {r['landmark']}{'' if r['inside'] else ' (outside)'} | {r['z']:.1f} | "
+                         f"{r['true_z']:.1f} | {r['error_mm']:.1f} mm | {r['source']} |")
     L += ["", "## False alarms (synthetic)", ""]
     L += [f"- {f['study']}: `{f['check']}` ({f['severity']}) — {f['message']}" for f in res["false_alarms"]] or ["- none"]
     L += ["", "## Misses (synthetic)", ""]

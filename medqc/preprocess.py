@@ -9,6 +9,13 @@ air and are marked 0 in the FOV-mask channel; the slice is resampled to a fixed 
 area averaging (so anatomy has the same size in pixels whatever the FOV or matrix); it is centre-cropped
 or padded to ``size``²; each HU window becomes one channel scaled to [-1, 1]; the last channel is the
 FOV mask (1 inside the reconstructed field, 0 outside).
+
+Orientation: the networks learn axial slices as a supine head-first patient is displayed (anterior at the
+top, the patient's right on the image's left: ImageOrientationPatient 1\\0\\0\\0\\1\\0). Given the
+slice's ImageOrientationPatient, an axial slice stored the other way round (prone patients, feet-first
+habits, archives that flipped rows) is mirrored into that layout, so the network sees anatomy the way it
+was trained whatever the vendor or position. Training slices are already in that layout (no orientation
+given: nothing changes).
 """
 
 from __future__ import annotations
@@ -86,8 +93,27 @@ def _area_resize(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return axis_resize(axis_resize(img.astype(np.float64), out_h, 0), out_w, 1).astype(np.float32)
 
 
-def preprocess(hu: np.ndarray, pixel_spacing: tuple[float, float], params: PreprocessParams) -> np.ndarray:
-    """Turn one axial HU slice (rows × cols, any matrix, any pixel spacing) into a (C, size, size) float32."""
+def canonical_flips(orientation) -> tuple[bool, bool]:
+    """(flip rows, flip columns) that bring an axial slice to the training layout: rows running from
+    anterior to posterior (column direction +y) and columns from the patient's right to left (row direction
+    +x). Only for near-axial slices whose in-plane axes follow x and y; anything else is left as stored."""
+    if orientation is None or len(orientation) != 6:
+        return False, False
+    try:
+        rx, ry, _, cx, cy, _ = (float(v) for v in orientation)
+    except (TypeError, ValueError):
+        return False, False
+    if not (abs(rx) >= 0.7 and abs(cy) >= 0.7):  # rotated in-plane (x/y swapped) or not axial: leave it
+        return False, False
+    return cy < 0, rx < 0
+
+
+def preprocess(hu: np.ndarray, pixel_spacing: tuple[float, float], params: PreprocessParams,
+               orientation=None) -> np.ndarray:
+    """Turn one axial HU slice (rows × cols, any matrix, any pixel spacing) into a (C, size, size) float32.
+
+    ``orientation``: the slice's ImageOrientationPatient (six direction cosines), when known; the result is
+    mirrored into the training layout (see :func:`canonical_flips`)."""
     if hu.ndim != 2:
         raise ValueError(f"expected a 2-D slice, got shape {hu.shape}")
     row_mm, col_mm = float(pixel_spacing[0]), float(pixel_spacing[1])
@@ -129,6 +155,9 @@ def preprocess(hu: np.ndarray, pixel_spacing: tuple[float, float], params: Prepr
     if mask is not None:
         out[-1].fill(0.0)
         out[-1][dr, dc] = mask[sr, sc]
+    flip_rows, flip_cols = canonical_flips(orientation)
+    if flip_rows or flip_cols:
+        out = np.ascontiguousarray(out[:, ::-1 if flip_rows else 1, ::-1 if flip_cols else 1])
     return out
 
 

@@ -37,7 +37,7 @@ def is_axial_ct(ds) -> bool:
 
 
 def read_series(folder: Path) -> dict[str, list]:
-    """{SeriesInstanceUID: [(z, hu, spacing)]} for axial CT images under ``folder``."""
+    """{SeriesInstanceUID: [(z, hu, spacing, orientation)]} for axial CT images under ``folder``."""
     import pydicom
 
     out: dict[str, list] = {}
@@ -50,7 +50,8 @@ def read_series(folder: Path) -> dict[str, list]:
             continue
         z = float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else float(ds.get("InstanceNumber", 0))
         ps = [float(v) for v in ds.PixelSpacing]
-        out.setdefault(str(ds.SeriesInstanceUID), []).append((z, slice_hu(ds), (ps[0], ps[1])))
+        iop = tuple(float(v) for v in ds.ImageOrientationPatient) if "ImageOrientationPatient" in ds else None
+        out.setdefault(str(ds.SeriesInstanceUID), []).append((z, slice_hu(ds), (ps[0], ps[1]), iop))
     for v in out.values():
         v.sort(key=lambda t: t[0])
     return out
@@ -58,7 +59,7 @@ def read_series(folder: Path) -> dict[str, list]:
 
 def score(runner, bundle, items) -> tuple[np.ndarray, np.ndarray]:
     pp = bundle.preprocess
-    x = np.stack([preprocess(hu, ps, pp) for _, hu, ps in items])
+    x = np.stack([preprocess(hu, ps, pp, iop) for _, hu, ps, iop in items])
     logits, pos = [], []
     for a in range(0, len(x), 16):
         out = runner.infer(x[a : a + 16])
@@ -82,7 +83,8 @@ def evaluate(bundle_dir=None, studies=None) -> list[dict]:
     import pydicom
 
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    p, pos = score(runner, bundle, [(0.0, slice_hu(ds), tuple(float(v) for v in ds.PixelSpacing))])
+    p, pos = score(runner, bundle, [(0.0, slice_hu(ds), tuple(float(v) for v in ds.PixelSpacing),
+                                     tuple(float(v) for v in ds.ImageOrientationPatient))])
     fired = [a for k, a in enumerate(labels) if p[0, k] > thr.get(a, 0.5)]
     results.append({
         "name": "pydicom CT_small.dcm (real GE axial slice, clean)",

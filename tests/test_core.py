@@ -38,6 +38,29 @@ def test_preprocess_marks_padding_outside_fov():
         preprocess(hu, (0.0, 0.9), PreprocessParams())
 
 
+def test_preprocess_mirrors_slices_into_the_training_layout():
+    """A slice stored with rows running posterior→anterior (prone habit, flipped archives) and/or columns
+    running left→right reaches the network as a supine head-first slice would: the same array."""
+    rng = np.random.default_rng(3)
+    hu = np.full((256, 256), -1000.0, np.float32)
+    hu[40:150, 60:220] = 40.0  # an asymmetric body: more tissue anterior and to the patient's left
+    hu[150:200, 60:120] = 300.0
+    hu += rng.normal(0, 5, hu.shape).astype(np.float32)
+    pp = PreprocessParams(size=128)
+    ref = preprocess(hu, (1.0, 1.0), pp, (1, 0, 0, 0, 1, 0))
+    assert np.array_equal(ref, preprocess(hu, (1.0, 1.0), pp))  # no orientation given: stored layout
+    for iop, stored in (((1, 0, 0, 0, -1, 0), hu[::-1]), ((-1, 0, 0, 0, 1, 0), hu[:, ::-1]),
+                        ((-1, 0, 0, 0, -1, 0), hu[::-1, ::-1])):
+        got = preprocess(np.ascontiguousarray(stored), (1.0, 1.0), pp, iop)
+        assert np.array_equal(got, ref), iop
+        assert not np.array_equal(preprocess(np.ascontiguousarray(stored), (1.0, 1.0), pp), ref)
+    # tilted gantry (column direction 0, cos t, sin t) is still the training layout; a rotated in-plane
+    # frame (x and y swapped) or a non-axial slice is left as stored
+    assert np.array_equal(preprocess(hu, (1.0, 1.0), pp, (1, 0, 0, 0, 0.966, 0.259)), ref)
+    assert np.array_equal(preprocess(hu, (1.0, 1.0), pp, (0, 1, 0, -1, 0, 0)), ref)
+    assert np.array_equal(preprocess(hu, (1.0, 1.0), pp, (1, 0, 0, 0, 0, -1)), ref)
+
+
 def test_numpy_fallback_matches_opencv():
     import medqc.preprocess as p
 
