@@ -174,14 +174,38 @@ def header_infos(ds, source: str = "", received_at: float | None = None, identif
     return out
 
 
+# ImageType / FrameType values of derived maps whose pixels are not CT numbers (perfusion parameters,
+# dual-energy material maps): their "noise", "rings" and "metal" would be meaningless. Monoenergetic and
+# virtual non-contrast images are in HU and stay analysed.
+NOT_CT_NUMBER_TYPES = frozenset({"PERFUSION", "RCBF", "RCBV", "RBF", "RBV", "MTT", "TTP", "TMAX", "TTD",
+                                 "IODINE", "ZEFF", "Z_EFFECTIVE", "EFFECTIVE_Z", "ELECTRON_DENSITY"})
+
+
+def _rescale_type(ds, frame: int) -> str:
+    """RescaleType of one frame (Enhanced CT: Pixel Value Transformation; classic: top level), upper-cased."""
+    pfg = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = _seq_item(ds, "SharedFunctionalGroupsSequence")
+    fg = pfg[frame] if pfg is not None and frame < len(pfg) else None
+    v = _from_groups(fg, shared, "PixelValueTransformationSequence", "RescaleType")
+    if v is None:
+        v = ds.get("RescaleType")
+    return _s(v).strip().upper()
+
+
 def _why_not_analysed(ds, info: SliceInfo) -> str:
-    """Reason an object is ignored (valid, but not an axial CT image), or ''."""
+    """Reason an object is ignored (valid, but not an axial CT image in CT numbers), or ''."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         return f"no image pixels (SOP class {info.sop_class_uid or 'unknown'})"
     if info.sop_class_uid not in CT_CLASSES:
         return f"not a CT image (SOP class {info.sop_class_uid or 'unknown'}, modality {info.modality or 'unknown'})"
     if "LOCALIZER" in info.image_type:
         return "localizer (scout) image"
+    maps = NOT_CT_NUMBER_TYPES.intersection(info.image_type)
+    if maps:
+        return f"derived map, not CT numbers (image type {'/'.join(sorted(maps))})"
+    rt = _rescale_type(ds, info.frame)
+    if rt and rt != "HU":
+        return f"pixel values are not CT numbers (RescaleType {rt})"
     if _i(ds.get("SamplesPerPixel")) not in (None, 1):
         return "colour image"
     ang = axial_angle_deg(info.orientation)

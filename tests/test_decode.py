@@ -156,6 +156,21 @@ def test_enhanced_ct_multiframe_per_frame_geometry():
     assert [float(d.hu.mean()) for d in out] == [0.0, 100.0, 200.0, 300.0]
 
 
+def test_maps_that_are_not_ct_numbers_are_ignored():
+    """Perfusion and material maps (by image type) and pixels whose RescaleType is not HU are recorded as
+    ignored with the reason; monoenergetic images and an explicit RescaleType HU stay analysed."""
+    perf = ct_dataset(32, 32)
+    perf.ImageType = ["DERIVED", "PRIMARY", "PERFUSION", "RCBF"]
+    assert decode_dataset(perf)[0].ignored == "derived map, not CT numbers (image type PERFUSION/RCBF)"
+    us = ct_dataset(32, 32)
+    us.RescaleType = "US"
+    assert "not CT numbers (RescaleType US)" in decode_dataset(us)[0].ignored
+    hu = ct_dataset(32, 32)
+    hu.RescaleType = "HU"
+    hu.ImageType = ["DERIVED", "PRIMARY", "AXIAL", "MONOENERGETIC"]
+    assert decode_dataset(hu)[0].ok
+
+
 def test_not_dicom(tmp_path):
     p = tmp_path / "DIRFILE"
     p.write_bytes(b"not dicom at all" * 20)
