@@ -155,6 +155,20 @@ class SeriesTracker:
         min_run = self.cfg.checks.artifact.min_run
         order = st._order
         pos = bisect.bisect_left(order, (z, seq))
+        if len(order) % artifact_checks.RELATIVE_MIN_SLICES == 0:
+            # every RELATIVE_MIN_SLICES slices (the first time: the series median becomes trusted), runs of the
+            # relative classes are judged again against the median of the series so far: a run that did not
+            # stand out from the first slices may stand out once more of the series is in
+            ordered = [(zz, st.results[sq]) for zz, sq in order]
+            for cls in artifact_checks.RELATIVE:
+                thr = self.thresholds[cls]
+                med = artifact_checks.series_median(ordered, cls)
+                i = 0
+                for run in artifact_checks.runs(ordered, cls, thr):
+                    while ordered[i][1] is not run[0][1]:
+                        i += 1
+                    if artifact_checks.qualifying(run, cls, thr, min_run, med):
+                        self._qualify(st, cls, thr, i, i + len(run) - 1, changed)
         for cls in ARTIFACTS:
             thr = self.thresholds[cls]
             if result.scores.get(cls, 0.0) < thr:
@@ -170,17 +184,24 @@ class SeriesTracker:
             while hi + 1 < len(order) and flagged(hi + 1):
                 hi += 1
             run = [(order[i][0], st.results[order[i][1]]) for i in range(lo, hi + 1)]
-            if not artifact_checks.qualifying(run, cls, thr, min_run):
-                continue
-            q = st._qual.setdefault(cls, {})
-            before = len(q)
-            for i in range(lo, hi + 1):
-                q[order[i][1]] = (order[i][0], st.results[order[i][1]])
-            if len(q) == before:
-                continue
-            f = artifact_checks.summarise(st, cls, thr, self._group(st, q))
-            if f is not None:
-                self._put(st, f, changed)
+            med = None
+            if cls in artifact_checks.RELATIVE:
+                med = artifact_checks.series_median([(None, st.results[sq]) for _, sq in order], cls)
+            if artifact_checks.qualifying(run, cls, thr, min_run, med):
+                self._qualify(st, cls, thr, lo, hi, changed)
+
+    def _qualify(self, st: SeriesState, cls: str, thr: float, lo: int, hi: int, changed: list) -> None:
+        """Slices ``lo..hi`` (positions in z order) form a qualifying run of ``cls``: (re)summarise."""
+        order = st._order
+        q = st._qual.setdefault(cls, {})
+        before = len(q)
+        for i in range(lo, hi + 1):
+            q[order[i][1]] = (order[i][0], st.results[order[i][1]])
+        if len(q) == before:
+            return
+        f = artifact_checks.summarise(st, cls, thr, self._group(st, q))
+        if f is not None:
+            self._put(st, f, changed)
 
     @staticmethod
     def _group(st: SeriesState, q: dict) -> list:

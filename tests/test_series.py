@@ -107,6 +107,40 @@ def test_network_only_classes_need_a_strong_or_long_run(cfg):
         assert ("1.2.3.9/artifact.motion" in st.findings) is raised, n
 
 
+def test_motion_must_stand_out_from_the_series(cfg):
+    """Motion is transient: a run over threshold is motion only when it stands out from the series' own
+    level (real scanners shift the network's motion score on every slice)."""
+    # a whole series at 0.75 (clean real CT from an unfamiliar scanner): nothing, streaming or final
+    tr = SeriesTracker(cfg, {"motion": 0.58})
+    streamed = []
+    for r in make_results(40, scores={i: {"motion": 0.75} for i in range(40)}):
+        streamed += tr.add(r)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    assert "artifact.motion" not in checks(streamed) and "1.2.3.9/artifact.motion" not in st.findings
+    # the same 0.75 on a 15-slice band (37.5 mm) of a series otherwise at 0.3: raised while streaming
+    tr = SeriesTracker(cfg, {"motion": 0.58})
+    band = {i: {"motion": 0.75 if 20 <= i < 35 else 0.3} for i in range(40)}
+    streamed = []
+    for r in make_results(40, scores=band):
+        streamed += tr.add(r)
+    assert "artifact.motion" in checks(streamed)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    assert st.findings["1.2.3.9/artifact.motion"].details["slices"] == 15
+    # a band at the start of the series stands out only once more of the series is in: runs of motion are
+    # judged again every tenth slice (here: 12 band slices of 30, the median drops at the 30th)
+    tr = SeriesTracker(cfg, {"motion": 0.58})
+    first = [i for i, r in enumerate(make_results(40, scores={i: {"motion": 0.8} for i in range(0, 12)}))
+             if "artifact.motion" in checks(tr.add(r))]
+    assert first[:1] == [29]
+    # a series too short to have a median: only a very high slice raises motion
+    for top, raised in ((0.8, False), (0.95, True)):
+        tr = SeriesTracker(cfg, {"motion": 0.58})
+        for r in make_results(6, spacing=10.0, scores={i: {"motion": top} for i in range(6)}):
+            tr.add(r)
+        st, _ = tr.complete("1.2.3.9", "idle")
+        assert ("1.2.3.9/artifact.motion" in st.findings) is raised, top
+
+
 def test_config_thresholds_override_bundle(cfg):
     cfg2 = load_config(overrides={"checks.artifact.thresholds": {"noise": 0.9}, "checks.artifact.min_run": 3})
     tr = SeriesTracker(cfg2, {"noise": 0.3})

@@ -7,6 +7,14 @@ detector fault, on every slice) a run of ``min_run`` slices must also span 25 mm
 ``<series>/artifact.<class>``) covers every qualifying run and is updated as runs grow. Severity:
 critical when ≥ 5 slices qualify and their mean score is at least the midpoint between threshold and 1,
 else warning.
+
+Motion is also judged against the series' own level (``RELATIVE`` classes): the motion network, trained on
+synthetic CT, scores clean real slices anywhere from 0.3 to 0.76 depending on scanner and anatomy (see
+docs/checks.md), while motion itself is transient — it corrupts the slices of the rotations during which the
+patient moved, not a whole series. So a run of motion slices (below the "very high" single-slice level) must
+stand out from the rest of the series: its mean must exceed the series median by ``RELATIVE_MARGIN``, and
+the median is only trusted from ``RELATIVE_MIN_SLICES`` analysed slices on (before that, only a very high
+slice raises motion).
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ CRITICAL_SLICES = 5
 # whose cause (a detector channel) is on every slice, so a real ring is never confined to a few slices
 NETWORK_ONLY = frozenset({"motion", "ring"})
 NETWORK_ONLY_MIN_EXTENT_MM = 25.0  # z from the first to the last slice of a run (see qualifying)
+RELATIVE = frozenset({"motion"})  # classes judged against the series' own median score too
+RELATIVE_MARGIN = 0.2  # a run's mean must exceed the series median by this much
+RELATIVE_MIN_SLICES = 10  # analysed slices before the series median is trusted
 NAMES = {
     "metal": "Metal artifact",
     "motion": "Motion artifact",
@@ -58,11 +69,24 @@ def strong_threshold(thr: float) -> float:
     return (thr + 1.0) / 2.0
 
 
-def qualifying(run, cls: str, thr: float, min_run: int) -> bool:
+def series_median(ordered, cls: str) -> float | None:
+    """Median score of ``cls`` over the analysed slices of a series (None below RELATIVE_MIN_SLICES)."""
+    vals = sorted(r.scores.get(cls, 0.0) for _, r in ordered if not r.error)
+    n = len(vals)
+    if n < RELATIVE_MIN_SLICES:
+        return None
+    return vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2])
+
+
+def qualifying(run, cls: str, thr: float, min_run: int, median: float | None = None) -> bool:
+    """Whether a run raises its class. ``median``: the series' median score of ``cls`` (``series_median``),
+    needed for RELATIVE classes (None: the series is too short to judge, only a very high slice counts)."""
     scores = [r.scores.get(cls, 0.0) for _, r in run]
     if max(scores) >= high_threshold(thr):
         return True
     if len(run) < min_run:
+        return False
+    if cls in RELATIVE and (median is None or sum(scores) / len(scores) < median + RELATIVE_MARGIN):
         return False
     if cls not in NETWORK_ONLY:
         return True
@@ -107,7 +131,8 @@ def artifact_findings(state, ordered, thresholds: dict[str, float], min_run: int
     out = []
     for cls in ARTIFACTS:
         thr = thresholds.get(cls, 0.5)
-        q = [run for run in runs(ordered, cls, thr) if qualifying(run, cls, thr, min_run)]
+        med = series_median(ordered, cls) if cls in RELATIVE else None
+        q = [run for run in runs(ordered, cls, thr) if qualifying(run, cls, thr, min_run, med)]
         f = summarise(state, cls, thr, q)
         if f is not None:
             out.append(f)
