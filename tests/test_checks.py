@@ -147,7 +147,9 @@ def test_site_protocol_file(tmp_path):
     ("CHEST", "chest"), ("THORAX", "chest"), ("TORSO", "chest-abdomen-pelvis"), ("CAP", "chest-abdomen-pelvis"),
     ("Thorax_Abdomen_Becken", "chest-abdomen-pelvis"), ("ABD PEL", "abdomen-pelvis"), ("HEAD", "head"),
     ("BRAIN", "head"), ("SCHAEDEL", "head"), ("1F STEREOTAXIS /Head", "head"), ("Neck", "neck"),
-    ("Abdomen^Routine", "abdomen"), ("PELVIS", "pelvis"), ("Knee", None), ("", None)])
+    ("Abdomen^Routine", "abdomen"), ("PELVIS", "pelvis"), ("Knee", None), ("", None),
+    ("LOW DOSE CHEST", "chest-low-dose"), ("Thorax LD", "chest-low-dose"), ("LDCT", "chest-low-dose"),
+    ("Lung Cancer Screening", "chest-low-dose"), ("LungScreen", "chest-low-dose"), ("CHEST ROUTINE", "chest")])
 def test_shipped_rules_match_vendor_spellings(text, rule):
     rules = load_rules()
     for fld in ("protocol_name", "body_part", "study_description"):
