@@ -228,9 +228,18 @@ def test_tilt_from_header_and_from_sheared_positions():
     st, streamed = run(stack(tilt=12.0, shear_deg=12.0))
     assert [f.check for f in streamed] == ["geometry.tilt"]  # from the first slice's header
     assert by_check(st, "geometry.tilt").details["shear_deg"] == pytest.approx(12.0, abs=0.1)
+    assert by_check(st, "geometry.tilt").severity == "warning"  # no protocol rule: not known to be routine
     st, _ = run(stack(shear_deg=8.0))  # sheared, but the header says no tilt
     f = by_check(st, "geometry.tilt")
     assert f.details["source"] == "positions" and f.details["shear_deg"] == pytest.approx(8.0, abs=0.1)
+    # a tilted gantry is the routine technique of head (and neck) CT: info; on a chest it is a warning
+    for protocol, sev in (("HEAD ROUTINE", "info"), ("NECK", "info"), ("CHEST", "warning")):
+        res = stack(tilt=15.0, shear_deg=15.0, series=f"1.2.3.7{len(protocol)}")
+        for r in res:
+            r.info.protocol_name = protocol
+        st, _ = run(res)
+        assert by_check(st, "geometry.tilt").severity == sev, protocol
+        assert st.verdict == ("pass" if sev == "info" else "warn"), (protocol, st.findings)
 
 
 def test_orientation_checks():
@@ -308,11 +317,13 @@ def test_real_tilted_philips_series(real_ct, folder, tilt):
     f = by_check(st, "geometry.tilt")
     assert f.details["gantry_tilt_deg"] == tilt
     assert f.details["shear_deg"] == pytest.approx(abs(tilt), abs=0.3)  # IPP shear matches the tilt tag
+    assert f.severity == "info" and f.details["routine"]  # a tilted head scan is the routine technique
     found = {f.check for f in st.findings.values()}
     for clean in ("geometry.gap", "geometry.duplicate", "geometry.spacing", "geometry.orientation",
                   "artifact.metal", "artifact.truncation", "artifact.noise", "noise.index", "dose.ctdivol"):
         assert clean not in found, (clean, st.findings)
-    assert st.verdict == "warn"
+    sev = {x.severity for x in st.findings.values()}
+    assert st.verdict == ("fail" if "critical" in sev else "warn" if "warning" in sev else "pass")
 
 
 def test_noise_index_is_compared_at_5mm_slices():

@@ -5,8 +5,10 @@
 * geometry.gap — a step > 1.5 × the median spacing (missing slices), critical;
 * geometry.spacing — steps that differ from the median by more than ``checks.geometry.spacing_tolerance``
   (fraction) without being a gap;
-* geometry.tilt — GantryDetectorTilt beyond ``checks.geometry.tilt_tolerance_deg``, or a sheared stack
-  (positions drift in-plane as z changes) with the angle measured from the positions;
+* geometry.tilt — GantryDetectorTilt beyond ``checks.geometry.tilt_tolerance_deg`` (info on head and neck
+  protocols, where tilting is the routine technique; warning elsewhere), or a sheared stack (positions
+  drift in-plane as z changes, the header declaring no tilt: warning) with the angle measured from the
+  positions;
 * geometry.orientation — a non-axial series (slice normal > 37° from the patient z axis), mixed
   orientations within a series, or a PatientPosition (supine/prone) that contradicts the image axes.
 """
@@ -54,10 +56,22 @@ def stack(results):
     return sorted(geo, key=lambda r: r.info.z)
 
 
+# protocol ranges starting at these landmarks are head / neck scans, where a tilted gantry is the routine
+# technique (the scan plane follows the skull base and keeps the eye lenses out of the beam)
+TILT_ROUTINE_STARTS = frozenset({"vertex", "orbit_roof", "skull_base"})
+
+
 def tilt_from_header(state, tol: float):
+    """geometry.tilt from GantryDetectorTilt: a warning, or info where tilting is routine (head and neck)."""
     t = state.first.gantry_tilt or 0.0
     if abs(t) <= tol:
         return None
+    routine = state.rule is not None and state.rule.start in TILT_ROUTINE_STARTS
+    if routine:
+        return finding(state, "geometry.tilt", "info",
+                       f"Gantry tilt {t:+.1f}° (usual for {state.rule.name} CT: spares the eye lenses) — 3-D "
+                       f"reformats and measurements need tilt correction", score=None,
+                       details={"gantry_tilt_deg": t, "source": "header", "routine": True})
     return finding(state, "geometry.tilt", "warning",
                    f"Gantry tilt {t:+.1f}°: slices are not perpendicular to the table — 3-D reformats and "
                    f"measurements need tilt correction", score=None,
