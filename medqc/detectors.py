@@ -285,7 +285,26 @@ def _noise_cal() -> float:
     return _NOISE_CAL[0]
 
 
-def noise_2mm(hu: np.ndarray, rmm: float, cmm: float) -> float:
+def pool_2mm(hu: np.ndarray, rmm: float, cmm: float):
+    """The slice area-averaged over f×f blocks (f = the integer nearest 2 mm / pixel) → (pooled, valid, f),
+    valid marking blocks without padding; None when the slice is too small. Shared by the noise measure and
+    the coarse scale of the ring measure."""
+    f = max(1, int(round(2.0 / math.sqrt(rmm * cmm))))
+    h, w = (hu.shape[0] // f) * f, (hu.shape[1] // f) * f
+    if h < 5 * f or w < 5 * f:
+        return None
+    valid = hu[:h, :w] > PAD_HU
+    everywhere = bool(valid.all())  # no padding (the usual case): nothing to replace, every pooled pixel valid
+    img = (hu[:h, :w] if everywhere else np.where(valid, hu[:h, :w], np.float32(-1000.0))).astype(np.float32, copy=False)
+    if cv2 is not None:  # exact f×f area means (an integer factor), ~50× faster than the reshape
+        pooled = cv2.resize(np.ascontiguousarray(img), (w // f, h // f), interpolation=cv2.INTER_AREA)
+    else:
+        pooled = img.reshape(h // f, f, w // f, f).mean(axis=(1, 3), dtype=np.float32)
+    pvalid = np.ones(pooled.shape, bool) if everywhere else _block_all(valid, f)
+    return pooled, pvalid, f
+
+
+def noise_2mm(hu: np.ndarray, rmm: float, cmm: float, pooled=None) -> float:
     """Median local σ (HU) in the body's soft tissue after area-averaging the slice to ~2 mm pixels.
 
     Area-averaging to 2 mm makes kernels comparable (their difference is mostly above 0.25 lp/mm). Noise is
@@ -295,18 +314,10 @@ def noise_2mm(hu: np.ndarray, rmm: float, cmm: float) -> float:
     and the median over those pixels is returned (NaN with fewer than 30). On 559 synthetic slices (46
     series, six vendors' kernels, 2.5–9.4 mm) it reads the simulated σ at 2 mm with a median ratio of 0.99
     (5–95 %: 0.47–1.59); streak noise from photon starvation concentrated on a few paths reads low."""
-    f = max(1, int(round(2.0 / math.sqrt(rmm * cmm))))
-    h, w = (hu.shape[0] // f) * f, (hu.shape[1] // f) * f
-    if h < 5 * f or w < 5 * f:
+    got = pooled if pooled is not None else pool_2mm(hu, rmm, cmm)
+    if got is None:
         return float("nan")
-    valid = hu[:h, :w] > PAD_HU
-    everywhere = bool(valid.all())  # no padding (the usual case): nothing to replace, every pooled pixel valid
-    img = (hu[:h, :w] if everywhere else np.where(valid, hu[:h, :w], np.float32(-1000.0))).astype(np.float32, copy=False)
-    if cv2 is not None:  # exact f×f area means (an integer factor), ~50× faster than the reshape
-        pooled = cv2.resize(np.ascontiguousarray(img), (w // f, h // f), interpolation=cv2.INTER_AREA)
-    else:
-        pooled = img.reshape(h // f, f, w // f, f).mean(axis=(1, 3), dtype=np.float32)
-    pvalid = np.ones(pooled.shape, bool) if everywhere else _block_all(valid, f)
+    pooled, pvalid, f = got
     med = _median5(pooled)
     resid = np.abs(pooled - med)
     local = _box(resid, 7) / _noise_cal()
@@ -549,14 +560,23 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
             own = bone & trunk if trunk.any() else bone
             out["lateral_bone_mm2"] = float(np.count_nonzero(own & lat)) * px_area
         out["noise_sd"] = _robust_noise(sub, valid & inside_circle)
-        out["noise_sd_2mm"] = noise_2mm(hu, rmm, cmm)
+        pooled = pool_2mm(hu, rmm, cmm)
+        out["noise_sd_2mm"] = noise_2mm(hu, rmm, cmm, pooled) if pooled is not None else nan
         # brain scale inside a skull (a closed ring of skull-density bone around a head-sized section)
         head = out["skull_ring"] >= 0.75 and out["body_area_mm2"] < 45000.0
         out["noise_ratio"] = noise_ratio(out["noise_sd_2mm"], info, head)
         centre = ((hu.shape[0] - 1) / 2.0, (hu.shape[1] - 1) / 2.0)
         iso = isocentre_px(info, hu.shape)
         far = iso is not None and math.hypot(iso[0] - centre[0], iso[1] - centre[1]) >= 2.0
-        out["ring_contrast_hu"] = ring_contrast(hu, [centre, iso] if far else [centre])
+        centres = [centre, iso] if far else [centre]
+        ring = ring_contrast(hu, centres)
+        if pooled is not None and pooled[2] >= 2:
+            # the same at ~2 mm pixels: a ring several display pixels wide (a failing detector module, a
+            # fine display grid) is smoothed away by the 5-pixel median at full resolution, not at 2 mm
+            f = pooled[2]
+            coarse = ring_contrast(pooled[0], [((cy + 0.5) / f - 0.5, (cx + 0.5) / f - 0.5) for cy, cx in centres])
+            ring = coarse if not math.isfinite(ring) else max(ring, coarse) if math.isfinite(coarse) else ring
+        out["ring_contrast_hu"] = ring
     else:
         out["lung_area_mm2"] = 0.0
         out["bone_area_mm2"] = 0.0

@@ -20,7 +20,7 @@ from medqc.anatomy import BODY_SCALE_MAX, LANDMARKS
 from medqc.synth import ct
 from medqc.synth.phantom import Patient, _Canvas, add_implant, random_patient, rasterize
 
-GENERATOR_VERSION = "5"  # bump when the physics or the labels change (training caches key on it)
+GENERATOR_VERSION = "6"  # bump when the physics or the labels change (training caches key on it)
 SIM_N = 256  # simulation grid (pixels); physical pixel = extent / SIM_N
 TRAIN_VIEWS = 256  # = channels: slight view aliasing at the rim of the simulation circle only (table, arms)
 TRAIN_RECON_MAX = 256  # training slices are reconstructed at most at 256² (≥ 2 mm network pixels) and interpolated to the display matrix
@@ -249,7 +249,12 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
         prof = prof[: (prof.size // f2) * f2].reshape(-1, f2).mean(1)
         unit_amp = float(np.abs(prof).max())
         gain = ring_target(spec.ring) / unit_amp if unit_amp > 0 else 0.0
-        ring_amp = unit_amp * gain
+        # the label is the ring as the image shows it: only rings whose whole circle lies inside the
+        # displayed field (radius + display-centre offset <= half the field) count; a bad channel whose
+        # ring falls outside a targeted field is not in the picture (before generator 6 it was labelled)
+        r_vis = spec.fov_mm / 2.0 - math.hypot(spec.center[0], spec.center[1])
+        n_vis = int(max(0.0, r_vis) // (f2 * px))  # 2 mm bins whose outer radius is inside
+        ring_amp = float(np.abs(prof[:n_vis]).max()) * gain if n_vis > 0 else 0.0
         q = q + gain * q_ring
     # 6. FBP onto the display grid
     M = spec.matrix
