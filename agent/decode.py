@@ -204,7 +204,11 @@ def _why_not_analysed(ds, info: SliceInfo) -> str:
     if maps:
         return f"derived map, not CT numbers (image type {'/'.join(sorted(maps))})"
     rt = _rescale_type(ds, info.frame)
-    if rt and rt != "HU":
+    # a classic CT image only carries RescaleType when its unit is not HU, but "US" (unspecified) turns up
+    # on HU images from post-processing tools: only a named other unit is believed there; Enhanced CT
+    # always carries it (HU for CT numbers, US for derived values)
+    enhanced = ds.get("PerFrameFunctionalGroupsSequence") is not None or ds.get("SharedFunctionalGroupsSequence") is not None
+    if rt and rt != "HU" and (enhanced or rt != "US"):
         return f"pixel values are not CT numbers (RescaleType {rt})"
     if _i(ds.get("SamplesPerPixel")) not in (None, 1):
         return "colour image"

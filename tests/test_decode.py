@@ -154,6 +154,8 @@ def test_enhanced_ct_multiframe_per_frame_geometry():
     assert [d.info.z for d in out] == [0.0, -10.0, -20.0, -30.0]
     assert out[0].info.pixel_spacing == (0.7, 0.7) and out[2].info.slice_thickness == 1.5
     assert [float(d.hu.mean()) for d in out] == [0.0, 100.0, 200.0, 300.0]
+    pvt.RescaleType = "US"  # Enhanced CT says HU for CT numbers; anything else is a derived value
+    assert all("RescaleType US" in d.ignored for d in decode_dataset(ds))
 
 
 def test_maps_that_are_not_ct_numbers_are_ignored():
@@ -162,9 +164,12 @@ def test_maps_that_are_not_ct_numbers_are_ignored():
     perf = ct_dataset(32, 32)
     perf.ImageType = ["DERIVED", "PRIMARY", "PERFUSION", "RCBF"]
     assert decode_dataset(perf)[0].ignored == "derived map, not CT numbers (image type PERFUSION/RCBF)"
+    od = ct_dataset(32, 32)
+    od.RescaleType = "MGML"  # a named unit other than HU (an iodine map)
+    assert "not CT numbers (RescaleType MGML)" in decode_dataset(od)[0].ignored
     us = ct_dataset(32, 32)
-    us.RescaleType = "US"
-    assert "not CT numbers (RescaleType US)" in decode_dataset(us)[0].ignored
+    us.RescaleType = "US"  # unspecified on a classic CT image: seen on HU images from workstations, analysed
+    assert decode_dataset(us)[0].ok
     hu = ct_dataset(32, 32)
     hu.RescaleType = "HU"
     hu.ImageType = ["DERIVED", "PRIMARY", "AXIAL", "MONOENERGETIC"]
