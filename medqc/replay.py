@@ -361,6 +361,12 @@ class Sender:
     def _associate(self, ae, sp: SeriesPlan, run: SeriesRun):
         assoc = ae.associate(self.host, self.port, contexts=_contexts(sp), ae_title=self.called)
         run.associations += 1
+        if not assoc.is_established and assoc.is_aborted and not assoc.is_rejected and not self._stop.is_set():
+            # a peer that refuses and closes at once (DCMTK storescp) can have its connection close seen
+            # before its A-ASSOCIATE-RJ: one more request, a moment later, tells a refusal from an abort
+            self._stop.wait(0.2)
+            assoc = ae.associate(self.host, self.port, contexts=_contexts(sp), ae_title=self.called)
+            run.associations += 1
         if not assoc.is_established:
             return None, _assoc_failure(assoc, self.host, self.port, self.called)
         self._guard_reactor(assoc)
