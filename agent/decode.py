@@ -15,6 +15,7 @@ everything else goes through pydicom's decoder plugins.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,10 +285,41 @@ def to_hu(ds, stored: np.ndarray, frame: int) -> np.ndarray:
     return hu
 
 
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+
+
+def _headerless(path: str | Path):
+    """A dataset stored without the 128-byte preamble and file meta (older archives and exports): read it
+    when it is unmistakably one — a valid SOP Class and SOP Instance UID — and give it the transfer syntax it
+    was read with, so its pixels decode like any other; None otherwise."""
+    try:
+        ds = pydicom.dcmread(str(path), force=True)
+    except Exception:  # noqa: BLE001 - not a dataset at all
+        return None
+    cls, inst = _s(ds.get("SOPClassUID")), _s(ds.get("SOPInstanceUID"))
+    if not (_UID.match(cls) and _UID.match(inst)):
+        return None
+    enc = getattr(ds, "original_encoding", None) or (True, True)
+    implicit, little = bool(enc[0]), bool(enc[1])
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        meta = FileMetaDataset()
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = cls, inst
+        ds.file_meta = meta
+    return ds
+
+
 def read_dataset(path: str | Path):
     try:
         return pydicom.dcmread(str(path))
     except InvalidDicomError as e:
+        ds = _headerless(path)
+        if ds is not None:
+            return ds
         raise NotDicom(f"not a DICOM file ({e})") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError) as e:
         raise NotDicom(f"unreadable DICOM ({type(e).__name__}: {e})") from None

@@ -181,3 +181,23 @@ def test_not_dicom(tmp_path):
     p.write_bytes(b"not dicom at all" * 20)
     with pytest.raises(NotDicom):
         decode_file(p)
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_dataset_without_preamble_and_file_meta_is_read(tmp_path, implicit):
+    """Older archives store the bare dataset (no 128-byte preamble, no DICM, no file meta): read with the
+    encoding it was written in; a file without valid SOP UIDs stays not-DICOM."""
+    from pydicom import dcmwrite
+
+    ds = ct_dataset(32, 32)
+    del ds.file_meta
+    p = tmp_path / "IM1"
+    dcmwrite(p, ds, enforce_file_format=False, implicit_vr=implicit, little_endian=True)
+    assert p.read_bytes()[128:132] != b"DICM"
+    d = decode_file(p)[0]
+    assert d.ok and d.info.sop_instance_uid == ds.SOPInstanceUID
+    assert float(d.hu.max()) == 40.0 and float(d.hu.min()) == -1000.0
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"\x08\x00\x16\x00" + b"\x00" * 400)  # looks like a tag, holds no UIDs
+    with pytest.raises(NotDicom):
+        decode_file(junk)
