@@ -59,6 +59,7 @@ class SeriesState:
     _keys: set = field(default_factory=set, repr=False)
     _order: list = field(default_factory=list, repr=False)  # sorted [(z, seq)]
     _qual: dict = field(default_factory=dict, repr=False)  # class → {seq: (z, result)}
+    _rel: dict = field(default_factory=dict, repr=False)  # relative class → sorted scores of the analysed slices
     _errors: list = field(default_factory=list, repr=False)
 
     @property
@@ -120,6 +121,8 @@ class SeriesTracker:
                 st.first = info
             z = slice_z(result, seq)
             bisect.insort(st._order, (z, seq))
+            for cls in artifact_checks.RELATIVE:
+                bisect.insort(st._rel.setdefault(cls, []), result.scores.get(cls, 0.0))
             if len(st._order) == 1:
                 cfg = self.cfg.checks.geometry
                 for f in (geometry_checks.tilt_from_header(st, cfg.tilt_tolerance_deg), geometry_checks.orientation_first(st)):
@@ -162,7 +165,7 @@ class SeriesTracker:
             ordered = [(zz, st.results[sq]) for zz, sq in order]
             for cls in artifact_checks.RELATIVE:
                 thr = self.thresholds[cls]
-                med = artifact_checks.series_median(ordered, cls)
+                med = artifact_checks.sorted_median(st._rel.get(cls, []))
                 i = 0
                 for run in artifact_checks.runs(ordered, cls, thr):
                     while ordered[i][1] is not run[0][1]:
@@ -184,9 +187,7 @@ class SeriesTracker:
             while hi + 1 < len(order) and flagged(hi + 1):
                 hi += 1
             run = [(order[i][0], st.results[order[i][1]]) for i in range(lo, hi + 1)]
-            med = None
-            if cls in artifact_checks.RELATIVE:
-                med = artifact_checks.series_median([(None, st.results[sq]) for _, sq in order], cls)
+            med = artifact_checks.sorted_median(st._rel.get(cls, [])) if cls in artifact_checks.RELATIVE else None
             if artifact_checks.qualifying(run, cls, thr, min_run, med):
                 self._qualify(st, cls, thr, lo, hi, changed)
 

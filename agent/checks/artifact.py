@@ -69,13 +69,17 @@ def strong_threshold(thr: float) -> float:
     return (thr + 1.0) / 2.0
 
 
-def series_median(ordered, cls: str) -> float | None:
-    """Median score of ``cls`` over the analysed slices of a series (None below RELATIVE_MIN_SLICES)."""
-    vals = sorted(r.scores.get(cls, 0.0) for _, r in ordered if not r.error)
+def sorted_median(vals: list[float]) -> float | None:
+    """Median of already sorted scores (None below RELATIVE_MIN_SLICES)."""
     n = len(vals)
     if n < RELATIVE_MIN_SLICES:
         return None
     return vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2])
+
+
+def series_median(ordered, cls: str) -> float | None:
+    """Median score of ``cls`` over the analysed slices of a series (None below RELATIVE_MIN_SLICES)."""
+    return sorted_median(sorted(r.scores.get(cls, 0.0) for _, r in ordered if not r.error))
 
 
 def qualifying(run, cls: str, thr: float, min_run: int, median: float | None = None) -> bool:
