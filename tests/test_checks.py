@@ -433,6 +433,44 @@ def test_short_head_stack_uses_average_size_not_its_slope():
     assert st.coverage["fit"]["scale"] == pytest.approx(SCALE, abs=0.1) and "short_span_scale" not in st.coverage["fit"]
 
 
+def _head_measures(res, vertex_z, holder_mm2=1500.0):
+    """Skull-cap anatomy on a head stack: head cross-section of a sphere (R 80 mm) below the vertex, skull
+    bone on every slice through the head, a head holder (no skull-density bone) on every slice."""
+    for r in res:
+        d = vertex_z - r.info.position[2]
+        head = 0.0 if d <= 0 else math.pi * (2 * 80.0 * min(d, 80.0) - min(d, 80.0) ** 2)
+        r.measures.update(body_area_mm2=head + holder_mm2, skull_ring=1.0 if d > 0 else 0.0,
+                          bone_area_mm2=500.0 + (0.3 * head if d > 0 else 0.0))
+
+
+def test_vertex_from_the_skull_not_the_network():
+    """Head scans: the vertex comes from skull-density bone where the scan shows the top of the head (only
+    air and the head holder above it), whatever the network says (here 30 mm off); a small skull-cap section
+    on the top slice puts the vertex just above it; a large section through the skull is a missed vertex."""
+    vz = z_of("vertex")
+    res = body_stack(vz + 15, z_of("skull_base") - 15, spacing=3.0, sigma=4.0, outliers=0.0, bias=30.0,
+                     series="1.2.3.60", body_part="HEAD", slice_thickness=3.0)
+    _head_measures(res, vz)
+    st, _ = run(res)
+    assert st.coverage["start_source"] == "skull (top of the head in the scan)"
+    assert abs(st.coverage["start_z"] - vz) <= 3.0
+    assert by_check(st, "coverage.top") is None
+    # the scan starts 5 mm below the vertex: a cap of ~2,400 mm² on the top slice, the vertex ~5 mm above it
+    res = body_stack(vz - 5, z_of("skull_base") - 15, spacing=3.0, sigma=4.0, outliers=0.0, bias=30.0,
+                     series="1.2.3.61", body_part="HEAD", slice_thickness=3.0)
+    _head_measures(res, vz, holder_mm2=0.0)
+    st, _ = run(res)
+    assert st.coverage["start_source"] == "skull cap (top slice)"
+    assert abs(st.coverage["start_z"] - vz) <= 1.0 and by_check(st, "coverage.top") is None
+    # 25 mm below the vertex: the top slice cuts the skull (≥ 6,000 mm²): vertex missed
+    res = body_stack(vz - 25, z_of("skull_base") - 15, spacing=3.0, sigma=4.0, outliers=0.0, bias=30.0,
+                     series="1.2.3.62", body_part="HEAD", slice_thickness=3.0)
+    _head_measures(res, vz)
+    st, _ = run(res)
+    f = by_check(st, "coverage.top")
+    assert f is not None and "Vertex not covered" in f.message
+
+
 def test_iliac_crest_pattern_in_a_head_is_not_used():
     """Bone leaving and returning to the lateral thirds also happens in a skull; where a coherent network
     fit sees a head (> 200 reference mm from the crest), that 'crest' re-anchors nothing (it moved a clean

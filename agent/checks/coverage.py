@@ -187,17 +187,48 @@ def anchor_on_lungs(fit: dict, lungs: dict, pelvis: dict | None = None) -> dict:
     return out
 
 
+CAP_MAX_MM2 = 6000.0  # a top slice with more head than this through the skull misses the vertex (~13 mm)
+VERTEX_RADIUS_MM = 80.0  # curvature radius of the adult skull vault at the vertex
+
+
+def cap_depth_mm(area_mm2: float) -> float:
+    """Depth below the vertex of a section of ``area_mm2`` through a spherical cap of radius
+    VERTEX_RADIUS_MM: area = π(2Rd − d²), so d = R − √(R² − area/π)."""
+    r = VERTEX_RADIUS_MM
+    return r - (max(0.0, r * r - area_mm2 / 3.141592653589793)) ** 0.5
+
+
 def head_top(ordered) -> dict:
-    top = [r for _, r in ordered if not r.error][-3:]
-    if not top:
+    """The vertex from the top of a head scan (ascending-z ``ordered``), from skull-density bone (≥ 700 HU
+    around the head, ``skull_ring`` > 0; head holders and pillows have none):
+
+    * {vertex_cut: True} — the top slice cuts the skull with ≥ CAP_MAX_MM2 of head: well below the vertex;
+    * {vertex_z, source} — the highest slice holding skull is below the top of the scan (air or only the
+      holder above it): the vertex lies within half a slice thickness above that slice (never above the
+      next slice); or the top slice is a small skull-cap section: the vertex lies ``cap_depth_mm`` above it;
+    * {} — the slices do not say."""
+    usable = [(z, r) for z, r in ordered if not r.error and finite(r.measures.get("body_area_mm2"))]
+    if not usable:
         return {}
-    last = top[-1].measures
-    if finite(last.get("body_area_mm2")) and finite(last.get("skull_ring")):
-        if last["body_area_mm2"] >= 6000 and last["skull_ring"] >= 0.75:
-            return {"vertex_cut": True}
-        if last["body_area_mm2"] < 300:
-            return {"vertex_cut": False}
-    return {}
+    z_top, last = usable[-1][0], usable[-1][1].measures
+    ring = last.get("skull_ring")
+    if last["body_area_mm2"] >= CAP_MAX_MM2 and finite(ring) and ring >= 0.75:
+        return {"vertex_cut": True}
+    top_skull = None
+    for i in range(len(usable) - 1, -1, -1):
+        v = usable[i][1].measures.get("skull_ring")
+        if finite(v) and v > 0:
+            top_skull = i
+            break
+    if top_skull is None:
+        return {}
+    if top_skull == len(usable) - 1:  # skull on the top slice, a small section of it: the vertex is just above
+        return {"vertex_cut": False, "vertex_z": z_top + cap_depth_mm(last["body_area_mm2"]),
+                "source": "skull cap (top slice)"}
+    z, r = usable[top_skull]
+    gap = usable[top_skull + 1][0] - z
+    t = r.info.slice_thickness if finite(r.info.slice_thickness) and r.info.slice_thickness > 0 else gap
+    return {"vertex_cut": False, "vertex_z": z + min(t / 2.0, gap), "source": "skull (top of the head in the scan)"}
 
 
 def locate(ordered, rule) -> dict:
@@ -250,7 +281,9 @@ def locate(ordered, rule) -> dict:
                 loc[role] = {"z": crest, "source": "iliac wings"}
     if rule.start == "vertex":
         h = head_top(ordered)
-        if h.get("vertex_cut"):
+        if h.get("vertex_z") is not None:
+            loc["start"] = {"z": h["vertex_z"], "source": h["source"]}
+        elif h.get("vertex_cut"):
             prev = loc.get("start")
             if not prev or prev["z"] is None or prev["z"] <= zmax:
                 loc["start"] = {"z": None, "source": "skull (cut)"}
