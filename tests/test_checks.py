@@ -455,6 +455,10 @@ def test_vertex_from_the_skull_not_the_network():
     assert st.coverage["start_source"] == "skull (top of the head in the scan)"
     assert abs(st.coverage["start_z"] - vz) <= 3.0
     assert by_check(st, "coverage.top") is None
+    # the skull's vertex also re-anchors the network fit (30 mm off here): the skull base lands right
+    assert st.coverage["fit"]["anchored_on_anatomy"] == pytest.approx(-30.0, abs=6.0)
+    # (within the head-size effect: a short stack is read at size factor 1, this patient is 1.1)
+    assert abs(st.coverage["end_z"] - z_of("skull_base")) <= 12.0 and by_check(st, "coverage.bottom") is None
     # the scan starts 5 mm below the vertex: a cap of ~2,400 mm² on the top slice, the vertex ~5 mm above it
     res = body_stack(vz - 5, z_of("skull_base") - 15, spacing=3.0, sigma=4.0, outliers=0.0, bias=30.0,
                      series="1.2.3.61", body_part="HEAD", slice_thickness=3.0)

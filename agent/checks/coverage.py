@@ -160,11 +160,13 @@ def iliac_crest(ordered) -> dict:
     return {"iliac_crest_z": hits[0]}
 
 
-def anchor_on_lungs(fit: dict, lungs: dict, pelvis: dict | None = None) -> dict:
-    """Re-anchor the network fit on classical landmarks — lungs seen whole at an end, the iliac crests:
-    with two landmarks far apart, slope and offset come from them; with one, the offset moves when the
-    network is > 15 mm off."""
+def anchor_on_lungs(fit: dict, lungs: dict, pelvis: dict | None = None, vertex_z: float | None = None) -> dict:
+    """Re-anchor the network fit on classical landmarks — the vertex from the skull, lungs seen whole at an
+    end, the iliac crests: with two landmarks far apart, slope and offset come from them; with one, the
+    offset moves when the network is > 15 mm off."""
     pts = []
+    if vertex_z is not None:
+        pts.append((vertex_z, LANDMARKS["vertex"]))
     if lungs.get("lungs_seen") and not lungs.get("top_open"):
         pts.append((lungs["lung_top_z"], LANDMARKS["lung_apex"]))
     if lungs.get("lungs_seen") and not lungs.get("bottom_open"):
@@ -242,8 +244,9 @@ def locate(ordered, rule) -> dict:
         # bone leaving and returning to the lateral thirds happens in skulls too; a crest where a coherent
         # network fit sees the head or the chest is not the pelvis
         pelvis = {"rejected_iliac_crest_z": crest, "network_ref_mm": round(fit["a"] + fit["b"] * crest, 1)}
+    head = head_top(ordered) if rule.start == "vertex" else {}
     if fit is not None:
-        fit = anchor_on_lungs(fit, lungs, pelvis)
+        fit = anchor_on_lungs(fit, lungs, pelvis, head.get("vertex_z"))
     loc: dict = {"fit": fit, "lungs": lungs, "pelvis": pelvis}
     if fit is not None and (fit["residual_mm"] > FIT_MAX_RESIDUAL_MM or not fit["slope_sign_ok"]):
         # positions scatter too much, or run against the coordinates: they place nothing
@@ -280,7 +283,7 @@ def locate(ordered, rule) -> dict:
             if getattr(rule, role) == "iliac_crest":
                 loc[role] = {"z": crest, "source": "iliac wings"}
     if rule.start == "vertex":
-        h = head_top(ordered)
+        h = head
         if h.get("vertex_z") is not None:
             loc["start"] = {"z": h["vertex_z"], "source": h["source"]}
         elif h.get("vertex_cut"):
