@@ -238,6 +238,8 @@ class SeriesTracker:
             lungs = coverage_checks.lung_extent(ordered)
             if lungs and not lungs.get("lungs_seen"):
                 return  # lung-free slices at this end: the lungs are still ahead, wait for them
+        if landmark == "vertex" and not coverage_checks.head_top(ordered):
+            return  # no skull in the slices yet (air and the head holder above the head): wait for it
         tol = rule.tolerance_mm if rule.tolerance_mm is not None else cov.tolerance_mm
         fs, _ = coverage_checks.coverage_findings(st, ordered, rule, tol, cov.overscan_margin_mm, None, ends=ends, overscan=False)
         for f in fs:

@@ -475,6 +475,18 @@ def test_vertex_from_the_skull_not_the_network():
     assert f is not None and "Vertex not covered" in f.message
 
 
+def test_head_scan_from_above_the_vertex_waits_for_the_skull():
+    """Scanning down from 33 mm above the head: the first slices hold only air and the head holder, and a
+    network reading 60 mm low would put the vertex above the scan. The early top check waits for skull."""
+    vz = z_of("vertex")
+    res = body_stack(vz + 33, z_of("skull_base") - 15, spacing=3.0, sigma=2.0, outliers=0.0, bias=60.0,
+                     series="1.2.3.63", body_part="HEAD", slice_thickness=3.0)
+    _head_measures(res, vz)
+    st, streamed = run(res)
+    assert not [f for f in streamed if f.check == "coverage.top"]
+    assert by_check(st, "coverage.top") is None and abs(st.coverage["start_z"] - vz) <= 3.0
+
+
 def test_iliac_crest_pattern_in_a_head_is_not_used():
     """Bone leaving and returning to the lateral thirds also happens in a skull; where a coherent network
     fit sees a head (> 200 reference mm from the crest), that 'crest' re-anchors nothing (it moved a clean
