@@ -13,13 +13,16 @@
 from __future__ import annotations
 
 import math
-import re
 import statistics
 
+from medqc import detectors
 from medqc.agent.checks.common import finding, finite
 
 REF_THICKNESS_MM = 5.0
-SHARP_KERNEL = re.compile(r"BONE|LUNG|SHARP|EDGE|DETAIL|ULTRA|HIGH ?RES|\b[A-Z]{1,2}[6-9]\d[A-Z]?\b|FC[5-9]\d", re.I)
+# the same sharp-kernel names the per-slice noise measure skips (GE BONE/LUNG/EDGE/DETAIL, Siemens ≥ 60 and
+# the Bl lung family, Philips C/D/E/L/Y*, Canon FC3x bone and FC5x-9x): their noise is high by design, and
+# the narrower list this check had before judged Philips and Siemens lung-kernel series against soft-tissue levels
+SHARP_KERNEL = detectors.SHARP_KERNEL
 
 
 def dose_findings(state, results, rule) -> list:
@@ -65,7 +68,7 @@ def noise_findings(state, results, rule) -> list:
     if rule is None or rule.noise_ref_hu is None:
         return []
     kernel = state.first.convolution_kernel or ""
-    if kernel and SHARP_KERNEL.search(kernel):
+    if kernel and SHARP_KERNEL.search(kernel.strip()):
         return []
     sds = []
     for r in results:
