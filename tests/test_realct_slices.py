@@ -71,3 +71,66 @@ def test_perfusion_map_is_recorded_not_analysed():
     rep = analyze("eCT_Supplemental.dcm")
     assert rep["series"] == []
     assert rep["rejected"] and all("not CT numbers" in r["reason"] for r in rep["rejected"])
+
+
+def test_agent_receives_real_compressed_ct_from_dcmtk_and_pynetdicom(tmp_path, port):
+    """The running agent (embedded model) receives the real slices over DICOM in their own transfer syntaxes
+    — JPEG 2000 from DCMTK storescu, JPEG lossless (process 14) from storescu, the NIH slice and the
+    perfusion map from a pynetdicom SCU — analyses the CT images and records the map as not CT numbers."""
+    import os
+    import signal
+    import socket
+    import sqlite3
+    import time
+
+    import shutil
+
+    import pydicom
+    from pynetdicom import AE
+    from pynetdicom.presentation import build_context
+
+    storescu = shutil.which("storescu")
+    if not storescu:
+        pytest.skip("storescu (dcmtk) is not installed")
+    state, out = tmp_path / "state", tmp_path / "out.jsonl"
+    cfg = tmp_path / "medqc.toml"
+    cfg.write_text("[series]\nidle_timeout_s = 1.0\n[spool]\nmin_free_mb = 0\n[http]\nenabled = false\n")
+    env = dict(os.environ, TCP_NODELAY="1")
+    proc = subprocess.Popen([sys.executable, "-m", "medqc", "agent", "--port", str(port), "--state-dir", str(state),
+                             "--config", str(cfg), "--backend", "onnxruntime"],
+                            stdout=open(out, "w"), stderr=open(tmp_path / "err.log", "w"), env=env)
+    try:
+        end = time.time() + 60
+        while time.time() < end:
+            assert proc.poll() is None, (tmp_path / "err.log").read_text()[-2000:]
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        for name, propose in (("693_J2KR.dcm", "-xv"), ("bad_sequence.dcm", "-xs")):
+            r = subprocess.run([storescu, propose, "-aec", "MEDQC", "127.0.0.1", str(port), get_testdata_file(name)],
+                               capture_output=True, text=True, timeout=60, env=env)
+            assert r.returncode == 0, r.stderr
+        dss = [pydicom.dcmread(get_testdata_file(n)) for n in ("explicit_VR-UN.dcm", "eCT_Supplemental.dcm")]
+        ae = AE(ae_title="PYNETDICOM")
+        assoc = ae.associate("127.0.0.1", port, ae_title="MEDQC",
+                             contexts=[build_context(d.SOPClassUID, [d.file_meta.TransferSyntaxUID]) for d in dss])
+        assert assoc.is_established
+        assert [assoc.send_c_store(d).Status for d in dss] == [0, 0]
+        assoc.release()
+        end = time.time() + 60
+        series = []
+        while time.time() < end and len(series) < 3:
+            series = [d for d in map(json.loads, out.read_text().splitlines()) if d.get("event") == "series"]
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
+    assert sorted(s["protocol_rule"] or "-" for s in series) == ["-", "abdomen", "neck"]
+    assert all(s["slices"] == 1 and s["verdict"] in ("pass", "warn") for s in series)
+    findings = [d for d in map(json.loads, out.read_text().splitlines()) if d.get("event") == "finding"]
+    assert not [f for f in findings if f["check"].startswith(("artifact.", "input."))], findings
+    db = sqlite3.connect(state / "medqc.sqlite")
+    reasons = [r[0] for r in db.execute("SELECT reason FROM rejected")]
+    assert reasons and all("not CT numbers" in r for r in reasons), reasons
