@@ -1,4 +1,4 @@
-"""Real CT slices from several sources, through ``medqc analyze`` (the public offline interface).
+"""Real CT slices from several sources, through the public interfaces: ``medqc analyze`` and a running ``medqc agent``.
 
 The files come from ``pydicom-data`` (pydicom's public test data; a test dependency): a GE-style head slice
 with a subdural haematoma stored uncompressed and as JPEG 2000 lossless, a Siemens targeted spine
