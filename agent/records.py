@@ -53,13 +53,18 @@ class SliceInfo:
 
     @property
     def z(self) -> float | None:
-        """Position along the slice normal (mm); for axial head-first images this is patient z."""
+        """Position along the slice normal (mm), the normal taken towards the head (+z): for axial slices this
+        is patient z whatever way the rows and columns run (an image stored with its rows posterior→anterior
+        or its columns left→right has a normal row × column pointing to the feet; used as it is, it would
+        swap the top and the bottom of the scan)."""
         if self.position is None:
             return None
         if self.orientation is None:
             return self.position[2]
         r, c = self.orientation[:3], self.orientation[3:]
         n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+        if n[2] < 0:
+            n = (-n[0], -n[1], -n[2])
         return sum(p * q for p, q in zip(self.position, n))
 
     def to_dict(self) -> dict:

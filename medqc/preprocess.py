@@ -120,6 +120,9 @@ def preprocess(hu: np.ndarray, pixel_spacing: tuple[float, float], params: Prepr
     if not (row_mm > 0 and col_mm > 0):
         raise ValueError(f"pixel spacing must be positive, got {pixel_spacing}")
     img = hu.astype(np.float32, copy=False)
+    flip_rows, flip_cols = canonical_flips(orientation)
+    if flip_rows or flip_cols:  # mirrored before resampling: exactly what the same slice stored the usual way gives
+        img = np.ascontiguousarray(img[::-1 if flip_rows else 1, ::-1 if flip_cols else 1])
     inside = img >= params.pad_below_hu
     everywhere = bool(inside.all())  # no padding: nothing to replace, and the mask resize is known
     if not everywhere:
@@ -155,9 +158,6 @@ def preprocess(hu: np.ndarray, pixel_spacing: tuple[float, float], params: Prepr
     if mask is not None:
         out[-1].fill(0.0)
         out[-1][dr, dc] = mask[sr, sc]
-    flip_rows, flip_cols = canonical_flips(orientation)
-    if flip_rows or flip_cols:
-        out = np.ascontiguousarray(out[:, ::-1 if flip_rows else 1, ::-1 if flip_cols else 1])
     return out
 
 

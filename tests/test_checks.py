@@ -490,6 +490,22 @@ def test_head_scan_from_above_the_vertex_waits_for_the_skull():
     assert by_check(st, "coverage.top") is None and abs(st.coverage["start_z"] - vz) <= 3.0
 
 
+@pytest.mark.parametrize("orientation", [(1, 0, 0, 0, -1, 0), (-1, 0, 0, 0, 1, 0), (-1, 0, 0, 0, -1, 0)])
+def test_flipped_axes_keep_the_top_of_the_scan_at_the_top(orientation):
+    """Rows stored posterior→anterior or columns left→right turn the slice normal (row × column) towards the
+    feet; z is taken along the normal towards the head, so the top of the scan stays the top: the same
+    coverage as the usual layout, and no 'anatomy against the coordinates'."""
+    ref = body_stack(z_of("lung_apex") - 30, z_of("lung_base") - 20, series="1.2.3.80")
+    st0, _ = run(ref)
+    res = body_stack(z_of("lung_apex") - 30, z_of("lung_base") - 20, series="1.2.3.81", orientation=orientation,
+                     patient_position="HFP" if orientation[4] < 0 else "FFS")
+    assert res[0].info.z == pytest.approx(z_of("lung_apex") - 30)
+    st, _ = run(res)
+    assert by_check(st, "geometry.orientation") is None
+    assert st.coverage["start_z"] == pytest.approx(st0.coverage["start_z"])
+    assert by_check(st, "coverage.top").details["missing_mm"] == by_check(st0, "coverage.top").details["missing_mm"]
+
+
 def test_iliac_crest_pattern_in_a_head_is_not_used():
     """Bone leaving and returning to the lateral thirds also happens in a skull; where a coherent network
     fit sees a head (> 200 reference mm from the crest), that 'crest' re-anchors nothing (it moved a clean
