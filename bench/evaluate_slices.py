@@ -105,7 +105,7 @@ def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
         for (info, _), ts, r in zip(items, slices[b:b + 16], inf.run(items)):
             rows.append({"sev": ts.artifacts, "scores": r.scores or {}, "measures": r.measures or {},
                          "classical": detectors.classical_probs(r.measures or {}), "pos": r.position_ref_mm,
-                         "true_pos": ts.position_ref_mm, "kernel": ts.meta["kernel"], "thickness": ts.meta["thickness_mm"],
+                         "true_pos": ts.position_ref_mm, "kernel": info.convolution_kernel, "thickness": ts.meta["thickness_mm"],
                          "error": r.error})
         print(f"\ranalysed {len(rows)}/{n}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -140,8 +140,7 @@ def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
                  "source": ("classical" if c in bundle.network_off else
                             "network + classical" if c in detectors.CLASSICAL_CLASSES else "network")}
         if c == "noise":  # noise is not judged on sharp kernels (σ there is the kernel, not the dose)
-            soft = np.array([not detectors.SHARP_KERNEL.search(slice_info(slices[i], i).convolution_kernel)
-                             for i in range(len(rows))])[keep]
+            soft = np.array([not detectors.SHARP_KERNEL.search(r["kernel"]) for r in rows])[keep]
             entry["agent_smooth_kernels"] = _metrics(y[soft], np.nan_to_num(fused, nan=0.0)[soft], thr.get(c))
         res["classes"][c] = entry
     err = np.array([abs(r["pos"] - r["true_pos"]) for r in rows if r["pos"] is not None and r["true_pos"] is not None])

@@ -575,7 +575,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
             # fine display grid) is smoothed away by the 5-pixel median at full resolution, not at 2 mm
             f = pooled[2]
             coarse = ring_contrast(pooled[0], [((cy + 0.5) / f - 0.5, (cx + 0.5) / f - 0.5) for cy, cx in centres])
-            ring = coarse if not math.isfinite(ring) else max(ring, coarse) if math.isfinite(coarse) else ring
+            ring = float(np.fmax(ring, coarse))  # the larger scale; NaN only where both are
         out["ring_contrast_hu"] = ring
     else:
         out["lung_area_mm2"] = 0.0

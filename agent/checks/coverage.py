@@ -160,7 +160,7 @@ def iliac_crest(ordered) -> dict:
     return {"iliac_crest_z": hits[0]}
 
 
-def anchor_on_lungs(fit: dict, lungs: dict, pelvis: dict | None = None, vertex_z: float | None = None) -> dict:
+def anchor_on_anatomy(fit: dict, lungs: dict, pelvis: dict | None = None, vertex_z: float | None = None) -> dict:
     """Re-anchor the network fit on classical landmarks — the vertex from the skull, lungs seen whole at an
     end, the iliac crests: with two landmarks far apart, slope and offset come from them; with one, the
     offset moves when the network is > 15 mm off."""
@@ -246,7 +246,7 @@ def locate(ordered, rule) -> dict:
         pelvis = {"rejected_iliac_crest_z": crest, "network_ref_mm": round(fit["a"] + fit["b"] * crest, 1)}
     head = head_top(ordered) if rule.start == "vertex" else {}
     if fit is not None:
-        fit = anchor_on_lungs(fit, lungs, pelvis, head.get("vertex_z"))
+        fit = anchor_on_anatomy(fit, lungs, pelvis, head.get("vertex_z"))
     loc: dict = {"fit": fit, "lungs": lungs, "pelvis": pelvis}
     if fit is not None and (fit["residual_mm"] > FIT_MAX_RESIDUAL_MM or not fit["slope_sign_ok"]):
         # positions scatter too much, or run against the coordinates: they place nothing
