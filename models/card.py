@@ -49,6 +49,18 @@ def _position_line(part: dict) -> str:
             f"90th percentile {_f(p['p90_abs_mm'], 1)} mm, bias {_f(p['bias_mm'], 1)} mm")
 
 
+def _augment_line(m: dict) -> str:
+    a = m.get("augment")
+    if not isinstance(a, dict):
+        return "- Augmentation in training: random left-right mirroring."
+    g, c, t = a["geometry"], a["calibration"], a["texture"]
+    return (f"- Augmentation in training (models/augment.py): random left-right mirroring; geometry (p {g['p']}: rotation "
+            f"±{g['rotation_deg']}°, scale {g['scale'][0]}–{g['scale'][1]}, shift ±{g['shift_mm']} mm); calibration (p {c['p']}: "
+            f"water offset ±{c['water_offset_hu']} HU, gain ±{100 * c['gain']:.0f} %); texture (p {t['p']}: smoothing/sharpening, "
+            f"added correlated noise {t['noise_hu'][0]}–{t['noise_hu'][1]} HU; {', '.join(t['labels_not_trained_when_applied'])} "
+            "not trained on those slices).")
+
+
 def render_card(m: dict) -> str:
     ort = m.get("ort_cpu", {})
     lines = [
@@ -85,7 +97,10 @@ def render_card(m: dict) -> str:
         f"- Labels: artifact positive when the generator's severity >= {m.get('positive_at_severity')}, negative when it is 0;",
         "  fainter severities are neither trained nor scored for that class. Position: the generator's reference",
         "  body coordinate (slices without one do not train the position head).",
-        "- Augmentation in training: random left-right mirroring.",
+        _augment_line(m),
+        *([f"- Real clean CT mixed into training as negatives (no position label, noise not trained on them): "
+           f"{m['real_negatives']['slices']} slices, {100 * m['real_negatives']['batch_fraction']:.0f} % of each batch "
+           f"({'; '.join(m['real_negatives']['series'])})."] if (m.get("real_negatives") or {}).get("slices") else []),
         f"- Training label prevalence: {', '.join(f'{k} {v:.2f}' for k, v in m.get('train_label_prevalence', {}).items())}.",
         "",
         "### Randomised variations (from the generator's per-slice description)",

@@ -212,3 +212,18 @@ def _worker_init():
         cv2.setNumThreads(1)
     except Exception:
         pass
+
+
+def real_negatives(folders, params: PreprocessParams) -> tuple[np.ndarray, list[str]]:
+    """Axial CT images under ``folders`` (real, artifact-free scans), preprocessed: ((N, C, S, S) float16,
+    one description per series)."""
+    from medqc.models.realct import read_series
+
+    xs, names = [], []
+    for folder in folders:
+        for uid, items in read_series(Path(folder)).items():
+            xs.extend(preprocess(hu, ps, params, iop).astype(np.float16) for _, hu, ps, iop in items)
+            names.append(f"{Path(folder).name} series …{uid[-12:]} ({len(items)} slices)")
+    if not xs:
+        raise MedqcError(f"no axial CT images found under {', '.join(str(f) for f in folders)}")
+    return np.stack(xs), names

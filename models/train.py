@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from medqc import ARTIFACTS
-from medqc.errors import UsageError
+from medqc.errors import MedqcError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--holdout", action="append", default=None, metavar="RULE",
                    help=f"generator parameter rule held out of training and reported separately (repeatable; default {' '.join(DEFAULT_HOLDOUT)})")
+    p.add_argument("--augment", choices=("domain", "mirror"), default="domain",
+                   help="domain: mirroring plus geometry, calibration and texture randomisation (models/augment.py); mirror: left-right mirroring only")
+    p.add_argument("--real-negatives", action="append", default=None, metavar="DIR",
+                   help="folder of real, artifact-free CT (axial CT images are read from it) mixed into batches as negatives for every "
+                        "artifact class except noise; no position label (repeatable)")
+    p.add_argument("--real-fraction", type=float, default=0.05, help="expected share of each batch drawn from --real-negatives (default 0.05)")
+    p.add_argument("--keep-epochs", action="store_true", help="also keep each epoch's checkpoint as epoch-NN.pt (to choose one on real CT afterwards)")
     p.add_argument("--specificity", type=float, default=0.97, help="thresholds are chosen at this validation specificity (default 0.97)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -125,10 +132,14 @@ def validate_args(args) -> None:
         (0.5 <= args.specificity < 1, f"--specificity must be in [0.5, 1) (got {args.specificity})"),
         (args.device in ("auto", "cpu", "cuda"), f"--device must be one of: auto, cpu, cuda (got {args.device!r})"),
         (args.width is None or 4 <= args.width <= 256, f"--width must be 4..256 (got {args.width})"),
+        (0 <= getattr(args, "real_fraction", 0.05) < 0.5, f"--real-fraction must be in [0, 0.5) (got {getattr(args, 'real_fraction', None)})"),
     ]
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
+    for d in getattr(args, "real_negatives", None) or []:
+        if not Path(d).is_dir():
+            raise UsageError(f"--real-negatives {d}: not a folder")
     args.holdout_rules = [parse_rule(r) for r in (args.holdout if args.holdout else DEFAULT_HOLDOUT)]
 
 
@@ -204,6 +215,18 @@ def train(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache_root = Path(args.cache)
+
+    # ---- real clean CT read first: a folder without CT fails before minutes of data generation
+    real_np, real_names = None, []
+    real_fraction = float(getattr(args, "real_fraction", 0.05) or 0.0)
+    if getattr(args, "real_negatives", None):
+        from medqc.models.data import real_negatives
+
+        try:
+            real_np, real_names = real_negatives(args.real_negatives, params)
+        except MedqcError as e:
+            raise UsageError(f"--real-negatives: {e}") from None
+        log.info("real negatives: %d slices (%s), %.0f %% of each batch", len(real_np), "; ".join(real_names), 100 * real_fraction)
 
     # ---- data
     from medqc.models.data import cache_key, generator_version
@@ -292,6 +315,16 @@ def train(args) -> dict:
         xb[flip] = xb[flip][..., ::-1]
         return torch.from_numpy(np.ascontiguousarray(xb)).to(device)
 
+    # ---- real clean CT as negatives (every class but noise, whose level on them is not known) and augmentation
+    real_x = torch.from_numpy(real_np).to(device) if real_np is not None else None
+    real_w = torch.ones(len(ARTIFACTS), device=device)
+    real_w[ARTIFACTS.index("noise")] = 0.0
+    augment = None
+    if getattr(args, "augment", "mirror") == "domain":
+        from medqc.models.augment import DomainAugment
+
+        augment = DomainAugment(params)
+
     history = []
     step = 0
     budget_s = args.max_minutes * 60.0
@@ -316,6 +349,19 @@ def train(args) -> dict:
             yt = torch.from_numpy(y_all[idx]).to(device)
             wt = torch.from_numpy(w_all[idx]).to(device)
             pt = torch.from_numpy(pos_all[idx]).to(device)
+            if real_x is not None and real_fraction > 0:
+                k = int(rng.binomial(len(idx), real_fraction))
+                if k:  # the last k rows become real clean slices (mirrored at random like the rest)
+                    r = torch.from_numpy(rng.integers(0, len(real_x), k)).to(device)
+                    xr = real_x.index_select(0, r).float()
+                    xr = torch.where(torch.from_numpy(rng.random(k) < 0.5).to(device)[:, None, None, None], xr.flip(-1), xr)
+                    xt = torch.cat([xt[: len(idx) - k], xr.to(xt.dtype)], 0)
+                    yt = torch.cat([yt[: len(idx) - k], torch.zeros((k, yt.shape[1]), device=device)], 0)
+                    wt = torch.cat([wt[: len(idx) - k], real_w.expand(k, -1)], 0)
+                    pt = torch.cat([pt[: len(idx) - k], torch.full((k,), float("nan"), device=device)], 0)
+            if augment is not None:
+                xt, keep = augment(xt, rng)
+                wt = wt * keep
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=amp):
@@ -364,6 +410,10 @@ def train(args) -> dict:
         history.append(ep)
         log.info("epoch %d: %s", epoch, json.dumps(ep))
         _save(ckpt_path, args, model, full_kwargs, params, thresholds, {"val": m}, __version__, CHECKPOINT_FORMAT, step)
+        if getattr(args, "keep_epochs", False):
+            import shutil
+
+            shutil.copyfile(ckpt_path, out / f"epoch-{epoch:02d}.pt")
     bar.close()
     train_s = time.time() - t_opt
 
@@ -400,6 +450,9 @@ def train(args) -> dict:
         "train_seconds": round(train_s, 1),
         "validation": parts,
         "history": history,
+        "augment": augment.describe() if augment is not None else "mirror",
+        "real_negatives": {"series": real_names, "slices": int(len(real_x)) if real_x is not None else 0,
+                           "batch_fraction": real_fraction if real_x is not None else 0.0},
         "train_label_prevalence": {a: float(prev[k]) for k, a in enumerate(ARTIFACTS)},
         "data_summary": summarise_meta([tr.meta[i] for i in train_idx]),
         "heldout_summary": summarise_meta([va.meta[i] for i in np.flatnonzero(va_hold)]),

@@ -85,3 +85,38 @@ def test_tiny_training_run(tmp_path, capsys):
     assert m2["data_seconds"] < max(1.0, metrics["data_seconds"])
     for a, b in zip(epochs, e2):
         assert abs(a["train_loss"] - b["train_loss"]) <= 1e-3 * abs(a["train_loss"]) + 1e-6
+
+
+def test_real_negatives_options(tmp_path, capsys):
+    rc = main(["train", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--real-negatives", str(tmp_path / "nope")])
+    assert rc == 2 and "--real-negatives" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no DICOM here")
+    rc = main(["train", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--real-negatives", str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no axial CT images" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()  # checked before any data was generated
+    assert main(["train", "--out", str(tmp_path / "o"), "--real-fraction", "0.7"]) == 2
+
+
+def test_training_with_real_negatives_and_epoch_checkpoints(tmp_path, capsys):
+    """Real CT (pydicom-data's GE slice) is mixed into the batches; every epoch's checkpoint is kept."""
+    pytest.importorskip("medqc.synth.training", reason="the synthetic generator is part of this repository")
+    data = pytest.importorskip("pydicom.data")
+    import shutil
+
+    real = tmp_path / "real"
+    real.mkdir()
+    shutil.copy(data.get_testdata_file("CT_small.dcm"), real / "ct1")
+    out = tmp_path / "run"
+    argv = ["train", "--model", "qcnet-small", "--out", str(out), "--cache", str(tmp_path / "cache"),
+            "--n-train", "16", "--n-val", "8", "--epochs", "2", "--batch-size", "8", "--workers", "1", "--seed", "5",
+            "--no-progress", "--holdout", "no_such_parameter>0", "--real-negatives", str(real), "--real-fraction", "0.25",
+            "--keep-epochs"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["real_negatives"]["slices"] == 1 and metrics["real_negatives"]["batch_fraction"] == 0.25
+    assert metrics["augment"]["texture"]["labels_not_trained_when_applied"] == ["noise", "ring"]
+    assert sorted(p.name for p in out.glob("epoch-*.pt")) == ["epoch-01.pt", "epoch-02.pt"]
+    assert "Real clean CT mixed into training" in (out / "card.md").read_text()
