@@ -67,6 +67,20 @@ def test_pancreas_slice_stored_upside_down_reads_as_upper_abdomen():
     assert p["measures"]["lung_area_mm2"] < 5000  # lung bases at most
 
 
+def test_tilted_jpeg2000_head_with_signed_13_bit_pixels():
+    """A real head slice (JPEG 2000, 13 bits stored as signed with -2000 outside the field, gantry tilted
+    22°): read as HU with the padding masked, a skull around brain, no artifact, tilt reported as routine."""
+    rep = analyze("J2K_pixelrep_mismatch.dcm")
+    s = rep["series"][0]
+    assert s["protocol_rule"] == "head" and s["verdict"] == "pass"
+    assert [f["check"] for f in s["findings"]] == ["geometry.tilt"] and s["findings"][0]["severity"] == "info"
+    p = slice_of(rep)
+    assert p["measures"]["skull_ring"] >= 0.75 and p["measures"]["metal_area_mm2"] == 0
+    assert 0 <= p["position_ref_mm"] <= 180, p["position_ref_mm"]
+    for k in ("metal", "ring", "noise", "truncation"):
+        assert p["scores"][k] < 0.5, (k, p["scores"])
+
+
 def test_perfusion_map_is_recorded_not_analysed():
     rep = analyze("eCT_Supplemental.dcm")
     assert rep["series"] == []
