@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -236,6 +237,40 @@ def plan(instances: list[Instance], mode: str, rate: float = DEFAULT_RATE, max_g
 
 
 # --------------------------------------------------------------------------------------------- sending
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+
+
+def valid_uid(uid) -> bool:
+    """PS3.5 9.1: components of digits (no leading zero) separated by dots, at most 64 characters."""
+    return bool(uid) and len(str(uid)) <= 64 and bool(_UID.match(str(uid)))
+
+
+def status_text(code: int, status=None) -> str:
+    """A failed C-STORE status as people read it: the code, its meaning in the Storage Service Class
+    (PS3.4 B.2.3) and the peer's ErrorComment when it sent one."""
+    try:
+        from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS as table
+    except ImportError:  # pragma: no cover - pynetdicom is a dependency
+        table = {}
+    meaning = table.get(code)
+    if meaning is None:
+        hi = code & 0xFF00
+        meaning = {0xA700: ("Failure", "Refused: Out of Resources"), 0xA900: ("Error", "Data Set Does Not Match SOP Class"),
+                   0xC000: ("Error", "Cannot Understand")}.get(hi if hi != 0xC000 else 0xC000)
+        if meaning is None and (code & 0xF000) == 0xC000:
+            meaning = ("Error", "Cannot Understand")
+    text = f"C-STORE status 0x{code:04X}" + (f" ({meaning[0]}: {meaning[1]})" if meaning else "")
+    comment = None
+    if status is not None:
+        try:
+            comment = status.get("ErrorComment")
+        except Exception:
+            comment = None
+    if comment:
+        text += f"; the peer says: {str(comment).strip()[:200]}"
+    return text
+
+
 @dataclass
 class SendRecord:
     study_uid: str
@@ -250,6 +285,7 @@ class SendRecord:
     ok: bool
     error: str = ""
     raw: bool = True  # sent as the file's bytes (no re-encode)
+    path: str = ""  # the file it came from
 
 
 @dataclass
@@ -404,7 +440,7 @@ class Sender:
             self.fatal = err  # the peer refuses us: the next series would fare no better
             now = time.time()
             for inst in sp.instances:
-                self._record(SendRecord(sp.study_uid, sp.series_uid, inst.sop_instance_uid, inst.instance_number, now, now, now, 0.0, None, False, err))
+                self._record(SendRecord(sp.study_uid, sp.series_uid, inst.sop_instance_uid, inst.instance_number, now, now, now, 0.0, None, False, err), inst.path)
             return run
         reassociations = 0
         msg_id = 0
@@ -431,14 +467,14 @@ class Sender:
                     if assoc is None:
                         run.errors.append(err)
                         break
-                self._record(rec)
+                self._record(rec, inst.path)
                 if run.first_sent_at is None:
                     run.first_sent_at = rec.sent_at
                 run.last_acked_at = rec.acked_at
                 if assoc is None:
                     now = time.time()
                     for rest in sp.instances[k + 1:]:
-                        self._record(SendRecord(sp.study_uid, sp.series_uid, rest.sop_instance_uid, rest.instance_number, now, now, now, 0.0, None, False, "not sent: association lost"))
+                        self._record(SendRecord(sp.study_uid, sp.series_uid, rest.sop_instance_uid, rest.instance_number, now, now, now, 0.0, None, False, "not sent: association lost"), rest.path)
                     break
         finally:
             if assoc is not None and assoc.is_established:
@@ -479,10 +515,12 @@ class Sender:
                    if not assoc.is_established else "invalid or missing C-STORE response")
             return SendRecord(sp.study_uid, sp.series_uid, inst.sop_instance_uid, inst.instance_number, due, t_send, t_ack, rtt, None, False, err, raw)
         ok = code == 0x0000 or (code & 0xF000) == 0xB000  # success or warning
-        err = "" if ok else f"C-STORE status 0x{code:04X}"
+        err = "" if ok else status_text(code, status)
         return SendRecord(sp.study_uid, sp.series_uid, inst.sop_instance_uid, inst.instance_number, due, t_send, t_ack, rtt, code, ok, err, raw)
 
-    def _record(self, rec: SendRecord) -> None:
+    def _record(self, rec: SendRecord, path=None) -> None:
+        if path is not None:
+            rec.path = str(path)
         self.records.append(rec)
         self.on_sent(rec)
 
@@ -779,6 +817,10 @@ def summarize(records: list[SendRecord], runs: list[SeriesRun], skipped: list[di
         "failed": len(failed),
         "raw_sends": sum(1 for r in ok if r.raw),
         "errors": errors,
+        "failures": [{"file": r.path, "sop_instance_uid": r.sop_instance_uid, "instance_number": r.instance_number, "error": r.error,
+                      **({} if valid_uid(r.sop_instance_uid) and valid_uid(r.series_uid) and valid_uid(r.study_uid) else
+                         {"note": "its UIDs are not valid DICOM UIDs (digits and dots, at most 64 characters): strict peers refuse such files"})}
+                     for r in failed[:50]],
         "recovered": recovered,
         "wall_s": round(wall_s, 4),
         "throughput_slices_per_s": round(len(ok) / (last - first), 2) if len(ok) > 1 and last > first else None,
@@ -818,6 +860,11 @@ def print_summary(result: dict, out=sys.stdout) -> None:
             w(f"  agent: {a['error']}\n")
     for msg, n in sorted(t["errors"].items(), key=lambda kv: -kv[1]):
         w(f"  FAILED x{n}: {msg}\n")
+        files = [f for f in t.get("failures", []) if f["error"] == msg and f["file"]]
+        for f in files[:3]:
+            w(f"    {f['file']}" + (f" — {f['note']}" if f.get("note") else "") + "\n")
+        if len(files) > 3:
+            w(f"    … and {n - 3} more (all in the JSON report)\n")
     for msg, n in sorted(t.get("recovered", {}).items(), key=lambda kv: -kv[1]):
         w(f"  recovered x{n} (new association, C-STORE resent): {msg}\n")
     if result.get("responses_rescued"):
