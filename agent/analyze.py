@@ -22,6 +22,9 @@ def add_arguments(p) -> None:
     p.add_argument("--bundle", metavar="DIR", default=None, help="model bundle folder (default: the bundled model)")
     p.add_argument("--config", metavar="FILE", default=None, help="agent configuration (TOML)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--plot", metavar="DIR", default=None,
+                   help="also write one PNG per series into DIR: coverage against the protocol, per-slice artifact scores "
+                        "against their thresholds, the slices behind the findings (needs matplotlib)")
 
 
 def collect(paths: list[str]) -> list[Path]:
@@ -58,13 +61,19 @@ def human(report: dict) -> str:
     return "\n".join(lines)
 
 
-def analyze(paths: list[str], cfg, bundle: str | None = None, backend: str | None = None, progress: bool = False) -> dict:
+def analyze(paths: list[str], cfg, bundle: str | None = None, backend: str | None = None, progress: bool = False,
+            plot_dir: str | None = None) -> dict:
     from medqc.agent.pipeline import compose
     from medqc.agent.report import build_report
 
     files = collect(paths)
+    if plot_dir is not None:
+        from medqc.agent.figure import _matplotlib
+
+        _matplotlib()  # a clear usage error before any work when matplotlib is missing
     pipe = compose(cfg, bundle, backend, inference=backend != "none")
-    pipe.thumbnails = False  # console thumbnails are for the live agent only
+    pipe.thumbnails = plot_dir is not None  # console thumbnails are for the live agent; --plot shows slices too
+    pipe.thumbnail_min_score = 0.0
     try:
         for f in files:
             pipe.submit(f)
@@ -77,9 +86,26 @@ def analyze(paths: list[str], cfg, bundle: str | None = None, backend: str | Non
         if bar is not None:
             bar.close()
         pipe.complete_all("end-of-input")
-        return build_report(pipe.tracker.all(), list(pipe.rejected), cfg.privacy)
+        states = pipe.tracker.all()
+        report = build_report(states, list(pipe.rejected), cfg.privacy)
+        if plot_dir is not None:
+            report["figures"] = write_figures(report, states, pipe.tracker.thresholds, Path(plot_dir))
+        return report
     finally:
         pipe.inferer.close()
+
+
+def write_figures(report: dict, states, thresholds: dict, out: Path) -> list[str]:
+    """One PNG per series (``medqc.agent.figure``); returns the paths written."""
+    from medqc.agent.checks.artifact import RELATIVE_MARGIN
+    from medqc.agent.figure import file_name, series_figure
+
+    thumbs = {r.info.sop_instance_uid: r.thumbnail for st in states for r in st.results if r.thumbnail is not None}
+    paths = []
+    for i, s in enumerate(report["series"], 1):
+        p = series_figure(s, thresholds, out / file_name(s, i), thumbs, motion_margin=RELATIVE_MARGIN)
+        paths.append(str(p))
+    return paths
 
 
 def run(args) -> int:
@@ -93,7 +119,8 @@ def run(args) -> int:
     except ConfigError as e:
         raise UsageError(str(e)) from None
     try:
-        report = analyze(args.paths, cfg, args.bundle, args.backend, progress=not args.no_progress and sys.stderr.isatty())
+        report = analyze(args.paths, cfg, args.bundle, args.backend, progress=not args.no_progress and sys.stderr.isatty(),
+                         plot_dir=args.plot)
     except (BundleError, BackendUnavailable, RunnerError) as e:
         raise UsageError(str(e)) from None
     if args.json:
@@ -101,4 +128,6 @@ def run(args) -> int:
         sys.stdout.write("\n")
     else:
         print(human(report))
+        for p in report.get("figures", []):
+            print(f"figure: {p}")
     return 0

@@ -80,14 +80,15 @@ def thumbnail_png(hu: np.ndarray, info=None, size: int = THUMB_SIZE) -> bytes:
     return buf.tobytes()
 
 
-def attach_thumbnails(results, chunk) -> None:
-    """Give each analysed slice with a notable artifact score a thumbnail (called by the pipeline while
-    the HU pixels are still at hand; ~1 ms per slice, only for slices that may be shown)."""
+def attach_thumbnails(results, chunk, min_score: float = THUMB_MIN_SCORE) -> None:
+    """Give each analysed slice with a notable artifact score (``min_score``; 0: every slice) a thumbnail
+    (called by the pipeline while the HU pixels are still at hand; ~1 ms per slice, only for slices that
+    may be shown)."""
     by_info = {id(info): hu for info, hu in chunk}
     for r in results:
-        if r.error or r.thumbnail is not None or not r.scores:
+        if r.error or r.thumbnail is not None:
             continue
-        if max(r.scores.get(k, 0.0) for k in ARTIFACTS) < THUMB_MIN_SCORE:
+        if min_score > 0 and (not r.scores or max(r.scores.get(k, 0.0) for k in ARTIFACTS) < min_score):
             continue
         hu = by_info.get(id(r.info))
         if hu is None:

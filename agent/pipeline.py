@@ -51,6 +51,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self.identifiers = bool(cfg.privacy.show_patient_identifiers)
         self.thumbnails = bool(cfg.http.enabled)  # console thumbnails (agent/console.py); off for batch use
+        self.thumbnail_min_score = 0.2  # slices scoring below this for every class get none (analyze --plot: 0)
 
     # ------------------------------------------------------------------------------------------ intake
     def submit(self, path: str | Path, received_at: float | None = None) -> None:
@@ -152,7 +153,7 @@ class Pipeline:
             if self.thumbnails:  # console: a small PNG of slices with a notable artifact score
                 from medqc.agent.console import attach_thumbnails
 
-                attach_thumbnails(results, chunk)
+                attach_thumbnails(results, chunk, self.thumbnail_min_score)
             self._metric("observe", "medqc_stage_seconds", time.perf_counter() - t1, stage="infer")
             self._metric("observe", "medqc_batch_size", len(chunk))
             for r in results:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -52,6 +53,32 @@ def test_synthetic_metal_found_where_injected(tmp_path):
     metal = [f for f in s["findings"] if f["check"] == "artifact.metal"]
     assert len(metal) == 1 and metal[0]["first_instance"] == 6 and metal[0]["last_instance"] == 8
     assert s["verdict"] in ("warn", "fail")
+
+
+def test_plot_writes_a_figure_per_series(tmp_path):
+    """--plot: one PNG per series (coverage bar, artifact strips, the slice behind the metal finding), named
+    by series number and UID, listed in the JSON report; no patient identifiers in it."""
+    pytest.importorskip("matplotlib")
+    import cv2
+
+    out = tmp_path / "syn"
+    r = medqc("synth", out, "--region", "chest", "--slices", "16", "--matrix", "256", "--artifact", "metal@6-8",
+              "--seed", "3", "--no-progress", "--patient-name", "Plotted^Patient")
+    if r.returncode != 0:
+        pytest.skip(f"medqc synth unavailable: {r.stderr[-500:]}")
+    figs = tmp_path / "figs"
+    r = medqc("analyze", out, "--json", "--plot", figs)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    (path,) = doc["figures"]
+    assert Path(path).parent == figs and Path(path).name.startswith("series-001-")
+    img = cv2.imread(path)
+    assert img is not None and img.shape[1] >= 1200 and img.shape[0] >= 700
+    # the finding's slice is shown: the picture is far from blank, and the text never names the patient
+    assert float(img.std()) > 20
+    assert b"Plotted" not in Path(path).read_bytes()
+    r = medqc("analyze", out, "--plot", figs / "again")
+    assert r.returncode == 0 and "figure: " in r.stdout
 
 
 def test_usage_errors_exit_2(tmp_path, tiny_bundle):

@@ -244,7 +244,7 @@ def write_study(out_dir: Path, opts: StudyOptions) -> dict:
             half = 0.45 * pl["spacing"] / patient.scale
             imp = add_implant(patient, rng, 0.5 * (r_lo + r_hi), a.severity)
             imp.r_top, imp.r_bottom = min(r_lo, r_hi) - half, max(r_lo, r_hi) + half
-            _place_inside(patient, imp, rng)
+            _place_inside(patient, imp, rng, fov, center)
     ring_offsets = None
     ring_sev = max([a.severity for a in arts if a.kind == "ring"], default=0.0)
     # simulation grid: about the display matrix (at least 256, at most 512 channels)
@@ -335,8 +335,10 @@ def write_study(out_dir: Path, opts: StudyOptions) -> dict:
     return truth
 
 
-def _place_inside(patient, imp, rng) -> None:
-    """Move an implant whose default place is not inside soft tissue or bone at its level."""
+def _place_inside(patient, imp, rng, fov_mm: float | None = None, center=(0.0, 0.0)) -> None:
+    """Move an implant whose default place is not inside soft tissue or bone of the trunk at its level, or
+    not inside the displayed field (``fov_mm`` around ``center``): metal in an arm outside the image would be
+    labelled without being seen."""
     from medqc.synth.phantom import rasterize
 
     r = 0.5 * (imp.r_top + imp.r_bottom)
@@ -347,13 +349,21 @@ def _place_inside(patient, imp, rng) -> None:
     patient.implants = []
     cv = rasterize(patient, r, X, Y)
     patient.implants = saved
+    from scipy.ndimage import binary_erosion, label
+
     tissue = (cv.hu > -200) & ~cv.table
+    lab, nlab = label(tissue)
+    if nlab > 1:  # the trunk: the largest connected part (arms beside the body are separate)
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        tissue = lab == int(sizes.argmax())
+    if fov_mm:
+        half = 0.8 * fov_mm / 2.0 - imp.size
+        tissue &= (np.abs(X - center[0]) < half) & (np.abs(Y - center[1]) < half)
     iy, ix = int(round(imp.y / 4.0 + (n - 1) / 2)), int(round(imp.x / 4.0 + (n - 1) / 2))
     ok = 0 <= iy < n and 0 <= ix < n and tissue[max(0, iy - 2):iy + 3, max(0, ix - 2):ix + 3].all()
     if ok:
         return
-    from scipy.ndimage import binary_erosion
-
     core = binary_erosion(tissue, iterations=max(1, int(imp.size * 2 / 4.0) + 1))
     cand = np.argwhere(core if core.any() else tissue)
     if cand.size == 0:
