@@ -193,12 +193,23 @@ def _rescale_type(ds, frame: int) -> str:
     return _s(v).strip().upper()
 
 
+def _class_name(uid) -> str:
+    """'X-Ray Radiation Dose SR Storage 1.2.840.10008.5.1.4.1.1.88.67' (the UID alone when pydicom does not
+    know it)."""
+    if not uid:
+        return "unknown"
+    from pydicom.uid import UID
+
+    name = UID(str(uid)).name
+    return f"{name} {uid}" if name and name != str(uid) else str(uid)
+
+
 def _why_not_analysed(ds, info: SliceInfo) -> str:
     """Reason an object is ignored (valid, but not an axial CT image in CT numbers), or ''."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        return f"no image pixels (SOP class {info.sop_class_uid or 'unknown'})"
+        return f"no image pixels (SOP class {_class_name(info.sop_class_uid)})"
     if info.sop_class_uid not in CT_CLASSES:
-        return f"not a CT image (SOP class {info.sop_class_uid or 'unknown'}, modality {info.modality or 'unknown'})"
+        return f"not a CT image (SOP class {_class_name(info.sop_class_uid)}, modality {info.modality or 'unknown'})"
     if "LOCALIZER" in info.image_type:
         return "localizer (scout) image"
     maps = NOT_CT_NUMBER_TYPES.intersection(info.image_type)
