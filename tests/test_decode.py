@@ -174,6 +174,19 @@ def test_maps_that_are_not_ct_numbers_are_ignored():
     hu.RescaleType = "HU"
     hu.ImageType = ["DERIVED", "PRIMARY", "AXIAL", "MONOENERGETIC"]
     assert decode_dataset(hu)[0].ok
+    # a vendor's material map under an image type no list names: a derived image with no air, lung or fat
+    yy, xx = np.mgrid[:64, :64]
+    body = (yy - 32) ** 2 + (xx - 32) ** 2 < 20 ** 2
+    iodine = ct_dataset(64, 64, hu=np.where(body, 35.0, 0.0), intercept=0.0)
+    iodine.ImageType = ["DERIVED", "PRIMARY", "AXIAL", "IODINE_NO_WATER"]
+    d = decode_dataset(iodine)[0]
+    assert "no pixel below -50 HU" in d.ignored and d.hu is None
+    iodine.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]  # an original acquisition is always analysed
+    assert decode_dataset(iodine)[0].ok
+    # a targeted derived reconstruction inside the body still holds fat: analysed
+    fat = ct_dataset(64, 64, hu=np.where(body, 40.0, -100.0))
+    fat.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    assert decode_dataset(fat)[0].ok
 
 
 def test_not_dicom(tmp_path):
