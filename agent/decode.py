@@ -107,6 +107,18 @@ def axial_angle_deg(orientation) -> float | None:
     return math.degrees(math.acos(min(1.0, abs(n[2]) / norm)))
 
 
+def recon_offset(target, collection, orientation) -> tuple[float, float] | None:
+    """ReconstructionTargetCenterPatient − DataCollectionCenterPatient (both in patient coordinates, so their
+    difference does not depend on where a vendor puts the origin) along the image's row and column
+    directions: where the image centre lies from the isocentre. None unless both are written."""
+    t, c = _tuple(target, 3), _tuple(collection, 3)
+    if t is None or c is None or orientation is None:
+        return None
+    v = [a - b for a, b in zip(t, c)]
+    r, col = orientation[:3], orientation[3:]
+    return (sum(x * y for x, y in zip(v, r)), sum(x * y for x, y in zip(v, col)))
+
+
 def header_infos(ds, source: str = "", received_at: float | None = None, identifiers: bool = False) -> list[SliceInfo]:
     """One ``SliceInfo`` per frame (one for single-frame objects)."""
     fm = getattr(ds, "file_meta", None)
@@ -150,11 +162,14 @@ def header_infos(ds, source: str = "", received_at: float | None = None, identif
     pfg = ds.get("PerFrameFunctionalGroupsSequence")
     shared = _seq_item(ds, "SharedFunctionalGroupsSequence")
     if pfg is None and shared is None:  # classic single-frame image
+        iop = _tuple(ds.get("ImageOrientationPatient"), 6)
         return [SliceInfo(**base, frame=0,
                           position=_tuple(ds.get("ImagePositionPatient"), 3),
-                          orientation=_tuple(ds.get("ImageOrientationPatient"), 6),
+                          orientation=iop,
                           pixel_spacing=_tuple(ds.get("PixelSpacing"), 2),
-                          slice_thickness=_f(ds.get("SliceThickness")))]
+                          slice_thickness=_f(ds.get("SliceThickness")),
+                          recon_offset_mm=recon_offset(ds.get("ReconstructionTargetCenterPatient"),
+                                                       ds.get("DataCollectionCenterPatient"), iop))]
     out = []
     for k in range(nframes):
         fg = pfg[k] if pfg is not None and k < len(pfg) else None
@@ -165,11 +180,14 @@ def header_infos(ds, source: str = "", received_at: float | None = None, identif
         fr_ctdi = _f(_from_groups(fg, shared, "CTExposureSequence", "CTDIvol"))
         if fr_ctdi is not None:
             b["ctdivol"] = fr_ctdi
+        iop = (_tuple(_from_groups(fg, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+               or _tuple(ds.get("ImageOrientationPatient"), 6))
         out.append(SliceInfo(
             **b, frame=k,
             position=_tuple(_from_groups(fg, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
-            orientation=_tuple(_from_groups(fg, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
-            or _tuple(ds.get("ImageOrientationPatient"), 6),
+            orientation=iop,
+            recon_offset_mm=recon_offset(_from_groups(fg, shared, "CTPositionSequence", "ReconstructionTargetCenterPatient"),
+                                         _from_groups(fg, shared, "CTPositionSequence", "DataCollectionCenterPatient"), iop),
             pixel_spacing=_tuple(_from_groups(fg, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
             slice_thickness=_f(_from_groups(fg, shared, "PixelMeasuresSequence", "SliceThickness"))))
     return out

@@ -36,6 +36,9 @@ class SliceInfo:
     reconstruction_diameter: float | None = None
     data_collection_diameter: float | None = None
     table_height: float | None = None
+    # where the reconstruction centre (the image centre) lies from the isocentre, along the image's row and
+    # column directions (mm): ReconstructionTargetCenterPatient − DataCollectionCenterPatient, when written
+    recon_offset_mm: tuple[float, float] | None = None
     patient_position: str = ""
     body_part: str = ""
     protocol_name: str = ""

@@ -276,6 +276,27 @@ def test_centering_and_noise_index():
     assert f is not None and "45 mm too low" in f.message and f.details["offset_y_mm"] == 45.0
     n = by_check(st, "noise.index")
     assert n is not None and n.details["noise_sd_hu"] == 30.0 and n.details["reference_hu"] == 18.0
+    # a reconstruction centred 45 mm below the isocentre on purpose (ReconstructionTargetCenterPatient −
+    # DataCollectionCenterPatient): the patient is centred, nothing to say
+    res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, recon_offset_mm=(0.0, -45.0), series="1.2.3.61")
+    for r in res:
+        r.measures.update(body_center_offset_x_mm=4.0, body_center_offset_y_mm=45.0)
+    st, _ = run(res)
+    assert by_check(st, "centering.offset") is None
+    # the same reconstruction offset with the body off in the image: measured from the isocentre
+    res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, recon_offset_mm=(0.0, 20.0), series="1.2.3.62")
+    for r in res:
+        r.measures.update(body_center_offset_x_mm=0.0, body_center_offset_y_mm=25.0)
+    st, _ = run(res)
+    f = by_check(st, "centering.offset")
+    assert f is not None and "45 mm too low" in f.message and f.details["reference"].startswith("isocentre")
+    # a targeted field that cuts the trunk all round, without the two centres: the body centre is not
+    # measurable there
+    res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, series="1.2.3.63")
+    for r in res:
+        r.measures.update(body_center_offset_x_mm=40.0, body_center_offset_y_mm=45.0, body_touches_fov=0.9)
+    st, _ = run(res)
+    assert by_check(st, "centering.offset") is None
     # a sharp kernel's noise is high by design: no noise.index (GE, Siemens lung family, Philips lung and
     # sharp letters, Canon bone) — a standard kernel of each vendor is still judged
     for i, (kernel, judged) in enumerate((("BONEPLUS", False), ("Bl57d", False), ("L", False), ("YB", False),

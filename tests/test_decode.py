@@ -189,6 +189,18 @@ def test_maps_that_are_not_ct_numbers_are_ignored():
     assert decode_dataset(fat)[0].ok
 
 
+def test_reconstruction_centre_against_isocentre():
+    """ReconstructionTargetCenterPatient − DataCollectionCenterPatient along the image axes (whatever the
+    origin of the patient coordinates), also for a feet-first/flipped orientation; absent tags: None."""
+    ds = ct_dataset(32, 32)
+    assert decode_dataset(ds, pixels=False)[0].info.recon_offset_mm is None
+    ds.DataCollectionCenterPatient = [10.0, 150.0, -300.0]  # a vendor origin far from the isocentre
+    ds.ReconstructionTargetCenterPatient = [40.0, 130.0, -300.0]
+    assert decode_dataset(ds, pixels=False)[0].info.recon_offset_mm == (30.0, -20.0)
+    ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
+    assert decode_dataset(ds, pixels=False)[0].info.recon_offset_mm == (-30.0, 20.0)
+
+
 def test_not_dicom(tmp_path):
     p = tmp_path / "DIRFILE"
     p.write_bytes(b"not dicom at all" * 20)

@@ -2,9 +2,10 @@
 
 * dose.ctdivol — mean CTDIvol over the series' slices above the rule's reference level (warning; critical
   above twice the level);
-* centering.offset — the median (over slices) body centre off the reconstruction centre by more than
-  ``checks.centering_tolerance_mm``. Vertical mis-centring changes the bow-tie filtration and the
-  tube-current modulation, so it is named first;
+* centering.offset — the median (over slices) body centre off the isocentre by more than
+  ``checks.centering_tolerance_mm`` (the reconstruction centre stands in for the isocentre when the scanner
+  does not write both centres; nothing is said when the displayed field cuts the body). Vertical
+  mis-centring changes the bow-tie filtration and the tube-current modulation, so it is named first;
 * noise.index — median soft-tissue σ over the series, scaled to 5 mm slices (σ·√(thickness/5)), above the
   rule's reference (warning). Sharp kernels
   (bone, lung, edge, detail …) are skipped: their noise is high by design.
@@ -40,11 +41,30 @@ def dose_findings(state, results, rule) -> list:
                     score=round(mean, 2), details={"ctdivol_mgy": round(mean, 2), "reference_mgy": ref, "slices": len(vals)})]
 
 
+CUT_BODY_TOUCH = 0.5  # trunk along more than half the displayed field's rim: the field cuts the body
+
+
 def centering_findings(state, results, tol: float) -> list:
-    xs = [r.measures.get("body_center_offset_x_mm") for r in results if not r.error]
-    ys = [r.measures.get("body_center_offset_y_mm") for r in results if not r.error]
-    pts = [(x, y) for x, y in zip(xs, ys) if finite(x) and finite(y)]
+    """Body centre against the isocentre. The image centre is the reconstruction centre; where the scanner
+    writes ReconstructionTargetCenterPatient and DataCollectionCenterPatient their difference moves the
+    reference to the isocentre (a reconstruction deliberately centred off it — cardiac, one kidney — is not
+    the patient's position). Without them, a field that cuts the body (targeted reconstructions) leaves
+    the body centre unmeasurable, and nothing is said."""
+    ok = [r for r in results if not r.error]
+    pts, iso = [], 0
+    for r in ok:
+        x, y = r.measures.get("body_center_offset_x_mm"), r.measures.get("body_center_offset_y_mm")
+        if not (finite(x) and finite(y)):
+            continue
+        off = r.info.recon_offset_mm
+        if off is not None and all(finite(v) for v in off):
+            x, y = x + off[0], y + off[1]
+            iso += 1
+        pts.append((x, y))
     if len(pts) < 3:
+        return []
+    touch = [r.measures.get("body_touches_fov") for r in ok if finite(r.measures.get("body_touches_fov"))]
+    if iso < len(pts) / 2 and touch and statistics.median(touch) > CUT_BODY_TOUCH:
         return []
     mx = statistics.median(p[0] for p in pts)
     my = statistics.median(p[1] for p in pts)
@@ -61,7 +81,7 @@ def centering_findings(state, results, tol: float) -> list:
                     f"(vertical mis-centring changes dose and noise)",
                     score=round(max(abs(mx), abs(my)), 1),
                     details={"offset_x_mm": round(mx, 1), "offset_y_mm": round(my, 1), "tolerance_mm": tol, "slices": len(pts),
-                             "reference": "reconstruction centre"})]
+                             "reference": "isocentre (DataCollectionCenterPatient)" if iso >= len(pts) / 2 else "reconstruction centre"})]
 
 
 def noise_findings(state, results, rule) -> list:
