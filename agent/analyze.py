@@ -49,6 +49,8 @@ def human(report: dict) -> str:
                      f"slices={s['slices']}  verdict={str(s['verdict']).upper()}")
         for f in s["findings"]:
             lines.append(f"  [{f['severity']:8}] {f['check']:22} {f['message']}")
+        if s.get("series_kind") == "dynamic":
+            lines.append(f"  {s['coverage_note']}")
     if report.get("rejected"):
         lines.append(f"not analysed: {len(report['rejected'])} input(s)")
         reasons: dict[str, int] = {}

@@ -73,7 +73,11 @@ def series_report(state, privacy) -> dict:
         "findings": [finding_dict(f) for f in findings],
         "per_slice": per_slice,
     }
-    if state.protocol_rule is None:
+    if getattr(state, "dynamic", False):
+        out["series_kind"] = "dynamic"
+        out["coverage_note"] = ("dynamic series (the same table positions repeated over time: bolus tracking, perfusion, CT "
+                                "fluoroscopy): coverage, geometry and image-quality checks do not apply; dose is judged")
+    elif state.protocol_rule is None:
         out["coverage_note"] = "no protocol rule matched BodyPartExamined / ProtocolName / StudyDescription: coverage not judged"
     if getattr(privacy, "show_patient_identifiers", False):
         out["patient_name"] = info.patient_name

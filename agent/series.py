@@ -37,6 +37,10 @@ EARLY_COVERAGE_MIN = 8
 EARLY_COVERAGE_MAX = 160
 
 
+DYNAMIC_MIN_SLICES = 4
+DYNAMIC_REPEATS = 3
+
+
 @dataclass
 class SeriesState:
     uid: str
@@ -61,6 +65,15 @@ class SeriesState:
     _qual: dict = field(default_factory=dict, repr=False)  # class → {seq: (z, result)}
     _rel: dict = field(default_factory=dict, repr=False)  # relative class → sorted scores of the analysed slices
     _errors: list = field(default_factory=list, repr=False)
+    _zcount: dict = field(default_factory=dict, repr=False)  # (z, table z) at 0.1 mm → analysed slices there
+
+    @property
+    def dynamic(self) -> bool:
+        """The same few table positions repeated over time — bolus-tracking monitoring scans, perfusion and
+        other dynamic acquisitions, CT fluoroscopy — rather than a stack along the patient: every position
+        held by three slices or more on average (from 4 slices on)."""
+        n = sum(self._zcount.values())
+        return n >= DYNAMIC_MIN_SLICES and len(self._zcount) * DYNAMIC_REPEATS <= n
 
     @property
     def expected(self) -> int | None:
@@ -121,6 +134,9 @@ class SeriesTracker:
                 st.first = info
             z = slice_z(result, seq)
             bisect.insort(st._order, (z, seq))
+            # a position repeats when both its place along the slice normal and its table position do
+            zk = (round(z, 1), round(info.position[2], 1) if info.position else None)
+            st._zcount[zk] = st._zcount.get(zk, 0) + 1
             for cls in artifact_checks.RELATIVE:
                 bisect.insort(st._rel.setdefault(cls, []), result.scores.get(cls, 0.0))
             if len(st._order) == 1:
@@ -128,6 +144,14 @@ class SeriesTracker:
                 for f in (geometry_checks.tilt_from_header(st, cfg.tilt_tolerance_deg), geometry_checks.orientation_first(st)):
                     if f is not None:
                         self._put(st, f, changed)
+            if st.dynamic or len(st._zcount) == 1:
+                # not a stack along the patient (yet): the table has not moved, as in bolus-tracking and
+                # perfusion series, where coverage, geometry and artifact runs do not apply; wait
+                return changed
+            if len(st._zcount) == 2 and st._zcount[zk] == 1:  # the table just moved: judge the slices held back
+                for zz, sq in list(st._order):
+                    if sq != seq and not st.results[sq].error:
+                        self._stream_artifacts(st, zz, sq, st.results[sq], changed)
             self._stream_artifacts(st, z, seq, result, changed)
             n = len(st._order)
             if st.rule is not None and EARLY_COVERAGE_MIN <= n <= EARLY_COVERAGE_MAX and n % 4 == 0:
@@ -306,6 +330,14 @@ class SeriesTracker:
         ordered = st.ordered()
         valid = [r for r in st.results if not r.error]
         out: list[Finding] = []
+        if st.dynamic:
+            # repeated positions over time: only the dose figure means the same as for a stack (monitoring
+            # scans are low-dose and noisy on purpose; their z range covers nothing)
+            st.coverage = {}
+            out += dose_checks.dose_findings(st, valid, st.rule)
+            if st._errors:
+                out.append(self._undecodable(st))
+            return out
         out += geometry_checks.geometry_findings(st, st.results, cfg.geometry.spacing_tolerance, cfg.geometry.tilt_tolerance_deg)
         out += artifact_checks.artifact_findings(st, ordered, self.thresholds, cfg.artifact.min_run)
         rule = st.rule

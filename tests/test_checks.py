@@ -224,6 +224,39 @@ def test_gap_duplicate_spacing():
     assert by_check(st, "geometry.gap") is None
 
 
+def test_dynamic_series_is_not_judged_as_a_stack():
+    """Bolus-tracking monitoring scans (one table position, repeated) and perfusion (a few positions, each
+    many times) are not stacks along the patient: no coverage, duplicate or artifact-run findings, and a
+    pass unless the dose says otherwise; the report says why. A stack with one repeated slice is still one."""
+    from medqc.agent.report import series_report
+    from medqc.config import load_config as _lc
+
+    apex = z_of("lung_apex")
+    res = []
+    for t in range(12):
+        r = body_stack(apex - 150, apex - 150, series="1.2.3.81", seed=t)[0]
+        r.info.sop_instance_uid = f"1.2.3.81.{t + 1}"
+        r.info.instance_number = t + 1
+        r.scores = {"noise": 0.95, "motion": 0.2}  # low-dose monitoring images are noisy on purpose
+        res.append(r)
+    st, streamed = run(res)
+    assert st.dynamic and not streamed
+    assert [f.check for f in st.findings.values()] == [] and st.verdict == "pass"
+    rep = series_report(st, _lc().privacy)
+    assert rep["series_kind"] == "dynamic" and "bolus tracking" in rep["coverage_note"]
+    # perfusion: 4 positions × 6 time points
+    res = []
+    for t in range(6):
+        for k, r in enumerate(body_stack(apex - 100, apex - 130, spacing=10.0, series="1.2.3.82", seed=t)):
+            r.info.sop_instance_uid = f"1.2.3.82.{t}.{k}"
+            res.append(r)
+    st, _ = run(res)
+    assert st.dynamic and by_check(st, "geometry.duplicate") is None and by_check(st, "coverage.top") is None
+    # a stack with a repeated slice is not dynamic
+    st, _ = run(stack(dup=(7,)))
+    assert not st.dynamic and by_check(st, "geometry.duplicate") is not None
+
+
 def test_tilt_from_header_and_from_sheared_positions():
     st, streamed = run(stack(tilt=12.0, shear_deg=12.0))
     assert [f.check for f in streamed] == ["geometry.tilt"]  # from the first slice's header
