@@ -138,7 +138,8 @@ def series_figure(series: dict, thresholds: dict[str, float], path: Path, thumbn
     if len(other) > 5:
         fig.text(0.09, y, f"… and {len(other) - 5} more finding(s) in the report", fontsize=8.5, color="#555")
     if not other and not series["findings"]:
-        fig.text(0.09, y, "no findings", fontsize=9, color="#2e7d32")
+        note = series.get("coverage_note") if series.get("series_kind") == "dynamic" else None
+        fig.text(0.09, y, note or "no findings", fontsize=9, color="#555" if note else "#2e7d32")
 
     if len(zs):
         span = max(float(zs.max() - zs.min()), 10.0)
