@@ -73,6 +73,10 @@ def state_dir(cfg, arg: str | None) -> Path:
     return Path(arg or cfg.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "medqc-state").resolve()
 
 
+class StateDirError(OSError):
+    """The state directory (spool, SQLite store) cannot be created or written."""
+
+
 class Agent:
     """Everything ``medqc agent`` runs, started and stopped in order (also usable from tests)."""
 
@@ -104,10 +108,15 @@ class Agent:
         import pynetdicom  # noqa: F401
 
         cfg = self.cfg
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.spool = Spool(cfg.spool.dir or self.state_dir / "spool", cfg.spool.min_free_mb, cfg.spool.retention,
-                           fsync=getattr(cfg.spool, "fsync", True))
-        self.store = Store(self.state_dir / "medqc.sqlite", cfg.privacy)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.spool = Spool(cfg.spool.dir or self.state_dir / "spool", cfg.spool.min_free_mb, cfg.spool.retention,
+                               fsync=getattr(cfg.spool, "fsync", True))
+            self.store = Store(self.state_dir / "medqc.sqlite", cfg.privacy)
+        except OSError as e:
+            raise StateDirError(f"cannot use the state directory {self.state_dir} (spool and results): {e.strerror or e}"
+                                f"{' — ' + str(e.filename) if getattr(e, 'filename', None) else ''}; "
+                                "choose another with --state-dir or state_dir in the config") from None
         sinks = [self.store]
         if cfg.sinks.stdout.enabled:
             sinks.append(StdoutSink())
@@ -196,6 +205,9 @@ def run(args) -> int:
         try:
             agent.start()
         except (BundleError, BackendUnavailable, RunnerError) as e:
+            agent.stop(1.0)
+            raise UsageError(str(e)) from None
+        except StateDirError as e:
             agent.stop(1.0)
             raise UsageError(str(e)) from None
         except OSError as e:

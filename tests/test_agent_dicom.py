@@ -252,3 +252,20 @@ def test_sd_notify_ready_and_graceful_sigint(tmp_path, port, tiny_bundle):
         srv.close()
     assert a.proc.returncode == 0
     assert any(m.startswith("STOPPING=1") for m in msgs)
+
+
+def test_start_errors_name_their_cause(tmp_path, port, tiny_bundle):
+    """A busy port and an unusable state directory are usage errors (exit 2) that say which is which."""
+    env = dict(os.environ, MEDQC_LOG_LEVEL="WARNING")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    r = subprocess.run([sys.executable, "-m", "medqc", "agent", "--port", str(port), "--state-dir", str(blocker / "state"),
+                        "--bundle", str(tiny_bundle)], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2, r.stderr
+    assert "cannot use the state directory" in r.stderr and "cannot listen" not in r.stderr and "Traceback" not in r.stderr
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", port))
+        s.listen(1)
+        r = subprocess.run([sys.executable, "-m", "medqc", "agent", "--port", str(port), "--state-dir", str(tmp_path / "st"),
+                            "--bundle", str(tiny_bundle)], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and f"cannot listen on port {port}" in r.stderr, r.stderr
