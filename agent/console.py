@@ -122,9 +122,15 @@ def coverage_view(state, positions: list[float]) -> dict | None:
     req = (LANDMARKS[rule.start], LANDMARKS[rule.end])
     out = {"rule": rule.name, "start": rule.start, "end": rule.end, "required_mm": list(req), "scanned_mm": None,
            "source": "network"}
-    if not positions:  # no network positions: the completed series' landmarks located in patient z
-        positions = _positions_from_summary(getattr(state, "coverage", None) or {}, rule, LANDMARKS)
-        out["source"] = "landmarks" if positions else None
+    # once the coverage check has located the protocol's landmarks in patient z (the series verdict, or an
+    # early coverage finding), the picture follows them, so its millimetres are the findings' millimetres;
+    # before that, the network's raw per-slice positions
+    located = _positions_from_summary(getattr(state, "coverage", None) or {}, rule, LANDMARKS)
+    if located:
+        positions = located
+        out["source"] = "landmarks"
+    elif not positions:
+        out["source"] = None
     if positions:
         top, bottom = min(positions), max(positions)
         out["scanned_mm"] = [round(top, 1), round(bottom, 1)]

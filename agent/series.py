@@ -265,11 +265,12 @@ class SeriesTracker:
         if landmark == "vertex" and not coverage_checks.head_top(ordered):
             return  # no skull in the slices yet (air and the head holder above the head): wait for it
         tol = rule.tolerance_mm if rule.tolerance_mm is not None else cov.tolerance_mm
-        fs, _ = coverage_checks.coverage_findings(st, ordered, rule, tol, cov.overscan_margin_mm, None, ends=ends, overscan=False)
+        fs, summary = coverage_checks.coverage_findings(st, ordered, rule, tol, cov.overscan_margin_mm, None, ends=ends, overscan=False)
         for f in fs:
             if f.check == f"coverage.{ends[0]}":
                 f.details["early"] = True
                 self._put(st, f, changed)
+                st.coverage = summary  # what the early finding rests on (the console draws it); replaced at the verdict
 
     # ------------------------------------------------------------------------------------- completion
     def due(self, now: float) -> list[tuple[str, str]]:
