@@ -107,6 +107,15 @@ def axial_angle_deg(orientation) -> float | None:
     return math.degrees(math.acos(min(1.0, abs(n[2]) / norm)))
 
 
+def _joined(v) -> str:
+    """A possibly multi-valued string element as one backslash-joined string."""
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+        return "\\".join(_s(x) for x in v)
+    return _s(v)
+
+
 def recon_offset(target, collection, orientation) -> tuple[float, float] | None:
     """ReconstructionTargetCenterPatient − DataCollectionCenterPatient (both in patient coordinates, so their
     difference does not depend on where a vendor puts the origin) along the image's row and column
@@ -151,6 +160,7 @@ def header_infos(ds, source: str = "", received_at: float | None = None, identif
         series_description=_s(ds.get("SeriesDescription")),
         series_number=_i(ds.get("SeriesNumber")),
         images_in_acquisition=_i(ds.get("ImagesInAcquisition")),
+        scan_options=_joined(ds.get("ScanOptions")).upper(),
         convolution_kernel=_s(ds.get("ConvolutionKernel") if not isinstance(ds.get("ConvolutionKernel"), (list, tuple)) else "\\".join(map(str, ds.get("ConvolutionKernel")))),
         manufacturer=_s(ds.get("Manufacturer")),
         acquisition_time=_s(ds.get("AcquisitionTime")),

@@ -46,6 +46,7 @@ class SliceInfo:
     series_description: str = ""
     series_number: int | None = None
     images_in_acquisition: int | None = None
+    scan_options: str = ""  # ScanOptions (0018,0022), upper-case: "HELICAL MODE", "AXIAL MODE", …
     convolution_kernel: str = ""
     manufacturer: str = ""
     acquisition_time: str = ""

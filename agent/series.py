@@ -18,6 +18,7 @@ verdict: fail if any critical finding, warn if any warning, else pass.
 from __future__ import annotations
 
 import bisect
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -37,6 +38,9 @@ EARLY_COVERAGE_MIN = 8
 EARLY_COVERAGE_MAX = 160
 
 
+# ScanOptions of step-and-shoot acquisitions (GE "AXIAL MODE" / "CINE MODE", "SEQUENCE(D)", "STATIONARY"): one
+# acquisition per table position
+STEP_AND_SHOOT = re.compile(r"\b(AXIAL|SEQUENCED?|CINE|STATIONARY)\b")
 DYNAMIC_MIN_SLICES = 4
 DYNAMIC_REPEATS = 3
 
@@ -77,7 +81,12 @@ class SeriesState:
 
     @property
     def expected(self) -> int | None:
+        """The slice count that completes the series: ImagesInAcquisition — except in step-and-shoot (axial,
+        sequenced, cine) scanning, where scanners write it per table position, so reaching it would close
+        the series after its first rotation; those series complete by MPPS or the idle timeout."""
         n = self.first.images_in_acquisition
+        if STEP_AND_SHOOT.search(self.first.scan_options or ""):
+            return None
         return n if n and n > 0 else None
 
     def ordered(self) -> list[tuple[float, SliceResult]]:

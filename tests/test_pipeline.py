@@ -58,6 +58,9 @@ def _series_files(real_ct: Path, tmp: Path, n: int, expected: int | None = None)
         ds = pydicom.dcmread(p)
         if expected is not None:
             ds.ImagesInAcquisition = expected
+            # this Philips series is a step-and-shoot ("AXIAL") scan, whose count is per table position and not
+            # used; written as one helical acquisition, the count completes the series
+            ds.ScanOptions = "HELIX"
         q = tmp / p.name
         ds.save_as(q, enforce_file_format=True)
         out.append(q)

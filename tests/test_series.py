@@ -175,6 +175,21 @@ def test_expected_count_completes_at_once(cfg):
     assert tr.due(time.time() + 100) == []  # completed series are not due again
 
 
+def test_step_and_shoot_count_is_per_table_position(cfg):
+    """GE and others write ImagesInAcquisition per rotation in axial (step-and-shoot) mode: reaching it after
+    the first rotation must not close the series; helical series keep completing by the count."""
+    tr = SeriesTracker(cfg, {})
+    res = make_results(12, images_in_acquisition=4, scan_options="AXIAL MODE")
+    for r in res[:4]:
+        tr.add(r)
+    assert tr.due(time.time()) == []
+    assert tr.get("1.2.3.9").expected is None
+    tr2 = SeriesTracker(cfg, {})
+    for r in make_results(4, series="1.2.3.11", images_in_acquisition=4, scan_options="HELICAL MODE"):
+        tr2.add(r)
+    assert tr2.due(time.time()) == [("1.2.3.11", "count")]
+
+
 def test_idle_timeout_and_mpps(cfg):
     tr = SeriesTracker(cfg, {})
     for r in make_results(5):

@@ -106,7 +106,10 @@ def write_slice(path: Path, hu: np.ndarray, ctx: SeriesContext, spec, z: float, 
         ds.ContrastBolusAgent = "IOPAMIDOL 370"
         ds.ContrastBolusRoute = "IV"
     ds.BodyPartExamined = ctx.reg["body_part"]
-    ds.ScanOptions = "HELICAL MODE" if ctx.region != "head" or abs(opts.tilt) < 1e-6 else "AXIAL MODE"
+    step_and_shoot = ctx.region == "head" and abs(opts.tilt) >= 1e-6  # tilted heads: axial (sequential) scanning
+    ds.ScanOptions = "AXIAL MODE" if step_and_shoot else "HELICAL MODE"
+    # one acquisition per table position in step-and-shoot scanning: ~40 mm of detector per rotation
+    per_rotation = max(1, int(round(40.0 / max(ctx.spacing, 0.5))))
     ds.SliceThickness = f"{ctx.thickness:.3g}"
     ds.KVP = f"{ctx.kvp:g}"
     if v["manufacturer"] != "GE MEDICAL SYSTEMS":
@@ -135,7 +138,7 @@ def write_slice(path: Path, hu: np.ndarray, ctx: SeriesContext, spec, z: float, 
     ds.SeriesInstanceUID = ctx.uid.series
     ds.StudyID = "1"
     ds.SeriesNumber = str(opts.series)
-    ds.AcquisitionNumber = "1"
+    ds.AcquisitionNumber = str(1 + (instance - 1) // per_rotation) if step_and_shoot else "1"
     ds.InstanceNumber = str(instance)
     # geometry: rows run along the column direction (0, cos t, sin t); the table moves along z only
     M = hu.shape[0]
@@ -150,7 +153,8 @@ def write_slice(path: Path, hu: np.ndarray, ctx: SeriesContext, spec, z: float, 
     ds.PositionReferenceIndicator = ""
     ds.SliceLocation = f"{z:.3f}"
     if v["manufacturer"] in ("SIEMENS", "TOSHIBA", "Canon Medical Systems") or ctx.rng_seed % 3 == 0:
-        ds.ImagesInAcquisition = str(ctx.n_images)
+        # per acquisition: the whole series in helical scanning, one rotation's images in step-and-shoot
+        ds.ImagesInAcquisition = str(min(per_rotation, ctx.n_images) if step_and_shoot else ctx.n_images)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = M
