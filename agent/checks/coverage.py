@@ -333,8 +333,14 @@ def coverage_findings(state, ordered, rule, tol: float, margin: float, ctdivol: 
             where = "starts" if end == "top" else "ends"
             rel = "below" if end == "top" else "above"
             if missing is not None:
-                msg = (f"{_name(lm)[0].upper() + _name(lm)[1:]} not covered: scan {where} {missing:.0f} mm {rel} "
-                       f"the {_name(lm)} — consider extending the range")
+                src = loc[role]["source"]
+                # a landmark placed by the network's body scale (not seen in the slices) is an estimate
+                about = "about " if src.startswith("network") else ""
+                why = ""
+                if "lungs cut" in src:
+                    why = f" (the lungs are cut at the {'first' if end == 'top' else 'last'} slice; the distance is estimated)"
+                msg = (f"{_name(lm)[0].upper() + _name(lm)[1:]} not covered: scan {where} {about}{missing:.0f} mm {rel} "
+                       f"the {_name(lm)}{why} — consider extending the range")
             else:
                 msg = (f"{_name(lm)[0].upper() + _name(lm)[1:]} not covered: the {'first' if end == 'top' else 'last'} "
                        f"slices already show {'lung' if 'lung' in lm else 'skull'} — consider extending the range")
