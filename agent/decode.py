@@ -258,6 +258,15 @@ def _why_not_analysed(ds, info: SliceInfo) -> str:
     return ""
 
 
+SCREEN_TYPES = ("SECONDARY", "SCREEN SAVE", "SCREEN_SAVE", "REPORT", "CSA REPORT", "DOSE INFO", "DOSE REPORT")
+
+
+def _screen_capture(info: SliceInfo) -> bool:
+    """An image-type value of a screen save, report or other secondary picture (vendors store dose and
+    protocol pages as CT images); only consulted when the slice geometry is missing."""
+    return any(t in SCREEN_TYPES or "SCREEN" in t or "REPORT" in t for t in info.image_type[1:])
+
+
 def _missing_geometry(info: SliceInfo) -> str:
     miss = [n for n, v in (("ImagePositionPatient", info.position), ("ImageOrientationPatient", info.orientation),
                            ("PixelSpacing", info.pixel_spacing)) if v is None]
@@ -383,6 +392,10 @@ def decode_dataset(ds, source: str = "", received_at: float | None = None, pixel
             out.append(Decoded(info, ignored="no SeriesInstanceUID/SOPInstanceUID"))
             continue
         geo = _missing_geometry(info)
+        if geo and _screen_capture(info):
+            # a screen save or report page stored as a CT image (dose pages, protocol pages): not a slice at all
+            out.append(Decoded(info, ignored=f"secondary image without slice geometry (image type {'/'.join(info.image_type)})"))
+            continue
         if geo:
             out.append(Decoded(info, error=geo))
             continue

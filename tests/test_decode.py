@@ -189,6 +189,21 @@ def test_maps_that_are_not_ct_numbers_are_ignored():
     assert decode_dataset(fat)[0].ok
 
 
+def test_screen_save_without_geometry_is_ignored_not_an_error():
+    """Dose and protocol pages stored as CT images (DERIVED\\SECONDARY\\SCREEN SAVE, no position or orientation)
+    are recorded as ignored; an axial-looking image without geometry stays an error (input.undecodable)."""
+    page = ct_dataset(32, 32)
+    page.ImageType = ["DERIVED", "SECONDARY", "SCREEN SAVE"]
+    del page.ImagePositionPatient
+    del page.ImageOrientationPatient
+    d = decode_dataset(page)[0]
+    assert d.ignored.startswith("secondary image without slice geometry") and not d.error
+    bare = ct_dataset(32, 32)
+    del bare.ImagePositionPatient
+    d = decode_dataset(bare)[0]
+    assert "missing or invalid geometry" in d.error
+
+
 def test_reconstruction_centre_against_isocentre():
     """ReconstructionTargetCenterPatient − DataCollectionCenterPatient along the image axes (whatever the
     origin of the patient coordinates), also for a feet-first/flipped orientation; absent tags: None."""
