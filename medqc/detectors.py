@@ -38,11 +38,12 @@ SKULL_HU = 700.0
 LUNG_HU = (-950.0, -500.0)
 NOISE_BLOCK = 8  # block edge on the subsampled grid (16 px at full resolution)
 SOFT_HU = (-100.0, 150.0)
+TARGETED_RIM = 0.6  # trunk along this share of the displayed rim (scan field unknown): a targeted reconstruction
 
 MEASURES = (
     "metal_area_mm2", "metal_max_hu", "noise_sd", "body_touches_fov", "body_center_offset_x_mm",
     "body_center_offset_y_mm", "body_area_mm2", "lung_area_mm2", "bone_area_mm2", "skull_ring",
-    "lateral_bone_mm2", "noise_sd_2mm", "noise_ratio", "ring_contrast_hu",
+    "lateral_bone_mm2", "noise_sd_2mm", "noise_ratio", "ring_contrast_hu", "field_inside_body",
 )
 
 # Noise judged at 2 mm (the scale a reader sees and the network's input pixel), where kernels differ far less
@@ -513,10 +514,19 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         if r_fill is not None:  # a scan field filled with constant air inside the displayed circle
             scan_edge = scan_edge | _ring(h, w, r_fill, band)
     fracs = []
-    for edge, who in ((display_edge & valid, trunk), (scan_edge & valid, body)):
+    for edge, who, displayed in ((display_edge & valid, trunk, True), (scan_edge & valid, body, False)):
         n_edge = int(np.count_nonzero(edge))
         if n_edge:
-            fracs.append(float(np.count_nonzero(edge & who)) / n_edge)
+            frac = float(np.count_nonzero(edge & who)) / n_edge
+            # the displayed field lies inside the trunk nearly all round: a targeted reconstruction (spine,
+            # heart, a joint) of a larger scan field that the header does not state — the data are all there;
+            # a patient too large for the field meets its rim at the flanks, not all round
+            inside = displayed and frac >= TARGETED_RIM
+            if displayed:
+                out["field_inside_body"] = float(inside)
+            if inside:
+                frac = 0.0
+            fracs.append(frac)
     out["body_touches_fov"] = max(fracs) if fracs else (0.0 if (dcd and dcd > 0) else nan)
 
     body_cc = body

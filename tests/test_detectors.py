@@ -232,6 +232,20 @@ def test_targeted_reconstruction_is_not_truncation_but_a_scan_field_rim_is():
     assert D.classical_probs(arms)["truncation"] >= 0.5
 
 
+def test_without_the_scan_field_in_the_header_flanks_cut_are_truncation_a_field_inside_the_body_is_not():
+    """No DataCollectionDiameter (Philips writes none): the displayed rim stands in for the field. A trunk
+    wider than the field meets it at the flanks — truncation; a field lying inside the trunk nearly all round
+    is a targeted reconstruction (spine, heart) — not truncation, and marked as such."""
+    wide = phantom(rx_mm=200.0, ry_mm=120.0, pad=-3024.0)  # flanks past the 358 mm displayed field
+    flanks = D.measure(wide, info(reconstruction_diameter=358.4))
+    assert 0.1 < flanks["body_touches_fov"] < D.TARGETED_RIM and flanks["field_inside_body"] == 0.0
+    assert D.classical_probs(flanks)["truncation"] >= 0.5
+    inside = phantom(rx_mm=260.0, ry_mm=240.0, pad=-3024.0)  # the whole displayed field is body
+    m = D.measure(inside, info(reconstruction_diameter=358.4))
+    assert m["field_inside_body"] == 1.0 and m["body_touches_fov"] == 0.0
+    assert D.classical_probs(m)["truncation"] == 0.0
+
+
 def test_scan_field_filled_with_constant_air_is_found_without_the_header():
     """Some reconstructions fill the area outside the scan field with one constant (−1024 HU) instead of
     padding, and DataCollectionDiameter may be absent or stale: the constant annulus is the scan field edge.

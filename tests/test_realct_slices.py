@@ -54,6 +54,22 @@ def test_siemens_jpeg_lossless_targeted_spine_recon_is_not_truncation():
     assert not [f for f in s["findings"] if f["check"].startswith("artifact.")]
 
 
+
+def test_targeted_spine_without_the_scan_field_in_its_header_is_not_truncation(tmp_path):
+    """The same slice with DataCollectionDiameter removed (as Philips headers come): the 147 mm field lies
+    inside the body, a targeted reconstruction, still not truncation."""
+    import pydicom
+
+    ds = pydicom.dcmread(get_testdata_file("bad_sequence.dcm"))
+    del ds.DataCollectionDiameter
+    ds.save_as(tmp_path / "spine.dcm")
+    r = subprocess.run([sys.executable, "-m", "medqc", "analyze", str(tmp_path / "spine.dcm"), "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    p = json.loads(r.stdout)["series"][0]["per_slice"][0]
+    assert p["measures"]["field_inside_body"] == 1.0 and p["scores"]["truncation"] < 0.5
+
+
 def test_pancreas_slice_stored_upside_down_reads_as_upper_abdomen():
     """Rows run posterior→anterior (ImageOrientationPatient 1\\0\\0\\0\\-1\\0): mirrored into the training
     layout, the kidneys-and-pancreas slice sits between the liver dome and the iliac crests."""

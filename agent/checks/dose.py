@@ -63,8 +63,10 @@ def centering_findings(state, results, tol: float) -> list:
         pts.append((x, y))
     if len(pts) < 3:
         return []
-    touch = [r.measures.get("body_touches_fov") for r in ok if finite(r.measures.get("body_touches_fov"))]
-    if iso < len(pts) / 2 and touch and statistics.median(touch) > CUT_BODY_TOUCH:
+    # the field cuts the trunk: tissue along most of its rim, or a field lying inside the body (targeted)
+    cut = [1.0 if r.measures.get("field_inside_body") == 1.0 else r.measures.get("body_touches_fov") for r in ok]
+    cut = [v for v in cut if finite(v)]
+    if iso < len(pts) / 2 and cut and statistics.median(cut) > CUT_BODY_TOUCH:
         return []
     mx = statistics.median(p[0] for p in pts)
     my = statistics.median(p[1] for p in pts)
