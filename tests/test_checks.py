@@ -224,6 +224,32 @@ def test_gap_duplicate_spacing():
     assert by_check(st, "geometry.gap") is None
 
 
+def _two_thickness_head(drop=(), series="1.2.3.65"):
+    """12 slices of 2.5 mm through the posterior fossa, then 12 of 5 mm above them, in one series (and
+    arriving top to bottom or not: the order does not matter)."""
+    res, z = [], 0.0
+    for i in range(24):
+        t = 2.5 if i < 12 else 5.0
+        if i == 12:
+            z += (2.5 + 5.0) / 2 - 2.5  # centre to centre across the change: (2.5 + 5) / 2
+        if i not in drop:
+            info = SliceInfo(f"{series}.{i + 1}", series, "1.2.3", CT, instance_number=i + 1, position=(-120.0, -120.0, z),
+                             orientation=AXIAL, slice_thickness=t, rows=512, cols=512)
+            res.append(SliceResult(info=info))
+        z += t
+    return res
+
+
+def test_a_deliberate_change_of_slice_thickness_is_neither_a_gap_nor_odd_spacing():
+    st, _ = run(_two_thickness_head())
+    assert by_check(st, "geometry.gap") is None and by_check(st, "geometry.spacing") is None, st.findings
+    st, _ = run(_two_thickness_head(drop=(5,), series="1.2.3.66"))  # a slice lost in the 2.5 mm part
+    f = by_check(st, "geometry.gap")
+    assert f is not None and f.details["missing_estimate"] == 1
+    st, _ = run(_two_thickness_head(drop=(18,), series="1.2.3.67"))  # and one in the 5 mm part
+    assert by_check(st, "geometry.gap") is not None
+
+
 def test_dynamic_series_is_not_judged_as_a_stack():
     """Bolus-tracking monitoring scans (one table position, repeated) and perfusion (a few positions, each
     many times) are not stacks along the patient: no coverage, duplicate or artifact-run findings, and a

@@ -102,6 +102,39 @@ def orientation_first(state):
     return None
 
 
+def expected_steps(st, steps: list[float], med: float) -> tuple[list[float], list[float]]:
+    """Per step, the (low, high) spacing expected there. One slice thickness in the series: the median step
+    everywhere. Several (a head scanned 2.5 mm through the posterior fossa and 5 mm above, in one series):
+    each run of equal thickness has its own median step, and a step between two runs may lie anywhere from
+    the one to the other — a deliberate change of thickness is neither a gap nor inconsistent spacing."""
+    n = len(steps)
+    thick = [round(r.info.slice_thickness, 2) if r.info.slice_thickness else None for r in st]
+    if len({t for t in thick if t is not None}) < 2:
+        return [med] * n, [med] * n
+    runs, start = [], 0
+    for i in range(1, len(st) + 1):
+        if i == len(st) or thick[i] != thick[start]:
+            runs.append((start, i - 1))
+            start = i
+    run_of = {}
+    run_med = []
+    for k, (a, b) in enumerate(runs):
+        inner = [steps[i] for i in range(a, b) if steps[i] > 1e-3]
+        run_med.append(statistics.median(inner) if inner else (thick[a] or med))
+        for i in range(a, b + 1):
+            run_of[i] = k
+    lo, hi = [], []
+    for i in range(n):
+        ka, kb = run_of[i], run_of[i + 1]
+        if ka == kb:
+            lo.append(run_med[ka])
+            hi.append(run_med[ka])
+        else:
+            lo.append(min(run_med[ka], run_med[kb]))
+            hi.append(max(run_med[ka], run_med[kb]))
+    return lo, hi
+
+
 def geometry_findings(state, results, spacing_tol: float, tilt_tol: float) -> list:
     out = []
     st = stack(results)
@@ -138,8 +171,9 @@ def geometry_findings(state, results, spacing_tol: float, tilt_tol: float) -> li
                            f"reconstruction mixed into the series",
                            first_instance=insts[0] if insts else None, last_instance=insts[-1] if insts else None,
                            z_range_mm=zr, details={"pairs": len(dups), "instances": insts}))
+    lo_exp, hi_exp = expected_steps(st, steps, med)
     if med > 0:
-        gaps = [(i, s) for i, s in enumerate(steps) if s > 1.5 * med]
+        gaps = [(i, s) for i, s in enumerate(steps) if s > 1.5 * hi_exp[i]]
         if gaps:
             missing = sum(max(1, round(s / med) - 1) for _, s in gaps)
             i0, s0 = max(gaps, key=lambda g: g[1])
@@ -152,7 +186,8 @@ def geometry_findings(state, results, spacing_tol: float, tilt_tol: float) -> li
                                z_range_mm=(a.info.z, b.info.z),
                                details={"gaps": [[round(st[i].info.z, 2), round(s, 2)] for i, s in gaps],
                                         "median_spacing_mm": round(med, 3), "missing_estimate": missing}))
-        odd = [(i, s) for i, s in enumerate(steps) if s > dup_tol and s <= 1.5 * med and abs(s - med) > spacing_tol * med]
+        odd = [(i, s) for i, s in enumerate(steps) if s > dup_tol and s <= 1.5 * hi_exp[i]
+               and (s < lo_exp[i] * (1 - spacing_tol) or s > hi_exp[i] * (1 + spacing_tol))]
         if odd:
             i0, s0 = max(odd, key=lambda g: abs(g[1] - med))
             out.append(finding(state, "geometry.spacing", "warning",
