@@ -175,7 +175,7 @@ def geometry_findings(state, results, spacing_tol: float, tilt_tol: float) -> li
     if med > 0:
         gaps = [(i, s) for i, s in enumerate(steps) if s > 1.5 * hi_exp[i]]
         if gaps:
-            missing = sum(max(1, round(s / med) - 1) for _, s in gaps)
+            missing = sum(max(1, round(s / hi_exp[i]) - 1) for i, s in gaps)
             i0, s0 = max(gaps, key=lambda g: g[1])
             a, b = st[i0], st[i0 + 1]
             out.append(finding(state, "geometry.gap", "critical",
