@@ -40,7 +40,7 @@ EARLY_COVERAGE_MAX = 160
 
 # ScanOptions of step-and-shoot acquisitions (GE "AXIAL MODE" / "CINE MODE", "SEQUENCE(D)", "STATIONARY"): one
 # acquisition per table position
-STEP_AND_SHOOT = re.compile(r"\b(AXIAL|SEQUENCED?|CINE|STATIONARY)\b")
+STEP_AND_SHOOT = re.compile(r"(?<![A-Z])(AXIAL|SEQUENCED?|CINE|STATIONARY)(?![A-Z])")  # also "AXIAL_CT"
 DYNAMIC_MIN_SLICES = 4
 DYNAMIC_REPEATS = 3
 
