@@ -163,7 +163,10 @@ class SeriesTracker:
                         self._stream_artifacts(st, zz, sq, st.results[sq], changed)
             self._stream_artifacts(st, z, seq, result, changed)
             n = len(st._order)
-            if st.rule is not None and EARLY_COVERAGE_MIN <= n <= EARLY_COVERAGE_MAX and n % 4 == 0:
+            # early coverage only on a clean stack: a position seen twice may be the start of a dynamic series
+            # (perfusion repeats its few positions), which is not a range along the patient at all
+            if (st.rule is not None and EARLY_COVERAGE_MIN <= n <= EARLY_COVERAGE_MAX and n % 4 == 0
+                    and len(st._zcount) == n):
                 self._early_coverage(st, changed)
             return changed
 
