@@ -71,8 +71,13 @@ def analyze(paths: list[str], cfg, bundle: str | None = None, backend: str | Non
     files = collect(paths)
     if plot_dir is not None:
         from medqc.agent.figure import _matplotlib
+        from medqc.errors import UsageError
 
         _matplotlib()  # a clear usage error before any work when matplotlib is missing
+        try:  # and one for a folder that cannot be written
+            Path(plot_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--plot {plot_dir}: cannot create the folder ({e.strerror or e})") from None
     pipe = compose(cfg, bundle, backend, inference=backend != "none")
     pipe.thumbnails = plot_dir is not None  # console thumbnails are for the live agent; --plot shows slices too
     pipe.thumbnail_min_score = 0.0

@@ -79,6 +79,9 @@ def test_plot_writes_a_figure_per_series(tmp_path):
     assert b"Plotted" not in Path(path).read_bytes()
     r = medqc("analyze", out, "--plot", figs / "again")
     assert r.returncode == 0 and "figure: " in r.stdout
+    (tmp_path / "a-file").write_text("x")
+    r = medqc("analyze", out, "--plot", tmp_path / "a-file" / "figs")
+    assert r.returncode == 2 and "--plot" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_usage_errors_exit_2(tmp_path, tiny_bundle):
