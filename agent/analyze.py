@@ -51,6 +51,14 @@ def human(report: dict) -> str:
             lines.append(f"  [{f['severity']:8}] {f['check']:22} {f['message']}")
         if s.get("series_kind") == "dynamic":
             lines.append(f"  {s['coverage_note']}")
+    if len(report["series"]) > 1:
+        import collections
+
+        verdicts = collections.Counter(str(s["verdict"]) for s in report["series"])
+        found = collections.Counter((f["check"], f["severity"]) for s in report["series"] for f in s["findings"]
+                                    if f["severity"] != "info")
+        lines.append(f"{len(report['series'])} series: " + ", ".join(f"{verdicts[v]} {v}" for v in ("pass", "warn", "fail") if verdicts[v])
+                     + ("; findings: " + ", ".join(f"{c} ×{n} ({sev})" for (c, sev), n in sorted(found.items())) if found else ""))
     if report.get("rejected"):
         lines.append(f"not analysed: {len(report['rejected'])} input(s)")
         reasons: dict[str, int] = {}
