@@ -114,7 +114,8 @@ def write_slice(path: Path, hu: np.ndarray, ctx: SeriesContext, spec, z: float, 
     ds.KVP = f"{ctx.kvp:g}"
     if v["manufacturer"] != "GE MEDICAL SYSTEMS":
         ds.SpacingBetweenSlices = f"{ctx.spacing:.4g}"
-    ds.DataCollectionDiameter = f"{min(500.0, spec.sfov_mm):.1f}"
+    if v["manufacturer"] != "Philips":  # as real Philips headers: no scan-field diameter
+        ds.DataCollectionDiameter = f"{min(500.0, spec.sfov_mm):.1f}"
     ds.ReconstructionDiameter = f"{spec.fov_mm:.2f}"
     ds.GantryDetectorTilt = f"{opts.tilt:g}"
     ds.TableHeight = "150.0"
@@ -149,6 +150,9 @@ def write_slice(path: Path, hu: np.ndarray, ctx: SeriesContext, spec, z: float, 
     ipp = (cx - (M - 1) / 2 * dpx, y0 * math.cos(t), z + y0 * math.sin(t))
     ds.ImagePositionPatient = [f"{a:.6g}" if abs(a) >= 1e-9 else "0" for a in ipp]
     ds.ImageOrientationPatient = ["1", "0", "0", "0", f"{math.cos(t):.7g}", f"{math.sin(t):.7g}" if abs(t) > 0 else "0"]
+    if v["manufacturer"] == "SIEMENS":  # both centres, in patient coordinates (the isocentre is x = y = 0 here)
+        ds.DataCollectionCenterPatient = [0.0, 0.0, round(float(z), 4)]  # FD values
+        ds.ReconstructionTargetCenterPatient = [round(float(a), 4) for a in (cx, cy * math.cos(t), z + cy * math.sin(t))]
     ds.FrameOfReferenceUID = ctx.uid.frame
     ds.PositionReferenceIndicator = ""
     ds.SliceLocation = f"{z:.3f}"
