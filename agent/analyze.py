@@ -88,7 +88,8 @@ def analyze(paths: list[str], cfg, bundle: str | None = None, backend: str | Non
             raise UsageError(f"--plot {plot_dir}: cannot create the folder ({e.strerror or e})") from None
     pipe = compose(cfg, bundle, backend, inference=backend != "none")
     pipe.thumbnails = plot_dir is not None  # console thumbnails are for the live agent; --plot shows slices too
-    pipe.thumbnail_min_score = 0.0
+    if pipe.thumbnails:
+        pipe.thumbnail_min_score = 0.0
     try:
         for f in files:
             pipe.submit(f)

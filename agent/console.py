@@ -80,10 +80,13 @@ def thumbnail_png(hu: np.ndarray, info=None, size: int = THUMB_SIZE) -> bytes:
     return buf.tobytes()
 
 
-def attach_thumbnails(results, chunk, min_score: float = THUMB_MIN_SCORE) -> None:
-    """Give each analysed slice with a notable artifact score (``min_score``; 0: every slice) a thumbnail
+def attach_thumbnails(results, chunk, min_score: float | None = None) -> None:
+    """Give each analysed slice with a notable artifact score (``min_score``, default THUMB_MIN_SCORE; 0: every
+    slice) a thumbnail
     (called by the pipeline while the HU pixels are still at hand; ~1 ms per slice, only for slices that
     may be shown)."""
+    if min_score is None:
+        min_score = THUMB_MIN_SCORE
     by_info = {id(info): hu for info, hu in chunk}
     for r in results:
         if r.error or r.thumbnail is not None:

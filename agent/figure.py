@@ -44,7 +44,7 @@ def _matplotlib():
 def file_name(series: dict, index: int) -> str:
     uid = re.sub(r"[^0-9.]", "", str(series.get("series_instance_uid") or ""))[-12:] or f"{index}"
     num = series.get("series_number")
-    return f"series-{num if num is not None else index:>03}-{uid}.png".replace(" ", "0")
+    return f"series-{num if num is not None else index:>03}-{uid}.png"
 
 
 def _chosen_slices(series: dict, results_by_sop: dict) -> list[tuple[dict, str]]:

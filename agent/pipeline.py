@@ -51,7 +51,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self.identifiers = bool(cfg.privacy.show_patient_identifiers)
         self.thumbnails = bool(cfg.http.enabled)  # console thumbnails (agent/console.py); off for batch use
-        self.thumbnail_min_score = 0.2  # slices scoring below this for every class get none (analyze --plot: 0)
+        self.thumbnail_min_score = None  # None: the console's THUMB_MIN_SCORE; analyze --plot: 0 (every slice)
 
     # ------------------------------------------------------------------------------------------ intake
     def submit(self, path: str | Path, received_at: float | None = None) -> None:

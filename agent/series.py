@@ -76,7 +76,7 @@ class SeriesState:
         """The same few table positions repeated over time — bolus-tracking monitoring scans, perfusion and
         other dynamic acquisitions, CT fluoroscopy — rather than a stack along the patient: every position
         held by three slices or more on average (from 4 slices on)."""
-        n = sum(self._zcount.values())
+        n = len(self._order)  # every slice in _order was counted in _zcount
         return n >= DYNAMIC_MIN_SLICES and len(self._zcount) * DYNAMIC_REPEATS <= n
 
     @property

@@ -247,25 +247,13 @@ def valid_uid(uid) -> bool:
 
 def status_text(code: int, status=None) -> str:
     """A failed C-STORE status as people read it: the code, its meaning in the Storage Service Class
-    (PS3.4 B.2.3) and the peer's ErrorComment when it sent one."""
-    try:
-        from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS as table
-    except ImportError:  # pragma: no cover - pynetdicom is a dependency
-        table = {}
-    meaning = table.get(code)
-    if meaning is None:
-        hi = code & 0xFF00
-        meaning = {0xA700: ("Failure", "Refused: Out of Resources"), 0xA900: ("Error", "Data Set Does Not Match SOP Class"),
-                   0xC000: ("Error", "Cannot Understand")}.get(hi if hi != 0xC000 else 0xC000)
-        if meaning is None and (code & 0xF000) == 0xC000:
-            meaning = ("Error", "Cannot Understand")
+    (PS3.4 B.2.3) or among the general DIMSE statuses (pynetdicom's tables) and the peer's ErrorComment when
+    it sent one."""
+    from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
+
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code) or GENERAL_STATUS.get(code)
     text = f"C-STORE status 0x{code:04X}" + (f" ({meaning[0]}: {meaning[1]})" if meaning else "")
-    comment = None
-    if status is not None:
-        try:
-            comment = status.get("ErrorComment")
-        except Exception:
-            comment = None
+    comment = status.get("ErrorComment") if status is not None else None
     if comment:
         text += f"; the peer says: {str(comment).strip()[:200]}"
     return text

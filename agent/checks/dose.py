@@ -66,7 +66,8 @@ def centering_findings(state, results, tol: float) -> list:
     # the field cuts the trunk: tissue along most of its rim, or a field lying inside the body (targeted)
     cut = [1.0 if r.measures.get("field_inside_body") == 1.0 else r.measures.get("body_touches_fov") for r in ok]
     cut = [v for v in cut if finite(v)]
-    if iso < len(pts) / 2 and cut and statistics.median(cut) > CUT_BODY_TOUCH:
+    from_iso = iso >= len(pts) / 2
+    if not from_iso and cut and statistics.median(cut) > CUT_BODY_TOUCH:
         return []
     mx = statistics.median(p[0] for p in pts)
     my = statistics.median(p[1] for p in pts)
@@ -83,7 +84,7 @@ def centering_findings(state, results, tol: float) -> list:
                     f"(vertical mis-centring changes dose and noise)",
                     score=round(max(abs(mx), abs(my)), 1),
                     details={"offset_x_mm": round(mx, 1), "offset_y_mm": round(my, 1), "tolerance_mm": tol, "slices": len(pts),
-                             "reference": "isocentre (DataCollectionCenterPatient)" if iso >= len(pts) / 2 else "reconstruction centre"})]
+                             "reference": "isocentre (DataCollectionCenterPatient)" if from_iso else "reconstruction centre"})]
 
 
 def noise_findings(state, results, rule) -> list:
