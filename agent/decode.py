@@ -111,7 +111,7 @@ def _joined(v) -> str:
     """A possibly multi-valued string element as one backslash-joined string."""
     if v is None:
         return ""
-    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+    if isinstance(v, (list, tuple, pydicom.multival.MultiValue)):
         return "\\".join(_s(x) for x in v)
     return _s(v)
 
@@ -161,7 +161,7 @@ def header_infos(ds, source: str = "", received_at: float | None = None, identif
         series_number=_i(ds.get("SeriesNumber")),
         images_in_acquisition=_i(ds.get("ImagesInAcquisition")),
         scan_options=_joined(ds.get("ScanOptions")).upper(),
-        convolution_kernel=_s(ds.get("ConvolutionKernel") if not isinstance(ds.get("ConvolutionKernel"), (list, tuple)) else "\\".join(map(str, ds.get("ConvolutionKernel")))),
+        convolution_kernel=_joined(ds.get("ConvolutionKernel")),
         manufacturer=_s(ds.get("Manufacturer")),
         acquisition_time=_s(ds.get("AcquisitionTime")),
         content_time=_s(ds.get("ContentTime")),

@@ -189,6 +189,15 @@ def test_maps_that_are_not_ct_numbers_are_ignored():
     assert decode_dataset(fat)[0].ok
 
 
+def test_multi_valued_strings_are_joined_with_backslashes():
+    """ConvolutionKernel "Br40d\\3" (Siemens) and ScanOptions read as DICOM writes them, not as a Python list."""
+    ds = ct_dataset(8, 8)
+    ds.ConvolutionKernel = ["Br40d", "3"]
+    ds.ScanOptions = ["AXIAL MODE", "FOO"]
+    info = decode_dataset(ds, pixels=False)[0].info
+    assert info.convolution_kernel == "Br40d\\3" and info.scan_options == "AXIAL MODE\\FOO"
+
+
 def test_screen_save_without_geometry_is_ignored_not_an_error():
     """Dose and protocol pages stored as CT images (DERIVED\\SECONDARY\\SCREEN SAVE, no position or orientation)
     are recorded as ignored; an axial-looking image without geometry stays an error (input.undecodable)."""
