@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from medqc.dcmtk import dcmtk as _tool
 from medqc.errors import UsageError
 
 log = logging.getLogger("medqc.bench")
@@ -118,9 +119,9 @@ def machine() -> dict:
                                  capture_output=True, text=True, timeout=10).stdout
             gpus = [dict(zip(("name", "memory", "driver"), (x.strip() for x in line.split(",")))) for line in out.splitlines() if line.strip()]
     dcmtk = ""
-    if shutil.which("storescp"):
+    if _tool("storescp"):
         with contextlib.suppress(Exception):
-            dcmtk = subprocess.run(["storescp", "--version"], capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
+            dcmtk = subprocess.run([_tool("storescp"), "--version"], capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
     commit = ""
     with contextlib.suppress(Exception):
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
@@ -303,19 +304,19 @@ def reuid_copy(files: list[Path], folder: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------------------------- (a) storescp
 def _storescu(files: list[Path], port: int, aet: str = "ANY-SCP", timeout: float = 600) -> tuple[float, subprocess.CompletedProcess]:
-    cmd = ["storescu", "--max-pdu", "131072", "-aec", aet, "127.0.0.1", str(port), *map(str, files)]
+    cmd = [_tool("storescu") or "storescu", "--max-pdu", "131072", "-aec", aet, "127.0.0.1", str(port), *map(str, files)]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=_nodelay_env(), capture_output=True, text=True, timeout=timeout)
     return time.perf_counter() - t0, r
 
 
 def bench_storescp(files: list[Path], work: Path) -> dict:
-    if not (shutil.which("storescp") and shutil.which("storescu")):
+    if not (_tool("storescp") and _tool("storescu")):
         return _skip("DCMTK storescp/storescu not installed (apt-get install dcmtk)")
     out = work / "storescp-out"
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    proc = subprocess.Popen(["storescp", "--fork", "--max-pdu", "131072", "-od", str(out), str(port)], env=_nodelay_env(),
+    proc = subprocess.Popen([_tool("storescp"), "--fork", "--max-pdu", "131072", "-od", str(out), str(port)], env=_nodelay_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         if not _wait_port(port, 10, proc):
@@ -448,7 +449,7 @@ def _series_uid(files: list[Path]) -> str:
 
 
 def bench_agent_receive(files: list[Path], work: Path, bundle: str | None) -> dict:
-    if not shutil.which("storescu"):
+    if not _tool("storescu"):
         return _skip("DCMTK storescu not installed")
     agent = Agent(work / "agent-receive", bundle, inference=False)
     why = agent.start()
@@ -476,7 +477,7 @@ def _config_has(dotted: str) -> bool:
 
 def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str | None, latency_slices: list[Path], wait_s: float = 180,
                      fsync: bool | None = None) -> dict:
-    if not shutil.which("storescu"):
+    if not _tool("storescu"):
         return _skip("DCMTK storescu not installed")
     if fsync is not None and not _config_has("spool.fsync"):
         return _skip("this agent has no spool.fsync setting")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+from medqc.dcmtk import dcmtk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CT = ROOT.parent / "shared" / "real-ct" / "philips-ingenuity-head-phantom"
@@ -38,7 +38,7 @@ def real_ct() -> Path:
 
 
 def need_tool(name: str) -> str:
-    path = shutil.which(name)
+    path = dcmtk(name)
     if not path:
         pytest.skip(f"{name} is not installed (.ci/run installs it)")
     return path

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from medqc.dcmtk import dcmtk  # noqa: E402
 
 
 def _free_port() -> int:
@@ -32,7 +33,7 @@ def study(tmp_path_factory):
 
 
 def _storescu(study, port, aet, *extra):
-    exe = shutil.which("storescu")
+    exe = dcmtk("storescu")
     if not exe:
         pytest.skip("storescu (dcmtk) is not installed")
     files = sorted(str(p) for p in study.glob("*.dcm"))

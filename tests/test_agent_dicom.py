@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from medqc.dcmtk import dcmtk  # noqa: E402
 
 
 
 def need_tool(name: str) -> str:
-    import shutil
 
-    path = shutil.which(name)
+    path = dcmtk(name)
     if not path:
         pytest.skip(f"{name} is not installed")
     return path

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from medqc.dcmtk import dcmtk  # noqa: E402
 
 SECTIONS = ("storescp", "agent_receive", "agent_full", "agent_full_nofsync", "inference", "naive")
 
@@ -56,9 +57,8 @@ def test_quick_bench_runs_and_explains_every_section(tmp_path, tiny_bundle):
         else:
             _check_section(name, res["sections"][name])
     # the storescp ceiling needs only DCMTK, installed wherever the tests run
-    import shutil
 
-    if shutil.which("storescp"):
+    if dcmtk("storescp"):
         assert res["sections"]["storescp"]["status"] == "ran"
         assert res["sections"]["storescp"]["slices"] == res["study"]["slices"]
     # failures are reported in the exit status

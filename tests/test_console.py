@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from medqc.dcmtk import dcmtk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -89,7 +90,7 @@ def agent(tiny_bundle, tmp_path):
 
 
 def _send(study: Path, port: int) -> None:
-    storescu = shutil.which("storescu")
+    storescu = dcmtk("storescu")
     if not storescu:
         pytest.skip("storescu (dcmtk) is not installed")
     files = sorted(str(p) for p in study.glob("*.dcm"))

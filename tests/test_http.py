@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from medqc.dcmtk import dcmtk  # noqa: E402
 
 
 def _run(cmd, **kw):
@@ -62,7 +62,7 @@ def _get(url, token=None, timeout=10):
 
 
 def send(study, port, aet="CT_TEST"):
-    storescu = shutil.which("storescu")
+    storescu = dcmtk("storescu")
     if not storescu:
         pytest.skip("storescu (dcmtk) is not installed")
     files = sorted(str(p) for p in study.glob("*.dcm"))

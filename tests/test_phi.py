@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from medqc.dcmtk import dcmtk  # noqa: E402
 
 NAME = "QUIXOTEVANS^ZEPHYRINA"
 PID = "PIDQ7731X"
@@ -64,7 +64,7 @@ class _Hook(BaseHTTPRequestHandler):
 
 
 def test_no_identifier_in_any_output(tiny_bundle, tmp_path, study):
-    storescu, storescp = shutil.which("storescu"), shutil.which("storescp")
+    storescu, storescp = dcmtk("storescu"), dcmtk("storescp")
     if not (storescu and storescp):
         pytest.skip("dcmtk is not installed")
     hook = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)

@@ -17,6 +17,7 @@ import pytest
 
 pytest.importorskip("data_store", reason="pydicom-data (test dependency) is not installed")
 from pydicom.data import get_testdata_file  # noqa: E402
+from medqc.dcmtk import dcmtk  # noqa: E402
 
 ARTIFACTS = ("metal", "motion", "ring", "noise", "truncation")
 
@@ -113,13 +114,12 @@ def test_agent_receives_real_compressed_ct_from_dcmtk_and_pynetdicom(tmp_path, p
     import sqlite3
     import time
 
-    import shutil
 
     import pydicom
     from pynetdicom import AE
     from pynetdicom.presentation import build_context
 
-    storescu = shutil.which("storescu")
+    storescu = dcmtk("storescu")
     if not storescu:
         pytest.skip("storescu (dcmtk) is not installed")
     state, out = tmp_path / "state", tmp_path / "out.jsonl"

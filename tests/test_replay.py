@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from medqc.dcmtk import dcmtk  # noqa: E402
 
 PY = sys.executable
 
@@ -24,9 +25,8 @@ def free_port() -> int:
 
 
 def need_tool(name: str) -> str:
-    import shutil
 
-    path = shutil.which(name)
+    path = dcmtk(name)
     if not path:
         pytest.skip(f"{name} is not installed (.ci/run installs it)")
     return path
@@ -83,14 +83,14 @@ def write_ct_series(folder: Path, n: int, rows: int = 64, study_uid: str | None 
 
 class StoreSCP:
     def __init__(self, tmp: Path, *extra: str):
-        need_tool("storescp")
+        exe = need_tool("storescp")
         self.port = free_port()
         self.dir = tmp / f"scp-{self.port}"
         self.dir.mkdir()
         env = dict(os.environ, TCP_NODELAY="1")
         # --fork: one process per association (several studies at once; the start-up probe below does not
         # hold the only association slot)
-        self.proc = subprocess.Popen(["storescp", "--fork", *extra, "-od", str(self.dir), str(self.port)], env=env,
+        self.proc = subprocess.Popen([exe, "--fork", *extra, "-od", str(self.dir), str(self.port)], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 10
         import socket

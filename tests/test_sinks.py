@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from medqc.dcmtk import dcmtk  # noqa: E402
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -109,7 +110,7 @@ def test_webhook_url_validated():
 
 
 def _storescp(tmp_path, port):
-    exe = shutil.which("storescp")
+    exe = dcmtk("storescp")
     if not exe:
         pytest.skip("storescp (dcmtk) is not installed")
     out = tmp_path / "pacs"

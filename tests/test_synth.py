@@ -20,12 +20,13 @@ from medqc.cli import main as medqc_main
 from medqc.synth.phantom import Implant, random_patient, rasterize
 from medqc.synth.study import ArtifactSpec, StudyOptions, write_study
 from medqc.synth.training import SliceSpec, sample_training_slices, simulate_slice
+from medqc.dcmtk import dcmtk  # noqa: E402
 
 DEFINED_BODY_PARTS = {"HEAD", "NECK", "CHEST", "ABDOMEN", "PELVIS", "ABDOMENPELVIS", "CHESTABDPELVIS"}
 
 
 def _need(tool: str) -> str:
-    path = shutil.which(tool)
+    path = dcmtk(tool)
     if not path:
         pytest.skip(f"{tool} is not installed")
     return path

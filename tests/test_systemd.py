@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from medqc.dcmtk import dcmtk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "deploy" / "medqc-agent.service"
@@ -102,7 +103,7 @@ def _agent_cmd(tiny_bundle, state, port):
 
 
 def test_notify_and_sigterm_mid_series_loses_nothing(tiny_bundle, tmp_path, series):
-    storescu = shutil.which("storescu")
+    storescu = dcmtk("storescu")
     if not storescu:
         pytest.skip("storescu (dcmtk) is not installed")
     state, port = tmp_path / "state", _free_port()
