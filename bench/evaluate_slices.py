@@ -80,7 +80,7 @@ def _metrics(y: np.ndarray, s: np.ndarray, thr: float | None) -> dict:
 
 
 def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
-    from medqc import ARTIFACTS, detectors
+    from medqc import ARTIFACTS, airstreaks, detectors
     from medqc.agent.infer import Inferer
     from medqc.bundle import load_bundle
 
@@ -104,7 +104,9 @@ def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
         items = [(slice_info(ts, b + j), ts.hu.astype(np.float32)) for j, ts in enumerate(slices[b:b + 16])]
         for (info, _), ts, r in zip(items, slices[b:b + 16], inf.run(items)):
             rows.append({"sev": ts.artifacts, "scores": r.scores or {}, "measures": r.measures or {},
-                         "classical": detectors.classical_probs(r.measures or {}), "pos": r.position_ref_mm,
+                         "classical": {**detectors.classical_probs(r.measures or {}),
+                                       "motion": airstreaks.evidence((r.measures or {}).get("air_dark_hu", math.nan))},
+                         "pos": r.position_ref_mm,
                          "true_pos": ts.position_ref_mm, "kernel": info.convolution_kernel, "thickness": ts.meta["thickness_mm"],
                          "error": r.error})
         print(f"\ranalysed {len(rows)}/{n}", end="", file=sys.stderr, flush=True)
@@ -138,7 +140,8 @@ def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
                  "classical_judged": _metrics(y[judged], cl_raw[judged], None) if judged.any() else None,
                  "judged_fraction": round(float(judged.mean()), 3) if judged.size else None,
                  "source": ("classical" if c in bundle.network_off else
-                            "network + classical" if c in detectors.CLASSICAL_CLASSES else "network")}
+                            "network + classical" if c in detectors.CLASSICAL_CLASSES else
+                            "network + air streaks" if c == "motion" else "network")}
         if c == "noise":  # noise is not judged on sharp kernels (σ there is the kernel, not the dose)
             soft = np.array([not detectors.SHARP_KERNEL.search(r["kernel"]) for r in rows])[keep]
             entry["agent_smooth_kernels"] = _metrics(y[soft], np.nan_to_num(fused, nan=0.0)[soft], thr.get(c))

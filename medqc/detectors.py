@@ -25,6 +25,8 @@ import re
 
 import numpy as np
 
+from medqc import airstreaks
+
 try:  # connected components make the body/lung masks cleaner; numpy alone still gives usable measures
     import cv2
 except ImportError:  # pragma: no cover - exercised by the module-hider test
@@ -43,7 +45,7 @@ TARGETED_RIM = 0.6  # trunk along this share of the displayed rim (scan field un
 MEASURES = (
     "metal_area_mm2", "metal_max_hu", "noise_sd", "body_touches_fov", "body_center_offset_x_mm",
     "body_center_offset_y_mm", "body_area_mm2", "lung_area_mm2", "bone_area_mm2", "skull_ring",
-    "lateral_bone_mm2", "noise_sd_2mm", "noise_ratio", "ring_contrast_hu", "field_inside_body",
+    "lateral_bone_mm2", "noise_sd_2mm", "noise_ratio", "ring_contrast_hu", "field_inside_body", "air_dark_hu",
 )
 
 # Noise judged at 2 mm (the scale a reader sees and the network's input pixel), where kernels differ far less
@@ -587,6 +589,12 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
             coarse = ring_contrast(pooled[0], [((cy + 0.5) / f - 0.5, (cx + 0.5) / f - 0.5) for cy, cx in centres])
             ring = float(np.fmax(ring, coarse))  # the larger scale; NaN only where both are
         out["ring_contrast_hu"] = ring
+        if pooled is not None:  # motion evidence: dark streaks in the free air around the patient
+            f = pooled[2]
+            scan = None
+            if dcd and dcd > 0 and iso is not None:
+                scan = ((iso[0] + 0.5) / f - 0.5, (iso[1] + 0.5) / f - 0.5, dcd / 2.0 / (f * math.sqrt(rmm * cmm)))
+            out["air_dark_hu"] = airstreaks.air_dark_hu(pooled[0], pooled[1], f * math.sqrt(rmm * cmm), scan)
     else:
         out["lung_area_mm2"] = 0.0
         out["bone_area_mm2"] = 0.0
@@ -642,7 +650,11 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     * noise: ``1 - (1 - net) * (1 - classical)`` (noisy-OR: either source can raise it, agreement raises
       it further) — σ alone cannot tell a sharp kernel from a low dose, so classical evidence ramps late;
     * ring: ``max(network, classical)`` — a thin ring centred on the reconstruction centre is physics too;
-    * motion: the network only.
+    * motion: the mean of the network and the dark-streak evidence in the free air around the patient
+      (``medqc.airstreaks``) where that air can be measured, the network alone where it cannot (a body
+      filling the field, a targeted reconstruction). Neither source alone reaches the network's threshold
+      from a clean level of the other: a real clean anatomy that the network misreads as motion (0.3–0.8 on
+      real patient slices) stays below it unless the air around the patient is streaked too.
     Metal needs metal-density pixels: a measured slice whose densest pixel stays below ``METAL_MIN_HU``
     (3,000 HU; enamel and dense cortical bone stay below it, implants reconstruct far above it and saturate
     at the top of the CT number range) cannot show a metal artifact, so there the network's metal score is
@@ -651,6 +663,10 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     """
     out = {k: float(v) for k, v in (net_probs or {}).items()}
     m = measures or {}
+    air = airstreaks.evidence(m.get("air_dark_hu", float("nan")))
+    n = out.get("motion")
+    if n is not None and math.isfinite(n) and math.isfinite(air):
+        out["motion"] = 0.5 * (n + air)
     cls = classical_probs(m)
     for k, p in cls.items():
         n = out.get(k)

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from medqc import airstreaks
 from medqc import detectors as D
 from medqc.agent.records import SliceInfo
 
@@ -54,7 +55,9 @@ def test_clean_body_noise_centre_and_no_false_alarms():
     p = D.fuse({"metal": 0.1, "motion": 0.2, "ring": 0.3, "noise": 0.1, "truncation": 0.1}, m)
     assert p["metal"] == 0.0  # no metal-density pixel: the network's metal score is dropped
     assert p["truncation"] == pytest.approx(0.1)
-    assert p["motion"] == 0.2 and p["ring"] == 0.3
+    # flat air around the body: no motion evidence, so the network's motion score is halved (mean with 0)
+    assert m["air_dark_hu"] < airstreaks.EVIDENCE_HU[0]
+    assert p["motion"] == pytest.approx(0.1) and p["ring"] == 0.3
     assert p["noise"] == pytest.approx(0.1, abs=0.01)
 
 
@@ -195,6 +198,8 @@ def test_real_philips_study_is_clean(real_ct):
         assert fused["metal"] < 0.5, (p.name, m)
         assert fused["truncation"] < 0.5, (p.name, m)
         assert fused["noise"] < 0.5, (p.name, m)
+        # the foam and the holder around the head are brighter than air: no motion evidence
+        assert not airstreaks.evidence(m["air_dark_hu"]) >= 0.5, (p.name, m["air_dark_hu"])
         if np.isfinite(m["noise_sd"]):
             noise.append(m["noise_sd"])
     assert len(noise) > 10 and 0.5 < np.median(noise) < 15
@@ -317,3 +322,54 @@ def test_lateral_bone_is_the_trunks_not_the_arms():
         img[((xx - sx * 85) / 25) ** 2 + (yy / 12) ** 2 <= 1] = 700.0
     wings = D.measure(img, info())
     assert wings["lateral_bone_mm2"] > 600.0
+
+
+def _streaked(amp_hu: float, seed: int = 3) -> np.ndarray:
+    """The clean phantom with thin dark and bright streaks tangent to the skin running out into the air
+    (what a patient who moved during the rotation leaves), clipped at the body."""
+    img = phantom(sigma=10.0, seed=seed)
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+    body = (xx / 150.0) ** 2 + (yy / 110.0) ** 2 <= 1
+    streaks = np.zeros_like(img)
+    for k, ang in enumerate(np.radians([10, 55, 100, 145, 190, 235, 280, 325])):
+        # the tangent line to the ellipse at this angle, 3 px wide, alternately dark and bright
+        px, py = 150.0 * np.cos(ang), 110.0 * np.sin(ang)
+        tx, ty = -150.0 * np.sin(ang), 110.0 * np.cos(ang)
+        nrm = np.hypot(tx, ty)
+        d = np.abs((xx - px) * ty / nrm - (yy - py) * tx / nrm)
+        streaks += np.where(d < 2.0, -amp_hu if k % 2 == 0 else amp_hu, 0.0)
+    inside = img > -1500
+    return np.where(inside & ~body, img + streaks, img).astype(np.float32)
+
+
+def test_dark_streaks_in_the_air_are_motion_evidence():
+    clean = D.measure(phantom(sigma=10.0, seed=3), info())
+    moved = D.measure(_streaked(150.0), info())
+    assert clean["air_dark_hu"] < airstreaks.EVIDENCE_HU[0]
+    assert moved["air_dark_hu"] > airstreaks.EVIDENCE_HU[1]
+    # the fused score: the network alone cannot reach its threshold (0.58) over clean air, nor the air alone
+    # over a clean network score; both together can
+    assert D.fuse({"motion": 0.9}, clean)["motion"] < 0.5
+    assert D.fuse({"motion": 0.1}, moved)["motion"] < 0.58
+    assert D.fuse({"motion": 0.7}, moved)["motion"] > 0.8
+    # no network score (thick slices): the air alone does not make one
+    assert "motion" not in D.fuse({}, moved)
+
+
+def test_bright_objects_in_the_air_are_not_motion_evidence():
+    """Foam pads, blankets and holders are brighter than air: only air darker than its own level counts."""
+    img = phantom(sigma=10.0, seed=4, table=True)
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+    for cx, cy in ((-120, -120), (110, -130), (0, -135)):  # blanket folds and pads near the skin
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 <= 14 ** 2] = -850.0 + 40.0 * np.sin(xx[(xx - cx) ** 2 + (yy - cy) ** 2 <= 14 ** 2])
+    m = D.measure(img, info())
+    assert not m["air_dark_hu"] > airstreaks.EVIDENCE_HU[0], m["air_dark_hu"]
+
+
+def test_no_free_air_is_not_judged():
+    """A targeted field inside the body (or a body filling the field) has no air band: not judged, and the
+    network's motion score stands as it is."""
+    img = phantom(sigma=10.0, rx_mm=300.0, ry_mm=300.0)
+    m = D.measure(img, info())
+    assert not np.isfinite(m["air_dark_hu"])
+    assert D.fuse({"motion": 0.7}, m)["motion"] == pytest.approx(0.7)

@@ -59,6 +59,20 @@ def test_metal_truncation_and_noise_evidence():
     assert hi["noise_sd"] > 1.5 * lo["noise_sd"]
 
 
+@pytest.mark.parametrize("kind", ["shift", "oscillate"])
+def test_patient_motion_darkens_the_air_around_the_body(kind):
+    """Motion simulated in the projections (a pose per view, then FBP): the free air around the body
+    streaks; the same slice without motion leaves it flat."""
+    from medqc import airstreaks
+
+    p = random_patient(np.random.default_rng(12), contrast=False, arms="up")
+    clean, _ = sim(p, 600.0, fov_mm=450)
+    moved, _ = sim(p, 600.0, fov_mm=450, motion_mm=8.0, motion_kind=kind)
+    assert clean["air_dark_hu"] < airstreaks.EVIDENCE_HU[0]
+    assert airstreaks.evidence(moved["air_dark_hu"]) > 0.6
+    assert D.fuse({"motion": 0.6}, moved)["motion"] > D.fuse({"motion": 0.6}, clean)["motion"] + 0.3
+
+
 def test_chest_series_lungs_give_apex_and_base(patient):
     """A chest series with no network positions at all: the classical lung extent alone decides coverage."""
     s = patient.scale

@@ -1,7 +1,8 @@
 """artifact.<class>: runs of consecutive slices (by z) whose fused score is over the class threshold.
 
 A run is reported when it has ``checks.artifact.min_run`` slices, or when one slice scores "very high"
-(``1 - (1 - threshold) / 5``: 0.9 for a 0.5 threshold). For motion (the network alone) and ring (a
+(``1 - (1 - threshold) / 5``: 0.9 for a 0.5 threshold). For motion (the network, averaged with the
+air-streak evidence where the air around the patient can be measured) and ring (a
 detector fault, on every slice) a run of ``min_run`` slices must also span 25 mm of z or have a mean score of at least
 ``(threshold + 1) / 2``. One finding per class and series (id
 ``<series>/artifact.<class>``) covers every qualifying run and is updated as runs grow. Severity:
@@ -23,7 +24,8 @@ from medqc import ARTIFACTS
 from medqc.agent.checks.common import finding
 
 CRITICAL_SLICES = 5
-# classes whose runs must also span z (see qualifying): motion, where the network alone decides, and ring,
+# classes whose runs must also span z (see qualifying): motion, where the network decides (with the air-streak
+# evidence where there is free air: medqc.airstreaks), and ring,
 # whose cause (a detector channel) is on every slice, so a real ring is never confined to a few slices
 NETWORK_ONLY = frozenset({"motion", "ring"})
 NETWORK_ONLY_MIN_EXTENT_MM = 25.0  # z from the first to the last slice of a run (see qualifying)
