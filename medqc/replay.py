@@ -297,22 +297,15 @@ def _make_ae(calling_aet: str, timeouts: dict, poll_s: float = 0.0005):
         def _create_socket(self, assoc, address, tls_args):
             sock = super()._create_socket(assoc, address, tls_args)
             # pynetdicom's reactor sleeps 1 ms whenever it is idle, which adds up to 1 ms to every round
-            # trip; a shorter poll measures the peer, not our own sleep (the fallback when the waits below
-            # cannot be attached)
+            # trip; a shorter poll costs a little CPU and measures the peer, not our own sleep (the agent's
+            # event-driven waits, agent/dulwait.py, are not used here: with them DCMTK's refuse-and-close
+            # raced its A-ASSOCIATE-RJ more often, and the sender's CPU did not measurably change)
             if hasattr(assoc, "dul") and hasattr(assoc.dul, "_run_loop_delay"):
                 assoc.dul._run_loop_delay = poll_s
             try:
                 sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except (OSError, AttributeError) as e:  # pragma: no cover - exotic platforms
                 log.warning("cannot set TCP_NODELAY on the sending socket: %s", e)
-            # and no polling at all: pynetdicom's loops wait for work instead (the sender's CPU on a shared
-            # box is not taken from the agent it measures)
-            try:
-                from medqc.agent import dulwait
-
-                dulwait.attach(assoc, poll_s, getattr(sock, "socket", None))
-            except Exception as e:  # noqa: BLE001 - tuning only
-                log.debug("event-driven waits not attached: %s", e)
             return sock
 
     ae = NoDelayAE(ae_title=calling_aet)
