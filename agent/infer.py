@@ -2,8 +2,8 @@
 detectors. One ``SliceResult`` per input slice; a slice that fails (bad pixels, preprocessing error) gets
 its own error record and never fails the batch; a runner failure on a batch is retried slice by slice.
 
-The classical detectors of each slice run on one helper thread while the pipeline thread preprocesses the
-next slices and runs the network: they are OpenCV/numpy work that mostly releases the GIL, so on two
+The classical detectors of a batch are queued first, on one helper thread, and run while the pipeline thread preprocesses the
+slices and runs the network: they are OpenCV/numpy work that mostly releases the GIL, so on two
 cores they overlap instead of adding up (results and their order are unchanged).
 """
 
@@ -74,15 +74,17 @@ class Inferer:
         """items: [(SliceInfo, hu float32)] → [SliceResult] in the same order."""
         results: list[SliceResult | None] = [None] * len(items)
         inputs, idx, measured = [], [], {}
+        if self._detectors is not None:  # queued first: they run while the slices are preprocessed and inferred
+            for k, (info, hu) in enumerate(items):
+                measured[k] = self._detectors.submit(self._measure, hu, info)
         for k, (info, hu) in enumerate(items):
             try:
                 inputs.append(preprocess(hu, info.pixel_spacing, self.params, info.orientation) if self.runner is not None else None)
                 idx.append(k)
             except Exception as e:  # noqa: BLE001
                 results[k] = SliceResult(info=info, error=f"preprocessing failed: {e}", analysed_at=time.time())
-                continue
-            if self._detectors is not None:  # runs while the next slices are preprocessed and inferred
-                measured[k] = self._detectors.submit(self._measure, hu, info)
+                if k in measured:
+                    measured.pop(k).cancel()
         outs = {}
         if self.runner is not None and idx:
             batch = np.stack(inputs).astype(np.float32, copy=False)
