@@ -82,7 +82,9 @@ def _wrap_put(q, after) -> None:
 def attach(assoc, dul_delay: float, sock=None) -> bool:
     """Replace the idle polling of this association's DUL and reactor threads (call before they start: from
     an ``EVT_CONN_OPEN`` handler on an acceptor, from the AE's socket factory on a requestor, which passes
-    the new ``sock``). False when pynetdicom's internals are not as expected."""
+    the new ``sock``). ``dul_delay`` becomes the DUL's poll (its sleeps of that length are the ones replaced;
+    it is also what pynetdicom polls at after the connection closes). False when pynetdicom's internals are
+    not as expected; then nothing is changed."""
     try:
         dul = assoc.dul
         dimse = assoc.dimse
@@ -98,6 +100,7 @@ def attach(assoc, dul_delay: float, sock=None) -> bool:
         return False
     if not _install():
         return False
+    dul._run_loop_delay = dul_delay  # noqa: SLF001 - pynetdicom's documented tuning attribute
 
     # DUL thread: select() on the socket and a self-pipe written when a PDU is queued for sending
     rfd, wfd = os.pipe()
@@ -113,7 +116,7 @@ def attach(assoc, dul_delay: float, sock=None) -> bool:
                 pass
 
     def dul_wait(seconds: float) -> bool:
-        if seconds != dul.__dict__.get("_run_loop_delay", seconds) or closed.is_set():
+        if seconds != dul_delay or closed.is_set():
             return False
         if out_q.qsize() or getattr(dul, "_kill_thread", False):
             return True
