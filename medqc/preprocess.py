@@ -75,6 +75,24 @@ def _resized_ones(h: int, w: int, out_h: int, out_w: int) -> np.ndarray:
     return m
 
 
+_MASK_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def _resized_mask(inside: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """The FOV mask channel of a slice with padding: the area resize of ``inside``. A series repeats the
+    same padding from slice to slice, so the result is kept per exact mask (its packed bits are the key):
+    the same input gives the same output, only once computed (read-only; callers copy from it)."""
+    key = (inside.shape, out_h, out_w, np.packbits(inside).tobytes())
+    m = _MASK_CACHE.get(key)
+    if m is None:
+        m = _area_resize(inside.astype(np.float32), out_h, out_w)
+        m.flags.writeable = False
+        if len(_MASK_CACHE) >= 8:
+            _MASK_CACHE.pop(next(iter(_MASK_CACHE)))
+        _MASK_CACHE[key] = m
+    return m
+
+
 def _area_resize(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     if img.shape == (out_h, out_w):
         return img
@@ -131,8 +149,7 @@ def preprocess(hu: np.ndarray, pixel_spacing: tuple[float, float], params: Prepr
     out_w = max(1, int(round(img.shape[1] * col_mm / params.pixel_mm)))
     mask = None
     if params.fov_mask:
-        mask = (_resized_ones(*img.shape, out_h, out_w) if everywhere
-                else _area_resize(inside.astype(np.float32), out_h, out_w))
+        mask = _resized_ones(*img.shape, out_h, out_w) if everywhere else _resized_mask(inside, out_h, out_w)
     img = _area_resize(img, out_h, out_w)
 
     s = params.size

@@ -38,6 +38,27 @@ def test_preprocess_marks_padding_outside_fov():
         preprocess(hu, (0.0, 0.9), PreprocessParams())
 
 
+def test_preprocess_mask_cache_gives_what_the_resize_gives(monkeypatch):
+    """The FOV-mask channel is kept per exact padding mask: a series' repeated padding reuses it, a
+    different padding (another field, a shifted field, a mirrored slice) does not, and every result equals
+    the uncached computation."""
+    from medqc import preprocess as pp_mod
+
+    pp = PreprocessParams()
+    yy, xx = np.mgrid[:512, :512] - 255.5
+    masks = [xx**2 + yy**2 < 250**2, xx**2 + yy**2 < 200**2, (xx + 40) ** 2 + yy**2 < 210**2]
+    cases = [(np.where(m, 40.0, -3024.0).astype(np.float32), ori)
+             for m in masks for ori in (None, (-1, 0, 0, 0, 1, 0))]
+    pp_mod._MASK_CACHE.clear()
+    cached = [preprocess(hu, (0.9, 0.9), pp, ori) for hu, ori in cases + cases]  # second round: from the cache
+    assert len(pp_mod._MASK_CACHE) == 4  # two centred fields (mirroring leaves them as they are), a shifted one and its mirror
+    monkeypatch.setattr(pp_mod, "_resized_mask", lambda inside, h, w: pp_mod._area_resize(inside.astype(np.float32), h, w))
+    direct = [preprocess(hu, (0.9, 0.9), pp, ori) for hu, ori in cases + cases]
+    for a, b in zip(cached, direct):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(cached[0][-1], cached[2][-1])  # different fields, different masks
+
+
 def test_preprocess_mirrors_slices_into_the_training_layout():
     """A slice stored with rows running posterior→anterior (prone habit, flipped archives) and/or columns
     running left→right reaches the network as a supine head-first slice would: the same array."""
