@@ -90,6 +90,7 @@ class Agent:
         self.watch_dirs = list(watch or ()) + list(cfg.watch.dirs)
         self.metrics = Metrics()
         self.stopping = threading.Event()
+        self.failed = False  # a part died (the receiver process): exit non-zero so that systemd restarts us
         self.receiver = self.watch = self.http = self.pipeline = self.store = self.spool = None
 
     # The HTTP API reads these
@@ -139,7 +140,13 @@ class Agent:
         if access is not None and hasattr(access, "metrics"):
             access.metrics = self.metrics  # rejected associations → medqc_associations_rejected_total
         on_stored = self.pipeline.submit if self.inference else (lambda path, t: None)
-        self.receiver = Receiver(cfg, self.spool, on_stored, self.pipeline.mpps_completed, self.metrics, access).start()
+        if getattr(cfg.dicom, "receiver_process", False):  # its own process: no interpreter lock shared with analysis
+            from medqc.agent.receiver_proc import ReceiverProcess
+
+            self.receiver = ReceiverProcess(cfg, self.spool, on_stored, self.pipeline.mpps_completed, self.metrics,
+                                            on_died=self._receiver_died).start()
+        else:
+            self.receiver = Receiver(cfg, self.spool, on_stored, self.pipeline.mpps_completed, self.metrics, access).start()
         if self.watch_dirs:
             from medqc.agent.watch import DropFolder
 
@@ -152,6 +159,10 @@ class Agent:
 
             self.http = serve_console(cfg, self)
         return self
+
+    def _receiver_died(self) -> None:
+        self.failed = True
+        self.stopping.set()
 
     def tick(self) -> None:
         try:
@@ -221,7 +232,7 @@ def run(args) -> int:
         log.info("stopping (finishing in-flight work for up to %.0f s)", STOP_GRACE_S)
         _sd_notify("STOPPING=1")
         agent.stop()
-        return 0
+        return 1 if agent.failed else 0
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -50,6 +50,9 @@ class DicomConfig:
     allowed_calling_aets: tuple[str, ...] = ()
     allowed_ips: tuple[str, ...] = ()
     tls: TlsConfig = TlsConfig()
+    receiver_process: bool = field(default=True, metadata={
+        "help": "run the DICOM receiver in its own process (no interpreter lock shared with the analysis); "
+                "false: a thread of the agent's process"})
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,12 @@ def _agent(tiny_bundle, tmp_path, **over):
     return cfg, Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime", inference=False).start()
 
 
+def _wait(cond, timeout: float = 5.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end and not cond():
+        time.sleep(0.02)
+
+
 def test_policy_decisions():
     from medqc.agent.access import AccessError, AccessPolicy
 
@@ -73,8 +79,11 @@ def test_allowlist_with_storescu(tiny_bundle, tmp_path, study, caplog):
             bad = _storescu(study, cfg.dicom.port, "ROGUE")
         assert bad.returncode != 0
         assert "Calling AE Title Not Recognized" in bad.stderr or "rejected" in bad.stderr.lower(), bad.stderr
+        # the receiver runs in its own process: its counters and log lines reach the agent over a pipe
+        _wait(lambda: a.metrics.get("medqc_associations_rejected_total", reason="calling-aet") == 1)
         assert a.metrics.get("medqc_slices_received_total", source="dicom") == 3
         assert a.metrics.get("medqc_associations_rejected_total", reason="calling-aet") == 1
+        _wait(lambda: any("calling-aet" in r.getMessage() and "ROGUE" in r.getMessage() for r in caplog.records))
         assert any("calling-aet" in r.getMessage() and "ROGUE" in r.getMessage() for r in caplog.records)
     finally:
         a.stop(2.0)

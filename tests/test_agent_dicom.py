@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -142,6 +143,62 @@ def test_kill9_mid_study_then_restart_loses_nothing(tmp_path, port, tiny_bundle,
     finally:
         b.stop()
     assert {s["slices"] for s in series} == EXPECTED
+
+
+def _receiver_pid(a: "AgentProc", timeout: float = 10.0) -> int:
+    end = time.time() + timeout
+    while time.time() < end:
+        m = re.search(r"DICOM receiver running in process (\d+)", a.err.read_text())
+        if m:
+            return int(m.group(1))
+        time.sleep(0.1)
+    raise AssertionError("no receiver process in the log:\n" + a.err.read_text()[-2000:])
+
+
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # a zombie of a dead parent counts as gone once reaped by init
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_killed_agent_leaves_no_receiver_holding_the_port(tmp_path, port, tiny_bundle):
+    """The receiver runs in its own process: when the agent is killed (-9, no cleanup), the receiver sees
+    its pipe close and exits, so the port is free for the restarted agent."""
+    a = AgentProc(tmp_path, port, tiny_bundle).start()
+    child = _receiver_pid(a)
+    assert child != a.proc.pid
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait()
+    assert _gone(child), "the receiver process outlived the killed agent"
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))  # free again
+
+
+def test_receiver_process_death_stops_the_agent_non_zero(tmp_path, port, tiny_bundle):
+    """If the receiver process dies on its own, the agent does not go on deaf: it stops with exit code 1
+    (systemd's Restart=on-failure brings it back) and says why."""
+    a = AgentProc(tmp_path, port, tiny_bundle).start()
+    child = _receiver_pid(a)
+    os.kill(child, signal.SIGKILL)
+    try:
+        rc = a.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        a.proc.kill()
+        raise AssertionError("the agent kept running without its receiver")
+    assert rc == 1
+    assert "receiver process ended unexpectedly" in a.err.read_text()
 
 
 def _scu(port: int, contexts):
