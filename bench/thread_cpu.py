@@ -4,7 +4,7 @@
     .venv/bin/python bench/thread_cpu.py STUDY_DIR [--no-inference] [--bundle DIR]
 
 Runs the agent in this process (``medqc.agent.daemon.Agent``, default configuration on free loopback ports,
-state in a temporary folder), samples ``/proc/self/task/*/stat`` every 0.1 s (so threads that end, like
+the receiver as a thread so that its CPU is counted too, state in a temporary folder), samples ``/proc/self/task/*/stat`` every 0.1 s (so threads that end, like
 pynetdicom's per-association ones, are counted) and prints CPU ms per slice for each thread name. Threads
 that are not Python threads (ONNX Runtime and OpenCV workers) are summed as ``native``. Unlike py-spy
 samples this is CPU time, waiting excluded.
@@ -48,7 +48,9 @@ def main() -> int:
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     files = sorted(p for p in Path(args.study).rglob("*") if p.is_file() and _is_dicom(p))
-    cfg = load_config(None, {"dicom.port": 0, "http.bind": "127.0.0.1:0", "sinks.stdout.enabled": False})
+    # the receiver as a thread of this process (dicom.receiver_process = false), so that its CPU is counted
+    cfg = load_config(None, {"dicom.port": 0, "http.bind": "127.0.0.1:0", "sinks.stdout.enabled": False,
+                             "dicom.receiver_process": False})
     agent = Agent(cfg, Path(tempfile.mkdtemp(prefix="medqc-thread-cpu-")), args.bundle, inference=not args.no_inference)
     agent.start()
     start, last = _cpu_by_thread(), {}
