@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 
 log = logging.getLogger("medqc.agent")

@@ -113,7 +113,7 @@ class Pipeline:
     # ---------------------------------------------------------------------------------------- one batch
     def process(self, items: list[tuple[str, float]]) -> None:
         t0 = time.perf_counter()
-        todo, meta = [], []
+        todo = []
         for path, received_at in items:
             try:
                 decoded = decode_file(path, received_at, identifiers=self.identifiers)
