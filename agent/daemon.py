@@ -135,6 +135,8 @@ class Agent:
             self.pipeline.start()
         self.pipeline.resume() if self.inference else None
         access_mod = _optional("medqc.agent.access")
+        # built here in both receiver modes: a configuration mistake (a TLS file missing) fails the start with
+        # a usage error; the receiver process builds its own copy from the same config
         access = access_mod.from_config(cfg) if access_mod is not None and hasattr(access_mod, "from_config") else None
         if access is not None and hasattr(access, "metrics"):
             access.metrics = self.metrics  # rejected associations → medqc_associations_rejected_total

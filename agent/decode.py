@@ -258,7 +258,7 @@ def _why_not_analysed(ds, info: SliceInfo) -> str:
     return ""
 
 
-SCREEN_TYPES = ("SECONDARY", "SCREEN SAVE", "SCREEN_SAVE", "REPORT", "CSA REPORT", "DOSE INFO", "DOSE REPORT")
+SCREEN_TYPES = ("SECONDARY", "DOSE INFO")  # besides any value naming a SCREEN (save) or a REPORT (CSA, dose)
 
 
 def _screen_capture(info: SliceInfo) -> bool:

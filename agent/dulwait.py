@@ -79,10 +79,9 @@ def _wrap_put(q, after) -> None:
     q.put = put_and_wake
 
 
-def attach(assoc, dul_delay: float, sock=None) -> bool:
-    """Replace the idle polling of this association's DUL and reactor threads (call before they start: from
-    an ``EVT_CONN_OPEN`` handler on an acceptor, from the AE's socket factory on a requestor, which passes
-    the new ``sock``). ``dul_delay`` becomes the DUL's poll (its sleeps of that length are the ones replaced;
+def attach(assoc, dul_delay: float) -> bool:
+    """Replace the idle polling of this acceptor association's DUL and reactor threads (call before they
+    start: from an ``EVT_CONN_OPEN`` handler). ``dul_delay`` becomes the DUL's poll (its sleeps of that length are the ones replaced;
     it is also what pynetdicom polls at after the connection closes). False when pynetdicom's internals are
     not as expected; then nothing is changed."""
     try:
@@ -90,8 +89,7 @@ def attach(assoc, dul_delay: float, sock=None) -> bool:
         dimse = assoc.dimse
         out_q, user_q, msg_q = dul.to_provider_queue, dul.to_user_queue, dimse.msg_queue
         checkpoint = assoc._reactor_checkpoint  # noqa: SLF001
-        if sock is None:
-            sock = dul.socket.socket if dul.socket is not None else None
+        sock = dul.socket.socket if dul.socket is not None else None
     except AttributeError:
         return False
     if sock is None or not all(hasattr(q, "put") and hasattr(q, "qsize") for q in (out_q, user_q, msg_q)):

@@ -89,21 +89,14 @@ def _child_main(cfg, spool_args: dict, log_level: int, conn) -> None:
     if log_level > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
+    from medqc.agent.access import from_config
     from medqc.agent.receiver import Receiver
     from medqc.agent.spool import Spool
 
     metrics = _MetricsProxy(send)
     try:
         spool = Spool(**spool_args)
-        access = None
-        try:
-            from medqc.agent import access as access_mod
-
-            access = access_mod.from_config(cfg)
-        except ImportError:
-            pass
-        if access is not None and hasattr(access, "metrics"):
-            access.metrics = metrics
+        access = from_config(cfg, metrics)  # rejected associations → the agent's counters
         rx = Receiver(cfg, spool, lambda path, t: send(("stored", str(path), t)), lambda uids: send(("mpps", list(uids))),
                       metrics, access).start()
     except OSError as e:
@@ -141,7 +134,6 @@ class ReceiverProcess:
         self._conn = None
         self._reader = None
         self._stopping = threading.Event()
-        self._stopped = threading.Event()
 
     def start(self) -> "ReceiverProcess":
         ctx = mp.get_context("spawn")
@@ -186,7 +178,6 @@ class ReceiverProcess:
             if msg[0] == "stopped":
                 break
             self._handle(msg)
-        self._stopped.set()
         if not self._stopping.is_set():
             log.error("the receiver process ended unexpectedly (exit code %s); stopping the agent so that it is "
                       "restarted (received instances are safe in the spool)", self.proc.exitcode if self.proc else None)

@@ -63,21 +63,6 @@ def _disk(r_px: float) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
-_RADIUS: dict[tuple[int, int], np.ndarray] = {}
-
-
-def _radius(h: int, w: int) -> np.ndarray:
-    """Distance of each pixel from the image centre (cached per shape, read-only)."""
-    r = _RADIUS.get((h, w))
-    if r is None:
-        yy, xx = np.ogrid[0:h, 0:w]
-        r = np.hypot(yy - (h - 1) / 2.0, xx - (w - 1) / 2.0)
-        r.flags.writeable = False
-        if len(_RADIUS) < 16:
-            _RADIUS[(h, w)] = r
-    return r
-
-
 def _outline(m: np.ndarray) -> np.ndarray | None:
     """(N, 2) int32 points of the outer contours of a uint8 mask (its convex hull is the mask's), or None."""
     contours, _ = cv2.findContours(np.ascontiguousarray(m), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -101,12 +86,14 @@ def air_dark_hu(img: np.ndarray, valid: np.ndarray, p: float, scan_field=None) -
     the scan field when the header gives it, else None."""
     if cv2 is None or img.ndim != 2 or min(img.shape) < 16 or not (p > 0):
         return float("nan")
+    from medqc.detectors import _block_all, _radius  # detectors imports this module: helpers fetched at call time
+
     img = np.ascontiguousarray(img, dtype=np.float32)
     f = int(round(GRID_MM / p))
     if f >= 2:  # area-average to the working grid (streaks are wide; the band is 8-40 mm)
         hh, ww = (img.shape[0] // f) * f, (img.shape[1] // f) * f
         img = cv2.resize(img[:hh, :ww], (ww // f, hh // f), interpolation=cv2.INTER_AREA)
-        valid = cv2.erode(valid[:hh, :ww].view(np.uint8), np.ones((f, f), np.uint8), anchor=(0, 0))[::f, ::f] == 1
+        valid = _block_all(valid[:hh, :ww], f)
         if scan_field is not None:
             cy, cx, rad = scan_field
             scan_field = ((cy + 0.5) / f - 0.5, (cx + 0.5) / f - 0.5, rad / f)
@@ -114,7 +101,7 @@ def air_dark_hu(img: np.ndarray, valid: np.ndarray, p: float, scan_field=None) -
     h, w = img.shape
     smooth = cv2.GaussianBlur(img, (0, 0), SIGMA_MM / p)
     yy, xx = np.ogrid[0:h, 0:w]
-    r = _radius(h, w)
+    r = _radius(h, w)[0]
     half = min(h, w) / 2.0
     field = valid & (r <= half)
     k3 = np.ones((3, 3), np.uint8)

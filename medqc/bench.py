@@ -119,9 +119,10 @@ def machine() -> dict:
                                  capture_output=True, text=True, timeout=10).stdout
             gpus = [dict(zip(("name", "memory", "driver"), (x.strip() for x in line.split(",")))) for line in out.splitlines() if line.strip()]
     dcmtk = ""
-    if _tool("storescp"):
+    storescp = _tool("storescp")
+    if storescp:
         with contextlib.suppress(Exception):
-            dcmtk = subprocess.run([_tool("storescp"), "--version"], capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
+            dcmtk = subprocess.run([storescp, "--version"], capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
     commit = ""
     with contextlib.suppress(Exception):
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,

@@ -591,10 +591,11 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         out["ring_contrast_hu"] = ring
         if pooled is not None:  # motion evidence: dark streaks in the free air around the patient
             f = pooled[2]
+            p2 = f * math.sqrt(rmm * cmm)  # mm per pooled pixel
             scan = None
             if dcd and dcd > 0 and iso is not None:
-                scan = ((iso[0] + 0.5) / f - 0.5, (iso[1] + 0.5) / f - 0.5, dcd / 2.0 / (f * math.sqrt(rmm * cmm)))
-            out["air_dark_hu"] = airstreaks.air_dark_hu(pooled[0], pooled[1], f * math.sqrt(rmm * cmm), scan)
+                scan = ((iso[0] + 0.5) / f - 0.5, (iso[1] + 0.5) / f - 0.5, dcd / 2.0 / p2)
+            out["air_dark_hu"] = airstreaks.air_dark_hu(pooled[0], pooled[1], p2, scan)
     else:
         out["lung_area_mm2"] = 0.0
         out["bone_area_mm2"] = 0.0
