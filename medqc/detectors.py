@@ -40,12 +40,14 @@ SKULL_HU = 700.0
 LUNG_HU = (-950.0, -500.0)
 NOISE_BLOCK = 8  # block edge on the subsampled grid (16 px at full resolution)
 SOFT_HU = (-100.0, 150.0)
-TARGETED_RIM = 0.6  # trunk along this share of the displayed rim (scan field unknown): a targeted reconstruction
+TARGETED_RIM = 0.6  # trunk along this share of the displayed rim: a targeted reconstruction
+SCAN_FIELD_MM = 500.0  # the scan field of CT scanners, assumed where DataCollectionDiameter is missing
 
 MEASURES = (
     "metal_area_mm2", "metal_max_hu", "noise_sd", "body_touches_fov", "body_center_offset_x_mm",
     "body_center_offset_y_mm", "body_area_mm2", "lung_area_mm2", "bone_area_mm2", "skull_ring",
     "lateral_bone_mm2", "noise_sd_2mm", "noise_ratio", "ring_contrast_hu", "field_inside_body", "air_dark_hu",
+    "display_touch",
 )
 
 # Noise judged at 2 mm (the scale a reader sees and the network's input pixel), where kernels differ far less
@@ -58,11 +60,15 @@ NOISE_RATIO_HI = 2.0
 NOISE_MIN_AREA_MM2 = 3000.0  # soft tissue measured (≥ 30 cm²) ...
 NOISE_MIN_FRACTION = 0.25  # ... and a quarter of the patient's interior, or no noise figure
 NOISE_REF_THICKNESS_MM = 3.0  # thinner slices are noisier by design: σ is scaled by √(t / 3 mm) below 3 mm
-# Kernels whose noise is high by design (bone, lung, high-resolution): no classical noise evidence.
+# Kernels whose noise is high by design (bone, lung, high-resolution): judged against SHARP_NOISE_FACTOR
+# times the level, so that only gross noise (a failed or wrongly set tube current) is flagged there. Area
+# averaging to 2 mm removes most of a sharp kernel's noise but not all (edge enhancement below 0.25 lp/mm,
+# the box filter's side lobes): a routine real bone or lung kernel reads roughly 1.5–2.5 × a standard one.
 # Siemens B/Br/Hr/Qr/Ur ≥ 60 and Bl lung, GE BONE/LUNG/EDGE/DETAIL, Philips C/D/E/L/Y*, Canon FC30–39
 # (bone) and FC5x–9x (lung, high resolution).
 SHARP_KERNEL = re.compile(
     r"BONE|LUNG|SHARP|EDGE|DETAIL|ULTRA|HIGH ?RES|\b[A-Z]{1,2}[6-9]\d[A-Z]?\b|\bBL\d\d|FC3\d|FC[5-9]\d|^(C|D|E|L|Y[A-F])$", re.I)
+SHARP_NOISE_FACTOR = 3.0
 _NOISE_CAL: list[float] = []
 
 _GEOM_CACHE: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -142,16 +148,18 @@ def _constant_fill_radius(sub: np.ndarray, band: int) -> float | None:
     return float(r0)
 
 
-def _patient_mask(mask: np.ndarray, central: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The patient among the dense objects of a slice → (patient, trunk): the trunk is the connected
+def _patient_mask(mask: np.ndarray, central: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The patient among the dense objects of a slice → (patient, trunk, beside): the trunk is the connected
     component with most pixels in the central disk; the patient adds components beside it (arms: centroid
     row within its row range, area >= 5 % of it). The couch (below), head holders and frames (above) are
-    left out. Without OpenCV: the whole mask for both."""
+    left out. ``beside`` is the patient plus every smaller piece beside the trunk (>= 8 pixels): the sliver
+    of an arm that a scan field cuts is small, but it is anatomy outside the field all the same. Without
+    OpenCV: the whole mask for all three."""
     if cv2 is None or not mask.any():
-        return mask, mask
+        return mask, mask, mask
     n, labels, stats, cents = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
     if n <= 2:
-        return mask, mask
+        return mask, mask, mask
     in_centre = np.bincount(labels[central], minlength=n)
     in_centre[0] = 0
     main = int(np.argmax(in_centre)) if in_centre.max() > 0 else 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
@@ -160,11 +168,29 @@ def _patient_mask(mask: np.ndarray, central: np.ndarray) -> tuple[np.ndarray, np
     min_area = 0.05 * stats[main, cv2.CC_STAT_AREA]
     keep = np.zeros(n, bool)
     keep[main] = True
+    side = keep.copy()
     for k in range(1, n):
-        if k != main and stats[k, cv2.CC_STAT_AREA] >= min_area and top <= cents[k][1] <= bottom:
-            keep[k] = True
+        if k != main and top <= cents[k][1] <= bottom:
+            keep[k] = stats[k, cv2.CC_STAT_AREA] >= min_area
+            side[k] = stats[k, cv2.CC_STAT_AREA] >= 8
     trunk = labels == main
-    return (keep[labels] if np.count_nonzero(keep) > 1 else trunk), trunk
+    patient = keep[labels] if np.count_nonzero(keep) > 1 else trunk
+    return patient, trunk, (side[labels] if np.count_nonzero(side) > np.count_nonzero(keep) else patient)
+
+
+def _border_connected(pad: np.ndarray) -> np.ndarray:
+    """The padded pixels connected to the image border: padding outside a scan field. Values below the
+    padding level inside the picture (the darkest streaks of metal or motion on a scanner that does not
+    clip at −1024) are not a field edge."""
+    if cv2 is None:
+        return pad
+    n, lab = cv2.connectedComponents(pad.view(np.uint8), connectivity=8)
+    if n <= 2:
+        return pad
+    ids = np.unique(np.concatenate((lab[0], lab[-1], lab[:, 0], lab[:, -1])))
+    keep = np.zeros(n, bool)
+    keep[ids[ids > 0]] = True
+    return keep[lab]
 
 
 def _median_index(counts: np.ndarray) -> float:
@@ -446,18 +472,20 @@ def ring_contrast(hu: np.ndarray, centres=None) -> float:
 
 
 def noise_ratio(sd_2mm: float, info, head: bool) -> float:
-    """σ at 2 mm over the artifact level of its region (brain or body), thin slices scaled to 3 mm; NaN for
-    a sharp (bone, lung, high-resolution) kernel, whose noise is high by design."""
+    """σ at 2 mm over the artifact level of its region (brain or body), thin slices scaled to 3 mm; a sharp
+    (bone, lung, high-resolution) kernel, whose noise is high by design, is judged against
+    ``SHARP_NOISE_FACTOR`` times the level (gross noise only)."""
     if not math.isfinite(sd_2mm):
         return float("nan")
+    level = NOISE_2MM_HU["head" if head else "body"]
     kernel = str(getattr(info, "convolution_kernel", "") or "")
     if kernel and SHARP_KERNEL.search(kernel.strip()):
-        return float("nan")
+        level *= SHARP_NOISE_FACTOR
     t = getattr(info, "slice_thickness", None)
     sd = sd_2mm
     if t is not None and math.isfinite(t) and 0 < t < NOISE_REF_THICKNESS_MM:
         sd *= math.sqrt(t / NOISE_REF_THICKNESS_MM)
-    return sd / NOISE_2MM_HU["head" if head else "body"]
+    return sd / level
 
 
 def measure(hu: np.ndarray, info) -> dict[str, float]:
@@ -481,15 +509,16 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
     edge_g, inside_circle, central = _edge_geometry(h, w, band)
     pad = sub < PAD_HU
     valid = ~pad
-    body, trunk = _patient_mask((sub > BODY_HU) & valid, central)
+    body, trunk, beside = _patient_mask((sub > BODY_HU) & valid, central)
     # Field edges. Truncation artifacts come from anything outside the *scan* field (SFOV:
-    # DataCollectionDiameter, or padding well inside the displayed circle), so the whole patient (arms
-    # included) counts there. A displayed field smaller than the scan field only crops the picture (a
-    # targeted reconstruction: no artifact, the data are all there), so contact with it is not truncation
-    # evidence when the scan field is known to be larger; without DataCollectionDiameter the displayed
-    # field's rim is the best guess and only the trunk counts there (arms are cut on purpose in many protocols).
-    display_edge = np.zeros_like(edge_g)
+    # DataCollectionDiameter, or padding / constant fill well inside the displayed circle), so the whole
+    # patient (arms, and the slivers of them that the field cuts) counts there. A displayed field smaller
+    # than the scan field only crops the picture (the data are all there: no artifact), so contact with it
+    # is not truncation evidence. Without DataCollectionDiameter (Philips writes none) the scan field is
+    # taken to be the 500 mm that CT scanners have: the displayed circle is the scan field only when it is
+    # about that wide, and a smaller displayed field that cuts the body is a crop.
     scan_edge = np.zeros_like(edge_g)
+    display_edge = edge_g
     dcd = getattr(info, "data_collection_diameter", None)
     pix = step * math.sqrt(rmm * cmm)  # mm per subsampled pixel
     display_d_mm = min(h, w) * pix
@@ -499,37 +528,31 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
             scan_edge = _ring(h, w, r_px, band)
         elif dcd <= display_d_mm * 1.03:
             scan_edge = edge_g  # the displayed circle is the scan field
-    else:
-        display_edge = edge_g
+    elif display_d_mm >= 0.96 * SCAN_FIELD_MM:
+        scan_edge = edge_g
     if pad.any():
-        near_pad = pad.copy()
-        near_pad[band:, :] |= pad[:-band, :]
-        near_pad[:-band, :] |= pad[band:, :]
-        near_pad[:, band:] |= pad[:, :-band]
-        near_pad[:, :-band] |= pad[:, band:]
-        if (pad & inside_circle & ~edge_g).any():
+        outer = _border_connected(pad) if (pad & inside_circle & ~edge_g).any() else pad
+        near_pad = outer.copy()
+        near_pad[band:, :] |= outer[:-band, :]
+        near_pad[:-band, :] |= outer[band:, :]
+        near_pad[:, band:] |= outer[:, :-band]
+        near_pad[:, :-band] |= outer[:, band:]
+        if (outer & inside_circle & ~edge_g).any():
             scan_edge = scan_edge | near_pad
-        elif not (dcd and dcd > 0):
+        else:
             display_edge = display_edge | near_pad
     else:
         r_fill = _constant_fill_radius(sub, band)
         if r_fill is not None:  # a scan field filled with constant air inside the displayed circle
             scan_edge = scan_edge | _ring(h, w, r_fill, band)
-    fracs = []
-    for edge, who, displayed in ((display_edge & valid, trunk, True), (scan_edge & valid, body, False)):
-        n_edge = int(np.count_nonzero(edge))
-        if n_edge:
-            frac = float(np.count_nonzero(edge & who)) / n_edge
-            # the displayed field lies inside the trunk nearly all round: a targeted reconstruction (spine,
-            # heart, a joint) of a larger scan field that the header does not state — the data are all there;
-            # a patient too large for the field meets its rim at the flanks, not all round
-            inside = displayed and frac >= TARGETED_RIM
-            if displayed:
-                out["field_inside_body"] = float(inside)
-            if inside:
-                frac = 0.0
-            fracs.append(frac)
-    out["body_touches_fov"] = max(fracs) if fracs else (0.0 if (dcd and dcd > 0) else nan)
+    # the displayed rim: how much of it the trunk covers (a crop, for the centring check), and whether the
+    # field lies inside the trunk nearly all round (a targeted reconstruction: spine, heart, a joint)
+    n_edge = int(np.count_nonzero(display_edge & valid))
+    if n_edge:
+        out["display_touch"] = float(np.count_nonzero(display_edge & valid & trunk)) / n_edge
+        out["field_inside_body"] = float(out["display_touch"] >= TARGETED_RIM)
+    n_edge = int(np.count_nonzero(scan_edge & valid))
+    out["body_touches_fov"] = float(np.count_nonzero(scan_edge & valid & beside)) / n_edge if n_edge else 0.0
 
     body_cc = body
     n_body = int(np.count_nonzero(body_cc))
@@ -608,7 +631,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
 
 METAL_AREA_MM2 = (5.0, 40.0)  # classical metal evidence ramps from 0.5 to 0.95 over this area at >= 2500 HU
 METAL_MIN_HU = 3000.0  # the densest bone and enamel rarely exceed this; metal saturates far above it
-TRUNC_EDGE = (0.10, 0.25)  # fraction of the FOV edge covered by tissue: evidence ramps from 0.5 to 0.95
+TRUNC_EDGE = (0.06, 0.25)  # fraction of the scan field's edge covered by the patient: evidence ramps from 0.5 to 0.95
 CLASSICAL_THRESHOLD = 0.5  # the checks' threshold for a class the bundle's network does not score
 CLASSICAL_CLASSES = ("metal", "truncation", "noise", "ring")  # classes with classical evidence (classical_probs)
 RING_HU = (15.0, 40.0)  # ring contrast: evidence ramps from 0.5 to 0.95
@@ -639,7 +662,12 @@ def classical_probs(measures: dict[str, float]) -> dict[str, float]:
     if math.isfinite(m.get("ring_contrast_hu", float("nan"))):
         out["ring"] = _ramp(m["ring_contrast_hu"], *RING_HU)
     if math.isfinite(m.get("noise_ratio", float("nan"))):
-        out["noise"] = _ramp(m["noise_ratio"], 1.0, NOISE_RATIO_HI)
+        # below the artifact level the score keeps rising with σ instead of sitting at 0 (a slice at 0.4 of
+        # the level reads noisier than one at 0.2): 0 → 0.1 up to half the level, 0.1 → 0.5 from there to the
+        # level, where the flag starts (the checks' threshold) — the console's amber "near threshold" mark
+        # (half the threshold) still needs about 0.7 of the level
+        r = max(0.0, m["noise_ratio"])
+        out["noise"] = 0.2 * r if r < 0.5 else 0.1 + 0.8 * (r - 0.5) if r < 1.0 else _ramp(r, 1.0, NOISE_RATIO_HI)
     return out
 
 

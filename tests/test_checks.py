@@ -354,12 +354,12 @@ def test_centering_and_noise_index():
     # measurable there
     res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, series="1.2.3.63")
     for r in res:
-        r.measures.update(body_center_offset_x_mm=40.0, body_center_offset_y_mm=45.0, body_touches_fov=0.9)
+        r.measures.update(body_center_offset_x_mm=40.0, body_center_offset_y_mm=45.0, display_touch=0.9)
     st, _ = run(res)
     assert by_check(st, "centering.offset") is None
     res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, series="1.2.3.64")
-    for r in res:  # a targeted field inside the trunk, the scan field not stated (truncation evidence set to 0)
-        r.measures.update(body_center_offset_x_mm=40.0, body_center_offset_y_mm=45.0, body_touches_fov=0.0, field_inside_body=1.0)
+    for r in res:  # a targeted field inside the trunk, the scan field not stated
+        r.measures.update(body_center_offset_x_mm=40.0, body_center_offset_y_mm=45.0, display_touch=0.0, field_inside_body=1.0)
     st, _ = run(res)
     assert by_check(st, "centering.offset") is None
     # a sharp kernel's noise is high by design: no noise.index (GE, Siemens lung family, Philips lung and

@@ -58,7 +58,20 @@ def test_clean_body_noise_centre_and_no_false_alarms():
     # flat air around the body: no motion evidence, so the network's motion score is halved (mean with 0)
     assert m["air_dark_hu"] < airstreaks.EVIDENCE_HU[0]
     assert p["motion"] == pytest.approx(0.1) and p["ring"] == 0.3
-    assert p["noise"] == pytest.approx(0.1, abs=0.01)
+    # clean: σ at 2 mm is a small fraction of the body level; below half the level the classical score is
+    # 0.2 × ratio (it ranks slices but stays far under the checks' 0.5), combined by noisy-OR
+    assert 0 < m["noise_ratio"] < 0.3
+    assert p["noise"] == pytest.approx(1 - 0.9 * (1 - 0.2 * m["noise_ratio"]), abs=1e-6)
+    assert p["noise"] < 0.2
+
+
+def test_noise_score_rises_with_sigma_below_the_level_and_flags_from_it():
+    ratios = [0.0, 0.2, 0.49, 0.5, 0.7, 0.99, 1.0, 1.5, 2.0, 3.0]
+    scores = [D.classical_probs({"noise_ratio": r})["noise"] for r in ratios]
+    assert all(a < b for a, b in zip(scores[:8], scores[1:8]))  # strictly rising up to the top of the ramp
+    assert scores[0] == 0.0 and scores[3] == pytest.approx(0.1) and scores[6] == pytest.approx(0.5)
+    assert scores[5] < D.CLASSICAL_THRESHOLD <= scores[6] and scores[-1] == scores[-2] == 0.95
+    assert D.classical_probs({"noise_ratio": 0.65})["noise"] < 0.25  # under the console's amber mark
 
 
 def test_noise_tracks_sigma_and_fuses_as_noisy_or():
@@ -83,12 +96,17 @@ def test_noise_at_2mm_reads_sigma_on_a_routine_body(sigma_2mm):
     assert D.classical_probs(m).get("noise", 0.0) < D.CLASSICAL_THRESHOLD  # below the body level: no evidence
 
 
-def test_noise_is_not_judged_on_sharp_kernels_and_thin_slices_are_scaled():
-    img = phantom(sigma=150.0, seed=5)  # 50 HU at 2 mm
+def test_sharp_kernels_are_judged_for_gross_noise_only_and_thin_slices_are_scaled():
+    img = phantom(sigma=150.0, seed=5)  # 50 HU at 2 mm: an artifact on a standard kernel
+    std = D.measure(img, info(convolution_kernel="B30f"))
+    assert D.classical_probs(std)["noise"] >= D.CLASSICAL_THRESHOLD
     for kernel in ("B70f", "BONE", "LUNG", "Br64d", "FC52", "FC30", "YC", "Bl57"):
         m = D.measure(img, info(convolution_kernel=kernel))
-        assert np.isnan(m["noise_ratio"]), kernel
-        assert "noise" not in D.classical_probs(m)
+        assert m["noise_ratio"] == pytest.approx(std["noise_ratio"] / D.SHARP_NOISE_FACTOR, rel=1e-6), kernel
+        assert D.classical_probs(m)["noise"] < D.CLASSICAL_THRESHOLD, kernel  # a sharp kernel's routine noise
+    gross = D.measure(phantom(sigma=330.0, seed=6), info(convolution_kernel="B70f"))  # 110 HU at 2 mm
+    assert gross["noise_sd_2mm"] == pytest.approx(110.0, rel=0.15)
+    assert D.classical_probs(gross)["noise"] >= D.CLASSICAL_THRESHOLD
     thick = D.measure(img, info(convolution_kernel="B30f", slice_thickness=5.0))["noise_ratio"]
     thin = D.measure(img, info(convolution_kernel="B30f", slice_thickness=0.75))["noise_ratio"]
     assert thin == pytest.approx(thick * (0.75 / 3.0) ** 0.5, rel=1e-6)
@@ -142,9 +160,10 @@ def test_network_metal_needs_metal_density_pixels():
 
 @pytest.mark.parametrize("pad", [-1024.0, -2000.0, -3024.0])
 def test_truncation_on_any_vendor_padding(pad):
-    clean = D.measure(phantom(pad=pad), info())
+    field = info(data_collection_diameter=358.0)  # the displayed circle is the scan field
+    clean = D.measure(phantom(pad=pad), field)
     assert clean["body_touches_fov"] < 0.02
-    wide = D.measure(phantom(rx_mm=200.0, ry_mm=120.0, pad=pad), info())  # wider than the 179 mm radius
+    wide = D.measure(phantom(rx_mm=200.0, ry_mm=120.0, pad=pad), field)  # wider than the 179 mm radius
     assert wide["body_touches_fov"] > 0.15
     assert D.fuse({"truncation": 0.1}, wide)["truncation"] >= 0.8
     assert D.fuse({"truncation": 0.1}, clean)["truncation"] == pytest.approx(0.1)
@@ -237,14 +256,22 @@ def test_targeted_reconstruction_is_not_truncation_but_a_scan_field_rim_is():
     assert D.classical_probs(arms)["truncation"] >= 0.5
 
 
-def test_without_the_scan_field_in_the_header_flanks_cut_are_truncation_a_field_inside_the_body_is_not():
-    """No DataCollectionDiameter (Philips writes none): the displayed rim stands in for the field. A trunk
-    wider than the field meets it at the flanks — truncation; a field lying inside the trunk nearly all round
-    is a targeted reconstruction (spine, heart) — not truncation, and marked as such."""
+def test_without_the_scan_field_in_the_header_the_field_is_taken_as_500_mm():
+    """No DataCollectionDiameter (Philips writes none): the scan field is taken as the 500 mm CT scanners
+    have. A smaller displayed field that cuts the flanks is a crop (a neck field through the shoulders), not
+    truncation, though its contact is measured for the centring check; a displayed field of about 500 mm is
+    the scan field, and the flanks cut there are truncation. A field lying inside the trunk nearly all round
+    is marked as a targeted reconstruction."""
     wide = phantom(rx_mm=200.0, ry_mm=120.0, pad=-3024.0)  # flanks past the 358 mm displayed field
-    flanks = D.measure(wide, info(reconstruction_diameter=358.4))
-    assert 0.1 < flanks["body_touches_fov"] < D.TARGETED_RIM and flanks["field_inside_body"] == 0.0
-    assert D.classical_probs(flanks)["truncation"] >= 0.5
+    crop = D.measure(wide, info(reconstruction_diameter=358.4))
+    assert 0.1 < crop["display_touch"] < D.TARGETED_RIM and crop["field_inside_body"] == 0.0
+    assert crop["body_touches_fov"] == 0.0 and D.classical_probs(crop)["truncation"] == 0.0
+    ps = 500.0 / 512  # the same patient, 1.4 × larger, on a 500 mm displayed field
+    big = phantom(ps=ps, rx_mm=280.0, ry_mm=168.0, pad=-3024.0)
+    cut = D.measure(big, info(ps=ps, reconstruction_diameter=500.0))
+    assert cut["body_touches_fov"] > 0.1 and D.classical_probs(cut)["truncation"] >= 0.5
+    fits = D.measure(phantom(ps=ps, rx_mm=200.0, ry_mm=120.0, pad=-3024.0), info(ps=ps, reconstruction_diameter=500.0))
+    assert fits["body_touches_fov"] < 0.02
     inside = phantom(rx_mm=260.0, ry_mm=240.0, pad=-3024.0)  # the whole displayed field is body
     m = D.measure(inside, info(reconstruction_diameter=358.4))
     assert m["field_inside_body"] == 1.0 and m["body_touches_fov"] == 0.0
@@ -373,3 +400,34 @@ def test_no_free_air_is_not_judged():
     m = D.measure(img, info())
     assert not np.isfinite(m["air_dark_hu"])
     assert D.fuse({"motion": 0.7}, m)["motion"] == pytest.approx(0.7)
+
+
+def test_a_small_sliver_of_arm_cut_by_the_scan_field_counts_but_the_couch_does_not():
+    """An arm that a scan field cuts leaves only a sliver inside it (far under 5 % of the trunk, the size an
+    arm needs to count as patient elsewhere); it is anatomy outside the field all the same. The couch below
+    the patient, cut by the same rim, is not."""
+    img = phantom(rx_mm=150.0, ry_mm=110.0, pad=-1024.0, table=True)
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+    r = np.hypot(xx, yy)
+    for sx in (-1, 1):  # forearms beside the trunk, centred beyond the 179 mm field: slivers 14 mm wide
+        arm = ((xx - sx * 190) / 25) ** 2 + (yy / 45) ** 2 <= 1
+        img[arm & (r <= 179)] = 50.0
+        assert np.count_nonzero(arm & (r <= 179)) < 0.05 * np.count_nonzero(img[np.abs(xx) < 150] > -500)
+    cut = D.measure(img, info(data_collection_diameter=358.0))
+    assert D.classical_probs(cut)["truncation"] >= 0.5, cut["body_touches_fov"]
+    couch_only = phantom(rx_mm=150.0, ry_mm=110.0, pad=-1024.0, table=True)
+    couch_only[(np.abs(yy - 150) <= 3) & (r <= 179)] = 200.0  # a couch shell wide enough to meet the rim
+    m = D.measure(couch_only, info(data_collection_diameter=358.0))
+    assert D.classical_probs(m)["truncation"] < 0.5, m["body_touches_fov"]
+
+
+def test_streaks_darker_than_the_padding_value_are_not_a_scan_field_edge():
+    """A scanner that does not clip at −1024 HU can leave metal or motion streaks below the padding level
+    inside the picture; only padding connected to the image border marks a scan field."""
+    img = phantom(rx_mm=150.0, ry_mm=110.0, pad=-3024.0)
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+    for k in range(-3, 4):  # dark streaks across the body, below PAD_HU, ending inside the body
+        img[(np.abs(yy - 8 * k) <= 1) & (np.abs(xx) <= 130)] = -2500.0
+    m = D.measure(img, info(data_collection_diameter=500.0))
+    assert m["body_touches_fov"] < 0.02
+    assert D.classical_probs(m)["truncation"] < 0.5

@@ -64,7 +64,7 @@ def centering_findings(state, results, tol: float) -> list:
     if len(pts) < 3:
         return []
     # the field cuts the trunk: tissue along most of its rim, or a field lying inside the body (targeted)
-    cut = [1.0 if r.measures.get("field_inside_body") == 1.0 else r.measures.get("body_touches_fov") for r in ok]
+    cut = [1.0 if r.measures.get("field_inside_body") == 1.0 else r.measures.get("display_touch") for r in ok]
     cut = [v for v in cut if finite(v)]
     from_iso = iso >= len(pts) / 2
     if not from_iso and cut and statistics.median(cut) > CUT_BODY_TOUCH:

@@ -50,6 +50,11 @@ class SeriesContext:
     base_sigma: float
 
 
+
+def writes_scan_field(vendor: dict) -> bool:
+    """Whether this vendor's headers carry DataCollectionDiameter (real Philips headers do not)."""
+    return vendor["manufacturer"] != "Philips"
+
 def _dates(seed: int) -> tuple[str, str, str]:
     d = _dt.date(2024, 1, 1) + _dt.timedelta(days=int(seed) % 700)
     t = 7 * 3600 + (int(seed) * 7919) % (12 * 3600)
@@ -114,7 +119,7 @@ def write_slice(path: Path, hu: np.ndarray, ctx: SeriesContext, spec, z: float, 
     ds.KVP = f"{ctx.kvp:g}"
     if v["manufacturer"] != "GE MEDICAL SYSTEMS":
         ds.SpacingBetweenSlices = f"{ctx.spacing:.4g}"
-    if v["manufacturer"] != "Philips":  # as real Philips headers: no scan-field diameter
+    if writes_scan_field(v):
         ds.DataCollectionDiameter = f"{min(500.0, spec.sfov_mm):.1f}"
     ds.ReconstructionDiameter = f"{spec.fov_mm:.2f}"
     ds.GantryDetectorTilt = f"{opts.tilt:g}"

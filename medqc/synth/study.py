@@ -259,6 +259,14 @@ def write_study(out_dir: Path, opts: StudyOptions) -> dict:
         from medqc.synth.training import _body_width
         widths = [_body_width(patient, (z_v - z) / patient.scale) for z in zs]
         sfov_trunc = float(max(150.0, truncation_sfov(float(np.median(widths)), sev)))
+        if not dicomio.writes_scan_field(vendor) and 1.0 < 500.0 / sfov_trunc <= 1.5:
+            # a header without the scan field's diameter: the scanner's is the usual 500 mm (what a reader
+            # of such a header has to assume), and the patient is widened to be truncated by it as asked
+            patient.girth_lr *= 500.0 / sfov_trunc
+            sfov_trunc = 500.0
+        # a scanner's scan field is at most 500 mm: a patient wider than that is truncated whatever the
+        # severity asked for
+        sfov_trunc = min(500.0, sfov_trunc)
 
     specs = []
     for i, z in enumerate(zs):
@@ -275,8 +283,10 @@ def write_study(out_dir: Path, opts: StudyOptions) -> dict:
         if "ring" in want:
             sp.ring = want["ring"]
         if "truncation" in want and sfov_trunc is not None:
+            # the displayed field is the whole scan field (what a site reconstructs for a patient this
+            # large), so the cut is in the picture; a smaller displayed field would crop it away
             sp.sfov_mm = sfov_trunc
-            sp.fov_mm = min(fov, sfov_trunc)
+            sp.fov_mm = sfov_trunc
         sp.tilt_deg = float(opts.tilt)
         sp.thickness_mm = float(pl["thickness"])
         specs.append(sp)

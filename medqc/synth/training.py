@@ -20,7 +20,7 @@ from medqc.anatomy import BODY_SCALE_MAX, LANDMARKS
 from medqc.synth import ct
 from medqc.synth.phantom import Patient, _Canvas, add_implant, random_patient, rasterize
 
-GENERATOR_VERSION = "6"  # bump when the physics or the labels change (training caches key on it)
+GENERATOR_VERSION = "7"  # bump when the physics or the labels change (training caches key on it)
 SIM_N = 256  # simulation grid (pixels); physical pixel = extent / SIM_N
 TRAIN_VIEWS = 256  # = channels: slight view aliasing at the rim of the simulation circle only (table, arms)
 TRAIN_RECON_MAX = 256  # training slices are reconstructed at most at 256² (≥ 2 mm network pixels) and interpolated to the display matrix
@@ -206,7 +206,13 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
     det_s = np.abs(np.arange(n) - (n - 1) / 2)[None, :]
     if sfov_r < n / 2 - 1:
         rr = np.sqrt(X**2 + Y**2)
-        trunc_frac = float((body & (rr > spec.sfov_mm / 2)).sum() / max(body.sum(), 1))
+        # the label is the truncation the picture shows: the patient outside the scan field *within the
+        # displayed field* (10 mm margin, where the cut and its bright rim sit). Arms beyond a scan field
+        # that a smaller displayed field crops away leave at most faint shading in the picture; before
+        # generator 7 they were labelled too, which no image-based reader can see
+        m = 10.0
+        shown = (np.abs(X - spec.center[0]) <= spec.fov_mm / 2 + m) & (np.abs(Y - spec.center[1]) <= spec.fov_mm / 2 + m)
+        trunc_frac = float((body & (rr > spec.sfov_mm / 2) & shown).sum() / max(body.sum(), 1))
         sino = ct.truncate(sino, sfov_r)
         noise = np.where(det_s <= sfov_r, noise, 0.0)
         if ring_sino is not None:
