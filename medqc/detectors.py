@@ -531,7 +531,12 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
     elif display_d_mm >= 0.96 * SCAN_FIELD_MM:
         scan_edge = edge_g
     if pad.any():
-        outer = _border_connected(pad) if (pad & inside_circle & ~edge_g).any() else pad
+        inner = pad & inside_circle & ~edge_g
+        outer = pad
+        if inner.any() and (_radius(h, w)[0][inner] < min(h, w) / 2.0 - 3 * band).any():
+            # padding deep inside the displayed circle: a small scan field, or streaks below the padding
+            # level (near the rim it is an offset scan field's edge, and the costlier test is not needed)
+            outer = _border_connected(pad)
         near_pad = outer.copy()
         near_pad[band:, :] |= outer[:-band, :]
         near_pad[:-band, :] |= outer[band:, :]
