@@ -156,7 +156,7 @@ def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
 def markdown(res: dict) -> str:
     from medqc import detectors
 
-    L = [f"# Per-slice evaluation of the agent's scores (`bench/evaluate_slices.py`)", "",
+    L = ["# Per-slice evaluation of the agent's scores (`bench/evaluate_slices.py`)", "",
          f"{res['n']} synthetic slices (`medqc.synth.training`, seed {res['seed']}: no shipped model trained on it), "
          f"bundle {res['bundle']} {res['bundle_version']}; classes switched off in the network: "
          f"{', '.join(res['network_off']) or 'none'}. Positive: generator severity >= {POS_SEVERITY}; negative: 0.", "",

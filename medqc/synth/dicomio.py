@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
@@ -50,10 +49,10 @@ class SeriesContext:
     base_sigma: float
 
 
-
 def writes_scan_field(vendor: dict) -> bool:
     """Whether this vendor's headers carry DataCollectionDiameter (real Philips headers do not)."""
     return vendor["manufacturer"] != "Philips"
+
 
 def _dates(seed: int) -> tuple[str, str, str]:
     d = _dt.date(2024, 1, 1) + _dt.timedelta(days=int(seed) % 700)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from medqc import ARTIFACTS
-from medqc.anatomy import BODY_SCALE_MAX, LANDMARKS
+from medqc.anatomy import LANDMARKS
 from medqc.synth import ct
 from medqc.synth.phantom import Patient, _Canvas, add_implant, random_patient, rasterize
 
