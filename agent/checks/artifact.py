@@ -37,14 +37,16 @@ NAMES = {
     "motion": "Motion artifact",
     "ring": "Ring artifact",
     "noise": "Excess image noise",
-    "truncation": "Truncation (body outside the field of view)",
+    "truncation": "Truncation (patient outside the scan field)",
 }
 ADVICE = {
     "metal": "consider metal artifact reduction (MAR) reconstruction",
     "motion": "check patient motion / breath-hold; consider repeating the affected range",
     "ring": "ring artifacts point to a detector problem: consider calibration / service",
     "noise": "check dose settings and patient size; consider a smoother kernel or iterative reconstruction",
-    "truncation": "body extends beyond the reconstructed field: reconstruct with a larger FOV or recentre",
+    "truncation": ("the patient extends beyond the scan field of view: centre the patient (arms up where the "
+                   "protocol allows) or use the scanner's extended-FOV reconstruction; CT numbers near the edge "
+                   "are unreliable"),
 }
 
 
