@@ -417,3 +417,17 @@ def test_streaks_darker_than_the_padding_value_are_not_a_scan_field_edge():
     m = D.measure(img, info(data_collection_diameter=500.0))
     assert m["body_touches_fov"] < 0.02
     assert D.classical_probs(m)["truncation"] < 0.5
+
+
+def test_the_displayed_rim_is_measured_whatever_the_header_says_about_the_scan_field():
+    """The centring check needs to know when the displayed field cuts the trunk (its body centre is then not
+    the patient's). That is measured on every slice, with or without DataCollectionDiameter: a targeted
+    field inside the trunk on a header that states a 500 mm scan field (GE, Siemens, Canon) is recognised
+    as such, and is not truncation."""
+    inside = phantom(rx_mm=260.0, ry_mm=240.0, pad=-3024.0)
+    for dcd in (None, 500.0):
+        m = D.measure(inside, info(data_collection_diameter=dcd, reconstruction_diameter=358.4))
+        assert m["field_inside_body"] == 1.0 and m["display_touch"] > 0.9, dcd
+        assert D.classical_probs(m)["truncation"] == 0.0, dcd
+    flanks = D.measure(phantom(rx_mm=200.0, ry_mm=120.0, pad=-3024.0), info(data_collection_diameter=500.0))
+    assert 0.1 < flanks["display_touch"] < D.TARGETED_RIM and flanks["field_inside_body"] == 0.0
