@@ -137,9 +137,8 @@ class Agent:
         access_mod = _optional("medqc.agent.access")
         # built here in both receiver modes: a configuration mistake (a TLS file missing) fails the start with
         # a usage error; the receiver process builds its own copy from the same config
-        access = access_mod.from_config(cfg) if access_mod is not None and hasattr(access_mod, "from_config") else None
-        if access is not None and hasattr(access, "metrics"):
-            access.metrics = self.metrics  # rejected associations → medqc_associations_rejected_total
+        # rejected associations → medqc_associations_rejected_total
+        access = access_mod.from_config(cfg, self.metrics) if access_mod is not None else None
         on_stored = self.pipeline.submit if self.inference else (lambda path, t: None)
         if getattr(cfg.dicom, "receiver_process", False):  # its own process: no interpreter lock shared with analysis
             from medqc.agent.receiver_proc import ReceiverProcess

@@ -312,12 +312,13 @@ def _storescu(files: list[Path], port: int, aet: str = "ANY-SCP", timeout: float
 
 
 def bench_storescp(files: list[Path], work: Path) -> dict:
-    if not (_tool("storescp") and _tool("storescu")):
+    storescp = _tool("storescp")
+    if not (storescp and _tool("storescu")):
         return _skip("DCMTK storescp/storescu not installed (apt-get install dcmtk)")
     out = work / "storescp-out"
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    proc = subprocess.Popen([_tool("storescp"), "--fork", "--max-pdu", "131072", "-od", str(out), str(port)], env=_nodelay_env(),
+    proc = subprocess.Popen([storescp, "--fork", "--max-pdu", "131072", "-od", str(out), str(port)], env=_nodelay_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         if not _wait_port(port, 10, proc):

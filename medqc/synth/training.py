@@ -210,8 +210,8 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
         # displayed field* (10 mm margin, where the cut and its bright rim sit). Arms beyond a scan field
         # that a smaller displayed field crops away leave at most faint shading in the picture; before
         # generator 7 they were labelled too, which no image-based reader can see
-        m = 10.0
-        shown = (np.abs(X - spec.center[0]) <= spec.fov_mm / 2 + m) & (np.abs(Y - spec.center[1]) <= spec.fov_mm / 2 + m)
+        half = spec.fov_mm / 2 + 10.0
+        shown = (np.abs(X - spec.center[0]) <= half) & (np.abs(Y - spec.center[1]) <= half)
         trunc_frac = float((body & (rr > spec.sfov_mm / 2) & shown).sum() / max(body.sum(), 1))
         sino = ct.truncate(sino, sfov_r)
         noise = np.where(det_s <= sfov_r, noise, 0.0)
