@@ -19,7 +19,7 @@ from medqc.anatomy import LANDMARKS, ordered_landmarks
 from medqc.cli import main as medqc_main
 from medqc.synth.phantom import Implant, random_patient, rasterize
 from medqc.synth.study import ArtifactSpec, StudyOptions, write_study
-from medqc.synth.training import SliceSpec, sample_training_slices, simulate_slice
+from medqc.synth.training import SliceSpec, noise_severity, sample_training_slices, simulate_slice
 from medqc.dcmtk import dcmtk  # noqa: E402
 
 DEFINED_BODY_PARTS = {"HEAD", "NECK", "CHEST", "ABDOMEN", "PELVIS", "ABDOMENPELVIS", "CHESTABDPELVIS"}
@@ -108,7 +108,9 @@ def test_reconstructed_hu_match_tissues():
     assert bone.sum() > 30
     assert 150 < np.median(img[bone]) < 1500 and np.percentile(img[bone], 95) > 500  # cancellous .. cortical
     assert img.min() == -3024.0  # the vendor padding outside the reconstruction circle
-    assert 2.0 < phys["noise_sigma_2mm"] < 4.5
+    assert phys["noise_sigma_ref"] == pytest.approx(3.0, rel=0.02)  # the dose asked for
+    # a 1 mm slice (the spec's default) shows √(3 mm / 1 mm) × the dose's noise
+    assert phys["noise_sigma_2mm"] == pytest.approx(3.0 * 3 ** 0.5, rel=0.02)
 
 
 # ------------------------------------------------------------------------------------------ artifacts
@@ -145,11 +147,35 @@ def test_noise_artifact_sigma():
     def noisy(p, s):
         s.noise_sigma = 45.0
 
-    _, a, pa, b, pb = _pair(LANDMARKS["renal_hilum"], noisy)
+    _, a, pa, b, pb = _pair(LANDMARKS["renal_hilum"], noisy, thickness_mm=3.0)
     assert abs(pa["noise_sigma_2mm"] - 4.0) < 0.5 and abs(pb["noise_sigma_2mm"] - 45.0) < 2
+    assert pa["noise_sigma_ref"] == pytest.approx(pa["noise_sigma_2mm"]) and pb["noise_sigma_ref"] == pytest.approx(pb["noise_sigma_2mm"])
     # measured on the images: the difference of the two (same anatomy) is the extra noise
     soft = (a > -150) & (a < 150)
     assert np.std((b - a)[soft]) > 5 * np.std(a[soft] - np.median(a[soft])) * 0 + 25
+
+
+def test_noise_follows_the_dose_kernel_and_thickness():
+    """One dose, as a scanner gives it: a bone kernel or a thin slice shows more noise than a standard
+    kernel on a 3 mm slice, a soft kernel less, and the label (the dose's noise) is the same for all."""
+    p = random_patient(np.random.default_rng(3), arms="up")
+    got = {}
+    for name, kernel, t in (("standard", "standard", 3.0), ("bone", "bone", 3.0), ("soft", "soft", 3.0), ("thin", "standard", 0.75)):
+        spec = SliceSpec(r=60.0, matrix=256, fov_mm=240.0, sim_n=384, n_views=384, noise_sigma=10.0, padding=-1024.0,
+                         kernel=kernel, thickness_mm=t)
+        img, phys = simulate_slice(p, spec, np.random.default_rng(11))
+        assert phys["sim_pixel_mm"] < 1.6  # fine enough a grid for the kernels to differ at 2 mm
+        assert phys["noise_sigma_ref"] == pytest.approx(10.0, rel=0.02), name
+        got[name] = (img, phys["noise_sigma_2mm"])
+    std = got["standard"][1]
+    assert std == pytest.approx(10.0, rel=0.02)
+    assert 1.15 < got["bone"][1] / std < 2.0  # a bone kernel's noise at 2 mm
+    assert got["soft"][1] / std < 0.9
+    assert got["thin"][1] / std == pytest.approx(2.0, rel=0.03)  # √(3 mm / 0.75 mm)
+    assert noise_severity(10.0, 60.0) > 0 and noise_severity(10.0) == 0.0  # brain vs body scale, from the dose
+    # on the images: the same anatomy, so the difference is noise, and the thin slice's is the larger
+    soft = (got["standard"][0] > -150) & (got["standard"][0] < 150)
+    assert np.std((got["thin"][0] - got["standard"][0])[soft]) > np.std((got["soft"][0] - got["standard"][0])[soft])
 
 
 def test_metal_streaks_beyond_the_metal():

@@ -73,9 +73,9 @@ def _hu(ds) -> np.ndarray:
 def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: int = 0, progress: bool = True) -> dict:
     from medqc.synth import ct
     from medqc.synth.dicomio import UidMaker
-    from medqc.synth.training import (metal_severity, motion_amplitude, motion_severity, noise_severity,
-                                      noise_target, ring_severity, ring_target, truncation_severity,
-                                      truncation_sfov)
+    from medqc.synth.training import (NOISE_REF_THICKNESS_MM, metal_severity, motion_amplitude, motion_severity,
+                                      noise_severity, noise_target, ring_severity, ring_target,
+                                      truncation_severity, truncation_sfov)
 
     if kind not in ARTIFACTS:
         raise UsageError(f"unknown artifact {kind!r}; allowed: {', '.join(ARTIFACTS)}")
@@ -179,16 +179,20 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
                 p1 = p0 + gain * ring_offsets[None, :]
                 sev["ring"] = ring_severity(unit * gain)
             elif kind == "noise":
+                # the target is the added dose's noise as a standard kernel on a slice >= 3 mm shows it (as in
+                # medqc synth); a series thinner than 3 mm gets sqrt(3 mm / t) x more, as that dose gives it
                 target = noise_target(r_ref, severity)
                 i0 = 1.0e5 * spx
                 nz = ct.gaussian_noise_sino(p0, i0, spx, srng)
-                qn = ct.ramp_filter(nz, spx, kernel)
+                qn = ct.ramp_filter(nz, spx, "standard")
                 f2 = max(1, int(round(2.0 / spx)))
                 g = 32 * f2
                 bx, by = (float(X[body].mean()), float(Y[body].mean())) if body.any() else (0.0, 0.0)
                 patch = ct.backproject_grid(qn, geo, bx / spx - g / 2, by / spx - g / 2, 1.0, g, g) / spx * (1000.0 / mu_w)
                 sig = float(patch.reshape(32, f2, 32, f2).mean((1, 3)).std())
-                k = target / sig if sig > 0 else 1.0
+                t = float(getattr(ds, "SliceThickness", 0) or 0)
+                thin = math.sqrt(NOISE_REF_THICKNESS_MM / t) if 0 < t < NOISE_REF_THICKNESS_MM else 1.0
+                k = target * thin / sig if sig > 0 else 1.0
                 p1 = p0 + k * nz
                 sev["noise"] = noise_severity(target, r_ref)
             else:  # truncation

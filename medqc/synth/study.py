@@ -303,7 +303,7 @@ def write_study(out_dir: Path, opts: StudyOptions) -> dict:
         img, phys = results[i]
         sev = {k: 0.0 for k in ARTIFACTS}
         sev["metal"] = metal_severity(phys["metal_area_mm2"], phys["metal_density"])
-        sev["noise"] = noise_severity(phys["noise_sigma_2mm"], specs[i].r)
+        sev["noise"] = noise_severity(phys["noise_sigma_ref"], specs[i].r)
         sev["ring"] = ring_severity(phys["ring_amplitude_hu"])
         sev["truncation"] = truncation_severity(phys["truncation_fraction"])
         sev["motion"] = motion_severity(specs[i].motion_mm)
@@ -333,6 +333,7 @@ def write_study(out_dir: Path, opts: StudyOptions) -> dict:
                 "fov_mm": round(sp.fov_mm, 2),
                 "sfov_mm": round(sp.sfov_mm, 1),
                 "noise_sigma_2mm": round(phys["noise_sigma_2mm"], 2),
+                "noise_sigma_ref": round(phys["noise_sigma_ref"], 2),
             })
         truth = _truth(opts, reg, pl, patient, vendor, slices_truth, uid, kernel, kvp, fov, contrast, arts)
         (tmp / "truth.json").write_text(json.dumps(truth, indent=1, sort_keys=False) + "\n")

@@ -20,7 +20,7 @@ from medqc.anatomy import LANDMARKS
 from medqc.synth import ct
 from medqc.synth.phantom import Patient, _Canvas, add_implant, random_patient, rasterize
 
-GENERATOR_VERSION = "7"  # bump when the physics or the labels change (training caches key on it)
+GENERATOR_VERSION = "8"  # bump when the physics or the labels change (training caches key on it)
 SIM_N = 256  # simulation grid (pixels); physical pixel = extent / SIM_N
 TRAIN_VIEWS = 256  # = channels: slight view aliasing at the rim of the simulation circle only (table, arms)
 TRAIN_RECON_MAX = 256  # training slices are reconstructed at most at 256² (≥ 2 mm network pixels) and interpolated to the display matrix
@@ -31,6 +31,9 @@ NOISE_CLEAN_MAX = NOISE_LEVELS["body"][0]
 NOISE_ARTIFACT_MIN = NOISE_LEVELS["body"][1]
 NOISE_GROSS = NOISE_LEVELS["body"][2]
 HEAD_NOISE_BELOW_REF_MM = LANDMARKS["c2"]  # slices above C2 are judged on the brain scale
+# These σ are the dose's noise: a standard kernel on a slice at least this thick. Thinner slices are noisier
+# by design (σ ∝ 1/√t, fewer photons per slice), and so are sharp kernels; neither is a noise artifact.
+NOISE_REF_THICKNESS_MM = 3.0
 
 
 def noise_scale(r: float) -> tuple[float, float, float]:
@@ -62,7 +65,9 @@ class SliceSpec:
     center: tuple = (0.0, 0.0)  # display centre (x, y) mm
     kernel: str = "standard"
     kvp: float = 120.0
-    noise_sigma: float = 6.0  # target noise σ (HU) at 2 mm pixels in the body
+    # the dose, as the noise σ (HU) it gives at 2 mm pixels at the body centre with a standard kernel and a
+    # slice >= 3 mm thick; a sharper kernel or a thinner slice shows more (see ``simulate_slice``)
+    noise_sigma: float = 6.0
     sfov_mm: float = 500.0
     padding: float | None = -1024.0  # value outside the reconstruction circle, None = no padding
     n_views: int = 256
@@ -217,17 +222,28 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
         noise = np.where(det_s <= sfov_r, noise, 0.0)
         if ring_sino is not None:
             ring_sino = np.where(det_s <= sfov_r, ring_sino, 0.0)
-    # 6. measure noise (σ at 2 mm: area-averaged, in a patch at the body centre) and ring contrast
-    q_noise = ct.ramp_filter(noise, px, spec.kernel)
+    # 6. measure noise (σ at 2 mm: area-averaged, in a patch at the body centre) and ring contrast.
+    #    The dose is set by ``spec.noise_sigma`` as a standard kernel on a slice >= 3 mm would show it; the
+    #    image then carries what its own kernel and thickness make of that dose, as on a scanner: a bone or
+    #    lung kernel about 1.4-1.6 x the noise at 2 mm, a slice thinner than 3 mm sqrt(3 mm / t) x (fewer
+    #    photons per slice). Before generator 8 every kernel and thickness was given the same σ at 2 mm,
+    #    i.e. sharp kernels and thin slices a higher dose than their smooth and thick neighbours.
     if body.any():
         bx, by = float(X[body].mean()), float(Y[body].mean())
     else:
         bx, by = 0.0, 0.0
     f2 = max(1, int(round(2.0 / px)))
     g = 32 * f2
-    patch = ct.backproject_grid(q_noise, geo, bx / px - g / 2, by / px - g / 2, 1.0, g, g) / px * (1000.0 / mu_w)
-    sig = float(patch.reshape(32, f2, 32, f2).mean((1, 3)).std())
-    k = spec.noise_sigma / sig if sig > 0 else 1.0
+
+    def sigma_2mm(kernel: str) -> float:
+        qn = ct.ramp_filter(noise, px, kernel)
+        patch = ct.backproject_grid(qn, geo, bx / px - g / 2, by / px - g / 2, 1.0, g, g) / px * (1000.0 / mu_w)
+        return float(patch.reshape(32, f2, 32, f2).mean((1, 3)).std())
+
+    sig_ref = sigma_2mm("standard")
+    sig = sig_ref if spec.kernel == "standard" else sigma_2mm(spec.kernel)
+    thin = math.sqrt(NOISE_REF_THICKNESS_MM / spec.thickness_mm) if 0 < spec.thickness_mm < NOISE_REF_THICKNESS_MM else 1.0
+    k = spec.noise_sigma * thin / sig_ref if sig_ref > 0 else 1.0
     i0_eff = i0_guess / k**2
     if has_metal:
         noise = z_noise * ct.log_noise_std(sino, i0_eff * aec, px)
@@ -300,7 +316,8 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
     phys = {
         "sim_pixel_mm": px,
         "sim_extent_mm": extent,
-        "noise_sigma_2mm": float(sig * k),
+        "noise_sigma_2mm": float(sig * k),  # the image's noise (its kernel and thickness)
+        "noise_sigma_ref": float(sig_ref * k / thin),  # the dose's: standard kernel, >= 3 mm (the label's)
         "i0": float(i0_eff),
         "ring_amplitude_hu": ring_amp,
         "truncation_fraction": trunc_frac,
@@ -437,7 +454,7 @@ def _one(rng: np.random.Generator, artifact_rate: float, seed: int, index: int) 
     hu, phys = simulate_slice(p, spec, rng, recon_max=TRAIN_RECON_MAX)
     arts = {k: 0.0 for k in ARTIFACTS}
     arts["metal"] = metal_severity(phys["metal_area_mm2"], phys["metal_density"])
-    arts["noise"] = noise_severity(phys["noise_sigma_2mm"], r)
+    arts["noise"] = noise_severity(phys["noise_sigma_ref"], r)
     arts["ring"] = ring_severity(phys["ring_amplitude_hu"])
     arts["truncation"] = truncation_severity(phys["truncation_fraction"])
     arts["motion"] = motion_severity(spec.motion_mm)
