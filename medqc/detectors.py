@@ -683,6 +683,7 @@ METAL_AREA_MM2 = (5.0, 40.0)  # classical metal evidence ramps from 0.5 to 0.95 
 METAL_MIN_HU = 3000.0  # the densest bone and enamel rarely exceed this; metal saturates far above it
 TRUNC_EDGE = (0.06, 0.25)  # fraction of the scan field's edge covered by the patient: evidence ramps from 0.5 to 0.95
 CLASSICAL_THRESHOLD = 0.5  # the checks' threshold for a class the bundle's network does not score
+MOTION_EXPLAINED = 0.7  # motion score factor on a slice whose noise or ring evidence is over the threshold
 CLASSICAL_CLASSES = ("metal", "truncation", "noise", "ring")  # classes with classical evidence (classical_probs)
 RING_HU = (4.0, 15.0)  # ring contrast above its noise floors: evidence ramps from 0.5 to 0.95
 
@@ -737,6 +738,11 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
       filling the field, a targeted reconstruction). Neither source alone reaches the network's threshold
       from a clean level of the other: a real clean anatomy that the network misreads as motion (0.3–0.8 on
       real patient slices) stays below it unless the air around the patient is streaked too.
+    On a slice whose classical noise or ring evidence is over the threshold, the motion score is scaled by
+    ``MOTION_EXPLAINED`` (0.7): both motion cues are confounded by them (the network reads heavy noise and
+    rings as motion, the air measure reads noisy air and a ring's arcs in the air as dark streaks; on the
+    evaluation slices these were most of the top-scoring slices without motion), and the finding there is
+    the noise or the ring; motion still qualifies when the unscaled score reaches about 0.83.
     Metal needs metal-density pixels: a measured slice whose densest pixel stays below ``METAL_MIN_HU``
     (3,000 HU; enamel and dense cortical bone stay below it, implants reconstruct far above it and saturate
     at the top of the CT number range) cannot show a metal artifact, so there the network's metal score is
@@ -750,6 +756,9 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     if n is not None and math.isfinite(n) and math.isfinite(air):
         out["motion"] = 0.5 * (n + air)
     cls = classical_probs(m)
+    n = out.get("motion")
+    if n is not None and math.isfinite(n) and max(cls.get("noise", 0.0), cls.get("ring", 0.0)) >= CLASSICAL_THRESHOLD:
+        out["motion"] = MOTION_EXPLAINED * n  # heavy noise or a ring explains the disorder both motion cues see
     for k, p in cls.items():
         n = out.get(k)
         if n is None or not math.isfinite(n):

@@ -72,6 +72,22 @@ def test_noise_score_rises_with_sigma_below_the_level_and_flags_from_it():
     assert D.classical_probs({"noise_ratio": 0.65})["noise"] < 0.25  # under the console's amber mark
 
 
+def test_heavy_noise_or_a_ring_explains_away_motion_evidence():
+    """Both motion cues read heavy noise and rings as motion: on a slice whose noise or ring evidence is over
+    the threshold the motion score is scaled down (the finding there is the noise or the ring)."""
+    quiet = {"noise_ratio": 0.3, "ring_contrast_hu": 0.0}
+    noisy = {"noise_ratio": 1.5, "ring_contrast_hu": 0.0}
+    ringed = {"noise_ratio": 0.3, "ring_contrast_hu": 20.0}
+    assert D.fuse({"motion": 0.8}, quiet)["motion"] == pytest.approx(0.8)
+    assert D.fuse({"motion": 0.8}, noisy)["motion"] == pytest.approx(0.8 * D.MOTION_EXPLAINED)
+    assert D.fuse({"motion": 0.8}, ringed)["motion"] == pytest.approx(0.8 * D.MOTION_EXPLAINED)
+    assert D.fuse({"motion": 0.8}, noisy)["motion"] < 0.58 <= D.fuse({"motion": 0.9}, noisy)["motion"]  # strong motion still counts
+    # on real pixels: a noisy trunk (60 HU at 2 mm against the 30 HU body level)
+    m = D.measure(phantom(sigma=180.0, seed=7), info(convolution_kernel="B30f", slice_thickness=5.0))
+    assert D.classical_probs(m)["noise"] >= D.CLASSICAL_THRESHOLD
+    assert D.fuse({"motion": 0.8}, m)["motion"] < 0.8
+
+
 def test_noise_tracks_sigma_and_fuses_as_noisy_or():
     low = D.measure(phantom(sigma=5.0, seed=1), info())["noise_sd"]
     high = D.measure(phantom(sigma=80.0, seed=2), info())
