@@ -88,6 +88,25 @@ def test_heavy_noise_or_a_ring_explains_away_motion_evidence():
     assert D.fuse({"motion": 0.8}, m)["motion"] < 0.8
 
 
+def test_metal_or_a_ring_explains_away_noise_evidence():
+    """Metal streaks and a ring's circles raise the measured σ: where the metal or ring detector is over its
+    threshold, the noise evidence is halved (below the threshold whatever σ reads)."""
+    noisy = {"noise_ratio": 2.5}
+    with_metal = {**noisy, "metal_area_mm2": 60.0, "metal_max_hu": 3071.0}
+    with_ring = {**noisy, "ring_contrast_hu": 20.0}
+    assert D.fuse({}, noisy)["noise"] >= 0.9
+    assert D.fuse({}, with_metal)["noise"] == pytest.approx(D.fuse({}, noisy)["noise"] * D.NOISE_EXPLAINED)
+    assert D.fuse({}, with_ring)["noise"] < D.CLASSICAL_THRESHOLD
+    # bone-density pixels (below the metal level) explain nothing
+    assert D.fuse({}, {**noisy, "metal_area_mm2": 60.0, "metal_max_hu": 2800.0})["noise"] >= 0.9
+    # metal streaks read as heavy noise do not scale a motion score down as noise would
+    assert D.fuse({"motion": 0.8}, with_metal)["motion"] == pytest.approx(0.8)
+    # on real pixels: a steel ball in a noisy trunk
+    m = D.measure(phantom(sigma=180.0, seed=7, metal_mm=6.0, metal_hu=3071.0), info(convolution_kernel="B30f", slice_thickness=5.0))
+    assert D.classical_probs(m)["metal"] >= D.CLASSICAL_THRESHOLD and D.classical_probs(m)["noise"] >= D.CLASSICAL_THRESHOLD
+    assert D.fuse({}, m)["noise"] < D.CLASSICAL_THRESHOLD
+
+
 def test_noise_tracks_sigma_and_fuses_as_noisy_or():
     low = D.measure(phantom(sigma=5.0, seed=1), info())["noise_sd"]
     high = D.measure(phantom(sigma=80.0, seed=2), info())
