@@ -1,8 +1,8 @@
 """Classical CT detectors: physics and HU anatomy measured on one slice, beside the network.
 
 ``measure(hu, info)`` returns plain floats (NaN when a measure does not apply) in about 7 ms for a 512²
-slice on one core of the 2-core development machine (the ring measure 2.5, the air streaks 1.2, noise at
-2 mm 1.9): the metal search and the fine ring scale work at full resolution, the masks on a 2×
+slice on one core of the 2-core development machine (the ring measure 2.1, the air streaks 1.3, noise at
+2 mm 1.3 plus 0.5 for the 2 mm pooling: 27 Nov, the bench study): the metal search and the fine ring scale work at full resolution, the masks on a 2×
 subsampled view, noise and air streaks at ~2 mm. ``fuse(net, measures)``
 combines the network's per-class probabilities with this classical evidence (rule below and in
 ``docs/checks.md``).
@@ -388,13 +388,17 @@ def noise_2mm(hu: np.ndarray, rmm: float, cmm: float, pooled=None, central: bool
     if v.size * (f * f * rmm * cmm) < NOISE_MIN_AREA_MM2 or v.size < NOISE_MIN_FRACTION * max(1, int(inner.sum())):
         return float("nan")
     if central:
-        ys, xs = np.nonzero(body)
-        cy, cx = float(ys.mean()), float(xs.mean())
-        rad2 = (NOISE_CENTRAL ** 2) * ys.size / math.pi
-        sy, sx = np.nonzero(soft)
-        near = (sy - cy) ** 2 + (sx - cx) ** 2 <= rad2
-        if np.count_nonzero(near) * (f * f * rmm * cmm) >= NOISE_CENTRAL_MIN_MM2:
-            v = local[sy[near], sx[near]]
+        if cv2 is not None:
+            mo = cv2.moments(body.view(np.uint8), binaryImage=True)
+            area, cy, cx = mo["m00"], mo["m01"] / max(mo["m00"], 1.0), mo["m10"] / max(mo["m00"], 1.0)
+        else:
+            ys, xs = np.nonzero(body)
+            area, cy, cx = float(ys.size), float(ys.mean()), float(xs.mean())
+        yy, xx = np.ogrid[0:body.shape[0], 0:body.shape[1]]
+        near = soft & ((yy - cy) ** 2 + (xx - cx) ** 2 <= (NOISE_CENTRAL ** 2) * area / math.pi)
+        vn = local[near]
+        if vn.size * (f * f * rmm * cmm) >= NOISE_CENTRAL_MIN_MM2:
+            v = vn
     return float(np.median(v))
 
 
@@ -492,23 +496,28 @@ def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None) -
             good[max(0, int(max_r_px)):] = False
         if not good.any():
             continue
-        okg = ok[:, good]
-        prof = _column_median(res[:, good], okg)
-        # each radius's own noise floor: the standard error of its median over the angles, from the
-        # residual's spread there (mean |residual| × 1.2533 = σ for Gaussian noise) and the number of
-        # independent samples on that circle (the angles, or its circumference in pixels when shorter).
-        # Near the centre a circle holds few distinct pixels, so heavy noise leaves its median tens of HU off
-        n = okg.sum(axis=0)
-        sig = 1.2533 * np.where(okg, np.abs(res[:, good]), 0.0).sum(axis=0) / np.maximum(n, 1)
-        r_px = np.flatnonzero(good).astype(np.float64)
-        n_eff = np.minimum(n, n * 2.0 * math.pi * np.maximum(r_px, 1.0) / RING_ANGLES)
-        se = 1.2533 * sig / np.sqrt(np.maximum(n_eff, 1.0))
+        cols = np.flatnonzero(good)
+        prof = _column_median(res[:, cols], ok[:, cols])
         fin = np.isfinite(prof)
-        prof, se = prof[fin], se[fin]
+        prof, cols = prof[fin], cols[fin]
         if prof.size >= 16:
-            # and the profile's own floor (a radial pattern shared by every radius, e.g. texture)
+            # above the profile's own floor (a radial pattern shared by every radius, e.g. texture) ...
             floor = 1.4826 * float(np.median(np.abs(prof - np.median(prof))))
-            v = max(0.0, float(np.max(np.abs(prof) - np.maximum(RING_SE_K * se, RING_NOISE_K * floor))))
+            over = np.abs(prof) > RING_NOISE_K * floor
+            v = 0.0
+            if over.any():
+                # ... and above each radius's own floor: the standard error of its median over the angles,
+                # from the residual's spread there (mean |residual| × 1.2533 = σ for Gaussian noise) and the
+                # independent samples on that circle (the angles, or its circumference in pixels when
+                # shorter). Near the centre a circle holds few distinct pixels, so heavy noise leaves its
+                # median tens of HU off. Only radii over the first floor can count, so only they are costed
+                c = cols[over]
+                okc = ok[:, c]
+                n = okc.sum(axis=0)
+                sig = 1.2533 * np.where(okc, np.abs(res[:, c]), 0.0).sum(axis=0) / np.maximum(n, 1)
+                n_eff = np.minimum(n, n * 2.0 * math.pi * np.maximum(c, 1).astype(np.float64) / RING_ANGLES)
+                se = 1.2533 * sig / np.sqrt(np.maximum(n_eff, 1.0))
+                v = max(0.0, float(np.max(np.abs(prof[over]) - np.maximum(RING_SE_K * se, RING_NOISE_K * floor))))
             best = v if not math.isfinite(best) else max(best, v)
     return best
 
@@ -653,7 +662,9 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         centres = [centre, iso] if far else [centre]
         field_r = (dcd if dcd and dcd > 0 else SCAN_FIELD_MM) / 2.0 - RING_FIELD_MARGIN_MM  # mm from the axis
         px_mm = math.sqrt(rmm * cmm)
-        ring = ring_contrast(hu, centres, field_r / px_mm)
+        # full resolution around the rotation axis only (the isocentre from the header where it is known, the
+        # image centre otherwise; the ~2 mm scale below tries both): it is the dearer scale (~1 ms a centre)
+        ring = ring_contrast(hu, [iso] if far else centres, field_r / px_mm)
         if pooled is not None and pooled[2] >= 2:
             # the same at ~2 mm pixels: a ring several display pixels wide (a failing detector module, a
             # fine display grid) is smoothed away by the 5-pixel median at full resolution, not at 2 mm
