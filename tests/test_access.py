@@ -91,6 +91,7 @@ def test_allowlist_with_storescu(tiny_bundle, tmp_path, study, caplog):
     try:
         r = _storescu(study, cfg.dicom.port, "CT_OK")
         assert r.returncode != 0
+        _wait(lambda: a.metrics.get("medqc_associations_rejected_total", reason="source-ip") >= 1)
         assert a.metrics.get("medqc_associations_rejected_total", reason="source-ip") == 1
         assert a.metrics.get("medqc_slices_received_total", source="dicom") == 0
     finally:
@@ -127,6 +128,7 @@ def test_tls_with_storescu(tiny_bundle, tmp_path, study, pki):
         r = _storescu(study, cfg.dicom.port, "CT_TLS", *tls)
         assert r.returncode == 0, r.stderr
         print(f"3 slices over TLS in {time.perf_counter() - t0:.2f} s")
+        _wait(lambda: a.metrics.get("medqc_slices_received_total", source="dicom") >= 3)
         assert a.metrics.get("medqc_slices_received_total", source="dicom") == 3
         plain = _storescu(study, cfg.dicom.port, "CT_PLAIN")  # no TLS against a TLS port: refused
         assert plain.returncode != 0
@@ -159,8 +161,10 @@ def test_max_associations_rejection_is_logged_and_counted(tiny_bundle, tmp_path,
         with caplog.at_level(logging.WARNING, logger="medqc.agent.access"):
             r = _storescu(study, cfg.dicom.port, "CT_BUSY")
         assert r.returncode != 0
+        # the receiver process reports the count over its pipe: it lands a moment after storescu returns
+        _wait(lambda: a.metrics.get("medqc_associations_rejected_total", reason="max-associations") >= 1)
         assert a.metrics.get("medqc_associations_rejected_total", reason="max-associations") == 1
-        assert any("max-associations" in rec.getMessage() and "CT_BUSY" in rec.getMessage() for rec in caplog.records)
+        _wait(lambda: any("max-associations" in rec.getMessage() and "CT_BUSY" in rec.getMessage() for rec in caplog.records))
     finally:
         held.release()
         a.stop(2.0)

@@ -146,6 +146,17 @@ def test_trunk_noise_is_read_at_the_body_centre():
     assert m["noise_sd_2mm"] == pytest.approx(centre)  # a trunk (no skull): the centre's reading
 
 
+def test_a_neck_is_judged_for_noise():
+    """A neck (about 12 × 10 cm with the airway and a vertebra) keeps 20–30 cm² of soft tissue 10 mm inside
+    its skin: enough to judge its noise (a phantom's few inserts in air are not)."""
+    img = phantom(rx_mm=60.0, ry_mm=50.0, sigma=60.0, seed=3)  # 20 HU at 2 mm
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+    img[((xx / 9) ** 2 + ((yy + 15) / 7) ** 2) <= 1] = -1000.0  # the airway
+    img[((xx / 12) ** 2 + ((yy - 22) / 11) ** 2) <= 1] = 700.0  # a vertebral body
+    m = D.measure(img, info(convolution_kernel="B30f", slice_thickness=3.0))
+    assert m["noise_sd_2mm"] == pytest.approx(20.0, rel=0.2)
+
+
 def test_sharp_kernels_are_judged_for_gross_noise_only_and_thin_slices_are_scaled():
     img = phantom(sigma=150.0, seed=5)  # 50 HU at 2 mm: an artifact on a standard kernel
     std = D.measure(img, info(convolution_kernel="B30f"))
