@@ -277,7 +277,8 @@ class SeriesTracker:
         if landmark == "vertex" and not coverage_checks.head_top(ordered):
             return  # no skull in the slices yet (air and the head holder above the head): wait for it
         tol = rule.tolerance_mm if rule.tolerance_mm is not None else cov.tolerance_mm
-        fs, summary = coverage_checks.coverage_findings(st, ordered, rule, tol, cov.overscan_margin_mm, None, ends=ends, overscan=False)
+        fs, summary = coverage_checks.coverage_findings(st, ordered, rule, tol, cov.overscan_margin_mm, None, ends=ends, overscan=False,
+                                                        estimate_margin=cov.estimate_margin_mm)
         for f in fs:
             if f.check == f"coverage.{ends[0]}":
                 f.details["early"] = True
@@ -361,7 +362,8 @@ class SeriesTracker:
         if rule is not None and axial and len(ordered) >= 2:
             tol = rule.tolerance_mm if rule.tolerance_mm is not None else cfg.coverage.tolerance_mm
             margin = rule.overscan_margin_mm if rule.overscan_margin_mm is not None else cfg.coverage.overscan_margin_mm
-            cov, summary = coverage_checks.coverage_findings(st, ordered, rule, tol, margin, mean_ctdi)
+            cov, summary = coverage_checks.coverage_findings(st, ordered, rule, tol, margin, mean_ctdi,
+                                                             estimate_margin=cfg.coverage.estimate_margin_mm)
             out += cov
             st.coverage = summary
             fit = summary.get("fit")

@@ -96,6 +96,10 @@ class CoverageChecksConfig:
     protocols: str = field(default="", metadata={"help": "TOML file of protocol rules; empty: shipped defaults"})
     tolerance_mm: float = field(default=10.0, metadata=_range(0, 500))
     overscan_margin_mm: float = field(default=40.0, metadata=_range(0, 1000))
+    # added to the tolerance where a landmark is only estimated from the network's body scale (not seen in
+    # the slices: skull base, liver dome, symphysis, or a lung/pelvis landmark the slices do not show); 0 by
+    # default: on the synthetic evaluation 15 mm removed 2 false alarms and added 3 misses
+    estimate_margin_mm: float = field(default=0.0, metadata=_range(0, 500))
 
 
 @dataclass(frozen=True)

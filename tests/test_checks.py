@@ -107,6 +107,24 @@ def test_within_tolerance_and_margin_is_clean():
     assert st.verdict == "pass"
 
 
+def test_a_landmark_estimated_by_the_network_can_get_a_margin():
+    """A landmark the slices do not show is only an estimate from the network's body scale (p90 error 22 mm
+    on the synthetic evaluation against 9 mm for lungs, skull and iliac wings): a site can add
+    checks.coverage.estimate_margin_mm to the tolerance for such landmarks (default 0)."""
+    res = body_stack(z_of("lung_apex") - 18, z_of("lung_base") - 20, outliers=0.0, sigma=3.0)
+    st, _ = run(res)
+    assert st.coverage["start_source"] == "network"
+    f = by_check(st, "coverage.top")  # ~18 mm short against the 10 mm tolerance
+    assert f is not None and f.details["tolerance_mm"] == 10.0 and f.details["missing_mm"] == pytest.approx(18, abs=5)
+    over = {"checks.coverage.estimate_margin_mm": 15.0}
+    st, _ = run(body_stack(z_of("lung_apex") - 18, z_of("lung_base") - 20, outliers=0.0, sigma=3.0, series="1.2.3.53"), **over)
+    assert by_check(st, "coverage.top") is None  # within 10 + 15 mm for an estimate
+    # 40 mm short on an estimate: raised, a warning (critical from 30 + 15 mm)
+    st, _ = run(body_stack(z_of("lung_apex") - 40, z_of("lung_base") - 20, outliers=0.0, sigma=3.0, series="1.2.3.54"), **over)
+    f = by_check(st, "coverage.top")
+    assert f is not None and f.severity == "warning" and f.details["tolerance_mm"] == 25.0
+
+
 def test_classical_lungs_override_network():
     # the network is biased (claims the apex is 60 mm above the scan) but the lungs start 30 mm below the
     # first slice: the apex is covered

@@ -298,8 +298,14 @@ def _name(lm: str) -> str:
 
 
 def coverage_findings(state, ordered, rule, tol: float, margin: float, ctdivol: float | None, ends=("top", "bottom"),
-                      overscan: bool = True) -> tuple[list, dict]:
-    """Coverage findings for ``ends`` of the scanned range (ascending-z ``ordered``) → (findings, summary)."""
+                      overscan: bool = True, estimate_margin: float = 0.0) -> tuple[list, dict]:
+    """Coverage findings for ``ends`` of the scanned range (ascending-z ``ordered``) → (findings, summary).
+
+    ``estimate_margin`` is added to ``tol`` where the landmark is only estimated from the network's body
+    scale (its source starts with "network"): on the 46 synthetic evaluation series such landmarks were off
+    by a median 9.9 mm (p90 21.6, max 29.1) against 5.1 (p90 9.0) for those seen in the slices (lungs,
+    skull, iliac wings). ``checks.coverage.estimate_margin_mm`` (default 0: 15 mm removed that set's two
+    false alarms and added three misses) is a knob for sites."""
     usable = [(z, r) for z, r in ordered if not r.error]
     if len(usable) < 2:
         return [], {}
@@ -329,7 +335,9 @@ def coverage_findings(state, ordered, rule, tol: float, margin: float, ctdivol: 
         lm = getattr(rule, role)
         z = loc[role]["z"]
         missing = None if z is None else ((z - edge_z) if end == "top" else (edge_z - z))
-        if end in ends and (z is None or missing > tol):
+        estimated = str(loc[role]["source"]).startswith("network")
+        eff = tol + (estimate_margin if estimated else 0.0)
+        if end in ends and (z is None or missing > eff):
             where = "starts" if end == "top" else "ends"
             rel = "below" if end == "top" else "above"
             if missing is not None:
@@ -344,11 +352,11 @@ def coverage_findings(state, ordered, rule, tol: float, margin: float, ctdivol: 
             else:
                 msg = (f"{_name(lm)[0].upper() + _name(lm)[1:]} not covered: the {'first' if end == 'top' else 'last'} "
                        f"slices already show {'lung' if 'lung' in lm else 'skull'} — consider extending the range")
-            sev = "critical" if missing is None or missing > 3 * max(tol, 10.0) else "warning"
+            sev = "critical" if missing is None or missing > 3 * max(tol, 10.0) + (eff - tol) else "warning"
             out.append(finding(state, f"coverage.{end}", sev, msg, first_instance=inst, last_instance=inst,
                                z_range_mm=(edge_z, edge_z), score=None,
                                details={"landmark": lm, "missing_mm": None if missing is None else round(missing, 1),
-                                        "source": loc[role]["source"], "tolerance_mm": tol}))
+                                        "source": loc[role]["source"], "tolerance_mm": eff}))
         if missing is not None and missing < 0:
             extra[end] = -missing
     summary["extra_mm"] = {k: round(v, 1) for k, v in extra.items()}
