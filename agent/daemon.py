@@ -132,6 +132,8 @@ class Agent:
         log.info("model %s %s on %s", self.pipeline.inferer.describe().get("model"),
                  self.pipeline.inferer.describe().get("model_version"), self.pipeline.inferer.backend)
         if self.inference:
+            took = self.pipeline.inferer.warm_up()  # before any slice: the first patient's slices pay no setup
+            log.info("inference warmed up in %.2f s", took)
             self.pipeline.start()
         self.pipeline.resume() if self.inference else None
         access_mod = _optional("medqc.agent.access")

@@ -161,3 +161,45 @@ def test_network_artifact_scores_only_within_the_trained_slice_thickness(tiny_bu
     assert off and all(k not in thick.scores for k in off)
     assert thick.position_ref_mm is not None and thick.position_ref_mm == pytest.approx(thin.position_ref_mm)
     inf.close()
+
+
+def test_warm_up_runs_the_whole_path_before_any_slice(tiny_bundle):
+    """The agent runs two synthetic slices through preprocessing, the runner, the detectors and fusion before
+    it accepts any: the first patient's first slices then pay no first-call setup. It leaves no trace (no
+    series, no results) and never raises, with or without a network."""
+    from medqc.agent.infer import Inferer
+    from medqc.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    seen = []
+    inf = Inferer(bundle, "onnxruntime")
+    real_run = inf.run
+    inf.run = lambda items: seen.append(len(items)) or real_run(items)
+    took = inf.warm_up()
+    assert seen == [1, 2] and 0.0 < took < 30.0
+    inf.close()
+    classical_only = Inferer(bundle, "none")
+    assert classical_only.runner is None and classical_only.warm_up() >= 0.0
+    classical_only.close()
+
+
+def test_the_agent_warms_up_before_it_is_ready(tmp_path, tiny_bundle, caplog):
+    import logging
+
+    from medqc.agent.daemon import Agent
+    from medqc.config import load_config
+
+    import socket
+
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        port = so.getsockname()[1]
+    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": port, "http.enabled": False,
+                             "sinks.stdout.enabled": False})
+    with caplog.at_level(logging.INFO, logger="medqc.agent"):
+        a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    try:
+        assert any("warmed up" in r.getMessage() for r in caplog.records)
+        assert a.store is not None and not a.tracker.all()  # the warm-up slices left no series behind
+    finally:
+        a.stop(2.0)
