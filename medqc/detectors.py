@@ -675,7 +675,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         out["ring_contrast_hu"] = ring
         if pooled is not None:  # motion evidence: dark streaks in the free air around the patient
             f = pooled[2]
-            p2 = f * math.sqrt(rmm * cmm)  # mm per pooled pixel
+            p2 = f * px_mm  # mm per pooled pixel
             scan = None
             if dcd and dcd > 0 and iso is not None:
                 scan = ((iso[0] + 0.5) / f - 0.5, (iso[1] + 0.5) / f - 0.5, dcd / 2.0 / p2)
@@ -769,16 +769,17 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     """
     out = {k: float(v) for k, v in (net_probs or {}).items()}
     m = measures or {}
-    air = airstreaks.evidence(m.get("air_dark_hu", float("nan")))
-    n = out.get("motion")
-    if n is not None and math.isfinite(n) and math.isfinite(air):
-        out["motion"] = 0.5 * (n + air)
     cls = classical_probs(m)
     if "noise" in cls and max(cls.get("metal", 0.0), cls.get("ring", 0.0)) >= CLASSICAL_THRESHOLD:
         cls["noise"] *= NOISE_EXPLAINED  # the σ measured there is the metal's streaks or the ring's circles
     n = out.get("motion")
-    if n is not None and math.isfinite(n) and max(cls.get("noise", 0.0), cls.get("ring", 0.0)) >= CLASSICAL_THRESHOLD:
-        out["motion"] = MOTION_EXPLAINED * n  # heavy noise or a ring explains the disorder both motion cues see
+    if n is not None and math.isfinite(n):
+        air = airstreaks.evidence(m.get("air_dark_hu", float("nan")))
+        if math.isfinite(air):
+            n = 0.5 * (n + air)
+        if max(cls.get("noise", 0.0), cls.get("ring", 0.0)) >= CLASSICAL_THRESHOLD:
+            n *= MOTION_EXPLAINED  # heavy noise or a ring explains the disorder both motion cues see
+        out["motion"] = n
     for k, p in cls.items():
         n = out.get(k)
         if n is None or not math.isfinite(n):

@@ -183,17 +183,12 @@ def test_warm_up_runs_the_whole_path_before_any_slice(tiny_bundle):
     classical_only.close()
 
 
-def test_the_agent_warms_up_before_it_is_ready(tmp_path, tiny_bundle, caplog):
+def test_the_agent_warms_up_before_it_is_ready(tmp_path, tiny_bundle, caplog, port):
     import logging
 
     from medqc.agent.daemon import Agent
     from medqc.config import load_config
 
-    import socket
-
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        port = so.getsockname()[1]
     cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": port, "http.enabled": False,
                              "sinks.stdout.enabled": False})
     with caplog.at_level(logging.INFO, logger="medqc.agent"):

@@ -73,8 +73,8 @@ def _hu(ds) -> np.ndarray:
 def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: int = 0, progress: bool = True) -> dict:
     from medqc.synth import ct
     from medqc.synth.dicomio import UidMaker
-    from medqc.synth.training import (NOISE_REF_THICKNESS_MM, metal_severity, motion_amplitude, motion_severity,
-                                      noise_severity, noise_target, ring_severity, ring_target,
+    from medqc.synth.training import (metal_severity, motion_amplitude, motion_severity, noise_severity,
+                                      noise_target, ring_severity, ring_target, thin_slice_noise_factor,
                                       truncation_severity, truncation_sfov)
 
     if kind not in ARTIFACTS:
@@ -190,8 +190,7 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
                 bx, by = (float(X[body].mean()), float(Y[body].mean())) if body.any() else (0.0, 0.0)
                 patch = ct.backproject_grid(qn, geo, bx / spx - g / 2, by / spx - g / 2, 1.0, g, g) / spx * (1000.0 / mu_w)
                 sig = float(patch.reshape(32, f2, 32, f2).mean((1, 3)).std())
-                t = float(getattr(ds, "SliceThickness", 0) or 0)
-                thin = math.sqrt(NOISE_REF_THICKNESS_MM / t) if 0 < t < NOISE_REF_THICKNESS_MM else 1.0
+                thin = thin_slice_noise_factor(float(getattr(ds, "SliceThickness", 0) or 0))
                 k = target * thin / sig if sig > 0 else 1.0
                 p1 = p0 + k * nz
                 sev["noise"] = noise_severity(target, r_ref)

@@ -17,6 +17,7 @@ import numpy as np
 
 from medqc import ARTIFACTS
 from medqc.anatomy import LANDMARKS
+from medqc.detectors import NOISE_REF_THICKNESS_MM
 from medqc.synth import ct
 from medqc.synth.phantom import Patient, _Canvas, add_implant, random_patient, rasterize
 
@@ -31,9 +32,16 @@ NOISE_CLEAN_MAX = NOISE_LEVELS["body"][0]
 NOISE_ARTIFACT_MIN = NOISE_LEVELS["body"][1]
 NOISE_GROSS = NOISE_LEVELS["body"][2]
 HEAD_NOISE_BELOW_REF_MM = LANDMARKS["c2"]  # slices above C2 are judged on the brain scale
-# These σ are the dose's noise: a standard kernel on a slice at least this thick. Thinner slices are noisier
-# by design (σ ∝ 1/√t, fewer photons per slice), and so are sharp kernels; neither is a noise artifact.
-NOISE_REF_THICKNESS_MM = 3.0
+# These σ are the dose's noise: a standard kernel on a slice at least NOISE_REF_THICKNESS_MM thick (the
+# thickness the detector normalises to). Thinner slices are noisier by design (σ ∝ 1/√t, fewer photons per
+# slice), and so are sharp kernels; neither is a noise artifact.
+
+
+def thin_slice_noise_factor(thickness_mm: float) -> float:
+    """How much noisier a slice of this thickness is than one of NOISE_REF_THICKNESS_MM at the same dose
+    (√(t_ref / t) below it, 1 from it on or when the thickness is unknown)."""
+    t = thickness_mm
+    return math.sqrt(NOISE_REF_THICKNESS_MM / t) if 0 < t < NOISE_REF_THICKNESS_MM else 1.0
 
 
 def noise_scale(r: float) -> tuple[float, float, float]:
@@ -242,7 +250,7 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
 
     sig_ref = sigma_2mm("standard")
     sig = sig_ref if spec.kernel == "standard" else sigma_2mm(spec.kernel)
-    thin = math.sqrt(NOISE_REF_THICKNESS_MM / spec.thickness_mm) if 0 < spec.thickness_mm < NOISE_REF_THICKNESS_MM else 1.0
+    thin = thin_slice_noise_factor(spec.thickness_mm)
     k = spec.noise_sigma * thin / sig_ref if sig_ref > 0 else 1.0
     i0_eff = i0_guess / k**2
     if has_metal:
