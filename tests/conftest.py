@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,12 @@ from medqc.dcmtk import dcmtk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CT = ROOT.parent / "shared" / "real-ct" / "philips-ingenuity-head-phantom"
+
+
+# test modules import shared helpers from here (``from conftest import free_port``): the tests folder must be
+# importable under --import-mode=importlib
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 
 def pytest_configure(config):

@@ -13,14 +13,7 @@ import time
 
 import pytest
 from medqc.dcmtk import dcmtk  # noqa: E402
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,7 @@ def _agent(tiny_bundle, tmp_path, **over):
     from medqc.agent.daemon import Agent
     from medqc.config import load_config
 
-    o = {"dicom.bind": "127.0.0.1", "dicom.port": _free_port(), "http.enabled": False, "sinks.stdout.enabled": False}
+    o = {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.enabled": False, "sinks.stdout.enabled": False}
     o.update(over)
     cfg = load_config(None, o)
     return cfg, Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime", inference=False).start()

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from medqc.dcmtk import dcmtk  # noqa: E402
 
 SECTIONS = ("storescp", "agent_receive", "agent_full", "agent_full_nofsync", "inference", "naive")

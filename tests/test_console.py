@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from medqc.dcmtk import dcmtk  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- unit-level: thumbnails, coverage view, privacy ----------------------------------------------------
@@ -75,12 +69,12 @@ def agent(tiny_bundle, tmp_path):
     from medqc.agent.daemon import Agent
     from medqc.config import load_config
 
-    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": _free_port(), "http.bind": f"127.0.0.1:{_free_port()}",
+    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
                              "inference.backend": "onnxruntime", "series.idle_timeout_s": 2.0, "sinks.stdout.enabled": False})
     a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
     # the agent's own HTTP server mounts the console; without the HTTP API module it serves the console alone
     own = a.http is None
-    server = serve(cfg, a, bind=f"127.0.0.1:{_free_port()}") if own else a.http
+    server = serve(cfg, a, bind=f"127.0.0.1:{free_port()}") if own else a.http
     try:
         yield cfg, a, server
     finally:
@@ -200,12 +194,12 @@ def test_console_privacy_opt_in_and_token(tiny_bundle, tmp_path, study):
     from medqc.agent.daemon import Agent
     from medqc.config import load_config
 
-    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": _free_port(), "http.bind": f"127.0.0.1:{_free_port()}",
+    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
                              "series.idle_timeout_s": 1.0, "sinks.stdout.enabled": False,
                              "privacy.show_patient_identifiers": True, "http.token": "s3cret"})
     a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
     own = a.http is None
-    server = serve(cfg, a, bind=f"127.0.0.1:{_free_port()}") if own else a.http
+    server = serve(cfg, a, bind=f"127.0.0.1:{free_port()}") if own else a.http
     try:
         base = f"http://127.0.0.1:{server.port}"
         assert urllib.request.urlopen(base + "/", timeout=5).status == 200  # the page itself is public
@@ -239,10 +233,10 @@ def test_standalone_console_server_static_and_errors(tiny_bundle, tmp_path):
     from medqc.agent.daemon import Agent
     from medqc.config import load_config
 
-    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": _free_port(), "http.enabled": False,
+    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.enabled": False,
                              "sinks.stdout.enabled": False})
     a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
-    server = serve(cfg, a, bind=f"127.0.0.1:{_free_port()}")
+    server = serve(cfg, a, bind=f"127.0.0.1:{free_port()}")
     try:
         base = f"http://127.0.0.1:{server.port}"
         assert json.load(urllib.request.urlopen(base + "/healthz", timeout=5))["status"] == "ok"

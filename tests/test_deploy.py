@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import venv
 from pathlib import Path
 
 import pytest
+from conftest import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = ["Dockerfile.x86", "Dockerfile.jetson"]
@@ -218,12 +218,6 @@ def test_entrypoints_identical():
     assert a == b, "the x86 and Jetson entrypoints drifted apart"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_entrypoint_starts_the_agent_without_gpu(tiny_bundle, tmp_path):
     """Run the real entrypoint: no GPU here, so the engine check reports it and the agent starts on ONNX
     Runtime with the state dir and ports from the environment; DICOM C-ECHO answers; SIGTERM stops it."""
@@ -231,7 +225,7 @@ def test_entrypoint_starts_the_agent_without_gpu(tiny_bundle, tmp_path):
     entry = tmp_path / "medqc-container"
     entry.write_text(script)
     entry.chmod(0o755)
-    dport, hport = _free_port(), _free_port()
+    dport, hport = free_port(), free_port()
     cfgf = tmp_path / "agent.toml"
     cfgf.write_text('[dicom]\nbind = "127.0.0.1"\n')
     env = {**os.environ, "PATH": f"{Path(PY).parent}:{os.environ['PATH']}", "STATE_DIRECTORY": str(tmp_path / "state"),
@@ -354,7 +348,7 @@ def test_wheel_from_copied_sources_installs_clean_and_analyzes(tiny_bundle, tmp_
     # the installed agent serves the console from the installed package
     import urllib.request
 
-    dport, hport = _free_port(), _free_port()
+    dport, hport = free_port(), free_port()
     cfgf = tmp_path / "agent.toml"
     cfgf.write_text('[dicom]\nbind = "127.0.0.1"\n')
     p = subprocess.Popen([str(medqc), "agent", "--config", str(cfgf), "--port", str(dport), "--http", f"127.0.0.1:{hport}",

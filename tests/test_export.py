@@ -9,7 +9,6 @@ preprocessed by the shared function. TensorRT paths that need a GPU are in tests
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 from medqc.dcmtk import dcmtk  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 
 def _run(cmd, **kw):
@@ -30,20 +31,12 @@ def study(tmp_path_factory):
     return out
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def agent(tiny_bundle, tmp_path):
     from medqc.agent.daemon import Agent
     from medqc.config import load_config
 
-    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": _free_port(), "http.bind": f"127.0.0.1:{_free_port()}",
+    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
                              "http.token": "t0ken", "series.idle_timeout_s": 1.0, "sinks.stdout.enabled": False})
     a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
     try:
@@ -151,7 +144,7 @@ def test_http_route_table_405_and_open_without_token(tiny_bundle, tmp_path):
     from medqc.agent.daemon import Agent
     from medqc.config import load_config
 
-    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": _free_port(), "http.bind": f"127.0.0.1:{_free_port()}",
+    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
                              "sinks.stdout.enabled": False})
     a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
     try:

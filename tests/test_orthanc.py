@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port  # noqa: E402
 
 PY = sys.executable
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Orthanc:
@@ -36,7 +30,7 @@ class Orthanc:
         exe = shutil.which("Orthanc")
         if not exe:
             pytest.skip("Orthanc is not installed (.ci/run installs it)")
-        self.dicom_port, self.http_port = _free_port(), _free_port()
+        self.dicom_port, self.http_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         work = tmp / f"orthanc-{self.dicom_port}"
         work.mkdir()

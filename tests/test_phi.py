@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,18 +16,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from medqc.dcmtk import dcmtk  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 NAME = "QUIXOTEVANS^ZEPHYRINA"
 PID = "PIDQ7731X"
 BIRTH = "19120317"
 ACCESSION = "ACCQ99817"
 NEEDLES = [b"QUIXOTEVANS", b"ZEPHYRINA", PID.encode(), BIRTH.encode(), b"1912-03-17", ACCESSION.encode()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _leaks(where: str, blob: bytes) -> list[str]:
@@ -70,7 +64,7 @@ def test_no_identifier_in_any_output(tiny_bundle, tmp_path, study):
     hook = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     hook.bodies = []
     threading.Thread(target=hook.serve_forever, daemon=True).start()
-    pacs_port, port, http = _free_port(), _free_port(), f"127.0.0.1:{_free_port()}"
+    pacs_port, port, http = free_port(), free_port(), f"127.0.0.1:{free_port()}"
     pacs_dir = tmp_path / "pacs"
     pacs_dir.mkdir()
     pacs = subprocess.Popen([storescp, "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],

@@ -12,16 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from medqc.dcmtk import dcmtk  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 PY = sys.executable
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need_tool(name: str) -> str:
@@ -34,7 +27,6 @@ def need_tool(name: str) -> str:
 
 def write_ct_series(folder: Path, n: int, rows: int = 64, study_uid: str | None = None, content_step_s: float | None = None) -> list[Path]:
     """``n`` small but complete CT Image Storage files (explicit VR little endian), one series."""
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 

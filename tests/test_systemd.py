@@ -16,15 +16,10 @@ from pathlib import Path
 
 import pytest
 from medqc.dcmtk import dcmtk  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "deploy" / "medqc-agent.service"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _unit_settings() -> dict:
@@ -99,14 +94,14 @@ def _recv_until(sock, wanted: str, timeout: float, seen: list) -> None:
 
 def _agent_cmd(tiny_bundle, state, port):
     return [sys.executable, "-m", "medqc", "agent", "--port", str(port), "--state-dir", str(state),
-            "--http", f"127.0.0.1:{_free_port()}", "--backend", "onnxruntime", "--bundle", str(tiny_bundle)]
+            "--http", f"127.0.0.1:{free_port()}", "--backend", "onnxruntime", "--bundle", str(tiny_bundle)]
 
 
 def test_notify_and_sigterm_mid_series_loses_nothing(tiny_bundle, tmp_path, series):
     storescu = dcmtk("storescu")
     if not storescu:
         pytest.skip("storescu (dcmtk) is not installed")
-    state, port = tmp_path / "state", _free_port()
+    state, port = tmp_path / "state", free_port()
     sock_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
