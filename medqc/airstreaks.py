@@ -56,6 +56,10 @@ OBJECT_HU = -850.0
 MIN_OBJECT_MM2 = 30.0
 # evidence: 0 at the clean synthetic 95th percentile, 1 at the synthetic motion median (seed 777)
 EVIDENCE_HU = (0.67, 5.87)
+# where no free air can be measured (a body filling the field, a targeted reconstruction) the air's
+# evidence is unknown, not absent: the fused motion score takes this neutral value in its place, so that
+# the network alone must read about 0.86 to reach the checks' 0.58 there (real clean anatomy reads up to ~0.8)
+UNJUDGED_EVIDENCE = 0.3
 
 
 def _disk(r_px: float) -> np.ndarray:

@@ -157,6 +157,47 @@ def test_a_neck_is_judged_for_noise():
     assert m["noise_sd_2mm"] == pytest.approx(20.0, rel=0.2)
 
 
+def _head_or_neck(kind: str, sigma_2mm: float, seed: int = 7, brain_mm: float = 70.0) -> np.ndarray:
+    """A head (brain in a 6 mm skull under a 4 mm scalp) or a neck (a vertebra behind the airway, its lamina
+    2.5 cm deep, a mandible's U in front) with white noise of ``sigma_2mm`` at 2 mm (3 × at 0.7 mm pixels)."""
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+    img = np.full((512, 512), -1000.0, np.float32)
+    if kind == "head":
+        a, b = brain_mm + 10.0, brain_mm * 1.25 + 10.0
+        img[(xx / a) ** 2 + (yy / b) ** 2 <= 1] = 20.0  # scalp
+        img[(xx / (a - 4)) ** 2 + (yy / (b - 4)) ** 2 <= 1] = 1200.0  # skull
+        img[(xx / (a - 10)) ** 2 + (yy / (b - 10)) ** 2 <= 1] = 35.0  # brain
+    else:
+        img[(xx / 62) ** 2 + (yy / 60) ** 2 <= 1] = 40.0
+        img[((xx / 9) ** 2 + ((yy + 8) / 7) ** 2) <= 1] = -1000.0  # airway
+        img[((xx / 13) ** 2 + ((yy - 12) / 11) ** 2) <= 1] = 900.0  # vertebral body, ~5 cm deep
+        img[((xx / 16) ** 2 + ((yy - 30) / 5) ** 2) <= 1] = 900.0  # lamina, ~2.5 cm deep
+        u = ((xx / 52) ** 2 + ((yy + 12) / 42) ** 2 <= 1) & ((xx / 46) ** 2 + ((yy + 12) / 36) ** 2 > 1) & (yy < -12)
+        img[u] = 1200.0  # mandible: a U open behind
+    noise = np.random.default_rng(seed).normal(0.0, 3.0 * sigma_2mm, img.shape).astype(np.float32)
+    return img + noise * (img > -1000)
+
+
+def test_a_brain_is_judged_on_the_brain_scale_and_a_neck_on_the_body_scale():
+    """Inside a skull the brain's level (12 HU at 2 mm) applies; a neck, whose spine and mandible surround
+    its centre in nearly every direction but lie deep or only in front, keeps the body's (30 HU)."""
+    head = D.measure(_head_or_neck("head", 15.0), info(convolution_kernel="H31s", slice_thickness=5.0))
+    neck = D.measure(_head_or_neck("neck", 15.0), info(convolution_kernel="B31s", slice_thickness=5.0))
+    assert head["skull_ring"] >= D.SKULL_SECTORS and neck["skull_ring"] >= D.SKULL_SECTORS
+    assert head["noise_ratio"] == pytest.approx(head["noise_sd_2mm"] / D.NOISE_2MM_HU["head"])
+    assert neck["noise_ratio"] == pytest.approx(neck["noise_sd_2mm"] / D.NOISE_2MM_HU["body"])
+    assert D.classical_probs(head)["noise"] >= D.CLASSICAL_THRESHOLD  # 15 HU: too noisy for a brain
+    assert D.classical_probs(neck)["noise"] < D.CLASSICAL_THRESHOLD  # routine for a neck
+
+
+def test_a_small_brain_near_the_vertex_is_judged():
+    """Near the vertex the brain inside the skull holds only 5–20 cm² of tissue 10 mm from the skin: the
+    brain's section is homogeneous, so 5 cm² are enough there (a trunk needs 20)."""
+    m = D.measure(_head_or_neck("head", 15.0, brain_mm=24.0), info(convolution_kernel="H31s", slice_thickness=5.0))
+    assert m["noise_sd_2mm"] == pytest.approx(15.0, rel=0.25)
+    assert m["noise_ratio"] == pytest.approx(m["noise_sd_2mm"] / D.NOISE_2MM_HU["head"])
+
+
 def test_sharp_kernels_are_judged_for_gross_noise_only_and_thin_slices_are_scaled():
     img = phantom(sigma=150.0, seed=5)  # 50 HU at 2 mm: an artifact on a standard kernel
     std = D.measure(img, info(convolution_kernel="B30f"))
@@ -460,11 +501,14 @@ def test_bright_objects_in_the_air_are_not_motion_evidence():
 
 def test_no_free_air_is_not_judged():
     """A targeted field inside the body (or a body filling the field) has no air band: not judged, and the
-    network's motion score stands as it is."""
+    air's evidence is taken as unknown (a neutral value), so the network alone must read about 0.86 to
+    reach its 0.58 there: a clean anatomy it misreads at 0.7 is not flagged, gross motion still is."""
     img = phantom(sigma=10.0, rx_mm=300.0, ry_mm=300.0)
     m = D.measure(img, info())
     assert not np.isfinite(m["air_dark_hu"])
-    assert D.fuse({"motion": 0.7}, m)["motion"] == pytest.approx(0.7)
+    assert D.fuse({"motion": 0.7}, m)["motion"] == pytest.approx(0.5 * (0.7 + airstreaks.UNJUDGED_EVIDENCE))
+    assert D.fuse({"motion": 0.7}, m)["motion"] < 0.58 <= D.fuse({"motion": 0.9}, m)["motion"]
+    assert D.fuse({"motion": 0.7}, {})["motion"] == pytest.approx(0.7)  # no measures at all: the network's
 
 
 def test_a_small_sliver_of_arm_cut_by_the_scan_field_counts_but_the_couch_does_not():

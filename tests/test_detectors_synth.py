@@ -43,6 +43,14 @@ def test_lungs_skull_and_clean_body(patient):
         assert p["metal"] < 0.5 and p["truncation"] < 0.5 and p["noise"] < 0.5, m
 
 
+@pytest.mark.parametrize("r, scale", [(20.0, "head"), (60.0, "head"), (100.0, "head"), (165.0, "body"), (200.0, "body")])
+def test_brain_scale_inside_the_skull_body_scale_in_the_neck(patient, r, scale):
+    """The noise level follows the section: the brain's inside the skull (near the vertex too), the body's in
+    the upper neck, where the mandible and the spine surround the centre but enclose no brain."""
+    m, _ = sim(patient, r, fov_mm=240, noise_sigma=4.0)
+    assert m["noise_ratio"] == pytest.approx(m["noise_sd_2mm"] / D.NOISE_2MM_HU[scale], rel=1e-6)
+
+
 def test_metal_truncation_and_noise_evidence():
     p = random_patient(np.random.default_rng(11), contrast=False, arms="up")
     add_implant(p, np.random.default_rng(5), 820.0, 0.9)  # hip prosthesis level

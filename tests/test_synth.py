@@ -351,6 +351,36 @@ def test_training_sampler_contract():
         assert s.artifacts["metal"] == s.artifacts["motion"] == s.artifacts["ring"] == s.artifacts["noise"] == 0.0
 
 
+def test_noise_label_needs_a_section_of_the_patient():
+    """A slice above the vertex (the skull cap, or air) shows no patient to judge noise in: it carries no
+    noise label whatever its dose; a slice through the brain at the same dose does."""
+    from medqc.synth import training
+
+    p = random_patient(np.random.default_rng(2), contrast=False, arms="down")  # raised arms lie beside the head
+    for r, labelled in ((-12.0, False), (60.0, True)):
+        spec = training._random_spec(np.random.default_rng(3), r, p)
+        spec.noise_sigma = training.noise_target(r, 1.0)
+        _, phys = simulate_slice(p, spec, np.random.default_rng(4))
+        assert (phys["body_area_mm2"] >= training.NOISE_LABEL_MIN_BODY_MM2) is labelled, r
+
+
+def test_the_mandible_is_open_behind():
+    """Below the skull the mandible is a U open towards the spine, never a closed ring of bone."""
+    import cv2
+
+    X, Y = _grid()
+    for seed in range(4):
+        p = random_patient(np.random.default_rng(seed))
+        for r in (140.0, 155.0, 170.0):
+            bone = (rasterize(p, r, X, Y).hu > 600).astype(np.uint8)
+            n, lab = cv2.connectedComponents(1 - bone, connectivity=4)
+            enclosed = [k for k in range(1, n) if not (np.any(lab[0] == k) or np.any(lab[-1] == k)
+                                                       or np.any(lab[:, 0] == k) or np.any(lab[:, -1] == k))]
+            sizes = [int((lab == k).sum()) for k in enclosed]
+            px = float(X[0, 1] - X[0, 0])
+            assert max(sizes, default=0) * px * px < 600.0, (seed, r)  # the spinal canal only (~2–4 cm²)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("argv, needle", [
     (["--region", "knee"], "allowed: head, neck, chest"),

@@ -71,6 +71,10 @@ class Patient:
         }
 
 
+BRAIN_BOTTOM_REF_MM = 135.0  # brain is drawn above this (the posterior fossa's lowest part; reference mm)
+SKULL_BOTTOM_REF_MM = 118.0  # the skull vault is drawn above this (the skull base's bones down to 135)
+
+
 def random_patient(rng: np.random.Generator, *, contrast: bool | None = None, arms: str | None = None) -> Patient:
     height = float(np.clip(rng.normal(172.0, 10.0), 150.0, 200.0))
     obese = rng.random() < 0.25
@@ -250,8 +254,8 @@ def rasterize(p: Patient, r: float, X: np.ndarray, Y: np.ndarray) -> _Canvas:
         if r < 150:
             cv.paint(head & ~cv.ell(0, cy, a - 2.5, b - 2.5), fat)  # scalp
         table_top = cy + b + 3
-        if r < 135:  # skull and brain
-            if r < 118:
+        if r < BRAIN_BOTTOM_REF_MM:  # skull and brain
+            if r < SKULL_BOTTOM_REF_MM:
                 ta = 6.5 * hr
                 skull = cv.ell(0, cy, a - 3, b - 3) & ~cv.ell(0, cy, a - 3 - ta, b - 3 - ta)
                 cv.paint(skull, bone_c + 200)
@@ -274,7 +278,7 @@ def rasterize(p: Patient, r: float, X: np.ndarray, Y: np.ndarray) -> _Canvas:
                     if 78 < r < 102:
                         cv.paint(cv.ell(sx * 32 * hr, cy - b + 20, 12, 12), HU["eye"])
                 cv.paint(cv.ell(0, cy - b + 28, 7, 18), HU["air"])  # ethmoid / nasal cavity
-            if 100 < r < 135:  # skull base: petrous bones, clivus, mastoids, maxillary sinuses, nasal cavity
+            if 100 < r < BRAIN_BOTTOM_REF_MM:  # skull base: petrous bones, clivus, mastoids, maxillary sinuses, nasal cavity
                 for sx in (-1, 1):
                     bone(sx * 36 * hr, cy + 18, 26, 8, sx * 0.6, shell=3, inner=bone_c + 300)
                     cv.paint(cv.ell(sx * 48 * hr, cy + 38, 8, 9), HU["air"])
@@ -290,7 +294,9 @@ def rasterize(p: Patient, r: float, X: np.ndarray, Y: np.ndarray) -> _Canvas:
                 arch = cv.ell(0, cy - b + 35, 34 * hr, 30) & ~cv.ell(0, cy - b + 35, 26 * hr, 22) & (cv.Y < cy - b + 40)
                 cv.paint(arch, HU["enamel"] if 128 < r < 145 else bone_c)
             if r > 138:
-                mand = cv.ell(0, cy - b + 40, 48 * hr, 45) & ~cv.ell(0, cy - b + 40, 42 * hr, 39) & (cv.Y < cy + 10)
+                # a U open behind: its angles end in front of the spine (a whole ellipse would close a
+                # ring of bone round the pharynx where the neck is short from front to back)
+                mand = cv.ell(0, cy - b + 40, 48 * hr, 45) & ~cv.ell(0, cy - b + 40, 42 * hr, 39) & (cv.Y < min(cy + 10, cy - b + 70))
                 cv.paint(mand, bone_c)
             bone(0, cy + 22, 10, 10, shell=2)  # C1/C2
         if r >= 150:  # neck: spine, airway, vessels, thyroid

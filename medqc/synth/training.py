@@ -19,9 +19,9 @@ from medqc import ARTIFACTS
 from medqc.anatomy import LANDMARKS
 from medqc.detectors import NOISE_REF_THICKNESS_MM
 from medqc.synth import ct
-from medqc.synth.phantom import Patient, _Canvas, add_implant, random_patient, rasterize
+from medqc.synth.phantom import BRAIN_BOTTOM_REF_MM, Patient, _Canvas, add_implant, random_patient, rasterize
 
-GENERATOR_VERSION = "8"  # bump when the physics or the labels change (training caches key on it)
+GENERATOR_VERSION = "9"  # bump when the physics or the labels change (training caches key on it)
 SIM_N = 256  # simulation grid (pixels); physical pixel = extent / SIM_N
 TRAIN_VIEWS = 256  # = channels: slight view aliasing at the rim of the simulation circle only (table, arms)
 TRAIN_RECON_MAX = 256  # training slices are reconstructed at most at 256² (≥ 2 mm network pixels) and interpolated to the display matrix
@@ -31,7 +31,10 @@ NOISE_LEVELS = {"head": (5.0, 8.0, 30.0), "body": (14.0, 20.0, 60.0)}
 NOISE_CLEAN_MAX = NOISE_LEVELS["body"][0]
 NOISE_ARTIFACT_MIN = NOISE_LEVELS["body"][1]
 NOISE_GROSS = NOISE_LEVELS["body"][2]
-HEAD_NOISE_BELOW_REF_MM = LANDMARKS["c2"]  # slices above C2 are judged on the brain scale
+NOISE_LABEL_MIN_BODY_MM2 = 2000.0  # slices with a smaller section of the patient carry no noise label
+# slices through the brain are judged on the brain scale (the detector: a section with a skull under its
+# scalp all round), the face and neck below the posterior fossa on the body scale
+HEAD_NOISE_BELOW_REF_MM = BRAIN_BOTTOM_REF_MM
 # These σ are the dose's noise: a standard kernel on a slice at least NOISE_REF_THICKNESS_MM thick (the
 # thickness the detector normalises to). Thinner slices are noisier by design (σ ∝ 1/√t, fewer photons per
 # slice), and so are sharp kernels; neither is a noise artifact.
@@ -215,6 +218,8 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
     # 5. truncation: channels beyond the scan field are missing
     sfov_r = spec.sfov_mm / 2 / px
     body = (cv.hu > -500) & ~cv.table & inside
+    in_view = (np.abs(X - spec.center[0]) <= spec.fov_mm / 2) & (np.abs(Y - spec.center[1]) <= spec.fov_mm / 2)
+    body_shown_mm2 = float((body & in_view).sum() * px * px)
     trunc_frac = 0.0
     det_s = np.abs(np.arange(n) - (n - 1) / 2)[None, :]
     if sfov_r < n / 2 - 1:
@@ -329,6 +334,7 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
         "i0": float(i0_eff),
         "ring_amplitude_hu": ring_amp,
         "truncation_fraction": trunc_frac,
+        "body_area_mm2": body_shown_mm2,  # the patient's section in the displayed field (table excluded)
         "metal_area_mm2": metal_area,
         "metal_density": metal_dens,
     }
@@ -462,7 +468,10 @@ def _one(rng: np.random.Generator, artifact_rate: float, seed: int, index: int) 
     hu, phys = simulate_slice(p, spec, rng, recon_max=TRAIN_RECON_MAX)
     arts = {k: 0.0 for k in ARTIFACTS}
     arts["metal"] = metal_severity(phys["metal_area_mm2"], phys["metal_density"])
-    arts["noise"] = noise_severity(phys["noise_sigma_ref"], r)
+    # a noise artifact is judged in the patient: a slice that holds almost none (above the vertex, the top
+    # of the skull cap) carries no noise label, whatever its dose
+    if phys["body_area_mm2"] >= NOISE_LABEL_MIN_BODY_MM2:
+        arts["noise"] = noise_severity(phys["noise_sigma_ref"], r)
     arts["ring"] = ring_severity(phys["ring_amplitude_hu"])
     arts["truncation"] = truncation_severity(phys["truncation_fraction"])
     arts["motion"] = motion_severity(spec.motion_mm)
