@@ -73,7 +73,7 @@ NOISE_REF_THICKNESS_MM = 3.0  # thinner slices are noisier by design: σ is scal
 # the box filter's side lobes): a routine real bone or lung kernel reads roughly 1.5–2.5 × a standard one.
 # The factor is the top of that range: a sharp kernel is flagged only at a dose that would be flagged on a
 # standard kernel, or a lower one (3 until generator 9: on its evaluation slices 2.5 ranks noisy sharp-kernel
-# slices with the rest, noise AUROC 0.964 → 0.973, with the same flags at the threshold).
+# slices with the rest, noise AUROC 0.964 → 0.974, with the same flags at the threshold).
 # Siemens B/Br/Hr/Qr/Ur ≥ 60 and Bl lung, GE BONE/LUNG/EDGE/DETAIL, Philips C/D/E/L/Y*, Canon FC30–39
 # (bone) and FC5x–9x (lung, high resolution).
 SHARP_KERNEL = re.compile(
