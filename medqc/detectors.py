@@ -788,7 +788,7 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
       reconstruction) the air's evidence is unknown and ``airstreaks.UNJUDGED_EVIDENCE`` (0.3) stands in for
       it, so that the network must read about 0.86 to reach its threshold alone there (it used to stand
       alone: on the evaluation slices all 8 (seed 31337) and 12 (seed 777) false motion flags on such slices
-      went, 3–5 true ones too, and motion AUROC rose 0.955 → 0.956 and 0.938 → 0.946). Neither source alone
+      went, 3–5 true ones too, and motion AUROC rose 0.954 → 0.955 and 0.936 → 0.945). Neither source alone
       reaches the network's threshold from a clean level of the other: a real clean anatomy that the
       network misreads as motion (0.3–0.8 on real patient slices) stays below it unless the air around the
       patient is streaked too.
