@@ -502,9 +502,20 @@ def test_iliac_crest_needs_one_clear_transition():
                 for i, v in enumerate(pattern)][::-1]  # ascending z
 
     ribs, gap, wings = 900.0, 20.0, 1500.0
-    assert iliac_crest(series([ribs, ribs, gap, gap, gap, wings, wings, wings])) == {"iliac_crest_z": -50.0}
+    assert iliac_crest(series([ribs, ribs, gap, gap, gap, wings, wings, wings])) == {"iliac_crest_z": -45.0}
     assert iliac_crest(series([gap, gap, wings, wings, gap, gap, wings, wings])) == {}  # ambiguous
     assert iliac_crest(series([ribs, ribs, ribs, wings, wings])) == {}  # no lumbar gap: no proof
+    # a scan that starts in the lumbar gap: its top slice is the only one above the crest
+    assert iliac_crest(series([gap, wings, wings, wings])) == {"iliac_crest_z": -5.0}
+    assert iliac_crest(series([gap, wings])) == {}  # one slice of wings is not the wings
+    assert iliac_crest(series([ribs, gap, wings, wings])) == {}  # one gap slice below ribs: not the lumbar gap
+    tips = 300.0  # a slice through the crests' tips: some bone, not yet the wings
+    assert iliac_crest(series([gap, gap, gap, tips, wings, wings])) == {"iliac_crest_z": -25.0}
+    assert iliac_crest(series([gap, gap, tips, tips, wings, wings])) == {}  # two of them: not a crest's tips
+    def with_lungs(pattern, lung):
+        return [(z, SliceResult(info=r.info, measures=dict(r.measures, lung_area_mm2=lung))) for z, r in series(pattern)]
+
+    assert iliac_crest(with_lungs([gap, wings, wings, wings], 5000.0)) == {}  # lungs there: not the pelvis
 
 
 def test_small_air_spaces_are_not_lungs():

@@ -143,18 +143,26 @@ LATERAL_BONE_MM2 = 600.0
 def iliac_crest(ordered) -> dict:
     """Classical iliac crests: going down the body, bone in the lateral thirds of the body section
     disappears below the lowest ribs (the lumbar gap: < 150 mm² on ≥ 2 slices) and returns with the iliac
-    wings (≥ 600 mm² on ≥ 2 slices). The first slice of the wings is the crest. Only an unambiguous single
-    transition below the lungs counts."""
+    wings (≥ 600 mm² on ≥ 2 slices), after at most one slice through the crests' tips (150–600 mm²). The
+    crest lies between the last slice of the gap and the first with wing bone (their midpoint; until 27 Nov
+    the first slice of full wings, and a slice of tips in between hid the crest). A scan whose top slice lies
+    in the lumbar gap, with the wings from the next slice on, has its crest there too: a pelvis protocol
+    starts just above the crests, so its first slice is often the only one above them (with the network
+    alone such a scan read 23 mm short on the evaluation). Only an unambiguous single transition below the
+    lungs counts."""
     rows = [(z, r.measures.get("lateral_bone_mm2"), r.measures.get("lung_area_mm2")) for z, r in ordered
             if not r.error and finite(r.measures.get("lateral_bone_mm2"))]
     rows.sort(key=lambda t: -t[0])  # top → bottom
     hits = []
-    for i in range(2, len(rows) - 1):
-        above = rows[i - 2:i]
-        below = rows[i:i + 2]
-        if all(a[1] < LATERAL_NONE_MM2 for a in above) and all(b[1] >= LATERAL_BONE_MM2 for b in below):
-            if not any(finite(t[2]) and t[2] >= LUNG_PRESENT_MM2 for t in rows[i - 2:i + 2]):
-                hits.append(rows[i][0])
+    for i in range(1, len(rows)):
+        above = rows[max(0, i - 2):i]  # two slices of the gap, or the scan's top slice alone
+        if rows[i][1] < LATERAL_NONE_MM2 or not all(a[1] < LATERAL_NONE_MM2 for a in above):
+            continue
+        j = i + 1 if rows[i][1] < LATERAL_BONE_MM2 else i  # one slice through the crests' tips may come first
+        below = rows[j:j + 2]
+        if len(below) == 2 and all(b[1] >= LATERAL_BONE_MM2 for b in below):
+            if not any(finite(t[2]) and t[2] >= LUNG_PRESENT_MM2 for t in rows[max(0, i - 2):j + 2]):
+                hits.append(0.5 * (rows[i - 1][0] + rows[i][0]))  # between the gap and the first bone of the wings
     if len(hits) != 1:
         return {}
     return {"iliac_crest_z": hits[0]}
