@@ -267,22 +267,31 @@ def _skull_under_scalp(dense: np.ndarray, body: np.ndarray, cy: float, cx: float
     ``body``: the section with its enclosed air filled (an airway is not skin)."""
     r = max(1, int(round(SKULL_DEPTH_MM / pix_mm)))
     if cv2 is not None:
-        inner = cv2.erode(body.view(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
-        near = dense & ~inner.view(bool)
+        inner = cv2.erode(body.view(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))).view(bool)
     else:
-        inner = body.copy()
-        for _ in range(r):
-            inner[1:, :] &= inner[:-1, :].copy()
-            inner[:-1, :] &= inner[1:, :].copy()
-            inner[:, 1:] &= inner[:, :-1].copy()
-            inner[:, :-1] &= inner[:, 1:].copy()
-        near = dense & ~inner
-    if not near.any():
-        return False
-    dy_, dx_ = np.nonzero(near)
+        inner = _erode_cross(body, r)
+    return _sector_share(dense & ~inner, cy, cx) >= SKULL_SECTORS
+
+
+def _erode_cross(mask: np.ndarray, r: int) -> np.ndarray:
+    """``mask`` eroded ``r`` times by the 4-neighbour cross (numpy only: the fallback without OpenCV)."""
+    out = mask.copy()
+    for _ in range(r):
+        out[1:, :] &= out[:-1, :].copy()
+        out[:-1, :] &= out[1:, :].copy()
+        out[:, 1:] &= out[:, :-1].copy()
+        out[:, :-1] &= out[:, 1:].copy()
+    return out
+
+
+def _sector_share(mask: np.ndarray, cy: float, cx: float) -> float:
+    """Share of the 24 angular sectors round (cy, cx) that hold a pixel of ``mask`` (0 for an empty one)."""
+    if not mask.any():
+        return 0.0
+    dy_, dx_ = np.nonzero(mask)
     ang = np.arctan2(dy_ - cy, dx_ - cx)
     sectors = np.bincount(((ang + math.pi) / (2 * math.pi) * 24).astype(int) % 24, minlength=24)
-    return np.count_nonzero(sectors) / 24.0 >= SKULL_SECTORS
+    return np.count_nonzero(sectors) / 24.0
 
 
 def _robust_noise(sub: np.ndarray, valid: np.ndarray) -> float:
@@ -411,12 +420,7 @@ def noise_2mm(hu: np.ndarray, rmm: float, cmm: float, pooled=None, central: bool
         body = lab == 1 + int(np.argmax(st[1:, cv2.CC_STAT_AREA]))
         inner = cv2.erode(body.view(np.uint8), np.ones((11, 11), np.uint8)).view(bool)
     else:
-        inner = body.copy()
-        for _ in range(5):
-            inner[1:, :] &= inner[:-1, :].copy()
-            inner[:-1, :] &= inner[1:, :].copy()
-            inner[:, 1:] &= inner[:, :-1].copy()
-            inner[:, :-1] &= inner[:, 1:].copy()
+        inner = _erode_cross(body, 5)
     soft = inner & (mean7 > -120.0) & (mean7 < 170.0) & (lo > -300.0) & (hi < 400.0)
     v = local[soft]
     # too little soft tissue to judge (a phantom's inserts in air, a slice through the skull vertex)
@@ -667,13 +671,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         # skull ring: dense bone enclosing soft tissue (brain) — fraction of angular sectors around the
         # body centre that contain skull-density bone
         dense = body_cc & (sub >= SKULL_HU)
-        if dense.any():
-            dy_, dx_ = np.nonzero(dense)
-            ang = np.arctan2(dy_ - cy / step, dx_ - cx / step)
-            sectors = np.bincount(((ang + math.pi) / (2 * math.pi) * 24).astype(int) % 24, minlength=24)
-            out["skull_ring"] = np.count_nonzero(sectors) / 24.0
-        else:
-            out["skull_ring"] = 0.0
+        out["skull_ring"] = _sector_share(dense, cy / step, cx / step)
         # bone in the lateral thirds of the body (iliac wings are broad; ribs are thin)
         x0, x1 = np.flatnonzero(cols_n)[[0, -1]]
         third = (x1 - x0) / 3.0

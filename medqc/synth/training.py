@@ -253,6 +253,11 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
         patch = ct.backproject_grid(qn, geo, bx / px - g / 2, by / px - g / 2, 1.0, g, g) / px * (1000.0 / mu_w)
         return float(patch.reshape(32, f2, 32, f2).mean((1, 3)).std())
 
+    def draw_noise(line_integrals: np.ndarray, i0: float) -> np.ndarray:
+        """The noise of ``z_noise``'s draw at dose ``i0``, with no data beyond the scan field."""
+        nz = z_noise * ct.log_noise_std(line_integrals, i0 * aec, px)
+        return np.where(det_s <= sfov_r, nz, 0.0) if sfov_r < n / 2 - 1 else nz
+
     thin = thin_slice_noise_factor(spec.thickness_mm)
     target = spec.noise_sigma * thin
     sig_ref = sigma_2mm("standard")
@@ -263,18 +268,13 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
         # So the noise is drawn again at the rescaled dose, where photon statistics dominate, and measured
         # again; the last small correction below is then linear.
         i0_guess *= (sig_ref / target) ** 2
-        noise = z_noise * ct.log_noise_std(sino_tissue, i0_guess * aec, px)
-        if sfov_r < n / 2 - 1:
-            noise = np.where(det_s <= sfov_r, noise, 0.0)
+        noise = draw_noise(sino_tissue, i0_guess)
         sig_ref = sigma_2mm("standard")
     sig = sig_ref if spec.kernel == "standard" else sigma_2mm(spec.kernel)
     k = target / sig_ref if sig_ref > 0 else 1.0
     i0_eff = i0_guess / k**2
     if has_metal:
-        noise = z_noise * ct.log_noise_std(sino, i0_eff * aec, px)
-        if sfov_r < n / 2 - 1:
-            noise = np.where(det_s <= sfov_r, noise, 0.0)
-        meas = sino + noise
+        meas = sino + draw_noise(sino, i0_eff)
     else:
         meas = sino + k * noise
     if has_metal:
