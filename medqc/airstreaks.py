@@ -22,7 +22,15 @@ spacing or field of view reads alike:
    the patient's own hull); a long flat object also loses its whole row (or column) strip, whose edges
    streak along it;
 4. the band: free air ``BAND_MM[0]``..``BAND_MM[1]`` from the patient; its level is the median of band
-   pixels within 30 HU of -1000;
+   pixels within 30 HU of -1000, leaving out pixels at the storage floor: where a vendor clips stored values
+   (at -1024 HU, ``FLOOR_HU``), a 4 mm pixel sits exactly on the floor only where a wide dark streak took
+   the whole of it below; in a heavily streaked slice those were most of the near-air pixels and put the
+   level on the floor itself, so the measure read 0 (10-20 % of the band on the floor in slices moved
+   6-10 mm, 0-1 % without motion). A band with hardly any pixel near air (``MIN_AIR_PX``) takes its
+   median as the level (air streaked both ways all over), unless that median reads above ``NOT_AIR_HU``
+   (-950): then the band is no free air but lung, opened to the edge by a display field that cuts the
+   chest wall, or tissue inside a targeted field, whose texture read as 2-10 HU of dark streaks on clean
+   slices; it is not judged;
 5. the measure: the band's mean of max(0, level - smoothed slice), in HU. NaN (not judged) when the band is
    under ``MIN_BAND_MM2`` (a body filling the field, a targeted reconstruction, truncation).
 
@@ -54,12 +62,15 @@ MIN_BAND_MM2 = 500.0
 PATIENT_HU = -400.0
 OBJECT_HU = -850.0
 MIN_OBJECT_MM2 = 30.0
+MIN_AIR_PX = 50  # band pixels near air (within 30 HU of -1000, off the floor) needed to read the air's level
+NOT_AIR_HU = -950.0  # a band without them whose median reads above this is not free air: not judged
+FLOOR_HU = (-1035.0, -1010.0)  # a band minimum in this range is taken as a storage floor (vendors clip at -1024)
 # evidence: 0 at the clean synthetic 95th percentile, 1 at the synthetic motion median (seed 777)
 EVIDENCE_HU = (0.67, 5.87)
 # where no free air can be measured (a body filling the field, a targeted reconstruction) the air's
 # evidence is unknown, not absent: the fused motion score takes this neutral value in its place, so that
-# the network alone must read about 0.86 to reach the checks' 0.58 there (real clean anatomy reads up to ~0.8)
-UNJUDGED_EVIDENCE = 0.3
+# the network alone must read about 0.85 to reach the checks' 0.58 there (real clean anatomy reads up to ~0.8)
+UNJUDGED_EVIDENCE = 0.4
 
 
 def _disk(r_px: float) -> np.ndarray:
@@ -178,7 +189,15 @@ def air_dark_hu(img: np.ndarray, valid: np.ndarray, p: float, scan_field=None) -
         return float("nan")
     raw = img[band]
     airish = np.abs(raw + 1000.0) < 30.0
-    level = float(np.median(raw[airish])) if np.count_nonzero(airish) > 50 else float(np.median(raw))
+    floor = float(raw.min())
+    if FLOOR_HU[0] < floor <= FLOOR_HU[1]:  # clipped at a storage floor: the floor is no air level
+        airish &= raw > floor + 0.01
+    if np.count_nonzero(airish) > MIN_AIR_PX:
+        level = float(np.median(raw[airish]))
+    else:  # hardly a pixel near air: streaks both ways across the whole band, or no free air at all
+        level = float(np.median(raw))
+        if level > NOT_AIR_HU:  # lung opened by a display field that cuts the chest, tissue in a targeted field
+            return float("nan")
     return float(np.maximum(0.0, level - smooth[band]).mean())
 
 

@@ -730,6 +730,7 @@ METAL_AREA_MM2 = (5.0, 40.0)  # classical metal evidence ramps from 0.5 to 0.95 
 METAL_MIN_HU = 3000.0  # the densest bone and enamel rarely exceed this; metal saturates far above it
 TRUNC_EDGE = (0.06, 0.25)  # fraction of the scan field's edge covered by the patient: evidence ramps from 0.5 to 0.95
 CLASSICAL_THRESHOLD = 0.5  # the checks' threshold for a class the bundle's network does not score
+MOTION_NETWORK_WEIGHT = 0.4  # the network's share of the fused motion score, the air evidence's the rest
 MOTION_EXPLAINED = 0.7  # motion score factor on a slice whose noise or ring evidence is over the threshold
 NOISE_EXPLAINED = 0.5  # classical noise evidence factor on a slice whose metal or ring evidence is over it
 CLASSICAL_CLASSES = ("metal", "truncation", "noise", "ring")  # classes with classical evidence (classical_probs)
@@ -781,15 +782,17 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     * noise: ``1 - (1 - net) * (1 - classical)`` (noisy-OR: either source can raise it, agreement raises
       it further) — σ alone cannot tell a sharp kernel from a low dose, so classical evidence ramps late;
     * ring: ``max(network, classical)`` — a thin ring centred on the reconstruction centre is physics too;
-    * motion: the mean of the network and the dark-streak evidence in the free air around the patient
-      (``medqc.airstreaks``); where no air can be measured (a body filling the field, a targeted
-      reconstruction) the air's evidence is unknown and ``airstreaks.UNJUDGED_EVIDENCE`` (0.3) stands in for
-      it, so that the network must read about 0.86 to reach its threshold alone there (it used to stand
-      alone: on the evaluation slices all 8 (seed 31337) and 12 (seed 777) false motion flags on such slices
-      went, 3–5 true ones too, and motion AUROC rose 0.954 → 0.955 and 0.936 → 0.945). Neither source alone
-      reaches the network's threshold from a clean level of the other: a real clean anatomy that the
-      network misreads as motion (0.3–0.8 on real patient slices) stays below it unless the air around the
-      patient is streaked too.
+    * motion: ``MOTION_NETWORK_WEIGHT`` (0.4) × the network + 0.6 × the dark-streak evidence in the free air
+      around the patient (``medqc.airstreaks``); where no air can be measured (a body filling the field, a
+      targeted reconstruction, lung in the band) the air's evidence is unknown and
+      ``airstreaks.UNJUDGED_EVIDENCE`` (0.4) stands in for it, so that the network must read about 0.85 to
+      reach its threshold alone there (it used to stand alone: on the evaluation slices all 8 (seed 31337)
+      and 12 (seed 777) false motion flags on such slices went). The network weighs less than the air (the
+      mean of the two until 27 Nov): it is the weaker cue (AUROC 0.77-0.83 alone against 0.96-0.97 for the
+      air where judged) and the one that misreads real clean anatomy as motion (0.3-0.8 on real patient
+      slices); over the real clean air we have (evidence <= 0.38) it must read 0.88 to flag. Air streaks at
+      full evidence (>= 5.9 HU; real clean CT here reads <= 2.6) flag on their own. With the weights 0.4 /
+      0.6 motion AUROC is 0.964 / 0.960 (seeds 31337 / 777) against 0.961 / 0.954 for the mean.
     On a slice whose classical noise or ring evidence is over the threshold, the motion score is scaled by
     ``MOTION_EXPLAINED`` (0.7): both motion cues are confounded by them (the network reads heavy noise and
     rings as motion, the air measure reads noisy air and a ring's arcs in the air as dark streaks; on the
@@ -816,7 +819,8 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     if n is not None and math.isfinite(n):
         if "air_dark_hu" in m:  # measured: streaked or flat air, or none to judge (a neutral value then)
             air = airstreaks.evidence(m["air_dark_hu"])
-            n = 0.5 * (n + (air if math.isfinite(air) else airstreaks.UNJUDGED_EVIDENCE))
+            w = MOTION_NETWORK_WEIGHT
+            n = w * n + (1.0 - w) * (air if math.isfinite(air) else airstreaks.UNJUDGED_EVIDENCE)
         if max(cls.get("noise", 0.0), cls.get("ring", 0.0)) >= CLASSICAL_THRESHOLD:
             n *= MOTION_EXPLAINED  # heavy noise or a ring explains the disorder both motion cues see
         out["motion"] = n

@@ -336,13 +336,14 @@ def test_orientation_checks():
 
 # ------------------------------------------------------------------------------- dose, centring, noise
 
-@pytest.mark.parametrize("ctdi,sev", [(10.0, None), (14.0, "warning"), (30.0, "critical")])
-def test_ctdivol_against_protocol_reference(ctdi, sev):
+@pytest.mark.parametrize("ctdi,sev,over", [(10.0, None, None), (12.05, "warning", "(0.4% over)"),
+                                           (14.0, "warning", "(17% over)"), (30.0, "critical", "(150% over)")])
+def test_ctdivol_against_protocol_reference(ctdi, sev, over):
     st, _ = run(body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, ctdivol=ctdi))
     f = by_check(st, "dose.ctdivol")
     assert (f.severity if f else None) == sev
     if f:
-        assert "12 mGy" in f.message
+        assert "12 mGy" in f.message and over in f.message, f.message
 
 
 def test_centering_and_noise_index():

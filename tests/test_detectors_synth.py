@@ -81,6 +81,21 @@ def test_patient_motion_darkens_the_air_around_the_body(kind):
     assert D.fuse({"motion": 0.6}, moved)["motion"] > D.fuse({"motion": 0.6}, clean)["motion"] + 0.3
 
 
+def test_motion_streaks_clipped_at_the_storage_floor_still_count():
+    """Thighs moved 9 mm (oscillating) and stored with a floor at -1024 HU, as most vendors store CT: the
+    darkest streaks sit on the floor, and they were most of the near-air pixels in the band, so the air's
+    level was taken on the floor itself and the measure read 1.2 HU. The floor is no air level: leaving it
+    out, the streaks read 7.9 HU (full evidence); the same slice without motion stays clean."""
+    from medqc import airstreaks
+
+    p = random_patient(np.random.default_rng(12), contrast=False, arms="up")
+    clean, _ = sim(p, 1000.0, fov_mm=350)
+    moved, _ = sim(p, 1000.0, fov_mm=350, motion_mm=9.0, motion_kind="oscillate")
+    assert clean["air_dark_hu"] < airstreaks.EVIDENCE_HU[0]
+    assert airstreaks.evidence(moved["air_dark_hu"]) > 0.9, moved["air_dark_hu"]
+    assert D.fuse({"motion": 0.3}, moved)["motion"] >= 0.58
+
+
 def test_chest_series_lungs_give_apex_and_base(patient):
     """A chest series with no network positions at all: the classical lung extent alone decides coverage."""
     s = patient.scale

@@ -1,7 +1,7 @@
 """artifact.<class>: runs of consecutive slices (by z) whose fused score is over the class threshold.
 
 A run is reported when it has ``checks.artifact.min_run`` slices, or when one slice scores "very high"
-(``1 - (1 - threshold) / 5``: 0.9 for a 0.5 threshold). For motion (the network, averaged with the
+(``1 - (1 - threshold) / 5``: 0.9 for a 0.5 threshold). For motion (the network fused with the
 air-streak evidence where the air around the patient can be measured) and ring (a
 detector fault, on every slice) a run of ``min_run`` slices must also span 25 mm of z or have a mean score of at least
 ``(threshold + 1) / 2``. One finding per class and series (id

@@ -35,9 +35,10 @@ def dose_findings(state, results, rule) -> list:
     if mean <= ref:
         return []
     sev = "critical" if mean > 2 * ref else "warning"
+    over = (mean / ref - 1) * 100  # a series just over the level reads "0.4% over", not "0% over"
     return [finding(state, "dose.ctdivol", sev,
                     f"CTDIvol {mean:.1f} mGy is above the {rule.name} reference level of {ref:.0f} mGy "
-                    f"({(mean / ref - 1) * 100:.0f}% over) — check the protocol and patient size settings",
+                    f"({over:.{0 if over >= 10 else 1}f}% over) — check the protocol and patient size settings",
                     score=round(mean, 2), details={"ctdivol_mgy": round(mean, 2), "reference_mgy": ref, "slices": len(vals)})]
 
 
