@@ -208,6 +208,10 @@ class SeriesTracker:
                         i += 1
                     if artifact_checks.qualifying(run, cls, thr, min_run, med):
                         self._qualify(st, cls, thr, i, i + len(run) - 1, changed)
+            # a patient who moved all through the series: the air's streaks, not a run that stands out
+            pos_of = {id(r): k for k, (_, r) in enumerate(ordered)}
+            for run in artifact_checks.streaked_series(ordered):
+                self._qualify(st, "motion", self.thresholds["motion"], pos_of[id(run[0][1])], pos_of[id(run[-1][1])], changed)
         for cls in ARTIFACTS:
             thr = self.thresholds[cls]
             if result.scores.get(cls, 0.0) < thr:

@@ -141,6 +141,48 @@ def test_motion_must_stand_out_from_the_series(cfg):
         assert ("1.2.3.9/artifact.motion" in st.findings) is raised, top
 
 
+def _streaked(n: int, air: dict, scores: float = 0.55, **measures) -> list[SliceResult]:
+    """n slices with motion scores under the threshold everywhere and ``air_dark_hu`` per slice from ``air``
+    ({index: HU}, 1.0 elsewhere: a clean real series reads 0.8-1.2)."""
+    out = make_results(n, scores={i: {"motion": scores} for i in range(n)})
+    for i, r in enumerate(out):
+        r.measures = {"air_dark_hu": air.get(i, 1.0), **measures}
+    return out
+
+
+def test_a_patient_moving_all_through_the_series_is_raised_from_the_air(cfg):
+    """The series-median rule cannot see motion in every rotation (the median rises with it); dark streaks
+    in the free air over most of the series can: raised while streaming and at completion, on the slices
+    streaked at 3 HU or more. Clean air, or streaks another artifact explains (noise here), raise nothing."""
+    moved = {i: (4.0 if i % 4 else 2.0) for i in range(40)}  # 30 of 40 slices streaked, median 4 HU
+    tr = SeriesTracker(cfg, {"motion": 0.58})
+    streamed = []
+    for r in _streaked(40, moved):
+        streamed += tr.add(r)
+    assert "artifact.motion" in checks(streamed)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    f = st.findings["1.2.3.9/artifact.motion"]
+    assert f.details["slices"] == 30 and f.first_instance == 2 and f.last_instance == 40
+    # a band of 15 streaked slices (35 mm) in a clean series: raised on the band, streaming and final
+    tr = SeriesTracker(cfg, {"motion": 0.58})
+    streamed = []
+    for r in _streaked(40, {i: 4.0 for i in range(15)}):
+        streamed += tr.add(r)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    assert "artifact.motion" in checks(streamed)
+    assert st.findings["1.2.3.9/artifact.motion"].details["slices"] == 15
+    for air, extra in (({i: 1.2 for i in range(40)}, {}),  # clean air
+                       ({i: 4.0 for i in range(0, 40, 5)}, {}),  # 8 scattered slices, no band
+                       ({i: 4.0 for i in range(20, 29)}, {}),  # a band of 9 slices (20 mm)
+                       (moved, {"noise_ratio": 1.5})):  # heavy noise explains the streaks
+        tr = SeriesTracker(cfg, {"motion": 0.58})
+        streamed = []
+        for r in _streaked(40, air, **extra):
+            streamed += tr.add(r)
+        st, _ = tr.complete("1.2.3.9", "idle")
+        assert "artifact.motion" not in checks(streamed) and "1.2.3.9/artifact.motion" not in st.findings
+
+
 def test_config_thresholds_override_bundle(cfg):
     cfg2 = load_config(overrides={"checks.artifact.thresholds": {"noise": 0.9}, "checks.artifact.min_run": 3})
     tr = SeriesTracker(cfg2, {"noise": 0.3})
