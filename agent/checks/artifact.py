@@ -106,7 +106,7 @@ def _air_streaks(r) -> float | None:
     if r.error or v is None or not math.isfinite(v) or "motion" not in (r.scores or {}):
         return None  # not judged, or no motion score at all (slices over 10 mm, no network): no motion
     cls = detectors.classical_probs({k: x for k, x in m.items() if x is not None})
-    if max(cls.get(c, 0.0) for c in ("metal", "truncation", "noise", "ring")) >= detectors.CLASSICAL_THRESHOLD:
+    if max(cls.get(c, 0.0) for c in detectors.CLASSICAL_CLASSES) >= detectors.CLASSICAL_THRESHOLD:
         return None
     return v
 
@@ -128,8 +128,7 @@ def streaked_series(ordered) -> list[list[tuple[float, object]]]:
             cur = []
     if cur:
         out.append(cur)
-    return out if whole else [run for run in out if run[0][0] - run[-1][0] >= NETWORK_ONLY_MIN_EXTENT_MM
-                              or run[-1][0] - run[0][0] >= NETWORK_ONLY_MIN_EXTENT_MM]
+    return out if whole else [run for run in out if abs(run[-1][0] - run[0][0]) >= NETWORK_ONLY_MIN_EXTENT_MM]
 
 
 def qualifying(run, cls: str, thr: float, min_run: int, median: float | None = None) -> bool:
