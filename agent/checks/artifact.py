@@ -67,11 +67,11 @@ def high_threshold(thr: float) -> float:
     return 1.0 - (1.0 - thr) / 5.0
 
 
-def runs(ordered: list[tuple[float, object]], cls: str, thr: float) -> list[list[tuple[float, object]]]:
-    """Maximal runs of consecutive (z-ordered) results with score ≥ thr."""
+def consecutive(ordered: list[tuple[float, object]], keep) -> list[list[tuple[float, object]]]:
+    """Maximal runs of consecutive (z-ordered) results for which ``keep(result)`` holds."""
     out, cur = [], []
     for z, r in ordered:
-        if not r.error and r.scores.get(cls, 0.0) >= thr:
+        if keep(r):
             cur.append((z, r))
         elif cur:
             out.append(cur)
@@ -79,6 +79,11 @@ def runs(ordered: list[tuple[float, object]], cls: str, thr: float) -> list[list
     if cur:
         out.append(cur)
     return out
+
+
+def runs(ordered: list[tuple[float, object]], cls: str, thr: float) -> list[list[tuple[float, object]]]:
+    """Maximal runs of consecutive (z-ordered) results with score ≥ thr."""
+    return consecutive(ordered, lambda r: not r.error and r.scores.get(cls, 0.0) >= thr)
 
 
 def strong_threshold(thr: float) -> float:
@@ -116,18 +121,10 @@ def streaked_series(ordered) -> list[list[tuple[float, object]]]:
     whole is streaked (the median over its judged, unexplained slices, at least ``RELATIVE_MIN_SLICES``,
     reaches it), else those spanning ``NETWORK_ONLY_MIN_EXTENT_MM`` (a band that moved, whatever the network
     read on it)."""
-    air = [(z, r, _air_streaks(r)) for z, r in ordered]
-    med = sorted_median(sorted(v for _, _, v in air if v is not None))
+    air = {id(r): _air_streaks(r) for _, r in ordered}
+    med = sorted_median(sorted(v for v in air.values() if v is not None))
     whole = med is not None and med >= SERIES_STREAK_HU
-    out, cur = [], []
-    for z, r, v in air:
-        if v is not None and v >= SERIES_STREAK_HU:
-            cur.append((z, r))
-        elif cur:
-            out.append(cur)
-            cur = []
-    if cur:
-        out.append(cur)
+    out = consecutive(ordered, lambda r: air[id(r)] is not None and air[id(r)] >= SERIES_STREAK_HU)
     return out if whole else [run for run in out if abs(run[-1][0] - run[0][0]) >= NETWORK_ONLY_MIN_EXTENT_MM]
 
 
@@ -156,16 +153,7 @@ def qualifying(run, cls: str, thr: float, min_run: int, median: float | None = N
 def merge_runs(ordered, groups) -> list[list[tuple[float, object]]]:
     """The union of several lists of runs as runs of consecutive slices of ``ordered`` (z order)."""
     members = {id(r) for g in groups for _, r in g}
-    out, cur = [], []
-    for z, r in ordered:
-        if id(r) in members:
-            cur.append((z, r))
-        elif cur:
-            out.append(cur)
-            cur = []
-    if cur:
-        out.append(cur)
-    return out
+    return consecutive(ordered, lambda r: id(r) in members)
 
 
 def summarise(state, cls: str, thr: float, qual_runs) -> object | None:
