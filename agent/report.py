@@ -77,6 +77,9 @@ def series_report(state, privacy) -> dict:
         out["series_kind"] = "dynamic"
         out["coverage_note"] = ("dynamic series (the same table positions repeated over time: bolus tracking, perfusion, CT "
                                 "fluoroscopy): coverage, geometry and image-quality checks do not apply; dose is judged")
+    elif getattr(state, "split_range", False):
+        out["coverage_note"] = ("one part of a range split over series (SeriesDescription: posterior fossa / "
+                                "supratentorial): coverage not judged on it; dose and image quality are")
     elif state.protocol_rule is None:
         out["coverage_note"] = "no protocol rule matched BodyPartExamined / ProtocolName / StudyDescription: coverage not judged"
     if getattr(privacy, "show_patient_identifiers", False):

@@ -30,7 +30,7 @@ from medqc.agent.checks import coverage as coverage_checks
 from medqc.agent.checks import dose as dose_checks
 from medqc.agent.checks import geometry as geometry_checks
 from medqc.agent.checks.common import finding, slice_z
-from medqc.agent.checks.protocols import load_rules, match_rule
+from medqc.agent.checks.protocols import load_rules, match_rule, part_of_split_range
 from medqc.agent.records import Finding, SliceInfo, SliceResult
 
 DEFAULT_THRESHOLD = 0.5
@@ -64,6 +64,7 @@ class SeriesState:
     count_used: bool = False  # completed once by the expected count: late slices then complete by idle
     coverage: dict = field(default_factory=dict)
     rule: object = field(default=None, repr=False)
+    split_range: bool = False  # one part of a range split over series (posterior fossa): coverage not judged
     _keys: set = field(default_factory=set, repr=False)
     _order: list = field(default_factory=list, repr=False)  # sorted [(z, seq)]
     _qual: dict = field(default_factory=dict, repr=False)  # class → {seq: (z, result)}
@@ -121,6 +122,7 @@ class SeriesTracker:
                                  opened_at=now, last_seen=now)
                 rule, fld = match_rule(info, self.rules)
                 st.rule, st.protocol_rule, st.matched_field = rule, (rule.name if rule else None), fld
+                st.split_range = part_of_split_range(info)
                 self._series[st.uid] = st
             key = (info.sop_instance_uid, info.frame)
             if key in st._keys:  # the same instance again (scanner retry, resend): ignored, never counted twice
@@ -165,7 +167,7 @@ class SeriesTracker:
             n = len(st._order)
             # early coverage only on a clean stack: a position seen twice may be the start of a dynamic series
             # (perfusion repeats its few positions), which is not a range along the patient at all
-            if (st.rule is not None and EARLY_COVERAGE_MIN <= n <= EARLY_COVERAGE_MAX and n % 4 == 0
+            if (st.rule is not None and not st.split_range and EARLY_COVERAGE_MIN <= n <= EARLY_COVERAGE_MAX and n % 4 == 0
                     and len(st._zcount) == n):
                 self._early_coverage(st, changed)
             return changed
@@ -363,7 +365,7 @@ class SeriesTracker:
         mean_ctdi = sum(ctdi) / len(ctdi) if ctdi else None
         axial = not any(f.check == "geometry.orientation" and f.details.get("reason") in ("non-axial", "mixed") for f in out)
         st.coverage = {}
-        if rule is not None and axial and len(ordered) >= 2:
+        if rule is not None and axial and len(ordered) >= 2 and not st.split_range:
             tol = rule.tolerance_mm if rule.tolerance_mm is not None else cfg.coverage.tolerance_mm
             margin = rule.overscan_margin_mm if rule.overscan_margin_mm is not None else cfg.coverage.overscan_margin_mm
             cov, summary = coverage_checks.coverage_findings(st, ordered, rule, tol, margin, mean_ctdi,

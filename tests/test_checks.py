@@ -552,6 +552,26 @@ def test_short_head_stack_uses_average_size_not_its_slope():
     assert st.coverage["fit"]["scale"] == pytest.approx(SCALE, abs=0.1) and "short_span_scale" not in st.coverage["fit"]
 
 
+def test_a_posterior_fossa_series_is_not_judged_for_coverage():
+    """A sequential head split into a posterior-fossa series (skull base to tentorium) and a supratentorial
+    one: the first alone misses the vertex by design. Named so in SeriesDescription, it is not judged for
+    coverage (the report says why); the same stack without that name raises coverage.top."""
+    from medqc.agent.report import series_report
+    from medqc.config import load_config as _cfg
+
+    top, bottom = z_of("skull_base") + 45, z_of("skull_base") - 10
+    for desc, raised in (("Post Fossa 2.5mm", False), ("HEAD_P-FOSSA", False), ("Supratentorial 5mm", False),
+                         ("Head 2.5mm", True)):
+        res = body_stack(top, bottom, spacing=2.5, sigma=4.0, outliers=0.0, series="1.2.3.70", body_part="HEAD",
+                         series_description=desc)
+        st, streamed = run(res)
+        assert st.protocol_rule == "head"
+        assert (by_check(st, "coverage.top") is not None) is raised, desc
+        if not raised:
+            assert not [f for f in streamed if f.check.startswith("coverage.")]
+            assert "split over series" in series_report(st, _cfg().privacy)["coverage_note"]
+
+
 def _head_measures(res, vertex_z, holder_mm2=1500.0):
     """Skull-cap anatomy on a head stack: head cross-section of a sphere (R 80 mm) below the vertex, skull
     bone on every slice through the head, a head holder (no skull-density bone) on every slice."""

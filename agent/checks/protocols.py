@@ -116,6 +116,19 @@ def load_rules(site_path: str | Path | None = None) -> list[ProtocolRule]:
     return site if replace else site + shipped
 
 
+# series that cover part of a split range on purpose: a head acquired or reconstructed as a posterior-fossa
+# series (thin, skull base to tentorium) and a supratentorial one, as sequential head protocols do. Each is
+# a valid series, but neither covers the head rule's vertex-to-skull-base range: coverage is not judged on it
+PART_OF_SPLIT_RANGE = re.compile(r"POST(ERIOR)? ?FOSSA|\bP ?FOSSA\b|\bFOSSA POST|INFRA ?TENT|SUPRA ?TENT|"
+                                 r"HINTERE SCH(AE|Ä)DELGRUBE|FOSSE POST")
+
+
+def part_of_split_range(info) -> bool:
+    """SeriesDescription says this series is one part of a range split over series (posterior fossa,
+    supratentorial)."""
+    return bool(PART_OF_SPLIT_RANGE.search(normalise(getattr(info, "series_description", "") or "")))
+
+
 def match_rule(info, rules: list[ProtocolRule]) -> tuple[ProtocolRule | None, str]:
     """→ (rule, field that matched) or (None, "")."""
     for fld in MATCH_FIELDS:
