@@ -163,6 +163,7 @@ def test_a_patient_moving_all_through_the_series_is_raised_from_the_air(cfg):
     st, _ = tr.complete("1.2.3.9", "idle")
     f = st.findings["1.2.3.9/artifact.motion"]
     assert f.details["slices"] == 30 and f.first_instance == 2 and f.last_instance == 40
+    assert f.details["air_streaks_median_hu"] == 4.0 and "dark streaks in the air around the patient" in f.message
     # a band of 15 streaked slices (35 mm) in a clean series: raised on the band, streaming and final
     tr = SeriesTracker(cfg, {"motion": 0.58})
     streamed = []

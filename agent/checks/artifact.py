@@ -171,14 +171,19 @@ def summarise(state, cls: str, thr: float, qual_runs) -> object | None:
     where = f"slice{'s' if n > 1 else ''} {min(insts)}–{max(insts)}" if insts else f"{n} slice(s)"
     if insts and min(insts) == max(insts):
         where = f"slice {insts[0]}"
+    evidence, details = "", {}
+    air = sorted(v for v in (_air_streaks(r) for _, r in members) if v is not None) if cls == "motion" else []
+    if air and air[len(air) // 2] >= SERIES_STREAK_HU:  # say what the technologist can check on the images
+        details["air_streaks_median_hu"] = round(air[len(air) // 2], 2)
+        evidence = f"; dark streaks in the air around the patient, median {air[len(air) // 2]:.1f} HU"
     msg = (f"{NAMES[cls]} on {n} slice{'s' if n > 1 else ''} ({where}, z {zr[0]:.0f} to {zr[1]:.0f} mm, "
-           f"peak score {max(scores):.2f}): {ADVICE[cls]}")
+           f"peak score {max(scores):.2f}{evidence}): {ADVICE[cls]}")
     return finding(
         state, f"artifact.{cls}", "critical" if severe else "warning", msg,
         first_instance=min(insts) if insts else None, last_instance=max(insts) if insts else None,
         z_range_mm=zr, score=round(max(scores), 4),
         details={"slices": n, "mean_score": round(mean, 4), "threshold": thr,
-                 "runs": [[round(run[0][0], 2), round(run[-1][0], 2), len(run)] for run in qual_runs]},
+                 "runs": [[round(run[0][0], 2), round(run[-1][0], 2), len(run)] for run in qual_runs], **details},
     )
 
 
