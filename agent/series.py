@@ -381,10 +381,18 @@ class SeriesTracker:
                                    key="direction", details={"reason": "anatomy-direction", "fit": fit}))
         out += dose_checks.dose_findings(st, valid, rule)
         out += dose_checks.centering_findings(st, valid, cfg.centering_tolerance_mm)
-        out += dose_checks.noise_findings(st, valid, rule)
+        out += dose_checks.noise_findings(st, valid, rule, self._explained_noise(ordered, out))
         if st._errors:
             out.append(self._undecodable(st))
         return out
+
+    @staticmethod
+    def _explained_noise(ordered, findings) -> frozenset:
+        """ids of the results inside the z runs of a metal, motion or ring finding: σ there is the artifact's."""
+        spans = [(min(z0, z1), max(z0, z1)) for f in findings
+                 if f.check in ("artifact.metal", "artifact.motion", "artifact.ring") and not f.details.get("resolved")
+                 for z0, z1, _ in f.details.get("runs", [])]
+        return frozenset(id(r) for z, r in ordered if any(lo - 0.01 <= z <= hi + 0.01 for lo, hi in spans))
 
     def _prune(self) -> None:
         keep = self.cfg.series.keep_recent

@@ -446,6 +446,16 @@ def test_inject_ring_into_existing_series(tmp_path, capsys):
     a, b = _series(src), _series(out)
     assert len(a) == len(b) == 3
     assert b[0].SeriesInstanceUID != a[0].SeriesInstanceUID and b[0].StudyInstanceUID == a[0].StudyInstanceUID
+    # another artifact (or severity) injected into the same series gets UIDs of its own, the same one again
+    # the same UIDs: an agent receiving both must not take one for resends of the other
+    uids = {}
+    for name, what in (("again", "ring:0.8"), ("other", "noise:0.8"), ("milder", "ring:0.4")):
+        assert medqc_main(["synth", str(tmp_path / name), "--inject", what, "--from", str(src), "--no-progress",
+                           "--seed", "1"]) == 0
+        uids[name] = [(d.SeriesInstanceUID, d.SOPInstanceUID) for d in _series(tmp_path / name)]
+    mine = [(d.SeriesInstanceUID, d.SOPInstanceUID) for d in b]
+    assert uids["again"] == mine
+    assert not {u for pair in uids["other"] + uids["milder"] for u in pair} & {u for pair in mine for u in pair}
     from scipy import ndimage
 
     for x, y in zip(a, b):

@@ -88,21 +88,28 @@ def centering_findings(state, results, tol: float) -> list:
                              "reference": "isocentre (DataCollectionCenterPatient)" if from_iso else "reconstruction centre"})]
 
 
-def noise_findings(state, results, rule) -> list:
+def noise_findings(state, results, rule, explained: frozenset = frozenset()) -> list:
+    """``explained``: ids of the results inside an artifact finding whose streaks or circles raise σ (metal,
+    motion, ring). Their σ is left out; where that leaves under half of the measured slices (a patient who
+    moved all through the series, a ring on every slice), the series' own noise cannot be told apart from
+    the artifact, which is reported by its own check, and nothing is said."""
     if rule is None or rule.noise_ref_hu is None:
         return []
     kernel = state.first.convolution_kernel or ""
     if kernel and SHARP_KERNEL.search(kernel.strip()):
         return []
-    sds = []
+    sds, measured = [], 0
     for r in results:
         sd = r.measures.get("noise_sd")
         if r.error or not finite(sd):
             continue
+        measured += 1
+        if id(r) in explained:
+            continue
         t = r.info.slice_thickness
         # σ falls with the square root of the slice thickness: compare at the reference 5 mm
         sds.append(sd * math.sqrt(t / REF_THICKNESS_MM) if finite(t) and t > 0 else sd)
-    if len(sds) < 3:
+    if len(sds) < 3 or 2 * len(sds) < measured:
         return []
     med = statistics.median(sds)
     ref = rule.noise_ref_hu

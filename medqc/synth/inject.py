@@ -90,7 +90,9 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
     desc = " ".join(str(getattr(items[0][1], k, "") or "") for k in ("BodyPartExamined", "ProtocolName", "SeriesDescription", "StudyDescription")).upper()
     r_ref = 60.0 if any(w in desc for w in ("HEAD", "BRAIN", "SKULL", "CRAN", "NEURO", "KOPF", "SCHAEDEL")) else 500.0
     rng = np.random.default_rng([int(seed), 0x1A7EC7])
-    uid = UidMaker(seed, 0, salt="medqc-inject/" + str(items[0][1].SeriesInstanceUID))
+    # new UIDs, reproducible per (source series, artifact, severity, seed): two injections into one series
+    # must not share them, or an agent receiving both would take the second for resends of the first
+    uid = UidMaker(seed, 0, salt=f"medqc-inject/{kind}:{severity:g}/{items[0][1].SeriesInstanceUID}")
     # metal sits in a run of slices in the middle; everything else affects the whole series
     if kind == "metal":
         w = max(1, int(round(0.2 * n_sl)))
