@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from medqc.runners import BACKENDS as RUNNER_BACKENDS
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime", "onnxruntime-int8", "torch", "none")
+BACKENDS = ("auto", *RUNNER_BACKENDS, "none")
 
 
 def add_arguments(p) -> None:

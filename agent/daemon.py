@@ -20,10 +20,11 @@ import signal
 import socket
 import threading
 from pathlib import Path
+from medqc.runners import BACKENDS as RUNNER_BACKENDS
 
 log = logging.getLogger("medqc.agent")
 STOP_GRACE_S = 10.0
-BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime", "onnxruntime-int8", "torch")
+BACKENDS = ("auto", *RUNNER_BACKENDS)
 
 
 def add_arguments(p) -> None:

@@ -619,6 +619,9 @@ def bench_inference(bundle, x, batch: int, min_s: float, threads: int = 0) -> di
         if not ok:
             out[name] = _skip(why)
             continue
+        if name == "torch-cuda" and (out.get("torch") or {}).get("describe", {}).get("device", "cpu") != "cpu":
+            out[name] = _skip("the same runner as torch on this CUDA machine (row above)")
+            continue
         opts = {"threads": threads} if (threads and name.startswith("onnxruntime")) else {}
         try:
             with make_runner(name, bundle, **opts) as runner:

@@ -133,3 +133,27 @@ def test_config_defaults_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="metal"):
         load_config(f)
     assert load_config(None, {"dicom.port": 104}).dicom.port == 104
+
+
+def test_auto_prefers_the_gpu_but_costs_a_cpu_box_no_torch_import():
+    """``auto``: TensorRT, then ONNX Runtime CUDA, then torch on the GPU, then ONNX Runtime on the CPU. On a
+    machine without an NVIDIA driver the torch-cuda candidate is ruled out before torch is imported (the agent
+    must start as light as it can where torch happens to be installed), and ONNX Runtime is chosen."""
+    import subprocess
+    import sys
+
+    from medqc.runners import AUTO_ORDER
+    from medqc.runners.torch_runner import nvidia_driver_present
+
+    assert AUTO_ORDER.index("torch-cuda") < AUTO_ORDER.index("onnxruntime")
+    if nvidia_driver_present():
+        pytest.skip("an NVIDIA driver is present: the GPU check (scripts/gpu-check) covers this machine")
+    code = ("import sys; from medqc.bundle import load_bundle; from medqc.runners import make_runner, backend_class\n"
+            "b = load_bundle(None)\n"
+            "ok, why = backend_class('torch-cuda').is_available(b)\n"
+            "r = make_runner('auto', b)\n"
+            "print(r.name, ok, why, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[:2] == ["onnxruntime", "False"] and out.stdout.split()[-1] == "False", out.stdout
+    assert "no NVIDIA driver" in out.stdout

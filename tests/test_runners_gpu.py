@@ -65,6 +65,39 @@ def test_torch_cuda_amp_matches_onnxruntime_cpu(gpu_bundle):
         assert rep.passed, rep.text()
 
 
+def test_auto_picks_the_gpu_and_analyze_decides_as_on_the_cpu(tmp_path):
+    """On a CUDA machine ``auto`` runs on the GPU (TensorRT, ONNX Runtime CUDA, else torch FP16), and
+    ``medqc analyze`` with it reaches the same findings and per-slice decisions as ONNX Runtime on the CPU,
+    on a synthetic series with metal."""
+    import os
+    import subprocess
+    import sys
+
+    from medqc.bundle import load_bundle
+    from medqc.runners import make_runner
+
+    with make_runner("auto", load_bundle(None)) as r:
+        assert r.name in ("tensorrt", "onnxruntime-cuda", "torch-cuda"), r.name
+        assert "cuda" in str(r.describe().get("device", "cuda")) or r.name == "tensorrt"
+    env = dict(os.environ, MEDQC_LOG_LEVEL="WARNING")
+    study = tmp_path / "syn"
+    s = subprocess.run([sys.executable, "-m", "medqc", "synth", str(study), "--region", "chest", "--slices", "16",
+                        "--matrix", "256", "--artifact", "metal@6-8", "--seed", "3", "--no-progress"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert s.returncode == 0, s.stderr[-2000:]
+    reps = {}
+    for backend in ("auto", "onnxruntime"):
+        a = subprocess.run([sys.executable, "-m", "medqc", "analyze", str(study), "--json", "--backend", backend],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert a.returncode == 0, a.stderr[-2000:]
+        reps[backend] = json.loads(a.stdout)["series"][0]
+    gpu, cpu = reps["auto"], reps["onnxruntime"]
+    assert sorted(f["check"] for f in gpu["findings"]) == sorted(f["check"] for f in cpu["findings"])
+    for g, c in zip(gpu["per_slice"], cpu["per_slice"]):  # FP16 on the GPU: scores within a few hundredths
+        assert all(abs(g["scores"][k] - c["scores"][k]) <= 0.05 for k in c["scores"]), (g["scores"], c["scores"])
+        assert abs(g["position_ref_mm"] - c["position_ref_mm"]) < 5.0
+
+
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_tensorrt_engine_build_parity_and_manifest(precision, gpu_bundle, tmp_path, capsys):
     need_tensorrt()
@@ -114,7 +147,7 @@ def test_mismatched_engine_falls_back_or_rebuilds(gpu_bundle, tmp_path, caplog):
     with pytest.raises(BackendUnavailable, match="9.9.9"):
         TensorRTRunner(b)
     with make_runner("auto", b) as r:
-        assert r.name.startswith("onnxruntime")
+        assert r.name in ("onnxruntime-cuda", "torch-cuda", "onnxruntime")
     assert "falling back" in caplog.text
     with make_runner("tensorrt", b, rebuild=True) as r:
         assert r.describe()["gpu"] == torch.cuda.get_device_name(0)

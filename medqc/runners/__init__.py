@@ -1,7 +1,7 @@
 """Inference runners: one interface for every backend, each imported lazily.
 
 >>> from medqc.runners import make_runner, available_backends
->>> runner = make_runner("auto", bundle)      # best available: tensorrt > onnxruntime-cuda > onnxruntime
+>>> runner = make_runner("auto", bundle)      # best: tensorrt > onnxruntime-cuda > torch-cuda > onnxruntime
 >>> out = runner.infer(batch)                 # {"artifact_logits": (N, 5), "position": (N, 1)}
 
 Backends are registered by name with an import string; importing this package imports none of them, so
@@ -21,8 +21,9 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "medqc.runners.ort_runner:OrtRunner",
     "onnxruntime-int8": "medqc.runners.ort_runner:OrtInt8Runner",
     "torch": "medqc.runners.torch_runner:TorchRunner",
+    "torch-cuda": "medqc.runners.torch_runner:TorchCudaRunner",
 }
-AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime")
+AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime")
 
 
 def backend_class(name: str) -> type[Runner]:

@@ -69,3 +69,38 @@ class TorchRunner(Runner):
         if self.device.type == "cuda":
             d["gpu"] = self.torch.cuda.get_device_name(self.device)
         return d
+
+
+def nvidia_driver_present() -> bool:
+    """An NVIDIA kernel driver on this machine (checked without importing torch: on a CPU box ``auto`` must
+    not pay torch's import time and memory only to learn there is no GPU)."""
+    import os
+    import shutil
+
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
+
+
+class TorchCudaRunner(TorchRunner):
+    """The torch runner on the GPU (FP16 autocast): ``auto``'s choice on a CUDA machine that has a CUDA build
+    of torch but neither TensorRT nor onnxruntime-gpu (its decisions match ONNX Runtime CPU's on 100 % of
+    the parity slices, ``scripts/gpu-check``), ahead of ONNX Runtime on the CPU, whose cores the classical
+    detectors and the receiver need."""
+
+    name = "torch-cuda"
+
+    @classmethod
+    def is_available(cls, bundle=None) -> tuple[bool, str]:
+        if not nvidia_driver_present():
+            return False, "no NVIDIA driver on this machine"
+        ok, why = super().is_available(bundle)
+        if not ok:
+            return ok, why
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, f"torch {torch.__version__} sees no CUDA device (a CPU build, or no usable GPU)"
+        return True, "ok"
+
+    def __init__(self, bundle, device: str | None = None, amp: bool | None = None, **opts):
+        super().__init__(bundle, device=device or "cuda", amp=amp, **opts)
+
