@@ -71,6 +71,7 @@ class SeriesState:
     _rel: dict = field(default_factory=dict, repr=False)  # relative class → sorted scores of the analysed slices
     _errors: list = field(default_factory=list, repr=False)
     _zcount: dict = field(default_factory=dict, repr=False)  # (z, table z) at 0.1 mm → analysed slices there
+    _air: dict = field(default_factory=dict, repr=False)  # id(result) → its unexplained air streaks (HU) or None
 
     @property
     def dynamic(self) -> bool:
@@ -212,7 +213,7 @@ class SeriesTracker:
                         self._qualify(st, cls, thr, i, i + len(run) - 1, changed)
             # a patient who moved all through the series: the air's streaks, not a run that stands out
             pos_of = {id(r): k for k, (_, r) in enumerate(ordered)}
-            for run in artifact_checks.streaked_series(ordered):
+            for run in artifact_checks.streaked_series(ordered, st._air):
                 self._qualify(st, "motion", self.thresholds["motion"], pos_of[id(run[0][1])], pos_of[id(run[-1][1])], changed)
         for cls in ARTIFACTS:
             thr = self.thresholds[cls]

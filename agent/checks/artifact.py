@@ -116,12 +116,19 @@ def _air_streaks(r) -> float | None:
     return v
 
 
-def streaked_series(ordered) -> list[list[tuple[float, object]]]:
+def streaked_series(ordered, cache: dict | None = None) -> list[list[tuple[float, object]]]:
     """Runs (z order) of the slices streaked at ``SERIES_STREAK_HU`` or more: all of them when the series as a
     whole is streaked (the median over its judged, unexplained slices, at least ``RELATIVE_MIN_SLICES``,
     reaches it), else those spanning ``NETWORK_ONLY_MIN_EXTENT_MM`` (a band that moved, whatever the network
-    read on it)."""
-    air = {id(r): _air_streaks(r) for _, r in ordered}
+    read on it). ``cache``: {id(result): value} kept by a streaming caller, which judges this every tenth slice."""
+    if cache is None:
+        cache = {}
+    air = {}
+    for _, r in ordered:
+        k = id(r)
+        if k not in cache:
+            cache[k] = _air_streaks(r)
+        air[k] = cache[k]
     med = sorted_median(sorted(v for v in air.values() if v is not None))
     whole = med is not None and med >= SERIES_STREAK_HU
     out = consecutive(ordered, lambda r: air[id(r)] is not None and air[id(r)] >= SERIES_STREAK_HU)
