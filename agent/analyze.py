@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
 from medqc.runners import BACKENDS as RUNNER_BACKENDS
 
 BACKENDS = ("auto", *RUNNER_BACKENDS, "none")

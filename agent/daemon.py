@@ -20,6 +20,7 @@ import signal
 import socket
 import threading
 from pathlib import Path
+
 from medqc.runners import BACKENDS as RUNNER_BACKENDS
 
 log = logging.getLogger("medqc.agent")

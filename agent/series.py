@@ -243,7 +243,7 @@ class SeriesTracker:
             q[order[i][1]] = (order[i][0], st.results[order[i][1]])
         if len(q) == before:
             return
-        f = artifact_checks.summarise(st, cls, thr, self._group(st, q))
+        f = artifact_checks.summarise(st, cls, thr, self._group(st, q), st._air)
         if f is not None:
             self._put(st, f, changed)
 

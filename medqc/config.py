@@ -13,6 +13,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from medqc.runners import BACKENDS as RUNNER_BACKENDS
 
 if sys.version_info >= (3, 11):

@@ -116,19 +116,24 @@ def _air_streaks(r) -> float | None:
     return v
 
 
-def streaked_series(ordered, cache: dict | None = None) -> list[list[tuple[float, object]]]:
-    """Runs (z order) of the slices streaked at ``SERIES_STREAK_HU`` or more: all of them when the series as a
-    whole is streaked (the median over its judged, unexplained slices, at least ``RELATIVE_MIN_SLICES``,
-    reaches it), else those spanning ``NETWORK_ONLY_MIN_EXTENT_MM`` (a band that moved, whatever the network
-    read on it). ``cache``: {id(result): value} kept by a streaming caller, which judges this every tenth slice."""
-    if cache is None:
-        cache = {}
+def air_streaks(results, cache: dict) -> dict:
+    """{id(result): ``_air_streaks(result)``} for ``results``, each worked out once: ``cache`` keeps the values
+    (a streaming series keeps one for its life; a final judgement shares one between its steps)."""
     air = {}
-    for _, r in ordered:
+    for r in results:
         k = id(r)
         if k not in cache:
             cache[k] = _air_streaks(r)
         air[k] = cache[k]
+    return air
+
+
+def streaked_series(ordered, cache: dict | None = None) -> list[list[tuple[float, object]]]:
+    """Runs (z order) of the slices streaked at ``SERIES_STREAK_HU`` or more: all of them when the series as a
+    whole is streaked (the median over its judged, unexplained slices, at least ``RELATIVE_MIN_SLICES``,
+    reaches it), else those spanning ``NETWORK_ONLY_MIN_EXTENT_MM`` (a band that moved, whatever the network
+    read on it). ``cache``: see ``air_streaks``."""
+    air = air_streaks((r for _, r in ordered), {} if cache is None else cache)
     med = sorted_median(sorted(v for v in air.values() if v is not None))
     whole = med is not None and med >= SERIES_STREAK_HU
     out = consecutive(ordered, lambda r: air[id(r)] is not None and air[id(r)] >= SERIES_STREAK_HU)
@@ -163,8 +168,9 @@ def merge_runs(ordered, groups) -> list[list[tuple[float, object]]]:
     return consecutive(ordered, lambda r: id(r) in members)
 
 
-def summarise(state, cls: str, thr: float, qual_runs) -> object | None:
-    """One finding for all qualifying runs of ``cls`` (None if there are none)."""
+def summarise(state, cls: str, thr: float, qual_runs, air_cache: dict | None = None) -> object | None:
+    """One finding for all qualifying runs of ``cls`` (None if there are none). ``air_cache``: see
+    ``air_streaks`` (motion names its air streaks)."""
     if not qual_runs:
         return None
     members = [(z, r) for run in qual_runs for z, r in run]
@@ -179,10 +185,13 @@ def summarise(state, cls: str, thr: float, qual_runs) -> object | None:
     if insts and min(insts) == max(insts):
         where = f"slice {insts[0]}"
     evidence, details = "", {}
-    air = sorted(v for v in (_air_streaks(r) for _, r in members) if v is not None) if cls == "motion" else []
-    if air and air[len(air) // 2] >= SERIES_STREAK_HU:  # say what the technologist can check on the images
-        details["air_streaks_median_hu"] = round(air[len(air) // 2], 2)
-        evidence = f"; dark streaks in the air around the patient, median {air[len(air) // 2]:.1f} HU"
+    if cls == "motion":  # say what the technologist can check on the images
+        air = air_streaks((r for _, r in members), {} if air_cache is None else air_cache)
+        vals = sorted(v for v in air.values() if v is not None)
+        upper_median = vals[len(vals) // 2] if vals else None
+        if upper_median is not None and upper_median >= SERIES_STREAK_HU:
+            details["air_streaks_median_hu"] = round(upper_median, 2)
+            evidence = f"; dark streaks in the air around the patient, median {upper_median:.1f} HU"
     msg = (f"{NAMES[cls]} on {n} slice{'s' if n > 1 else ''} ({where}, z {zr[0]:.0f} to {zr[1]:.0f} mm, "
            f"peak score {max(scores):.2f}{evidence}): {ADVICE[cls]}")
     return finding(
@@ -196,14 +205,14 @@ def summarise(state, cls: str, thr: float, qual_runs) -> object | None:
 
 def artifact_findings(state, ordered, thresholds: dict[str, float], min_run: int) -> list:
     """All artifact findings of a series from scratch (``ordered``: [(z, result)] sorted by z)."""
-    out = []
+    out, air_cache = [], {}
     for cls in ARTIFACTS:
         thr = thresholds.get(cls, 0.5)
         med = series_median(ordered, cls) if cls in RELATIVE else None
         q = [run for run in runs(ordered, cls, thr) if qualifying(run, cls, thr, min_run, med)]
         if cls == "motion":
-            q = merge_runs(ordered, q + streaked_series(ordered))
-        f = summarise(state, cls, thr, q)
+            q = merge_runs(ordered, q + streaked_series(ordered, air_cache))
+        f = summarise(state, cls, thr, q, air_cache)
         if f is not None:
             out.append(f)
     return out

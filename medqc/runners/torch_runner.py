@@ -7,6 +7,9 @@ TensorRT is wanted. torch is imported only when the runner is built or asked whe
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 
 from medqc.runners.base import BackendUnavailable, Runner
@@ -74,9 +77,6 @@ class TorchRunner(Runner):
 def nvidia_driver_present() -> bool:
     """An NVIDIA kernel driver on this machine (checked without importing torch: on a CPU box ``auto`` must
     not pay torch's import time and memory only to learn there is no GPU)."""
-    import os
-    import shutil
-
     return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
 
 
@@ -103,4 +103,3 @@ class TorchCudaRunner(TorchRunner):
 
     def __init__(self, bundle, device: str | None = None, amp: bool | None = None, **opts):
         super().__init__(bundle, device=device or "cuda", amp=amp, **opts)
-
