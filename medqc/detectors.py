@@ -39,6 +39,8 @@ except ImportError:  # pragma: no cover - exercised by the module-hider test
 PAD_HU = -1500.0
 BODY_HU = -400.0
 METAL_HU = 2500.0
+METAL_OBJECT_MM2 = 1.0  # metal objects whose streaks the air measure leaves out (see airstreaks), from this area ...
+METAL_OBJECTS = 8  # ... the largest this many
 BONE_HU = 300.0
 SKULL_HU = 700.0
 LUNG_HU = (-950.0, -500.0)
@@ -156,6 +158,19 @@ def _constant_fill_radius(sub: np.ndarray, band: int) -> float | None:
     if r0 > hi - 2 * band or r0 < 0.2 * rmax:
         return None
     return float(r0)
+
+
+def _metal_objects(hu: np.ndarray, rmm: float, cmm: float) -> list[tuple[float, float]]:
+    """(row, col) centroids of the metal objects (>= METAL_HU, >= ``METAL_OBJECT_MM2``) of a slice, the
+    largest ``METAL_OBJECTS`` of them: the sources of its metal streaks."""
+    mask = (hu >= METAL_HU).view(np.uint8) if cv2 is not None else None
+    if mask is None:
+        ys, xs = np.nonzero(hu >= METAL_HU)
+        return [(float(ys.mean()), float(xs.mean()))] if ys.size else []
+    n, _, st, cen = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    area = st[1:, cv2.CC_STAT_AREA] * rmm * cmm
+    order = np.argsort(-area)[:METAL_OBJECTS]
+    return [(float(cen[1 + k][1]), float(cen[1 + k][0])) for k in order if area[k] >= METAL_OBJECT_MM2]
 
 
 def _patient_mask(mask: np.ndarray, central: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -590,6 +605,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
     n_metal = 0 if top_hu < METAL_HU else int(np.count_nonzero(hu >= METAL_HU))
     out["metal_area_mm2"] = n_metal * rmm * cmm
     out["metal_max_hu"] = float(top_hu) if n_metal else float(min(top_hu, METAL_HU))
+    metal = _metal_objects(hu, rmm, cmm) if n_metal and top_hu >= METAL_MIN_HU else []
 
     step = 2 if min(hu.shape) >= 256 else 1
     sub = np.ascontiguousarray(hu[::step, ::step], dtype=np.float32)
@@ -715,7 +731,8 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
             scan = None
             if dcd and dcd > 0 and iso is not None:
                 scan = ((iso[0] + 0.5) / f - 0.5, (iso[1] + 0.5) / f - 0.5, dcd / 2.0 / p2)
-            out["air_dark_hu"] = airstreaks.air_dark_hu(pooled[0], pooled[1], p2, scan)
+            out["air_dark_hu"] = airstreaks.air_dark_hu(pooled[0], pooled[1], p2, scan,
+                                                        [((cy + 0.5) / f - 0.5, (cx + 0.5) / f - 0.5) for cy, cx in metal])
     else:
         out["lung_area_mm2"] = 0.0
         out["bone_area_mm2"] = 0.0
@@ -732,6 +749,7 @@ TRUNC_EDGE = (0.06, 0.25)  # fraction of the scan field's edge covered by the pa
 CLASSICAL_THRESHOLD = 0.5  # the checks' threshold for a class the bundle's network does not score
 MOTION_NETWORK_WEIGHT = 0.4  # the network's share of the fused motion score, the air evidence's the rest
 MOTION_EXPLAINED = 0.7  # motion score factor on a slice whose noise or ring evidence is over the threshold
+MOTION_NOISE_FROM = 0.1  # ... and from 1 down to it as the noise evidence rises from this (half the level) to it
 NOISE_EXPLAINED = 0.5  # classical noise evidence factor on a slice whose metal or ring evidence is over it
 CLASSICAL_CLASSES = ("metal", "truncation", "noise", "ring")  # classes with classical evidence (classical_probs)
 RING_HU = (4.0, 15.0)  # ring contrast above its noise floors: evidence ramps from 0.5 to 0.95
@@ -797,7 +815,14 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     ``MOTION_EXPLAINED`` (0.7): both motion cues are confounded by them (the network reads heavy noise and
     rings as motion, the air measure reads noisy air and a ring's arcs in the air as dark streaks; on the
     evaluation slices these were most of the top-scoring slices without motion), and the finding there is
-    the noise or the ring; motion still qualifies when the unscaled score reaches about 0.83.
+    the noise or the ring; motion still qualifies when the unscaled score reaches about 0.83. Noise confounds
+    them before it reaches its own threshold, so from ``MOTION_NOISE_FROM`` (noise evidence 0.1: σ at half
+    the level) the factor ramps from 1 down to 0.7 at the threshold (:func:`motion_explained`); and the
+    noise evidence used here is the one before the metal's share is taken out — metal streaks that read as
+    noise-level σ confound both cues all the same (the noise check itself still stays quiet there). With the
+    metal streaks left out of the air measure (``airstreaks``, step 6) these took motion AUROC 0.964 →
+    0.969 (seed 31337) and 0.960 → 0.966 (seed 777), specificity at the threshold 0.98 → 0.99, sensitivity
+    0.68 → 0.66 (31337).
     Likewise the classical noise evidence is scaled by ``NOISE_EXPLAINED`` (0.5, below the threshold
     whatever σ reads) where the metal or ring detector is over its threshold: metal streaks and a ring's
     circles raise the measured σ (47–98 HU on synthetic slices with metal at a routine dose), and the
@@ -813,6 +838,7 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     out = {k: float(v) for k, v in (net_probs or {}).items()}
     m = measures or {}
     cls = classical_probs(m)
+    noisy = cls.get("noise", 0.0)  # before the metal's or ring's share is taken out: streaks all the same
     if "noise" in cls and max(cls.get("metal", 0.0), cls.get("ring", 0.0)) >= CLASSICAL_THRESHOLD:
         cls["noise"] *= NOISE_EXPLAINED  # the σ measured there is the metal's streaks or the ring's circles
     n = out.get("motion")
@@ -821,8 +847,7 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
             air = airstreaks.evidence(m["air_dark_hu"])
             w = MOTION_NETWORK_WEIGHT
             n = w * n + (1.0 - w) * (air if math.isfinite(air) else airstreaks.UNJUDGED_EVIDENCE)
-        if max(cls.get("noise", 0.0), cls.get("ring", 0.0)) >= CLASSICAL_THRESHOLD:
-            n *= MOTION_EXPLAINED  # heavy noise or a ring explains the disorder both motion cues see
+        n *= motion_explained(noisy, cls.get("ring", 0.0))
         out["motion"] = n
     for k, p in cls.items():
         n = out.get(k)
@@ -835,6 +860,17 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
         else:
             out[k] = max(n, p)
     return out
+
+
+def motion_explained(noise: float, ring: float) -> float:
+    """The factor on the motion score of a slice with this much classical noise and ring evidence (see
+    ``fuse``): ``MOTION_EXPLAINED`` from the threshold on, and for noise from ``MOTION_NOISE_FROM`` (half the
+    noise level) a ramp from 1 down to it."""
+    if max(noise, ring) >= CLASSICAL_THRESHOLD:
+        return MOTION_EXPLAINED
+    if noise > MOTION_NOISE_FROM:
+        return 1.0 - (1.0 - MOTION_EXPLAINED) * (noise - MOTION_NOISE_FROM) / (CLASSICAL_THRESHOLD - MOTION_NOISE_FROM)
+    return 1.0
 
 
 def no_metal_density(measures: dict[str, float]) -> bool:
