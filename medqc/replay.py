@@ -10,7 +10,9 @@ slice arrival → result latency, time to the first flag of a series, and last s
 
 Files travel as they are on disk (pynetdicom's chunked send: no decode, no re-encode) whenever the peer
 accepts the file's own transfer syntax; otherwise the dataset is decoded and re-encoded in the transfer
-syntax the peer accepted. The sender sets TCP_NODELAY on its socket: without it every C-STORE waits for a
+syntax the peer accepted — a compressed file (JPEG, JPEG-LS, JPEG 2000, RLE: archives often hold them) is
+decompressed, keeping its SOP Instance UID, for a peer that takes uncompressed data only, as DCMTK's
+storescp does by default. The sender sets TCP_NODELAY on its socket: without it every C-STORE waits for a
 delayed ACK (about 20 slices/s on loopback).
 
 Works against any storage SCP (DCMTK storescp, Orthanc, medqc agent) for the transport figures.
@@ -45,6 +47,14 @@ _UNCOMPRESSED = (
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still seen)
 )
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
+def _ts_name(uid: str) -> str:
+    """A transfer syntax's name (its UID when pydicom does not know it)."""
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return name if name and name != uid else uid
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -327,13 +337,13 @@ def _contexts(series: SeriesPlan):
             ts_list.append(ts)
     ctxs = []
     for sop_class, ts_list in by_class.items():
-        # the file's own syntax first (sent raw), uncompressed fallbacks after (re-encoded)
+        # the file's own syntax first (sent raw), uncompressed fallbacks after (re-encoded; a compressed file
+        # is decompressed for a peer that accepts only uncompressed data, as DCMTK's storescp does by default)
         for ts in ts_list:
             ctxs.append(build_context(sop_class, [ts]))
-        if all(t in _UNCOMPRESSED for t in ts_list):
-            extra = [t for t in _UNCOMPRESSED[:2] if t not in ts_list]
-            if extra:
-                ctxs.append(build_context(sop_class, extra))
+        extra = [t for t in _UNCOMPRESSED[:2] if t not in ts_list]
+        if extra:
+            ctxs.append(build_context(sop_class, extra))
     if len(ctxs) > 128:
         raise UsageError(f"series {series.series_uid} needs {len(ctxs)} presentation contexts (DICOM allows 128)")
     return ctxs
@@ -490,6 +500,14 @@ class Sender:
 
                     payload.file_meta = getattr(payload, "file_meta", None) or FileMetaDataset()
                     payload.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if payload.original_encoding[0] else ExplicitVRLittleEndian
+                elif inst.transfer_syntax not in _UNCOMPRESSED:  # compressed; the peer takes uncompressed only
+                    try:
+                        payload.decompress(generate_instance_uid=False)  # the same instance, not a new one
+                    except Exception as e:  # noqa: BLE001 - no decoder for this syntax here
+                        t = time.time()
+                        return SendRecord(sp.study_uid, sp.series_uid, inst.sop_instance_uid, inst.instance_number, due, t, t, 0.0,
+                                          None, False, f"the peer accepts no {_ts_name(inst.transfer_syntax)} data and it could not be "
+                                          f"decompressed here: {type(e).__name__}: {e}", raw)
             t_send = time.time()
             p0 = time.perf_counter()
             status = assoc.send_c_store(payload, msg_id=msg_id)

@@ -202,6 +202,39 @@ def test_non_dicom_files_are_reported_and_the_rest_sent(tmp_path, scp):
     assert r2.returncode == 0, r2.stdout
 
 
+def test_compressed_study_is_decompressed_for_a_peer_that_takes_only_uncompressed(tmp_path, scp):
+    """Archived studies are often compressed (here RLE and JPEG-LS lossless); DCMTK's storescp accepts only
+    uncompressed data by default, so no context for the file's own syntax is accepted. The files are
+    decompressed and sent uncompressed, pixel for pixel (before, every C-STORE failed)."""
+    import pydicom
+    from pydicom.uid import JPEGLSLossless, RLELossless
+
+    src = write_ct_series(tmp_path / "plain", 4)
+    study = tmp_path / "study"
+    study.mkdir()
+    pixels = {}
+    for k, p in enumerate(src):
+        ds = pydicom.dcmread(p)
+        arr = ds.pixel_array.copy()
+        try:
+            ds.compress(RLELossless if k % 2 else JPEGLSLossless, generate_instance_uid=False)
+        except Exception:  # noqa: BLE001 - no JPEG-LS encoder installed here: RLE (pydicom's own) then
+            ds.compress(RLELossless, encoding_plugin="pydicom", generate_instance_uid=False)
+        pixels[ds.SOPInstanceUID] = arr  # the peer must receive the same instance (UID) with the same pixels
+        ds.save_as(study / p.name, enforce_file_format=True)
+    assert all(pydicom.dcmread(p).file_meta.TransferSyntaxUID.is_compressed for p in study.iterdir())
+    out = tmp_path / "r.json"
+    r = medqc("replay", str(study), "--to", f"127.0.0.1:{scp.port}", "--asap", "--json", str(out))
+    t = json.loads(out.read_text())["transport"]
+    assert r.returncode == 0 and t["sent"] == 4 and t["failed"] == 0, (r.stdout, t["errors"])
+    assert t["raw_sends"] == 0  # every one re-encoded
+    got = [pydicom.dcmread(p) for p in scp.files()]
+    assert len(got) == 4
+    for ds in got:
+        assert not ds.file_meta.TransferSyntaxUID.is_compressed
+        assert np.array_equal(ds.pixel_array, pixels[ds.SOPInstanceUID])
+
+
 def test_real_vendor_study(tmp_path, scp, real_ct):
     out = tmp_path / "r.json"
     r = medqc("replay", str(real_ct), "--to", f"127.0.0.1:{scp.port}", "--asap", "--json", str(out))
