@@ -53,7 +53,7 @@ MEASURES = (
     "metal_area_mm2", "metal_max_hu", "noise_sd", "body_touches_fov", "body_center_offset_x_mm",
     "body_center_offset_y_mm", "body_area_mm2", "lung_area_mm2", "bone_area_mm2", "skull_ring",
     "lateral_bone_mm2", "noise_sd_2mm", "noise_ratio", "ring_contrast_hu", "field_inside_body", "air_dark_hu",
-    "display_touch",
+    "display_touch", "noise_ratio_plain",
 )
 
 # Noise judged at 2 mm (the scale a reader sees and the network's input pixel), where kernels differ far less
@@ -576,15 +576,16 @@ def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None) -
     return best
 
 
-def noise_ratio(sd_2mm: float, info, head: bool) -> float:
+def noise_ratio(sd_2mm: float, info, head: bool, kernel_allowance: bool = True) -> float:
     """σ at 2 mm over the artifact level of its region (brain or body), thin slices scaled to 3 mm; a sharp
     (bone, lung, high-resolution) kernel, whose noise is high by design, is judged against
-    ``SHARP_NOISE_FACTOR`` times the level (gross noise only)."""
+    ``SHARP_NOISE_FACTOR`` times the level (gross noise only) — unless ``kernel_allowance`` is False: the σ
+    against the plain level, whatever made it (what confounds the motion cues, see ``fuse``)."""
     if not math.isfinite(sd_2mm):
         return float("nan")
     level = NOISE_2MM_HU["head" if head else "body"]
     kernel = str(getattr(info, "convolution_kernel", "") or "")
-    if kernel and SHARP_KERNEL.search(kernel.strip()):
+    if kernel_allowance and kernel and SHARP_KERNEL.search(kernel.strip()):
         level *= SHARP_NOISE_FACTOR
     t = getattr(info, "slice_thickness", None)
     sd = sd_2mm
@@ -708,6 +709,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
                                          min_area_mm2=NOISE_MIN_AREA_HEAD_MM2 if head else NOISE_MIN_AREA_MM2)
                                if pooled is not None else nan)
         out["noise_ratio"] = noise_ratio(out["noise_sd_2mm"], info, head)
+        out["noise_ratio_plain"] = noise_ratio(out["noise_sd_2mm"], info, head, kernel_allowance=False)
         centre = ((hu.shape[0] - 1) / 2.0, (hu.shape[1] - 1) / 2.0)
         iso = isocentre_px(info, hu.shape)
         far = iso is not None and math.hypot(iso[0] - centre[0], iso[1] - centre[1]) >= 2.0
@@ -819,10 +821,11 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     them before it reaches its own threshold, so from ``MOTION_NOISE_FROM`` (noise evidence 0.1: σ at half
     the level) the factor ramps from 1 down to 0.7 at the threshold (:func:`motion_explained`); and the
     noise evidence used here is the one before the metal's share is taken out — metal streaks that read as
-    noise-level σ confound both cues all the same (the noise check itself still stays quiet there). With the
-    metal streaks left out of the air measure (``airstreaks``, step 6) these took motion AUROC 0.964 →
-    0.969 (seed 31337) and 0.960 → 0.966 (seed 777), specificity at the threshold 0.98 → 0.99, sensitivity
-    0.68 → 0.66 (31337).
+    noise-level σ confound both cues all the same (the noise check itself still stays quiet there) — and
+    without the sharp kernels' allowance (``noise_ratio_plain``): a lung or bone kernel's σ is no artifact
+    for the noise check, but it confounds the motion cues as any σ does. With the metal streaks left out of
+    the air measure (``airstreaks``, step 6) these took motion AUROC 0.964 → 0.972 (seed 31337) and 0.960
+    → 0.968 (seed 777), specificity at the threshold 0.98 → 0.99, sensitivity 0.68 → 0.66 (31337).
     Likewise the classical noise evidence is scaled by ``NOISE_EXPLAINED`` (0.5, below the threshold
     whatever σ reads) where the metal or ring detector is over its threshold: metal streaks and a ring's
     circles raise the measured σ (47–98 HU on synthetic slices with metal at a routine dose), and the
@@ -838,7 +841,11 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     out = {k: float(v) for k, v in (net_probs or {}).items()}
     m = measures or {}
     cls = classical_probs(m)
-    noisy = cls.get("noise", 0.0)  # before the metal's or ring's share is taken out: streaks all the same
+    # what confounds the motion cues: σ as it is (a sharp kernel's too), before the metal's or ring's share is
+    # taken out (streaks all the same)
+    plain = m.get("noise_ratio_plain", float("nan"))
+    noisy = (classical_probs({"noise_ratio": plain})["noise"] if plain is not None and math.isfinite(plain)
+             else cls.get("noise", 0.0))
     if "noise" in cls and max(cls.get("metal", 0.0), cls.get("ring", 0.0)) >= CLASSICAL_THRESHOLD:
         cls["noise"] *= NOISE_EXPLAINED  # the σ measured there is the metal's streaks or the ring's circles
     n = out.get("motion")

@@ -106,6 +106,27 @@ def test_noise_near_its_level_and_metal_streaks_explain_part_of_the_motion_score
     assert motion(2.5, **metal) == pytest.approx(0.8 * D.MOTION_EXPLAINED)  # but the streaks explain the motion cues
 
 
+def test_a_sharp_kernels_noise_confounds_motion_although_it_is_no_noise_artifact():
+    """A lung or bone kernel is judged for gross noise only (2.5 × the level), but the σ it shows confounds the
+    motion cues as any σ does: the motion factor reads σ against the plain level (``noise_ratio_plain``)."""
+    sharp = info(convolution_kernel="B70f", slice_thickness=5.0)
+    soft = info(convolution_kernel="B30f", slice_thickness=5.0)
+    assert D.noise_ratio(60.0, sharp, head=False) == pytest.approx(60.0 / (30.0 * D.SHARP_NOISE_FACTOR))
+    assert D.noise_ratio(60.0, sharp, head=False, kernel_allowance=False) == pytest.approx(2.0)
+    assert D.noise_ratio(60.0, soft, head=False, kernel_allowance=False) == D.noise_ratio(60.0, soft, head=False)
+    m = D.measure(phantom(sigma=120.0, seed=7), sharp)
+    assert m["noise_ratio_plain"] == pytest.approx(m["noise_ratio"] * D.SHARP_NOISE_FACTOR)
+    assert D.classical_probs(m)["noise"] < D.CLASSICAL_THRESHOLD <= D.classical_probs({"noise_ratio": m["noise_ratio_plain"]})["noise"]
+    assert D.fuse({}, m)["noise"] < D.CLASSICAL_THRESHOLD  # no noise finding on a sharp kernel's routine σ
+    unscaled = D.fuse({"motion": 0.8}, {**m, "noise_ratio": 0.0, "noise_ratio_plain": 0.0})["motion"]
+    assert D.fuse({"motion": 0.8}, m)["motion"] == pytest.approx(unscaled * D.MOTION_EXPLAINED)
+    # without the plain reading (results stored before it existed) the judged one stands in
+    old = {k: v for k, v in m.items() if k != "noise_ratio_plain"}
+    judged = D.motion_explained(D.classical_probs(m)["noise"], 0.0)
+    assert judged > D.MOTION_EXPLAINED + 0.1
+    assert D.fuse({"motion": 0.8}, old)["motion"] == pytest.approx(unscaled * judged)
+
+
 def test_metal_or_a_ring_explains_away_noise_evidence():
     """Metal streaks and a ring's circles raise the measured σ: where the metal or ring detector is over its
     threshold, the noise evidence is halved (below the threshold whatever σ reads)."""
