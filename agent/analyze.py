@@ -50,7 +50,8 @@ def human(report: dict) -> str:
         lines.append(f"series {s['series_instance_uid']}  {s.get('body_part') or '?'}  rule={s.get('protocol_rule') or '-'}  "
                      f"slices={s['slices']}  verdict={str(s['verdict']).upper()}")
         for f in s["findings"]:
-            lines.append(f"  [{f['severity']:8}] {f['check']:22} {f['message']}")
+            sev = "withdrawn" if (f.get("details") or {}).get("resolved") else f["severity"]
+            lines.append(f"  [{sev:9}] {f['check']:22} {f['message']}")
         if s.get("series_kind") == "dynamic":
             lines.append(f"  {s['coverage_note']}")
     if len(report["series"]) > 1:

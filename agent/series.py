@@ -331,7 +331,8 @@ class SeriesTracker:
                     continue
                 if old.check.startswith(("coverage.", "artifact.", "geometry.")):
                     res = Finding(**{**old.__dict__, "severity": "info",
-                                     "message": f"Resolved once the series was complete: {old.message}",
+                                     "message": f"Withdrawn: the complete series does not show it (raised while slices "
+                                                f"arrived: {old.message})",
                                      "details": {**old.details, "resolved": True}, "raised_at": time.time()})
                     st.findings[fid] = res
                     changed.append(res)

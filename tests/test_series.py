@@ -141,6 +141,27 @@ def test_motion_must_stand_out_from_the_series(cfg):
         assert ("1.2.3.9/artifact.motion" in st.findings) is raised, top
 
 
+def test_a_streaming_finding_the_complete_series_does_not_show_is_withdrawn(cfg):
+    """A band of high motion scores stands out while the series' level is low and is raised while slices
+    arrive; the rest of the series reads as high (a scanner the network reads so everywhere), so the complete
+    series does not show it: the finding stays on record as withdrawn (info, details.resolved), its message
+    says so in words, and the human summary marks it withdrawn rather than as a live info finding."""
+    from medqc.agent.analyze import human
+
+    tr = SeriesTracker(cfg, {"motion": 0.58})
+    scores = {i: {"motion": 0.75 if 20 <= i < 35 or i >= 45 else 0.3} for i in range(120)}
+    streamed = []
+    for r in make_results(120, scores=scores):
+        streamed += tr.add(r)
+    assert "artifact.motion" in checks(streamed)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    f = st.findings["1.2.3.9/artifact.motion"]
+    assert f.severity == "info" and f.details["resolved"] is True and st.verdict == "pass"
+    assert f.message.startswith("Withdrawn: the complete series does not show it (raised while slices arrived: ")
+    text = human(build_report([st], [], cfg.privacy))
+    assert "[withdrawn] artifact.motion" in text, text
+
+
 def _streaked(n: int, air: dict, scores: float = 0.55, **measures) -> list[SliceResult]:
     """n slices with motion scores under the threshold everywhere and ``air_dark_hu`` per slice from ``air``
     ({index: HU}, 1.0 elsewhere: a clean real series reads 0.8-1.2)."""
