@@ -14,11 +14,13 @@ everything else goes through pydicom's decoder plugins.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pydicom  # imported here, not lazily: a lazy import racing pynetdicom's in another thread fails
@@ -45,10 +47,26 @@ class Decoded:
     hu: np.ndarray | None = None  # (rows, cols) float32 HU, only when analysable
     error: str = ""
     ignored: str = ""
+    # a frame of a large multi-frame object: its HU are made when asked for (``pixels``), not at decoding
+    lazy: Callable[[], np.ndarray] | None = None
 
     @property
     def ok(self) -> bool:
-        return self.hu is not None and not self.error and not self.ignored
+        return (self.hu is not None or self.lazy is not None) and not self.error and not self.ignored
+
+    def pixels(self) -> np.ndarray:
+        """The frame's HU: ``hu``, or made now from the stored values (and not kept) for a lazy frame."""
+        if self.hu is not None:
+            return self.hu
+        if self.lazy is None:
+            raise ValueError("no pixels: the instance was not decoded for analysis")
+        return self.lazy()
+
+
+# multi-frame objects with more frames than this convert each frame to HU only when it is analysed: a
+# 1,000-frame Enhanced CT object of 512² would otherwise hold 1 GB of float32 HU at once (4 MB per frame,
+# next to its 2-byte stored values); single-frame objects and small ones are converted at decoding
+LAZY_FRAMES = 16
 
 
 def _f(v, default=None):
@@ -411,29 +429,38 @@ def decode_dataset(ds, source: str = "", received_at: float | None = None, pixel
         for i in analyse:
             out[i].error = f"pixel data cannot be decoded (transfer syntax {ts}): {msg}"
         return out
+    lazy = len(infos) > LAZY_FRAMES
     for i in analyse:
         d = out[i]
+        k = d.info.frame
         try:
-            d.hu = to_hu(ds, stored[d.info.frame], d.info.frame)
+            if lazy:  # checked on every 4th pixel now; the whole frame converted when it is analysed
+                d.lazy = functools.partial(to_hu, ds, stored[k], k)
+                probe = to_hu(ds, stored[k][::4, ::4], k)
+            else:
+                d.hu = probe = to_hu(ds, stored[k], k)
+                probe = probe[::4, ::4]
         except Exception as e:  # noqa: BLE001
             d.error = f"pixel data cannot be converted to HU: {type(e).__name__}: {e}"
+            d.lazy = None
             continue
-        if "DERIVED" in d.info.image_type and not _has_low_attenuation(d.hu):
+        if "DERIVED" in d.info.image_type and not _has_low_attenuation(probe):
             d.ignored = ("derived image whose values are not CT numbers (no pixel below "
                          f"{LOW_ATTENUATION_HU:.0f} HU: no air, fat or lung; a material, iodine or Zeff map?)")
             d.hu = None
+            d.lazy = None
     return out
 
 
 LOW_ATTENUATION_HU = -50.0
 
 
-def _has_low_attenuation(hu: np.ndarray) -> bool:
+def _has_low_attenuation(sub: np.ndarray) -> bool:
     """Whether a slice holds what every CT section in HU holds somewhere: air, lung or fat (below -50 HU)
     inside the reconstructed field. Vendors' material-density, iodine and effective-Z maps carry
     concentrations (0 and up) under image types no list can keep up with; a derived image without a single
-    such pixel is one of them. Checked on every 4th pixel in each direction (a 0.1 % share of 512²)."""
-    sub = hu[::4, ::4]
+    such pixel is one of them. ``sub``: the slice's HU on every 4th pixel in each direction (a 0.1 % share
+    of 512²)."""
     inside = sub > -1500.0  # padding and outside-the-field pixels excluded
     return int(np.count_nonzero(inside & (sub < LOW_ATTENUATION_HU))) >= max(4, int(0.001 * sub.size))
 

@@ -125,8 +125,8 @@ def test_non_axial_and_non_ct_are_ignored():
     assert "no image pixels" in decode_dataset(sr)[0].ignored
 
 
-def test_enhanced_ct_multiframe_per_frame_geometry():
-    n, rows = 4, 32
+def enhanced_ct(n: int, rows: int, frame_type=("ORIGINAL", "PRIMARY", "AXIAL", "NONE")):
+    """An Enhanced CT object of ``n`` frames at 10 mm steps, frame k holding stored 1024 + 100 k (HU 100 k)."""
     ds = ct_dataset(rows, rows)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
     for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "RescaleSlope", "RescaleIntercept"):
@@ -144,11 +144,17 @@ def test_enhanced_ct_multiframe_per_frame_geometry():
     for k in range(n):
         fg, pp, ft = Dataset(), Dataset(), Dataset()
         pp.ImagePositionPatient = [0.0, 0.0, -10.0 * k]
-        ft.FrameType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+        ft.FrameType = list(frame_type)
         fg.PlanePositionSequence, fg.CTImageFrameTypeSequence = [pp], [ft]
         frames.append(fg)
     ds.PerFrameFunctionalGroupsSequence = frames
     ds.PixelData = (np.arange(n, dtype=np.int16)[:, None, None] * 100 + np.zeros((n, rows, rows), np.int16) + 1024).tobytes()
+    return ds, pvt
+
+
+def test_enhanced_ct_multiframe_per_frame_geometry():
+    n = 4
+    ds, pvt = enhanced_ct(n, 32)
     out = decode_dataset(ds)
     assert [d.info.frame for d in out] == list(range(n)) and all(d.ok for d in out)
     assert [d.info.z for d in out] == [0.0, -10.0, -20.0, -30.0]
@@ -156,6 +162,34 @@ def test_enhanced_ct_multiframe_per_frame_geometry():
     assert [float(d.hu.mean()) for d in out] == [0.0, 100.0, 200.0, 300.0]
     pvt.RescaleType = "US"  # Enhanced CT says HU for CT numbers; anything else is a derived value
     assert all("RescaleType US" in d.ignored for d in decode_dataset(ds))
+
+
+def test_a_large_multiframe_object_is_converted_to_hu_frame_by_frame():
+    """A 1,000-frame Enhanced CT object of 512² would hold 1 GB of float32 HU at once if every frame were
+    converted at decoding; past ``LAZY_FRAMES`` frames each one is converted when it is analysed instead.
+    Same values; the derived-map test still runs at decoding (on every 4th pixel)."""
+    import tracemalloc
+
+    from medqc.agent.decode import LAZY_FRAMES
+
+    n, rows = 200, 128
+    assert n > LAZY_FRAMES
+    ds, _ = enhanced_ct(n, rows)
+    tracemalloc.start()
+    out = decode_dataset(ds)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    one_frame = rows * rows * 4
+    assert all(d.ok and d.hu is None for d in out)
+    assert peak < 10 * one_frame, peak  # eager conversion held n × one_frame (13 MB) here
+    assert [float(d.pixels()[0, 0]) for d in out[:3]] == [0.0, 100.0, 200.0]
+    assert out[150].pixels().dtype == np.float32 and out[150].pixels().shape == (rows, rows)
+    assert np.all(out[150].pixels() == 15000.0)
+    small, _ = enhanced_ct(LAZY_FRAMES, rows)  # small objects as before: HU at decoding
+    assert all(d.hu is not None for d in decode_dataset(small))
+    # a derived map under a frame type no list names is still told apart at decoding (no pixel below -50 HU)
+    maps, _ = enhanced_ct(40, rows, ("DERIVED", "PRIMARY", "AXIAL", "VENDOR_MAP_7"))
+    assert all("no pixel below -50 HU" in d.ignored and d.lazy is None for d in decode_dataset(maps)[1:])
 
 
 def test_maps_that_are_not_ct_numbers_are_ignored():

@@ -107,6 +107,30 @@ def test_bad_slice_does_not_fail_its_batch(tmp_path, real_ct, tiny_bundle):
     assert results[2].info.sop_instance_uid == items[2][0].sop_instance_uid and "pixel spacing" in results[2].error
 
 
+def test_a_large_multiframe_object_is_analysed_frame_by_frame(tmp_path, tiny_bundle):
+    """An Enhanced CT object of 40 frames (past LAZY_FRAMES: each frame converted to HU only when its chunk
+    is analysed) goes through the pipeline: every frame analysed once, in batches, none lost."""
+    from test_decode import enhanced_ct
+
+    from medqc.agent.decode import LAZY_FRAMES
+
+    n = 40
+    assert n > LAZY_FRAMES
+    ds, _ = enhanced_ct(n, 64)
+    f = tmp_path / "enhanced.dcm"
+    ds.save_as(f, enforce_file_format=True)
+    rec, metrics = Recorder(), Metrics()
+    pipe = compose(_cfg(tmp_path, idle=0.5), str(tiny_bundle), "onnxruntime", metrics=metrics, sinks=[rec]).start()
+    try:
+        pipe.submit(f)
+        assert rec.done.wait(15), "no verdict"
+    finally:
+        pipe.stop(2.0)
+    assert metrics.get("medqc_slices_analysed_total") == n
+    assert sorted(r.info.frame for r in rec.slices) == list(range(n))
+    assert all(not r.error and r.scores for r in rec.slices)
+
+
 def test_drop_folder_ingest(tmp_path, real_ct, tiny_bundle):
     pytest.importorskip("watchdog")
     from medqc.agent.watch import DropFolder
