@@ -146,6 +146,23 @@ def recon_offset(target, collection, orientation) -> tuple[float, float] | None:
     return (sum(x * y for x, y in zip(v, r)), sum(x * y for x, y in zip(v, col)))
 
 
+# DICOM's codes for the CTDI phantom (CID 4052): 113690 / 113691, the IEC head / body dosimetry phantom
+_PHANTOM_CODES = {"113690": 16, "113691": 32}
+
+
+def _ctdi_phantom(seq) -> int | None:
+    """16 or 32 (cm) from CTDIPhantomTypeCodeSequence, by code or by its meaning; None when not written."""
+    try:
+        item = seq[0]
+    except (TypeError, IndexError, KeyError):
+        return None
+    cm = _PHANTOM_CODES.get(_s(item.get("CodeValue")))
+    if cm is None:
+        meaning = _s(item.get("CodeMeaning")).upper()
+        cm = 16 if "HEAD" in meaning else 32 if "BODY" in meaning else None
+    return cm
+
+
 def header_infos(ds, source: str = "", received_at: float | None = None, identifiers: bool = False) -> list[SliceInfo]:
     """One ``SliceInfo`` per frame (one for single-frame objects)."""
     fm = getattr(ds, "file_meta", None)
@@ -167,6 +184,7 @@ def header_infos(ds, source: str = "", received_at: float | None = None, identif
         gantry_tilt=_f(ds.get("GantryDetectorTilt"), 0.0),
         kvp=_f(ds.get("KVP")),
         ctdivol=ctdi,
+        ctdi_phantom_cm=_ctdi_phantom(ds.get("CTDIPhantomTypeCodeSequence")),
         exposure_mas=_f(ds.get("Exposure")),
         reconstruction_diameter=_f(ds.get("ReconstructionDiameter")),
         data_collection_diameter=_f(ds.get("DataCollectionDiameter")),

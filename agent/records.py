@@ -32,6 +32,7 @@ class SliceInfo:
     gantry_tilt: float = 0.0
     kvp: float | None = None
     ctdivol: float | None = None
+    ctdi_phantom_cm: int | None = None  # CTDIPhantomTypeCodeSequence: 16 (IEC head) or 32 (IEC body), when written
     exposure_mas: float | None = None
     reconstruction_diameter: float | None = None
     data_collection_diameter: float | None = None

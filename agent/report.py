@@ -70,6 +70,7 @@ def series_report(state, privacy) -> dict:
         "opened_at": state.opened_at,
         "completed_at": state.completed_at,
         "coverage": _clean(state.coverage) if state.coverage else None,
+        "size": _clean(state.size) if getattr(state, "size", None) else None,
         "findings": [finding_dict(f) for f in findings],
         "per_slice": per_slice,
     }

@@ -65,6 +65,7 @@ class SeriesState:
     coverage: dict = field(default_factory=dict)
     rule: object = field(default=None, repr=False)
     split_range: bool = False  # one part of a range split over series (posterior fossa): coverage not judged
+    size: dict | None = None  # patient size and size-specific dose (checks.dose.size_specific), at completion
     _keys: set = field(default_factory=set, repr=False)
     _order: list = field(default_factory=list, repr=False)  # sorted [(z, seq)]
     _qual: dict = field(default_factory=dict, repr=False)  # class → {seq: (z, result)}
@@ -356,6 +357,7 @@ class SeriesTracker:
             # repeated positions over time: only the dose figure means the same as for a stack (monitoring
             # scans are low-dose and noisy on purpose; their z range covers nothing)
             st.coverage = {}
+            st.size = None  # repeated positions: no section of the patient to size the dose by
             out += dose_checks.dose_findings(st, valid, st.rule)
             if st._errors:
                 out.append(self._undecodable(st))
@@ -381,7 +383,8 @@ class SeriesTracker:
                                    "Anatomy runs opposite to the slice positions (head and feet swapped?): check "
                                    "the patient position (head first / feet first) entered at the scanner",
                                    key="direction", details={"reason": "anatomy-direction", "fit": fit}))
-        out += dose_checks.dose_findings(st, valid, rule)
+        st.size = dose_checks.size_specific(st, valid, rule)
+        out += dose_checks.dose_findings(st, valid, rule, st.size)
         out += dose_checks.centering_findings(st, valid, cfg.centering_tolerance_mm)
         out += dose_checks.noise_findings(st, valid, rule, self._explained_noise(ordered, out))
         if st._errors:

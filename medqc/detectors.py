@@ -53,7 +53,7 @@ MEASURES = (
     "metal_area_mm2", "metal_max_hu", "noise_sd", "body_touches_fov", "body_center_offset_x_mm",
     "body_center_offset_y_mm", "body_area_mm2", "lung_area_mm2", "bone_area_mm2", "skull_ring",
     "lateral_bone_mm2", "noise_sd_2mm", "noise_ratio", "ring_contrast_hu", "field_inside_body", "air_dark_hu",
-    "display_touch", "noise_ratio_plain",
+    "display_touch", "noise_ratio_plain", "water_eq_diameter_mm",
 )
 
 # Noise judged at 2 mm (the scale a reader sees and the network's input pixel), where kernels differ far less
@@ -576,6 +576,17 @@ def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None) -
     return best
 
 
+def water_equivalent_diameter(hu: np.ndarray, patient: np.ndarray, px_area_mm2: float) -> float:
+    """The patient's water-equivalent diameter Dw (mm; AAPM Report 220): the diameter of the water disk that
+    attenuates as the section does, 2·√((mean HU / 1000 + 1)·A / π) over the patient's section A (its
+    enclosed lungs and air included, the couch not). Values below air (padding) count as air."""
+    n = int(np.count_nonzero(patient))
+    if n == 0:
+        return float("nan")
+    mean = float(np.maximum(hu[patient], -1000.0).mean(dtype=np.float64))
+    return 2.0 * math.sqrt(max(0.0, mean / 1000.0 + 1.0) * n * px_area_mm2 / math.pi)
+
+
 def noise_ratio(sd_2mm: float, info, head: bool, kernel_allowance: bool = True) -> float:
     """σ at 2 mm over the artifact level of its region (brain or body), thin slices scaled to 3 mm; a sharp
     (bone, lung, high-resolution) kernel, whose noise is high by design, is judged against
@@ -685,6 +696,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         out["lung_area_mm2"] = float(np.count_nonzero(lung)) * px_area
         bone = body_cc & (sub >= BONE_HU)
         out["bone_area_mm2"] = float(np.count_nonzero(bone)) * px_area
+        out["water_eq_diameter_mm"] = water_equivalent_diameter(sub, body_cc | holes, px_area)
         # skull ring: dense bone enclosing soft tissue (brain) — fraction of angular sectors around the
         # body centre that contain skull-density bone
         dense = body_cc & (sub >= SKULL_HU)

@@ -351,6 +351,47 @@ def test_ctdivol_against_protocol_reference(ctdi, sev, over):
         assert st.verdict == ("warn" if sev == "warning" else "pass")
 
 
+def test_size_specific_dose_estimate_from_the_water_equivalent_diameter():
+    """AAPM Reports 204 / 220: SSDE = CTDIvol × a·exp(−b·Dw) with Dw in cm; for a 30 cm body the 32 cm
+    phantom's factor is 1.23 (Report 204's table). The dose finding names it; the report carries it; slices
+    whose displayed field cuts the trunk (Dw too small there) are not used, and without enough others the
+    size is not given at all."""
+    from medqc.agent.checks.dose import SSDE_FIT
+
+    a, b = SSDE_FIT[32]
+    assert a * math.exp(-b * 30.0) == pytest.approx(1.23, abs=0.005)
+    res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, ctdivol=14.0)
+    for r in res:
+        r.measures.update(water_eq_diameter_mm=300.0, display_touch=0.0)
+    res[0].measures.update(water_eq_diameter_mm=150.0, display_touch=0.4)  # cropped: not used
+    st, _ = run(res)
+    assert st.size["water_eq_diameter_mm"] == 300.0 and st.size["slices"] == len(res) - 1
+    assert st.size["ssde_mgy"] == pytest.approx(14.0 * a * math.exp(-b * 30.0), abs=0.01)
+    assert st.size["ctdi_phantom_cm"] == 32 and st.size["ctdi_phantom_from"] == "assumed from the protocol rule"
+    f = by_check(st, "dose.ctdivol")
+    assert "size-specific dose estimate 17.2 mGy for a water-equivalent diameter of 30.0 cm" in f.message, f.message
+    assert f.details["ssde_mgy"] == st.size["ssde_mgy"]
+    from medqc.agent.report import series_report
+
+    assert series_report(st, None)["size"]["ssde_mgy"] == st.size["ssde_mgy"]
+    # the phantom written in the header wins; a head rule assumes the 16 cm phantom
+    head = body_stack(z_of("vertex") - 10, z_of("skull_base") - 10, ctdivol=50.0, body_part="HEAD", ctdi_phantom_cm=32)
+    for r in head:
+        r.measures.update(water_eq_diameter_mm=160.0)
+    st, _ = run(head)
+    assert st.size["ctdi_phantom_cm"] == 32 and st.size["ctdi_phantom_from"] == "header"
+    for r in head:
+        r.info.ctdi_phantom_cm = None
+    st, _ = run(head)
+    a16, b16 = SSDE_FIT[16]
+    assert st.size["ctdi_phantom_cm"] == 16 and st.size["ssde_mgy"] == pytest.approx(50.0 * a16 * math.exp(-b16 * 16.0), abs=0.01)
+    # mostly cropped (a targeted field): no size, and the dose finding says nothing of it
+    for r in res:
+        r.measures.update(display_touch=0.5)
+    st, _ = run(res)
+    assert st.size is None and "size-specific" not in by_check(st, "dose.ctdivol").message
+
+
 def test_noise_index_leaves_out_what_an_artifact_explains():
     """Motion streaks raise σ in soft tissue (a real head phantom with motion injected in every rotation read
     26 HU against 2.8 clean). A patient who moved all through the series gets artifact.motion, not also a

@@ -192,6 +192,19 @@ def test_a_large_multiframe_object_is_converted_to_hu_frame_by_frame():
     assert all("no pixel below -50 HU" in d.ignored and d.lazy is None for d in decode_dataset(maps)[1:])
 
 
+def test_ctdi_phantom_from_its_code():
+    """CTDIPhantomTypeCodeSequence (CID 4052): 113690 the IEC head phantom (16 cm), 113691 the body one
+    (32 cm); by the code's meaning where the value is another scheme's; absent, unknown."""
+    ds = ct_dataset(16, 16)
+    assert decode_dataset(ds)[0].info.ctdi_phantom_cm is None
+    for value, meaning, cm in (("113690", "IEC Head Dosimetry Phantom", 16), ("113691", "IEC Body Dosimetry Phantom", 32),
+                               ("X-1", "IEC Body Dosimetry Phantom", 32), ("X-2", "something else", None)):
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+        ds.CTDIPhantomTypeCodeSequence = [item]
+        assert decode_dataset(ds)[0].info.ctdi_phantom_cm == cm, value
+
+
 def test_maps_that_are_not_ct_numbers_are_ignored():
     """Perfusion and material maps (by image type) and pixels whose RescaleType is not HU are recorded as
     ignored with the reason; monoenergetic images and an explicit RescaleType HU stay analysed."""

@@ -72,6 +72,18 @@ def test_noise_score_rises_with_sigma_below_the_level_and_flags_from_it():
     assert D.classical_probs({"noise_ratio": 0.65})["noise"] < 0.25  # under the console's amber mark
 
 
+def test_water_equivalent_diameter():
+    """Dw (AAPM Report 220) = 2·√((mean HU / 1000 + 1)·A / π): a 300 mm disk of water reads 300 mm; the
+    phantom's 300 × 220 mm ellipse of 40 HU reads 2·√(1.04 · 150 · 110) = 262 mm, and so does the same
+    ellipse with the couch below it (the couch is not the patient)."""
+    n, ps = 512, PS
+    yy, xx = (np.mgrid[0:n, 0:n] - (n - 1) / 2.0) * ps
+    water = np.where(xx ** 2 + yy ** 2 <= 150.0 ** 2, 0.0, -1000.0).astype(np.float32)
+    assert D.measure(water, info())["water_eq_diameter_mm"] == pytest.approx(300.0, rel=0.01)
+    assert D.measure(phantom(sigma=5.0), info())["water_eq_diameter_mm"] == pytest.approx(262.0, rel=0.01)
+    assert D.measure(phantom(sigma=5.0, table=True), info())["water_eq_diameter_mm"] == pytest.approx(262.0, rel=0.01)
+
+
 def test_heavy_noise_or_a_ring_explains_away_motion_evidence():
     """Both motion cues read heavy noise and rings as motion: on a slice whose noise or ring evidence is over
     the threshold the motion score is scaled down (the finding there is the noise or the ring)."""

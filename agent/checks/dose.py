@@ -7,6 +7,11 @@
   repeat while the patient is on the table (a repeat only adds dose): it is for the protocol review, and
   twice the level is worth a look before the next patient. It used to be a warning above the level and
   critical (a failed series) above twice it;
+  Where the patient's size can be read (the water-equivalent diameter Dw of AAPM Report 220, on slices whose
+  displayed field does not cut the trunk) the message and the report also give the size-specific dose
+  estimate (SSDE, AAPM Report 204: CTDIvol × a·exp(−b·Dw), the 16 or 32 cm phantom's fit from
+  CTDIPhantomTypeCodeSequence, else 16 cm for a head rule and 32 cm otherwise) — what the patient received,
+  and whether their size explains a CTDIvol over the level;
 * centering.offset — the median (over slices) body centre off the isocentre by more than
   ``checks.centering_tolerance_mm`` (the reconstruction centre stands in for the isocentre when the scanner
   does not write both centres; nothing is said when the displayed field cuts the body). Vertical
@@ -32,7 +37,39 @@ DOSE_WARNING_FACTOR = 2.0  # dose.ctdivol: info above the reference level, a war
 SHARP_KERNEL = detectors.SHARP_KERNEL
 
 
-def dose_findings(state, results, rule) -> list:
+# AAPM Report 204's fits of the size conversion factor, f = a·exp(−b·Dw[cm]), for CTDIvol measured in the
+# 16 cm (head) and 32 cm (body) phantom; Dw (Report 220) stands in for the effective diameter
+SSDE_FIT = {16: (1.874799, 0.03871313), 32: (3.704369, 0.03671937)}
+SSDE_DW_CM = (8.0, 45.0)  # the fits' domain: no estimate outside it
+SIZE_CROPPED = 0.02  # a slice whose trunk covers more of the displayed rim than this: its Dw reads too small
+
+
+def size_specific(state, results, rule) -> dict | None:
+    """The series' size: mean water-equivalent diameter (mm) over the slices whose displayed field does not
+    cut the trunk (at least half of the measured ones), and with CTDIvol the size-specific dose estimate.
+    None when the size cannot be read."""
+    measured = [r for r in results if not r.error and finite(r.measures.get("water_eq_diameter_mm"))]
+    whole = [r for r in measured if not r.measures.get("display_touch", 0.0) > SIZE_CROPPED
+             and not r.measures.get("body_touches_fov", 0.0) > SIZE_CROPPED]
+    if not whole or len(whole) < 0.5 * len(measured):
+        return None
+    dw = sum(r.measures["water_eq_diameter_mm"] for r in whole) / len(whole)
+    out = {"water_eq_diameter_mm": round(dw, 1), "slices": len(whole)}
+    ctdi = [r.info.ctdivol for r in results if not r.error and finite(r.info.ctdivol) and r.info.ctdivol > 0]
+    if ctdi and SSDE_DW_CM[0] <= dw / 10.0 <= SSDE_DW_CM[1]:
+        phantom = state.first.ctdi_phantom_cm
+        source = "header"
+        if phantom not in SSDE_FIT:
+            phantom = 16 if rule is not None and "head" in rule.name else 32
+            source = "assumed from the protocol rule" if rule is not None else "assumed (body)"
+        a, b = SSDE_FIT[phantom]
+        mean = sum(ctdi) / len(ctdi)
+        out.update(ctdivol_mgy=round(mean, 2), ssde_mgy=round(mean * a * math.exp(-b * dw / 10.0), 2),
+                   ctdi_phantom_cm=phantom, ctdi_phantom_from=source)
+    return out
+
+
+def dose_findings(state, results, rule, size: dict | None = None) -> list:
     vals = [r.info.ctdivol for r in results if not r.error and finite(r.info.ctdivol) and r.info.ctdivol > 0]
     if rule is None or rule.ctdivol_ref_mgy is None or not vals:
         return []
@@ -42,10 +79,16 @@ def dose_findings(state, results, rule) -> list:
         return []
     sev = "warning" if mean > DOSE_WARNING_FACTOR * ref else "info"
     over = (mean / ref - 1) * 100  # a series just over the level reads "0.4% over", not "0% over"
+    details = {"ctdivol_mgy": round(mean, 2), "reference_mgy": ref, "slices": len(vals)}
+    size_text = ""
+    if size and "ssde_mgy" in size:
+        size_text = (f"; size-specific dose estimate {size['ssde_mgy']:.1f} mGy for a water-equivalent diameter of "
+                     f"{size['water_eq_diameter_mm'] / 10.0:.1f} cm")
+        details.update(ssde_mgy=size["ssde_mgy"], water_eq_diameter_mm=size["water_eq_diameter_mm"])
     return [finding(state, "dose.ctdivol", sev,
                     f"CTDIvol {mean:.1f} mGy is above the {rule.name} reference level of {ref:.0f} mGy "
-                    f"({over:.{0 if over >= 10 else 1}f}% over) — check the protocol and patient size settings",
-                    score=round(mean, 2), details={"ctdivol_mgy": round(mean, 2), "reference_mgy": ref, "slices": len(vals)})]
+                    f"({over:.{0 if over >= 10 else 1}f}% over){size_text} — check the protocol and patient size settings",
+                    score=round(mean, 2), details=details)]
 
 
 CUT_BODY_TOUCH = 0.5  # trunk along more than half the displayed field's rim: the field cuts the body
