@@ -262,6 +262,7 @@ class Console:
             "protocol_rule": rule_name, "expected": st.expected, "n_slices": len(results),
             "slices_from": from_slice, "slices": slices, "findings": fviews,
             "coverage": coverage_view(st, positions),
+            "size": dict(st.size) if getattr(st, "size", None) else None,  # patient size and SSDE, at the verdict
             "thresholds": dict(getattr(tr, "thresholds", {}) or {}),
         }
         if self.cfg.privacy.show_patient_identifiers and getattr(first, "patient_name", ""):

@@ -159,6 +159,8 @@ def test_console_live_in_chromium(agent, study, tmp_path):
             page.wait_for_selector("li.finding[data-check='artifact.metal'] img.thumb", timeout=30000)
             page.wait_for_selector("li.finding[data-check='coverage.top']", timeout=30000)
             page.wait_for_selector("section.series .verdict:not(.open)", timeout=30000)
+            meta = page.inner_text("section.series .meta")  # the patient's size and dose, from the verdict on
+            assert "SSDE" in meta and "Dw" in meta and "CTDIvol" in meta, meta
             marks = page.eval_on_selector_all("section.series .strip .mark", "els => els.map(e => [e.className, e.dataset.kind, e.title])")
             assert sum("s2" in c for c, _, _ in marks) >= 3, marks
             assert any(k == "metal" and "metal" in t for c, k, t in marks if "s2" in c), marks

@@ -109,6 +109,7 @@
     const meta = [s.time, s.n_slices + (s.expected ? " / " + s.expected : "") + " slices", s.short_uid];
     if (s.patient_name) meta.unshift(s.patient_name);
     if (s.protocol_rule) meta.push("protocol " + s.protocol_rule);
+    if (s.size && s.size.ssde_mgy != null) meta.push("CTDIvol " + s.size.ctdivol_mgy.toFixed(1) + " mGy · SSDE " + s.size.ssde_mgy.toFixed(1) + " mGy (Dw " + (s.size.water_eq_diameter_mm / 10).toFixed(1) + " cm)");
     head.appendChild(el("span", "meta", meta.filter(Boolean).join(" · ")));
     head.appendChild(el("span", "verdict " + (s.verdict || "open"), s.verdict ? s.verdict.toUpperCase() : "RECEIVING"));
     card.appendChild(head);
