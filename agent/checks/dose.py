@@ -6,8 +6,7 @@
   modulation a large patient's exam exceeds it by design. And nothing about this finding calls for a
   repeat while the patient is on the table (a repeat only adds dose): it is for the protocol review, and
   twice the level is worth a look before the next patient. It used to be a warning above the level and
-  critical (a failed series) above twice it;
-  Where the patient's size can be read (the water-equivalent diameter Dw of AAPM Report 220, on slices whose
+  critical (a failed series) above twice it. Where the patient's size can be read (the water-equivalent diameter Dw of AAPM Report 220, on slices whose
   displayed field does not cut the trunk) the message and the report also give the size-specific dose
   estimate (SSDE, AAPM Report 204: CTDIvol × a·exp(−b·Dw), the 16 or 32 cm phantom's fit from
   CTDIPhantomTypeCodeSequence, else 16 cm for a head rule and 32 cm otherwise) — what the patient received,
