@@ -141,7 +141,7 @@ class Pipeline:
                                 d.info.series_instance_uid, d.error)
                     self._add(SliceResult(info=d.info, error=d.error, analysed_at=time.time()))
                 else:
-                    todo.append((d.info, d, path))  # HU made per chunk below (a large multi-frame object's frames lazily)
+                    todo.append((d, path))  # HU made per chunk below (a large multi-frame object's frames lazily)
             if not used:
                 self._release(path)
         self._metric("observe", "medqc_stage_seconds", time.perf_counter() - t0, stage="decode")
@@ -149,12 +149,12 @@ class Pipeline:
         for k in range(0, len(todo), mb):
             t1 = time.perf_counter()
             chunk = []
-            for info, d, path in todo[k:k + mb]:
+            for d, path in todo[k:k + mb]:
                 try:
-                    chunk.append((info, d.pixels()))
+                    chunk.append((d.info, d.pixels()))
                 except Exception as e:  # noqa: BLE001 - this frame's problem only
                     self._keep.add(path)
-                    self._add(SliceResult(info=info, error=f"pixel data cannot be converted to HU: {type(e).__name__}: {e}",
+                    self._add(SliceResult(info=d.info, error=f"pixel data cannot be converted to HU: {type(e).__name__}: {e}",
                                           analysed_at=time.time()))
             if not chunk:
                 continue

@@ -160,14 +160,14 @@ def _constant_fill_radius(sub: np.ndarray, band: int) -> float | None:
     return float(r0)
 
 
-def _metal_objects(hu: np.ndarray, rmm: float, cmm: float) -> list[tuple[float, float]]:
-    """(row, col) centroids of the metal objects (>= METAL_HU, >= ``METAL_OBJECT_MM2``) of a slice, the
-    largest ``METAL_OBJECTS`` of them: the sources of its metal streaks."""
-    mask = (hu >= METAL_HU).view(np.uint8) if cv2 is not None else None
-    if mask is None:
-        ys, xs = np.nonzero(hu >= METAL_HU)
+def _metal_objects(metal_px: np.ndarray, rmm: float, cmm: float) -> list[tuple[float, float]]:
+    """(row, col) centroids of the metal objects (``metal_px``: the slice's pixels >= METAL_HU; objects of
+    >= ``METAL_OBJECT_MM2``) of a slice, the largest ``METAL_OBJECTS`` of them: the sources of its metal
+    streaks."""
+    if cv2 is None:
+        ys, xs = np.nonzero(metal_px)
         return [(float(ys.mean()), float(xs.mean()))] if ys.size else []
-    n, _, st, cen = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    n, _, st, cen = cv2.connectedComponentsWithStats(metal_px.view(np.uint8), connectivity=8)
     area = st[1:, cv2.CC_STAT_AREA] * rmm * cmm
     order = np.argsort(-area)[:METAL_OBJECTS]
     return [(float(cen[1 + k][1]), float(cen[1 + k][0])) for k in order if area[k] >= METAL_OBJECT_MM2]
@@ -614,10 +614,11 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
     rmm, cmm = _pixel_mm(info)
     # metal: full resolution (small dense objects must not fall between subsamples)
     top_hu = hu.max()
-    n_metal = 0 if top_hu < METAL_HU else int(np.count_nonzero(hu >= METAL_HU))
+    metal_px = hu >= METAL_HU if top_hu >= METAL_HU else None
+    n_metal = 0 if metal_px is None else int(np.count_nonzero(metal_px))
     out["metal_area_mm2"] = n_metal * rmm * cmm
     out["metal_max_hu"] = float(top_hu) if n_metal else float(min(top_hu, METAL_HU))
-    metal = _metal_objects(hu, rmm, cmm) if n_metal and top_hu >= METAL_MIN_HU else []
+    metal = _metal_objects(metal_px, rmm, cmm) if n_metal and top_hu >= METAL_MIN_HU else []
 
     step = 2 if min(hu.shape) >= 256 else 1
     sub = np.ascontiguousarray(hu[::step, ::step], dtype=np.float32)
@@ -797,13 +798,17 @@ def classical_probs(measures: dict[str, float]) -> dict[str, float]:
         x = max(0.0, m["ring_contrast_hu"])
         out["ring"] = 0.5 * x / RING_HU[0] if x < RING_HU[0] else _ramp(x, *RING_HU)
     if math.isfinite(m.get("noise_ratio", float("nan"))):
-        # below the artifact level the score keeps rising with σ instead of sitting at 0 (a slice at 0.4 of
-        # the level reads noisier than one at 0.2): 0 → 0.1 up to half the level, 0.1 → 0.5 from there to the
-        # level, where the flag starts (the checks' threshold) — the console's amber "near threshold" mark
-        # (half the threshold) still needs about 0.7 of the level
-        r = max(0.0, m["noise_ratio"])
-        out["noise"] = 0.2 * r if r < 0.5 else 0.1 + 0.8 * (r - 0.5) if r < 1.0 else _ramp(r, 1.0, NOISE_RATIO_HI)
+        out["noise"] = noise_evidence(m["noise_ratio"])
     return out
+
+
+def noise_evidence(ratio: float) -> float:
+    """0..0.95 noise evidence from a ``noise_ratio``. Below the artifact level the score keeps rising with σ
+    instead of sitting at 0 (a slice at 0.4 of the level reads noisier than one at 0.2): 0 → 0.1 up to half
+    the level, 0.1 → 0.5 from there to the level, where the flag starts (the checks' threshold) — the
+    console's amber "near threshold" mark (half the threshold) still needs about 0.7 of the level."""
+    r = max(0.0, ratio)
+    return 0.2 * r if r < 0.5 else 0.1 + 0.8 * (r - 0.5) if r < 1.0 else _ramp(r, 1.0, NOISE_RATIO_HI)
 
 
 def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, float]:
@@ -856,8 +861,7 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     # what confounds the motion cues: σ as it is (a sharp kernel's too), before the metal's or ring's share is
     # taken out (streaks all the same)
     plain = m.get("noise_ratio_plain", float("nan"))
-    noisy = (classical_probs({"noise_ratio": plain})["noise"] if plain is not None and math.isfinite(plain)
-             else cls.get("noise", 0.0))
+    noisy = noise_evidence(plain) if plain is not None and math.isfinite(plain) else cls.get("noise", 0.0)
     if "noise" in cls and max(cls.get("metal", 0.0), cls.get("ring", 0.0)) >= CLASSICAL_THRESHOLD:
         cls["noise"] *= NOISE_EXPLAINED  # the σ measured there is the metal's streaks or the ring's circles
     n = out.get("motion")

@@ -6,11 +6,11 @@
   modulation a large patient's exam exceeds it by design. And nothing about this finding calls for a
   repeat while the patient is on the table (a repeat only adds dose): it is for the protocol review, and
   twice the level is worth a look before the next patient. It used to be a warning above the level and
-  critical (a failed series) above twice it. Where the patient's size can be read (the water-equivalent diameter Dw of AAPM Report 220, on slices whose
-  displayed field does not cut the trunk) the message and the report also give the size-specific dose
-  estimate (SSDE, AAPM Report 204: CTDIvol × a·exp(−b·Dw), the 16 or 32 cm phantom's fit from
-  CTDIPhantomTypeCodeSequence, else 16 cm for a head rule and 32 cm otherwise) — what the patient received,
-  and whether their size explains a CTDIvol over the level;
+  critical (a failed series) above twice it. Where the patient's size can be read (the water-equivalent
+  diameter Dw of AAPM Report 220, on slices whose displayed field does not cut the trunk) the message and
+  the report also give the size-specific dose estimate (SSDE, AAPM Report 204: CTDIvol × a·exp(−b·Dw),
+  the 16 or 32 cm phantom's fit from CTDIPhantomTypeCodeSequence, else 16 cm for a head rule and 32 cm
+  otherwise) — what the patient received, and whether their size explains a CTDIvol over the level;
 * centering.offset — the median (over slices) body centre off the isocentre by more than
   ``checks.centering_tolerance_mm`` (the reconstruction centre stands in for the isocentre when the scanner
   does not write both centres; nothing is said when the displayed field cuts the body). Vertical
@@ -43,6 +43,11 @@ SSDE_DW_CM = (8.0, 45.0)  # the fits' domain: no estimate outside it
 SIZE_CROPPED = 0.02  # a slice whose trunk covers more of the displayed rim than this: its Dw reads too small
 
 
+def _ctdivols(results) -> list[float]:
+    """The CTDIvol of every analysed slice that states one."""
+    return [r.info.ctdivol for r in results if not r.error and finite(r.info.ctdivol) and r.info.ctdivol > 0]
+
+
 def size_specific(state, results, rule) -> dict | None:
     """The series' size: mean water-equivalent diameter (mm) over the slices whose displayed field does not
     cut the trunk (at least half of the measured ones), and with CTDIvol the size-specific dose estimate.
@@ -54,7 +59,7 @@ def size_specific(state, results, rule) -> dict | None:
         return None
     dw = sum(r.measures["water_eq_diameter_mm"] for r in whole) / len(whole)
     out = {"water_eq_diameter_mm": round(dw, 1), "slices": len(whole)}
-    ctdi = [r.info.ctdivol for r in results if not r.error and finite(r.info.ctdivol) and r.info.ctdivol > 0]
+    ctdi = _ctdivols(results)
     if ctdi and SSDE_DW_CM[0] <= dw / 10.0 <= SSDE_DW_CM[1]:
         phantom = state.first.ctdi_phantom_cm
         source = "header"
@@ -69,7 +74,7 @@ def size_specific(state, results, rule) -> dict | None:
 
 
 def dose_findings(state, results, rule, size: dict | None = None) -> list:
-    vals = [r.info.ctdivol for r in results if not r.error and finite(r.info.ctdivol) and r.info.ctdivol > 0]
+    vals = _ctdivols(results)
     if rule is None or rule.ctdivol_ref_mgy is None or not vals:
         return []
     mean = sum(vals) / len(vals)
