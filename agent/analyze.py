@@ -11,9 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from medqc.runners import BACKENDS as RUNNER_BACKENDS
+from medqc.runners import CHOICES
 
-BACKENDS = ("auto", *RUNNER_BACKENDS, "none")
+BACKENDS = (*CHOICES, "none")
 
 
 def add_arguments(p) -> None:

@@ -21,11 +21,10 @@ import socket
 import threading
 from pathlib import Path
 
-from medqc.runners import BACKENDS as RUNNER_BACKENDS
+from medqc.runners import CHOICES as BACKENDS
 
 log = logging.getLogger("medqc.agent")
 STOP_GRACE_S = 10.0
-BACKENDS = ("auto", *RUNNER_BACKENDS)
 
 
 def add_arguments(p) -> None:

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medqc.runners import BACKENDS as RUNNER_BACKENDS
+from medqc.runners import CHOICES as BACKEND_CHOICES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,7 +73,7 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    backend: str = field(default="auto", metadata=_choice("auto", *RUNNER_BACKENDS))
+    backend: str = field(default="auto", metadata=_choice(*BACKEND_CHOICES))
     bundle: str = field(default="", metadata={"help": "model bundle folder; empty: the embedded default"})
     max_batch: int = field(default=16, metadata=_range(1, 512))
     max_wait_ms: float = field(default=8.0, metadata=_range(0, 10000))

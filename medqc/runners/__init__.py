@@ -24,6 +24,7 @@ BACKENDS: dict[str, str] = {
     "torch-cuda": "medqc.runners.torch_runner:TorchCudaRunner",
 }
 AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime")
+CHOICES = ("auto", *BACKENDS)  # what a user may name: the config's inference.backend, --backend
 
 
 def backend_class(name: str) -> type[Runner]:
@@ -65,4 +66,4 @@ def make_runner(name: str, bundle, **opts) -> Runner:
     return cls(bundle, **opts)
 
 
-__all__ = ["BACKENDS", "BackendUnavailable", "Runner", "RunnerError", "available_backends", "backend_class", "make_runner"]
+__all__ = ["BACKENDS", "CHOICES", "BackendUnavailable", "Runner", "RunnerError", "available_backends", "backend_class", "make_runner"]
