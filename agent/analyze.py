@@ -89,6 +89,12 @@ def analyze(paths: list[str], cfg, bundle: str | None = None, backend: str | Non
             Path(plot_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"--plot {plot_dir}: cannot create the folder ({e.strerror or e})") from None
+    # the agent keeps the last series.keep_recent completed series in memory; the offline report must hold
+    # every series of the input (each file adds at most one)
+    if len(files) > cfg.series.keep_recent:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, series=dataclasses.replace(cfg.series, keep_recent=len(files)))
     pipe = compose(cfg, bundle, backend, inference=backend != "none")
     pipe.thumbnails = plot_dir is not None  # console thumbnails are for the live agent; --plot shows slices too
     if pipe.thumbnails:

@@ -117,3 +117,21 @@ def test_motion_injected_into_every_slice_of_a_real_series_is_found(tmp_path, re
         (s,) = json.loads(r.stdout)["series"]
         found[name] = {f["check"] for f in s["findings"] if f["check"].startswith("artifact.")}
     assert found == {"clean": set(), "moved": {"artifact.motion"}}, found
+
+
+def test_report_holds_every_series_beyond_the_agents_memory(tmp_path):
+    """The agent keeps only ``series.keep_recent`` completed series in memory; ``medqc analyze`` reports every
+    series of its input all the same (three single-slice series, keep_recent = 1)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    for i in range(3):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.SeriesInstanceUID = f"{ds.SeriesInstanceUID}.{i + 1}"
+        ds.SOPInstanceUID = f"{ds.SOPInstanceUID}.{i + 1}"
+        ds.save_as(tmp_path / f"s{i}.dcm")
+    cfg = tmp_path / "medqc.toml"
+    cfg.write_text("[series]\nkeep_recent = 1\n")
+    r = medqc("analyze", tmp_path, "--json", "--backend", "none", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["series"]) == 3

@@ -489,3 +489,21 @@ def test_inject_metal_into_real_vendor_slices(tmp_path, real_ct):
         d = pydicom.dcmread(str(f))
         assert d.Manufacturer == "Philips" and float(d.GantryDetectorTilt) == -18.5  # original tags kept
         assert ((_hu(d) >= 3000).sum() > 0) == (s["artifacts"]["metal"] > 0)
+
+
+def test_inject_keeps_a_private_element_the_dictionary_misreads(tmp_path):
+    """The Philips Big Bore writes (01F1,1026) as the text '0.15' where pydicom's private dictionary says FD;
+    the injected series keeps the element byte for byte (as UN) instead of failing to write."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    src = tmp_path / "src"
+    src.mkdir()
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.private_block(0x01F1, "ELSCINT1", create=True).add_new(0x26, "UN", b"0.15")
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(src / "a.dcm", enforce_file_format=True)
+    out = tmp_path / "inj"
+    assert medqc_main(["synth", str(out), "--inject", "noise:0.5", "--from", str(src), "--no-progress"]) == 0
+    d = pydicom.dcmread(str(next(out.glob("IM*.dcm"))))
+    assert d.get_item(0x01F11026).value == b"0.15" and d.get_item(0x01F10010).value.strip() == b"ELSCINT1"

@@ -292,6 +292,7 @@ def _write_like(src, hu: np.ndarray, path: Path, uid, sop: str, kind: str) -> No
     from pydicom.uid import ExplicitVRLittleEndian
 
     ds = copy.deepcopy(src)
+    _private_as_found(ds)
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
     inter = float(getattr(ds, "RescaleIntercept", 0) or 0)
     signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
@@ -318,3 +319,18 @@ def _write_like(src, hu: np.ndarray, path: Path, uid, sop: str, kind: str) -> No
     ds.file_meta.MediaStorageSOPInstanceUID = sop
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.save_as(str(path), enforce_file_format=True)
+
+
+def _private_as_found(ds) -> None:
+    """Private elements whose bytes do not fit the VR pydicom's dictionary gives their tag (the Philips Big
+    Bore writes (01F1,1026) as the text '0.15' where the dictionary says FD) are kept byte for byte as UN;
+    converting them on writing would fail the whole series."""
+    from pydicom.dataelem import DataElement
+
+    for tag in list(ds.keys()):
+        if not tag.is_private:
+            continue
+        try:
+            ds[tag]
+        except Exception:  # noqa: BLE001 - any conversion failure: keep the element's bytes as they are
+            ds[tag] = DataElement(tag, "UN", ds.get_item(tag).value)
