@@ -53,7 +53,7 @@ MEASURES = (
     "metal_area_mm2", "metal_max_hu", "noise_sd", "body_touches_fov", "body_center_offset_x_mm",
     "body_center_offset_y_mm", "body_area_mm2", "lung_area_mm2", "bone_area_mm2", "skull_ring",
     "lateral_bone_mm2", "noise_sd_2mm", "noise_ratio", "ring_contrast_hu", "field_inside_body", "air_dark_hu",
-    "display_touch", "noise_ratio_plain", "water_eq_diameter_mm",
+    "display_touch", "noise_ratio_plain", "water_eq_diameter_mm", "anterior_bone_mm2",
 )
 
 # Noise judged at 2 mm (the scale a reader sees and the network's input pixel), where kernels differ far less
@@ -286,6 +286,31 @@ def _skull_under_scalp(dense: np.ndarray, body: np.ndarray, cy: float, cx: float
     else:
         inner = _erode_cross(body, r)
     return _sector_share(dense & ~inner, cy, cx) >= SKULL_SECTORS
+
+
+ANTERIOR_DEPTH = 0.35  # the anterior share of the trunk's front-to-back extent ...
+ANTERIOR_HALF_WIDTH = 0.12  # ... within this share of its width either side of the midline
+
+
+def _anterior_midline_bone(bone: np.ndarray, core: np.ndarray, x0: int, x1: int, info) -> float:
+    """Pixels of trunk bone in front of the body's midline: the anterior ``ANTERIOR_DEPTH`` of the trunk's
+    front-to-back extent, within ``ANTERIOR_HALF_WIDTH`` of its width of the midline. Bone lies there only at
+    the sternum (with the lungs beside it) and at the pubic bones (the symphysis, below the pelvis's wings):
+    the abdomen between holds bowel, bladder and the abdominal wall in front of the spine. Which image rows
+    are anterior comes from ImageOrientationPatient (patient +y is posterior); a prone or flipped image has
+    its front at the bottom."""
+    ori = getattr(info, "orientation", None)
+    front_at_top = not (ori and len(ori) == 6 and ori[4] < 0)
+    cxm = 0.5 * (x0 + x1)
+    half = ANTERIOR_HALF_WIDTH * (x1 - x0)
+    a, b = int(max(0, cxm - half)), int(cxm + half) + 1
+    rows = np.flatnonzero(core[:, a:b].any(axis=1))
+    if rows.size == 0:
+        return 0.0
+    r0, r1 = int(rows[0]), int(rows[-1])
+    depth = int(round(ANTERIOR_DEPTH * (r1 - r0 + 1)))
+    band = bone[r0:r0 + depth, a:b] if front_at_top else bone[r1 - depth + 1:r1 + 1, a:b]
+    return float(np.count_nonzero(band))
 
 
 def _erode_cross(mask: np.ndarray, r: int) -> np.ndarray:
@@ -713,6 +738,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
             # on every slice and would hide the lumbar gap above the iliac wings
             own = bone & trunk if trunk.any() else bone
             out["lateral_bone_mm2"] = float(np.count_nonzero(own & lat)) * px_area
+            out["anterior_bone_mm2"] = _anterior_midline_bone(own, core, x0, x1, info) * px_area
         out["noise_sd"] = _robust_noise(sub, valid & inside_circle)
         pooled = pool_2mm(hu, rmm, cmm)
         # brain scale inside a skull: skull-density bone all round a head-sized section, under the scalp
@@ -862,7 +888,7 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     # taken out (streaks all the same)
     plain = m.get("noise_ratio_plain", float("nan"))
     noisy = noise_evidence(plain) if plain is not None and math.isfinite(plain) else cls.get("noise", 0.0)
-    if "noise" in cls and max(cls.get("metal", 0.0), cls.get("ring", 0.0)) >= CLASSICAL_THRESHOLD:
+    if "noise" in cls and (max(cls.get("metal", 0.0), cls.get("ring", 0.0)) >= CLASSICAL_THRESHOLD or dense_streaks(m)):
         cls["noise"] *= NOISE_EXPLAINED  # the σ measured there is the metal's streaks or the ring's circles
     n = out.get("motion")
     if n is not None and math.isfinite(n):
@@ -883,6 +909,14 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
         else:
             out[k] = max(n, p)
     return out
+
+
+def dense_streaks(measures: dict[str, float]) -> bool:
+    """The slice holds enough very dense material (>= ``METAL_HU``, 2,500 HU, over the first metal area) to streak
+    it — metal short of the metal check's ``METAL_MIN_HU``, dental work in a store that saturates below it,
+    the densest bone — so that the σ measured there is partly streaks, not the dose."""
+    a = (measures or {}).get("metal_area_mm2", float("nan"))
+    return a is not None and math.isfinite(a) and a >= METAL_AREA_MM2[0]
 
 
 def motion_explained(noise: float, ring: float) -> float:
