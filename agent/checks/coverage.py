@@ -40,6 +40,9 @@ MIN_FIT_POINTS = 5
 # while adult sizes differ by ±15 %, i.e. ±25 mm at the far end of such a stack
 SHORT_SPAN_MM = 180.0
 FIT_MAX_RESIDUAL_MM = 40.0  # median |position - fit| (reference mm) above which the network is not used
+# a head/feet swap is claimed from the network's slope alone only where its positions follow a line this
+# closely: on real patients (a real chest read 24-49 mm off its own fit) a wrong slope is the network's error
+DIRECTION_MAX_RESIDUAL_MM = 15.0
 
 
 def theil_sen(xs: list[float], ys: list[float], max_points: int = 120) -> tuple[float, float]:
