@@ -86,6 +86,8 @@ def series_report(state, privacy) -> dict:
                                 "supratentorial): coverage not judged on it; dose and image quality are")
     elif state.protocol_rule is None:
         out["coverage_note"] = "no protocol rule matched BodyPartExamined / ProtocolName / StudyDescription: coverage not judged"
+    elif state.coverage and state.coverage.get("note"):
+        out["coverage_note"] = state.coverage["note"]
     if getattr(privacy, "show_patient_identifiers", False):
         out["patient_name"] = info.patient_name
         out["patient_id"] = info.patient_id

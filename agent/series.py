@@ -383,7 +383,7 @@ class SeriesTracker:
             st.coverage = summary
             fit = summary.get("fit")
             if (fit and not fit["slope_sign_ok"] and fit["fitted_slope"] and fit["n"] >= 10
-                    and fit["residual_mm"] <= coverage_checks.FIT_MAX_RESIDUAL_MM):
+                    and fit["residual_mm"] <= coverage_checks.DIRECTION_MAX_RESIDUAL_MM):
                 out.append(finding(st, "geometry.orientation", "warning",
                                    "Anatomy runs opposite to the slice positions (head and feet swapped?): check "
                                    "the patient position (head first / feet first) entered at the scanner",
