@@ -191,10 +191,12 @@ def test_calibrate_learns_real_series_and_says_what_it_skipped(real_ct_root, tmp
     assert set(learned) == {head_key, CHEST_KEY}
     assert len(learned[head_key]) == 2 and len(learned[CHEST_KEY]) == 1
     chest = learned[CHEST_KEY][0]["stats"]
-    assert chest["slices"] == 141 and 17.0 < chest["noise_sd_2mm_p50"] < 21.0 and 40.0 < chest["noise_sd_2mm_p90"] < 52.0
+    # a body at a routine dose; the shoulders, in the series' top tenth, 2-3 times noisier than the mid chest
+    assert chest["slices"] == 141 and 12.0 < chest["noise_sd_2mm_p50"] < 25.0
+    assert 1.8 * chest["noise_sd_2mm_p50"] < chest["noise_sd_2mm_p90"] < 4 * chest["noise_sd_2mm_p50"]
     assert chest["ring_p90"] < 0.1  # clean real CT: no ring over its noise floors
-    head = sorted(x["stats"]["noise_sd_2mm_p50"] for x in learned[head_key])
-    assert 1.0 < head[0] < 3.0 and 7.0 < head[1] < 12.0  # the plastic phantom's few soft-tissue figures
+    # the plastic head phantom: a brain-scale noise figure on the few slices with enough uniform material
+    assert all(0.5 < x["stats"]["noise_sd_2mm_p50"] < 15.0 and x["stats"]["noise_slices"] >= 3 for x in learned[head_key])
     shown = {e["key"]: e for e in out["baselines"]}
     assert shown[head_key]["series"] == 2 and shown[head_key]["usable"] is False  # 2 of 5
     if (real_ct_root / TCIA).is_dir():
