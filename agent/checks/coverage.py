@@ -173,13 +173,15 @@ def iliac_crest(ordered) -> dict:
 
 ANTERIOR_BONE_MM2 = 100.0  # pubic bones in front of the midline (detectors.anterior_bone_mm2) on a slice ...
 PUBIS_MIN_SLICES = 2  # ... on this many consecutive slices, with the pelvis's bone beside them (LATERAL_BONE_MM2)
+PUBIS_HALF_HEIGHT_MM = 20.0  # half the adult symphysis's height: its centre below a top seen on the last slice
 
 
 def pubic_symphysis(ordered) -> dict:
     """The pubic symphysis from the slices: going down the body below the lungs, bone in front of the midline
     (``anterior_bone_mm2``) returns only at the pubic bones — the abdomen holds none there — and the pelvis's
     bone (acetabula, femoral heads) fills the lateral thirds beside it. The lowest such run of slices is the
-    symphysis; its top is the landmark. The xiphoid and costal cartilages in the upper abdomen have no pelvic
+    symphysis; the landmark is its centre (the run's middle, or half a symphysis below its top where the run
+    reaches the last slice). The xiphoid and costal cartilages in the upper abdomen have no pelvic
     bone beside them, the sternum has lungs beside it.
 
     → {symphysis_z, reaches_bottom} or {} when the slices do not show it."""
@@ -200,7 +202,9 @@ def pubic_symphysis(ordered) -> dict:
         j += 1
     if j - i + 1 < PUBIS_MIN_SLICES:
         return {}
-    return {"symphysis_z": rows[j][0], "reaches_bottom": i == 0}
+    if i == 0:  # the pubic bones reach the last slice: their top is seen, their centre lies below it
+        return {"symphysis_z": rows[j][0] - PUBIS_HALF_HEIGHT_MM, "symphysis_top_z": rows[j][0], "reaches_bottom": True}
+    return {"symphysis_z": 0.5 * (rows[i][0] + rows[j][0]), "symphysis_top_z": rows[j][0], "reaches_bottom": False}
 
 
 HEAD_SKULL_RING = 0.5  # share of sectors round the section holding skull-density bone: a head ...
@@ -376,7 +380,8 @@ def locate(ordered, rule) -> dict:
         loc["pubis"] = pubis
         if pubis:
             if rule.end == "pubic_symphysis":
-                loc["end"] = {"z": pubis["symphysis_z"], "source": "pubic bones (anterior midline)"}
+                loc["end"] = {"z": pubis["symphysis_z"], "source": "pubic bones (anterior midline)" + (
+                    ", centre estimated below the top seen" if pubis["reaches_bottom"] else "")}
             elif not pubis["reaches_bottom"]:
                 # the pubic bones end inside the scan: the tuberosities (level with their lower end) are in it
                 lowest = min(z for z, r in ordered if not r.error and finite(r.measures.get("anterior_bone_mm2"))
