@@ -54,6 +54,8 @@ def human(report: dict) -> str:
             lines.append(f"  [{sev:9}] {f['check']:22} {f['message']}")
         if s.get("series_kind") == "dynamic":
             lines.append(f"  {s['coverage_note']}")
+        elif s.get("baseline"):
+            lines.append(f"  {s['baseline']['text']}")
     if len(report["series"]) > 1:
         import collections
 
@@ -76,6 +78,21 @@ def human(report: dict) -> str:
 
 def analyze(paths: list[str], cfg, bundle: str | None = None, backend: str | None = None, progress: bool = False,
             plot_dir: str | None = None) -> dict:
+    """The report of ``paths``; noise and rings judged against the learned per-scanner baselines of the state
+    directory where its file exists (``[baselines]``; analyze never learns)."""
+    from medqc.baselines import Baselines
+
+    store = Baselines.from_config(cfg, create=False) if cfg.baselines.enabled else None
+    try:
+        return analyse_states(paths, cfg, bundle, backend, progress, plot_dir, store)[0]
+    finally:
+        if store is not None:
+            store.close()
+
+
+def analyse_states(paths: list[str], cfg, bundle: str | None = None, backend: str | None = None, progress: bool = False,
+                   plot_dir: str | None = None, baselines=None) -> tuple[dict, list]:
+    """``analyze`` with the baselines given (``medqc.baselines.Baselines`` or None): (report, series states)."""
     from medqc.agent.pipeline import compose
     from medqc.agent.report import build_report
 
@@ -95,7 +112,7 @@ def analyze(paths: list[str], cfg, bundle: str | None = None, backend: str | Non
         import dataclasses
 
         cfg = dataclasses.replace(cfg, series=dataclasses.replace(cfg.series, keep_recent=len(files)))
-    pipe = compose(cfg, bundle, backend, inference=backend != "none")
+    pipe = compose(cfg, bundle, backend, inference=backend != "none", baselines=baselines)
     pipe.thumbnails = plot_dir is not None  # console thumbnails are for the live agent; --plot shows slices too
     if pipe.thumbnails:
         pipe.thumbnail_min_score = 0.0
@@ -115,7 +132,7 @@ def analyze(paths: list[str], cfg, bundle: str | None = None, backend: str | Non
         report = build_report(states, list(pipe.rejected), cfg.privacy)
         if plot_dir is not None:
             report["figures"] = write_figures(report, states, pipe.tracker.thresholds, Path(plot_dir))
-        return report
+        return report, states
     finally:
         pipe.inferer.close()
 

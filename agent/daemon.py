@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -91,7 +92,7 @@ class Agent:
         self.metrics = Metrics()
         self.stopping = threading.Event()
         self.failed = False  # a part died (the receiver process): exit non-zero so that systemd restarts us
-        self.receiver = self.watch = self.http = self.pipeline = self.store = self.spool = None
+        self.receiver = self.watch = self.http = self.pipeline = self.store = self.spool = self.baselines = None
 
     # The HTTP API reads these
     @property
@@ -101,9 +102,11 @@ class Agent:
     def start(self) -> "Agent":
         from medqc.agent.pipeline import compose
         from medqc.agent.receiver import Receiver
+        from medqc.agent.sinks.baselines import BaselineSink
         from medqc.agent.sinks.stdout import StdoutSink
         from medqc.agent.spool import Spool
         from medqc.agent.store import Store
+        from medqc.baselines import Baselines
 
         import pydicom  # noqa: F401 - fully imported before any worker thread starts (import races)
         import pynetdicom  # noqa: F401
@@ -114,11 +117,16 @@ class Agent:
             self.spool = Spool(cfg.spool.dir or self.state_dir / "spool", cfg.spool.min_free_mb, cfg.spool.retention,
                                fsync=getattr(cfg.spool, "fsync", True))
             self.store = Store(self.state_dir / "medqc.sqlite", cfg.privacy)
-        except OSError as e:
-            raise StateDirError(f"cannot use the state directory {self.state_dir} (spool and results): {e.strerror or e}"
+            # per-scanner baselines (medqc/baselines.py): judged against where enabled, learned from passes where learn is set
+            if cfg.baselines.enabled or cfg.baselines.learn:
+                self.baselines = Baselines.from_config(cfg, self.state_dir)
+        except (OSError, sqlite3.Error) as e:
+            raise StateDirError(f"cannot use the state directory {self.state_dir} (spool and results): {getattr(e, 'strerror', None) or e}"
                                 f"{' — ' + str(e.filename) if getattr(e, 'filename', None) else ''}; "
                                 "choose another with --state-dir or state_dir in the config") from None
         sinks = [self.store]
+        if self.baselines is not None and cfg.baselines.learn:
+            sinks.append(BaselineSink(self.baselines))
         if cfg.sinks.stdout.enabled:
             sinks.append(StdoutSink())
         for name in ("webhook", "dicom_sr"):
@@ -127,7 +135,8 @@ class Agent:
                 s = mod.from_config(cfg)
                 if s is not None:
                     sinks.append(s)
-        self.pipeline = compose(cfg, self.bundle, self.backend, self.metrics, sinks, self.spool, self.inference)
+        self.pipeline = compose(cfg, self.bundle, self.backend, self.metrics, sinks, self.spool, self.inference,
+                                baselines=self.baselines if cfg.baselines.enabled else None)
         self.pipeline.store = self.store
         self.pipeline.agent = self
         log.info("model %s %s on %s", self.pipeline.inferer.describe().get("model"),

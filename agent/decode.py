@@ -199,6 +199,9 @@ def header_infos(ds, source: str = "", received_at: float | None = None, identif
         scan_options=_joined(ds.get("ScanOptions")).upper(),
         convolution_kernel=_joined(ds.get("ConvolutionKernel")),
         manufacturer=_s(ds.get("Manufacturer")),
+        manufacturer_model=_s(ds.get("ManufacturerModelName")),
+        station_name=_s(ds.get("StationName")),
+        device_serial_number=_s(ds.get("DeviceSerialNumber")),
         acquisition_time=_s(ds.get("AcquisitionTime")),
         content_time=_s(ds.get("ContentTime")),
         patient_name=_s(ds.get("PatientName")) if identifiers else "",
@@ -257,6 +260,16 @@ def _rescale_type(ds, frame: int) -> str:
     return _s(v).strip().upper()
 
 
+# How scanners spell Hounsfield units in RescaleType: the standard's "HU", GE's "HOUNDSFIELD UNIT", and
+# the spellings seen from other vendors and post-processing tools ("HOUNSFIELD UNITS", "HOUNSFIELD", "HUS")
+_HU_SPELLING = re.compile(r"^(HU|HUS|HOUN[DS]*FIELD( ?UNITS?)?)$")
+
+
+def hounsfield(rescale_type: str) -> bool:
+    """True when a RescaleType value names Hounsfield units, in any spelling real scanners write."""
+    return bool(_HU_SPELLING.match(re.sub(r"[\s_\-]+", " ", rescale_type.strip().upper())))
+
+
 def _class_name(uid) -> str:
     """'X-Ray Radiation Dose SR Storage 1.2.840.10008.5.1.4.1.1.88.67' (the UID alone when pydicom does not
     know it)."""
@@ -279,18 +292,19 @@ def _why_not_analysed(ds, info: SliceInfo) -> str:
     maps = NOT_CT_NUMBER_TYPES.intersection(info.image_type)
     if maps:
         return f"derived map, not CT numbers (image type {'/'.join(sorted(maps))})"
+    # a reformat is not analysed whatever else is true of it: say that first
+    ang = axial_angle_deg(info.orientation)
+    if ang is not None and ang > MAX_AXIAL_ANGLE_DEG:
+        return f"not axial (slice normal {ang:.0f}° from the patient axis)"
     rt = _rescale_type(ds, info.frame)
     # a classic CT image only carries RescaleType when its unit is not HU, but "US" (unspecified) turns up
     # on HU images from post-processing tools: only a named other unit is believed there; Enhanced CT
     # always carries it (HU for CT numbers, US for derived values)
     enhanced = ds.get("PerFrameFunctionalGroupsSequence") is not None or ds.get("SharedFunctionalGroupsSequence") is not None
-    if rt and rt != "HU" and (enhanced or rt != "US"):
+    if rt and not hounsfield(rt) and (enhanced or rt != "US"):
         return f"pixel values are not CT numbers (RescaleType {rt})"
     if _i(ds.get("SamplesPerPixel")) not in (None, 1):
         return "colour image"
-    ang = axial_angle_deg(info.orientation)
-    if ang is not None and ang > MAX_AXIAL_ANGLE_DEG:
-        return f"not axial (slice normal {ang:.0f}° from the patient axis)"
     return ""
 
 

@@ -299,8 +299,9 @@ def _opencv_single_threaded() -> None:
 
 
 def compose(cfg, bundle_dir: str | None = None, backend: str | None = None, metrics=None, sinks=None,
-            spool=None, inference: bool = True) -> Pipeline:
-    """Build the whole path from the config: bundle → runner → inferer → series tracker → sinks."""
+            spool=None, inference: bool = True, baselines=None) -> Pipeline:
+    """Build the whole path from the config: bundle → runner → inferer → series tracker → sinks.
+    ``baselines``: the per-scanner baselines the checks judge against (``medqc.baselines.Baselines``)."""
     _opencv_single_threaded()
     from medqc.agent.infer import Inferer
     from medqc.agent.series import SeriesTracker
@@ -322,5 +323,5 @@ def compose(cfg, bundle_dir: str | None = None, backend: str | None = None, metr
     inferer = Inferer(bundle, backend, cfg.inference.threads, rebuild_engine=cfg.inference.rebuild_engine)
     if metrics is not None:
         metrics.set("medqc_backend_info", 1.0, backend=inferer.backend)
-    tracker = SeriesTracker(cfg, bundle.check_thresholds if bundle is not None else {})
+    tracker = SeriesTracker(cfg, bundle.check_thresholds if bundle is not None else {}, baselines=baselines)
     return Pipeline(cfg, inferer, tracker, spool=spool, sinks=list(sinks or ()), metrics=metrics)

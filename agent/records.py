@@ -50,6 +50,10 @@ class SliceInfo:
     scan_options: str = ""  # ScanOptions (0018,0022), upper-case: "HELICAL MODE", "AXIAL MODE", …
     convolution_kernel: str = ""
     manufacturer: str = ""
+    # the scanner, for its baseline (medqc/baselines.py): ManufacturerModelName, StationName, DeviceSerialNumber
+    manufacturer_model: str = ""
+    station_name: str = ""
+    device_serial_number: str = ""
     acquisition_time: str = ""
     content_time: str = ""
     # patient identifiers are only carried when the site opts in (privacy.show_patient_identifiers)

@@ -13,6 +13,7 @@ FINDING_KEYS = ("check", "severity", "first_instance", "last_instance", "z_range
                 "finding_id", "raised_at", "details")
 REJECTED_KEYS = ("path", "sop_instance_uid", "series_instance_uid", "reason")
 _SEV_ORDER = {"critical": 0, "warning": 1, "info": 2}
+NO_BASELINE = "no baseline for this scanner (generic levels)"
 
 
 def _clean(v):
@@ -71,6 +72,8 @@ def series_report(state, privacy) -> dict:
         "completed_at": state.completed_at,
         "coverage": _clean(state.coverage) if state.coverage else None,
         "size": _clean(state.size) if getattr(state, "size", None) else None,
+        # the scanner baseline the noise and ring were judged against (key, series, reference values), or why none
+        "baseline": _clean(getattr(state, "baseline", None) or {"used": False, "text": NO_BASELINE}),
         "findings": [finding_dict(f) for f in findings],
         "per_slice": per_slice,
     }
@@ -83,6 +86,8 @@ def series_report(state, privacy) -> dict:
                                 "supratentorial): coverage not judged on it; dose and image quality are")
     elif state.protocol_rule is None:
         out["coverage_note"] = "no protocol rule matched BodyPartExamined / ProtocolName / StudyDescription: coverage not judged"
+    elif state.coverage and state.coverage.get("note"):
+        out["coverage_note"] = state.coverage["note"]
     if getattr(privacy, "show_patient_identifiers", False):
         out["patient_name"] = info.patient_name
         out["patient_id"] = info.patient_id

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from medqc import ARTIFACTS
 from medqc.agent.checks import artifact as artifact_checks
+from medqc.agent.checks import baseline as baseline_checks
 from medqc.agent.checks import coverage as coverage_checks
 from medqc.agent.checks import dose as dose_checks
 from medqc.agent.checks import geometry as geometry_checks
@@ -66,6 +67,8 @@ class SeriesState:
     rule: object = field(default=None, repr=False)
     split_range: bool = False  # one part of a range split over series (posterior fossa): coverage not judged
     size: dict | None = None  # patient size and size-specific dose (checks.dose.size_specific), at completion
+    baseline: dict | None = None  # the scanner baseline it was judged against, or why none (checks.baseline)
+    scanner: dict = field(default_factory=dict, repr=False)  # its baseline key and figures (medqc.baselines)
     _keys: set = field(default_factory=set, repr=False)
     _order: list = field(default_factory=list, repr=False)  # sorted [(z, seq)]
     _qual: dict = field(default_factory=dict, repr=False)  # class → {seq: (z, result)}
@@ -103,8 +106,9 @@ def _same(a: Finding, b: Finding) -> bool:
 
 
 class SeriesTracker:
-    def __init__(self, cfg, thresholds: dict[str, float] | None = None):
+    def __init__(self, cfg, thresholds: dict[str, float] | None = None, baselines=None):
         self.cfg = cfg
+        self.baselines = baselines  # medqc.baselines.Baselines: per-scanner normals (None: generic levels only)
         th = {k: DEFAULT_THRESHOLD for k in ARTIFACTS}
         th.update({k: float(v) for k, v in (thresholds or {}).items()})
         th.update({k: float(v) for k, v in cfg.checks.artifact.thresholds.items()})
@@ -232,7 +236,8 @@ class SeriesTracker:
                 hi += 1
             run = [(order[i][0], st.results[order[i][1]]) for i in range(lo, hi + 1)]
             med = artifact_checks.sorted_median(st._rel.get(cls, [])) if cls in artifact_checks.RELATIVE else None
-            if artifact_checks.qualifying(run, cls, thr, min_run, med):
+            if (artifact_checks.qualifying(run, cls, thr, min_run, med)
+                    and not baseline_checks.run_normal(st, cls, run, self.baselines)):  # within its scanner's normal
                 self._qualify(st, cls, thr, lo, hi, changed)
 
     def _qualify(self, st: SeriesState, cls: str, thr: float, lo: int, hi: int, changed: list) -> None:
@@ -378,7 +383,7 @@ class SeriesTracker:
             st.coverage = summary
             fit = summary.get("fit")
             if (fit and not fit["slope_sign_ok"] and fit["fitted_slope"] and fit["n"] >= 10
-                    and fit["residual_mm"] <= coverage_checks.FIT_MAX_RESIDUAL_MM):
+                    and fit["residual_mm"] <= coverage_checks.DIRECTION_MAX_RESIDUAL_MM):
                 out.append(finding(st, "geometry.orientation", "warning",
                                    "Anatomy runs opposite to the slice positions (head and feet swapped?): check "
                                    "the patient position (head first / feet first) entered at the scanner",
@@ -387,6 +392,7 @@ class SeriesTracker:
         out += dose_checks.dose_findings(st, valid, rule, st.size)
         out += dose_checks.centering_findings(st, valid, cfg.centering_tolerance_mm)
         out += dose_checks.noise_findings(st, valid, rule, self._explained_noise(ordered, out))
+        out = baseline_checks.judge_series(st, ordered, out, self.baselines, self._explained_noise)  # per-scanner baselines
         if st._errors:
             out.append(self._undecodable(st))
         return out

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("medqc.models.train", "train the QC network on synthetic CT"),
     "export": ("medqc.export.cli", "export models to ONNX / TensorRT bundles with parity gates"),
     "analyze": ("medqc.agent.analyze", "run the QC pipeline offline on DICOM files or folders"),
+    "calibrate": ("medqc.agent.calibrate", "learn each scanner's normal noise and ring level from a site export"),
     "agent": ("medqc.agent.daemon", "run the QC agent: DICOM receiver, drop folder, HTTP API"),
     "replay": ("medqc.replay", "replay recorded studies over DICOM at scanner speed"),
     "bench": ("medqc.bench", "measure ingest, inference and end-to-end throughput side by side"),

@@ -119,6 +119,18 @@ class ChecksConfig:
 
 
 @dataclass(frozen=True)
+class BaselinesConfig:
+    enabled: bool = field(default=True, metadata={
+        "help": "judge noise and rings against each scanner's learned baseline where one exists (medqc/baselines.py)"})
+    learn: bool = field(default=True, metadata={"help": "medqc agent learns from the series it passes with no finding"})
+    min_series: int = field(default=5, metadata={**_range(2, 10000), "help": "passed series a baseline needs before it is used"})
+    keep: int = field(default=200, metadata={**_range(2, 100000), "help": "most recent series kept per scanner key"})
+    noise_factor: float = field(default=1.8, metadata={
+        **_range(1.2, 5.0), "help": "a series whose median noise is over this many times its scanner's is noisy"})
+    path: str = field(default="", metadata={"help": "SQLite file; empty: <state_dir>/baselines.sqlite"})
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     bind: str = "127.0.0.1:8480"
     token: str = field(default="", metadata={"help": "bearer token required on /api and /metrics; empty: none"})
@@ -176,6 +188,7 @@ class Config:
     inference: InferenceConfig = InferenceConfig()
     series: SeriesConfig = SeriesConfig()
     checks: ChecksConfig = ChecksConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     http: HttpConfig = HttpConfig()
     sinks: SinksConfig = SinksConfig()
     privacy: PrivacyConfig = PrivacyConfig()
@@ -265,6 +278,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"dicom.allowed_ips: {ip!r} is not an IP address or CIDR network (e.g. 10.1.2.0/24)") from None
     if cfg.sinks.webhook.url and not cfg.sinks.webhook.url.startswith(("http://", "https://")):
         raise ConfigError(f"sinks.webhook.url = {cfg.sinks.webhook.url!r} must start with http:// or https://")
+    if cfg.baselines.keep < cfg.baselines.min_series:
+        raise ConfigError(f"baselines.keep = {cfg.baselines.keep} must be at least baselines.min_series = {cfg.baselines.min_series}")
     from medqc import ARTIFACTS
 
     for k, v in cfg.checks.artifact.thresholds.items():

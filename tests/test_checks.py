@@ -580,13 +580,15 @@ def test_iliac_crest_needs_one_clear_transition():
 
 
 def test_small_air_spaces_are_not_lungs():
-    """Sinus/mastoid-sized 'lung' areas never anchor the fit or decide coverage."""
+    """Sinus/mastoid-sized 'lung' areas are not lungs: a 'chest' series showing nothing larger has no chest in
+    it (coverage.absent, critical), whatever the network's body scale says."""
     res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, outliers=0.0, series="1.2.3.54")
     for r in res:
         r.measures["lung_area_mm2"] = 2500.0 if r.info.z > z_of("carina") else 0.0
     st, _ = run(res)
-    assert st.coverage["start_source"] == "network" and "anchored_on_anatomy" not in st.coverage["fit"]
-    assert by_check(st, "coverage.top") is None
+    f = by_check(st, "coverage.absent")
+    assert f is not None and f.severity == "critical" and "no slice shows lung" in f.message
+    assert by_check(st, "coverage.top") is None and by_check(st, "coverage.bottom") is None
 
 
 def test_short_head_stack_uses_average_size_not_its_slope():

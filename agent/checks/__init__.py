@@ -6,7 +6,7 @@ centering.offset, noise.index), ``protocols`` (the rules that say what a series 
 
 CHECKS = (
     "artifact.metal", "artifact.motion", "artifact.ring", "artifact.noise", "artifact.truncation",
-    "coverage.top", "coverage.bottom", "coverage.overscan",
+    "coverage.top", "coverage.bottom", "coverage.absent", "coverage.overscan",
     "geometry.gap", "geometry.duplicate", "geometry.spacing", "geometry.tilt", "geometry.orientation",
     "dose.ctdivol", "centering.offset", "noise.index", "input.undecodable",
 )

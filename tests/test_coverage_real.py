@@ -1,0 +1,105 @@
+"""Coverage on real anatomy: cases cut from real CT (``medqc.synth.realcases``) through ``medqc analyze``.
+
+The head cases are resampled from the real head CT that Debian's ``invesalius-examples`` installs (.ci/run
+installs it; under MEDQC_REQUIRE_PEERS=1 its absence fails). The chest cases are sub-ranges of the real
+Philips patient chest in the real-CT folder (``$MEDQC_REAL_CT``, or ``../shared/real-ct`` beside the
+checkout); without that folder they are skipped unless MEDQC_REQUIRE_REAL_CT=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medqc.synth import realcases
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = Path(os.environ.get("MEDQC_REAL_CT", ROOT.parent / "shared" / "real-ct"))
+CHEST = REAL / "philips-bigbore-chest-patient"
+
+
+def analyze(folder: Path) -> dict:
+    r = subprocess.run([sys.executable, "-m", "medqc", "analyze", str(folder), "--json", "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.stdout, r.stderr[-2000:]
+    rep = json.loads(r.stdout)
+    assert len(rep["series"]) == 1
+    return rep["series"][0]
+
+
+def coverage(series: dict) -> dict:
+    """{check: finding} of the live coverage findings (not overscan, not withdrawn)."""
+    return {f["check"]: f for f in series["findings"] if f["check"].startswith("coverage.")
+            and f["check"] != "coverage.overscan" and not (f.get("details") or {}).get("resolved")}
+
+
+@pytest.fixture(scope="module")
+def cranium():
+    if not realcases.CRANIUM.is_file():
+        if os.environ.get("MEDQC_REQUIRE_PEERS") == "1":
+            pytest.fail(f"{realcases.CRANIUM} missing: apt-get install invesalius-examples (.ci/run does)")
+        pytest.skip("invesalius-examples is not installed")
+    return realcases.load_cranium()
+
+
+@pytest.fixture(scope="module")
+def chest():
+    if not CHEST.is_dir():
+        if os.environ.get("MEDQC_REQUIRE_REAL_CT") == "1":
+            pytest.fail(f"real chest not found at {CHEST} (MEDQC_REAL_CT)")
+        pytest.skip(f"real chest not found at {CHEST} (set MEDQC_REAL_CT)")
+    return realcases.read_series(CHEST)
+
+
+@pytest.mark.parametrize("tilt", [0.0, 18.5, -18.5])
+def test_complete_head_passes_coverage_with_and_without_tilt(cranium, tmp_path, tilt):
+    sp = realcases.CRANIUM_SPACING
+    zr = None if tilt == 0 else (20.0, 175.0)  # tilted planes stay inside the volume's lower end
+    s = analyze(realcases.volume_series(cranium, sp, tmp_path, "head", "HEAD ROUTINE", tilt_deg=tilt, step_mm=3.0, z_range=zr))
+    assert coverage(s) == {}, coverage(s)
+    assert s["coverage"]["start_source"].startswith("skull")
+    assert not [f for f in s["findings"] if f["severity"] == "critical"]
+
+
+@pytest.mark.parametrize("tilt", [0.0, 18.5])
+def test_head_cut_through_the_skull_is_critical_from_the_skull(cranium, tmp_path, tilt):
+    sp = realcases.CRANIUM_SPACING
+    zr = (0.0, 125.0) if tilt == 0 else (20.0, 120.0)  # the vertex lies at about 160 mm
+    s = analyze(realcases.volume_series(cranium, sp, tmp_path, "head-cut", "HEAD ROUTINE", tilt_deg=tilt, step_mm=3.0, z_range=zr))
+    cov = coverage(s)
+    assert set(cov) == {"coverage.top"}
+    assert cov["coverage.top"]["severity"] == "critical" and "skull" in cov["coverage.top"]["message"]
+
+
+def test_chest_complete_head_first_and_feet_first(chest, tmp_path):
+    for ff in (False, True):
+        s = analyze(realcases.write_case(chest, tmp_path, f"chest-{ff}", "CHEST ROUTINE", feet_first=ff))
+        assert coverage(s) == {}
+        assert s["coverage"]["start_source"] == "lungs" and s["coverage"]["end_source"] == "lungs"
+
+
+def test_chest_cut_at_either_end_is_critical_from_the_lungs(chest, tmp_path):
+    z = lambda d: float(d.ImagePositionPatient[2])  # noqa: E731
+    top = analyze(realcases.write_case([d for d in chest if z(d) < 20], tmp_path, "cut-top", "CHEST ROUTINE"))
+    bottom = analyze(realcases.write_case([d for d in chest if z(d) > -90], tmp_path, "cut-bottom", "CHEST ROUTINE"))
+    assert set(coverage(top)) == {"coverage.top"} and coverage(top)["coverage.top"]["severity"] == "critical"
+    assert set(coverage(bottom)) == {"coverage.bottom"} and coverage(bottom)["coverage.bottom"]["severity"] == "critical"
+    assert top["verdict"] == bottom["verdict"] == "fail"
+
+
+def test_chest_without_lungs_fails(chest, tmp_path):
+    """25 real slices above the lung apices sent as a routine chest: no lung anywhere, not a pass."""
+    s = analyze(realcases.write_case([d for d in chest if float(d.ImagePositionPatient[2]) > 78], tmp_path, "no-lung", "CHEST ROUTINE"))
+    cov = coverage(s)
+    assert set(cov) == {"coverage.absent"} and cov["coverage.absent"]["severity"] == "critical"
+    assert s["verdict"] == "fail"
+
+
+def test_too_few_slices_say_coverage_was_not_judged(chest, tmp_path):
+    s = analyze(realcases.write_case(chest[60:62], tmp_path, "two", "CHEST ROUTINE"))
+    assert coverage(s) == {} and "not judged" in s["coverage_note"]
