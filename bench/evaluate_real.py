@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/evaluate_real.py [DIR ...] [--quick] [--severities 0.4,0.7,1.0] [--kinds metal,ring]
                                             [--backend onnxruntime|none|...] [--bundle DIR] [--config FILE]
-                                            [--block 24] [--every 8] [--seed 0] [--workers 2]
+                                            [--block 24] [--every 8] [--seed 0] [--workers 2] [--baselines]
                                             [--cache ~/.cache/medqc-real-eval] [--out bench/results] [--name real-eval]
 
 Each DIR is one study folder (default: every folder under ``$MEDQC_REAL_CT``, else ``../shared/real-ct`` beside
@@ -582,11 +582,15 @@ def cone_beam_section(recs: list[dict], rows: list[dict], thr: dict[str, float])
 # ------------------------------------------------------------------------------------------ core
 def evaluate(dirs: list[Path], *, kinds: list[str], severities: list[float], block: int = BLOCK, every: int = EVERY,
              seed: int = 0, backend: str = "onnxruntime", bundle: str | None = None, config: str | None = None,
-             cache: Path = DEFAULT_CACHE, workers: int = 2, progress: bool = True) -> dict:
+             cache: Path = DEFAULT_CACHE, workers: int = 2, progress: bool = True, baselines: bool = False) -> dict:
+    import dataclasses
+
     from medqc.config import load_config
 
     t0 = time.time()
     cfg = load_config(config)
+    if not baselines:  # a fresh install's figures, whatever this machine's agent has learned
+        cfg = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, enabled=False))
     dirs = [Path(d) for d in dirs]
     for d in dirs:
         if not d.is_dir():
@@ -637,7 +641,8 @@ def evaluate(dirs: list[Path], *, kinds: list[str], severities: list[float], blo
                         "units": sum(u.study == d.name for u in units), "ignored": reasons})
     return {
         "schema": "medqc.real-eval/1",
-        "backend": backend, "bundle": bundle_info, "thresholds": thr, "pos_severity": POS_SEVERITY,
+        "backend": backend, "bundle": bundle_info, "learned_baselines": cfg.baselines.enabled,
+        "thresholds": thr, "pos_severity": POS_SEVERITY,
         "kinds": kinds, "severities": severities, "block": block, "every": every, "seed": seed,
         "injector": injector_version(), "cache": str(cache),
         "jobs": {"total": len(jobs), "cached": sum(j.cached for j in jobs), "injected_slices": sum(len(j.unit.files) for j in jobs)},
@@ -676,6 +681,7 @@ def markdown(res: dict) -> str:
     if res.get("command"):
         L += [f"`{res['command']}`", ""]
     L += [f"Code {res.get('code', '?')}; backend {res['backend']}; bundle {b.get('name', '?')} {b.get('version', '')}; "
+          f"{'with' if res['learned_baselines'] else 'without'} learned per-scanner baselines; "
           f"injector {res['injector']}; kinds {', '.join(res['kinds'])} at severities {', '.join(sev)}; "
           f"blocks of {res['block']} slices, every {res['every'] or '—'}th slice outside them alone; seed {res['seed']}. "
           f"{res['jobs']['total']} injected studies ({res['jobs']['cached']} from the cache, "
@@ -897,6 +903,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="inference backend; 'none' = classical only")
     ap.add_argument("--bundle", default=None, help="model bundle (default: the bundled model)")
     ap.add_argument("--config", default=None, help="agent configuration (TOML): threshold overrides apply")
+    ap.add_argument("--baselines", action="store_true",
+                    help="judge noise and rings against the per-scanner baselines the agent learned in its state "
+                         "directory, as medqc analyze does where they exist (default: not, the figures of a fresh install)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"injected studies (default {DEFAULT_CACHE})")
     ap.add_argument("--workers", type=int, default=2, help="injection processes (default 2)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -915,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
     dirs = [Path(d) for d in a.dirs] if a.dirs else default_studies()
     res = evaluate(dirs, kinds=kinds, severities=sev, block=block, every=every, seed=a.seed, backend=a.backend,
                    bundle=a.bundle, config=a.config, cache=a.cache, workers=a.workers,
-                   progress=not a.no_progress and sys.stderr.isatty())
+                   progress=not a.no_progress and sys.stderr.isatty(), baselines=a.baselines)
     res["code"] = code_label()
     res["command"] = "bench/evaluate_real.py " + " ".join(argv if argv is not None else sys.argv[1:])
     paths = write_outputs(res, a.out, a.name or ("real-eval-quick" if a.quick else "real-eval"))
