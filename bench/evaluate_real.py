@@ -644,7 +644,7 @@ def evaluate(dirs: list[Path], *, kinds: list[str], severities: list[float], blo
         "backend": backend, "bundle": bundle_info, "learned_baselines": cfg.baselines.enabled,
         "thresholds": thr, "pos_severity": POS_SEVERITY,
         "kinds": kinds, "severities": severities, "block": block, "every": every, "seed": seed,
-        "injector": injector_version(), "cache": str(cache),
+        "injector": injector_version(), "cache": shown(cache), "_cache_dir": str(cache),
         "jobs": {"total": len(jobs), "cached": sum(j.cached for j in jobs), "injected_slices": sum(len(j.unit.files) for j in jobs)},
         "seconds": {"clean_analysis": round(t_clean, 1), "injection": round(t_inj, 1), "injected_analysis": round(t_an, 1),
                     "total": round(time.time() - t0, 1)},
@@ -854,17 +854,26 @@ def figure(res: dict, path: Path) -> Path:
 def write_outputs(res: dict, out: Path, name: str) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = Path(res["cache"])
+    cache = Path(res["_cache_dir"])
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png",
              "records": cache / f"{name}-slices.json"}
-    res["figure"] = str(paths["png"].relative_to(ROOT)) if paths["png"].is_relative_to(ROOT) else str(paths["png"])
-    res["records_file"] = str(paths["records"])
+    res["figure"] = shown(paths["png"])
+    res["records_file"] = shown(paths["records"])
     figure(res, paths["png"])
     paths["records"].write_text(json.dumps(res["records"], default=str) + "\n")
-    summary = {k: v for k, v in res.items() if k != "records"}
+    summary = {k: v for k, v in res.items() if k != "records" and not k.startswith("_")}
     paths["json"].write_text(json.dumps(summary, indent=1, default=str) + "\n")
     paths["md"].write_text(markdown(res))
     return paths
+
+
+def shown(p: Path) -> str:
+    """A path as the report shows it: relative to the checkout, or to the home folder (``~/…``)."""
+    p = Path(p).resolve()
+    for base, prefix in ((ROOT, ""), (Path.home().resolve(), "~/")):
+        if p.is_relative_to(base):
+            return prefix + p.relative_to(base).as_posix()
+    return str(p)
 
 
 def code_label() -> str:
@@ -926,7 +935,7 @@ def main(argv: list[str] | None = None) -> int:
                    bundle=a.bundle, config=a.config, cache=a.cache, workers=a.workers,
                    progress=not a.no_progress and sys.stderr.isatty(), baselines=a.baselines)
     res["code"] = code_label()
-    res["command"] = "bench/evaluate_real.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = " ".join(["bench/evaluate_real.py", *(argv if argv is not None else sys.argv[1:])])
     paths = write_outputs(res, a.out, a.name or ("real-eval-quick" if a.quick else "real-eval"))
     print(markdown(res))
     print("\n".join(f"wrote {p}" for p in paths.values()), file=sys.stderr)
