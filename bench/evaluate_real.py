@@ -80,7 +80,9 @@ KNOWN_REAL: dict[tuple[str, str], dict[str, str]] = {
     ("tcia-covid19-ny-sbu-slices", "A067967/axial/19001006-028.dcm"):
         {"truncation": "the right arm reaches the edge of the scan field (a bright band along the image's left edge)"},
 }
-METAL_HU, METAL_PIXELS = 3000.0, 3  # cortical bone and contrast stay under 2,000 HU; GE stores metal as 3071
+# cortical bone stays under 2,000 HU; the skin markers, ECG electrodes and leads in these studies reach
+# 2,500-5,600 HU (GE and Philips clip them at 3071 and 2976 HU)
+METAL_HU, METAL_PIXELS = 2500.0, 3
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -190,7 +192,6 @@ class Unit:
     series: str
     kind: str  # "block" (contiguous run of a series) or "single" (one slice alone)
     files: list[Path]
-    sops: list[str]
 
 
 @dataclass
@@ -217,7 +218,7 @@ def pick_units(clean_report: dict, idx: dict, block: int, every: int) -> list[Un
         def unit(kind: str, sel: list[dict], name: str) -> Unit:
             return Unit(uid=f"{tag}/{name}", study=first["study"], scanner=first["scanner"],
                         series=s["series_instance_uid"], kind=kind,
-                        files=[idx[r["sop_instance_uid"]]["path"] for r in sel], sops=[r["sop_instance_uid"] for r in sel])
+                        files=[idx[r["sop_instance_uid"]]["path"] for r in sel])
 
         n = len(rows)
         if n == 1:
@@ -683,7 +684,9 @@ def markdown(res: dict) -> str:
     L += [f"Code {res.get('code', '?')}; backend {res['backend']}; bundle {b.get('name', '?')} {b.get('version', '')}; "
           f"{'with' if res['learned_baselines'] else 'without'} learned per-scanner baselines; "
           f"injector {res['injector']}; kinds {', '.join(res['kinds'])} at severities {', '.join(sev)}; "
-          f"blocks of {res['block']} slices, every {res['every'] or '—'}th slice outside them alone; seed {res['seed']}. "
+          f"blocks of {res['block']} slices, "
+          + (f"every {res['every']}th slice outside them alone" if res["every"] else "no single slices from long series")
+          + f"; seed {res['seed']}. "
           f"{res['jobs']['total']} injected studies ({res['jobs']['cached']} from the cache, "
           f"{res['jobs']['injected_slices']} injected slices); run time {res['seconds']['total']:.0f} s "
           f"(clean analysis {res['seconds']['clean_analysis']:.0f} s, injection {res['seconds']['injection']:.0f} s, "
