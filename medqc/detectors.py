@@ -858,6 +858,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
 
 METAL_AREA_MM2 = (5.0, 40.0)  # classical metal evidence ramps from 0.5 to 0.95 over this area at >= 2500 HU
 METAL_MIN_HU = 3000.0  # the densest bone and enamel rarely exceed this; metal saturates far above it
+METAL_SUBLEVEL = 0.1  # the most metal evidence a slice whose densest pixel stays under METAL_MIN_HU gets
 TRUNC_EDGE = (0.06, 0.25)  # fraction of the scan field's edge covered by the patient: evidence ramps from 0.5 to 0.95
 CLASSICAL_THRESHOLD = 0.5  # the checks' threshold for a class the bundle's network does not score
 MOTION_NETWORK_WEIGHT = 0.4  # the network's share of the fused motion score, the air evidence's the rest
@@ -886,7 +887,10 @@ def classical_probs(measures: dict[str, float]) -> dict[str, float]:
     if math.isfinite(m.get("metal_area_mm2", float("nan"))):
         p = _ramp(m["metal_area_mm2"], *METAL_AREA_MM2)
         if m.get("metal_max_hu", 0.0) < METAL_MIN_HU:
-            p = 0.0  # bone, enamel or contrast: no metal evidence (the bundle's metal threshold is 0.14)
+            # bone, enamel, contrast — or metal whose densest pixel partial volume or a store that saturates
+            # below 3,000 HU kept under the level (the ends of a real hip implant): never a metal flag (the
+            # bundle's metal threshold is 0.14), but more dense area ranks higher than none
+            p *= METAL_SUBLEVEL / 0.95
         out["metal"] = p
     if math.isfinite(m.get("body_touches_fov", float("nan"))):
         out["truncation"] = _ramp(m["body_touches_fov"], *TRUNC_EDGE)
