@@ -103,3 +103,14 @@ def test_chest_without_lungs_fails(chest, tmp_path):
 def test_too_few_slices_say_coverage_was_not_judged(chest, tmp_path):
     s = analyze(realcases.write_case(chest[60:62], tmp_path, "two", "CHEST ROUTINE"))
     assert coverage(s) == {} and "not judged" in s["coverage_note"]
+
+
+@pytest.mark.parametrize("tilt", [18.5, -18.5])
+def test_tilted_head_whose_top_slice_is_on_the_skull_cap_is_covered(cranium, tmp_path, tilt):
+    """5 mm slices at a gantry tilt of 18.5°, the top one through the skull cap 3-5 mm below the vertex: a tilted
+    plane cuts a long cap section (8,200 mm² here against 2,300 axially), which is not a cut through the skull."""
+    sp = realcases.CRANIUM_SPACING
+    s = analyze(realcases.volume_series(cranium, sp, tmp_path, "head-cap", "HEAD ROUTINE", tilt_deg=tilt, step_mm=5.0,
+                                        thickness_mm=5.0, z_range=(22.0, 157.0)))
+    assert coverage(s) == {}, coverage(s)
+    assert s["coverage"]["start_source"].startswith("skull")
