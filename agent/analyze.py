@@ -2,7 +2,11 @@
 
 Files and folders (recursively) go through the same decode → batch → infer → series checks as the agent;
 each series completes at the end of the input. Prints a human summary, or with ``--json`` one
-``medqc.report/1`` document. Exit 0 when the analysis ran (whatever it found), 2 usage, 1 internal.
+``medqc.report/1`` document.
+
+Exit status, for scripts (``EXIT``): 0 every series passed (below ``--fail-on``); 1 a series' verdict is at or
+above ``--fail-on`` (``fail`` by default, ``warn`` to stop on warnings too); 3 nothing analysable (no axial
+CT slice among the inputs, or none that could be decoded); 2 usage; 4 the analysis could not complete.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from pathlib import Path
 from medqc.runners import CHOICES
 
 BACKENDS = (*CHOICES, "none")
+EXIT = {"pass": 0, "fail_on": 1, "usage": 2, "nothing": 3, "failed": 4}
+RANK = {"pass": 0, "warn": 1, "fail": 2}
 
 
 def add_arguments(p) -> None:
@@ -24,6 +30,9 @@ def add_arguments(p) -> None:
     p.add_argument("--bundle", metavar="DIR", default=None, help="model bundle folder (default: the bundled model)")
     p.add_argument("--config", metavar="FILE", default=None, help="agent configuration (TOML)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--fail-on", choices=("warn", "fail"), default="fail",
+                   help="exit 1 when a series' verdict is this or worse (default fail); 0 otherwise, 3 when nothing "
+                        "could be analysed, 2 usage, 4 the analysis could not complete")
     p.add_argument("--plot", metavar="DIR", default=None,
                    help="also write one PNG per series into DIR: coverage against the protocol, per-slice artifact scores "
                         "against their thresholds, the slices behind the findings (needs matplotlib)")
@@ -127,6 +136,15 @@ def write_figures(report: dict, states, thresholds: dict, out: Path) -> list[str
     return paths
 
 
+def exit_status(report: dict, fail_on: str = "fail") -> int:
+    """The exit status for a report (``EXIT``): nothing analysable beats every verdict."""
+    analysed = [s for s in report["series"] if any(not row.get("error") for row in s.get("per_slice", []))]
+    if not analysed:
+        return EXIT["nothing"]
+    worst = max(RANK.get(str(s["verdict"]), 0) for s in report["series"])
+    return EXIT["fail_on"] if worst >= RANK[fail_on] else EXIT["pass"]
+
+
 def run(args) -> int:
     from medqc.bundle import BundleError
     from medqc.config import ConfigError, load_config
@@ -149,4 +167,5 @@ def run(args) -> int:
         print(human(report))
         for p in report.get("figures", []):
             print(f"figure: {p}")
-    return 0
+    sys.stdout.flush()  # a report that could not be written is a failure (4), not a verdict
+    return exit_status(report, args.fail_on)

@@ -41,6 +41,11 @@ REQUIRES: dict[str, tuple[str, ...]] = {
 }
 
 
+# a command whose exit status 1 means something else (medqc analyze: a series failed) reports a failure to
+# complete (an internal error, a failure with a message) with this status instead
+FAILURE_STATUS: dict[str, int] = {"analyze": 4}
+
+
 def extra_of(module: str) -> str | None:
     """The optional-dependency group of medqc (``train``, ``gpu``, ``test``) that installs ``module``."""
     try:
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except MedqcError as e:
         print(f"medqc {args.command}: {e}", file=sys.stderr)
-        return 1
+        return FAILURE_STATUS.get(args.command, 1)
     except KeyboardInterrupt:
         return 130
     except Exception as e:
@@ -129,7 +134,7 @@ def _internal(command: str, e: Exception) -> int:
     if os.environ.get("MEDQC_DEBUG"):
         raise e
     print(f"medqc {command}: internal error: {type(e).__name__}: {e} (set MEDQC_DEBUG=1 for the traceback)", file=sys.stderr)
-    return 1
+    return FAILURE_STATUS.get(command, 1)
 
 
 if __name__ == "__main__":
