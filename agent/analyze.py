@@ -59,8 +59,7 @@ def human(report: dict) -> str:
         lines.append(f"series {s['series_instance_uid']}  {s.get('body_part') or '?'}  rule={s.get('protocol_rule') or '-'}  "
                      f"slices={s['slices']}  verdict={str(s['verdict']).upper()}")
         for f in s["findings"]:
-            sev = "withdrawn" if (f.get("details") or {}).get("resolved") else f["severity"]
-            lines.append(f"  [{sev:9}] {f['check']:22} {f['message']}")
+            lines.append(f"  [{f['severity']:9}] {f['check']:22} {f['message']}")
         if s.get("series_kind") == "dynamic":
             lines.append(f"  {s['coverage_note']}")
     if len(report["series"]) > 1:
@@ -73,11 +72,12 @@ def human(report: dict) -> str:
                      + ("; findings: " + ", ".join(f"{c} ×{n} ({sev})" for (c, sev), n in sorted(found.items())) if found else ""))
     if report.get("rejected"):
         lines.append(f"not analysed: {len(report['rejected'])} input(s)")
-        reasons: dict[str, int] = {}
+        named: dict[str, list[str]] = {}  # reason → the files (their first three are named)
         for r in report["rejected"]:
-            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-        for why, n in sorted(reasons.items(), key=lambda x: -x[1]):
-            lines.append(f"  {n:5d} × {why}")
+            named.setdefault(r["reason"], []).append(r.get("path") or r.get("sop_instance_uid") or "?")
+        for why, files in sorted(named.items(), key=lambda x: -len(x[1])):
+            shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            lines.append(f"  {len(files):5d} × {why}: {shown}")
     if not report["series"]:
         lines.append("no axial CT series found")
     return "\n".join(lines)
@@ -99,6 +99,7 @@ def analyze(paths: list[str], cfg, bundle: str | None = None, backend: str | Non
         except OSError as e:
             raise UsageError(f"--plot {plot_dir}: cannot create the folder ({e.strerror or e})") from None
     pipe = compose(cfg, bundle, backend, inference=backend != "none")
+    pipe.tracker.streaming = False  # offline: each series is judged once, complete; the report holds final findings
     pipe.thumbnails = plot_dir is not None  # console thumbnails are for the live agent; --plot shows slices too
     if pipe.thumbnails:
         pipe.thumbnail_min_score = 0.0

@@ -1,7 +1,8 @@
 """Series state: per SeriesInstanceUID, the slices seen so far, streaming checks, completion and verdict.
 
 ``SeriesTracker.add`` is called once per analysed slice (in arrival order) and returns the findings that
-are new or changed, so sinks can show them while the patient is still on the table:
+are new or changed, so sinks can show them while the patient is still on the table (offline, with
+``streaming=False``, it only collects the slices):
 
 * artifact.<class> as soon as a run of ``checks.artifact.min_run`` neighbouring slices (by z) is over the
   class threshold (or one slice scores very high);
@@ -103,8 +104,11 @@ def _same(a: Finding, b: Finding) -> bool:
 
 
 class SeriesTracker:
-    def __init__(self, cfg, thresholds: dict[str, float] | None = None):
+    def __init__(self, cfg, thresholds: dict[str, float] | None = None, streaming: bool = True):
         self.cfg = cfg
+        # False (medqc analyze): no slices arrive over time, so nothing is judged before the series is complete;
+        # ``complete`` runs every check once and the report holds final findings only
+        self.streaming = streaming
         th = {k: DEFAULT_THRESHOLD for k in ARTIFACTS}
         th.update({k: float(v) for k, v in (thresholds or {}).items()})
         th.update({k: float(v) for k, v in cfg.checks.artifact.thresholds.items()})
@@ -139,7 +143,8 @@ class SeriesTracker:
             changed: list[Finding] = []
             if result.error:
                 st._errors.append(result)
-                self._put(st, self._undecodable(st), changed)
+                if self.streaming:
+                    self._put(st, self._undecodable(st), changed)
                 return changed
             if geometry_checks.is_localizer(info):  # a scout stored into the axial series: kept, not analysed
                 return changed
@@ -152,6 +157,8 @@ class SeriesTracker:
             st._zcount[zk] = st._zcount.get(zk, 0) + 1
             for cls in artifact_checks.RELATIVE:
                 bisect.insort(st._rel.setdefault(cls, []), result.scores.get(cls, 0.0))
+            if not self.streaming:
+                return changed
             if len(st._order) == 1:
                 cfg = self.cfg.checks.geometry
                 for f in (geometry_checks.tilt_from_header(st, cfg.tilt_tolerance_deg), geometry_checks.orientation_first(st)):

@@ -180,3 +180,53 @@ def test_motion_injected_into_every_slice_of_a_real_series_is_found(tmp_path, re
         (s,) = doc["series"]
         found[name] = {f["check"] for f in s["findings"] if f["check"].startswith("artifact.")}
     assert found == {"clean": set(), "moved": {"artifact.motion"}}, found
+
+
+def test_offline_report_holds_final_findings_only(tmp_path, real_ct):
+    """Offline nothing arrives over time: each series is judged once, complete. The real phantom series with
+    the bundled model (whose coverage, judged early on a part of the series, would be withdrawn once the
+    rest is in) reports its final findings only, and the summary never speaks of slices arriving."""
+    series = tmp_path / "s"
+    _phantom_series(real_ct, series)
+    r = medqc("analyze", series, "--json")
+    doc = json.loads(r.stdout)
+    assert r.returncode == status_of(doc), r.stderr[-2000:]
+    (s,) = doc["series"]
+    assert [f["check"] for f in s["findings"] if (f.get("details") or {}).get("resolved")] == []
+    assert not [f for f in s["findings"] if "first_raised_at" in (f.get("details") or {})]
+    text = medqc("analyze", series).stdout
+    assert "withdrawn" not in text.lower() and "slices arrived" not in text, text
+
+
+def test_truncated_and_foreign_files_in_medqc_words(tmp_path, real_ct):
+    """One rule for a file cut short, wherever the cut falls: a CT image cut inside its pixel data (300 KB of
+    531 KB) and one cut before them (2,000 bytes, after its series is named) are both undecodable images of
+    their series, 'truncated file'; one cut at 1,000 bytes, before its series is named, is listed as not
+    analysed with the same words. A file that is not DICOM says so without pydicom's advice, and the text
+    summary names the files."""
+    d = tmp_path / "in"
+    files = _phantom_series(real_ct, d)
+    for f, n in ((files[10], 2000), (files[20], 300_000), (files[30], 1000)):
+        f.write_bytes(f.read_bytes()[:n])
+    (d / "notes.txt").write_text("not an image\n")
+    r = medqc("analyze", d, "--backend", "none", "--json")
+    doc = json.loads(r.stdout)
+    (s,) = doc["series"]
+    errs = {row["sop_instance_uid"]: row["error"] for row in s["per_slice"] if row.get("error")}
+    assert len(errs) == 2 and all(e.startswith("truncated file: ") for e in errs.values()), errs
+    assert any("2,000 bytes" in e and "before the pixel data" in e for e in errs.values()), errs
+    assert any("300,000 bytes" in e and "pixel data" in e for e in errs.values()), errs
+    (und,) = [f for f in s["findings"] if f["check"] == "input.undecodable"]
+    assert und["details"]["count"] == 2 and "(truncated file)" in und["message"]
+    rejected = {Path(x["path"]).name: x["reason"] for x in doc["rejected"]}
+    assert rejected[files[30].name].startswith("truncated file: 1,000 bytes") and "series" in rejected[files[30].name]
+    assert rejected["notes.txt"].startswith("not a DICOM file") and "force" not in rejected["notes.txt"]
+    text = medqc("analyze", d, "--backend", "none").stdout
+    line = next(ln for ln in text.splitlines() if "not a DICOM file" in ln)
+    assert "notes.txt" in line and "force" not in line.lower(), text
+    assert any(files[30].name in ln and "truncated file" in ln for ln in text.splitlines()), text
+    # a series of truncated files only: nothing could be analysed
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "cut").write_bytes(files[40].read_bytes()[:300_000])
+    assert medqc("analyze", only, "--backend", "none").returncode == 3
