@@ -6,8 +6,9 @@ Routes (a small table; other modules add theirs with ``register(routes, cfg, age
 - ``GET /metrics``               Prometheus text format (bearer token when ``http.token`` is set)
 - ``GET /api/series``            ``medqc.report/1`` of open and recent series (``?limit=N``)
 - ``GET /api/series/{uid}``      one ``medqc.report/1`` series
-- ``GET /api/findings/stream``   server-sent events, one ``finding`` event per finding as it is raised, a
-                                 ``series`` event per verdict, ``: keep-alive`` comments every 15 s
+- ``GET /api/findings/stream``   server-sent events: ``finding`` events with their ``kind`` (raised,
+                                 escalated, withdrawn, final: as on stdout), a ``series`` event per verdict,
+                                 ``: keep-alive`` comments every 15 s
 
 Findings reach the stream through a sink of their own (a bounded queue per client; a client that does not
 read is dropped, never the pipeline). Nothing here carries patient identifiers: UIDs only.
@@ -28,7 +29,7 @@ log = logging.getLogger("medqc.agent.http")
 
 KEEPALIVE_S = 15.0
 CLIENT_QUEUE = 256
-FINDING_KEYS = ("finding_id", "check", "severity", "message", "series_instance_uid", "study_instance_uid",
+FINDING_KEYS = ("kind", "finding_id", "check", "severity", "message", "series_instance_uid", "study_instance_uid",
                 "first_instance", "last_instance", "z_range_mm", "score", "raised_at")
 
 
@@ -97,7 +98,10 @@ class Broadcaster:
         pass
 
     def on_finding(self, finding, state) -> None:
-        self.publish("finding", finding_event(finding))
+        from medqc.agent.sinks.base import announced
+
+        if announced(finding):
+            self.publish("finding", finding_event(finding))
 
     def on_series(self, state) -> None:
         self.publish("series", {"series_instance_uid": state.uid, "study_instance_uid": state.study_uid,

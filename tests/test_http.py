@@ -182,7 +182,7 @@ def test_sse_keepalive_and_slow_client_dropped(monkeypatch):
     time.sleep(0.2)
     ev = [o for o in out if o.startswith(b"event: finding")]
     assert ev and json.loads(ev[0].split(b"data: ")[1]) == {**{k: None for k in http.FINDING_KEYS},
-                                                             **{"finding_id": "r1", "check": "artifact.ring",
+                                                             **{"kind": "raised", "finding_id": "r1", "check": "artifact.ring",
                                                                 "severity": "warning", "message": "rings",
                                                                 "series_instance_uid": "1.2.3", "study_instance_uid": "1.2",
                                                                 "first_instance": 4, "last_instance": 9, "raised_at": 0.0}}
