@@ -97,13 +97,6 @@ class Store(Sink):
             self._db.close()
 
     # ------------------------------------------------------------------------------------------ queries
-    def list_series(self, limit: int = 50) -> list[dict]:
-        with self._lock:
-            rows = self._db.execute("SELECT uid, study_uid, verdict, slices, updated_at, completed_at FROM series "
-                                    "ORDER BY updated_at DESC LIMIT ?", (int(limit),)).fetchall()
-        return [{"series_instance_uid": r[0], "study_instance_uid": r[1], "verdict": r[2], "slices": r[3],
-                 "updated_at": r[4], "completed_at": r[5]} for r in rows]
-
     def series_summaries(self, limit: int, since: float = 0.0, exclude: set | frozenset = frozenset()) -> list[dict]:
         """Up to ``limit`` series updated after ``since``, newest first, as ``report.series_summary`` entries
         (the stored report without its per-slice rows; a series still open here: its counts only)."""
