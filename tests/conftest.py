@@ -23,6 +23,14 @@ def missing_peer(what: str) -> None:
     pytest.skip(what)
 
 
+def missing_real_ct(what: str) -> None:
+    """The real-CT collection (data shared beside the checkout, not a package any registry carries) is not
+    here: skip, or fail where MEDQC_REQUIRE_REAL_CT=1 (a machine that has it and must test on it)."""
+    if os.environ.get("MEDQC_REQUIRE_REAL_CT") == "1":
+        pytest.fail(f"{what} (MEDQC_REQUIRE_REAL_CT=1)")
+    pytest.skip(what)
+
+
 # test modules import shared helpers from here (``from conftest import free_port``): the tests folder must be
 # importable under --import-mode=importlib
 if str(Path(__file__).parent) not in sys.path:
@@ -47,7 +55,7 @@ def port() -> int:
 @pytest.fixture(scope="session")
 def real_ct() -> Path:
     if not REAL_CT.is_dir():
-        missing_peer(f"real vendor study not present at {REAL_CT}")
+        missing_real_ct(f"real vendor study not present at {REAL_CT} (set MEDQC_REAL_CT)")
     return REAL_CT
 
 

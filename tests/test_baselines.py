@@ -2,7 +2,7 @@
 
 Real data: the real Philips chest (sections of 8 slices copied as series of their own, noise and a ring
 injected into copies in the projection domain), the real Philips head phantom and the TCIA single slices,
-from ``MEDQC_REAL_CT`` (default ``../shared/real-ct``; with ``MEDQC_REQUIRE_PEERS=1`` a missing folder fails).
+from ``MEDQC_REAL_CT`` (default ``../shared/real-ct``; with ``MEDQC_REQUIRE_REAL_CT=1`` a missing folder fails).
 The learned store is a real SQLite file in a temporary state directory, written and read by separate
 processes (``medqc calibrate``, ``medqc analyze``, ``medqc agent`` started twice).
 """
@@ -40,9 +40,9 @@ HELD_OUT = 80  # 15.4 HU
 
 
 def _require(what: str):
-    if os.environ.get("MEDQC_REQUIRE_PEERS") == "1":
-        pytest.fail(f"{what} is required (MEDQC_REQUIRE_PEERS=1)")
-    pytest.skip(f"{what} is not available")
+    from conftest import missing_real_ct
+
+    missing_real_ct(f"{what} is not available")
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +339,9 @@ def _agent_round(tmp: Path, state: Path, port: int, send: list[Path], n: int, le
     """Start a real medqc agent, C-STORE ``send`` with DCMTK's storescu, wait for ``n`` verdicts, stop it."""
     storescu = dcmtk("storescu")
     if not storescu:
-        _require("DCMTK storescu")
+        from conftest import missing_peer
+
+        missing_peer("DCMTK storescu is not installed (.ci/run installs it)")
     cfg = tmp / f"agent-{time.time_ns()}.toml"
     cfg.write_text("[series]\nidle_timeout_s = 0.5\n[spool]\nmin_free_mb = 0\n[http]\nenabled = false\n"
                    f"[checks]\ncentering_tolerance_mm = 100.0\n[baselines]\nlearn = {'true' if learn_on else 'false'}\n")

@@ -41,18 +41,18 @@ def coverage(series: dict) -> dict:
 @pytest.fixture(scope="module")
 def cranium():
     if not realcases.CRANIUM.is_file():
-        if os.environ.get("MEDQC_REQUIRE_PEERS") == "1":
-            pytest.fail(f"{realcases.CRANIUM} missing: apt-get install invesalius-examples (.ci/run does)")
-        pytest.skip("invesalius-examples is not installed")
+        from conftest import missing_peer
+
+        missing_peer(f"{realcases.CRANIUM} missing: apt-get install invesalius-examples (.ci/run does)")
     return realcases.load_cranium()
 
 
 @pytest.fixture(scope="module")
 def chest():
     if not CHEST.is_dir():
-        if os.environ.get("MEDQC_REQUIRE_REAL_CT") == "1":
-            pytest.fail(f"real chest not found at {CHEST} (MEDQC_REAL_CT)")
-        pytest.skip(f"real chest not found at {CHEST} (set MEDQC_REAL_CT)")
+        from conftest import missing_real_ct
+
+        missing_real_ct(f"real chest not found at {CHEST} (set MEDQC_REAL_CT)")
     return realcases.read_series(CHEST)
 
 
