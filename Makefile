@@ -5,6 +5,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+# an editable install makes setuptools print an information-only note ("Editable installation. Please be
+# careful with folders in your working directory..."): not a problem here, and the only thing it would print
+PIP_INSTALL := PYTHONWARNINGS="ignore:Editable installation:UserWarning" $(BIN)/pip install -q
 
 .PHONY: run test install install-dev bench clean
 
@@ -13,11 +16,11 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.runtime: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e .
+	$(PIP_INSTALL) -e .
 	touch $@
 
 $(VENV)/.dev: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q "$(TORCH)" -e ".[train,test]"
+	$(PIP_INSTALL) "$(TORCH)" -e ".[train,test]"
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime

@@ -2,7 +2,11 @@
 
 Files and folders (recursively) go through the same decode → batch → infer → series checks as the agent;
 each series completes at the end of the input. Prints a human summary, or with ``--json`` one
-``medqc.report/1`` document. Exit 0 when the analysis ran (whatever it found), 2 usage, 1 internal.
+``medqc.report/1`` document.
+
+Exit status, for scripts (``EXIT``): 0 every series passed (below ``--fail-on``); 1 a series' verdict is at or
+above ``--fail-on`` (``fail`` by default, ``warn`` to stop on warnings too); 3 nothing analysable (no axial
+CT slice among the inputs, or none that could be decoded); 2 usage; 4 the analysis could not complete.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from pathlib import Path
 from medqc.runners import CHOICES
 
 BACKENDS = (*CHOICES, "none")
+EXIT = {"pass": 0, "fail_on": 1, "usage": 2, "nothing": 3, "failed": 4}
+RANK = {"pass": 0, "warn": 1, "fail": 2}
 
 
 def add_arguments(p) -> None:
@@ -24,6 +30,9 @@ def add_arguments(p) -> None:
     p.add_argument("--bundle", metavar="DIR", default=None, help="model bundle folder (default: the bundled model)")
     p.add_argument("--config", metavar="FILE", default=None, help="agent configuration (TOML)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--fail-on", choices=("warn", "fail"), default="fail",
+                   help="exit 1 when a series' verdict is this or worse (default fail); 0 otherwise, 3 when nothing "
+                        "could be analysed, 2 usage, 4 the analysis could not complete")
     p.add_argument("--plot", metavar="DIR", default=None,
                    help="also write one PNG per series into DIR: coverage against the protocol, per-slice artifact scores "
                         "against their thresholds, the slices behind the findings (needs matplotlib)")
@@ -50,8 +59,7 @@ def human(report: dict) -> str:
         lines.append(f"series {s['series_instance_uid']}  {s.get('body_part') or '?'}  rule={s.get('protocol_rule') or '-'}  "
                      f"slices={s['slices']}  verdict={str(s['verdict']).upper()}")
         for f in s["findings"]:
-            sev = "withdrawn" if (f.get("details") or {}).get("resolved") else f["severity"]
-            lines.append(f"  [{sev:9}] {f['check']:22} {f['message']}")
+            lines.append(f"  [{f['severity']:9}] {f['check']:22} {f['message']}")
         if s.get("series_kind") == "dynamic":
             lines.append(f"  {s['coverage_note']}")
         elif s.get("baseline"):
@@ -66,11 +74,12 @@ def human(report: dict) -> str:
                      + ("; findings: " + ", ".join(f"{c} ×{n} ({sev})" for (c, sev), n in sorted(found.items())) if found else ""))
     if report.get("rejected"):
         lines.append(f"not analysed: {len(report['rejected'])} input(s)")
-        reasons: dict[str, int] = {}
+        named: dict[str, list[str]] = {}  # reason → the files (their first three are named)
         for r in report["rejected"]:
-            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-        for why, n in sorted(reasons.items(), key=lambda x: -x[1]):
-            lines.append(f"  {n:5d} × {why}")
+            named.setdefault(r["reason"], []).append(r.get("path") or r.get("sop_instance_uid") or "?")
+        for why, files in sorted(named.items(), key=lambda x: -len(x[1])):
+            shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            lines.append(f"  {len(files):5d} × {why}: {shown}")
     if not report["series"]:
         lines.append("no axial CT series found")
     return "\n".join(lines)
@@ -113,6 +122,7 @@ def analyse_states(paths: list[str], cfg, bundle: str | None = None, backend: st
 
         cfg = dataclasses.replace(cfg, series=dataclasses.replace(cfg.series, keep_recent=len(files)))
     pipe = compose(cfg, bundle, backend, inference=backend != "none", baselines=baselines)
+    pipe.tracker.streaming = False  # offline: each series is judged once, complete; the report holds final findings
     pipe.thumbnails = plot_dir is not None  # console thumbnails are for the live agent; --plot shows slices too
     if pipe.thumbnails:
         pipe.thumbnail_min_score = 0.0
@@ -150,6 +160,15 @@ def write_figures(report: dict, states, thresholds: dict, out: Path) -> list[str
     return paths
 
 
+def exit_status(report: dict, fail_on: str = "fail") -> int:
+    """The exit status for a report (``EXIT``): nothing analysable beats every verdict."""
+    analysed = [s for s in report["series"] if any(not row.get("error") for row in s.get("per_slice", []))]
+    if not analysed:
+        return EXIT["nothing"]
+    worst = max(RANK.get(str(s["verdict"]), 0) for s in report["series"])
+    return EXIT["fail_on"] if worst >= RANK[fail_on] else EXIT["pass"]
+
+
 def run(args) -> int:
     from medqc.bundle import BundleError
     from medqc.config import ConfigError, load_config
@@ -172,4 +191,5 @@ def run(args) -> int:
         print(human(report))
         for p in report.get("figures", []):
             print(f"figure: {p}")
-    return 0
+    sys.stdout.flush()  # a report that could not be written is a failure (4), not a verdict
+    return exit_status(report, args.fail_on)

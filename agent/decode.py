@@ -4,8 +4,9 @@ Outcomes, one per frame (``Decoded``):
 * analysable: an axial CT image (orientation within 45° of axial, not a localizer) with geometry and HU;
 * ``ignored``: a valid object the QC does not analyse (dose report, secondary capture, localizer,
   non-axial reformat, other modality) — recorded with the reason, never an error;
-* ``error``: a CT image that should be analysed but cannot be (transfer syntax without a decoder,
-  truncated pixel data, missing geometry) — becomes an ``input.undecodable`` finding for its series.
+* ``error``: a CT image that should be analysed but cannot be (transfer syntax without a decoder, a file
+  cut short in its pixel data or before them, missing geometry) — becomes an ``input.undecodable`` finding
+  for its series.
 A file that is not DICOM at all raises :class:`NotDicom` (the caller records it as rejected).
 
 Uncompressed little-endian pixel data is read with ``np.frombuffer`` (≈7× faster than ``pixel_array``);
@@ -418,7 +419,7 @@ def read_dataset(path: str | Path):
         ds = _headerless(path)
         if ds is not None:
             return ds
-        raise NotDicom(f"not a DICOM file ({e})") from None
+        raise NotDicom("not a DICOM file (no DICOM file header, and not a bare dataset with SOP Class and Instance UIDs)") from None
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError) as e:
         raise NotDicom(f"unreadable DICOM ({type(e).__name__}: {e})") from None
 
@@ -497,12 +498,50 @@ def _has_low_attenuation(sub: np.ndarray) -> bool:
     return int(np.count_nonzero(inside & (sub < LOW_ATTENUATION_HU))) >= max(4, int(0.001 * sub.size))
 
 
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def truncation(ds, size: int) -> str:
+    """How a file of ``size`` bytes ends before its dataset does, or '': its last element needs more bytes than
+    the file holds, or the file stops in the middle of an element's header before any pixel data (a transfer or
+    copy cut short). Not judged where positions are not file offsets (deflated data) or the last element has
+    no length (encapsulated pixel data: its decoder says)."""
+    meta = getattr(ds, "file_meta", None)
+    if (meta is not None and _s(meta.get("TransferSyntaxUID")) == DEFLATED) or not len(ds):
+        return ""
+    elem = ds.get_item(max(ds.keys()))
+    length, at = getattr(elem, "length", None), getattr(elem, "value_tell", None)
+    if length is None or at is None or length == 0xFFFFFFFF:
+        return ""
+    what = "its pixel data" if elem.tag == 0x7FE00010 else f"element {elem.tag}"
+    if at + length > size:
+        return f"{size:,} bytes, {what} would end at byte {at + length:,}"
+    if at + length < size and "PixelData" not in ds:
+        return f"{size:,} bytes, cut after element {elem.tag}, before the pixel data"
+    return ""
+
+
 def decode_file(path: str | Path, received_at: float | None = None, identifiers: bool = False) -> list[Decoded]:
-    """Decode one file; raises NotDicom for non-DICOM input."""
+    """Decode one file; raises NotDicom for non-DICOM input. A CT image whose file is cut short (``truncation``)
+    is an error on its series whether the cut falls in its pixel data or before them, or — when the file ends
+    before it names its series — ignored with the same reason."""
     ds = read_dataset(path)
     if received_at is None:
         try:
             received_at = Path(path).stat().st_mtime
         except OSError:
             received_at = time.time()
-    return decode_dataset(ds, str(path), received_at, identifiers=identifiers)
+    try:
+        cut = truncation(ds, Path(path).stat().st_size) if _s(ds.get("SOPClassUID")) in CT_CLASSES else ""
+    except OSError:
+        cut = ""
+    out = decode_dataset(ds, str(path), received_at, pixels=not cut, identifiers=identifiers)
+    no_pixels = "PixelData" not in ds  # ignored as "no image pixels" by decode_dataset
+    for d in out if cut else ():
+        if d.ignored and not no_pixels:
+            continue  # not analysed in any case (a localizer, a reformat)
+        if d.info.series_instance_uid and d.info.sop_instance_uid:
+            d.error, d.ignored = f"truncated file: {cut}", ""
+        else:
+            d.ignored = f"truncated file: {cut}; it ends before naming its series"
+    return out

@@ -4,10 +4,15 @@ Routes (a small table; other modules add theirs with ``register(routes, cfg, age
 
 - ``GET /healthz``               liveness + readiness (always open): {"status": "ok"|"starting", "backend": ...}
 - ``GET /metrics``               Prometheus text format (bearer token when ``http.token`` is set)
-- ``GET /api/series``            ``medqc.report/1`` of open and recent series (``?limit=N``)
-- ``GET /api/series/{uid}``      one ``medqc.report/1`` series
-- ``GET /api/findings/stream``   server-sent events, one ``finding`` event per finding as it is raised, a
-                                 ``series`` event per verdict, ``: keep-alive`` comments every 15 s
+- ``GET /api/series``            open and recent series, newest update first, as summaries
+                                 (``medqc.series-list/1``: header facts, verdict, findings without details;
+                                 no per-slice rows): ``?limit=N`` (default 100, at most 1000), ``&offset=K``
+                                 (the response's ``next_offset``), ``&since=T`` (only series updated after T,
+                                 seconds since the epoch; the response's ``now`` is the next call's T)
+- ``GET /api/series/{uid}``      one ``medqc.report/1`` series, per-slice rows included
+- ``GET /api/findings/stream``   server-sent events: ``finding`` events with their ``kind`` (raised,
+                                 escalated, withdrawn, final: as on stdout), a ``series`` event per verdict,
+                                 ``: keep-alive`` comments every 15 s
 
 Findings reach the stream through a sink of their own (a bounded queue per client; a client that does not
 read is dropped, never the pipeline). Nothing here carries patient identifiers: UIDs only.
@@ -21,6 +26,7 @@ import logging
 import queue
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -28,7 +34,7 @@ log = logging.getLogger("medqc.agent.http")
 
 KEEPALIVE_S = 15.0
 CLIENT_QUEUE = 256
-FINDING_KEYS = ("finding_id", "check", "severity", "message", "series_instance_uid", "study_instance_uid",
+FINDING_KEYS = ("kind", "finding_id", "check", "severity", "message", "series_instance_uid", "study_instance_uid",
                 "first_instance", "last_instance", "z_range_mm", "score", "raised_at")
 
 
@@ -97,7 +103,10 @@ class Broadcaster:
         pass
 
     def on_finding(self, finding, state) -> None:
-        self.publish("finding", finding_event(finding))
+        from medqc.agent.sinks.base import announced
+
+        if announced(finding):
+            self.publish("finding", finding_event(finding))
 
     def on_series(self, state) -> None:
         self.publish("series", {"series_instance_uid": state.uid, "study_instance_uid": state.study_uid,
@@ -135,29 +144,37 @@ class Api:
         return self.cfg.privacy
 
     def series_list(self, req):
-        from medqc.agent.report import SCHEMA, series_report
+        from medqc.agent.report import LIST_SCHEMA, REJECTED_KEYS, series_report, series_summary
 
+        now = time.time()  # before reading anything: a poller passing it as the next since misses no update
         try:
             limit = max(1, min(1000, int((req.query.get("limit") or ["100"])[0])))
+            offset = max(0, int((req.query.get("offset") or ["0"])[0]))
+            since = float((req.query.get("since") or ["0"])[0])
         except ValueError:
-            return _json(400, {"error": "limit must be an integer"})
+            return _json(400, {"error": "limit and offset are integers; since is a time in seconds since the epoch"})
         tracker = getattr(self.agent, "tracker", None)
-        states = sorted(tracker.all(), key=lambda s: -s.opened_at) if tracker is not None else []
-        out = [series_report(s, self._privacy()) for s in states[:limit]]
-        seen = {s["series_instance_uid"] for s in out}
+        live = []
+        if tracker is not None:
+            with tracker._lock:
+                for st in tracker.all():
+                    updated = max([st.last_seen, st.completed_at or 0.0, *(f.raised_at for f in st.findings.values())])
+                    if updated > since:
+                        live.append(series_summary(series_report(st, self._privacy(), per_slice_rows=False), updated))
         store = getattr(self.agent, "store", None)
-        if store is not None and len(out) < limit:
-            for row in store.list_series(limit):
-                if row["series_instance_uid"] not in seen and len(out) < limit:
-                    rep = store.get_series(row["series_instance_uid"])
-                    if rep is not None:
-                        out.append(rep)
-        pipe = getattr(self.agent, "pipeline", None)
-        rejected = list(getattr(pipe, "rejected", []) or [])[-limit:]
-        from medqc.agent.report import REJECTED_KEYS
-
-        return _json(200, {"schema": SCHEMA, "series": out,
-                           "rejected": [{k: r[k] for k in REJECTED_KEYS if k in r} for r in rejected]})
+        stored = []
+        if store is not None:  # series the tracker no longer holds (older ones, or from before a restart)
+            held = frozenset(st.uid for st in tracker.all()) if tracker is not None else frozenset()
+            stored = store.series_summaries(offset + limit + 1, since, held)
+        merged = sorted(live + stored, key=lambda s: -(s["updated_at"] or 0.0))
+        body = {"schema": LIST_SCHEMA, "now": now, "offset": offset, "limit": limit,
+                "next_offset": offset + limit if len(merged) > offset + limit else None,
+                "series": merged[offset:offset + limit]}
+        if offset == 0:  # the inputs recently not analysed, with the first page
+            pipe = getattr(self.agent, "pipeline", None)
+            rejected = list(getattr(pipe, "rejected", []) or [])[-limit:]
+            body["rejected"] = [{k: r[k] for k in REJECTED_KEYS if k in r} for r in rejected]
+        return _json(200, body)
 
     def series_one(self, req, uid: str):
         from medqc.agent.report import SCHEMA, series_report

@@ -15,7 +15,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "medqc_slices_received_total": ("counter", "DICOM instances received (C-STORE or drop folder)"),
     "medqc_slices_analysed_total": ("counter", "axial CT slices analysed"),
     "medqc_slices_rejected_total": ("counter", "instances not analysed, by reason"),
-    "medqc_findings_total": ("counter", "findings raised, by check and severity"),
+    "medqc_findings_total": ("counter", "findings raised, each counted once when first reported (while slices arrive, "
+                                        "or at the verdict), by check and the severity it was reported with"),
     "medqc_series_completed_total": ("counter", "series that reached a verdict, by verdict"),
     "medqc_associations_rejected_total": ("counter", "DICOM associations rejected, by reason"),
     "medqc_sink_errors_total": ("counter", "alert sink failures, by sink"),
@@ -23,6 +24,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "medqc_spool_free_bytes": ("gauge", "free bytes on the spool's file system"),
     "medqc_backend_info": ("gauge", "inference backend in use (value 1)"),
     "medqc_series_open": ("gauge", "series receiving slices, no verdict yet"),
+    "medqc_findings_open": ("gauge", "findings standing on series that have no verdict yet (not withdrawn), by severity"),
     "medqc_stage_seconds": ("histogram", "per-stage latency: spool, decode, infer, checks, end_to_end"),
     "medqc_batch_size": ("histogram", "slices per inference batch"),
 }

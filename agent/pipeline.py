@@ -187,9 +187,33 @@ class Pipeline:
         if state is None:
             return
         self._emit("on_slice", result, state)
+        self._findings(changed, state)
+
+    def _findings(self, changed, state) -> None:
+        """Every change of a finding goes to the sinks with its kind (records.KINDS; the event feeds drop
+        "updated"); ``medqc_findings_total`` counts each finding once, when it is first reported."""
+        from medqc.agent.series import first_report
+
         for f in changed:
-            self._metric("inc", "medqc_findings_total", check=f.check, severity=f.severity)
+            if first_report(f):
+                self._metric("inc", "medqc_findings_total", check=f.check, severity=f.severity)
             self._emit("on_finding", f, state)
+
+    def _gauges(self) -> None:
+        """Open series and the findings standing on them (not withdrawn), by severity."""
+        from medqc.agent.records import SEVERITIES
+
+        counts, series = dict.fromkeys(SEVERITIES, 0), 0
+        with self.tracker._lock:
+            for st in self.tracker.all():
+                if st.verdict is None:
+                    series += 1
+                    for f in st.findings.values():
+                        if not f.details.get("resolved") and f.severity in counts:
+                            counts[f.severity] += 1
+        self._metric("set", "medqc_series_open", series)
+        for sev, n in counts.items():
+            self._metric("set", "medqc_findings_open", n, severity=sev)
 
     # -------------------------------------------------------------------------------------- completion
     def complete_due(self, now: float | None = None) -> int:
@@ -209,9 +233,7 @@ class Pipeline:
         except Exception:  # noqa: BLE001
             log.exception("completing series %s failed", uid)
             return
-        for f in changed:
-            self._metric("inc", "medqc_findings_total", check=f.check, severity=f.severity)
-            self._emit("on_finding", f, state)
+        self._findings(changed, state)
         self._metric("inc", "medqc_series_completed_total", verdict=state.verdict)
         log.info("series %s: verdict %s (%s, %d slices, %d findings)", uid, state.verdict, reason,
                  len(state.results), len(state.findings))
@@ -241,7 +263,8 @@ class Pipeline:
                 self._metric("set", "medqc_queue_depth", self.q.qsize())
             try:
                 self.complete_due()
-                self._metric("set", "medqc_series_open", sum(1 for s in self.tracker.all() if s.verdict is None))
+                if self.metrics is not None:
+                    self._gauges()
             except Exception:  # noqa: BLE001
                 log.exception("series completion failed")
 

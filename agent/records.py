@@ -94,6 +94,16 @@ class SliceResult:
 
 
 SEVERITIES = ("info", "warning", "critical")
+# what one change of a finding is, as the series tracker reports it (``Finding.kind``):
+#   raised     first reported while slices arrive (or again after it was withdrawn)
+#   escalated  its severity rose above the one last reported, while slices arrive
+#   updated    anything else changed while slices arrive (its extent grew, its score, ...): state, not news
+#   withdrawn  the complete series does not show it (raised while slices arrived)
+#   final      its judgement on the complete series, at the verdict (one per finding that stands)
+# The event feeds (stdout, webhook, server-sent events) carry every kind but "updated"; the store and the
+# console keep the latest state whatever the kind.
+KINDS = ("raised", "escalated", "updated", "withdrawn", "final")
+ANNOUNCED = ("raised", "escalated", "withdrawn", "final")
 
 
 @dataclass
@@ -112,6 +122,7 @@ class Finding:
     details: dict = field(default_factory=dict)
     raised_at: float = 0.0
     finding_id: str = ""  # stable per (series, check, key): re-raising updates, not duplicates
+    kind: str = "raised"  # the change this version of the finding records (KINDS), set by the series tracker
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -32,11 +32,12 @@ def finding_dict(f) -> dict:
     return _clean({k: d.get(k) for k in FINDING_KEYS})
 
 
-def series_report(state, privacy) -> dict:
+def series_report(state, privacy, per_slice_rows: bool = True) -> dict:
+    """One series of ``medqc.report/1`` (``per_slice_rows=False``: without the per-slice rows, for a summary)."""
     info = state.first
     per_slice = []
-    for r in sorted(state.results, key=lambda r: (r.info.instance_number is None, r.info.instance_number or 0,
-                                                 -(r.info.z or 0.0))):
+    for r in sorted(state.results if per_slice_rows else (), key=lambda r: (r.info.instance_number is None,
+                                                                            r.info.instance_number or 0, -(r.info.z or 0.0))):
         z = r.info.z
         row = {
             "sop_instance_uid": r.info.sop_instance_uid,
@@ -100,3 +101,23 @@ def build_report(states, rejected, privacy) -> dict:
         "series": [series_report(s, privacy) for s in states],
         "rejected": [{k: r[k] for k in REJECTED_KEYS if k in r} for r in (rejected or [])],
     }
+
+
+LIST_SCHEMA = "medqc.series-list/1"
+SUMMARY_DROP = ("per_slice", "coverage", "size", "findings", "schema", "acknowledgements")
+SUMMARY_FINDING_KEYS = ("finding_id", "check", "severity", "first_instance", "last_instance", "message")
+
+
+def series_summary(rep: dict, updated_at: float | None) -> dict:
+    """A ``medqc.report/1`` series as one entry of the ``/api/series`` list: its header facts, verdict and
+    findings (without their details), no per-slice rows, coverage or size; the series' own endpoint has them
+    (``url``). ``updated_at``: its last slice, finding or verdict (seconds since the epoch)."""
+    out = {k: v for k, v in rep.items() if k not in SUMMARY_DROP}
+    findings = rep.get("findings") or []
+    out["findings"] = [{k: f.get(k) for k in SUMMARY_FINDING_KEYS} for f in findings]
+    out["findings_by_severity"] = {sev: sum(1 for f in findings if f.get("severity") == sev and
+                                            not (f.get("details") or {}).get("resolved"))
+                                   for sev in ("critical", "warning", "info")}
+    out["updated_at"] = updated_at
+    out["url"] = f"/api/series/{rep['series_instance_uid']}"
+    return out

@@ -1,7 +1,8 @@
 """Series state: per SeriesInstanceUID, the slices seen so far, streaming checks, completion and verdict.
 
 ``SeriesTracker.add`` is called once per analysed slice (in arrival order) and returns the findings that
-are new or changed, so sinks can show them while the patient is still on the table:
+are new or changed, so sinks can show them while the patient is still on the table (offline, with
+``streaming=False``, it only collects the slices):
 
 * artifact.<class> as soon as a run of ``checks.artifact.min_run`` neighbouring slices (by z) is over the
   class threshold (or one slice scores very high);
@@ -76,6 +77,7 @@ class SeriesState:
     _errors: list = field(default_factory=list, repr=False)
     _zcount: dict = field(default_factory=dict, repr=False)  # (z, table z) at 0.1 mm → analysed slices there
     _air: dict = field(default_factory=dict, repr=False)  # id(result) → its unexplained air streaks (HU) or None
+    _reported: dict = field(default_factory=dict, repr=False)  # finding id → severity last reported (raised / escalated)
 
     @property
     def dynamic(self) -> bool:
@@ -100,15 +102,30 @@ class SeriesState:
         return [(z, self.results[seq]) for z, seq in self._order]
 
 
+RANK = {"info": 0, "warning": 1, "critical": 2}
+
+
 def _same(a: Finding, b: Finding) -> bool:
-    return (a.severity, a.message, a.first_instance, a.last_instance, a.z_range_mm, a.score, a.details) == (
-        b.severity, b.message, b.first_instance, b.last_instance, b.z_range_mm, b.score, b.details)
+    def found(f):  # details.first_raised_at is the tracker's note, not part of what was found
+        return {k: v for k, v in f.details.items() if k != "first_raised_at"}
+
+    return (a.severity, a.message, a.first_instance, a.last_instance, a.z_range_mm, a.score, found(a)) == (
+        b.severity, b.message, b.first_instance, b.last_instance, b.z_range_mm, b.score, found(b))
+
+
+def first_report(f: Finding) -> bool:
+    """Whether this change is the first report of the finding (``medqc_findings_total`` counts these once):
+    raised while slices arrive, or found only at the verdict."""
+    return f.kind == "raised" or (f.kind == "final" and "first_raised_at" not in f.details)
 
 
 class SeriesTracker:
-    def __init__(self, cfg, thresholds: dict[str, float] | None = None, baselines=None):
+    def __init__(self, cfg, thresholds: dict[str, float] | None = None, baselines=None, streaming: bool = True):
         self.cfg = cfg
         self.baselines = baselines  # medqc.baselines.Baselines: per-scanner normals (None: generic levels only)
+        # False (medqc analyze): no slices arrive over time, so nothing is judged before the series is complete;
+        # ``complete`` runs every check once and the report holds final findings only
+        self.streaming = streaming
         th = {k: DEFAULT_THRESHOLD for k in ARTIFACTS}
         th.update({k: float(v) for k, v in (thresholds or {}).items()})
         th.update({k: float(v) for k, v in cfg.checks.artifact.thresholds.items()})
@@ -143,7 +160,8 @@ class SeriesTracker:
             changed: list[Finding] = []
             if result.error:
                 st._errors.append(result)
-                self._put(st, self._undecodable(st), changed)
+                if self.streaming:
+                    self._put(st, self._undecodable(st), changed)
                 return changed
             if geometry_checks.is_localizer(info):  # a scout stored into the axial series: kept, not analysed
                 return changed
@@ -156,6 +174,8 @@ class SeriesTracker:
             st._zcount[zk] = st._zcount.get(zk, 0) + 1
             for cls in artifact_checks.RELATIVE:
                 bisect.insort(st._rel.setdefault(cls, []), result.scores.get(cls, 0.0))
+            if not self.streaming:
+                return changed
             if len(st._order) == 1:
                 cfg = self.cfg.checks.geometry
                 for f in (geometry_checks.tilt_from_header(st, cfg.tilt_tolerance_deg), geometry_checks.orientation_first(st)):
@@ -190,11 +210,20 @@ class SeriesTracker:
                                 "reasons": reasons})
 
     def _put(self, st: SeriesState, f: Finding, changed: list) -> None:
+        """Record a finding judged while slices arrive, with the kind of change it is (records.KINDS)."""
         old = st.findings.get(f.finding_id)
-        if old is not None:
+        if old is None or old.details.get("resolved"):
+            f.kind = "raised"
+        else:
             if _same(old, f):
                 return
             f.details.setdefault("first_raised_at", old.details.get("first_raised_at", old.raised_at))
+            # only a rise above the severity last reported is news; a severity that eases while slices arrive
+            # is state (the console shows it), and the verdict's final event gives the judgement
+            reported = st._reported.get(f.finding_id, old.severity)
+            f.kind = "escalated" if RANK[f.severity] > RANK[reported] else "updated"
+        if f.kind != "updated":
+            st._reported[f.finding_id] = f.severity
         st.findings[f.finding_id] = f
         changed.append(f)
 
@@ -329,14 +358,21 @@ class SeriesTracker:
             changed: list[Finding] = []
             final = self._final_findings(st)
             final_ids = {f.finding_id for f in final}
-            for f in final:
-                self._put(st, f, changed)
-            # streaming findings the whole stack no longer supports are resolved, not silently dropped
+            for f in final:  # every finding that stands is reported once more: its judgement on the whole series
+                old = st.findings.get(f.finding_id)
+                if old is not None:  # reported before (raised while slices arrived, or at an earlier verdict)
+                    f.details["first_raised_at"] = old.details.get("first_raised_at", old.raised_at)
+                    f.raised_at = old.raised_at if _same(old, f) else f.raised_at
+                f.kind = "final"
+                st._reported[f.finding_id] = f.severity
+                st.findings[f.finding_id] = f
+                changed.append(f)
+            # streaming findings the whole stack no longer supports are withdrawn, not silently dropped
             for fid, old in list(st.findings.items()):
                 if fid in final_ids or old.check == "input.undecodable" or old.details.get("resolved"):
                     continue
                 if old.check.startswith(("coverage.", "artifact.", "geometry.")):
-                    res = Finding(**{**old.__dict__, "severity": "info",
+                    res = Finding(**{**old.__dict__, "severity": "info", "kind": "withdrawn",
                                      "message": f"Withdrawn: the complete series does not show it (raised while slices "
                                                 f"arrived: {old.message})",
                                      "details": {**old.details, "resolved": True}, "raised_at": time.time()})

@@ -97,12 +97,23 @@ class Store(Sink):
             self._db.close()
 
     # ------------------------------------------------------------------------------------------ queries
-    def list_series(self, limit: int = 50) -> list[dict]:
+    def series_summaries(self, limit: int, since: float = 0.0, exclude: set | frozenset = frozenset()) -> list[dict]:
+        """Up to ``limit`` series updated after ``since``, newest first, as ``report.series_summary`` entries
+        (the stored report without its per-slice rows; a series still open here: its counts only)."""
+        from medqc.agent.report import series_summary
+
         with self._lock:
-            rows = self._db.execute("SELECT uid, study_uid, verdict, slices, updated_at, completed_at FROM series "
-                                    "ORDER BY updated_at DESC LIMIT ?", (int(limit),)).fetchall()
-        return [{"series_instance_uid": r[0], "study_instance_uid": r[1], "verdict": r[2], "slices": r[3],
-                 "updated_at": r[4], "completed_at": r[5]} for r in rows]
+            rows = self._db.execute("SELECT uid, study_uid, verdict, slices, updated_at, json_remove(report, '$.per_slice') "
+                                    "FROM series WHERE updated_at > ? ORDER BY updated_at DESC LIMIT ?",
+                                    (float(since), int(limit) + len(exclude))).fetchall()
+        out = []
+        for uid, study, verdict, slices, updated, rep in rows:
+            if uid in exclude:
+                continue
+            rep = json.loads(rep) if rep else {"series_instance_uid": uid, "study_instance_uid": study,
+                                               "verdict": verdict, "slices": slices}
+            out.append(series_summary(rep, updated))
+        return out[:limit]
 
     def get_series(self, uid: str) -> dict | None:
         with self._lock:

@@ -305,7 +305,7 @@ def reuid_copy(files: list[Path], folder: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------------------------- (a) storescp
 def _storescu(files: list[Path], port: int, aet: str = "ANY-SCP", timeout: float = 600) -> tuple[float, subprocess.CompletedProcess]:
-    cmd = [_tool("storescu") or "storescu", "--max-pdu", "131072", "-aec", aet, "127.0.0.1", str(port), *map(str, files)]
+    cmd = [_tool("storescu"), "--max-pdu", "131072", "-aec", aet, "127.0.0.1", str(port), *map(str, files)]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=_nodelay_env(), capture_output=True, text=True, timeout=timeout)
     return time.perf_counter() - t0, r

@@ -516,6 +516,10 @@ RING_MIN_R_PX = 20
 RING_FIELD_MARGIN_MM = 12.0  # the ring measure stops this far inside the scan field's edge
 RING_NOISE_K = 5.0  # ring contrast is counted above this many robust SDs of the radial profile ...
 RING_SE_K = 3.0  # ... and above this many standard errors of each radius's median over the angles
+RING_MIN_SHARE = 0.5  # ... over at least this share of the angles, where the neighbourhood is smooth
+RING_BONE_HU = 400.0  # ... and holds no bone
+RING_MIN_R_MM = 30.0  # rings are read from this radius (and RING_MIN_R_PX) outwards
+RING_SMOOTH_MM = 10.0  # ... over this radial range at 2 mm (5 pixels; 9 at full resolution)
 _POLAR_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
@@ -570,13 +574,33 @@ def _column_median(vals: np.ndarray, ok: np.ndarray) -> np.ndarray:
     return (x[rows, np.maximum(n - 1, 0) // 2] + x[rows, n // 2 - (n == 0)]) / 2
 
 
-def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None) -> float:
+def _med3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
+
+
+def _radial_median(pol: np.ndarray, k: int = 9) -> np.ndarray:
+    """The median of three medians of three over ``k`` = 9 neighbouring radii of each (angle, radius) sample
+    (Tukey's ninther: like the median it keeps edges and removes features under ~4 px wide, at a tenth of
+    its cost); ends padded by repetition."""
+    if k != 9:
+        raise ValueError("the radial ninther spans 9 radii")
+    x = np.pad(pol, ((0, 0), (4, 4)), mode="edge")
+    n = pol.shape[1]
+    m = _med3(x[:, 0:n + 6], x[:, 1:n + 7], x[:, 2:n + 8])  # m[:, i]: the median of 3 centred on column i + 1 of x
+    return _med3(m[:, 0:n], m[:, 3:n + 3], m[:, 6:n + 6])
+
+
+def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None, smooth_px: int = 9,
+                  min_share: float = RING_MIN_SHARE, min_r_px: float = RING_MIN_R_PX, radial: bool = True) -> float:
     """Peak contrast (HU) of a thin ring around a rotation centre: the slice in polar coordinates (180 angles
-    × 1 px radial steps), minus its 5×5 median (which removes thin lines and keeps edges), then for each
-    radius the median over the angles where the neighbourhood is smooth (the 9-px radial range of the
-    median image < 250 HU: skull, skin and organ boundaries are out) — at least 60 % of them; the largest
-    |value| between 20 px and the disk's edge above its noise floor: the larger of ``RING_SE_K`` standard
-    errors of that radius's median (its own residual spread over √ of its independent samples) and
+    × 1 px radial steps), minus its background: with ``radial`` (full resolution) the ninther of 9
+    neighbouring radii (a ring and its ramp-filter side lobes span up to ~6 px, which a 5-px median partly
+    follows), else the 5×5 median (at ~2 mm, where a ring is 1–3 px wide); both keep edges. Then for each radius from ``min_r_px`` on the median over the angles where the neighbourhood is
+    smooth (the ``smooth_px`` radial range of the median image < 250 HU, no bone: skull, skin and organ
+    boundaries are out) — at least ``min_share`` of them; the largest
+    |value| out to the disk's edge above its noise floor: the larger of ``RING_SE_K`` standard
+    errors of that radius's median (its own residual spread — the median absolute deviation — over √ of its
+    independent samples) and
     ``RING_NOISE_K`` robust SDs of the radial profile. A detector channel with a gain error adds the same error along
     its whole circle around the isocentre, so the median over angles keeps it, while anatomy, noise and
     streaks (different at each angle) cancel. ``centres``: (row, col) candidates (default: the image centre;
@@ -593,13 +617,20 @@ def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None) -
         if rad < 32:
             continue
         pol = _polar(hu, cy, cx, rad)
-        med = _median5(pol)
+        # the background each ring pixel is read against: at full resolution a radial median over smooth_px
+        # pixels (a ring with its ramp-filter side lobes spans up to ~6 pixels, which a 5-pixel median partly
+        # follows: on a real 1.25 mm chest it kept a third of a 34 HU ring), at 2 mm the 5 × 5 median
+        med = _radial_median(pol) if radial else _median5(pol)
         res = pol - med
-        lo, hi = _min_max(med, 1, 9)
+        lo, hi = _min_max(med, 1, smooth_px)
         span = hi - lo
-        ok = (span < 250.0) & (pol > -1090.0) & (pol < 1500.0)
-        good = ok.sum(axis=0) >= 0.6 * RING_ANGLES
-        good[:RING_MIN_R_PX] = False  # near the centre few distinct pixels share the 180 angles
+        # smooth neighbourhoods of air, lung, fat and soft tissue: bone is left out (the skull's tables and
+        # diploë are a ring round a head's centre, coherent over every angle)
+        ok = (span < 250.0) & (pol > -1090.0) & (hi < RING_BONE_HU)
+        good = ok.sum(axis=0) >= min_share * RING_ANGLES
+        # near the centre few distinct pixels share the 180 angles, and a round organ or vessel centred there
+        # (the aorta, a vertebral body) reads as a ring over all of them
+        good[:int(math.ceil(min_r_px))] = False
         good[-6:] = False
         if max_r_px is not None:
             good[max(0, int(max_r_px)):] = False
@@ -616,14 +647,15 @@ def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None) -
             v = 0.0
             if over.any():
                 # ... and above each radius's own floor: the standard error of its median over the angles,
-                # from the residual's spread there (mean |residual| × 1.2533 = σ for Gaussian noise) and the
+                # from the residual's spread there (its median absolute deviation from the circle's median ×
+                # 1.4826 = σ: neither the ring's own offset nor the lung's vessels inflate it) and the
                 # independent samples on that circle (the angles, or its circumference in pixels when
                 # shorter). Near the centre a circle holds few distinct pixels, so heavy noise leaves its
                 # median tens of HU off. Only radii over the first floor can count, so only they are costed
                 c = cols[over]
                 okc = ok[:, c]
                 n = okc.sum(axis=0)
-                sig = 1.2533 * np.where(okc, np.abs(res[:, c]), 0.0).sum(axis=0) / np.maximum(n, 1)
+                sig = 1.4826 * _column_median(np.abs(res[:, c] - prof[over][None, :]), okc)
                 n_eff = np.minimum(n, n * 2.0 * math.pi * np.maximum(c, 1).astype(np.float64) / RING_ANGLES)
                 se = 1.2533 * sig / np.sqrt(np.maximum(n_eff, 1.0))
                 v = max(0.0, float(np.max(np.abs(prof[over]) - np.maximum(RING_SE_K * se, RING_NOISE_K * floor))))
@@ -793,15 +825,17 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         centres = [centre, iso] if far else [centre]
         field_r = (dcd if dcd and dcd > 0 else SCAN_FIELD_MM) / 2.0 - RING_FIELD_MARGIN_MM  # mm from the axis
         px_mm = math.sqrt(rmm * cmm)
-        # full resolution around the rotation axis only (the isocentre from the header where it is known, the
-        # image centre otherwise; the ~2 mm scale below tries both): it is the dearer scale (~1 ms a centre)
-        ring = ring_contrast(hu, [iso] if far else centres, field_r / px_mm)
+        # full resolution around both candidates for the rotation axis: the header's isocentre assumes the
+        # scanner puts the axis at patient x = y = 0, which not every vendor's coordinates do, and the image
+        # centre is where an unoffset displayed field has it (~2 ms a centre)
+        ring = ring_contrast(hu, centres, field_r / px_mm, min_r_px=max(RING_MIN_R_PX, RING_MIN_R_MM / px_mm))
         if pooled is not None and pooled[2] >= 2:
             # the same at ~2 mm pixels: a ring several display pixels wide (a failing detector module, a
             # fine display grid) is smoothed away by the 5-pixel median at full resolution, not at 2 mm
             f = pooled[2]
             coarse = ring_contrast(pooled[0], [((cy + 0.5) / f - 0.5, (cx + 0.5) / f - 0.5) for cy, cx in centres],
-                                   field_r / (px_mm * f))
+                                   field_r / (px_mm * f), smooth_px=max(3, int(round(RING_SMOOTH_MM / (px_mm * f))) | 1),
+                                   radial=False)
             ring = float(np.fmax(ring, coarse))  # the larger scale; NaN only where both are
         out["ring_contrast_hu"] = ring
         if pooled is not None:  # motion evidence: dark streaks in the free air around the patient
@@ -824,6 +858,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
 
 METAL_AREA_MM2 = (5.0, 40.0)  # classical metal evidence ramps from 0.5 to 0.95 over this area at >= 2500 HU
 METAL_MIN_HU = 3000.0  # the densest bone and enamel rarely exceed this; metal saturates far above it
+METAL_SUBLEVEL = 0.1  # the most metal evidence a slice whose densest pixel stays under METAL_MIN_HU gets
 TRUNC_EDGE = (0.06, 0.25)  # fraction of the scan field's edge covered by the patient: evidence ramps from 0.5 to 0.95
 CLASSICAL_THRESHOLD = 0.5  # the checks' threshold for a class the bundle's network does not score
 MOTION_NETWORK_WEIGHT = 0.4  # the network's share of the fused motion score, the air evidence's the rest
@@ -852,7 +887,10 @@ def classical_probs(measures: dict[str, float]) -> dict[str, float]:
     if math.isfinite(m.get("metal_area_mm2", float("nan"))):
         p = _ramp(m["metal_area_mm2"], *METAL_AREA_MM2)
         if m.get("metal_max_hu", 0.0) < METAL_MIN_HU:
-            p = 0.0  # bone, enamel or contrast: no metal evidence (the bundle's metal threshold is 0.14)
+            # bone, enamel, contrast — or metal whose densest pixel partial volume or a store that saturates
+            # below 3,000 HU kept under the level (the ends of a real hip implant): never a metal flag (the
+            # bundle's metal threshold is 0.14), but more dense area ranks higher than none
+            p *= METAL_SUBLEVEL / 0.95
         out["metal"] = p
     if math.isfinite(m.get("body_touches_fov", float("nan"))):
         out["truncation"] = _ramp(m["body_touches_fov"], *TRUNC_EDGE)

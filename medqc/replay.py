@@ -582,7 +582,7 @@ class AgentWatcher:
     def check(self) -> None:
         """Fail early (with a clear message) when the agent's API does not answer."""
         try:
-            self.get_json("/api/series")
+            self.get_json("/api/series?limit=1")
         except (OSError, ValueError) as e:
             raise OSError(f"the agent's HTTP API at {self.scheme}://{self.host}:{self.port}{self.base} does not answer: {e}") from None
 

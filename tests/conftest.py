@@ -12,7 +12,23 @@ import pytest
 from medqc.dcmtk import dcmtk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_CT = ROOT.parent / "shared" / "real-ct" / "philips-ingenuity-head-phantom"
+# the real-CT collection: $MEDQC_REAL_CT, else ../shared/real-ct beside the checkout
+REAL_CT = Path(os.environ.get("MEDQC_REAL_CT") or ROOT.parent / "shared" / "real-ct") / "philips-ingenuity-head-phantom"
+
+
+def missing_peer(what: str) -> None:
+    """A real peer or data set a test needs is not here: skip, or fail where MEDQC_REQUIRE_PEERS=1 (CI)."""
+    if os.environ.get("MEDQC_REQUIRE_PEERS") == "1":
+        pytest.fail(f"{what} (MEDQC_REQUIRE_PEERS=1)")
+    pytest.skip(what)
+
+
+def missing_real_ct(what: str) -> None:
+    """The real-CT collection (data shared beside the checkout, not a package any registry carries) is not
+    here: skip, or fail where MEDQC_REQUIRE_REAL_CT=1 (a machine that has it and must test on it)."""
+    if os.environ.get("MEDQC_REQUIRE_REAL_CT") == "1":
+        pytest.fail(f"{what} (MEDQC_REQUIRE_REAL_CT=1)")
+    pytest.skip(what)
 
 
 # test modules import shared helpers from here (``from conftest import free_port``): the tests folder must be
@@ -39,14 +55,14 @@ def port() -> int:
 @pytest.fixture(scope="session")
 def real_ct() -> Path:
     if not REAL_CT.is_dir():
-        pytest.skip(f"real vendor study not present at {REAL_CT}")
+        missing_real_ct(f"real vendor study not present at {REAL_CT} (set MEDQC_REAL_CT)")
     return REAL_CT
 
 
 def need_tool(name: str) -> str:
     path = dcmtk(name)
     if not path:
-        pytest.skip(f"{name} is not installed (.ci/run installs it)")
+        missing_peer(f"{name} is not installed (.ci/run installs it)")
     return path
 
 

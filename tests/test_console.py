@@ -190,6 +190,69 @@ def test_console_live_in_chromium(agent, study, tmp_path):
     assert t_first < 10
 
 
+def test_strip_in_table_order_for_a_series_sent_out_of_order(tmp_path):
+    """A tilted head series with metal (injected on slices 8-19, found on a run around them), its files sent
+    by storescu in a shuffled order: the strip runs head to feet by each slice's position along the (tilted)
+    stack normal, so the metal run is one block of marks at its place in the table, not marks scattered by
+    the network's position estimate or the arrival order."""
+    import random
+
+    import pydicom
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian chromium is not installed (.ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+    study = tmp_path / "tilted"
+    _run([sys.executable, "-m", "medqc", "synth", "--region", "head", "--slices", "24", "--matrix", "128", "--tilt", "20",
+          "--artifact", "metal:0.9@8-19", "--seed", "5", "--no-progress", str(study)], timeout=300)
+    files = sorted(study.glob("*.dcm"))
+    random.Random(3).shuffle(files)
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    assert [int(h.InstanceNumber) for h in headers] != sorted(int(h.InstanceNumber) for h in headers)
+
+    def along_normal(h):  # position along the slice normal, + towards the head
+        r, c = np.array(h.ImageOrientationPatient[:3], float), np.array(h.ImageOrientationPatient[3:], float)
+        n = np.cross(r, c)
+        return float(np.dot(np.array(h.ImagePositionPatient, float), n if n[2] > 0 else -n))
+
+    table_order = [int(h.InstanceNumber) for h in sorted(headers, key=lambda h: -along_normal(h))]
+    storescu = dcmtk("storescu")
+    if not storescu:
+        pytest.fail("storescu (dcmtk) is not installed")
+    from medqc.agent.daemon import Agent
+    from medqc.config import load_config
+
+    # the bundled model: the network's position estimates are there (and wrong by millimetres to centimetres)
+    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
+                             "series.idle_timeout_s": 2.0, "sinks.stdout.enabled": False})
+    a = Agent(cfg, tmp_path / "state", None, "onnxruntime").start()
+    server = a.http
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"http://127.0.0.1:{server.port}/")
+            page.wait_for_function("document.querySelector('#conn').classList.contains('on')", timeout=10000)
+            _run([storescu, "-aet", "CT_TEST", "-aec", "MEDQC", "127.0.0.1", str(cfg.dicom.port), *map(str, files)],
+                 env={**os.environ, "TCP_NODELAY": "1"}, timeout=120)
+            page.wait_for_selector("section.series .verdict:not(.open)", timeout=30000)
+            page.wait_for_function("document.querySelectorAll('section.series .strip .mark').length === 24", timeout=30000)
+            marks = page.eval_on_selector_all("section.series .strip .mark",
+                                              "els => els.map(e => [e.className, e.dataset.kind, e.title])")
+            page.screenshot(path=str(tmp_path / "strip.png"), full_page=True)
+            (st,) = a.tracker.all()
+        finally:
+            browser.close()
+            a.stop(5.0)
+    shown = [int(t.split(" · ")[0].removeprefix("slice ")) for _, _, t in marks]
+    assert shown == table_order, (shown, table_order)
+    metal = [i for i, (c, k, _) in enumerate(marks) if "s2" in c and k == "metal"]
+    assert metal and metal == list(range(metal[0], metal[-1] + 1)), marks  # one block, not scattered
+    assert not [m for m in marks if "s2" in m[0] and m[1] != "metal"], marks
+    (f,) = [f for f in st.findings.values() if f.check == "artifact.metal"]
+    assert {shown[i] for i in metal} <= set(range(f.first_instance, f.last_instance + 1)), (metal, shown, f.message)
+
+
 def test_console_privacy_opt_in_and_token(tiny_bundle, tmp_path, study):
     """Patient name only when the site opts in; with http.token the API needs the bearer (or ?token=)."""
     from medqc.agent.console import serve

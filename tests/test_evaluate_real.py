@@ -3,7 +3,7 @@
 injector, analysed through the pipeline ``medqc analyze`` runs.
 
 The real CT comes from ``$MEDQC_REAL_CT`` (default ``../shared/real-ct`` beside the checkout). Without it the
-test skips, except under ``MEDQC_REQUIRE_PEERS=1``, where its absence is a failure.
+test skips, except under ``MEDQC_REQUIRE_REAL_CT=1``, where its absence is a failure (``conftest.missing_real_ct``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import missing_real_ct
 
 ROOT = Path(__file__).resolve().parents[1]
 TCIA = "tcia-covid19-ny-sbu-slices"
@@ -27,10 +27,7 @@ def real_ct_root() -> Path:
     root = Path(os.environ.get("MEDQC_REAL_CT") or ROOT.parent / "shared" / "real-ct")
     missing = [p for p in [root / CHEST, *(root / TCIA / s for s in SLICES)] if not p.exists()]
     if missing:
-        msg = f"real CT missing under {root} ({missing[0]}); set MEDQC_REAL_CT"
-        if os.environ.get("MEDQC_REQUIRE_PEERS") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        missing_real_ct(f"real CT missing under {root} ({missing[0]}); set MEDQC_REAL_CT")
     return root
 
 

@@ -115,9 +115,10 @@ def test_http_api_end_to_end(agent, study):
 
     status, _, body = _get(base + "/api/series", "t0ken")
     rep = json.loads(body)
-    assert status == 200 and rep["schema"] == "medqc.report/1"
-    s = next(s for s in rep["series"] if s["series_instance_uid"] == uid)
-    assert s["slices"] == 12 and s["verdict"] in ("warn", "fail")
+    assert status == 200 and rep["schema"] == "medqc.series-list/1"
+    s = next(s for s in rep["series"] if s["series_instance_uid"] == uid)  # a summary: per-slice data is on its own URL
+    assert s["slices"] == 12 and s["verdict"] in ("warn", "fail") and "per_slice" not in s and s["url"] == f"/api/series/{uid}"
+    assert "artifact.metal" in {f["check"] for f in s["findings"]} and not any("details" in f for f in s["findings"])
     status, _, body = _get(base + f"/api/series/{uid}", "t0ken")
     one = json.loads(body)
     assert status == 200 and one["series_instance_uid"] == uid and len(one["per_slice"]) == 12
@@ -182,7 +183,7 @@ def test_sse_keepalive_and_slow_client_dropped(monkeypatch):
     time.sleep(0.2)
     ev = [o for o in out if o.startswith(b"event: finding")]
     assert ev and json.loads(ev[0].split(b"data: ")[1]) == {**{k: None for k in http.FINDING_KEYS},
-                                                             **{"finding_id": "r1", "check": "artifact.ring",
+                                                             **{"kind": "raised", "finding_id": "r1", "check": "artifact.ring",
                                                                 "severity": "warning", "message": "rings",
                                                                 "series_instance_uid": "1.2.3", "study_instance_uid": "1.2",
                                                                 "first_instance": 4, "last_instance": 9, "raised_at": 0.0}}
@@ -196,3 +197,62 @@ def test_sse_keepalive_and_slow_client_dropped(monkeypatch):
         b.on_finding(f, None)
     assert time.perf_counter() - t0 < 0.1 and b.clients == 0
     assert q.qsize() == 1 and q.get_nowait() is None  # its stream ends; the client reconnects
+
+
+def test_series_list_is_summaries_with_paging_and_since(tiny_bundle, tmp_path, real_ct):
+    """/api/series lists summaries (no per-slice rows), newest update first, pages with limit/offset and
+    filters with since; the per-slice data is on /api/series/{uid}. After a restart the same list comes from
+    the SQLite store."""
+    from medqc.agent.daemon import Agent
+    from medqc.config import load_config
+    from test_agent_dicom import storescu
+
+    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
+                             "series.idle_timeout_s": 1.0, "sinks.stdout.enabled": False})
+    base = f"http://{cfg.http.bind}"
+
+    def get(path):
+        status, _, body = _get(base + path)
+        assert status == 200, (path, body)
+        return json.loads(body), len(body)
+
+    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    try:
+        r = storescu(cfg.dicom.port, real_ct)  # the real phantom study: two axial series (54 and 58 slices)
+        assert r.returncode == 0, r.stderr[-2000:]
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            doc, _ = get("/api/series")
+            if len(doc["series"]) == 2 and all(s["verdict"] for s in doc["series"]):
+                break
+            time.sleep(0.3)
+        assert doc["schema"] == "medqc.series-list/1" and sorted(s["slices"] for s in doc["series"]) == [54, 58], doc
+        full = sum(get(s["url"])[1] for s in doc["series"])  # each series' own document, per-slice rows included
+        assert len(json.dumps(doc["series"])) * 10 < full, (len(json.dumps(doc["series"])), full)
+        assert all("per_slice" not in s and s["url"] == f"/api/series/{s['series_instance_uid']}" for s in doc["series"])
+        assert doc["next_offset"] is None and doc["rejected"]  # the localizer, the secondary captures, ...
+        newest, older = doc["series"]
+        assert newest["updated_at"] >= older["updated_at"]
+        page1, _ = get("/api/series?limit=1")
+        page2, _ = get(f"/api/series?limit=1&offset={page1['next_offset']}")
+        assert [s["series_instance_uid"] for s in page1["series"] + page2["series"]] == [newest["series_instance_uid"],
+                                                                                         older["series_instance_uid"]]
+        assert page1["next_offset"] == 1 and page2["next_offset"] is None and "rejected" not in page2
+        assert get(f"/api/series?since={doc['now']}")[0]["series"] == []
+        since = get(f"/api/series?since={older['updated_at']}")[0]["series"]
+        assert [s["series_instance_uid"] for s in since] == [newest["series_instance_uid"]]
+        one, _ = get(newest["url"])
+        assert len(one["per_slice"]) == newest["slices"] and one["verdict"] == newest["verdict"]
+        assert _get(base + "/api/series?limit=x")[0] == 400
+    finally:
+        a.stop(5.0)
+    b = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()  # a restart: the store answers
+    try:
+        again, _ = get("/api/series")
+        assert [(s["series_instance_uid"], s["verdict"], s["slices"]) for s in again["series"]] == [
+            (s["series_instance_uid"], s["verdict"], s["slices"]) for s in doc["series"]]
+        assert all("per_slice" not in s for s in again["series"])
+        assert [s["series_instance_uid"] for s in get("/api/series?limit=1&offset=1")[0]["series"]] == [older["series_instance_uid"]]
+        assert len(get(older["url"])[0]["per_slice"]) == older["slices"]
+    finally:
+        b.stop(5.0)

@@ -64,6 +64,31 @@ def test_metal_run_raised_as_soon_as_min_run_reached_and_updated_not_duplicated(
     assert sum(1 for x in st.findings.values() if x.check == "artifact.metal") == 1
 
 
+def test_finding_events_have_kinds(cfg):
+    """The tracker reports every change of a finding with its kind: the metal run is raised once (warning),
+    escalated once when it becomes critical, 'updated' as it grows otherwise, and 'final' at the verdict; a
+    finding judged only on the complete series (a gap) is first reported as 'final'. ``first_report``
+    (what medqc_findings_total counts) is true once per finding."""
+    from medqc.agent.series import first_report
+
+    tr = SeriesTracker(cfg, {"metal": 0.5})
+    res = make_results(30, scores={i: {"metal": 0.8} for i in range(10, 16)})
+    del res[24]  # a missing slice: geometry.gap, judged on the complete series only
+    metal = [(f.kind, f.severity) for r in res for f in tr.add(r) if f.check == "artifact.metal"]
+    assert [k for k in metal if k[0] != "updated"] == [("raised", "warning"), ("escalated", "critical")], metal
+    assert len(metal) == 5  # three more changes as the run grew, reported as updates (state, not news)
+    st, changed = tr.complete("1.2.3.9", "idle")
+    kinds = {f.check: f.kind for f in changed}
+    assert kinds["artifact.metal"] == "final" and kinds["geometry.gap"] == "final", kinds
+    f = st.findings["1.2.3.9/artifact.metal"]
+    assert f.kind == "final" and f.severity == "critical" and "first_raised_at" in f.details
+    assert [f.check for f in changed if first_report(f)] == ["geometry.gap"]  # metal was counted when raised
+    # a slice arriving after the verdict re-opens the series; the metal run it joins is news again only if
+    # its severity rises above the final one
+    late = make_results(31, scores={30: {"metal": 0.8}})[30]
+    assert [f.kind for f in tr.add(late) if f.check == "artifact.metal"] in ([], ["updated"])
+
+
 def test_lone_slice_needs_a_very_high_score(cfg):
     tr = SeriesTracker(cfg, {})
     for r in make_results(20, scores={5: {"ring": 0.7}, 12: {"motion": 0.95}}):
@@ -145,21 +170,24 @@ def test_a_streaming_finding_the_complete_series_does_not_show_is_withdrawn(cfg)
     """A band of high motion scores stands out while the series' level is low and is raised while slices
     arrive; the rest of the series reads as high (a scanner the network reads so everywhere), so the complete
     series does not show it: the finding stays on record as withdrawn (info, details.resolved), its message
-    says so in words, and the human summary marks it withdrawn rather than as a live info finding."""
-    from medqc.agent.analyze import human
-
-    tr = SeriesTracker(cfg, {"motion": 0.58})
+    says so in words. Offline (``streaming=False``, medqc analyze) nothing is judged before the series is
+    complete: nothing is raised, so nothing is withdrawn."""
     scores = {i: {"motion": 0.75 if 20 <= i < 35 or i >= 45 else 0.3} for i in range(120)}
+    tr = SeriesTracker(cfg, {"motion": 0.58})
     streamed = []
     for r in make_results(120, scores=scores):
         streamed += tr.add(r)
     assert "artifact.motion" in checks(streamed)
     st, _ = tr.complete("1.2.3.9", "idle")
     f = st.findings["1.2.3.9/artifact.motion"]
-    assert f.severity == "info" and f.details["resolved"] is True and st.verdict == "pass"
+    assert f.severity == "info" and f.details["resolved"] is True and st.verdict == "pass" and f.kind == "withdrawn"
     assert f.message.startswith("Withdrawn: the complete series does not show it (raised while slices arrived: ")
-    text = human(build_report([st], [], cfg.privacy))
-    assert "[withdrawn] artifact.motion" in text, text
+
+    offline = SeriesTracker(cfg, {"motion": 0.58}, streaming=False)
+    assert [f for r in make_results(120, scores=scores) for f in offline.add(r)] == []
+    st2, final = offline.complete("1.2.3.9", "idle")
+    assert st2.verdict == "pass" and "1.2.3.9/artifact.motion" not in st2.findings
+    assert sorted(st2.findings) == sorted(fid for fid, f in st.findings.items() if not f.details.get("resolved"))
 
 
 def _streaked(n: int, air: dict, scores: float = 0.55, **measures) -> list[SliceResult]:

@@ -12,12 +12,20 @@ import threading
 log = logging.getLogger("medqc.agent.sinks")
 
 
+def announced(finding) -> bool:
+    """Whether an event feed (stdout, webhook, server-sent events) reports this change of a finding: raised,
+    escalated, withdrawn and final do; "updated" (extent or score changed while slices arrive) does not."""
+    from medqc.agent.records import ANNOUNCED
+
+    return finding.kind in ANNOUNCED
+
+
 class Sink:
     name = "base"
 
     def on_slice(self, result, state) -> None: ...
 
-    def on_finding(self, finding, state) -> None: ...
+    def on_finding(self, finding, state) -> None: ...  # every change, ``finding.kind`` says which (records.KINDS)
 
     def on_series(self, state) -> None: ...  # verdict reached
 

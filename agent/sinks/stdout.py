@@ -1,4 +1,8 @@
-"""Findings and verdicts as JSON lines on stdout (one object per line; UIDs only, no patient identifiers)."""
+"""Findings and verdicts as JSON lines on stdout (one object per line; UIDs only, no patient identifiers).
+
+One line per finding event: ``{"event": "finding", "kind": "raised" | "escalated" | "withdrawn" | "final", ...}``
+— a finding is raised once, a line more when its severity rises while slices arrive, and at the verdict its
+final judgement (or its withdrawal); then one ``{"event": "series", ...}`` line with the verdict."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import sys
 import threading
 import time
 
-from medqc.agent.sinks.base import Sink
+from medqc.agent.sinks.base import Sink, announced
 
 
 class StdoutSink(Sink):
@@ -24,9 +28,12 @@ class StdoutSink(Sink):
             self.stream.flush()
 
     def on_finding(self, finding, state) -> None:
+        if not announced(finding):
+            return
         d = finding.to_dict()
         d.pop("details", None)
-        self._emit({"event": "finding", "time": time.time(), **d})
+        kind = d.pop("kind")
+        self._emit({"event": "finding", "kind": kind, "time": time.time(), **d})
 
     def on_series(self, state) -> None:
         counts: dict[str, int] = {}

@@ -1,7 +1,7 @@
 """Findings and verdicts POSTed as JSON to a webhook (``[sinks.webhook] url``).
 
-One POST per event: ``{"event": "finding", ...}`` (the public finding fields, UIDs only) or
-``{"event": "series", ...}`` (verdict). Failures (connection errors, 5xx, 408, 429) are retried with
+One POST per event: ``{"event": "finding", "kind": ..., ...}`` (the public finding fields, UIDs only; kind
+``raised``, ``escalated``, ``withdrawn`` or ``final``, as on stdout) or ``{"event": "series", ...}`` (verdict). Failures (connection errors, 5xx, 408, 429) are retried with
 exponential backoff (``backoff_s`` · 2^(attempt-1), at most 60 s) up to ``retries`` times on this sink's own
 thread, so the pipeline never waits; other 4xx are not retried. With ``secret`` set, every request
 carries ``X-Medqc-Signature: sha256=<hex HMAC-SHA256 of the body>`` so the receiver can verify it.
@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 
-from medqc.agent.sinks.base import Sink
+from medqc.agent.sinks.base import Sink, announced
 
 log = logging.getLogger("medqc.agent.sinks.webhook")
 
@@ -70,6 +70,8 @@ class WebhookSink(Sink):
         raise WebhookError(f"webhook gave up after {self.retries + 1} attempts ({last})")
 
     def on_finding(self, finding, state) -> None:
+        if not announced(finding):
+            return
         from medqc.agent.http import finding_event
 
         self.post({"event": "finding", **finding_event(finding)})

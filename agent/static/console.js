@@ -26,7 +26,8 @@
     const parts = ["slice " + (s.instance != null ? s.instance : s.k + 1)];
     if (s.error) parts.push("not analysable: " + s.error);
     else if (s.worst) parts.push(NAMES[s.worst] + " " + Math.round(100 * s.score) + "%");
-    if (s.pos_mm != null) parts.push(Math.round(s.pos_mm) + " mm below vertex");
+    if (s.z != null) parts.push("z " + Math.round(s.z) + " mm");
+    if (s.pos_mm != null) parts.push("~" + Math.round(s.pos_mm) + " mm below vertex");
     return parts.join(" · ");
   }
 
@@ -115,8 +116,11 @@
     card.appendChild(head);
     card.appendChild(el("div", "label", "Slices, head → feet, coloured by the worst artifact score"));
     const strip = el("div", "strip");
-    const ordered = s.slices.slice().sort((a, b) => (a.pos_mm != null && b.pos_mm != null) ? a.pos_mm - b.pos_mm
-      : (a.z != null && b.z != null) ? b.z - a.z : a.k - b.k);  // head first: reference mm below vertex, else patient z (+ = head)
+    // head first, in table order: by the slice's position along the stack normal (z, + towards the head; taken
+    // along the tilted normal on a tilted gantry), as the scanner placed it. The network's position estimate
+    // (pos_mm, ~20 mm median error) only orders slices without geometry; arrival order the rest.
+    const place = (sl) => sl.z != null ? [0, -sl.z] : sl.pos_mm != null ? [1, sl.pos_mm] : [2, sl.k];
+    const ordered = s.slices.slice().sort((a, b) => { const p = place(a), r = place(b); return p[0] - r[0] || p[1] - r[1] || a.k - b.k; });
     for (const sl of ordered) { const m = el("div", markClass(sl, s.thresholds)); m.title = markTitle(sl); m.dataset.kind = sl.worst || ""; strip.appendChild(m); }
     card.appendChild(strip);
     if (s.coverage) card.appendChild(coverageEl(s.coverage));

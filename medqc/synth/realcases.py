@@ -123,7 +123,9 @@ def volume_series(vol: np.ndarray, spacing: tuple[float, float, float], out: Pat
         py = yy * math.cos(t)
         pz = zc + yy * math.sin(t)
         coords = np.stack([pz / dz, py / dy + (ny - 1) / 2, xx / dx + (nx - 1) / 2])
-        img = ndimage.map_coordinates(vol.astype(np.float32), coords, order=1, mode="constant", cval=-1024.0)
+        # where a tilted plane leaves the volume's z range it repeats the nearest plane (a cut to air there would
+        # be an edge no scanner makes)
+        img = ndimage.map_coordinates(vol.astype(np.float32), coords, order=1, mode="nearest")
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
