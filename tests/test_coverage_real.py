@@ -103,6 +103,11 @@ def test_chest_without_lungs_fails(chest, tmp_path):
 def test_too_few_slices_say_coverage_was_not_judged(chest, tmp_path):
     s = analyze(realcases.write_case(chest[60:62], tmp_path, "two", "CHEST ROUTINE"))
     assert coverage(s) == {} and "not judged" in s["coverage_note"]
+    # every check that could not judge says why: coverage, motion against the series' own level, a ring run
+    assert {"coverage", "artifact.motion", "artifact.ring", "centering.offset"} <= set(s["not_judged"])
+    assert "2 analysed slices" in s["not_judged"]["coverage"]
+    whole = analyze(realcases.write_case(chest, tmp_path, "whole", "CHEST ROUTINE"))
+    assert not set(whole.get("not_judged", {})) & {"coverage", "artifact.motion", "artifact.ring", "noise.index"}
 
 
 @pytest.mark.parametrize("tilt", [18.5, -18.5])
