@@ -64,6 +64,8 @@ def human(report: dict) -> str:
             lines.append(f"  {s['coverage_note']}")
         elif s.get("baseline"):
             lines.append(f"  {s['baseline']['text']}")
+        for check, why in (s.get("not_judged") or {}).items():
+            lines.append(f"  [not judged] {check:22} {why}")
     if len(report["series"]) > 1:
         import collections
 

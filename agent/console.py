@@ -263,6 +263,7 @@ class Console:
             "slices_from": from_slice, "slices": slices, "findings": fviews,
             "coverage": coverage_view(st, positions),
             "size": dict(st.size) if getattr(st, "size", None) else None,  # patient size and SSDE, at the verdict
+            "not_judged": dict(getattr(st, "not_judged", None) or {}),  # check -> why it could not judge, at the verdict
             "thresholds": dict(getattr(tr, "thresholds", {}) or {}),
         }
         if self.cfg.privacy.show_patient_identifiers and getattr(first, "patient_name", ""):

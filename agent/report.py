@@ -89,6 +89,8 @@ def series_report(state, privacy, per_slice_rows: bool = True) -> dict:
         out["coverage_note"] = "no protocol rule matched BodyPartExamined / ProtocolName / StudyDescription: coverage not judged"
     elif state.coverage and state.coverage.get("note"):
         out["coverage_note"] = state.coverage["note"]
+    if getattr(state, "not_judged", None):
+        out["not_judged"] = dict(state.not_judged)
     if getattr(privacy, "show_patient_identifiers", False):
         out["patient_name"] = info.patient_name
         out["patient_id"] = info.patient_id

@@ -31,6 +31,7 @@ from medqc.agent.checks import baseline as baseline_checks
 from medqc.agent.checks import coverage as coverage_checks
 from medqc.agent.checks import dose as dose_checks
 from medqc.agent.checks import geometry as geometry_checks
+from medqc.agent.checks import judged as judged_checks
 from medqc.agent.checks.common import finding, slice_z
 from medqc.agent.checks.protocols import load_rules, match_rule, part_of_split_range
 from medqc.agent.records import Finding, SliceInfo, SliceResult
@@ -68,6 +69,7 @@ class SeriesState:
     rule: object = field(default=None, repr=False)
     split_range: bool = False  # one part of a range split over series (posterior fossa): coverage not judged
     size: dict | None = None  # patient size and size-specific dose (checks.dose.size_specific), at completion
+    not_judged: dict = field(default_factory=dict)  # check -> why it could not judge this series (checks.judged)
     baseline: dict | None = None  # the scanner baseline it was judged against, or why none (checks.baseline)
     scanner: dict = field(default_factory=dict, repr=False)  # its baseline key and figures (medqc.baselines)
     _keys: set = field(default_factory=set, repr=False)
@@ -410,7 +412,7 @@ class SeriesTracker:
         mean_ctdi = sum(ctdi) / len(ctdi) if ctdi else None
         axial = not any(f.check == "geometry.orientation" and f.details.get("reason") in ("non-axial", "mixed") for f in out)
         st.coverage = {}
-        if rule is not None and axial and len(ordered) >= 2 and not st.split_range:
+        if rule is not None and axial and len(ordered) >= 1 and not st.split_range:
             tol = rule.tolerance_mm if rule.tolerance_mm is not None else cfg.coverage.tolerance_mm
             margin = rule.overscan_margin_mm if rule.overscan_margin_mm is not None else cfg.coverage.overscan_margin_mm
             cov, summary = coverage_checks.coverage_findings(st, ordered, rule, tol, margin, mean_ctdi,
@@ -429,6 +431,9 @@ class SeriesTracker:
         out += dose_checks.centering_findings(st, valid, cfg.centering_tolerance_mm)
         out += dose_checks.noise_findings(st, valid, rule, self._explained_noise(ordered, out))
         out = baseline_checks.judge_series(st, ordered, out, self.baselines, self._explained_noise)  # per-scanner baselines
+        st.not_judged = judged_checks.not_judged(st, ordered, rule, st.coverage)
+        if not axial:
+            st.not_judged["coverage"] = "the slices are not axial"
         if st._errors:
             out.append(self._undecodable(st))
         return out

@@ -38,6 +38,9 @@ def chest_cases(out: Path) -> list[tuple[str, Path, set[str]]]:
         ("'chest' above the lung apices (no lung)", w([d for d in sl if z(d) > 78], out, "chest-no-lung", "CHEST ROUTINE"), {"coverage.absent"}),
         
         ("neck ending in the upper chest", w([d for d in sl if z(d) > 40], out, "neck", "NECK"), set()),
+        ("abdomen starting in the mid chest", w([d for d in sl if z(d) < -60], out, "abd-chest", "ABDOMEN"), {"coverage.bottom"}),
+        ("abdomen starting in the lung bases (30 mm below the dome)", w([d for d in sl if z(d) < -140], out, "abd-bases", "ABDOMEN"), {"coverage.top", "coverage.bottom"}),
+        ("abdomen starting below the lungs (4 slices: where the crests lie they do not say)", w([d for d in sl if z(d) < -158], out, "abd-below", "ABDOMEN"), {"coverage.top"}),
     ]
 
 

@@ -103,6 +103,11 @@ def test_chest_without_lungs_fails(chest, tmp_path):
 def test_too_few_slices_say_coverage_was_not_judged(chest, tmp_path):
     s = analyze(realcases.write_case(chest[60:62], tmp_path, "two", "CHEST ROUTINE"))
     assert coverage(s) == {} and "not judged" in s["coverage_note"]
+    # every check that could not judge says why: coverage, motion against the series' own level, a ring run
+    assert {"coverage", "artifact.motion", "artifact.ring", "centering.offset"} <= set(s["not_judged"])
+    assert "2 analysed slices" in s["not_judged"]["coverage"]
+    whole = analyze(realcases.write_case(chest, tmp_path, "whole", "CHEST ROUTINE"))
+    assert not set(whole.get("not_judged", {})) & {"coverage", "artifact.motion", "artifact.ring", "noise.index"}
 
 
 @pytest.mark.parametrize("tilt", [18.5, -18.5])
@@ -114,3 +119,16 @@ def test_tilted_head_whose_top_slice_is_on_the_skull_cap_is_covered(cranium, tmp
                                         thickness_mm=5.0, z_range=(22.0, 157.0)))
     assert coverage(s) == {}, coverage(s)
     assert s["coverage"]["start_source"].startswith("skull")
+
+
+def test_liver_dome_from_the_lungs(chest, tmp_path):
+    """An abdomen rule starts at the liver dome: the lung section shrinking over it places it (a scan from the
+    mid chest covers it); a scan starting in the bases' recesses is short of it (warning); one with no lung at
+    all starts below the bases (critical)."""
+    z = lambda d: float(d.ImagePositionPatient[2])  # noqa: E731
+    from_chest = analyze(realcases.write_case([d for d in chest if z(d) < -60], tmp_path, "a1", "ABDOMEN"))
+    assert "coverage.top" not in coverage(from_chest) and from_chest["coverage"]["start_source"].startswith("lungs")
+    bases = analyze(realcases.write_case([d for d in chest if z(d) < -140], tmp_path, "a2", "ABDOMEN"))
+    assert coverage(bases)["coverage.top"]["severity"] == "warning" and "lung bases" in coverage(bases)["coverage.top"]["message"]
+    below = analyze(realcases.write_case([d for d in chest if z(d) < -158], tmp_path, "a3", "ABDOMEN"))
+    assert coverage(below)["coverage.top"]["severity"] == "critical"

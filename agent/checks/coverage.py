@@ -353,6 +353,41 @@ def head_top(ordered) -> dict:
     return {"vertex_cut": False, "vertex_z": z + min(t / 2.0, gap), "source": "skull (top of the head in the scan)"}
 
 
+DOME_SHRINK = 0.8  # the liver dome: where the lung section falls under this share of its largest, going down
+DOME_PEAK_MM2 = 15000.0  # ... of a largest section at least this (both lungs at full width)
+DOME_BASES_MM2 = 8000.0  # a top slice with less lung than this, shrinking downwards, shows the bases only
+
+
+def liver_dome(ordered) -> dict:
+    """The liver dome from the lungs (ascending-z ``ordered``). Going down the chest, the right hemidiaphragm
+    and the liver under it rise into the lung's section, which shrinks from there to the bases (posterior
+    recesses reach 4-6 cm below the dome):
+
+    * {dome_z, source} — the largest lung section (≥ ``DOME_PEAK_MM2``) lies in the scan and, below it, the
+      section falls under ``DOME_SHRINK`` of it: the dome is there;
+    * {below_bases: True} — no slice shows lung: the scan starts below the lung bases, so below the dome;
+    * {bases_only: True} — the top slice holds the most lung, under ``DOME_BASES_MM2``, shrinking downwards:
+      the scan starts in the bases' recesses, below the dome (on a real chest 17 mm and more below it);
+    * {} — the slices do not say."""
+    rows = [(z, r.measures.get("lung_area_mm2")) for z, r in ordered if not r.error and finite(r.measures.get("lung_area_mm2"))]
+    if len(rows) < 3:
+        return {}
+    rows.sort(key=lambda t: -t[0])  # top first
+    areas = [a for _, a in rows]
+    if max(areas) < LUNG_PRESENT_MM2:
+        return {"below_bases": True}
+    peak = max(range(len(areas)), key=lambda i: areas[i])
+    if areas[peak] < DOME_PEAK_MM2:
+        if peak == 0 and areas[0] >= LUNG_PRESENT_MM2 and areas[0] < DOME_BASES_MM2:
+            # the top slice holds the most lung, little of it, shrinking downwards: the bases only
+            return {"bases_only": True, "top_lung_mm2": areas[0]}
+        return {}
+    for i in range(peak + 1, len(rows)):
+        if areas[i] < DOME_SHRINK * areas[peak]:
+            return {"dome_z": rows[i][0], "source": "lungs (the lung section shrinks over the liver dome)"}
+    return {}
+
+
 def locate(ordered, rule) -> dict:
     """Patient z of the rule's start and end landmarks, and how each was found."""
     fit = fit_position(ordered)
@@ -402,6 +437,18 @@ def locate(ordered, rule) -> dict:
         for role in ("start", "end"):
             if getattr(rule, role) == "iliac_crest":
                 loc[role] = {"z": crest, "source": "iliac wings"}
+    if rule.start == "liver_dome":
+        dome = liver_dome(ordered)
+        if dome.get("dome_z") is not None:
+            loc["start"] = {"z": dome["dome_z"], "source": dome["source"]}
+        elif dome.get("below_bases"):
+            loc["start"] = {"z": None, "source": "lungs (none in the scan)",
+                            "why": "no slice shows lung: the scan starts below the lung bases, and the dome lies above them"}
+        elif dome.get("bases_only"):
+            # below the dome, by how much the slices do not say: a warning
+            loc["start"] = {"z": None, "source": "lungs (bases only)", "severity": "warning",
+                            "why": (f"the first slices show only the lung bases ({dome['top_lung_mm2'] / 100:.0f} cm² of lung, "
+                                    "shrinking downwards): the dome lies above them")}
     if rule.end in ("pubic_symphysis", "ischial_tuberosity"):
         pubis = pubic_symphysis(ordered)
         loc["pubis"] = pubis
@@ -495,11 +542,11 @@ def coverage_findings(state, ordered, rule, tol: float, margin: float, ctdivol: 
                 msg = (f"{_name(lm)[0].upper() + _name(lm)[1:]} not covered: scan {where} {about}{missing:.0f} mm {rel} "
                        f"the {_name(lm)} (located from {src}) — consider extending the range")
             else:
-                msg = (f"{_name(lm)[0].upper() + _name(lm)[1:]} not covered: the {'first' if end == 'top' else 'last'} "
-                       f"slices already show {seen} — consider extending the range")
+                why = loc[role].get("why") or f"the {'first' if end == 'top' else 'last'} slices already show {seen}"
+                msg = f"{_name(lm)[0].upper() + _name(lm)[1:]} not covered: {why} — consider extending the range"
             # critical only on evidence seen in the slices: a cut through the lungs or the skull, or a landmark
             # located in them and missed by far; a distance from the network's body scale alone is a warning
-            if estimated:
+            if estimated or loc[role].get("severity") == "warning":
                 sev = "warning"
             else:
                 sev = "critical" if missing is None or missing > 3 * max(tol, 10.0) else "warning"

@@ -129,6 +129,12 @@
     if (!s.findings.length) ul.appendChild(el("li", "nofind", s.verdict ? "No problems found." : "No problems so far."));
     for (const f of s.findings) ul.appendChild(findingEl(f));
     card.appendChild(ul);
+    const nj = Object.entries(s.not_judged || {});
+    if (s.verdict && nj.length) {
+      const notes = el("ul", "notjudged");
+      for (const [check, why] of nj) notes.appendChild(el("li", "", "Not judged — " + check + ": " + why));
+      card.appendChild(notes);
+    }
     return card;
   }
 
