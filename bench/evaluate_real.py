@@ -623,6 +623,9 @@ def evaluate(dirs: list[Path], *, kinds: list[str], severities: list[float], blo
     from medqc import ARTIFACTS
 
     classes = {c: class_metrics(diag, c, thr[c], severities) for c in ARTIFACTS}
+    # patients only: a phantom (named so by its study folder) teaches no anatomy and may hold no soft tissue
+    patients = [r for r in diag if "phantom" not in r["study"].lower()]
+    classes_patients = {c: class_metrics(patients, c, thr[c], severities) for c in ARTIFACTS}
     scanners = sorted({r["scanner"] for r in diag})
     per_scanner = {sc: {c: class_metrics([r for r in diag if r["scanner"] == sc], c, thr[c], severities) for c in ARTIFACTS}
                    for sc in scanners}
@@ -652,7 +655,7 @@ def evaluate(dirs: list[Path], *, kinds: list[str], severities: list[float], blo
         "studies": studies,
         "slices": {"clean": sum(not r["cone_beam"] for r in recs), "injected": len(irecs),
                    "cone_beam": sum(r["cone_beam"] for r in recs)},
-        "classes": classes, "per_scanner": per_scanner,
+        "classes": classes, "classes_patients": classes_patients, "per_scanner": per_scanner,
         "confusion": confusion(diag, thr, kinds),
         "real_artifacts": [{"study": r["study"], "scanner": r["scanner"], "file": r["file"], "class": c, "why": why,
                             "score": r["scores"].get(c), "over_threshold": float(r["scores"].get(c) or 0.0) >= thr[c]}
@@ -718,6 +721,14 @@ def markdown(res: dict) -> str:
         bysev = " / ".join(_pct(m["sens_at_thr_by_severity"].get(s)) for s in sev)
         L.append(f"| {c} | {m['threshold']:.3g} | {m['n_pos']} / {m['n_neg']} | **{_f(m['auroc'])}** | {_f(m['auroc_vs_clean'])} | "
                  f"{_pct(m['sens_at_thr'])} | {_pct(m['spec_at_thr'])} | {_pct(m['spec_clean_at_thr'])} | {bysev} |")
+    if res.get("classes_patients"):
+        L += ["", "Pooled over the patient studies only (the phantom left out: it teaches no anatomy, and its plastic "
+                  "holds no soft tissue to read noise in):", "",
+              "| class | pos / neg | **AUROC** | sens @ thr | spec @ thr |", "|---|---|---|---|---|"]
+        for c in ARTIFACTS:
+            m = res["classes_patients"][c]
+            L.append(f"| {c} | {m['n_pos']} / {m['n_neg']} | **{_f(m['auroc'])}** | {_pct(m['sens_at_thr'])} | "
+                     f"{_pct(m['spec_at_thr'])} |")
     ex = {c: res["classes"][c]["excluded"] for c in ARTIFACTS if res["classes"][c]["excluded"]}
     if ex:
         L += ["", "Left out per class: " + "; ".join(f"{c}: " + ", ".join(f"{n} {why}" for why, n in e.items())

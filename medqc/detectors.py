@@ -739,6 +739,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
             scan_edge = edge_g  # the displayed circle is the scan field
     elif display_d_mm >= 0.96 * SCAN_FIELD_MM:
         scan_edge = edge_g
+    field_edge_px = None  # the scan field's edge where the image shows it (padding or fill inside the circle)
     if pad.any():
         inner = pad & inside_circle & ~edge_g
         outer = pad
@@ -751,14 +752,17 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         near_pad[:-band, :] |= outer[band:, :]
         near_pad[:, band:] |= outer[:, :-band]
         near_pad[:, :-band] |= outer[:, band:]
-        if (outer & inside_circle & ~edge_g).any():
+        deep = outer & inside_circle & ~edge_g
+        if deep.any():
             scan_edge = scan_edge | near_pad
+            field_edge_px = float(_radius(h, w)[0][deep].min())
         else:
             display_edge = display_edge | near_pad
     else:
         r_fill = _constant_fill_radius(sub, band)
         if r_fill is not None:  # a scan field filled with constant air inside the displayed circle
             scan_edge = scan_edge | _ring(h, w, r_fill, band)
+            field_edge_px = float(r_fill)
     # the displayed rim: how much of it the trunk covers (a crop, for the centring check), and whether the
     # field lies inside the trunk nearly all round (a targeted reconstruction: spine, heart, a joint)
     n_edge = int(np.count_nonzero(display_edge & valid))
@@ -824,6 +828,8 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         far = iso is not None and math.hypot(iso[0] - centre[0], iso[1] - centre[1]) >= 2.0
         centres = [centre, iso] if far else [centre]
         field_r = (dcd if dcd and dcd > 0 else SCAN_FIELD_MM) / 2.0 - RING_FIELD_MARGIN_MM  # mm from the axis
+        if field_edge_px is not None:  # a scan field the image shows (padding or fill inside the circle): its edge
+            field_r = min(field_r, field_edge_px * pix - RING_FIELD_MARGIN_MM)
         px_mm = math.sqrt(rmm * cmm)
         # full resolution around both candidates for the rotation axis: the header's isocentre assumes the
         # scanner puts the axis at patient x = y = 0, which not every vendor's coordinates do, and the image
@@ -972,7 +978,7 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
             air = airstreaks.evidence(m["air_dark_hu"])
             w = MOTION_NETWORK_WEIGHT
             n = w * n + (1.0 - w) * (air if math.isfinite(air) else airstreaks.UNJUDGED_EVIDENCE)
-        n *= motion_explained(noisy, cls.get("ring", 0.0))
+        n *= motion_explained(noisy, max(cls.get("ring", 0.0), cls.get("truncation", 0.0)))
         out["motion"] = n
     for k, p in cls.items():
         n = out.get(k)
@@ -996,9 +1002,10 @@ def dense_streaks(measures: dict[str, float]) -> bool:
 
 
 def motion_explained(noise: float, ring: float) -> float:
-    """The factor on the motion score of a slice with this much classical noise and ring evidence (see
-    ``fuse``): ``MOTION_EXPLAINED`` from the threshold on, and for noise from ``MOTION_NOISE_FROM`` (half the
-    noise level) a ramp from 1 down to it."""
+    """The factor on the motion score of a slice with this much classical noise and ring (or truncation)
+    evidence (see ``fuse``): ``MOTION_EXPLAINED`` from the threshold on, and for noise from
+    ``MOTION_NOISE_FROM`` (half the noise level) a ramp from 1 down to it. A patient outside the scan field
+    streaks the slice from the cut edge as a ring does with its circles: the finding there is the truncation."""
     if max(noise, ring) >= CLASSICAL_THRESHOLD:
         return MOTION_EXPLAINED
     if noise > MOTION_NOISE_FROM:

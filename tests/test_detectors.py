@@ -696,3 +696,22 @@ def test_the_radial_ninther_keeps_edges_and_removes_thin_features():
     x[0, 8:11] = 60.0  # a 3-px ring
     out = D._radial_median(x)[0]
     assert np.all(out[:8] == 0) and np.all(out[9:10] == 0) and np.all(out[22:] == 500.0)
+
+
+def test_a_scan_field_edge_in_the_image_bounds_the_ring_search():
+    """A patient cut by a scan field smaller than the displayed one leaves a bright rim at the field's edge and
+    constant fill beyond it: a circle round the axis, but the truncation's, not a ring (rings are read up to
+    12 mm inside the edge the image shows). Its streaks explain a motion score as a ring's do."""
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+    r = np.hypot(yy, xx)
+    img = phantom(rx_mm=160.0, ry_mm=110.0, sigma=8.0)
+    sfov = 140.0  # mm radius: cuts the 160 mm half-width
+    rim = (r > sfov - 4) & (r <= sfov) & (img > -500)
+    img[rim] += 250.0
+    img[r > sfov] = -3024.0  # the padding value, as scanners (and the injector) write beyond the scan field
+    m = D.measure(img, info(convolution_kernel="STANDARD", slice_thickness=5.0))
+    assert D.classical_probs(m)["truncation"] >= D.CLASSICAL_THRESHOLD
+    assert D.classical_probs(m)["ring"] < D.CLASSICAL_THRESHOLD, m["ring_contrast_hu"]
+    quiet = {**m, "noise_ratio": 0.0, "noise_ratio_plain": 0.0, "ring_contrast_hu": 0.0}
+    unscaled = D.fuse({"motion": 0.8}, {**quiet, "body_touches_fov": 0.0})["motion"]
+    assert D.fuse({"motion": 0.8}, quiet)["motion"] == pytest.approx(unscaled * D.MOTION_EXPLAINED)
