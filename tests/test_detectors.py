@@ -663,7 +663,7 @@ def _ring_profile(r: np.ndarray, r0: float) -> np.ndarray:
 
 
 def test_a_wide_ring_in_noisy_lung_is_read_at_full_strength():
-    """A ring with its side lobes spans ~6 px: the background it is read against is the ninther of 9 radii, not
+    """A ring with its side lobes spans ~6 px: the background it is read against is the median of 9 radii, not
     the 5 × 5 median that follows a third of it, and each radius's noise is the residual's median absolute
     deviation, which the ring's own offset does not inflate (on a real 1.25 mm chest such a ring read 0)."""
     rng = np.random.default_rng(3)
@@ -690,7 +690,7 @@ def test_bone_round_the_centre_is_no_ring():
     assert D.ring_contrast(img, min_r_px=30) < 2.0
 
 
-def test_the_radial_ninther_keeps_edges_and_removes_thin_features():
+def test_the_radial_median_keeps_edges_and_removes_thin_features():
     x = np.zeros((1, 40), np.float32)
     x[0, 20:] = 500.0  # an edge
     x[0, 8:11] = 60.0  # a 3-px ring
@@ -715,3 +715,23 @@ def test_a_scan_field_edge_in_the_image_bounds_the_ring_search():
     quiet = {**m, "noise_ratio": 0.0, "noise_ratio_plain": 0.0, "ring_contrast_hu": 0.0}
     unscaled = D.fuse({"motion": 0.8}, {**quiet, "body_touches_fov": 0.0})["motion"]
     assert D.fuse({"motion": 0.8}, quiet)["motion"] == pytest.approx(unscaled * D.MOTION_EXPLAINED)
+
+
+def test_air_clamped_to_one_value_is_no_scan_field_edge():
+    """Cone-beam reconstructions clamp their air at exactly -1000 HU: the constant value runs up to the object
+    all round, which is the air, not a field filled beyond its edge — no truncation (the real cone-beam Catphan
+    read as truncated on 80 of its 88 slices). A real fill beyond a field edge, with noisy air inside it, still is."""
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * 0.9
+    r = np.hypot(yy, xx)
+    rng = np.random.default_rng(2)
+    img = np.full((512, 512), -1000.0, np.float32)
+    obj = r < 100.0
+    img[obj] = 50.0 + rng.normal(0.0, 10.0, obj.sum())
+    m = D.measure(img, info(ps=0.9, convolution_kernel="STANDARD", slice_thickness=2.0))
+    assert D.classical_probs(m)["truncation"] == 0.0
+    # noisy air inside a 300 mm field, constant fill beyond it, a body cut by it
+    img2 = np.where(r < 150.0, -1000.0 + rng.normal(0.0, 15.0, r.shape), -1000.0).astype(np.float32)
+    body = ((xx / 160.0) ** 2 + (yy / 90.0) ** 2 <= 1) & (r < 150.0)
+    img2[body] = 40.0 + rng.normal(0.0, 10.0, body.sum())
+    m2 = D.measure(img2, info(ps=0.9, convolution_kernel="STANDARD", slice_thickness=2.0))
+    assert D.classical_probs(m2)["truncation"] >= D.CLASSICAL_THRESHOLD
