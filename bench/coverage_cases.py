@@ -37,6 +37,8 @@ def chest_cases(out: Path) -> list[tuple[str, Path, set[str]]]:
         ("chest cut at the bottom (ends 70 mm above the bases)", w([d for d in sl if z(d) > -90], out, "chest-cut-bottom", "CHEST ROUTINE"), {"coverage.bottom"}),
         ("'chest' above the lung apices (no lung)", w([d for d in sl if z(d) > 78], out, "chest-no-lung", "CHEST ROUTINE"), {"coverage.absent"}),
         
+        ("chest in a 260 mm displayed field (lungs cut by it)", realcases.tight_field_case(sl, out, "chest-fov260", "CHEST ROUTINE", 260.0), set()),
+        ("chest cut at the top, 260 mm field", realcases.tight_field_case([d for d in sl if z(d) < 20], out, "chest-fov260-cut", "CHEST ROUTINE", 260.0), {"coverage.top"}),
         ("neck ending in the upper chest", w([d for d in sl if z(d) > 40], out, "neck", "NECK"), set()),
         ("abdomen starting in the mid chest", w([d for d in sl if z(d) < -60], out, "abd-chest", "ABDOMEN"), {"coverage.bottom"}),
         ("abdomen starting in the lung bases (30 mm below the dome)", w([d for d in sl if z(d) < -140], out, "abd-bases", "ABDOMEN"), {"coverage.top", "coverage.bottom"}),

@@ -277,6 +277,24 @@ def _border_pixels(a: np.ndarray):
     return zip(np.concatenate(ys).tolist(), np.concatenate(xs).tolist())
 
 
+LUNG_OPEN_TOUCH = 0.15  # the trunk along this share of the displayed rim: the field cuts it (see measure)
+AIR_CUT_TOUCH = 0.25  # ... along this share: no free air round the patient to read motion streaks in
+LUNG_HULL_MARGIN_MM = 6.0
+
+
+def _trunk_hull(mask: np.ndarray, margin_px: float) -> np.ndarray:
+    """The convex hull of ``mask``, shrunk by ``margin_px``."""
+    pts = cv2.findNonZero(mask.view(np.uint8))
+    out = np.zeros(mask.shape, np.uint8)
+    if pts is None:
+        return out.astype(bool)
+    cv2.fillConvexPoly(out, cv2.convexHull(pts), 1)
+    k = int(round(margin_px))
+    if k >= 1:
+        out = cv2.erode(out, np.ones((2 * k + 1, 2 * k + 1), np.uint8))
+    return out.astype(bool)
+
+
 def _holes(body: np.ndarray) -> np.ndarray:
     """Pixels enclosed by ``body`` (not reachable from the image border through non-body pixels)."""
     if cv2 is not None:
@@ -800,7 +818,14 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         out["body_center_offset_x_mm"] = float(ox)
         out["body_center_offset_y_mm"] = float(oy)
         holes = _holes(body_cc)
-        lung = holes & (sub > LUNG_HU[0]) & (sub < LUNG_HU[1])
+        lung_hu = (sub > LUNG_HU[0]) & (sub < LUNG_HU[1])
+        lung = holes & lung_hu
+        touch = out["display_touch"]
+        if cv2 is not None and math.isfinite(touch) and touch >= LUNG_OPEN_TOUCH:
+            # a displayed field that cuts the chest wall opens the lungs to its edge: they are no longer holes
+            # in the body. Inside the trunk's convex hull, shrunk by LUNG_HULL_MARGIN_MM (the skin's partial
+            # volume), lung-density pixels are lung all the same
+            lung = lung | (_trunk_hull(trunk if trunk.any() else body_cc, LUNG_HULL_MARGIN_MM / pix) & lung_hu & valid)
         out["lung_area_mm2"] = float(np.count_nonzero(lung)) * px_area
         bone = body_cc & (sub >= BONE_HU)
         out["bone_area_mm2"] = float(np.count_nonzero(bone)) * px_area
@@ -826,7 +851,11 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         # brain scale inside a skull: skull-density bone all round a head-sized section, under the scalp
         head = (out["skull_ring"] >= SKULL_SECTORS and out["body_area_mm2"] < 45000.0
                 and _skull_under_scalp(dense, body_cc | holes, cy / step, cx / step, pix))
-        out["noise_sd_2mm"] = (noise_2mm(hu, rmm, cmm, pooled, central=not head,
+        # the trunk's centre is where its noise is read, unless the displayed field cuts the trunk along much of
+        # its rim: its centre is not in the picture then (a real chest shown in a 280 mm field read 93 HU on the
+        # mediastinum's edges there against 14 HU uncut), and the whole section's median is read
+        cut = math.isfinite(out["display_touch"]) and out["display_touch"] >= AIR_CUT_TOUCH
+        out["noise_sd_2mm"] = (noise_2mm(hu, rmm, cmm, pooled, central=not head and not cut,
                                          min_area_mm2=NOISE_MIN_AREA_HEAD_MM2 if head else NOISE_MIN_AREA_MM2,
                                          quantile=NOISE_HEAD_QUANTILE if head else 0.5)
                                if pooled is not None else nan)
@@ -857,7 +886,13 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
                                    radial=False)
             ring = float(np.fmax(ring, coarse))  # the larger scale; NaN only where both are
         out["ring_contrast_hu"] = ring
-        if pooled is not None:  # motion evidence: dark streaks in the free air around the patient
+        touch = out["display_touch"]
+        if math.isfinite(touch) and touch >= AIR_CUT_TOUCH:
+            # a displayed field that cuts the trunk along much of its rim leaves no air round the patient, only
+            # slivers and the gap over the couch, whose pads and foam read as dark streaks (a real chest shown in
+            # a 260 mm field: 4-5 HU on clean slices, a false motion finding on 129 of 141): not judged
+            out["air_dark_hu"] = nan
+        elif pooled is not None:  # motion evidence: dark streaks in the free air around the patient
             f = pooled[2]
             p2 = f * px_mm  # mm per pooled pixel
             scan = None

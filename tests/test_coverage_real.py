@@ -132,3 +132,16 @@ def test_liver_dome_from_the_lungs(chest, tmp_path):
     assert coverage(bases)["coverage.top"]["severity"] == "warning" and "lung bases" in coverage(bases)["coverage.top"]["message"]
     below = analyze(realcases.write_case([d for d in chest if z(d) < -158], tmp_path, "a3", "ABDOMEN"))
     assert coverage(below)["coverage.top"]["severity"] == "critical"
+
+
+def test_a_tight_displayed_field_moves_no_landmark_and_raises_nothing(chest, tmp_path):
+    """The real chest shown in a 260 mm field: the field cuts the lungs open to its edge and leaves no air round
+    the patient but the gap over the couch. The lungs are still found where the uncut series has them, and
+    neither motion (dark 'streaks' in the couch gap: 129 of 141 slices flagged before) nor noise (read on the
+    mediastinum's edges where the field hides the trunk's centre) is raised."""
+    whole = analyze(realcases.write_case(chest, tmp_path, "whole", "CHEST ROUTINE"))
+    tight = analyze(realcases.tight_field_case(chest, tmp_path, "fov260", "CHEST ROUTINE", 260.0))
+    for key in ("start_z", "end_z"):
+        assert abs(tight["coverage"][key] - whole["coverage"][key]) <= 4.0, (key, tight["coverage"], whole["coverage"])
+    assert tight["coverage"]["start_source"] == "lungs" and tight["coverage"]["end_source"] == "lungs"
+    assert [f["check"] for f in tight["findings"] if f["severity"] != "info"] == []
