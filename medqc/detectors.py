@@ -544,6 +544,8 @@ RING_FIELD_MARGIN_MM = 12.0  # the ring measure stops this far inside the scan f
 RING_NOISE_K = 5.0  # ring contrast is counted above this many robust SDs of the radial profile ...
 RING_SE_K = 3.0  # ... and above this many standard errors of each radius's median over the angles
 RING_MIN_SHARE = 0.5  # ... over at least this share of the angles, where the neighbourhood is smooth
+RING_TOP_RADII = 24  # radii over the profile's floor whose standard errors are costed, the strongest first
+RING_FULL_GATE_HU = 0.05  # a second axis candidate is read at full resolution where its 2 mm reading reaches this
 RING_BONE_HU = 400.0  # ... and holds no bone
 RING_MIN_R_MM = 30.0  # rings are read from this radius (and RING_MIN_R_PX) outwards
 RING_SMOOTH_MM = 10.0  # ... over this radial range at 2 mm (5 pixels; 9 at full resolution)
@@ -612,12 +614,13 @@ def _radial_median(pol: np.ndarray, k: int = 9) -> np.ndarray:
     if k != 9:
         raise ValueError("the radial median spans 9 radii")
     n = pol.shape[1]
-    x = np.pad(pol, ((0, 0), (4, 4)), mode="edge")
-    p = [x[:, i:i + n].copy() for i in range(9)]
-    for a, b in _MED9:
-        lo = np.minimum(p[a], p[b])
+    x = np.pad(np.asarray(pol, np.float32), ((0, 0), (4, 4)), mode="edge")
+    p = [np.ascontiguousarray(x[:, i:i + n]) for i in range(9)]
+    spare = np.empty_like(p[0])
+    for a, b in _MED9:  # exchange: p[a] <- min, p[b] <- max, in place (the old p[a] becomes the spare buffer)
+        np.minimum(p[a], p[b], out=spare)
         np.maximum(p[a], p[b], out=p[b])
-        p[a] = lo
+        p[a], spare = spare, p[a]
     return p[4]
 
 
@@ -675,6 +678,12 @@ def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None, s
             # above the profile's own floor (a radial pattern shared by every radius, e.g. texture) ...
             floor = 1.4826 * float(np.median(np.abs(prof - np.median(prof))))
             over = np.abs(prof) > RING_NOISE_K * floor
+            if np.count_nonzero(over) > RING_TOP_RADII:
+                # the standard errors below cost a median per radius: only the strongest radii are costed (a
+                # ring's radius is among them; a weaker one could only win where its own noise is far lower)
+                keep = np.argsort(np.where(over, -np.abs(prof), 0.0))[:RING_TOP_RADII]
+                over = np.zeros_like(over)
+                over[keep] = True
             v = 0.0
             if over.any():
                 # ... and above each radius's own floor: the standard error of its median over the angles,
@@ -873,18 +882,24 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         if field_edge_px is not None:  # a scan field the image shows (padding or fill inside the circle): its edge
             field_r = min(field_r, field_edge_px * pix - RING_FIELD_MARGIN_MM)
         px_mm = math.sqrt(rmm * cmm)
-        # full resolution around both candidates for the rotation axis: the header's isocentre assumes the
-        # scanner puts the axis at patient x = y = 0, which not every vendor's coordinates do, and the image
-        # centre is where an unoffset displayed field has it (~2 ms a centre)
-        ring = ring_contrast(hu, centres, field_r / px_mm, min_r_px=max(RING_MIN_R_PX, RING_MIN_R_MM / px_mm))
+        # both candidates for the rotation axis are read: the header's isocentre assumes the scanner puts the
+        # axis at patient x = y = 0, which not every vendor's coordinates do, and the image centre is where an
+        # unoffset displayed field has it. First at ~2 mm pixels (~0.5 ms a centre): a ring several display
+        # pixels wide (a failing detector module, a fine display grid) shows there best
+        min_r = max(RING_MIN_R_PX, RING_MIN_R_MM / px_mm)
+        coarse = {}
         if pooled is not None and pooled[2] >= 2:
-            # the same at ~2 mm pixels: a ring several display pixels wide (a failing detector module, a
-            # fine display grid) is smoothed away by the 5-pixel median at full resolution, not at 2 mm
             f = pooled[2]
-            coarse = ring_contrast(pooled[0], [((cy + 0.5) / f - 0.5, (cx + 0.5) / f - 0.5) for cy, cx in centres],
-                                   field_r / (px_mm * f), smooth_px=max(3, int(round(RING_SMOOTH_MM / (px_mm * f))) | 1),
-                                   radial=False)
-            ring = float(np.fmax(ring, coarse))  # the larger scale; NaN only where both are
+            smooth = max(3, int(round(RING_SMOOTH_MM / (px_mm * f))) | 1)
+            for c in centres:
+                coarse[c] = ring_contrast(pooled[0], [((c[0] + 0.5) / f - 0.5, (c[1] + 0.5) / f - 0.5)],
+                                          field_r / (px_mm * f), smooth_px=smooth, radial=False)
+        # then at full resolution (~1-2 ms a centre): around the axis the header gives (or the image centre),
+        # and around the other candidate where the 2 mm scale saw anything there at all
+        full = [c for c in centres if c is centres[-1] or not (coarse.get(c, 1.0) < RING_FULL_GATE_HU)]
+        ring = ring_contrast(hu, full, field_r / px_mm, min_r_px=min_r)
+        for v in coarse.values():
+            ring = float(np.fmax(ring, v))  # the larger scale; NaN only where both are
         out["ring_contrast_hu"] = ring
         touch = out["display_touch"]
         if math.isfinite(touch) and touch >= AIR_CUT_TOUCH:
