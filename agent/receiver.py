@@ -89,9 +89,11 @@ class Receiver:
         except SpoolFull as e:
             log.error("C-STORE %s refused: %s", sop_uid, e)
             self._metric("inc", "medqc_slices_rejected_total", reason="spool-full")
+            self._metric("inc", "medqc_stores_refused_total", reason="spool-full")
             return 0xA700
         except OSError as e:
             log.error("C-STORE %s refused: spool write failed: %s", sop_uid, e)
+            self._metric("inc", "medqc_stores_refused_total", reason="spool-write-error")
             return 0xA700
         now = time.time()
         self._metric("inc", "medqc_slices_received_total", source="dicom")

@@ -1,0 +1,222 @@
+"""Reliability of a real ``medqc agent`` process (tiny ONNX bundle, receiver in its own process) when its
+disk fills up: the spool on a real tmpfs of a known size, filled with ballast until below the reserve, and
+made read-only; DCMTK storescu as the scanner. While C-STOREs are refused, /healthz answers 503 with the
+reason and /metrics shows ``medqc_refusing{reason}`` and ``medqc_stores_refused_total{reason}``; once
+space returns it accepts again by itself, without a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import free_port, missing_peer, need_tool  # noqa: E402
+
+MB = 1024 * 1024
+
+
+def _run(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
+    return r
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rel-study") / "head"
+    _run([sys.executable, "-m", "medqc", "synth", "--region", "head", "--slices", "8", "--matrix", "128",
+          "--seed", "5", "--no-progress", str(out)], timeout=300)
+    return out
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real tmpfs of 40 MiB: a disk whose free space the test controls exactly (mounting needs root)."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        missing_peer(f"cannot mount a tmpfs (root needed): {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def _get(url, timeout=10):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    m = re.search(rf"^{name}{{{re.escape(want)}}} (\S+)$" if want else rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+class Agent:
+    def __init__(self, tmp: Path, bundle: Path, spool: Path, min_free_mb: int):
+        self.port, self.http = free_port(), free_port()
+        self.base = f"http://127.0.0.1:{self.http}"
+        self.tmp, self.bundle = tmp, bundle
+        self.cfg = tmp / "medqc.toml"
+        self.cfg.write_text(f'[series]\nidle_timeout_s = 1.0\n[spool]\ndir = "{spool}"\nmin_free_mb = {min_free_mb}\n'
+                            f'[http]\nbind = "127.0.0.1:{self.http}"\n')
+        self.out, self.err = tmp / "agent.jsonl", tmp / "agent.log"
+
+    def start(self):
+        env = dict(os.environ, MEDQC_LOG_LEVEL="INFO", TCP_NODELAY="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "medqc", "agent", "--port", str(self.port), "--state-dir",
+                                      str(self.tmp / "state"), "--config", str(self.cfg), "--bundle", str(self.bundle),
+                                      "--backend", "onnxruntime"],
+                                     stdout=open(self.out, "w"), stderr=open(self.err, "w"), env=env)
+        end = time.time() + 60
+        while time.time() < end:
+            assert self.proc.poll() is None, self.err.read_text()[-3000:]
+            try:
+                status, _ = _get(self.base + "/healthz", timeout=2)
+                if status in (200, 503) and self.receiver_up():
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("agent did not start: " + self.err.read_text()[-3000:])
+
+    def receiver_up(self) -> bool:
+        return "medqc agent ready" in self.err.read_text()
+
+    def health(self) -> tuple[int, dict]:
+        status, body = _get(self.base + "/healthz")
+        return status, json.loads(body)
+
+    def wait_health(self, status: int, timeout: float = 10.0) -> dict:
+        end = time.time() + timeout
+        while True:
+            got, body = self.health()
+            if got == status or time.time() > end:
+                assert got == status, (got, body, self.err.read_text()[-2000:])
+                return body
+            time.sleep(0.1)
+
+    def metrics(self) -> str:
+        return _get(self.base + "/metrics")[1].decode()
+
+    def series(self) -> list[dict]:
+        return [d for d in map(json.loads, self.out.read_text().splitlines()) if d.get("event") == "series"]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def _storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess:
+    exe = need_tool("storescu")
+    return subprocess.run([exe, "-v", "-nh", "-aec", "MEDQC", "127.0.0.1", str(port), *map(str, files)], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, TCP_NODELAY="1"))
+
+
+def _ballast(disk: Path, leave: int) -> Path:
+    """Fill the tmpfs until ``leave`` bytes are free."""
+    p = disk / "ballast"
+    size = shutil.disk_usage(disk).free - leave
+    with open(p, "wb") as f:
+        for _ in range(size // MB):
+            f.write(b"\0" * MB)
+        f.write(b"\0" * (size % MB))
+    return p
+
+
+def test_full_disk_refuses_says_why_and_recovers(tmp_path, tmpfs, tiny_bundle, study):
+    files = sorted(study.glob("*.dcm"))
+    spool = tmpfs / "spool"
+    a = Agent(tmp_path, tiny_bundle, spool, min_free_mb=16).start()
+    try:
+        assert a.wait_health(200)["status"] == "ok"
+        m = a.metrics()
+        assert _metric(m, "medqc_refusing", reason="spool-disk-low") == 0
+        ballast = _ballast(tmpfs, 8 * MB)  # 8 MiB free < the 16 MiB reserve
+        body = a.wait_health(503, timeout=5)
+        assert body["status"] == "refusing"
+        free_mb = shutil.disk_usage(tmpfs).free // MB
+        assert body["reason"] == f"spool disk below reserve: {free_mb} MB free < 16 MB", body
+        assert set(body["reasons"]) == {"spool-disk-low"}
+        r = _storescu(a.port, files)  # -nh: it goes on after a refusal, as a scanner's queue does
+        assert r.stderr.count("Refused: OutOfResources") == len(files), r.stderr[-2000:]
+        assert list((spool / "incoming").iterdir()) == []
+        m = a.metrics()
+        assert _metric(m, "medqc_refusing", reason="spool-disk-low") == 1
+        assert _metric(m, "medqc_stores_refused_total", reason="spool-full") == len(files)
+        assert _metric(m, "medqc_slices_received_total", source="dicom") == 0
+        assert a.health()[0] == 503  # still refusing: nothing changed on the disk
+
+        ballast.unlink()  # space returns: accepted again with no restart
+        t0 = time.time()
+        assert a.wait_health(200, timeout=5)["status"] == "ok"
+        took = time.time() - t0
+        print(f"healthy again {took:.2f} s after the space returned")
+        m = a.metrics()
+        assert _metric(m, "medqc_refusing", reason="spool-disk-low") == 0
+        r = _storescu(a.port, files)
+        assert r.returncode == 0 and "Refused" not in r.stderr, r.stderr[-2000:]
+        end = time.time() + 60
+        while not a.series() and time.time() < end:
+            time.sleep(0.2)
+        assert [s["slices"] for s in a.series()] == [len(files)]
+        m = a.metrics()
+        assert _metric(m, "medqc_slices_received_total", source="dicom") == len(files)
+        assert _metric(m, "medqc_stores_refused_total", reason="spool-full") == len(files)  # no more refusals
+    finally:
+        rc = a.stop()
+    assert rc == 0
+    log = a.err.read_text()
+    assert "refusing C-STOREs (0xA700" in log and "spool disk below reserve" in log, log[-3000:]
+    assert "accepting C-STOREs again: spool-disk-low" in log
+    assert took < 5
+
+
+def test_spool_write_errors_refuse_then_recover(tmp_path, tmpfs, tiny_bundle, study):
+    """The disk has room but writes fail (the file system went read-only): refused as a write error, and
+    healthy again once an instance is stored."""
+    files = sorted(study.glob("*.dcm"))
+    spool = tmpfs / "spool"
+    a = Agent(tmp_path, tiny_bundle, spool, min_free_mb=1).start()
+    try:
+        a.wait_health(200)
+        _run(["mount", "-o", "remount,ro", str(tmpfs)])
+        try:
+            r = _storescu(a.port, files[:2])
+            assert r.stderr.count("Refused: OutOfResources") == 2, r.stderr[-2000:]
+            body = a.wait_health(503, timeout=5)
+            assert set(body["reasons"]) == {"spool-write-error"}, body
+            assert body["reason"].startswith("spool writes failing: 2 C-STORE(s) refused"), body
+            m = a.metrics()
+            assert _metric(m, "medqc_refusing", reason="spool-write-error") == 1
+            assert _metric(m, "medqc_stores_refused_total", reason="spool-write-error") == 2
+        finally:
+            _run(["mount", "-o", "remount,rw", str(tmpfs)])
+        r = _storescu(a.port, files)
+        assert r.returncode == 0 and "Refused" not in r.stderr, r.stderr[-2000:]
+        assert a.wait_health(200, timeout=5)["status"] == "ok"
+        assert _metric(a.metrics(), "medqc_refusing", reason="spool-write-error") == 0
+    finally:
+        a.stop()
+    log = a.err.read_text()
+    assert "spool write failed" in log and "Read-only file system" in log, log[-3000:]
+    assert "accepting C-STOREs again: spool-write-error" in log
