@@ -4,6 +4,8 @@ rename) before the scanner hears "success"; the agent resumes whatever is in it 
 Layout under the spool directory:
   incoming/<sop_uid>.<arrival>.dcm     received, not yet part of a series verdict (resumed on start)
   kept/<sop_uid>.dcm          inputs kept for inspection (undecodable ones; everything with retention=keep)
+  quarantine/<name>           files found in incoming/ at start that are not readable DICOM or end before
+                              naming their series (damaged on disk after they were stored): set aside once
   .tmp/                       writes in progress (complete ones recovered on start, partial ones removed)
 """
 
@@ -45,6 +47,7 @@ class Spool:
         self.root = Path(root)
         self.incoming = self.root / "incoming"
         self.kept = self.root / "kept"
+        self.quarantine_dir = self.root / "quarantine"
         self.tmp = self.root / ".tmp"
         for d in (self.incoming, self.kept, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
@@ -137,6 +140,15 @@ class Spool:
             except OSError:
                 continue
         return [p for _, _, p in sorted(files)]
+
+    def quarantine(self, path: str | Path) -> Path:
+        """Move a damaged spool file to quarantine/ (made on first use), out of the way of every later start."""
+        p = Path(path)
+        self.quarantine_dir.mkdir(exist_ok=True)
+        dst = self.quarantine_dir / p.name
+        os.replace(p, dst)
+        _fsync_dir(self.quarantine_dir)
+        return dst
 
     # ------------------------------------------------------------------------------------- retention
     def release(self, path: str | Path, keep: bool = False) -> None:

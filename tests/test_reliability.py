@@ -220,3 +220,59 @@ def test_spool_write_errors_refuse_then_recover(tmp_path, tmpfs, tiny_bundle, st
     log = a.err.read_text()
     assert "spool write failed" in log and "Read-only file system" in log, log[-3000:]
     assert "accepting C-STOREs again: spool-write-error" in log
+
+
+def test_damaged_spool_files_found_at_start_are_quarantined(tmp_path, tiny_bundle, study):
+    """A real agent started on a spool holding a study and damaged files (empty, random bytes, zeros, cut in
+    the file meta, cut before the series is named): the damaged ones go to spool/quarantine/ unchanged with
+    one log line each naming the file and why, the study is analysed; a file cut in its pixel data names its
+    series and is judged there as any truncated instance is (kept/). A second start finds nothing to do."""
+    import pydicom
+
+    files = sorted(study.glob("*.dcm"))
+    incoming = tmp_path / "spool" / "incoming"
+    incoming.mkdir(parents=True)
+    for i, f in enumerate(files):
+        shutil.copy(f, incoming / f"{f.stem}.{i:04x}.dcm")
+    data = files[0].read_bytes()
+    damaged = {"empty.1.dcm": b"", "random.2.dcm": os.urandom(20000), "zeros.3.dcm": b"\0" * len(data),
+               "meta-only.4.dcm": data[:300], "before-series.5.dcm": data[:1000]}
+    for name, b in damaged.items():
+        (incoming / name).write_bytes(b)
+    (incoming / "pixels-cut.6.dcm").write_bytes(data[:len(data) // 2])
+    a = Agent(tmp_path, tiny_bundle, tmp_path / "spool", min_free_mb=0).start()
+    try:
+        end = time.time() + 60
+        while not a.series() and time.time() < end:
+            time.sleep(0.2)
+        m = a.metrics()
+    finally:
+        assert a.stop() == 0
+    assert [s["slices"] for s in a.series()] == [len(files)]
+    quarantine = tmp_path / "spool" / "quarantine"
+    assert {p.name: p.read_bytes() for p in quarantine.iterdir()} == damaged  # moved, not altered
+    assert list(incoming.iterdir()) == []
+    assert [p.name for p in (tmp_path / "spool" / "kept").iterdir()] == ["pixels-cut.6.dcm"]
+    assert _metric(m, "medqc_slices_rejected_total", reason="quarantined") == len(damaged)
+    log = a.err.read_text()
+    lines = [ln for ln in log.splitlines() if "quarantined in" in ln]
+    assert len(lines) == len(damaged), log[-3000:]
+    for name in damaged:
+        (line,) = [ln for ln in lines if f"spool file {name} quarantined in {quarantine}: found at start, " in ln]
+        want = "names no series" if name == "meta-only.4.dcm" else "truncated file" if name == "before-series.5.dcm" \
+            else "not a DICOM file"
+        assert want in line, line
+    ds = pydicom.dcmread(files[0])
+    for ident in (str(ds.PatientName), str(ds.PatientID), str(ds.AccessionNumber)):
+        assert ident not in log + a.out.read_text()
+
+    b = Agent(tmp_path, tiny_bundle, tmp_path / "spool", min_free_mb=0)  # restart: quarantine is left alone
+    b.out, b.err = tmp_path / "agent2.jsonl", tmp_path / "agent2.log"
+    b.start()
+    try:
+        assert b.wait_health(200)["status"] == "ok"
+        time.sleep(1.0)
+    finally:
+        assert b.stop() == 0
+    assert "quarantined" not in b.err.read_text() and "resuming" not in b.err.read_text()
+    assert len(list(quarantine.iterdir())) == len(damaged)
