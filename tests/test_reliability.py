@@ -276,3 +276,97 @@ def test_damaged_spool_files_found_at_start_are_quarantined(tmp_path, tiny_bundl
         assert b.stop() == 0
     assert "quarantined" not in b.err.read_text() and "resuming" not in b.err.read_text()
     assert len(list(quarantine.iterdir())) == len(damaged)
+
+
+def test_malformed_associations_do_not_stop_a_scanner(tmp_path, tiny_bundle, study):
+    """Raw sockets against a real agent: an A-ASSOCIATE-RQ cut short and left hanging, a PDU whose length
+    field is smaller than what follows, one that announces 4 GiB, an unknown PDU type, a connection that
+    never sends a byte, and a real association that never releases. Meanwhile DCMTK storescu sends a study:
+    every C-STORE succeeds and the series gets its verdict; the agent stays healthy."""
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    files = sorted(study.glob("*.dcm"))
+    a = Agent(tmp_path, tiny_bundle, tmp_path / "spool", min_free_mb=0).start()
+    socks = []
+    held = None
+    try:
+        a.wait_health(200)
+        called = b"MEDQC".ljust(16)
+        bad = {
+            "cut-short associate": b"\x01\x00" + (200).to_bytes(4, "big") + b"\x00\x01\x00\x00" + called,
+            "length smaller than its content": b"\x01\x00" + (4).to_bytes(4, "big") + b"\xff" * 300,
+            "4 GiB announced": b"\x04\x00\xff\xff\xff\xff" + b"\x00" * 100,
+            "unknown PDU type": b"\x99\x00" + (2).to_bytes(4, "big") + b"ab",
+            "silent": b"",
+        }
+        for payload in bad.values():
+            s = socket.create_connection(("127.0.0.1", a.port), timeout=5)
+            if payload:
+                s.sendall(payload)
+            socks.append(s)
+        ae = AE(ae_title="HOLDER")
+        ae.add_requested_context(Verification)
+        held = ae.associate("127.0.0.1", a.port, ae_title="MEDQC")
+        assert held.is_established
+        assert held.send_c_echo().Status == 0x0000  # then it never releases
+        t0 = time.time()
+        r = _storescu(a.port, files)
+        took = time.time() - t0
+        assert r.returncode == 0 and r.stderr.count("Received Store Response (Success)") == len(files), r.stderr[-2000:]
+        end = time.time() + 60
+        while not a.series() and time.time() < end:
+            time.sleep(0.2)
+        assert [s["slices"] for s in a.series()] == [len(files)]
+        assert held.is_established  # the idle association is still there: nothing was sacrificed for the scanner
+        assert a.wait_health(200)["status"] == "ok"
+        assert _metric(a.metrics(), "medqc_slices_received_total", source="dicom") == len(files)
+        print(f"{len(files)} C-STOREs through in {took:.2f} s beside {len(bad) + 1} malformed or idle connections")
+    finally:
+        for s in socks:
+            s.close()
+        if held is not None:
+            held.abort()
+        assert a.stop() == 0
+    assert a.proc.returncode == 0
+
+
+def test_connections_that_never_finish_their_request_free_their_slot(tmp_path, tiny_bundle, study):
+    """More connections than dicom.max_associations (16), each silent or stopped inside its A-ASSOCIATE-RQ:
+    while they hold every slot a scanner is rejected (transient, it retries); each is dropped after
+    ASSOCIATE_RQ_TIMEOUT_S, and the scanner's retry then gets all its C-STOREs through while the peers still
+    hold their sockets open."""
+    import socket
+
+    from medqc.agent.receiver import ASSOCIATE_RQ_TIMEOUT_S
+
+    files = sorted(study.glob("*.dcm"))
+    a = Agent(tmp_path, tiny_bundle, tmp_path / "spool", min_free_mb=0).start()
+    socks = []
+    try:
+        a.wait_health(200)
+        for i in range(20):
+            s = socket.create_connection(("127.0.0.1", a.port), timeout=5)
+            if i % 2:
+                s.sendall(b"\x01\x00" + (200).to_bytes(4, "big") + b"\x00\x01\x00\x00")
+            socks.append(s)
+        time.sleep(0.5)
+        r = _storescu(a.port, files)
+        assert r.returncode != 0 and "Association Rejected" in r.stderr, r.stderr[-2000:]
+        t0 = time.time()
+        while True:
+            time.sleep(0.5)
+            r = _storescu(a.port, files)
+            if r.returncode == 0 or time.time() - t0 > ASSOCIATE_RQ_TIMEOUT_S + 10:
+                break
+        waited = time.time() - t0
+        assert r.returncode == 0 and r.stderr.count("Received Store Response (Success)") == len(files), r.stderr[-2000:]
+        assert waited < ASSOCIATE_RQ_TIMEOUT_S + 5
+        print(f"scanner through {waited:.1f} s after 20 stuck connections took every slot")
+    finally:
+        for s in socks:
+            s.close()
+        assert a.stop() == 0
+    assert "association rejected (max-associations)" in a.err.read_text()
