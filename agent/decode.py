@@ -460,7 +460,11 @@ def decode_dataset(ds, source: str = "", received_at: float | None = None, pixel
     out: list[Decoded] = []
     analyse = []
     for info in infos:
-        why = _why_not_analysed(ds, info)
+        try:
+            why = _why_not_analysed(ds, info)
+        except Exception as e:  # noqa: BLE001 - an element it reads is damaged (pydicom converts on first read)
+            out.append(Decoded(info, error=f"unreadable header ({_reading_error(e)})"))
+            continue
         if why:
             out.append(Decoded(info, ignored=why))
             continue
@@ -483,7 +487,7 @@ def decode_dataset(ds, source: str = "", received_at: float | None = None, pixel
         stored = _stored_values(ds, len(infos))
     except Exception as e:  # noqa: BLE001 - any decoder failure is this instance's problem only
         ts = _s(ds.file_meta.get("TransferSyntaxUID")) if getattr(ds, "file_meta", None) is not None else "?"
-        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        msg = _QUOTED_BYTES.sub("<bytes>", str(e)).splitlines()[0][:300] if str(e) else type(e).__name__
         for i in analyse:
             out[i].error = f"pixel data cannot be decoded (transfer syntax {ts}): {msg}"
         return out

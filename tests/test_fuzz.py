@@ -115,3 +115,18 @@ def test_bare_dataset_with_an_unreadable_sop_class_is_not_dicom(tmp_path):
     p.write_bytes(bytes(bare))
     with pytest.raises(NotDicom, match="not a DICOM file"):
         decode_file(p)
+
+
+def test_damaged_element_read_after_the_header_facts_is_an_error_record(tmp_path):
+    """Found by the long fuzzing run (after 133,347 inputs): an element read only when deciding whether the
+    instance is analysed (Rescale Type there; Samples per Pixel here) with an unknown VR raised
+    NotImplementedError out of decode_file. Now it is an error record on its series."""
+    data = bytearray(_synth(tmp_path).read_bytes())
+    at = data.find(b"\x28\x00\x02\x00US")
+    assert at > 0
+    data[at + 4:at + 6] = b"U5"
+    p = tmp_path / "x.dcm"
+    p.write_bytes(bytes(data))
+    (d,) = decode_file(p)
+    assert d.error.startswith("unreadable header (NotImplementedError: Unknown Value Representation"), d.error
+    assert d.info.series_instance_uid and d.info.sop_instance_uid and not d.ignored
