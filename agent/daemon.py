@@ -20,12 +20,15 @@ import signal
 import socket
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from medqc.runners import CHOICES as BACKENDS
 
 log = logging.getLogger("medqc.agent")
 STOP_GRACE_S = 10.0
+WRITE_ERROR_HOLD_S = 60.0  # a spool write failure counts as "refusing" this long, unless an instance is stored since
+REFUSAL_REASONS = ("spool-disk-low", "spool-write-error")
 
 
 def add_arguments(p) -> None:
@@ -93,6 +96,11 @@ class Agent:
         self.stopping = threading.Event()
         self.failed = False  # a part died (the receiver process): exit non-zero so that systemd restarts us
         self.receiver = self.watch = self.http = self.pipeline = self.store = self.spool = self.baselines = None
+        self._refusal_lock = threading.Lock()
+        self._refusing: dict[str, str] = {}
+        self._write_errors = (0.0, 0.0, 0.0)  # (refusals counted, received count then, monotonic time)
+        for r in REFUSAL_REASONS:
+            self.metrics.set("medqc_refusing", 0.0, reason=r)
 
     # The HTTP API reads these
     @property
@@ -176,11 +184,44 @@ class Agent:
         self.failed = True
         self.stopping.set()
 
+    def refusing(self) -> dict[str, str]:
+        """Why C-STOREs are refused now ({} while they are accepted), by reason: the spool's disk below
+        ``spool.min_free_mb`` (read from the disk, so it clears as soon as space returns), or spool writes
+        failing (a C-STORE refused for a write error, none stored since, within ``WRITE_ERROR_HOLD_S``).
+        Sets ``medqc_refusing{reason}`` and logs each change; /healthz and the tick loop call it."""
+        now: dict[str, str] = {}
+        if self.spool is not None:
+            try:
+                msg = self.spool.refusal()
+            except OSError as e:
+                msg = f"spool disk unreadable: {e.strerror or e}"
+            if msg:
+                now["spool-disk-low"] = msg
+        with self._refusal_lock:
+            errors = self.metrics.get("medqc_stores_refused_total", reason="spool-write-error")
+            received = self.metrics.get("medqc_slices_received_total", source="dicom")
+            seen, received_then, at = self._write_errors
+            if errors > seen:
+                self._write_errors = seen, received_then, at = errors, received, time.monotonic()
+            if at and received == received_then and time.monotonic() - at < WRITE_ERROR_HOLD_S:
+                now["spool-write-error"] = (f"spool writes failing: {errors:.0f} C-STORE(s) refused for a write error, "
+                                            "none stored since (the log says which error)")
+            before, self._refusing = self._refusing, now
+        for r in REFUSAL_REASONS:
+            if (r in now) != (r in before):
+                self.metrics.set("medqc_refusing", 1.0 if r in now else 0.0, reason=r)
+                if r in now:
+                    log.error("refusing C-STOREs (0xA700, the scanner keeps the images and retries): %s", now[r])
+                else:
+                    log.info("accepting C-STOREs again: %s no longer holds", r)
+        return now
+
     def tick(self) -> None:
         try:
             self.metrics.set("medqc_spool_free_bytes", float(self.spool.free_bytes(5.0)))
         except OSError:
             pass
+        self.refusing()
 
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         for part in (self.receiver, self.watch):

@@ -18,14 +18,16 @@ from __future__ import annotations
 import functools
 import math
 import re
+import struct
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pydicom  # imported here, not lazily: a lazy import racing pynetdicom's in another thread fails
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from medqc.agent.records import SliceInfo
 
@@ -84,6 +86,15 @@ def _i(v):
     try:
         return int(v) if v not in (None, "") else None
     except (TypeError, ValueError):
+        return None
+
+
+def _get(ds, keyword: str):
+    """An element's value, or None where it cannot be read (pydicom converts elements when first read: a
+    damaged one raises then, whatever its type)."""
+    try:
+        return ds.get(keyword)
+    except Exception:  # noqa: BLE001
         return None
 
 
@@ -395,7 +406,7 @@ def _headerless(path: str | Path):
         ds = pydicom.dcmread(str(path), force=True)
     except Exception:  # noqa: BLE001 - not a dataset at all
         return None
-    cls, inst = _s(ds.get("SOPClassUID")), _s(ds.get("SOPInstanceUID"))
+    cls, inst = _s(_get(ds, "SOPClassUID")), _s(_get(ds, "SOPInstanceUID"))
     if not (_UID.match(cls) and _UID.match(inst)):
         return None
     enc = getattr(ds, "original_encoding", None) or (True, True)
@@ -420,8 +431,21 @@ def read_dataset(path: str | Path):
         if ds is not None:
             return ds
         raise NotDicom("not a DICOM file (no DICOM file header, and not a bare dataset with SOP Class and Instance UIDs)") from None
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError) as e:
-        raise NotDicom(f"unreadable DICOM ({type(e).__name__}: {e})") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError,
+            zlib.error, struct.error, BytesLengthException) as e:
+        # zlib: a deflated dataset whose stream is corrupt; BytesLengthException: an element whose length is no
+        # multiple of its value size (its message quotes the element's bytes: not repeated, see _reading_error)
+        raise NotDicom(f"unreadable DICOM ({_reading_error(e)})") from None
+
+
+_QUOTED_BYTES = re.compile(r"""b(['"]).*?(?<!\\)\1""", re.S)
+
+
+def _reading_error(e: Exception) -> str:
+    """The reading error for logs and the store: its type and message, without the bytes some messages quote
+    (they may be a name or an ID read from the file), at most 200 characters."""
+    msg = _QUOTED_BYTES.sub("<bytes>", str(e)).replace("\n", " ")
+    return f"{type(e).__name__}: {msg[:200]}{'…' if len(msg) > 200 else ''}"
 
 
 def decode_dataset(ds, source: str = "", received_at: float | None = None, pixels: bool = True,
@@ -429,13 +453,18 @@ def decode_dataset(ds, source: str = "", received_at: float | None = None, pixel
     try:
         infos = header_infos(ds, source, received_at, identifiers)
     except Exception as e:  # a header so broken that even its facts cannot be read
-        info = SliceInfo(sop_instance_uid=_s(ds.get("SOPInstanceUID")), series_instance_uid=_s(ds.get("SeriesInstanceUID")),
-                         study_instance_uid=_s(ds.get("StudyInstanceUID")), sop_class_uid=_s(ds.get("SOPClassUID")), source=source)
-        return [Decoded(info, error=f"unreadable header ({type(e).__name__}: {e})")]
+        info = SliceInfo(sop_instance_uid=_s(_get(ds, "SOPInstanceUID")), series_instance_uid=_s(_get(ds, "SeriesInstanceUID")),
+                         study_instance_uid=_s(_get(ds, "StudyInstanceUID")), sop_class_uid=_s(_get(ds, "SOPClassUID")),
+                         source=source)
+        return [Decoded(info, error=f"unreadable header ({_reading_error(e)})")]
     out: list[Decoded] = []
     analyse = []
     for info in infos:
-        why = _why_not_analysed(ds, info)
+        try:
+            why = _why_not_analysed(ds, info)
+        except Exception as e:  # noqa: BLE001 - an element it reads is damaged (pydicom converts on first read)
+            out.append(Decoded(info, error=f"unreadable header ({_reading_error(e)})"))
+            continue
         if why:
             out.append(Decoded(info, ignored=why))
             continue
@@ -458,7 +487,7 @@ def decode_dataset(ds, source: str = "", received_at: float | None = None, pixel
         stored = _stored_values(ds, len(infos))
     except Exception as e:  # noqa: BLE001 - any decoder failure is this instance's problem only
         ts = _s(ds.file_meta.get("TransferSyntaxUID")) if getattr(ds, "file_meta", None) is not None else "?"
-        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        msg = _QUOTED_BYTES.sub("<bytes>", str(e)).splitlines()[0][:300] if str(e) else type(e).__name__
         for i in analyse:
             out[i].error = f"pixel data cannot be decoded (transfer syntax {ts}): {msg}"
         return out
@@ -532,8 +561,8 @@ def decode_file(path: str | Path, received_at: float | None = None, identifiers:
         except OSError:
             received_at = time.time()
     try:
-        cut = truncation(ds, Path(path).stat().st_size) if _s(ds.get("SOPClassUID")) in CT_CLASSES else ""
-    except OSError:
+        cut = truncation(ds, Path(path).stat().st_size) if _s(_get(ds, "SOPClassUID")) in CT_CLASSES else ""
+    except Exception:  # noqa: BLE001 - a file size unreadable, or an element too damaged to tell where it ends
         cut = ""
     out = decode_dataset(ds, str(path), received_at, pixels=not cut, identifiers=identifiers)
     no_pixels = "PixelData" not in ds  # ignored as "no image pixels" by decode_dataset

@@ -2,7 +2,10 @@
 
 Routes (a small table; other modules add theirs with ``register(routes, cfg, agent)``, e.g. the console):
 
-- ``GET /healthz``               liveness + readiness (always open): {"status": "ok"|"starting", "backend": ...}
+- ``GET /healthz``               liveness + readiness (always open): 200 {"status": "ok", "backend": ...}; 503
+                                 {"status": "starting"} before the receiver listens, 503 {"status": "refusing",
+                                 "reason": ..., "reasons": {...}} while C-STOREs are refused (spool disk below
+                                 its reserve, spool writes failing) — 200 again by itself once they are not
 - ``GET /metrics``               Prometheus text format (bearer token when ``http.token`` is set)
 - ``GET /api/series``            open and recent series, newest update first, as summaries
                                  (``medqc.series-list/1``: header facts, verdict, findings without details;
@@ -133,10 +136,18 @@ class Api:
         pipe = getattr(self.agent, "pipeline", None)
         ready = pipe is not None and getattr(self.agent, "receiver", None) is not None
         backend = getattr(getattr(pipe, "inferer", None), "backend", None)
-        return _json(200 if ready else 503, {"status": "ok" if ready else "starting", "backend": backend})
+        if not ready:
+            return _json(503, {"status": "starting", "backend": backend})
+        refusing = self.agent.refusing() if hasattr(self.agent, "refusing") else {}
+        if refusing:  # every C-STORE gets 0xA700 now: not healthy, though alive (it recovers on its own)
+            return _json(503, {"status": "refusing", "reason": "; ".join(refusing.values()), "reasons": refusing,
+                               "backend": backend})
+        return _json(200, {"status": "ok", "backend": backend})
 
     def metrics(self, req):
         m = getattr(self.agent, "metrics", None)
+        if hasattr(self.agent, "refusing") and getattr(self.agent, "spool", None) is not None:
+            self.agent.refusing()  # medqc_refusing as of this scrape, not of the last tick
         body = m.render().encode() if m is not None else b""
         return 200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}, body
 

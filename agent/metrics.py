@@ -18,10 +18,14 @@ METRICS: dict[str, tuple[str, str]] = {
     "medqc_findings_total": ("counter", "findings raised, each counted once when first reported (while slices arrive, "
                                         "or at the verdict), by check and the severity it was reported with"),
     "medqc_series_completed_total": ("counter", "series that reached a verdict, by verdict"),
+    "medqc_stores_refused_total": ("counter", "C-STOREs answered 0xA700 (out of resources), by reason: spool-full "
+                                              "(the spool's disk below spool.min_free_mb), spool-write-error"),
     "medqc_associations_rejected_total": ("counter", "DICOM associations rejected, by reason"),
     "medqc_sink_errors_total": ("counter", "alert sink failures, by sink"),
     "medqc_queue_depth": ("gauge", "slices waiting for analysis (spooled, not yet analysed)"),
     "medqc_spool_free_bytes": ("gauge", "free bytes on the spool's file system"),
+    "medqc_refusing": ("gauge", "1 while the agent refuses C-STOREs for this reason (spool-disk-low, spool-write-error), "
+                                "else 0; /healthz answers 503 with the reason meanwhile"),
     "medqc_backend_info": ("gauge", "inference backend in use (value 1)"),
     "medqc_series_open": ("gauge", "series receiving slices, no verdict yet"),
     "medqc_findings_open": ("gauge", "findings standing on series that have no verdict yet (not withdrawn), by severity"),

@@ -28,6 +28,12 @@ log = logging.getLogger("medqc.agent.pipeline")
 TICK_S = 0.05
 
 
+def _kind(e: NotDicom) -> str:
+    """A reading error without the library's message (which may quote a value read from the file)."""
+    msg = str(e)
+    return msg.split(" (", 1)[0] + (f" ({msg.split(' (', 1)[1].split(':')[0].rstrip(')')})" if " (" in msg else "")
+
+
 MPPS_DRAIN_S = 30.0  # longest an MPPS-completed series waits for the queue to drain before its verdict
 
 
@@ -44,6 +50,7 @@ class Pipeline:
         self.rejected: deque = deque(maxlen=max_rejected)
         self._files: dict[str, set] = {}  # series uid → spool files waiting for its verdict
         self._keep: set = set()  # files kept after the verdict (undecodable inputs)
+        self._resumed: set = set()  # spool files found at start, not decoded yet (damaged ones: quarantined)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy = 0
@@ -67,9 +74,12 @@ class Pipeline:
         files = self.spool.pending()
         for p in files:
             try:
-                self.submit(p, p.stat().st_mtime)
+                received_at = p.stat().st_mtime
             except OSError:
                 continue
+            with self._lock:
+                self._resumed.add(str(p))
+            self.submit(p, received_at)
         if files:
             log.info("resuming %d spooled instance(s)", len(files))
         return len(files)
@@ -106,6 +116,20 @@ class Pipeline:
             if hasattr(s.sink, "on_rejected"):
                 s.submit("on_rejected", rec)
 
+    def _quarantine(self, path: str, reason: str) -> None:
+        """A spool file found at start that cannot be read as DICOM or ends before naming its series: it was
+        complete when stored (the spool renames only complete files), so the disk damaged it since. It goes
+        to spool/quarantine/ for inspection — not deleted, and never tried again at a later start. The log
+        line names the file (SOP Instance UID and arrival) and the reason's kind, never its contents."""
+        try:
+            dst = self.spool.quarantine(path)
+        except OSError as e:
+            log.error("spool file %s is damaged (%s) and cannot be moved to quarantine: %s", Path(path).name, reason,
+                      e.strerror or e)
+            return
+        log.warning("spool file %s quarantined in %s: found at start, %s", dst.name, dst.parent, reason)
+        self._reject(str(dst), f"quarantined: {reason}")
+
     def _release(self, path: str, keep: bool = False) -> None:
         if self.spool is not None:
             self.spool.release(path, keep=keep)
@@ -115,9 +139,15 @@ class Pipeline:
         t0 = time.perf_counter()
         todo = []
         for path, received_at in items:
+            with self._lock:
+                resumed = path in self._resumed and self.spool is not None
+                self._resumed.discard(path)
             try:
                 decoded = decode_file(path, received_at, identifiers=self.identifiers)
             except NotDicom as e:
+                if resumed:
+                    self._quarantine(path, _kind(e))
+                    continue
                 self._reject(path, str(e))
                 self._release(path)
                 continue
@@ -127,6 +157,12 @@ class Pipeline:
                 log.exception("decoding %s failed", path)
                 self._reject(path, f"internal decode error: {type(e).__name__}: {e}")
                 self._release(path, keep=True)
+                continue
+            if resumed and decoded and all(d.ignored and not d.info.series_instance_uid for d in decoded):
+                # every stored instance names its series (a C-STORE's dataset, a drop-folder file that decoded):
+                # one that does not now is cut short, or no DICOM object at all
+                why = decoded[0].ignored
+                self._quarantine(path, why if why.startswith("truncated file") else f"names no series ({why})")
                 continue
             used = False
             for d in decoded:

@@ -4,7 +4,8 @@ transfer syntax) and MPPS N-CREATE/N-SET.
 C-STORE writes ``event.encoded_dataset()`` raw to the spool (fsync + atomic rename) and only then answers
 success; it never waits for inference. Below the spool's free-space watermark it answers 0xA700 ("out of
 resources") so the scanner keeps the image and retries. Tuning (ARCHITECTURE.md numbers): TCP_NODELAY on
-each accepted socket, a 128 KiB maximum PDU, and pynetdicom's two polling loops turned into waits that end
+each accepted socket, a 128 KiB maximum PDU, a connection dropped when its A-ASSOCIATE-RQ has not arrived
+whole within ``ASSOCIATE_RQ_TIMEOUT_S``, and pynetdicom's two polling loops turned into waits that end
 when there is work (``dulwait``: a C-STORE response leaves at once, and an idle association costs no CPU;
 where that cannot be attached, a 0.1 ms DUL poll instead of 1 ms).
 
@@ -23,6 +24,10 @@ from medqc.agent import dulwait
 log = logging.getLogger("medqc.agent.receiver")
 
 DUL_LOOP_DELAY = 1e-4
+# From the connection to the A-ASSOCIATE-RQ's last byte: a scanner sends its request at once, so a connection
+# that sends nothing, or stops inside its request, is dropped after this (it held one of
+# dicom.max_associations for pynetdicom's 60 s network timeout before). Once accepted: that 60 s again.
+ASSOCIATE_RQ_TIMEOUT_S = 10.0
 MPPS_CLASS = "1.2.840.10008.3.1.2.3.3"
 
 
@@ -57,6 +62,8 @@ class Receiver:
             sock = dul.socket.socket if dul.socket is not None else None
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.settimeout(ASSOCIATE_RQ_TIMEOUT_S)  # until accepted (_on_accepted)
+            event.assoc.acse_timeout = ASSOCIATE_RQ_TIMEOUT_S  # the acceptor's wait for the request (and ARTIM)
         except Exception as e:  # noqa: BLE001 - tuning only
             log.debug("socket tuning failed: %s", e)
         try:
@@ -64,6 +71,15 @@ class Receiver:
                 log.debug("pynetdicom internals differ: its polling loops are left as they are")
         except Exception as e:  # noqa: BLE001 - tuning only
             log.debug("event-driven waits not attached: %s", e)
+
+    def _on_accepted(self, event) -> None:
+        try:
+            event.assoc.acse_timeout = event.assoc.ae.acse_timeout
+            sock = event.assoc.dul.socket.socket
+            if sock is not None:
+                sock.settimeout(event.assoc.network_timeout)
+        except Exception as e:  # noqa: BLE001
+            log.debug("restoring the network timeout failed: %s", e)
 
     def _on_close(self, event) -> None:
         dulwait.detach(event.assoc)
@@ -89,9 +105,11 @@ class Receiver:
         except SpoolFull as e:
             log.error("C-STORE %s refused: %s", sop_uid, e)
             self._metric("inc", "medqc_slices_rejected_total", reason="spool-full")
+            self._metric("inc", "medqc_stores_refused_total", reason="spool-full")
             return 0xA700
         except OSError as e:
             log.error("C-STORE %s refused: spool write failed: %s", sop_uid, e)
+            self._metric("inc", "medqc_stores_refused_total", reason="spool-write-error")
             return 0xA700
         now = time.time()
         self._metric("inc", "medqc_slices_received_total", source="dicom")
@@ -127,7 +145,8 @@ class Receiver:
         from medqc.agent.mpps import MppsService
 
         self.mpps = MppsService(self.on_mpps)
-        hs = [(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_CONN_CLOSE, self._on_close), (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
+        hs = [(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_CONN_CLOSE, self._on_close), (evt.EVT_ACCEPTED, self._on_accepted),
+              (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
               (evt.EVT_N_CREATE, self.mpps.on_n_create), (evt.EVT_N_SET, self.mpps.on_n_set)]
         if self.access is not None and hasattr(self.access, "handlers"):
             hs += list(self.access.handlers())

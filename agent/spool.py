@@ -4,6 +4,8 @@ rename) before the scanner hears "success"; the agent resumes whatever is in it 
 Layout under the spool directory:
   incoming/<sop_uid>.<arrival>.dcm     received, not yet part of a series verdict (resumed on start)
   kept/<sop_uid>.dcm          inputs kept for inspection (undecodable ones; everything with retention=keep)
+  quarantine/<name>           files found in incoming/ at start that are not readable DICOM or end before
+                              naming their series (damaged on disk after they were stored): set aside once
   .tmp/                       writes in progress (complete ones recovered on start, partial ones removed)
 """
 
@@ -18,6 +20,7 @@ import uuid
 from pathlib import Path
 
 _SAFE = re.compile(r"[^0-9A-Za-z._-]")
+FULL_BYTES = 1024 * 1024  # less free than this is a full disk, whatever the reserve (a CT slice is ~0.5 MB)
 
 
 class SpoolFull(Exception):
@@ -44,6 +47,7 @@ class Spool:
         self.root = Path(root)
         self.incoming = self.root / "incoming"
         self.kept = self.root / "kept"
+        self.quarantine_dir = self.root / "quarantine"
         self.tmp = self.root / ".tmp"
         for d in (self.incoming, self.kept, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
@@ -82,22 +86,42 @@ class Spool:
     def has_room(self, size: int = 0) -> bool:
         return self.free_bytes() - size >= self.min_free
 
+    def refusal(self, max_age_s: float = 0.5) -> str:
+        """Why C-STOREs are refused now ('' while there is room): the spool's disk below its reserve
+        (``min_free_mb``, and at least ``FULL_BYTES`` even where the reserve is 0: a disk that holds no CT
+        image refuses every one). Read from the disk itself, not from the refusals, so it clears as soon as
+        space returns."""
+        free = self.free_bytes(max_age_s)
+        reserve = max(self.min_free, FULL_BYTES)
+        if free >= reserve:
+            return ""
+        mb = 1024 * 1024
+        return f"spool disk below reserve: {free // mb} MB free < {reserve // mb} MB"
+
     # ------------------------------------------------------------------------------------------ write
     def put(self, data: bytes | memoryview, name: str) -> Path:
         """Durably store one instance; returns its path in incoming/. Raises SpoolFull below the watermark."""
         if not self.has_room(len(data)):
-            raise SpoolFull(f"spool {self.root}: free space below {self.min_free // (1024 * 1024)} MiB")
+            mb = 1024 * 1024
+            raise SpoolFull(f"spool disk below reserve: {self.free_bytes() // mb} MB free < {self.min_free // mb} MB "
+                            f"(+ {len(data):,} bytes to store)")
         safe = _SAFE.sub("_", name)[:120] or "instance"
         # unique per arrival: two objects with one SOP Instance UID (a header-only copy, a resend) never
         # overwrite each other before analysis; the series state counts an instance once
         uniq = f"{time.time_ns():x}{uuid.uuid4().hex[:6]}"
         final = self.incoming / f"{safe}.{uniq}.dcm"
         tmp = self.tmp / f"{safe}.{uniq}.{len(data)}.part"  # the length lets recovery tell complete from partial
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if self.fsync:
-                f.flush()
-                os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a partial write (no space left, an I/O error) holds no space meanwhile
+            with self._lock:
+                self._free = None  # re-read the free space at the next check
+            raise
         # no directory fsync per instance (≈1 ms): if a power loss undoes the rename, _recover() finds the
         # complete, fsynced temp file at the next start
         os.replace(tmp, final)
@@ -116,6 +140,15 @@ class Spool:
             except OSError:
                 continue
         return [p for _, _, p in sorted(files)]
+
+    def quarantine(self, path: str | Path) -> Path:
+        """Move a damaged spool file to quarantine/ (made on first use), out of the way of every later start."""
+        p = Path(path)
+        self.quarantine_dir.mkdir(exist_ok=True)
+        dst = self.quarantine_dir / p.name
+        os.replace(p, dst)
+        _fsync_dir(self.quarantine_dir)
+        return dst
 
     # ------------------------------------------------------------------------------------- retention
     def release(self, path: str | Path, keep: bool = False) -> None:

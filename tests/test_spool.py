@@ -38,9 +38,11 @@ def test_put_pending_release(tmp_path):
 
 def test_low_watermark_refuses(tmp_path):
     sp = Spool(tmp_path / "s", min_free_mb=10**9)  # more than any disk has
-    with pytest.raises(SpoolFull):
+    with pytest.raises(SpoolFull, match=r"spool disk below reserve: \d+ MB free < 1000000000 MB"):
         sp.put(b"data", "1")
     assert sp.pending() == []
+    assert sp.refusal().startswith("spool disk below reserve: ") and sp.refusal().endswith(" < 1000000000 MB")
+    assert Spool(tmp_path / "ok", min_free_mb=0).refusal() == ""  # this disk has more than 1 MB free
 
 
 def test_micro_batcher_fills_and_times_out():

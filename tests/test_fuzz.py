@@ -1,0 +1,132 @@
+"""The decode path under fuzzing (tests/fuzz/fuzz_decode.py, atheris/libFuzzer): a bounded run from the
+synthetic, pydicom and real seeds must end without a crash, a hang or running out of memory; and the inputs
+earlier runs found crashing, rebuilt here from public files, are rejected as ``NotDicom``."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import missing_peer  # noqa: E402
+
+from medqc.agent.decode import NotDicom, decode_file
+
+HARNESS = Path(__file__).parent / "fuzz" / "fuzz_decode.py"
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def _synth(tmp_path) -> Path:
+    out = tmp_path / "synth"
+    subprocess.run([sys.executable, "-m", "medqc", "synth", "--region", "head", "--slices", "1", "--matrix", "64",
+                    "--seed", "3", "--no-progress", str(out)], check=True, capture_output=True, timeout=300)
+    return next(out.glob("*.dcm"))
+
+
+def test_corrupt_deflate_stream_is_not_dicom(tmp_path):
+    """Found by fuzzing: a deflated dataset whose stream is corrupt raised zlib.error out of decode_file."""
+    data = bytearray((TEST_FILES / "image_dfl.dcm").read_bytes())
+    ds = pydicom.dcmread(TEST_FILES / "image_dfl.dcm", stop_before_pixels=True)
+    start = 132 + 12 + ds.file_meta.FileMetaInformationGroupLength  # the deflate stream follows the file meta
+    data[start + 40:start + 80] = bytes(range(40))
+    p = tmp_path / "x.dcm"
+    p.write_bytes(bytes(data))
+    with pytest.raises(NotDicom, match=r"unreadable DICOM \(error: Error -3 while decompressing"):
+        decode_file(p)
+
+
+def test_file_meta_length_of_the_wrong_size_is_not_dicom_and_quotes_no_bytes(tmp_path):
+    """Found by fuzzing: File Meta Information Group Length read as UN with a length that is no multiple of 4
+    raised pydicom's BytesLengthException, whose message quotes the element's bytes."""
+    data = bytearray(_synth(tmp_path).read_bytes())
+    assert data[128:132] == b"DICM" and data[136:138] == b"UL"
+    data[136:138] = b"UN"  # its 2 length bytes become UN's reserved ones, and the value's first 4 its length:
+    length = int.from_bytes(data[140:144], "little")
+    if length % 4 == 0:
+        data[140:144] = (length + 2).to_bytes(4, "little")  # a value of length 4k + 2, as the fuzzer's
+    p = tmp_path / "x.dcm"
+    p.write_bytes(bytes(data))
+    with pytest.raises(NotDicom, match=r"unreadable DICOM \(BytesLengthException: ") as e:
+        decode_file(p)
+    assert "<bytes>" in str(e.value) and "b'" not in str(e.value) and "1.2.840" not in str(e.value)
+
+
+def _atheris() -> None:
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        missing_peer("atheris is not installed (pip install -e '.[test]')")
+
+
+def _fuzz(tmp_path, seconds: int, real_ct: Path | None = None) -> dict:
+    _atheris()
+    corpus = tmp_path / "corpus"
+    cmd = [sys.executable, str(HARNESS), "--seeds", str(corpus)] + (["--real-ct", str(real_ct)] if real_ct else []) + [
+        "--", str(corpus), f"-max_total_time={seconds}", "-timeout=10", "-rss_limit_mb=2048", "-max_len=600000",
+        f"-artifact_prefix={tmp_path}/", "-print_final_stats=1", "-seed=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 240, cwd=tmp_path,
+                       env=dict(os.environ, MEDQC_FUZZ_TMP=str(tmp_path)))
+    found = sorted(p.name for p in tmp_path.iterdir() if re.match(r"(crash|timeout|oom|leak)-", p.name))
+    assert r.returncode == 0 and not found, (found, r.stderr[-4000:])
+    runs = re.search(r"stat::number_of_executed_units:\s+(\d+)", r.stderr)
+    seeds = re.search(r"(\d+) seed inputs", r.stderr)
+    return {"runs": int(runs.group(1)), "seeds": int(seeds.group(1))}
+
+
+def test_fuzz_decode_bounded_synthetic_seeds(tmp_path):
+    got = _fuzz(tmp_path, 20)
+    assert got["seeds"] >= 70 and got["runs"] > got["seeds"]  # past the seeds: it really mutated inputs
+
+
+def test_fuzz_decode_bounded_real_seeds(tmp_path, real_ct):
+    got = _fuzz(tmp_path, 20, real_ct.parent)
+    assert got["seeds"] >= 80 and got["runs"] > got["seeds"]
+
+
+def test_element_with_an_unknown_vr_is_an_error_record_not_an_exception(tmp_path):
+    """Found by fuzzing: Study Instance UID written with an unknown VR raised NotImplementedError from the
+    fallback that reads a broken header's UIDs. Now the instance is a record with the error, its other UIDs
+    read."""
+    data = bytearray(_synth(tmp_path).read_bytes())
+    at = data.find(b"\x20\x00\x0d\x00UI")
+    assert at > 0
+    data[at + 4:at + 6] = b"U5"
+    p = tmp_path / "x.dcm"
+    p.write_bytes(bytes(data))
+    (d,) = decode_file(p)
+    assert d.error.startswith("unreadable header (NotImplementedError: Unknown Value Representation"), d.error
+    assert d.info.series_instance_uid and d.info.sop_instance_uid and d.info.study_instance_uid == ""
+
+
+def test_bare_dataset_with_an_unreadable_sop_class_is_not_dicom(tmp_path):
+    """Found by fuzzing: a dataset without file meta whose SOP Class UID has an unknown VR raised
+    NotImplementedError while it was being recognised as a bare dataset."""
+    data = _synth(tmp_path).read_bytes()
+    meta_len = int.from_bytes(data[140:144], "little")
+    bare = bytearray(data[132 + 12 + meta_len:])  # the dataset alone, explicit VR little endian
+    assert bare[:6] == b"\x08\x00\x05\x00CS" or bare[:4] == b"\x08\x00\x08\x00", bytes(bare[:8])
+    at = bare.find(b"\x08\x00\x16\x00UI")
+    bare[at + 4:at + 6] = b"U\x00"
+    p = tmp_path / "x.dcm"
+    p.write_bytes(bytes(bare))
+    with pytest.raises(NotDicom, match="not a DICOM file"):
+        decode_file(p)
+
+
+def test_damaged_element_read_after_the_header_facts_is_an_error_record(tmp_path):
+    """Found by the long fuzzing run (after 133,347 inputs): an element read only when deciding whether the
+    instance is analysed (Rescale Type there; Samples per Pixel here) with an unknown VR raised
+    NotImplementedError out of decode_file. Now it is an error record on its series."""
+    data = bytearray(_synth(tmp_path).read_bytes())
+    at = data.find(b"\x28\x00\x02\x00US")
+    assert at > 0
+    data[at + 4:at + 6] = b"U5"
+    p = tmp_path / "x.dcm"
+    p.write_bytes(bytes(data))
+    (d,) = decode_file(p)
+    assert d.error.startswith("unreadable header (NotImplementedError: Unknown Value Representation"), d.error
+    assert d.info.series_instance_uid and d.info.sop_instance_uid and not d.ignored
