@@ -728,11 +728,24 @@ def noise_ratio(sd_2mm: float, info, head: bool, kernel_allowance: bool = True, 
     t = getattr(info, "slice_thickness", None)
     thin = math.sqrt(t / NOISE_REF_THICKNESS_MM) if t is not None and math.isfinite(t) and 0 < t < NOISE_REF_THICKNESS_MM else 1.0
     ratio = sd_2mm * thin / level
-    if not head:
-        if math.isfinite(dw_mm) and dw_mm > NOISE_SIZE_REF_MM:
-            # a larger patient attenuates more: scanners (and readers) accept the extra noise
-            ratio *= NOISE_SIZE_REF_MM / dw_mm
+    if not head:  # a larger patient attenuates more: scanners (and readers) accept the extra noise
+        ratio *= size_allowance(dw_mm)
     return ratio
+
+
+def noise_size_mm(measures: dict) -> float:
+    """The patient's size for the noise allowance (mm): the water-equivalent diameter, or the trunk's width
+    scaled to it (wide, flat sections — the shoulders — are noisiest at their centre along the long lateral
+    paths), whichever is larger; NaN when neither was measured."""
+    dw, width = measures.get("water_eq_diameter_mm"), measures.get("trunk_width_mm")
+    sizes = [v for v in (dw, None if width is None else width * NOISE_SIZE_REF_MM / NOISE_WIDTH_REF_MM)
+             if v is not None and math.isfinite(v)]
+    return max(sizes) if sizes else float("nan")
+
+
+def size_allowance(size_mm: float) -> float:
+    """≤ 1: the factor on σ for a patient of ``size_mm`` (``noise_size_mm``) larger than ``NOISE_SIZE_REF_MM``."""
+    return NOISE_SIZE_REF_MM / size_mm if math.isfinite(size_mm) and size_mm > NOISE_SIZE_REF_MM else 1.0
 
 
 def measure(hu: np.ndarray, info) -> dict[str, float]:
@@ -868,10 +881,8 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
                                          min_area_mm2=NOISE_MIN_AREA_HEAD_MM2 if head else NOISE_MIN_AREA_MM2,
                                          quantile=NOISE_HEAD_QUANTILE if head else 0.5)
                                if pooled is not None else nan)
-        # the patient's size for the noise allowance: the water-equivalent diameter, or the trunk's width scaled
-        # to it (wide, flat sections — the shoulders — are noisiest at their centre along the long lateral paths)
         out["trunk_width_mm"] = float((x1 - x0 + 1) * step * cmm)
-        size = max(out["water_eq_diameter_mm"], out["trunk_width_mm"] * NOISE_SIZE_REF_MM / NOISE_WIDTH_REF_MM)
+        size = noise_size_mm(out)
         out["noise_ratio"] = noise_ratio(out["noise_sd_2mm"], info, head, dw_mm=size)
         out["noise_ratio_plain"] = noise_ratio(out["noise_sd_2mm"], info, head, kernel_allowance=False, dw_mm=size)
         centre = ((hu.shape[0] - 1) / 2.0, (hu.shape[1] - 1) / 2.0)

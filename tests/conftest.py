@@ -41,6 +41,27 @@ def pytest_configure(config):
     os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK crawls on loopback without it
 
 
+def run_ok(cmd, **kw):
+    """Run ``cmd``; its exit status must be 0 (the end of its output is in the assertion)."""
+    import subprocess
+
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
+    return r
+
+
+def analyze_json(*paths) -> dict:
+    """``medqc analyze PATH... --json`` in a subprocess → the report (whatever the exit status: it follows the
+    verdicts)."""
+    import json
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "medqc", "analyze", *map(str, paths), "--json", "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.stdout, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

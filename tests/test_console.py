@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 import urllib.error
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from medqc.dcmtk import dcmtk  # noqa: E402
-from conftest import free_port  # noqa: E402
+from conftest import free_port, run_ok  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -49,16 +48,10 @@ def test_thumbnail_is_a_windowed_png():
     assert img[5, 5] == 0 and img[96, 96] == 255 and 110 <= img[60, 60] <= 145
 
 
-def _run(cmd, **kw):
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
-    return r
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("console-study") / "head"
-    _run([sys.executable, "-m", "medqc", "synth", "--region", "head", "--slices", "20", "--matrix", "128",
+    run_ok([sys.executable, "-m", "medqc", "synth", "--region", "head", "--slices", "20", "--matrix", "128",
           "--artifact", "metal:0.9@8-12", "--short-top", "40", "--seed", "7", "--no-progress", str(out)], timeout=300)
     return out
 
@@ -88,7 +81,7 @@ def _send(study: Path, port: int) -> None:
     if not storescu:
         pytest.skip("storescu (dcmtk) is not installed")
     files = sorted(str(p) for p in study.glob("*.dcm"))
-    _run([storescu, "-aet", "CT_TEST", "-aec", "MEDQC", "127.0.0.1", str(port), *files],
+    run_ok([storescu, "-aet", "CT_TEST", "-aec", "MEDQC", "127.0.0.1", str(port), *files],
          env={**os.environ, "TCP_NODELAY": "1"}, timeout=120)
 
 
@@ -203,7 +196,7 @@ def test_strip_in_table_order_for_a_series_sent_out_of_order(tmp_path):
         pytest.fail("Debian chromium is not installed (.ci/run installs it)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
     study = tmp_path / "tilted"
-    _run([sys.executable, "-m", "medqc", "synth", "--region", "head", "--slices", "24", "--matrix", "128", "--tilt", "20",
+    run_ok([sys.executable, "-m", "medqc", "synth", "--region", "head", "--slices", "24", "--matrix", "128", "--tilt", "20",
           "--artifact", "metal:0.9@8-19", "--seed", "5", "--no-progress", str(study)], timeout=300)
     files = sorted(study.glob("*.dcm"))
     random.Random(3).shuffle(files)
@@ -233,7 +226,7 @@ def test_strip_in_table_order_for_a_series_sent_out_of_order(tmp_path):
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(f"http://127.0.0.1:{server.port}/")
             page.wait_for_function("document.querySelector('#conn').classList.contains('on')", timeout=10000)
-            _run([storescu, "-aet", "CT_TEST", "-aec", "MEDQC", "127.0.0.1", str(cfg.dicom.port), *map(str, files)],
+            run_ok([storescu, "-aet", "CT_TEST", "-aec", "MEDQC", "127.0.0.1", str(cfg.dicom.port), *map(str, files)],
                  env={**os.environ, "TCP_NODELAY": "1"}, timeout=120)
             page.wait_for_selector("section.series .verdict:not(.open)", timeout=30000)
             page.wait_for_function("document.querySelectorAll('section.series .strip .mark').length === 24", timeout=30000)

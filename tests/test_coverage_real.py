@@ -8,10 +8,7 @@ checkout); without that folder they are skipped unless MEDQC_REQUIRE_REAL_CT=1.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,10 +21,9 @@ CHEST = REAL / "philips-bigbore-chest-patient"
 
 
 def analyze(folder: Path) -> dict:
-    r = subprocess.run([sys.executable, "-m", "medqc", "analyze", str(folder), "--json", "--no-progress"],
-                       capture_output=True, text=True, timeout=600)
-    assert r.stdout, r.stderr[-2000:]
-    rep = json.loads(r.stdout)
+    from conftest import analyze_json
+
+    rep = analyze_json(folder)
     assert len(rep["series"]) == 1
     return rep["series"][0]
 

@@ -87,17 +87,23 @@ def test_fuzz_decode_bounded_real_seeds(tmp_path, real_ct):
     assert got["seeds"] >= 80 and got["runs"] > got["seeds"]
 
 
-def test_element_with_an_unknown_vr_is_an_error_record_not_an_exception(tmp_path):
-    """Found by fuzzing: Study Instance UID written with an unknown VR raised NotImplementedError from the
-    fallback that reads a broken header's UIDs. Now the instance is a record with the error, its other UIDs
-    read."""
+def _with_unknown_vr(tmp_path, element: bytes):
+    """A synthetic CT file whose ``element`` (tag and VR as written, explicit VR little endian) is rewritten
+    with the VR 'U5', which no standard defines."""
     data = bytearray(_synth(tmp_path).read_bytes())
-    at = data.find(b"\x20\x00\x0d\x00UI")
+    at = data.find(element)
     assert at > 0
     data[at + 4:at + 6] = b"U5"
     p = tmp_path / "x.dcm"
     p.write_bytes(bytes(data))
-    (d,) = decode_file(p)
+    return p
+
+
+def test_element_with_an_unknown_vr_is_an_error_record_not_an_exception(tmp_path):
+    """Found by fuzzing: Study Instance UID written with an unknown VR raised NotImplementedError from the
+    fallback that reads a broken header's UIDs. Now the instance is a record with the error, its other UIDs
+    read."""
+    (d,) = decode_file(_with_unknown_vr(tmp_path, b"\x20\x00\x0d\x00UI"))
     assert d.error.startswith("unreadable header (NotImplementedError: Unknown Value Representation"), d.error
     assert d.info.series_instance_uid and d.info.sop_instance_uid and d.info.study_instance_uid == ""
 
@@ -121,12 +127,6 @@ def test_damaged_element_read_after_the_header_facts_is_an_error_record(tmp_path
     """Found by the long fuzzing run (after 133,347 inputs): an element read only when deciding whether the
     instance is analysed (Rescale Type there; Samples per Pixel here) with an unknown VR raised
     NotImplementedError out of decode_file. Now it is an error record on its series."""
-    data = bytearray(_synth(tmp_path).read_bytes())
-    at = data.find(b"\x28\x00\x02\x00US")
-    assert at > 0
-    data[at + 4:at + 6] = b"U5"
-    p = tmp_path / "x.dcm"
-    p.write_bytes(bytes(data))
-    (d,) = decode_file(p)
+    (d,) = decode_file(_with_unknown_vr(tmp_path, b"\x28\x00\x02\x00US"))
     assert d.error.startswith("unreadable header (NotImplementedError: Unknown Value Representation"), d.error
     assert d.info.series_instance_uid and d.info.sop_instance_uid and not d.ignored

@@ -14,19 +14,13 @@ import urllib.request
 
 import pytest
 from medqc.dcmtk import dcmtk  # noqa: E402
-from conftest import free_port  # noqa: E402
-
-
-def _run(cmd, **kw):
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
-    return r
+from conftest import free_port, run_ok  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("http-study") / "head"
-    _run([sys.executable, "-m", "medqc", "synth", "--region", "head", "--slices", "12", "--matrix", "128",
+    run_ok([sys.executable, "-m", "medqc", "synth", "--region", "head", "--slices", "12", "--matrix", "128",
           "--artifact", "metal:0.9@5-8", "--short-top", "40", "--seed", "11", "--no-progress", str(out)], timeout=300)
     return out
 

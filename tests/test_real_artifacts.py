@@ -3,14 +3,10 @@ absent, these skip unless MEDQC_REQUIRE_REAL_CT=1)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = Path(os.environ.get("MEDQC_REAL_CT") or ROOT.parent / "shared" / "real-ct")
@@ -25,10 +21,9 @@ def need(path: Path) -> Path:
 
 
 def analyze(*paths) -> dict:
-    r = subprocess.run([sys.executable, "-m", "medqc", "analyze", *map(str, paths), "--json", "--no-progress"],
-                       capture_output=True, text=True, timeout=600)
-    assert r.stdout, r.stderr[-2000:]
-    return json.loads(r.stdout)
+    from conftest import analyze_json
+
+    return analyze_json(*paths)
 
 
 def test_cone_beam_catphan_rings_are_rings_and_its_clamped_air_is_no_truncation():

@@ -18,21 +18,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port, missing_peer, need_tool  # noqa: E402
+from conftest import free_port, missing_peer, need_tool, run_ok  # noqa: E402
 
 MB = 1024 * 1024
-
-
-def _run(cmd, **kw):
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    assert r.returncode == 0, (cmd, r.stdout[-2000:], r.stderr[-2000:])
-    return r
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("rel-study") / "head"
-    _run([sys.executable, "-m", "medqc", "synth", "--region", "head", "--slices", "8", "--matrix", "128",
+    run_ok([sys.executable, "-m", "medqc", "synth", "--region", "head", "--slices", "8", "--matrix", "128",
           "--seed", "5", "--no-progress", str(out)], timeout=300)
     return out
 
@@ -199,7 +193,7 @@ def test_spool_write_errors_refuse_then_recover(tmp_path, tmpfs, tiny_bundle, st
     a = Agent(tmp_path, tiny_bundle, spool, min_free_mb=1).start()
     try:
         a.wait_health(200)
-        _run(["mount", "-o", "remount,ro", str(tmpfs)])
+        run_ok(["mount", "-o", "remount,ro", str(tmpfs)])
         try:
             r = _storescu(a.port, files[:2])
             assert r.stderr.count("Refused: OutOfResources") == 2, r.stderr[-2000:]
@@ -210,7 +204,7 @@ def test_spool_write_errors_refuse_then_recover(tmp_path, tmpfs, tiny_bundle, st
             assert _metric(m, "medqc_refusing", reason="spool-write-error") == 1
             assert _metric(m, "medqc_stores_refused_total", reason="spool-write-error") == 2
         finally:
-            _run(["mount", "-o", "remount,rw", str(tmpfs)])
+            run_ok(["mount", "-o", "remount,rw", str(tmpfs)])
         r = _storescu(a.port, files)
         assert r.returncode == 0 and "Refused" not in r.stderr, r.stderr[-2000:]
         assert a.wait_health(200, timeout=5)["status"] == "ok"

@@ -36,6 +36,8 @@ DOSE_WARNING_FACTOR = 2.0  # dose.ctdivol: info above the reference level, a war
 SHARP_KERNEL = detectors.SHARP_KERNEL
 SHARP_NOISE_FACTOR = detectors.SHARP_NOISE_FACTOR
 kernel_noise_factor = detectors.kernel_noise_factor
+NOISE_INDEX_MIN_SLICES = 3  # noise.index needs this many slices with measurable soft tissue
+CENTERING_MIN_SLICES = 3  # centering.offset needs the body centre on this many slices
 
 
 # AAPM Report 204's fits of the size conversion factor, f = a·exp(−b·Dw[cm]), for CTDIvol measured in the
@@ -117,7 +119,7 @@ def centering_findings(state, results, tol: float) -> list:
             x, y = x + off[0], y + off[1]
             iso += 1
         pts.append((x, y))
-    if len(pts) < 3:
+    if len(pts) < CENTERING_MIN_SLICES:
         return []
     # the field cuts the trunk: tissue along most of its rim, or a field lying inside the body (targeted)
     cut = [1.0 if r.measures.get("field_inside_body") == 1.0 else r.measures.get("display_touch") for r in ok]
@@ -143,15 +145,6 @@ def centering_findings(state, results, tol: float) -> list:
                              "reference": "isocentre (DataCollectionCenterPatient)" if from_iso else "reconstruction centre"})]
 
 
-def size_allowance(m: dict) -> float:
-    """≤ 1: the factor on a slice's σ for a patient larger than ``detectors.NOISE_SIZE_REF_MM`` (water-equivalent
-    diameter, or the trunk's width scaled to it: the shoulders), whose extra noise is expected."""
-    dw, width = m.get("water_eq_diameter_mm"), m.get("trunk_width_mm")
-    size = max(dw if finite(dw) else 0.0,
-               width * detectors.NOISE_SIZE_REF_MM / detectors.NOISE_WIDTH_REF_MM if finite(width) else 0.0)
-    return min(1.0, detectors.NOISE_SIZE_REF_MM / size) if size > 0 else 1.0
-
-
 def noise_findings(state, results, rule, explained: frozenset = frozenset()) -> list:
     """``explained``: ids of the results inside an artifact finding whose streaks or circles raise σ (metal,
     motion, ring). Their σ is left out; where that leaves under half of the measured slices (a patient who
@@ -173,8 +166,9 @@ def noise_findings(state, results, rule, explained: frozenset = frozenset()) -> 
         t = r.info.slice_thickness
         # σ falls with the square root of the slice thickness: compare at the reference 5 mm
         sd = sd * math.sqrt(t / REF_THICKNESS_MM) if finite(t) and t > 0 else sd
-        sds.append(sd * size_allowance(r.measures))
-    if len(sds) < 3 or 2 * len(sds) < measured:
+        # a patient larger than the reference is allowed the extra noise that size brings (as per slice)
+        sds.append(sd * detectors.size_allowance(detectors.noise_size_mm(r.measures)))
+    if len(sds) < NOISE_INDEX_MIN_SLICES or 2 * len(sds) < measured:
         return []
     med = statistics.median(sds)
     ref = rule.noise_ref_hu * factor

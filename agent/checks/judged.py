@@ -11,8 +11,7 @@ from __future__ import annotations
 from medqc import detectors
 from medqc.agent.checks.artifact import NETWORK_ONLY_MIN_EXTENT_MM, RELATIVE_MIN_SLICES
 from medqc.agent.checks.common import finite
-
-NOISE_MIN_SLICES = 3  # noise.index needs this many slices with measurable soft tissue (dose.noise_findings)
+from medqc.agent.checks.dose import CENTERING_MIN_SLICES, NOISE_INDEX_MIN_SLICES
 
 
 def not_judged(state, ordered, rule, coverage: dict | None) -> dict[str, str]:
@@ -39,8 +38,9 @@ def not_judged(state, ordered, rule, coverage: dict | None) -> dict[str, str]:
         if factor >= detectors.SHARP_NOISE_FACTOR:
             out["noise.index"] = (f"sharp kernel {state.first.convolution_kernel}: its noise is the design "
                                   "(gross noise is judged per slice, artifact.noise)")
-        elif measured < NOISE_MIN_SLICES:
-            out["noise.index"] = f"{measured} slice{'s' if measured != 1 else ''} with measurable soft tissue ({NOISE_MIN_SLICES} needed)"
+        elif measured < NOISE_INDEX_MIN_SLICES:
+            out["noise.index"] = (f"{measured} slice{'s' if measured != 1 else ''} with measurable soft tissue "
+                                  f"({NOISE_INDEX_MIN_SLICES} needed)")
     # motion is judged against the series' own level, and motion and ring runs must span z
     if n < RELATIVE_MIN_SLICES:
         out["artifact.motion"] = (f"{n} slice{'s' if n != 1 else ''}: the series' own motion level needs "
@@ -53,8 +53,9 @@ def not_judged(state, ordered, rule, coverage: dict | None) -> dict[str, str]:
                                 "(only a very high or strong run counts)")
     # centring needs the body centre on a few slices
     centred = sum(1 for _, r in usable if finite(r.measures.get("body_center_offset_y_mm")))
-    if centred < 3:
-        out["centering.offset"] = f"the body centre is measurable on {centred} slice{'s' if centred != 1 else ''} (3 needed)"
+    if centred < CENTERING_MIN_SLICES:
+        out["centering.offset"] = (f"the body centre is measurable on {centred} slice{'s' if centred != 1 else ''} "
+                                   f"({CENTERING_MIN_SLICES} needed)")
     # dose
     if not any(finite(r.info.ctdivol) and r.info.ctdivol > 0 for _, r in usable):
         out["dose.ctdivol"] = "no CTDIvol in the headers"

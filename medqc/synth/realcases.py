@@ -28,25 +28,11 @@ def _uid(*parts) -> str:
 
 
 def read_series(folder: Path) -> list:
-    """The largest axial CT series in ``folder`` as pydicom datasets, head first (descending z)."""
-    import pydicom
+    """The largest axial CT series in ``folder`` as pydicom datasets, head first: the series the injector
+    (``medqc synth --inject``) picks."""
+    from medqc.synth.inject import _load_series
 
-    found: dict[str, list] = {}
-    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(str(f))
-        except Exception:
-            continue  # not DICOM (licence files, DICOMDIR helpers)
-        if getattr(ds, "Modality", None) != "CT" or "PixelData" not in ds or not hasattr(ds, "ImagePositionPatient"):
-            continue
-        if "LOCALIZER" in [str(x).upper() for x in getattr(ds, "ImageType", [])]:
-            continue
-        found.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
-    if not found:
-        raise ValueError(f"no CT image series in {folder}")
-    items = max(found.values(), key=len)
-    items.sort(key=lambda d: -float(d.ImagePositionPatient[2]))
-    return items
+    return [ds for _, ds in _load_series(Path(folder))]
 
 
 def write_case(datasets: list, out: Path, name: str, protocol: str | None = None, feet_first: bool = False,
