@@ -1,5 +1,5 @@
 """Artifact detectors on real scanner output (the real-CT collection: ``$MEDQC_REAL_CT`` or ../shared/real-ct;
-absent, these skip unless MEDQC_REQUIRE_REAL_CT=1)."""
+absent, these skip, and fail instead under MEDQC_REQUIRE_REAL_CT=1 or with MEDQC_REAL_CT set)."""
 
 from __future__ import annotations
 
