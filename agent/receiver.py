@@ -25,8 +25,8 @@ log = logging.getLogger("medqc.agent.receiver")
 
 DUL_LOOP_DELAY = 1e-4
 # From the connection to the A-ASSOCIATE-RQ's last byte: a scanner sends its request at once, so a connection
-# that sends nothing, or stops inside its request, is dropped after this (it held one of
-# dicom.max_associations for pynetdicom's 60 s network timeout before). Once accepted: that 60 s again.
+# that sends nothing, or stops inside its request, is dropped after this (otherwise it would hold one of
+# dicom.max_associations for pynetdicom's 60 s network timeout). Once accepted: that 60 s again.
 ASSOCIATE_RQ_TIMEOUT_S = 10.0
 MPPS_CLASS = "1.2.840.10008.3.1.2.3.3"
 
