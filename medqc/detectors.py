@@ -976,7 +976,7 @@ def classical_probs(measures: dict[str, float]) -> dict[str, float]:
         out["truncation"] = _ramp(m["body_touches_fov"], *TRUNC_EDGE)
     if math.isfinite(m.get("ring_contrast_hu", float("nan"))):
         # from 0 (not from half the level, as the other ramps): the contrast is already above its noise
-        # floors, so any reading ranks slices (clean real CT reads 0.0–0.1 HU)
+        # floors, so any reading ranks slices (the clean real head phantom reads 0.0–0.1 HU)
         x = max(0.0, m["ring_contrast_hu"])
         out["ring"] = 0.5 * x / RING_HU[0] if x < RING_HU[0] else _ramp(x, *RING_HU)
     if math.isfinite(m.get("noise_ratio", float("nan"))):
