@@ -944,7 +944,12 @@ CLASSICAL_THRESHOLD = 0.5  # the checks' threshold for a class the bundle's netw
 MOTION_NETWORK_WEIGHT = 0.4  # the network's share of the fused motion score, the air evidence's the rest
 MOTION_EXPLAINED = 0.7  # motion score factor on a slice whose noise or ring evidence is over the threshold
 MOTION_NOISE_FROM = 0.1  # ... and from 1 down to it as the noise evidence rises from this (half the level) to it
-NOISE_EXPLAINED = 0.5  # classical noise evidence factor on a slice whose metal or ring evidence is over it
+NOISE_EXPLAINED = 0.5  # classical noise evidence factor on a slice whose ring evidence, or metal area, is over its level
+# Dense material (>= METAL_HU) over this area streaks the trunk's centre, where noise is read: σ there is partly
+# its streaks. A smaller object (an ECG electrode or lead, a clip: under ~8 mm across) starves only the few
+# rays through it, thin lines that the median of local σ passes over: real slices with 5-46 mm² of it read σ at
+# their dose's level (11-32 HU at 2 mm), while injected objects of 270 mm² and more raised it by up to 40 HU.
+NOISE_METAL_AREA_MM2 = 50.0
 CLASSICAL_CLASSES = ("metal", "truncation", "noise", "ring")  # classes with classical evidence (classical_probs)
 RING_HU = (4.0, 15.0)  # ring contrast above its noise floors: evidence ramps from 0.5 to 0.95
 
@@ -1044,7 +1049,7 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     # taken out (streaks all the same)
     plain = m.get("noise_ratio_plain", float("nan"))
     noisy = noise_evidence(plain) if plain is not None and math.isfinite(plain) else cls.get("noise", 0.0)
-    if "noise" in cls and (max(cls.get("metal", 0.0), cls.get("ring", 0.0)) >= CLASSICAL_THRESHOLD or dense_streaks(m)):
+    if "noise" in cls and (cls.get("ring", 0.0) >= CLASSICAL_THRESHOLD or dense_streaks(m)):
         cls["noise"] *= NOISE_EXPLAINED  # the σ measured there is the metal's streaks or the ring's circles
     n = out.get("motion")
     if n is not None and math.isfinite(n):
@@ -1068,11 +1073,11 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
 
 
 def dense_streaks(measures: dict[str, float]) -> bool:
-    """The slice holds enough very dense material (>= ``METAL_HU``, 2,500 HU, over the first metal area) to streak
-    it — metal short of the metal check's ``METAL_MIN_HU``, dental work in a store that saturates below it,
-    the densest bone — so that the σ measured there is partly streaks, not the dose."""
+    """The slice holds enough very dense material (>= ``METAL_HU``, 2,500 HU, over ``NOISE_METAL_AREA_MM2``) to
+    streak the trunk's centre — metal, also short of the metal check's ``METAL_MIN_HU`` (dental work in a store
+    that saturates below it) — so that the σ measured there is partly streaks, not the dose."""
     a = (measures or {}).get("metal_area_mm2", float("nan"))
-    return a is not None and math.isfinite(a) and a >= METAL_AREA_MM2[0]
+    return a is not None and math.isfinite(a) and a >= NOISE_METAL_AREA_MM2
 
 
 def motion_explained(noise: float, ring: float) -> float:
