@@ -25,7 +25,9 @@ drains, and the checks are:
 - nothing lost: every SOP Instance UID that was ACKed has a row in the agent's SQLite store, and the agent
   analysed exactly as many slices as were ACKed (none twice);
 - RSS growth after the warm-up at most ``RSS_GROWTH_MAX`` (the median of the last tenth of the sending
-  phase against the median of the tenth after the warm-up);
+  phase against the median of the tenth after the warm-up). The agent keeps its ``series.keep_recent``
+  most recent series in memory; the soak sets that to ``KEEP_RECENT`` so that the window is full by the
+  end of the warm-up (with the default 200 it fills only after ~100 minutes on 2 cores);
 - open descriptors bounded: once drained, at most ``FD_SLACK`` more than at the end of the warm-up.
 
 Results: ``soak-<name>.json``, ``.png`` and ``.md`` in ``--out``; the exit status is 1 when a check fails.
@@ -56,6 +58,10 @@ log = logging.getLogger("medqc.soak")
 STORESCU = "/usr/bin/storescu"
 ORTHANC = "/usr/sbin/Orthanc"
 RSS_GROWTH_MAX = 0.10
+# series.keep_recent of the soaked agent: the series it keeps in memory for the API and console (per-slice
+# results and thumbnails, about 2.4 MiB for a 141-slice chest) fill this window during the warm-up, so the
+# growth measured after it is a leak, not the window filling (the default window, 200, takes ~100 min here)
+KEEP_RECENT = 20
 FD_SLACK = 16
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root; every UID here has the same length (byte substitution)
 _DIGITS = 30
@@ -173,7 +179,7 @@ class Template:
 class AgentProc:
     """``medqc agent`` as a subprocess with its own config, state dir, DICOM and HTTP ports."""
 
-    def __init__(self, work: Path, bundle: str | None, idle_timeout_s: float = 2.0):
+    def __init__(self, work: Path, bundle: str | None, idle_timeout_s: float = 2.0, keep_recent: int = 20):
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
         self.port, self.http_port = _free_port(), _free_port()
@@ -181,7 +187,7 @@ class AgentProc:
         lines = [f'state_dir = "{self.state}"', 'log_level = "warning"',
                  "[dicom]", 'ae_title = "MEDQC"', 'bind = "127.0.0.1"', f"port = {self.port}",
                  "[http]", f'bind = "127.0.0.1:{self.http_port}"',
-                 "[series]", f"idle_timeout_s = {idle_timeout_s}",
+                 "[series]", f"idle_timeout_s = {idle_timeout_s}", f"keep_recent = {keep_recent}",
                  "[sinks.stdout]", "enabled = false", "[inference]"]
         if bundle:
             lines.append(f'bundle = "{bundle}"')
@@ -425,7 +431,7 @@ def run_soak(minutes: float, senders: int, out: Path, study: str | None = None, 
     stop = threading.Event()
     samples: list[dict] = []
     res: dict = {"name": name, "minutes": minutes, "senders": senders, "router": router, "max_backlog": max_backlog,
-                 "interval_s": interval, "warmup_s": warmup,
+                 "interval_s": interval, "warmup_s": warmup, "keep_recent": KEEP_RECENT,
                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_at_start": os.getloadavg(),
                  "cpus": os.cpu_count()}
     try:
@@ -433,7 +439,7 @@ def run_soak(minutes: float, senders: int, out: Path, study: str | None = None, 
         template = Template(files)
         res["payload"] = what
         progress(f"payload: {what}; agent starting")
-        agent = AgentProc(work / "agent", bundle)
+        agent = AgentProc(work / "agent", bundle, keep_recent=KEEP_RECENT)
         agent.start()
         if router:
             orth = OrthancRouter(work / "orthanc", agent.port)
@@ -532,6 +538,7 @@ def run_soak(minutes: float, senders: int, out: Path, study: str | None = None, 
         tenth = max(1, len(after) // 10)
         rss_warm = _median([s["rss_mib"] for s in after[:tenth]])
         rss_end = _median([s["rss_mib"] for s in after[-tenth:]])
+        rss_warm, rss_end = (round(x, 1) if x is not None else None for x in (rss_warm, rss_end))
         fds_warm = after[tenth - 1]["fds"] if after else None
         growth = (rss_end / rss_warm - 1.0) if rss_warm and rss_end else None
         failed = sum(th.failed for th in threads)
@@ -637,7 +644,7 @@ def markdown(res: dict) -> str:
              "",
              f"Payload {res['payload']}, fresh UIDs per series; {res['cpus']} CPUs, load average at start "
              f"{', '.join(f'{x:.2f}' for x in res['load_at_start'])}; started {res['started']}; backlog bound "
-             f"{res['max_backlog']} slices.",
+             f"{res['max_backlog']} slices; series.keep_recent = {res['keep_recent']}.",
              "",
              "| | value |", "|---|---:|",
              f"| C-STOREs attempted / ACKed / failed | {c['attempted']:,} / {c['acked']:,} / {c['failed']:,} |",
