@@ -19,7 +19,7 @@ import logging
 import socket
 import time
 
-from medqc.agent import dulwait
+from medqc.agent import dulwait, faults
 
 log = logging.getLogger("medqc.agent.receiver")
 
@@ -89,6 +89,13 @@ class Receiver:
 
     def _on_store(self, event) -> int:
         t0 = time.perf_counter()
+        try:  # the association's C-STOREs come one at a time: from the second on, the previous one was answered
+            n = getattr(event.assoc, "_medqc_stores", 0)
+            event.assoc._medqc_stores = n + 1
+        except AttributeError:
+            n = 0
+        if n:
+            faults.reached("acked")
         try:
             sop_uid = str(event.request.AffectedSOPInstanceUID)
         except Exception:  # noqa: BLE001
@@ -111,6 +118,7 @@ class Receiver:
             log.error("C-STORE %s refused: spool write failed: %s", sop_uid, e)
             self._metric("inc", "medqc_stores_refused_total", reason="spool-write-error")
             return 0xA700
+        faults.reached("spool-written")
         now = time.time()
         self._metric("inc", "medqc_slices_received_total", source="dicom")
         self._metric("observe", "medqc_stage_seconds", time.perf_counter() - t0, stage="spool")

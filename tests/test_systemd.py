@@ -151,3 +151,21 @@ def test_notify_and_sigterm_mid_series_loses_nothing(tiny_bundle, tmp_path, seri
         agent2.send_signal(signal.SIGTERM)
         agent2.communicate(timeout=60)
     assert n >= acked, (n, acked)
+
+
+def _bytes(v: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(float(v[:-1]) * units[v[-1]]) if v[-1] in units else int(v)
+
+
+def test_unit_limits_leave_headroom_over_the_soak():
+    """MemoryHigh/MemoryMax/TasksMax are set, ordered, and leave headroom over what the committed 4-sender soak
+    (bench/results/soak-cpu-2core.json) measured for the agent and its receiver process."""
+    import json
+
+    s = _unit_settings()
+    high, top, tasks = _bytes(s["MemoryHigh"][0]), _bytes(s["MemoryMax"][0]), int(s["TasksMax"][0])
+    soak = json.loads((ROOT / "bench" / "results" / "soak-cpu-2core.json").read_text())
+    peak_rss = soak["agent"]["rss_mib"]["peak"] * (1 << 20)
+    assert peak_rss * 1.5 <= high < top
+    assert tasks >= 4 * soak["agent"]["threads"]["peak"]
