@@ -9,6 +9,8 @@ Outcomes, one per frame (``Decoded``):
   for its series.
 A file that is not DICOM at all raises :class:`NotDicom` (the caller records it as rejected).
 
+A file is opened and read once, keeping only the elements the decoding uses (``DECODE_KEYWORDS``): pydicom
+still reads every element's header, but steps over the other values without storing them.
 Uncompressed little-endian pixel data is read with ``np.frombuffer`` (≈7× faster than ``pixel_array``);
 everything else goes through pydicom's decoder plugins.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import struct
 import time
@@ -27,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 import pydicom  # imported here, not lazily: a lazy import racing pynetdicom's in another thread fails
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from medqc.agent.records import SliceInfo
@@ -397,15 +401,61 @@ def to_hu(ds, stored: np.ndarray, frame: int) -> np.ndarray:
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 
+# The top-level elements the decoding reads (``header_infos``, ``_why_not_analysed``, ``_stored_values``,
+# ``to_hu`` and pydicom's pixel decoders: the Image Pixel module and the extended offset table). Only these are
+# kept when a file is read; every other element is stepped over without being stored (a CT slice carries 150+,
+# many of them private). An element read in decode.py and missing here reads as absent:
+# tests/test_decode_tags.py checks the list against this file and decodes the real CT both ways.
+DECODE_KEYWORDS = (
+    # identity and series
+    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Modality", "ImageType",
+    "InstanceNumber", "SeriesNumber", "ImagesInAcquisition", "PatientName", "PatientID",
+    # acquisition, dose, device and protocol
+    "KVP", "CTDIvol", "CTDIPhantomTypeCodeSequence", "Exposure", "ReconstructionDiameter", "DataCollectionDiameter",
+    "TableHeight", "GantryDetectorTilt", "PatientPosition", "BodyPartExamined", "ProtocolName", "StudyDescription",
+    "SeriesDescription", "ScanOptions", "ConvolutionKernel", "Manufacturer", "ManufacturerModelName", "StationName",
+    "DeviceSerialNumber", "AcquisitionTime", "ContentTime",
+    # geometry
+    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+    "ReconstructionTargetCenterPatient", "DataCollectionCenterPatient",
+    # multi-frame (the functional groups are read whole, with everything nested in them)
+    "NumberOfFrames", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
+    # pixels: Image Pixel module, rescale and padding, pixel data and its offset table
+    "SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "Rows", "Columns", "BitsAllocated",
+    "BitsStored", "HighBit", "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "RescaleType",
+    "PixelPaddingValue", "PixelPaddingRangeLimit", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+    "PixelData", "FloatPixelData", "DoubleFloatPixelData",
+    # read only inside the items of the sequences above; listed so that every keyword this file names is kept
+    "FrameType", "CTImageFrameTypeSequence", "CTExposureSequence", "CTPositionSequence", "PixelMeasuresSequence",
+    "PixelValueTransformationSequence", "PlaneOrientationSequence", "PlanePositionSequence", "CodeValue",
+    "CodeMeaning",
+)
+DECODE_TAGS = [pydicom.datadict.tag_for_keyword(k) for k in DECODE_KEYWORDS]
 
-def _headerless(path: str | Path):
-    """A dataset stored without the 128-byte preamble and file meta (older archives and exports): read it
-    when it is unmistakably one — a valid SOP Class and SOP Instance UID — and give it the transfer syntax it
-    was read with, so its pixels decode like any other; None otherwise."""
-    try:
-        ds = pydicom.dcmread(str(path), force=True)
-    except Exception:  # noqa: BLE001 - not a dataset at all
-        return None
+
+class _LastElement:
+    """pydicom's ``stop_when`` callback that never stops the reading: it sees each top-level element's header
+    before the value is read or stepped over, and keeps the element with the highest tag — its tag, length and
+    where its value starts — which ``truncation`` judges."""
+
+    __slots__ = ("tell", "tag", "length", "at")
+
+    def __init__(self, fp):
+        self.tell = fp.tell
+        self.tag = -1
+        self.length = self.at = None
+
+    def __call__(self, tag, vr, length) -> bool:
+        t = tag.real  # a plain int: BaseTag's own comparisons are slow
+        if t >= self.tag:
+            self.tag, self.length, self.at = t, length, self.tell()
+        return False
+
+
+def _bare(ds):
+    """``ds`` read without the 128-byte preamble and file meta (older archives and exports) if it is
+    unmistakably a dataset — a valid SOP Class and SOP Instance UID — given the transfer syntax it was read
+    with, so its pixels decode like any other; None otherwise."""
     cls, inst = _s(_get(ds, "SOPClassUID")), _s(_get(ds, "SOPInstanceUID"))
     if not (_UID.match(cls) and _UID.match(inst)):
         return None
@@ -423,19 +473,94 @@ def _headerless(path: str | Path):
     return ds
 
 
-def read_dataset(path: str | Path):
+_NOT_DICOM = "not a DICOM file (no DICOM file header, and not a bare dataset with SOP Class and Instance UIDs)"
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError,
+                zlib.error, struct.error, BytesLengthException)
+
+
+def _read(fp, all_elements: bool):
+    """(dataset, where the reading stopped) from an open file, read once, keeping only DECODE_TAGS unless
+    ``all_elements``. A file without the 128-byte preamble and "DICM" is read as a bare dataset (``_bare``)."""
     try:
-        return pydicom.dcmread(str(path))
-    except InvalidDicomError as e:
-        ds = _headerless(path)
-        if ds is not None:
-            return ds
-        raise NotDicom("not a DICOM file (no DICOM file header, and not a bare dataset with SOP Class and Instance UIDs)") from None
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError,
-            zlib.error, struct.error, BytesLengthException) as e:
+        head = fp.read(132)
+        fp.seek(0)
+    except OSError as e:
+        raise NotDicom(f"unreadable DICOM ({_reading_error(e)})") from None
+    part10 = len(head) == 132 and head[128:] == b"DICM"  # else pydicom's reading without force refuses it
+    tags = None if all_elements else DECODE_TAGS
+    if not part10:
+        try:
+            ds = pydicom.filereader.read_partial(fp, force=True, specific_tags=tags)
+        except Exception:  # noqa: BLE001 - not a dataset at all
+            ds = None
+        ds = _bare(ds) if ds is not None else None
+        if ds is None:
+            raise NotDicom(_NOT_DICOM)
+        return ds, fp.tell()
+    try:
+        return pydicom.filereader.read_partial(fp, specific_tags=tags), fp.tell()
+    except InvalidDicomError:
+        raise NotDicom(_NOT_DICOM) from None
+    except _READ_ERRORS as e:
         # zlib: a deflated dataset whose stream is corrupt; BytesLengthException: an element whose length is no
         # multiple of its value size (its message quotes the element's bytes: not repeated, see _reading_error)
         raise NotDicom(f"unreadable DICOM ({_reading_error(e)})") from None
+
+
+def read_dataset(path: str | Path, all_elements: bool = False):
+    """The dataset of one file (see ``_read``); raises NotDicom when it is none."""
+    return _open_and_read(path, all_elements)[0]
+
+
+def _open_and_read(path, all_elements: bool, cut: bool = False):
+    """(dataset, ``truncation`` verdict or '', os.stat_result or None) of one file, opened and read once; the
+    verdict only with ``cut`` and for a CT image."""
+    try:
+        fp = open(str(path), "rb")
+    except OSError as e:
+        raise NotDicom(f"unreadable DICOM ({_reading_error(e)})") from None
+    with fp:
+        ds, end = _read(fp, all_elements)
+        try:
+            st = os.fstat(fp.fileno())
+        except OSError:
+            st = None
+        verdict = ""
+        meta = getattr(ds, "file_meta", None)
+        deflated = meta is not None and _s(meta.get("TransferSyntaxUID")) == DEFLATED  # never judged (``truncation``)
+        if cut and st is not None and not deflated:
+            whole = all_elements or _whole(ds, st.st_size, end)  # before any element is converted
+            if _s(_get(ds, "SOPClassUID")) in CT_CLASSES:
+                try:
+                    verdict = "" if whole and not all_elements else truncation(ds, st.st_size, _walk(fp, all_elements))
+                except Exception:  # noqa: BLE001 - an element too damaged to tell where it ends
+                    verdict = ""
+    return ds, verdict, st
+
+
+def _whole(ds, size: int, end: int) -> bool:
+    """Whether ``truncation`` finds the file whole, told from the dataset read keeping only DECODE_TAGS and
+    where that reading stopped (``end``), without reading the file again.
+
+    pydicom reads the top-level elements in file order and stops at the first that the file cannot hold, so
+    every element but the last one read ends inside the file; that last one ends past it either when it was
+    stepped over (the reading stopped past the file's end: ``end``) or when it was kept (its own length says).
+    Where neither happened and the pixel data are there, no element ends past the file and the file holds
+    pixel data: whole. Otherwise (a cut file, or no pixel data) ``_walk`` reads the element headers again."""
+    return "PixelData" in ds and end <= size and not any(
+        isinstance(e, RawDataElement) and e.length != 0xFFFFFFFF and e.value_tell + e.length > size
+        for e in ds._dict.values())
+
+
+def _walk(fp, all_elements: bool) -> _LastElement | None:
+    """The top-level element with the highest tag, from reading the file's element headers again keeping none
+    of them (None where the dataset holds every element: ``truncation`` finds it there)."""
+    if all_elements:
+        return None
+    fp.seek(0)
+    last = _LastElement(fp)
+    pydicom.filereader.read_partial(fp, last, force=True, specific_tags=[0x00080016])
+    return last
 
 
 _QUOTED_BYTES = re.compile(r"""b(['"]).*?(?<!\\)\1""", re.S)
@@ -530,40 +655,43 @@ def _has_low_attenuation(sub: np.ndarray) -> bool:
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
-def truncation(ds, size: int) -> str:
+def truncation(ds, size: int, last: _LastElement | None = None) -> str:
     """How a file of ``size`` bytes ends before its dataset does, or '': its last element needs more bytes than
     the file holds, or the file stops in the middle of an element's header before any pixel data (a transfer or
     copy cut short). Not judged where positions are not file offsets (deflated data) or the last element has
-    no length (encapsulated pixel data: its decoder says)."""
+    no length (encapsulated pixel data: its decoder says). The last element is the top-level one with the
+    highest tag: taken from ``last`` where the file was read keeping only some elements."""
     meta = getattr(ds, "file_meta", None)
-    if (meta is not None and _s(meta.get("TransferSyntaxUID")) == DEFLATED) or not len(ds):
+    if meta is not None and _s(meta.get("TransferSyntaxUID")) == DEFLATED:
         return ""
-    elem = ds.get_item(max(ds.keys()))
-    length, at = getattr(elem, "length", None), getattr(elem, "value_tell", None)
+    if last is not None and last.at is not None:
+        tag, length, at = last.tag, last.length, last.at
+    elif not len(ds):
+        return ""
+    else:
+        tag = max(int(t) for t in ds.keys())
+        elem = ds.get_item(tag, keep_deferred=True)  # as read: a value-less element would be converted, losing both
+        length, at = getattr(elem, "length", None), getattr(elem, "value_tell", None)
     if length is None or at is None or length == 0xFFFFFFFF:
         return ""
-    what = "its pixel data" if elem.tag == 0x7FE00010 else f"element {elem.tag}"
+    what = "its pixel data" if tag == 0x7FE00010 else f"element {pydicom.tag.Tag(tag)}"
     if at + length > size:
         return f"{size:,} bytes, {what} would end at byte {at + length:,}"
     if at + length < size and "PixelData" not in ds:
-        return f"{size:,} bytes, cut after element {elem.tag}, before the pixel data"
+        return f"{size:,} bytes, cut after element {pydicom.tag.Tag(tag)}, before the pixel data"
     return ""
 
 
-def decode_file(path: str | Path, received_at: float | None = None, identifiers: bool = False) -> list[Decoded]:
+def decode_file(path: str | Path, received_at: float | None = None, identifiers: bool = False,
+                all_elements: bool = False) -> list[Decoded]:
     """Decode one file; raises NotDicom for non-DICOM input. A CT image whose file is cut short (``truncation``)
     is an error on its series whether the cut falls in its pixel data or before them, or — when the file ends
-    before it names its series — ignored with the same reason."""
-    ds = read_dataset(path)
+    before it names its series — ignored with the same reason. The file is opened and read once, keeping only
+    the elements in DECODE_KEYWORDS; ``all_elements`` keeps every element (what the selective reading is tested
+    against: both decode every file the same)."""
+    ds, cut, st = _open_and_read(path, all_elements, cut=True)
     if received_at is None:
-        try:
-            received_at = Path(path).stat().st_mtime
-        except OSError:
-            received_at = time.time()
-    try:
-        cut = truncation(ds, Path(path).stat().st_size) if _s(_get(ds, "SOPClassUID")) in CT_CLASSES else ""
-    except Exception:  # noqa: BLE001 - a file size unreadable, or an element too damaged to tell where it ends
-        cut = ""
+        received_at = st.st_mtime if st is not None else time.time()
     out = decode_dataset(ds, str(path), received_at, pixels=not cut, identifiers=identifiers)
     no_pixels = "PixelData" not in ds  # ignored as "no image pixels" by decode_dataset
     for d in out if cut else ():
