@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 
 from medqc import ARTIFACTS
+from medqc.agent.sinks.base import Sink
 
 log = logging.getLogger("medqc.agent.console")
 
@@ -80,26 +81,47 @@ def thumbnail_png(hu: np.ndarray, info=None, size: int = THUMB_SIZE) -> bytes:
     return buf.tobytes()
 
 
-def attach_thumbnails(results, chunk, min_score: float | None = None) -> None:
-    """Give each analysed slice with a notable artifact score (``min_score``, default THUMB_MIN_SCORE; 0: every
-    slice) a thumbnail
-    (called by the pipeline while the HU pixels are still at hand; ~1 ms per slice, only for slices that
-    may be shown)."""
-    if min_score is None:
-        min_score = THUMB_MIN_SCORE
-    by_info = {id(info): hu for info, hu in chunk}
-    for r in results:
-        if r.error or r.thumbnail is not None:
-            continue
-        if min_score > 0 and (not r.scores or max(r.scores.get(k, 0.0) for k in ARTIFACTS) < min_score):
-            continue
-        hu = by_info.get(id(r.info))
+class ThumbnailSink(Sink):
+    """A sink that renders the thumbnails, on its own thread: a small PNG of each slice with a notable
+    artifact score (``min_score``, default THUMB_MIN_SCORE; 0: every slice, for ``medqc analyze --plot``).
+    The pipeline hands it the HU pixels of the slices it ``wants`` with their slice event (~1 ms per slice).
+    It keeps the thumbnails of the series the tracker holds (``keep`` series, oldest dropped first)."""
+
+    name = "thumbnails"
+
+    def __init__(self, min_score: float | None = None, keep: int = 1000):
+        self.min_score = THUMB_MIN_SCORE if min_score is None else min_score
+        self.keep = keep
+        self._by_series: dict[str, dict[str, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def wants(self, result) -> bool:
+        if result.error:
+            return False
+        return self.min_score <= 0 or bool(result.scores) and max(result.scores.get(k, 0.0) for k in ARTIFACTS) >= self.min_score
+
+    def on_slice(self, result, state=None, hu=None) -> None:
         if hu is None:
-            continue
+            return
         try:
-            r.thumbnail = thumbnail_png(hu, r.info)
+            png = thumbnail_png(hu, result.info)
         except Exception as e:  # noqa: BLE001 - the console is never worth a lost result
-            log.debug("thumbnail of %s failed: %s", r.info.sop_instance_uid, e)
+            log.debug("thumbnail of %s failed: %s", result.info.sop_instance_uid, e)
+            return
+        uid = result.info.series_instance_uid
+        with self._lock:
+            if uid not in self._by_series and len(self._by_series) >= self.keep:
+                self._by_series.pop(next(iter(self._by_series)))
+            self._by_series.setdefault(uid, {})[result.info.sop_instance_uid] = png
+
+    def get(self, series_uid: str, sop_uid: str) -> bytes | None:
+        with self._lock:
+            return self._by_series.get(series_uid, {}).get(sop_uid)
+
+    def of_series(self, series_uid: str) -> dict[str, bytes]:
+        """SOP Instance UID → PNG of the series' slices rendered so far."""
+        with self._lock:
+            return dict(self._by_series.get(series_uid, {}))
 
 
 # ------------------------------------------------------------------------------------------ the view
@@ -177,9 +199,11 @@ def _worst(scores: dict) -> tuple[str | None, float]:
 class Console:
     """The console's state and handlers (framework-free: each handler returns (status, headers, body))."""
 
-    def __init__(self, cfg, agent):
+    def __init__(self, cfg, tracker, store=None, thumbnails: ThumbnailSink | None = None):
         self.cfg = cfg
-        self.agent = agent
+        self.tracker = tracker
+        self.store = store
+        self.thumbnails = thumbnails
         self._acks: dict[str, dict] = {}
         self._acks_loaded: set[str] = set()
         self._ack_version = 0
@@ -187,7 +211,10 @@ class Console:
 
     # ---------------------------------------------------------------------------------- series view
     def _tracker(self):
-        return getattr(self.agent, "tracker", None)
+        return self.tracker
+
+    def _thumbs(self, uid: str) -> dict[str, bytes]:
+        return self.thumbnails.of_series(uid) if self.thumbnails is not None else {}
 
     def _states(self) -> list:
         tr = self._tracker()
@@ -204,7 +231,7 @@ class Console:
         if uid in self._acks_loaded:
             return
         self._acks_loaded.add(uid)
-        store = getattr(self.agent, "store", None)
+        store = self.store
         if store is None:
             return
         try:
@@ -222,6 +249,7 @@ class Console:
             findings = list(st.findings.values())
             verdict, rule_name = st.verdict, st.protocol_rule
         self._load_acks(st.uid)
+        thumbs = self._thumbs(st.uid)
         first = st.first
         slices, positions, best = [], [], {}
         for k, r in enumerate(results):
@@ -229,7 +257,7 @@ class Console:
             if r.position_ref_mm is not None and not r.error:
                 positions.append(float(r.position_ref_mm))
             for a in ARTIFACTS:
-                v = r.scores.get(a, 0.0) if r.thumbnail is not None else -1.0
+                v = r.scores.get(a, 0.0) if r.info.sop_instance_uid in thumbs else -1.0
                 if v > best.get(a, (-1.0, None))[0]:
                     best[a] = (v, r)
             if k >= from_slice:
@@ -244,8 +272,8 @@ class Console:
             thumb = None
             if f.check.startswith("artifact."):
                 kind = f.check.split(".", 1)[1]
-                cand = self._best_in_range(results, kind, f.first_instance, f.last_instance) or best.get(kind, (0, None))[1]
-                if cand is not None and cand.thumbnail is not None:
+                cand = self._best_in_range(results, thumbs, kind, f.first_instance, f.last_instance) or best.get(kind, (0, None))[1]
+                if cand is not None and cand.info.sop_instance_uid in thumbs:
                     thumb = {"sop": cand.info.sop_instance_uid, "instance": cand.info.instance_number,
                              "url": f"/api/series/{st.uid}/thumbnail/{cand.info.sop_instance_uid}"}
             fviews.append({"id": f.finding_id, "check": f.check, "severity": f.severity, "message": f.message,
@@ -271,10 +299,10 @@ class Console:
         return view
 
     @staticmethod
-    def _best_in_range(results, kind, lo, hi):
+    def _best_in_range(results, thumbs, kind, lo, hi):
         best, bv = None, -1.0
         for r in results:
-            if r.thumbnail is None or r.error:
+            if r.info.sop_instance_uid not in thumbs or r.error:
                 continue
             n = r.info.instance_number
             if lo is not None and hi is not None and n is not None and not (min(lo, hi) <= n <= max(lo, hi)):
@@ -286,7 +314,7 @@ class Console:
 
     def _signature(self, st) -> tuple:
         fs = tuple(sorted((f.finding_id, f.severity, f.first_instance, f.last_instance, f.message) for f in list(st.findings.values())))
-        return (len(st.results), fs, st.verdict, st.protocol_rule, self._ack_version)
+        return (len(st.results), fs, st.verdict, st.protocol_rule, self._ack_version, len(self._thumbs(st.uid)))
 
     def snapshot(self) -> dict:
         return {"schema": "medqc.console/1", "now": time.time(), "settings": self.settings(),
@@ -317,10 +345,9 @@ class Console:
         st = tr.get(unquote(uid)) if tr is not None else None
         if st is None:
             return _json(404, {"error": "unknown or expired series"})
-        sop = unquote(sop)
-        for r in list(st.results):
-            if r.info.sop_instance_uid == sop and r.thumbnail is not None:
-                return 200, {"Content-Type": "image/png", "Cache-Control": "max-age=3600"}, r.thumbnail
+        png = self.thumbnails.get(st.uid, unquote(sop)) if self.thumbnails is not None else None
+        if png is not None:
+            return 200, {"Content-Type": "image/png", "Cache-Control": "max-age=3600"}, png
         return _json(404, {"error": "no thumbnail kept for this slice"})
 
     def handle_ack(self, req, finding_id: str):
@@ -333,7 +360,7 @@ class Console:
         note = str(body.get("note", "")).strip()[:500]
         if not who:
             return _json(400, {"error": "'who' is required (the initials or name of the person acknowledging)"})
-        store = getattr(self.agent, "store", None)
+        store = self.store
         if store is None:
             return _json(503, {"error": "no store"})
         try:
@@ -400,11 +427,10 @@ ROUTES = [
 ]
 
 
-def register(routes: list, cfg, agent) -> Console:
+def register(routes: list, console: Console) -> Console:
     """Add the console's routes to an HTTP server's route table as ``(method, compiled regex, handler,
     needs_token, kind)`` tuples; ``kind`` is "sse" for the stream (handler(req, write, stop)) and "plain"
     otherwise (handler(req, *groups) -> (status, headers, body))."""
-    console = Console(cfg, agent)
     for method, pattern, name, auth in ROUTES:
         if name == "stream":
             routes.append((method, re.compile(pattern + r"$"), lambda req, write, stop, c=console: c.stream(write, stop), auth, "sse"))
@@ -425,7 +451,7 @@ class ConsoleServer:
     def __init__(self, cfg, agent, bind: str | None = None):
         self.cfg = cfg
         self.routes: list = []
-        self.console = register(self.routes, cfg, agent)
+        self.console = register(self.routes, Console(cfg, agent.tracker, agent.store, agent.thumbnails))
         self._stop = threading.Event()
         host, _, port = (bind or cfg.http.bind).rpartition(":")
         server = self

@@ -38,7 +38,8 @@ MPPS_DRAIN_S = 30.0  # longest an MPPS-completed series waits for the queue to d
 
 
 class Pipeline:
-    def __init__(self, cfg, inferer, tracker, spool=None, sinks=(), metrics=None, max_rejected: int = 10000):
+    def __init__(self, cfg, inferer, tracker, spool=None, sinks=(), metrics=None, max_rejected: int = 10000,
+                 pixels_for=None):
         self.cfg = cfg
         self.inferer = inferer
         self.tracker = tracker
@@ -57,8 +58,9 @@ class Pipeline:
         self._mpps_at = 0.0
         self._lock = threading.Lock()
         self.identifiers = bool(cfg.privacy.show_patient_identifiers)
-        self.thumbnails = bool(cfg.http.enabled)  # console thumbnails (agent/console.py); off for batch use
-        self.thumbnail_min_score = None  # None: the console's THUMB_MIN_SCORE; analyze --plot: 0 (every slice)
+        # a sink that renders some slices' pixels (the console's thumbnails): its ``wants(result)`` says which
+        # slices' HU the slice event carries; it renders them on its own thread
+        self.pixels_for = pixels_for
 
     # ------------------------------------------------------------------------------------------ intake
     def submit(self, path: str | Path, received_at: float | None = None) -> None:
@@ -195,16 +197,13 @@ class Pipeline:
             if not chunk:
                 continue
             results = self.inferer.run(chunk)
-            if self.thumbnails:  # console: a small PNG of slices with a notable artifact score
-                from medqc.agent.console import attach_thumbnails
-
-                attach_thumbnails(results, chunk, self.thumbnail_min_score)
             self._metric("observe", "medqc_stage_seconds", time.perf_counter() - t1, stage="infer")
             self._metric("observe", "medqc_batch_size", len(chunk))
+            hu = {id(info): px for info, px in chunk} if self.pixels_for is not None else {}
             for r in results:
-                self._add(r)
+                self._add(r, hu.get(id(r.info)) if hu and self.pixels_for.wants(r) else None)
 
-    def _add(self, result: SliceResult) -> None:
+    def _add(self, result: SliceResult, hu=None) -> None:
         t0 = time.perf_counter()
         try:
             changed = self.tracker.add(result)
@@ -222,7 +221,7 @@ class Pipeline:
         state = self.tracker.get(result.info.series_instance_uid)
         if state is None:
             return
-        self._emit("on_slice", result, state)
+        self._emit("on_slice", result, state, hu)
         self._findings(changed, state)
 
     def _findings(self, changed, state) -> None:
@@ -357,16 +356,16 @@ def _opencv_single_threaded() -> None:
         pass
 
 
-def compose(cfg, bundle_dir: str | None = None, backend: str | None = None, metrics=None, sinks=None,
-            spool=None, inference: bool = True, baselines=None) -> Pipeline:
-    """Build the whole path from the config: bundle → runner → inferer → series tracker → sinks.
-    ``baselines``: the per-scanner baselines the checks judge against (``medqc.baselines.Baselines``)."""
+def build_analysis(cfg, bundle_dir: str | None = None, backend: str | None = None, inference: bool = True,
+                   metrics=None, baselines=None, streaming: bool = True):
+    """The analysis the composition root (``medqc.agent.compose``) puts in the pipeline: bundle → runner →
+    inferer, and the series tracker with the bundle's per-class thresholds. ``baselines``: the per-scanner
+    baselines the checks judge against (``medqc.baselines.Baselines``); ``streaming=False``: offline, every
+    series judged once, complete."""
     _opencv_single_threaded()
     from medqc.agent.infer import Inferer
     from medqc.agent.series import SeriesTracker
-    from medqc.bundle import load_bundle
-
-    from medqc.bundle import BundleError
+    from medqc.bundle import BundleError, load_bundle
 
     backend = (backend or cfg.inference.backend) if inference else "none"
     try:
@@ -382,5 +381,6 @@ def compose(cfg, bundle_dir: str | None = None, backend: str | None = None, metr
     inferer = Inferer(bundle, backend, cfg.inference.threads, rebuild_engine=cfg.inference.rebuild_engine)
     if metrics is not None:
         metrics.set("medqc_backend_info", 1.0, backend=inferer.backend)
-    tracker = SeriesTracker(cfg, bundle.check_thresholds if bundle is not None else {}, baselines=baselines)
-    return Pipeline(cfg, inferer, tracker, spool=spool, sinks=list(sinks or ()), metrics=metrics)
+    tracker = SeriesTracker(cfg, bundle.check_thresholds if bundle is not None else {}, baselines=baselines,
+                            streaming=streaming)
+    return inferer, tracker

@@ -48,7 +48,7 @@ class Store(Sink):
         return PrivacyConfig()
 
     # ------------------------------------------------------------------------------------------- writes
-    def on_slice(self, result, state) -> None:
+    def on_slice(self, result, state, hu=None) -> None:
         from medqc.agent.report import _clean
 
         i = result.info

@@ -35,13 +35,13 @@ def _storescu(study, port, aet, *extra):
 
 
 def _agent(tiny_bundle, tmp_path, **over):
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose
     from medqc.config import load_config
 
     o = {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.enabled": False, "sinks.stdout.enabled": False}
     o.update(over)
     cfg = load_config(None, o)
-    return cfg, Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime", inference=False).start()
+    return cfg, compose(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime", inference=False).start()
 
 
 def _wait(cond, timeout: float = 5.0) -> None:

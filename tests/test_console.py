@@ -59,12 +59,12 @@ def study(tmp_path_factory):
 @pytest.fixture
 def agent(tiny_bundle, tmp_path):
     from medqc.agent.console import serve
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose
     from medqc.config import load_config
 
     cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
                              "inference.backend": "onnxruntime", "series.idle_timeout_s": 2.0, "sinks.stdout.enabled": False})
-    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    a = compose(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
     # the agent's own HTTP server mounts the console; without the HTTP API module it serves the console alone
     own = a.http is None
     server = serve(cfg, a, bind=f"127.0.0.1:{free_port()}") if own else a.http
@@ -212,13 +212,13 @@ def test_strip_in_table_order_for_a_series_sent_out_of_order(tmp_path):
     storescu = dcmtk("storescu")
     if not storescu:
         pytest.fail("storescu (dcmtk) is not installed")
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose
     from medqc.config import load_config
 
     # the bundled model: the network's position estimates are there (and wrong by millimetres to centimetres)
     cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
                              "series.idle_timeout_s": 2.0, "sinks.stdout.enabled": False})
-    a = Agent(cfg, tmp_path / "state", None, "onnxruntime").start()
+    a = compose(cfg, tmp_path / "state", None, "onnxruntime").start()
     server = a.http
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
@@ -249,13 +249,13 @@ def test_strip_in_table_order_for_a_series_sent_out_of_order(tmp_path):
 def test_console_privacy_opt_in_and_token(tiny_bundle, tmp_path, study):
     """Patient name only when the site opts in; with http.token the API needs the bearer (or ?token=)."""
     from medqc.agent.console import serve
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose
     from medqc.config import load_config
 
     cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
                              "series.idle_timeout_s": 1.0, "sinks.stdout.enabled": False,
                              "privacy.show_patient_identifiers": True, "http.token": "s3cret"})
-    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    a = compose(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
     own = a.http is None
     server = serve(cfg, a, bind=f"127.0.0.1:{free_port()}") if own else a.http
     try:
@@ -288,12 +288,12 @@ def test_standalone_console_server_static_and_errors(tiny_bundle, tmp_path):
     """The console's own server (used when the HTTP API module is absent): page, assets, /healthz, and no
     way out of agent/static."""
     from medqc.agent.console import STATIC, serve
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose
     from medqc.config import load_config
 
     cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.enabled": False,
                              "sinks.stdout.enabled": False})
-    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    a = compose(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
     server = serve(cfg, a, bind=f"127.0.0.1:{free_port()}")
     try:
         base = f"http://127.0.0.1:{server.port}"

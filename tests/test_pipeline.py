@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from medqc.agent.metrics import Metrics
-from medqc.agent.pipeline import compose
+from medqc.agent.pipeline import Pipeline, build_analysis
 from medqc.agent.sinks.base import Sink
 from medqc.agent.spool import Spool
 from medqc.config import load_config
@@ -25,7 +25,7 @@ class Recorder(Sink):
         self.slices, self.findings, self.series = [], [], []
         self.done = threading.Event()
 
-    def on_slice(self, result, state):
+    def on_slice(self, result, state, hu=None):
         self.slices.append(result)
 
     def on_finding(self, finding, state):
@@ -46,7 +46,7 @@ class Broken(Sink):
 class Slow(Sink):
     name = "slow"
 
-    def on_slice(self, result, state):
+    def on_slice(self, result, state, hu=None):
         time.sleep(0.5)
 
 
@@ -65,6 +65,12 @@ def _series_files(real_ct: Path, tmp: Path, n: int, expected: int | None = None)
         ds.save_as(q, enforce_file_format=True)
         out.append(q)
     return out
+
+
+def compose(cfg, bundle, backend, metrics=None, sinks=(), spool=None) -> Pipeline:
+    """The agent's pipeline with these sinks (the composition root gives the agent its own)."""
+    return Pipeline(cfg, *build_analysis(cfg, bundle, backend, metrics=metrics), spool=spool, sinks=list(sinks),
+                    metrics=metrics)
 
 
 def _cfg(tmp: Path, idle: float = 30.0):
@@ -210,13 +216,13 @@ def test_warm_up_runs_the_whole_path_before_any_slice(tiny_bundle):
 def test_the_agent_warms_up_before_it_is_ready(tmp_path, tiny_bundle, caplog, port):
     import logging
 
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose as compose_agent
     from medqc.config import load_config
 
     cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": port, "http.enabled": False,
                              "sinks.stdout.enabled": False})
     with caplog.at_level(logging.INFO, logger="medqc.agent"):
-        a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+        a = compose_agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
     try:
         assert any("warmed up" in r.getMessage() for r in caplog.records)
         assert a.store is not None and not a.tracker.all()  # the warm-up slices left no series behind

@@ -23,7 +23,7 @@ def announced(finding) -> bool:
 class Sink:
     name = "base"
 
-    def on_slice(self, result, state) -> None: ...
+    def on_slice(self, result, state, hu=None) -> None: ...  # hu: the slice's pixels, for a sink that wants them
 
     def on_finding(self, finding, state) -> None: ...  # every change, ``finding.kind`` says which (records.KINDS)
 
