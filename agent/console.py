@@ -100,7 +100,8 @@ class ThumbnailSink(Sink):
             return False
         return self.min_score <= 0 or bool(result.scores) and max(result.scores.get(k, 0.0) for k in ARTIFACTS) >= self.min_score
 
-    def on_slice(self, result, state=None, hu=None) -> None:
+    def on_slice(self, event) -> None:
+        result, hu = event.result, event.hu
         if hu is None:
             return
         try:
@@ -220,7 +221,7 @@ class Console:
         tr = self._tracker()
         if tr is None:
             return []
-        with getattr(tr, "_lock", None) or nullcontext():
+        with tr.lock:
             states = list(tr.all())
         horizon = time.time() - 60.0 * float(self.cfg.console.recent_minutes)
         keep = [s for s in states if s.verdict is None or (s.completed_at or s.last_seen or s.opened_at) >= horizon]
@@ -243,12 +244,17 @@ class Console:
             self._acks[a["finding_id"]] = a
 
     def series_view(self, st, from_slice: int = 0) -> dict:
-        tr = self._tracker()
-        with getattr(tr, "_lock", None) or nullcontext():
-            results = list(st.results)
-            findings = list(st.findings.values())
-            verdict, rule_name = st.verdict, st.protocol_rule
+        """The console's view of a live series, read whole under the tracker's lock (the pipeline thread
+        changes it: a late slice re-opens a series)."""
         self._load_acks(st.uid)
+        tr = self._tracker()
+        with tr.lock if tr is not None else nullcontext():
+            return self._view(st, tr, from_slice)
+
+    def _view(self, st, tr, from_slice: int) -> dict:
+        results = list(st.results)
+        findings = list(st.findings.values())
+        verdict, rule_name = st.verdict, st.protocol_rule
         thumbs = self._thumbs(st.uid)
         first = st.first
         slices, positions, best = [], [], {}
@@ -313,8 +319,12 @@ class Console:
         return best
 
     def _signature(self, st) -> tuple:
-        fs = tuple(sorted((f.finding_id, f.severity, f.first_instance, f.last_instance, f.message) for f in list(st.findings.values())))
-        return (len(st.results), fs, st.verdict, st.protocol_rule, self._ack_version, len(self._thumbs(st.uid)))
+        tr = self._tracker()
+        with tr.lock if tr is not None else nullcontext():
+            fs = tuple(sorted((f.finding_id, f.severity, f.first_instance, f.last_instance, f.message)
+                              for f in st.findings.values()))
+            sig = (len(st.results), fs, st.verdict, st.protocol_rule)
+        return (*sig, self._ack_version, len(self._thumbs(st.uid)))
 
     def snapshot(self) -> dict:
         return {"schema": "medqc.console/1", "now": time.time(), "settings": self.settings(),

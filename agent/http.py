@@ -104,10 +104,7 @@ class Broadcaster(Sink):
                     pass
 
     # Sink interface (called from the pipeline's sink thread)
-    def on_slice(self, result, state, hu=None) -> None:
-        pass
-
-    def on_finding(self, finding, state) -> None:
+    def on_finding(self, finding) -> None:
         if announced(finding):
             self.publish("finding", finding_event(finding))
 
@@ -167,7 +164,7 @@ class Api:
         tracker = self.tracker
         live = []
         if tracker is not None:
-            with tracker._lock:
+            with tracker.lock:
                 for st in tracker.all():
                     updated = max([st.last_seen, st.completed_at or 0.0, *(f.raised_at for f in st.findings.values())])
                     if updated > since:
@@ -191,9 +188,12 @@ class Api:
 
         uid = unquote(uid)
         tracker = self.tracker
-        st = tracker.get(uid) if tracker is not None else None
-        if st is not None:
-            return _json(200, {"schema": SCHEMA, **series_report(st, self._privacy())})
+        if tracker is not None:
+            with tracker.lock:  # the pipeline thread changes a live series: read it whole, under the lock
+                st = tracker.get(uid)
+                rep = series_report(st, self._privacy()) if st is not None else None
+            if rep is not None:
+                return _json(200, {"schema": SCHEMA, **rep})
         store = self.store
         rep = store.get_series(uid) if store is not None else None
         if rep is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from medqc.agent.batch import MicroBatcher
 from medqc.agent.decode import NotDicom, decode_file
-from medqc.agent.records import SliceResult
+from medqc.agent.records import SliceEvent, SliceResult
 from medqc.agent.sinks.base import SinkThread
 
 log = logging.getLogger("medqc.agent.pipeline")
@@ -116,7 +116,7 @@ class Pipeline:
         self._metric("inc", "medqc_slices_rejected_total", reason=reason.split(" (")[0].split(":")[0][:40])
         for s in self.sinks:
             if hasattr(s.sink, "on_rejected"):
-                s.submit("on_rejected", rec)
+                s.submit("on_rejected", dict(rec))
 
     def _quarantine(self, path: str, reason: str) -> None:
         """A spool file found at start that cannot be read as DICOM or ends before naming its series: it was
@@ -206,7 +206,7 @@ class Pipeline:
     def _add(self, result: SliceResult, hu=None) -> None:
         t0 = time.perf_counter()
         try:
-            changed = self.tracker.add(result)
+            changed = self.tracker.add(result)  # frozen events, made under the tracker's lock
         except Exception:  # noqa: BLE001
             log.exception("series checks failed on %s", result.info.sop_instance_uid)
             changed = []
@@ -218,13 +218,12 @@ class Pipeline:
             if result.info.received_at:
                 self._metric("observe", "medqc_stage_seconds", max(0.0, result.analysed_at - result.info.received_at),
                              stage="end_to_end")
-        state = self.tracker.get(result.info.series_instance_uid)
-        if state is None:
+        if self.tracker.get(result.info.series_instance_uid) is None:
             return
-        self._emit("on_slice", result, state, hu)
-        self._findings(changed, state)
+        self._emit("on_slice", SliceEvent(result, hu))
+        self._findings(changed)
 
-    def _findings(self, changed, state) -> None:
+    def _findings(self, changed) -> None:
         """Every change of a finding goes to the sinks with its kind (records.KINDS; the event feeds drop
         "updated"); ``medqc_findings_total`` counts each finding once, when it is first reported."""
         from medqc.agent.series import first_report
@@ -232,14 +231,14 @@ class Pipeline:
         for f in changed:
             if first_report(f):
                 self._metric("inc", "medqc_findings_total", check=f.check, severity=f.severity)
-            self._emit("on_finding", f, state)
+            self._emit("on_finding", f)
 
     def _gauges(self) -> None:
         """Open series and the findings standing on them (not withdrawn), by severity."""
         from medqc.agent.records import SEVERITIES
 
         counts, series = dict.fromkeys(SEVERITIES, 0), 0
-        with self.tracker._lock:
+        with self.tracker.lock:
             for st in self.tracker.all():
                 if st.verdict is None:
                     series += 1
@@ -264,15 +263,15 @@ class Pipeline:
 
     def complete(self, uid: str, reason: str) -> None:
         try:
-            state, changed = self.tracker.complete(uid, reason)
+            series, changed = self.tracker.finish(uid, reason, self.cfg.privacy)  # frozen, under the tracker's lock
         except Exception:  # noqa: BLE001
             log.exception("completing series %s failed", uid)
             return
-        self._findings(changed, state)
-        self._metric("inc", "medqc_series_completed_total", verdict=state.verdict)
-        log.info("series %s: verdict %s (%s, %d slices, %d findings)", uid, state.verdict, reason,
-                 len(state.results), len(state.findings))
-        self._emit("on_series", state)
+        self._findings(changed)
+        self._metric("inc", "medqc_series_completed_total", verdict=series.verdict)
+        log.info("series %s: verdict %s (%s, %d slices, %d findings)", uid, series.verdict, reason,
+                 len(series.results), len(series.findings))
+        self._emit("on_series", series)
         for path in self._files.pop(uid, ()):  # retention: after the series verdict
             if not any(path in s for s in self._files.values()):
                 self._release(path, keep=path in self._keep)

@@ -34,7 +34,7 @@ from medqc.agent.checks import geometry as geometry_checks
 from medqc.agent.checks import judged as judged_checks
 from medqc.agent.checks.common import finding, slice_z
 from medqc.agent.checks.protocols import load_rules, match_rule, part_of_split_range
-from medqc.agent.records import Finding, SliceInfo, SliceResult
+from medqc.agent.records import Finding, FindingEvent, SeriesEvent, SliceInfo, SliceResult
 
 DEFAULT_THRESHOLD = 0.5
 EARLY_COVERAGE_MIN = 8
@@ -136,8 +136,18 @@ class SeriesTracker:
         self._series: OrderedDict[str, SeriesState] = OrderedDict()
         self._lock = threading.RLock()
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while a series changes; whoever reads a live ``SeriesState`` from another thread holds it."""
+        return self._lock
+
     # ------------------------------------------------------------------------------------------ intake
-    def add(self, result: SliceResult) -> list[Finding]:
+    def add(self, result: SliceResult) -> list[FindingEvent]:
+        """Take one analysed slice; the findings it changed, as frozen events."""
+        with self._lock:
+            return [FindingEvent.of(f) for f in self._add(result)]
+
+    def _add(self, result: SliceResult) -> list[Finding]:
         info = result.info
         with self._lock:
             st = self._series.get(info.series_instance_uid)
@@ -352,7 +362,21 @@ class SeriesTracker:
                 if st is not None:
                     st.mpps_done = True
 
-    def complete(self, series_uid: str, reason: str) -> tuple[SeriesState, list[Finding]]:
+    def finish(self, series_uid: str, reason: str, privacy) -> tuple[SeriesEvent, list[FindingEvent]]:
+        """``complete``, and the series as a frozen event (its report built with ``privacy``) under the lock."""
+        from medqc.agent.report import series_event
+
+        with self._lock:
+            st, changed = self.complete(series_uid, reason)
+            return series_event(st, privacy), changed
+
+    def complete(self, series_uid: str, reason: str) -> tuple[SeriesState, list[FindingEvent]]:
+        """Judge the whole series and set its verdict: (its state, the findings changed, as frozen events)."""
+        with self._lock:
+            st, changed = self._complete(series_uid, reason)
+            return st, [FindingEvent.of(f) for f in changed]
+
+    def _complete(self, series_uid: str, reason: str) -> tuple[SeriesState, list[Finding]]:
         with self._lock:
             st = self._series.get(series_uid)
             if st is None:

@@ -173,7 +173,7 @@ def test_sse_keepalive_and_slow_client_dropped(monkeypatch):
     time.sleep(0.2)
     assert b": keep-alive\n\n" in out  # comments keep proxies and browsers from timing out
     f = Finding("artifact.ring", "warning", "rings", "1.2.3", "1.2", 4, 9, details={"x": 1}, finding_id="r1")
-    b.on_finding(f, None)
+    b.on_finding(f)
     time.sleep(0.2)
     ev = [o for o in out if o.startswith(b"event: finding")]
     assert ev and json.loads(ev[0].split(b"data: ")[1]) == {**{k: None for k in http.FINDING_KEYS},
@@ -188,7 +188,7 @@ def test_sse_keepalive_and_slow_client_dropped(monkeypatch):
     q = b.subscribe()
     t0 = time.perf_counter()
     for _ in range(10):
-        b.on_finding(f, None)
+        b.on_finding(f)
     assert time.perf_counter() - t0 < 0.1 and b.clients == 0
     assert q.qsize() == 1 and q.get_nowait() is None  # its stream ends; the client reconnects
 

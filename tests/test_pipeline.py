@@ -25,28 +25,28 @@ class Recorder(Sink):
         self.slices, self.findings, self.series = [], [], []
         self.done = threading.Event()
 
-    def on_slice(self, result, state, hu=None):
-        self.slices.append(result)
+    def on_slice(self, event):
+        self.slices.append(event.result)
 
-    def on_finding(self, finding, state):
+    def on_finding(self, finding):
         self.findings.append(finding)
 
-    def on_series(self, state):
-        self.series.append((time.time(), state.uid, state.verdict, len(state.results), state.completed_reason))
+    def on_series(self, series):
+        self.series.append((time.time(), series.uid, series.verdict, len(series.results), series.completed_reason))
         self.done.set()
 
 
 class Broken(Sink):
     name = "broken"
 
-    def on_finding(self, finding, state):
+    def on_finding(self, finding):
         raise RuntimeError("webhook endpoint down")
 
 
 class Slow(Sink):
     name = "slow"
 
-    def on_slice(self, result, state, hu=None):
+    def on_slice(self, event):
         time.sleep(0.5)
 
 

@@ -21,13 +21,15 @@ def announced(finding) -> bool:
 
 
 class Sink:
+    """Each method gets a frozen event (``medqc.agent.records``), never the live series state."""
+
     name = "base"
 
-    def on_slice(self, result, state, hu=None) -> None: ...  # hu: the slice's pixels, for a sink that wants them
+    def on_slice(self, event) -> None: ...  # SliceEvent: the result (and its pixels for a sink that wants them)
 
-    def on_finding(self, finding, state) -> None: ...  # every change, ``finding.kind`` says which (records.KINDS)
+    def on_finding(self, finding) -> None: ...  # FindingEvent: every change, ``finding.kind`` says which (KINDS)
 
-    def on_series(self, state) -> None: ...  # verdict reached
+    def on_series(self, series) -> None: ...  # SeriesEvent: verdict reached, with its report
 
     def close(self) -> None: ...
 

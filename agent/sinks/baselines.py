@@ -22,7 +22,7 @@ class BaselineSink(Sink):
     def __init__(self, store: baselines.Baselines):
         self.store = store
 
-    def on_series(self, state) -> None:
+    def on_series(self, state) -> None:  # a SeriesEvent
         ok, why = baselines.learnable(state)
         if not ok:
             log.debug("series %s not learned: %s", state.uid, why)

@@ -27,7 +27,7 @@ class StdoutSink(Sink):
             self.stream.write(line + "\n")
             self.stream.flush()
 
-    def on_finding(self, finding, state) -> None:
+    def on_finding(self, finding) -> None:
         if not announced(finding):
             return
         d = finding.to_dict()
@@ -35,7 +35,7 @@ class StdoutSink(Sink):
         kind = d.pop("kind")
         self._emit({"event": "finding", "kind": kind, "time": time.time(), **d})
 
-    def on_series(self, state) -> None:
+    def on_series(self, state) -> None:  # a SeriesEvent
         counts: dict[str, int] = {}
         for f in state.findings.values():
             counts[f.severity] = counts.get(f.severity, 0) + 1

@@ -69,14 +69,14 @@ class WebhookSink(Sink):
             log.warning("webhook attempt %d/%d failed (%s)", attempt + 1, self.retries + 1, last)
         raise WebhookError(f"webhook gave up after {self.retries + 1} attempts ({last})")
 
-    def on_finding(self, finding, state) -> None:
+    def on_finding(self, finding) -> None:
         if not announced(finding):
             return
         from medqc.agent.http import finding_event
 
         self.post({"event": "finding", **finding_event(finding)})
 
-    def on_series(self, state) -> None:
+    def on_series(self, state) -> None:  # a SeriesEvent
         counts: dict[str, int] = {}
         for f in state.findings.values():
             counts[f.severity] = counts.get(f.severity, 0) + 1
