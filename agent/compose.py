@@ -25,10 +25,10 @@ def compose(cfg, state_dir: str | Path | None = None, bundle: str | None = None,
             inference: bool = True, watch=(), offline: bool = False, baselines=None, plot: bool = False) -> "Agent":
     """``baselines`` (offline only): the per-scanner baselines to judge against; the agent opens its own.
     ``plot`` (offline only): keep a thumbnail of every slice for ``medqc analyze --plot``."""
-    from medqc.agent.metrics import Metrics
+    from medqc.agent.metrics import NULL, Metrics
     from medqc.agent.pipeline import Pipeline, build_analysis
 
-    metrics = None if offline else Metrics()
+    metrics = NULL if offline else Metrics()
     if offline:  # medqc analyze: the series judged once each, complete
         inferer, tracker = build_analysis(cfg, bundle, backend, inference, metrics, baselines, streaming=False)
         thumbs = _thumbnails(0.0) if plot else None

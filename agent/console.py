@@ -8,7 +8,7 @@ affected slice per artifact finding, and an acknowledgement button (who/when, st
 store). Everything is served by the agent (``agent/static``; no CDN), updates arrive over Server-Sent
 Events.
 
-Routes (``ROUTES``; the HTTP server mounts them with :func:`register`, or :func:`serve` runs them alone):
+Routes (``ROUTES``; the agent's one HTTP server, ``agent/http.py``, mounts them with :func:`register`):
 
 - ``GET /`` and ``GET /static/<file>``: the page and its assets;
 - ``GET /api/console/state``: JSON snapshot of the recent series (console view, privacy applied);
@@ -33,9 +33,8 @@ import re
 import threading
 import time
 from contextlib import nullcontext
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -447,112 +446,3 @@ def register(routes: list, console: Console) -> Console:
         else:
             routes.append((method, re.compile(pattern + r"$"), getattr(console, name), auth, "plain"))
     return console
-
-
-class _Request:
-    def __init__(self, method: str, path: str, query: dict, headers, body: bytes):
-        self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
-
-
-class ConsoleServer:
-    """A standalone HTTP server for the console's routes (used when the agent's HTTP API does not mount
-    them itself, and by tests). Bearer token from ``http.token`` on /api (also ``?token=`` for the page)."""
-
-    def __init__(self, cfg, agent, bind: str | None = None):
-        self.cfg = cfg
-        self.routes: list = []
-        self.console = register(self.routes, Console(cfg, agent.tracker, agent.store, agent.thumbnails))
-        self._stop = threading.Event()
-        host, _, port = (bind or cfg.http.bind).rpartition(":")
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, fmt, *args):  # no per-request access log (URLs carry only UIDs anyway)
-                log.debug("http: " + fmt, *args)
-
-            def _dispatch(self, method):
-                parts = urlsplit(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                req = _Request(method, parts.path, parse_qs(parts.query), self.headers, body)
-                if parts.path == "/healthz" and method == "GET":  # liveness (container HEALTHCHECK)
-                    return self._send(*_json(200, {"status": "ok"}))
-                for m, rx, fn, auth, kind in server.routes:
-                    mt = rx.match(parts.path)
-                    if not mt:
-                        continue
-                    if m != method:
-                        return self._send(*_json(405, {"error": f"use {m}"}))
-                    if auth and not server._authorised(req):
-                        return self._send(*_json(401, {"error": "bearer token required"}))
-                    if kind == "sse":
-                        return self._sse(fn, req)
-                    try:
-                        return self._send(*fn(req, *mt.groups()))
-                    except (BrokenPipeError, ConnectionResetError):
-                        return None
-                    except Exception as e:  # noqa: BLE001
-                        log.exception("console route %s failed", parts.path)
-                        return self._send(*_json(500, {"error": f"{type(e).__name__}"}))
-                return self._send(*_json(404, {"error": "not found"}))
-
-            def do_GET(self):
-                self._dispatch("GET")
-
-            def do_POST(self):
-                self._dispatch("POST")
-
-            def _send(self, status, headers, body):
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _sse(self, fn, req):
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-
-                def write(b: bytes):
-                    self.wfile.write(b)
-                    self.wfile.flush()
-
-                try:
-                    fn(req, write, server._stop)
-                except (BrokenPipeError, ConnectionResetError, OSError):
-                    pass
-
-        self.httpd = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="console-http", daemon=True)
-
-    def _authorised(self, req) -> bool:
-        token = self.cfg.http.token
-        if not token:
-            return True
-        got = (req.headers.get("Authorization") or "").removeprefix("Bearer ").strip() or (req.query.get("token") or [""])[0]
-        import hmac
-
-        return hmac.compare_digest(got.encode(), token.encode())
-
-    def start(self) -> "ConsoleServer":
-        self._thread.start()
-        log.info("console on http://%s:%d/", self.httpd.server_address[0], self.port)
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def serve(cfg, agent, bind: str | None = None) -> ConsoleServer:
-    return ConsoleServer(cfg, agent, bind).start()

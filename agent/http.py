@@ -38,6 +38,7 @@ from medqc.agent.sinks.base import Sink, announced
 log = logging.getLogger("medqc.agent.http")
 
 KEEPALIVE_S = 15.0
+MAX_BODY = 1 << 20  # request bodies (an acknowledgement's JSON) above this are refused with 413, unread
 CLIENT_QUEUE = 256
 FINDING_KEYS = ("kind", "finding_id", "check", "severity", "message", "series_instance_uid", "study_instance_uid",
                 "first_instance", "last_instance", "z_range_mm", "score", "raised_at")
@@ -259,8 +260,15 @@ class HttpServer:
 
             def _dispatch(self, method):
                 parts = urlsplit(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(min(length, 1 << 20)) if length else b""
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= MAX_BODY:  # the body stays unread: this connection ends with the answer
+                    self.close_connection = True
+                    return self._send(*_json(413 if length > MAX_BODY else 400,
+                                             {"error": f"request body must be 0 to {MAX_BODY} bytes"}))
+                body = self.rfile.read(length) if length else b""
                 req = Request(method, parts.path, parse_qs(parts.query), self.headers, body)
                 allowed = []
                 for m, rx, fn, auth, kind in server.routes:

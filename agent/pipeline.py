@@ -20,6 +20,7 @@ from collections import deque
 from pathlib import Path
 
 from medqc.agent.batch import MicroBatcher
+from medqc.agent.metrics import NULL
 from medqc.agent.decode import NotDicom, decode_file
 from medqc.agent.records import SliceEvent, SliceResult
 from medqc.agent.sinks.base import SinkThread
@@ -38,7 +39,7 @@ MPPS_DRAIN_S = 30.0  # longest an MPPS-completed series waits for the queue to d
 
 
 class Pipeline:
-    def __init__(self, cfg, inferer, tracker, spool=None, sinks=(), metrics=None, max_rejected: int = 10000,
+    def __init__(self, cfg, inferer, tracker, spool=None, sinks=(), metrics=NULL, max_rejected: int = 10000,
                  pixels_for=None):
         self.cfg = cfg
         self.inferer = inferer
@@ -96,11 +97,10 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ helpers
     def _metric(self, kind: str, name: str, value=1.0, **labels) -> None:
-        if self.metrics is not None:
-            try:
-                getattr(self.metrics, kind)(name, value, **labels)
-            except Exception:  # noqa: BLE001
-                pass
+        try:
+            getattr(self.metrics, kind)(name, value, **labels)
+        except Exception:  # noqa: BLE001 - counting never stops the analysis
+            pass
 
     def _emit(self, method: str, *args) -> None:
         for s in self.sinks:
@@ -297,8 +297,7 @@ class Pipeline:
                 self._metric("set", "medqc_queue_depth", self.q.qsize())
             try:
                 self.complete_due()
-                if self.metrics is not None:
-                    self._gauges()
+                self._gauges()
             except Exception:  # noqa: BLE001
                 log.exception("series completion failed")
 
@@ -356,7 +355,7 @@ def _opencv_single_threaded() -> None:
 
 
 def build_analysis(cfg, bundle_dir: str | None = None, backend: str | None = None, inference: bool = True,
-                   metrics=None, baselines=None, streaming: bool = True):
+                   metrics=NULL, baselines=None, streaming: bool = True):
     """The analysis the composition root (``medqc.agent.compose``) puts in the pipeline: bundle → runner →
     inferer, and the series tracker with the bundle's per-class thresholds. ``baselines``: the per-scanner
     baselines the checks judge against (``medqc.baselines.Baselines``); ``streaming=False``: offline, every
@@ -378,8 +377,7 @@ def build_analysis(cfg, bundle_dir: str | None = None, backend: str | None = Non
             backend = "none"
         bundle = None  # classical detectors only: no model needed
     inferer = Inferer(bundle, backend, cfg.inference.threads, rebuild_engine=cfg.inference.rebuild_engine)
-    if metrics is not None:
-        metrics.set("medqc_backend_info", 1.0, backend=inferer.backend)
+    metrics.set("medqc_backend_info", 1.0, backend=inferer.backend)
     tracker = SeriesTracker(cfg, bundle.check_thresholds if bundle is not None else {}, baselines=baselines,
                             streaming=streaming)
     return inferer, tracker

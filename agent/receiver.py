@@ -20,6 +20,7 @@ import socket
 import time
 
 from medqc.agent import dulwait
+from medqc.agent.metrics import NULL
 
 log = logging.getLogger("medqc.agent.receiver")
 
@@ -32,7 +33,7 @@ MPPS_CLASS = "1.2.840.10008.3.1.2.3.3"
 
 
 class Receiver:
-    def __init__(self, cfg, spool, on_stored, on_mpps=None, metrics=None, access=None, ae_title: str | None = None,
+    def __init__(self, cfg, spool, on_stored, on_mpps=None, metrics=NULL, access=None, ae_title: str | None = None,
                  port: int | None = None, bind: str | None = None):
         self.cfg = cfg
         self.spool = spool
@@ -48,11 +49,10 @@ class Receiver:
         self.mpps = None
 
     def _metric(self, kind, name, value=1.0, **labels):
-        if self.metrics is not None:
-            try:
-                getattr(self.metrics, kind)(name, value, **labels)
-            except Exception:  # noqa: BLE001
-                pass
+        try:
+            getattr(self.metrics, kind)(name, value, **labels)
+        except Exception:  # noqa: BLE001 - counting never fails a C-STORE
+            pass
 
     # ---------------------------------------------------------------------------------------- handlers
     def _on_open(self, event) -> None:

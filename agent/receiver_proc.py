@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from medqc.agent.metrics import NULL
+
 log = logging.getLogger("medqc.agent.receiver")
 
 START_TIMEOUT_S = 60.0
@@ -122,7 +124,7 @@ def _child_main(cfg, spool_args: dict, log_level: int, conn) -> None:
 class ReceiverProcess:
     """``Receiver``'s interface (``start``, ``stop``, ``port``) with the receiver in a child process."""
 
-    def __init__(self, cfg, spool, on_stored, on_mpps=None, metrics=None, on_died=None):
+    def __init__(self, cfg, spool, on_stored, on_mpps=None, metrics=NULL, on_died=None):
         self.cfg = cfg
         self.spool = spool
         self.on_stored = on_stored
@@ -190,8 +192,7 @@ class ReceiverProcess:
             if kind == "stored":
                 self.on_stored(Path(msg[1]), msg[2])
             elif kind == "metric":
-                if self.metrics is not None:
-                    getattr(self.metrics, msg[1])(msg[2], msg[3], **msg[4])
+                getattr(self.metrics, msg[1])(msg[2], msg[3], **msg[4])
             elif kind == "log":
                 rec = logging.makeLogRecord(msg[1])
                 logging.getLogger(rec.name).handle(rec)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from medqc.agent.metrics import Metrics
+from medqc.agent.metrics import NULL, Metrics
 from medqc.agent.pipeline import Pipeline, build_analysis
 from medqc.agent.sinks.base import Sink
 from medqc.agent.spool import Spool
@@ -67,7 +67,7 @@ def _series_files(real_ct: Path, tmp: Path, n: int, expected: int | None = None)
     return out
 
 
-def compose(cfg, bundle, backend, metrics=None, sinks=(), spool=None) -> Pipeline:
+def compose(cfg, bundle, backend, metrics=NULL, sinks=(), spool=None) -> Pipeline:
     """The agent's pipeline with these sinks (the composition root gives the agent its own)."""
     return Pipeline(cfg, *build_analysis(cfg, bundle, backend, metrics=metrics), spool=spool, sinks=list(sinks),
                     metrics=metrics)

@@ -9,6 +9,8 @@ import logging
 import queue
 import threading
 
+from medqc.agent.metrics import NULL
+
 log = logging.getLogger("medqc.agent.sinks")
 
 
@@ -37,7 +39,7 @@ class Sink:
 class SinkThread:
     """Runs one sink's calls in order on a dedicated thread."""
 
-    def __init__(self, sink: Sink, metrics=None, maxsize: int = 10000):
+    def __init__(self, sink: Sink, metrics=NULL, maxsize: int = 10000):
         self.sink = sink
         self.metrics = metrics
         self.q: queue.Queue = queue.Queue(maxsize=maxsize)
@@ -45,11 +47,10 @@ class SinkThread:
         self.t.start()
 
     def _error(self, what: str) -> None:
-        if self.metrics is not None:
-            try:
-                self.metrics.inc("medqc_sink_errors_total", sink=self.sink.name)
-            except Exception:  # noqa: BLE001
-                pass
+        try:
+            self.metrics.inc("medqc_sink_errors_total", sink=self.sink.name)
+        except Exception:  # noqa: BLE001
+            pass
 
     def submit(self, method: str, *args) -> None:
         try:
