@@ -109,7 +109,7 @@ def analyse_states(paths: list[str], cfg, bundle: str | None = None, backend: st
 
     files = collect(paths)
     if plot_dir is not None:
-        from medqc.agent.figure import _matplotlib
+        from medqc.agent.web.figure import _matplotlib
         from medqc.errors import UsageError
 
         _matplotlib()  # a clear usage error before any work when matplotlib is missing
@@ -149,10 +149,10 @@ def analyse_states(paths: list[str], cfg, bundle: str | None = None, backend: st
 
 
 def write_figures(report: dict, thumbnails, thresholds: dict, out: Path) -> list[str]:
-    """One PNG per series (``medqc.agent.figure``), with the slices' thumbnails (``console.ThumbnailSink``);
+    """One PNG per series (``medqc.agent.web.figure``), with the slices' thumbnails (``console.ThumbnailSink``);
     returns the paths written."""
     from medqc.agent.checks.artifact import RELATIVE_MARGIN
-    from medqc.agent.figure import file_name, series_figure
+    from medqc.agent.web.figure import file_name, series_figure
 
     paths = []
     for i, s in enumerate(report["series"], 1):

@@ -35,7 +35,7 @@ def compose(cfg, state_dir: str | Path | None = None, bundle: str | None = None,
         return Agent(cfg, metrics, Pipeline(cfg, inferer, tracker, sinks=[thumbs] if thumbs else [], metrics=metrics,
                                             pixels_for=thumbs), thumbnails=thumbs)
 
-    from medqc.agent.spool import Refusals
+    from medqc.agent.ingest.spool import Refusals
 
     state = Path(state_dir)
     spool, store, learned = _state(cfg, state)
@@ -43,7 +43,7 @@ def compose(cfg, state_dir: str | Path | None = None, bundle: str | None = None,
                                       learned if cfg.baselines.enabled else None, streaming=True)
     stream = thumbs = None
     if cfg.http.enabled:
-        from medqc.agent.http import Broadcaster
+        from medqc.agent.web.http import Broadcaster
 
         stream, thumbs = Broadcaster(), _thumbnails(None)
     pipeline = Pipeline(cfg, inferer, tracker, spool, _sinks(cfg, store, learned, stream, thumbs), metrics,
@@ -53,8 +53,8 @@ def compose(cfg, state_dir: str | Path | None = None, bundle: str | None = None,
     refusals = Refusals(spool, metrics)
     http = None
     if cfg.http.enabled:
-        from medqc.agent.console import Console
-        from medqc.agent.http import Api, HttpServer
+        from medqc.agent.web.console import Console
+        from medqc.agent.web.http import Api, HttpServer
 
         api = Api(cfg, pipeline, store, metrics, stream, refusals, lifecycle.ready)
         http = HttpServer(cfg, api, Console(cfg, tracker, store, thumbs))
@@ -66,8 +66,8 @@ def compose(cfg, state_dir: str | Path | None = None, bundle: str | None = None,
 # ------------------------------------------------------------------------------------------ the parts
 def _state(cfg, state: Path):
     """The spool, the SQLite store and the per-scanner baselines (``[baselines]``) under the state directory."""
-    from medqc.agent.spool import Spool
-    from medqc.agent.store import Store
+    from medqc.agent.ingest.spool import Spool
+    from medqc.agent.sinks.store import Store
     from medqc.baselines import Baselines
 
     try:
@@ -83,7 +83,7 @@ def _state(cfg, state: Path):
 
 
 def _thumbnails(min_score):
-    from medqc.agent.console import ThumbnailSink
+    from medqc.agent.web.console import ThumbnailSink
 
     return ThumbnailSink(min_score)
 
@@ -106,7 +106,7 @@ def _sinks(cfg, store, learned, stream, thumbs) -> list:
 
 def _ingest(cfg, spool, pipeline, metrics, lifecycle, inference: bool, dirs: list):
     """The DICOM receiver (its own process unless ``dicom.receiver_process = false``) and the drop folders."""
-    from medqc.agent import access
+    from medqc.agent.ingest import access
 
     import pydicom  # noqa: F401 - fully imported before any worker thread starts (import races)
     import pynetdicom  # noqa: F401
@@ -116,16 +116,16 @@ def _ingest(cfg, spool, pipeline, metrics, lifecycle, inference: bool, dirs: lis
     # fails the start with a usage error; the receiver process builds its own copy from the same config
     policy = access.from_config(cfg, metrics)
     if cfg.dicom.receiver_process:  # its own process: no interpreter lock shared with the analysis
-        from medqc.agent.receiver_proc import ReceiverProcess
+        from medqc.agent.ingest.receiver_proc import ReceiverProcess
 
         receiver = ReceiverProcess(cfg, spool, on_stored, pipeline.mpps_completed, metrics, on_died=lifecycle.fail)
     else:
-        from medqc.agent.receiver import Receiver
+        from medqc.agent.ingest.receiver import Receiver
 
         receiver = Receiver(cfg, spool, on_stored, pipeline.mpps_completed, metrics, policy)
     drop = None
     if dirs:
-        from medqc.agent.watch import DropFolder
+        from medqc.agent.ingest.watch import DropFolder
 
         drop = DropFolder(dirs, spool, on_stored, metrics)
     return receiver, drop

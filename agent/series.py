@@ -1,19 +1,16 @@
-"""Series state: per SeriesInstanceUID, the slices seen so far, streaming checks, completion and verdict.
+"""Series state: per SeriesInstanceUID, the slices seen so far, completion and verdict.
 
 ``SeriesTracker.add`` is called once per analysed slice (in arrival order) and returns the findings that
-are new or changed, so sinks can show them while the patient is still on the table (offline, with
-``streaming=False``, it only collects the slices):
-
-* artifact.<class> as soon as a run of ``checks.artifact.min_run`` neighbouring slices (by z) is over the
-  class threshold (or one slice scores very high);
-* geometry.tilt / geometry.orientation from the first slice's header;
-* coverage.top / coverage.bottom for the end of the range that was scanned first, once ≥ 8 slices show it;
-* input.undecodable for slices that could not be analysed.
+are new or changed (frozen ``FindingEvent``s), so sinks can show them while the patient is still on the
+table. The judging is the registered checks' (``agent/checks/registry.py``): while slices arrive their
+``stream`` (artifact runs, the first slice's tilt and orientation, early coverage, undecodable inputs);
+offline, with ``streaming=False``, it only collects the slices.
 
 A series completes when the expected count is reached (ImagesInAcquisition), when MPPS says so, or after
-``series.idle_timeout_s`` without a new slice (``due``). ``complete`` re-runs every check from scratch on
-the whole stack (geometry, coverage incl. overscan, dose, centering, noise index, artifacts) and sets the
-verdict: fail if any critical finding, warn if any warning, else pass.
+``series.idle_timeout_s`` without a new slice (``due``). ``complete`` runs every registered check's
+``judge`` from scratch on the whole stack, withdraws the streaming findings of withdrawable checks that the
+whole stack no longer supports, and sets the verdict: fail if any critical finding, warn if any warning,
+else pass. ``finish`` does that and makes the series' frozen ``SeriesEvent`` under the same lock.
 """
 
 from __future__ import annotations

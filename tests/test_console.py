@@ -34,7 +34,7 @@ LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", 
 def test_thumbnail_is_a_windowed_png():
     import cv2
 
-    from medqc.agent.console import thumbnail_png
+    from medqc.agent.web.console import thumbnail_png
     from medqc.agent.records import SliceInfo
 
     hu = np.full((512, 512), -1000.0, np.float32)
@@ -278,8 +278,8 @@ def test_console_on_the_one_server_static_errors_and_body_cap(tiny_bundle, tmp_p
     """The agent's one HTTP server serves the console: page, assets, /healthz, no way out of the static
     folder, and a request body over the cap is refused (413), not read."""
     from medqc.agent.compose import compose
-    from medqc.agent.console import STATIC
-    from medqc.agent.http import MAX_BODY
+    from medqc.agent.web.console import STATIC
+    from medqc.agent.web.http import MAX_BODY
     from medqc.config import load_config
 
     cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",

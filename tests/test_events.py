@@ -154,7 +154,7 @@ def test_updates_stay_off_the_feeds(tmp_path):
     """A change that is only an update (the run grew) reaches the store, not stdout, the webhook or SSE."""
     import io
 
-    from medqc.agent.http import Broadcaster
+    from medqc.agent.web.http import Broadcaster
     from medqc.agent.records import Finding
     from medqc.agent.sinks.stdout import StdoutSink
 

@@ -161,7 +161,7 @@ def test_http_route_table_405_and_open_without_token(tiny_bundle, tmp_path):
 
 
 def test_sse_keepalive_and_slow_client_dropped(monkeypatch):
-    import medqc.agent.http as http
+    import medqc.agent.web.http as http
     from medqc.agent.records import Finding
 
     monkeypatch.setattr(http, "KEEPALIVE_S", 0.05)

@@ -14,7 +14,7 @@ import pytest
 from medqc.agent.metrics import NULL, Metrics
 from medqc.agent.pipeline import Pipeline, build_analysis
 from medqc.agent.sinks.base import Sink
-from medqc.agent.spool import Spool
+from medqc.agent.ingest.spool import Spool
 from medqc.config import load_config
 
 
@@ -139,7 +139,7 @@ def test_a_large_multiframe_object_is_analysed_frame_by_frame(tmp_path, tiny_bun
 
 def test_drop_folder_ingest(tmp_path, real_ct, tiny_bundle):
     pytest.importorskip("watchdog")
-    from medqc.agent.watch import DropFolder
+    from medqc.agent.ingest.watch import DropFolder
 
     files = _series_files(real_ct, tmp_path / "src", 5, expected=5)
     drop = tmp_path / "drop"

@@ -30,7 +30,7 @@ def test_replay_measures_agent_latency(tmp_path, tiny_bundle):
         pytest.skip(why)
     if not agent.http_up:
         agent.stop()
-        pytest.skip("this agent build serves no HTTP API (medqc.agent.http): replay's --agent-url needs it")
+        pytest.skip("this agent build serves no HTTP API (medqc.agent.web.http): replay's --agent-url needs it")
     try:
         out = tmp_path / "r.json"
         png = tmp_path / "r.png"

@@ -72,7 +72,7 @@ class WebhookSink(Sink):
     def on_finding(self, finding) -> None:
         if not announced(finding):
             return
-        from medqc.agent.http import finding_event
+        from medqc.agent.web.http import finding_event
 
         self.post({"event": "finding", **finding_event(finding)})
 

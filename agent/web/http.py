@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from medqc.agent.sinks.base import Sink, announced
 
-log = logging.getLogger("medqc.agent.http")
+log = logging.getLogger("medqc.agent.web.http")
 
 KEEPALIVE_S = 15.0
 MAX_BODY = 1 << 20  # request bodies (an acknowledgement's JSON) above this are refused with 413, unread
@@ -240,7 +240,7 @@ class HttpServer:
         self.broadcaster = api.broadcaster
         self.routes: list = core_routes(api)
         if console is not None:
-            from medqc.agent.console import register
+            from medqc.agent.web.console import register
 
             register(self.routes, console)
         self.bind = bind or cfg.http.bind

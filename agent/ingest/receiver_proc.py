@@ -27,7 +27,7 @@ from pathlib import Path
 
 from medqc.agent.metrics import NULL
 
-log = logging.getLogger("medqc.agent.receiver")
+log = logging.getLogger("medqc.agent.ingest.receiver")
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -91,9 +91,9 @@ def _child_main(cfg, spool_args: dict, log_level: int, conn) -> None:
     if log_level > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
-    from medqc.agent.access import from_config
-    from medqc.agent.receiver import Receiver
-    from medqc.agent.spool import Spool
+    from medqc.agent.ingest.access import from_config
+    from medqc.agent.ingest.receiver import Receiver
+    from medqc.agent.ingest.spool import Spool
 
     metrics = _MetricsProxy(send)
     try:

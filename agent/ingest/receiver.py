@@ -19,10 +19,10 @@ import logging
 import socket
 import time
 
-from medqc.agent import dulwait
+from medqc.agent.ingest import dulwait
 from medqc.agent.metrics import NULL
 
-log = logging.getLogger("medqc.agent.receiver")
+log = logging.getLogger("medqc.agent.ingest.receiver")
 
 DUL_LOOP_DELAY = 1e-4
 # From the connection to the A-ASSOCIATE-RQ's last byte: a scanner sends its request at once, so a connection
@@ -98,7 +98,7 @@ class Receiver:
         except Exception as e:  # noqa: BLE001
             log.error("C-STORE %s: cannot encode the received dataset: %s", sop_uid, e)
             return 0xC210
-        from medqc.agent.spool import SpoolFull
+        from medqc.agent.ingest.spool import SpoolFull
 
         try:
             path = self.spool.put(data, sop_uid or f"instance-{time.time_ns()}")
@@ -142,7 +142,7 @@ class Receiver:
     def handlers(self) -> list:
         from pynetdicom import evt
 
-        from medqc.agent.mpps import MppsService
+        from medqc.agent.ingest.mpps import MppsService
 
         self.mpps = MppsService(self.on_mpps)
         hs = [(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_CONN_CLOSE, self._on_close), (evt.EVT_ACCEPTED, self._on_accepted),

@@ -5,10 +5,10 @@ Per series: a craniocaudal strip (one mark per slice as it arrives, placed head 
 position along the stack normal, ``z``; coloured by its worst artifact score), a coverage bar (scanned range against the protocol's required anatomy on the fixed body scale of
 ``medqc.anatomy``), the findings with severity, slice range and message, a windowed thumbnail of the most
 affected slice per artifact finding, and an acknowledgement button (who/when, stored in the SQLite
-store). Everything is served by the agent (``agent/static``; no CDN), updates arrive over Server-Sent
+store). Everything is served by the agent (``agent/web/static``; no CDN), updates arrive over Server-Sent
 Events.
 
-Routes (``ROUTES``; the agent's one HTTP server, ``agent/http.py``, mounts them with :func:`register`):
+Routes (``ROUTES``; the agent's one HTTP server, ``agent/web/http.py``, mounts them with :func:`register`):
 
 - ``GET /`` and ``GET /static/<file>``: the page and its assets;
 - ``GET /api/console/state``: JSON snapshot of the recent series (console view, privacy applied);
@@ -41,7 +41,7 @@ import numpy as np
 from medqc import ARTIFACTS
 from medqc.agent.sinks.base import Sink
 
-log = logging.getLogger("medqc.agent.console")
+log = logging.getLogger("medqc.agent.web.console")
 
 STATIC = Path(__file__).resolve().parent / "static"
 POLL_S = 0.25

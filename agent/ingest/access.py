@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import ssl
 
-log = logging.getLogger("medqc.agent.access")
+log = logging.getLogger("medqc.agent.ingest.access")
 
 # A-ASSOCIATE-RJ: result 1 = rejected-permanent; source 1 = service-user; diagnostic 3 = calling AE not
 # recognised, 1 = no reason given

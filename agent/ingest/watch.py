@@ -12,7 +12,7 @@ from pathlib import Path
 
 from medqc.agent.metrics import NULL
 
-log = logging.getLogger("medqc.agent.watch")
+log = logging.getLogger("medqc.agent.ingest.watch")
 SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 
 
@@ -34,7 +34,7 @@ class DropFolder:
         path = Path(path)
         if _skip(path) or not path.is_file():
             return False
-        from medqc.agent.spool import SpoolFull
+        from medqc.agent.ingest.spool import SpoolFull
 
         with self._lock:
             try:
