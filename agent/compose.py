@@ -31,7 +31,7 @@ def compose(cfg, state_dir: str | Path | None = None, bundle: str | None = None,
     metrics = NULL if offline else Metrics()
     if offline:  # medqc analyze: the series judged once each, complete
         inferer, tracker = build_analysis(cfg, bundle, backend, inference, metrics, baselines, streaming=False)
-        thumbs = _thumbnails(0.0) if plot else None
+        thumbs = _thumbnails(0.0, cfg) if plot else None
         return Agent(cfg, metrics, Pipeline(cfg, inferer, tracker, sinks=[thumbs] if thumbs else [], metrics=metrics,
                                             pixels_for=thumbs), thumbnails=thumbs)
 
@@ -45,7 +45,7 @@ def compose(cfg, state_dir: str | Path | None = None, bundle: str | None = None,
     if cfg.http.enabled:
         from medqc.agent.web.http import Broadcaster
 
-        stream, thumbs = Broadcaster(), _thumbnails(None)
+        stream, thumbs = Broadcaster(), _thumbnails(None, cfg)
     pipeline = Pipeline(cfg, inferer, tracker, spool, _sinks(cfg, store, learned, stream, thumbs), metrics,
                         pixels_for=thumbs)
     lifecycle = Lifecycle()
@@ -82,10 +82,11 @@ def _state(cfg, state: Path):
     return spool, store, learned
 
 
-def _thumbnails(min_score):
+def _thumbnails(min_score, cfg):
+    """The console's thumbnails, kept for as many series as the tracker keeps."""
     from medqc.agent.web.console import ThumbnailSink
 
-    return ThumbnailSink(min_score)
+    return ThumbnailSink(min_score, keep=cfg.series.keep_recent)
 
 
 def _sinks(cfg, store, learned, stream, thumbs) -> list:

@@ -26,6 +26,8 @@ class Sink:
     """Each method gets a frozen event (``medqc.agent.records``), never the live series state."""
 
     name = "base"
+    queue_size = 10000  # events waiting for this sink; beyond that they are dropped for it (logged, counted)
+    blocking = False  # True: the pipeline waits for room instead (a sink whose every event is needed, offline)
 
     def on_slice(self, event) -> None: ...  # SliceEvent: the result (and its pixels for a sink that wants them)
 
@@ -39,10 +41,11 @@ class Sink:
 class SinkThread:
     """Runs one sink's calls in order on a dedicated thread."""
 
-    def __init__(self, sink: Sink, metrics=NULL, maxsize: int = 10000):
+    def __init__(self, sink: Sink, metrics=NULL, maxsize: int | None = None):
         self.sink = sink
         self.metrics = metrics
-        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.blocking = bool(getattr(sink, "blocking", False))
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize or getattr(sink, "queue_size", 10000))
         self.t = threading.Thread(target=self._loop, name=f"sink-{sink.name}", daemon=True)
         self.t.start()
 
@@ -54,7 +57,7 @@ class SinkThread:
 
     def submit(self, method: str, *args) -> None:
         try:
-            self.q.put_nowait((method, args))
+            self.q.put((method, args), block=self.blocking)
         except queue.Full:
             log.error("sink %s is not keeping up: %s dropped for it", self.sink.name, method)
             self._error("full")

@@ -87,9 +87,13 @@ class ThumbnailSink(Sink):
     It keeps the thumbnails of the series the tracker holds (``keep`` series, oldest dropped first)."""
 
     name = "thumbnails"
+    # each waiting event holds a slice's HU (1 MiB at 512²): a short queue bounds the memory; the live console
+    # drops a thumbnail rather than wait, --plot (every slice's) waits for room
+    queue_size = 64
 
     def __init__(self, min_score: float | None = None, keep: int = 1000):
         self.min_score = THUMB_MIN_SCORE if min_score is None else min_score
+        self.blocking = self.min_score <= 0  # every slice wanted (medqc analyze --plot): none may be dropped
         self.keep = keep
         self._by_series: dict[str, dict[str, bytes]] = {}
         self._lock = threading.Lock()
