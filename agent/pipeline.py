@@ -112,11 +112,17 @@ class Pipeline:
             rec["sop_instance_uid"] = sop_uid
         if series_uid:
             rec["series_instance_uid"] = series_uid
-        self.rejected.append(rec)
+        with self._lock:  # the HTTP API lists them from its own threads (recent_rejected)
+            self.rejected.append(rec)
         self._metric("inc", "medqc_slices_rejected_total", reason=reason.split(" (")[0].split(":")[0][:40])
         for s in self.sinks:
             if hasattr(s.sink, "on_rejected"):
                 s.submit("on_rejected", dict(rec))
+
+    def recent_rejected(self, n: int) -> list[dict]:
+        """The last ``n`` inputs not analysed (copies; safe from any thread)."""
+        with self._lock:
+            return [dict(r) for r in list(self.rejected)[-n:]]
 
     def _quarantine(self, path: str, reason: str) -> None:
         """A spool file found at start that cannot be read as DICOM or ends before naming its series: it was

@@ -180,7 +180,7 @@ class Api:
                 "next_offset": offset + limit if len(merged) > offset + limit else None,
                 "series": merged[offset:offset + limit]}
         if offset == 0:  # the inputs recently not analysed, with the first page
-            rejected = list(self.pipeline.rejected)[-limit:]
+            rejected = self.pipeline.recent_rejected(limit)
             body["rejected"] = [{k: r[k] for k in REJECTED_KEYS if k in r} for r in rejected]
         return _json(200, body)
 
