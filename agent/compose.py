@@ -38,17 +38,17 @@ def compose(cfg, state_dir: str | Path | None = None, bundle: str | None = None,
     from medqc.agent.ingest.spool import Refusals
 
     state = Path(state_dir)
-    spool, store, learned = _state(cfg, state)
+    spool, store, learned = _state(cfg, state)  # state: spool, SQLite store, per-scanner baselines
     inferer, tracker = build_analysis(cfg, bundle, backend, inference, metrics,
                                       learned if cfg.baselines.enabled else None, streaming=True)
-    stream = thumbs = None
+    stream = thumbs = None  # the web side's sinks: server-sent events, the console's thumbnails
     if cfg.http.enabled:
         from medqc.agent.web.http import Broadcaster
 
         stream, thumbs = Broadcaster(), _thumbnails(None, cfg)
     pipeline = Pipeline(cfg, inferer, tracker, spool, _sinks(cfg, store, learned, stream, thumbs), metrics,
                         pixels_for=thumbs)
-    lifecycle = Lifecycle()
+    lifecycle = Lifecycle()  # ready / stopping / failed, shared by the receiver process and /healthz
     receiver, drop = _ingest(cfg, spool, pipeline, metrics, lifecycle, inference, [*(watch or ()), *cfg.watch.dirs])
     refusals = Refusals(spool, metrics)
     http = None
