@@ -68,6 +68,9 @@ class SinkThread:
             if item is None:
                 break
             method, args = item
+            if isinstance(method, threading.Event):  # flush(): everything queued before it was handled
+                method.set()
+                continue
             try:
                 getattr(self.sink, method)(*args)
             except Exception as e:  # noqa: BLE001 - observers log and carry on
@@ -78,7 +81,7 @@ class SinkThread:
         """Wait until everything queued so far was handled (bounded)."""
         done = threading.Event()
         try:
-            self.q.put(("_flush_marker", (done,)), timeout=timeout)
+            self.q.put((done, ()), timeout=timeout)
         except queue.Full:
             return
         done.wait(timeout)
@@ -93,10 +96,3 @@ class SinkThread:
             self.sink.close()
         except Exception as e:  # noqa: BLE001
             log.error("sink %s failed to close: %s", self.sink.name, e)
-
-
-def _flush_marker(self, done):  # bound onto every Sink so flush() works without the sink's help
-    done.set()
-
-
-Sink._flush_marker = _flush_marker  # type: ignore[attr-defined]
