@@ -78,13 +78,13 @@ class Store(Sink):
                               finding.severity, finding.raised_at or now, now, json.dumps(d, default=str)))
 
     def on_series(self, series) -> None:
-        state, rep = series, series.report  # the report was built with the verdict, under the tracker's lock
+        """``series.report`` was built with the verdict, under the series tracker's lock."""
         with self._lock:
             self._db.execute("INSERT INTO series VALUES (?,?,?,?,?,?,?) ON CONFLICT(uid) DO UPDATE SET "
                              "verdict=excluded.verdict, slices=excluded.slices, updated_at=excluded.updated_at, "
                              "completed_at=excluded.completed_at, report=excluded.report",
-                             (state.uid, state.study_uid, state.verdict, len(state.results), time.time(),
-                              state.completed_at, json.dumps(rep, default=str)))
+                             (series.uid, series.study_uid, series.verdict, len(series.results), time.time(),
+                              series.completed_at, json.dumps(series.report, default=str)))
 
     def on_rejected(self, rec: dict) -> None:
         with self._lock:

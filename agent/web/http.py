@@ -109,10 +109,10 @@ class Broadcaster(Sink):
         if announced(finding):
             self.publish("finding", finding_event(finding))
 
-    def on_series(self, state) -> None:
-        self.publish("series", {"series_instance_uid": state.uid, "study_instance_uid": state.study_uid,
-                                "verdict": state.verdict, "slices": len(state.results),
-                                "findings": len(state.findings), "completed_reason": state.completed_reason})
+    def on_series(self, series) -> None:  # a SeriesEvent
+        self.publish("series", {"series_instance_uid": series.uid, "study_instance_uid": series.study_uid,
+                                "verdict": series.verdict, "slices": len(series.results),
+                                "findings": len(series.findings), "completed_reason": series.completed_reason})
 
     def close(self) -> None:
         with self._lock:
