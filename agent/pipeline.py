@@ -19,9 +19,10 @@ import time
 from collections import deque
 from pathlib import Path
 
+from medqc.agent import faults
 from medqc.agent.batch import MicroBatcher
-from medqc.agent.metrics import NULL
 from medqc.agent.decode import NotDicom, decode_file
+from medqc.agent.metrics import NULL
 from medqc.agent.records import SliceEvent, SliceResult
 from medqc.agent.sinks.base import SinkThread
 
@@ -203,6 +204,7 @@ class Pipeline:
             if not chunk:
                 continue
             results = self.inferer.run(chunk)
+            faults.reached("analysis")
             self._metric("observe", "medqc_stage_seconds", time.perf_counter() - t1, stage="infer")
             self._metric("observe", "medqc_batch_size", len(chunk))
             hu = {id(info): px for info, px in chunk} if self.pixels_for is not None else {}
@@ -278,10 +280,41 @@ class Pipeline:
         log.info("series %s: verdict %s (%s, %d slices, %d findings)", uid, series.verdict, reason,
                  len(series.results), len(series.findings))
         self._emit("on_series", series)
+        release = []
         for path in self._files.pop(uid, ()):  # retention: after the series verdict
             if not any(path in s for s in self._files.values()):
-                self._release(path, keep=path in self._keep)
+                release.append((path, path in self._keep))
                 self._keep.discard(path)
+        self._release_after_sinks(release)
+
+    def _release_after_sinks(self, files: list[tuple[str, bool]]) -> None:
+        """Release a series' spool files once every sink has handled what was queued before (the verdict
+        committed to the store, the report sent or its failure logged): until then the spool is the only
+        durable copy of the series, and a kill finds the files at the next start, which analyses the series
+        again. A sink whose queue is full cannot take the marker: the files stay until the next start. Sinks
+        that record nothing (``Sink.spool_waits`` false: the console's thumbnails) are not waited for."""
+        if not files:
+            return
+
+        def release() -> None:
+            for path, keep in files:
+                self._release(path, keep=keep)
+
+        sinks = [s for s in self.sinks if getattr(s.sink, "spool_waits", True)]
+        if not sinks:
+            release()
+            return
+        left, lock = [len(sinks)], threading.Lock()
+
+        def one_done() -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                release()
+
+        for s in sinks:
+            s.submit(one_done)  # a marker: called once the sink handled everything queued before it
 
     def complete_all(self, reason: str = "end-of-input") -> None:
         for st in self.tracker.all():

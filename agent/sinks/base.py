@@ -28,6 +28,7 @@ class Sink:
     name = "base"
     queue_size = 10000  # events waiting for this sink; beyond that they are dropped for it (logged, counted)
     blocking = False  # True: the pipeline waits for room instead (a sink whose every event is needed, offline)
+    spool_waits = True  # a series' spool files are released only once this sink handled its verdict
 
     def on_slice(self, event) -> None: ...  # SliceEvent: the result (and its pixels for a sink that wants them)
 
@@ -55,7 +56,7 @@ class SinkThread:
         except Exception:  # noqa: BLE001
             pass
 
-    def submit(self, method: str, *args) -> None:
+    def submit(self, method, *args) -> None:  # a Sink method's name, or a marker callable (see _loop)
         try:
             self.q.put((method, args), block=self.blocking)
         except queue.Full:
@@ -68,8 +69,8 @@ class SinkThread:
             if item is None:
                 break
             method, args = item
-            if isinstance(method, threading.Event):  # flush(): everything queued before it was handled
-                method.set()
+            if callable(method):  # a marker (flush, the pipeline's release after sinks): all before it was handled
+                method(*args)
                 continue
             try:
                 getattr(self.sink, method)(*args)
@@ -81,7 +82,7 @@ class SinkThread:
         """Wait until everything queued so far was handled (bounded)."""
         done = threading.Event()
         try:
-            self.q.put((done, ()), timeout=timeout)
+            self.q.put((done.set, ()), timeout=timeout)
         except queue.Full:
             return
         done.wait(timeout)

@@ -90,6 +90,7 @@ class ThumbnailSink(Sink):
     # each waiting event holds a slice's HU (1 MiB at 512²): a short queue bounds the memory; the live console
     # drops a thumbnail rather than wait, --plot (every slice's) waits for room
     queue_size = 64
+    spool_waits = False  # it records nothing: a series' spool files need not wait for its thumbnails
 
     def __init__(self, min_score: float | None = None, keep: int = 1000):
         self.min_score = THUMB_MIN_SCORE if min_score is None else min_score
