@@ -104,12 +104,12 @@ def analyze(paths: list[str], cfg, bundle: str | None = None, backend: str | Non
 def analyse_states(paths: list[str], cfg, bundle: str | None = None, backend: str | None = None, progress: bool = False,
                    plot_dir: str | None = None, baselines=None) -> tuple[dict, list]:
     """``analyze`` with the baselines given (``medqc.baselines.Baselines`` or None): (report, series states)."""
-    from medqc.agent.pipeline import compose
+    from medqc.agent.compose import compose
     from medqc.agent.report import build_report
 
     files = collect(paths)
     if plot_dir is not None:
-        from medqc.agent.figure import _matplotlib
+        from medqc.agent.web.figure import _matplotlib
         from medqc.errors import UsageError
 
         _matplotlib()  # a clear usage error before any work when matplotlib is missing
@@ -123,11 +123,9 @@ def analyse_states(paths: list[str], cfg, bundle: str | None = None, backend: st
         import dataclasses
 
         cfg = dataclasses.replace(cfg, series=dataclasses.replace(cfg.series, keep_recent=len(files)))
-    pipe = compose(cfg, bundle, backend, inference=backend != "none", baselines=baselines)
-    pipe.tracker.streaming = False  # offline: each series is judged once, complete; the report holds final findings
-    pipe.thumbnails = plot_dir is not None  # console thumbnails are for the live agent; --plot shows slices too
-    if pipe.thumbnails:
-        pipe.thumbnail_min_score = 0.0
+    agent = compose(cfg, bundle=bundle, backend=backend, inference=backend != "none", offline=True, baselines=baselines,
+                    plot=plot_dir is not None)
+    pipe = agent.pipeline
     try:
         for f in files:
             pipe.submit(f)
@@ -143,20 +141,22 @@ def analyse_states(paths: list[str], cfg, bundle: str | None = None, backend: st
         states = pipe.tracker.all()
         report = build_report(states, list(pipe.rejected), cfg.privacy)
         if plot_dir is not None:
-            report["figures"] = write_figures(report, states, pipe.tracker.thresholds, Path(plot_dir))
+            pipe.flush_sinks(60.0)  # the thumbnails are rendered on their sink's thread
+            report["figures"] = write_figures(report, agent.thumbnails, pipe.tracker.thresholds, Path(plot_dir))
         return report, states
     finally:
-        pipe.inferer.close()
+        pipe.stop(0.0)
 
 
-def write_figures(report: dict, states, thresholds: dict, out: Path) -> list[str]:
-    """One PNG per series (``medqc.agent.figure``); returns the paths written."""
+def write_figures(report: dict, thumbnails, thresholds: dict, out: Path) -> list[str]:
+    """One PNG per series (``medqc.agent.web.figure``), with the slices' thumbnails (``console.ThumbnailSink``);
+    returns the paths written."""
     from medqc.agent.checks.artifact import RELATIVE_MARGIN
-    from medqc.agent.figure import file_name, series_figure
+    from medqc.agent.web.figure import file_name, series_figure
 
-    thumbs = {r.info.sop_instance_uid: r.thumbnail for st in states for r in st.results if r.thumbnail is not None}
     paths = []
     for i, s in enumerate(report["series"], 1):
+        thumbs = thumbnails.of_series(s["series_instance_uid"]) if thumbnails is not None else {}
         p = series_figure(s, thresholds, out / file_name(s, i), thumbs, motion_margin=RELATIVE_MARGIN)
         paths.append(str(p))
     return paths

@@ -109,3 +109,23 @@ class Metrics:
                     for k, v in sorted(vals.items()):
                         out.append(f"{name}{_fmt_labels(k)} {v:g}")
         return "\n".join(out) + "\n"
+
+
+class NullMetrics:
+    """``Metrics``' interface, recording nothing: what a part gets where nobody scrapes (``medqc analyze``,
+    a part built alone in a test), so no part asks whether it has metrics."""
+
+    def inc(self, name: str, value: float = 1.0, **labels) -> None: ...
+
+    def set(self, name: str, value: float, **labels) -> None: ...
+
+    def observe(self, name: str, value: float, **labels) -> None: ...
+
+    def get(self, name: str, **labels) -> float:
+        return 0.0
+
+    def render(self) -> str:
+        return ""
+
+
+NULL = NullMetrics()

@@ -22,7 +22,8 @@ from pathlib import Path
 from medqc.agent import faults
 from medqc.agent.batch import MicroBatcher
 from medqc.agent.decode import NotDicom, decode_file
-from medqc.agent.records import SliceResult
+from medqc.agent.metrics import NULL
+from medqc.agent.records import SliceEvent, SliceResult
 from medqc.agent.sinks.base import SinkThread
 
 log = logging.getLogger("medqc.agent.pipeline")
@@ -39,7 +40,8 @@ MPPS_DRAIN_S = 30.0  # longest an MPPS-completed series waits for the queue to d
 
 
 class Pipeline:
-    def __init__(self, cfg, inferer, tracker, spool=None, sinks=(), metrics=None, max_rejected: int = 10000):
+    def __init__(self, cfg, inferer, tracker, spool=None, sinks=(), metrics=NULL, max_rejected: int = 10000,
+                 pixels_for=None):
         self.cfg = cfg
         self.inferer = inferer
         self.tracker = tracker
@@ -58,8 +60,9 @@ class Pipeline:
         self._mpps_at = 0.0
         self._lock = threading.Lock()
         self.identifiers = bool(cfg.privacy.show_patient_identifiers)
-        self.thumbnails = bool(cfg.http.enabled)  # console thumbnails (agent/console.py); off for batch use
-        self.thumbnail_min_score = None  # None: the console's THUMB_MIN_SCORE; analyze --plot: 0 (every slice)
+        # a sink that renders some slices' pixels (the console's thumbnails): its ``wants(result)`` says which
+        # slices' HU the slice event carries; it renders them on its own thread
+        self.pixels_for = pixels_for
 
     # ------------------------------------------------------------------------------------------ intake
     def submit(self, path: str | Path, received_at: float | None = None) -> None:
@@ -95,11 +98,10 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ helpers
     def _metric(self, kind: str, name: str, value=1.0, **labels) -> None:
-        if self.metrics is not None:
-            try:
-                getattr(self.metrics, kind)(name, value, **labels)
-            except Exception:  # noqa: BLE001
-                pass
+        try:
+            getattr(self.metrics, kind)(name, value, **labels)
+        except Exception:  # noqa: BLE001 - counting never stops the analysis
+            pass
 
     def _emit(self, method: str, *args) -> None:
         for s in self.sinks:
@@ -111,11 +113,17 @@ class Pipeline:
             rec["sop_instance_uid"] = sop_uid
         if series_uid:
             rec["series_instance_uid"] = series_uid
-        self.rejected.append(rec)
+        with self._lock:  # the HTTP API lists them from its own threads (recent_rejected)
+            self.rejected.append(rec)
         self._metric("inc", "medqc_slices_rejected_total", reason=reason.split(" (")[0].split(":")[0][:40])
         for s in self.sinks:
             if hasattr(s.sink, "on_rejected"):
-                s.submit("on_rejected", rec)
+                s.submit("on_rejected", dict(rec))
+
+    def recent_rejected(self, n: int) -> list[dict]:
+        """The last ``n`` inputs not analysed (copies; safe from any thread)."""
+        with self._lock:
+            return [dict(r) for r in list(self.rejected)[-n:]]
 
     def _quarantine(self, path: str, reason: str) -> None:
         """A spool file found at start that cannot be read as DICOM or ends before naming its series: it was
@@ -197,19 +205,16 @@ class Pipeline:
                 continue
             results = self.inferer.run(chunk)
             faults.reached("analysis")
-            if self.thumbnails:  # console: a small PNG of slices with a notable artifact score
-                from medqc.agent.console import attach_thumbnails
-
-                attach_thumbnails(results, chunk, self.thumbnail_min_score)
             self._metric("observe", "medqc_stage_seconds", time.perf_counter() - t1, stage="infer")
             self._metric("observe", "medqc_batch_size", len(chunk))
+            hu = {id(info): px for info, px in chunk} if self.pixels_for is not None else {}
             for r in results:
-                self._add(r)
+                self._add(r, hu.get(id(r.info)) if hu and self.pixels_for.wants(r) else None)
 
-    def _add(self, result: SliceResult) -> None:
+    def _add(self, result: SliceResult, hu=None) -> None:
         t0 = time.perf_counter()
         try:
-            changed = self.tracker.add(result)
+            changed = self.tracker.add(result)  # frozen events, made under the tracker's lock
         except Exception:  # noqa: BLE001
             log.exception("series checks failed on %s", result.info.sop_instance_uid)
             changed = []
@@ -221,13 +226,12 @@ class Pipeline:
             if result.info.received_at:
                 self._metric("observe", "medqc_stage_seconds", max(0.0, result.analysed_at - result.info.received_at),
                              stage="end_to_end")
-        state = self.tracker.get(result.info.series_instance_uid)
-        if state is None:
+        if self.tracker.get(result.info.series_instance_uid) is None:
             return
-        self._emit("on_slice", result, state)
-        self._findings(changed, state)
+        self._emit("on_slice", SliceEvent(result, hu))
+        self._findings(changed)
 
-    def _findings(self, changed, state) -> None:
+    def _findings(self, changed) -> None:
         """Every change of a finding goes to the sinks with its kind (records.KINDS; the event feeds drop
         "updated"); ``medqc_findings_total`` counts each finding once, when it is first reported."""
         from medqc.agent.series import first_report
@@ -235,14 +239,14 @@ class Pipeline:
         for f in changed:
             if first_report(f):
                 self._metric("inc", "medqc_findings_total", check=f.check, severity=f.severity)
-            self._emit("on_finding", f, state)
+            self._emit("on_finding", f)
 
     def _gauges(self) -> None:
         """Open series and the findings standing on them (not withdrawn), by severity."""
         from medqc.agent.records import SEVERITIES
 
         counts, series = dict.fromkeys(SEVERITIES, 0), 0
-        with self.tracker._lock:
+        with self.tracker.lock:
             for st in self.tracker.all():
                 if st.verdict is None:
                     series += 1
@@ -267,15 +271,15 @@ class Pipeline:
 
     def complete(self, uid: str, reason: str) -> None:
         try:
-            state, changed = self.tracker.complete(uid, reason)
+            series, changed = self.tracker.finish(uid, reason, self.cfg.privacy)  # frozen, under the tracker's lock
         except Exception:  # noqa: BLE001
             log.exception("completing series %s failed", uid)
             return
-        self._findings(changed, state)
-        self._metric("inc", "medqc_series_completed_total", verdict=state.verdict)
-        log.info("series %s: verdict %s (%s, %d slices, %d findings)", uid, state.verdict, reason,
-                 len(state.results), len(state.findings))
-        self._emit("on_series", state)
+        self._findings(changed)
+        self._metric("inc", "medqc_series_completed_total", verdict=series.verdict)
+        log.info("series %s: verdict %s (%s, %d slices, %d findings)", uid, series.verdict, reason,
+                 len(series.results), len(series.findings))
+        self._emit("on_series", series)
         release = []
         for path in self._files.pop(uid, ()):  # retention: after the series verdict
             if not any(path in s for s in self._files.values()):
@@ -287,7 +291,8 @@ class Pipeline:
         """Release a series' spool files once every sink has handled what was queued before (the verdict
         committed to the store, the report sent or its failure logged): until then the spool is the only
         durable copy of the series, and a kill finds the files at the next start, which analyses the series
-        again. A sink whose queue is full cannot take the marker: the files stay until the next start."""
+        again. A sink whose queue is full cannot take the marker: the files stay until the next start. Sinks
+        that record nothing (``Sink.spool_waits`` false: the console's thumbnails) are not waited for."""
         if not files:
             return
 
@@ -295,10 +300,11 @@ class Pipeline:
             for path, keep in files:
                 self._release(path, keep=keep)
 
-        if not self.sinks:
+        sinks = [s for s in self.sinks if getattr(s.sink, "spool_waits", True)]
+        if not sinks:
             release()
             return
-        left, lock = [len(self.sinks)], threading.Lock()
+        left, lock = [len(sinks)], threading.Lock()
 
         def one_done() -> None:
             with lock:
@@ -307,8 +313,8 @@ class Pipeline:
             if last:
                 release()
 
-        for s in self.sinks:
-            s.submit("_after", one_done)
+        for s in sinks:
+            s.submit(one_done)  # a marker: called once the sink handled everything queued before it
 
     def complete_all(self, reason: str = "end-of-input") -> None:
         for st in self.tracker.all():
@@ -330,8 +336,7 @@ class Pipeline:
                 self._metric("set", "medqc_queue_depth", self.q.qsize())
             try:
                 self.complete_due()
-                if self.metrics is not None:
-                    self._gauges()
+                self._gauges()
             except Exception:  # noqa: BLE001
                 log.exception("series completion failed")
 
@@ -388,16 +393,16 @@ def _opencv_single_threaded() -> None:
         pass
 
 
-def compose(cfg, bundle_dir: str | None = None, backend: str | None = None, metrics=None, sinks=None,
-            spool=None, inference: bool = True, baselines=None) -> Pipeline:
-    """Build the whole path from the config: bundle → runner → inferer → series tracker → sinks.
-    ``baselines``: the per-scanner baselines the checks judge against (``medqc.baselines.Baselines``)."""
+def build_analysis(cfg, bundle_dir: str | None = None, backend: str | None = None, inference: bool = True,
+                   metrics=NULL, baselines=None, streaming: bool = True):
+    """The analysis the composition root (``medqc.agent.compose``) puts in the pipeline: bundle → runner →
+    inferer, and the series tracker with the bundle's per-class thresholds. ``baselines``: the per-scanner
+    baselines the checks judge against (``medqc.baselines.Baselines``); ``streaming=False``: offline, every
+    series judged once, complete."""
     _opencv_single_threaded()
     from medqc.agent.infer import Inferer
     from medqc.agent.series import SeriesTracker
-    from medqc.bundle import load_bundle
-
-    from medqc.bundle import BundleError
+    from medqc.bundle import BundleError, load_bundle
 
     backend = (backend or cfg.inference.backend) if inference else "none"
     try:
@@ -411,7 +416,7 @@ def compose(cfg, bundle_dir: str | None = None, backend: str | None = None, metr
             backend = "none"
         bundle = None  # classical detectors only: no model needed
     inferer = Inferer(bundle, backend, cfg.inference.threads, rebuild_engine=cfg.inference.rebuild_engine)
-    if metrics is not None:
-        metrics.set("medqc_backend_info", 1.0, backend=inferer.backend)
-    tracker = SeriesTracker(cfg, bundle.check_thresholds if bundle is not None else {}, baselines=baselines)
-    return Pipeline(cfg, inferer, tracker, spool=spool, sinks=list(sinks or ()), metrics=metrics)
+    metrics.set("medqc_backend_info", 1.0, backend=inferer.backend)
+    tracker = SeriesTracker(cfg, bundle.check_thresholds if bundle is not None else {}, baselines=baselines,
+                            streaming=streaming)
+    return inferer, tracker

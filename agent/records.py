@@ -129,3 +129,69 @@ class Finding:
         if d["z_range_mm"] is not None:
             d["z_range_mm"] = list(d["z_range_mm"])
         return d
+
+
+# ------------------------------------------------------------------------------------------- events
+# What the sinks receive (each on its own thread): frozen snapshots made under the series tracker's lock, so
+# a sink never reads the live series state that the pipeline thread goes on changing (a late slice re-opens
+# a series). Slice results are not changed once the analysis made them; the events share them.
+
+
+@dataclass(frozen=True)
+class SliceEvent:
+    """One analysed slice. ``hu``: its pixels, only for a sink that asked for them (the console's thumbnails)."""
+
+    result: SliceResult
+    hu: object = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class FindingEvent:
+    """One change of a finding (``kind``, KINDS), as it stood when it changed: ``Finding``'s fields, the
+    details deep-copied."""
+
+    check: str
+    severity: str
+    message: str
+    series_instance_uid: str = ""
+    study_instance_uid: str = ""
+    first_instance: int | None = None
+    last_instance: int | None = None
+    z_range_mm: tuple[float, float] | None = None
+    score: float | None = None
+    details: dict = field(default_factory=dict)
+    raised_at: float = 0.0
+    finding_id: str = ""
+    kind: str = "raised"
+
+    @classmethod
+    def of(cls, f: Finding) -> "FindingEvent":
+        import copy
+
+        return cls(f.check, f.severity, f.message, f.series_instance_uid, f.study_instance_uid, f.first_instance,
+                   f.last_instance, tuple(f.z_range_mm) if f.z_range_mm is not None else None, f.score,
+                   copy.deepcopy(f.details), f.raised_at, f.finding_id, f.kind)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["z_range_mm"] is not None:
+            d["z_range_mm"] = list(d["z_range_mm"])
+        return d
+
+
+@dataclass(frozen=True)
+class SeriesEvent:
+    """A series at its verdict: what the sinks read of it (the names ``SeriesState`` gives them) and its
+    ``medqc.report/1`` document (``report``), built when the verdict was reached."""
+
+    uid: str
+    study_uid: str
+    verdict: str | None
+    completed_reason: str | None
+    completed_at: float | None
+    protocol_rule: str | None
+    dynamic: bool
+    findings: dict  # finding id → FindingEvent
+    results: tuple  # the slices' SliceResult, in arrival order
+    scanner: dict  # its baseline key and figures (medqc.baselines), for learning
+    report: dict = field(repr=False, default_factory=dict)

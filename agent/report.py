@@ -123,3 +123,15 @@ def series_summary(rep: dict, updated_at: float | None) -> dict:
     out["updated_at"] = updated_at
     out["url"] = f"/api/series/{rep['series_instance_uid']}"
     return out
+
+
+def series_event(state, privacy):
+    """The frozen ``SeriesEvent`` of a series at its verdict; the caller holds the series tracker's lock."""
+    from medqc.agent.records import FindingEvent, SeriesEvent
+
+    return SeriesEvent(uid=state.uid, study_uid=state.study_uid, verdict=state.verdict,
+                       completed_reason=state.completed_reason, completed_at=state.completed_at,
+                       protocol_rule=state.protocol_rule, dynamic=bool(state.dynamic),
+                       findings={k: FindingEvent.of(f) for k, f in state.findings.items()},
+                       results=tuple(state.results), scanner=dict(state.scanner or {}),
+                       report=series_report(state, privacy))

@@ -1,19 +1,16 @@
-"""Series state: per SeriesInstanceUID, the slices seen so far, streaming checks, completion and verdict.
+"""Series state: per SeriesInstanceUID, the slices seen so far, completion and verdict.
 
 ``SeriesTracker.add`` is called once per analysed slice (in arrival order) and returns the findings that
-are new or changed, so sinks can show them while the patient is still on the table (offline, with
-``streaming=False``, it only collects the slices):
-
-* artifact.<class> as soon as a run of ``checks.artifact.min_run`` neighbouring slices (by z) is over the
-  class threshold (or one slice scores very high);
-* geometry.tilt / geometry.orientation from the first slice's header;
-* coverage.top / coverage.bottom for the end of the range that was scanned first, once ≥ 8 slices show it;
-* input.undecodable for slices that could not be analysed.
+are new or changed (frozen ``FindingEvent``s), so sinks can show them while the patient is still on the
+table. The judging is the registered checks' (``agent/checks/registry.py``): while slices arrive their
+``stream`` (artifact runs, the first slice's tilt and orientation, early coverage, undecodable inputs);
+offline, with ``streaming=False``, it only collects the slices.
 
 A series completes when the expected count is reached (ImagesInAcquisition), when MPPS says so, or after
-``series.idle_timeout_s`` without a new slice (``due``). ``complete`` re-runs every check from scratch on
-the whole stack (geometry, coverage incl. overscan, dose, centering, noise index, artifacts) and sets the
-verdict: fail if any critical finding, warn if any warning, else pass.
+``series.idle_timeout_s`` without a new slice (``due``). ``complete`` runs every registered check's
+``judge`` from scratch on the whole stack, withdraws the streaming findings of withdrawable checks that the
+whole stack no longer supports, and sets the verdict: fail if any critical finding, warn if any warning,
+else pass. ``finish`` does that and makes the series' frozen ``SeriesEvent`` under the same lock.
 """
 
 from __future__ import annotations
@@ -26,19 +23,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from medqc import ARTIFACTS
-from medqc.agent.checks import artifact as artifact_checks
-from medqc.agent.checks import baseline as baseline_checks
-from medqc.agent.checks import coverage as coverage_checks
-from medqc.agent.checks import dose as dose_checks
-from medqc.agent.checks import geometry as geometry_checks
 from medqc.agent.checks import judged as judged_checks
-from medqc.agent.checks.common import finding, slice_z
+from medqc.agent.checks import registry
+from medqc.agent.checks.common import slice_z
+from medqc.agent.checks.geometry import is_localizer
 from medqc.agent.checks.protocols import load_rules, match_rule, part_of_split_range
-from medqc.agent.records import Finding, SliceInfo, SliceResult
+from medqc.agent.records import Finding, FindingEvent, SeriesEvent, SliceInfo, SliceResult
 
 DEFAULT_THRESHOLD = 0.5
-EARLY_COVERAGE_MIN = 8
-EARLY_COVERAGE_MAX = 160
 
 
 # ScanOptions of step-and-shoot acquisitions (GE "AXIAL MODE" / "CINE MODE", "SEQUENCE(D)", "STATIONARY"): one
@@ -136,8 +128,18 @@ class SeriesTracker:
         self._series: OrderedDict[str, SeriesState] = OrderedDict()
         self._lock = threading.RLock()
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while a series changes; whoever reads a live ``SeriesState`` from another thread holds it."""
+        return self._lock
+
     # ------------------------------------------------------------------------------------------ intake
-    def add(self, result: SliceResult) -> list[Finding]:
+    def add(self, result: SliceResult) -> list[FindingEvent]:
+        """Take one analysed slice; the findings it changed, as frozen events."""
+        with self._lock:
+            return [FindingEvent.of(f) for f in self._add(result)]
+
+    def _add(self, result: SliceResult) -> list[Finding]:
         info = result.info
         with self._lock:
             st = self._series.get(info.series_instance_uid)
@@ -159,57 +161,34 @@ class SeriesTracker:
             seq = len(st.results)
             st.results.append(result)
             st.last_seen = now
-            changed: list[Finding] = []
+            arrival = registry.Arrival(self, st, result, seq)
             if result.error:
                 st._errors.append(result)
                 if self.streaming:
-                    self._put(st, self._undecodable(st), changed)
-                return changed
-            if geometry_checks.is_localizer(info):  # a scout stored into the axial series: kept, not analysed
-                return changed
-            if geometry_checks.is_localizer(st.first):  # the header facts come from the first axial slice
+                    for c in self._streams(errors=True):
+                        c.stream(arrival)
+                return arrival.changed
+            if is_localizer(info):  # a scout stored into the axial series: kept, not analysed
+                return arrival.changed
+            if is_localizer(st.first):  # the header facts come from the first axial slice
                 st.first = info
             z = slice_z(result, seq)
             bisect.insort(st._order, (z, seq))
             # a position repeats when both its place along the slice normal and its table position do
             zk = (round(z, 1), round(info.position[2], 1) if info.position else None)
             st._zcount[zk] = st._zcount.get(zk, 0) + 1
-            for cls in artifact_checks.RELATIVE:
-                bisect.insort(st._rel.setdefault(cls, []), result.scores.get(cls, 0.0))
             if not self.streaming:
-                return changed
-            if len(st._order) == 1:
-                cfg = self.cfg.checks.geometry
-                for f in (geometry_checks.tilt_from_header(st, cfg.tilt_tolerance_deg), geometry_checks.orientation_first(st)):
-                    if f is not None:
-                        self._put(st, f, changed)
-            if st.dynamic or len(st._zcount) == 1:
-                # not a stack along the patient (yet): the table has not moved, as in bolus-tracking and
-                # perfusion series, where coverage, geometry and artifact runs do not apply; wait
-                return changed
-            if len(st._zcount) == 2 and st._zcount[zk] == 1:  # the table just moved: judge the slices held back
-                for zz, sq in list(st._order):
-                    if sq != seq and not st.results[sq].error:
-                        self._stream_artifacts(st, zz, sq, st.results[sq], changed)
-            self._stream_artifacts(st, z, seq, result, changed)
-            n = len(st._order)
-            # early coverage only on a clean stack: a position seen twice may be the start of a dynamic series
-            # (perfusion repeats its few positions), which is not a range along the patient at all
-            if (st.rule is not None and not st.split_range and EARLY_COVERAGE_MIN <= n <= EARLY_COVERAGE_MAX and n % 4 == 0
-                    and len(st._zcount) == n):
-                self._early_coverage(st, changed)
-            return changed
+                return arrival.changed
+            # a stack along the patient once the table has moved; not yet (or never: bolus tracking, perfusion)
+            # while it has not, where coverage, geometry and artifact runs do not apply
+            arrival.z, arrival.zk, arrival.stack = z, zk, not (st.dynamic or len(st._zcount) == 1)
+            for c in self._streams(errors=False):
+                c.stream(arrival)
+            return arrival.changed
 
-    def _undecodable(self, st: SeriesState) -> Finding:
-        errs = st._errors
-        insts = [r.info.instance_number for r in errs if r.info.instance_number is not None]
-        reasons = sorted({r.error.split(":")[0][:80] for r in errs})
-        return finding(st, "input.undecodable", "warning",
-                       f"{len(errs)} image(s) could not be analysed ({'; '.join(reasons[:3])}) — they are kept; "
-                       f"check the transfer syntax or resend",
-                       first_instance=min(insts) if insts else None, last_instance=max(insts) if insts else None,
-                       details={"count": len(errs), "sop_instance_uids": [r.info.sop_instance_uid for r in errs][:50],
-                                "reasons": reasons})
+    @staticmethod
+    def _streams(errors: bool) -> list:
+        return [c for c in registry.checks() if c.stream is not None and c.stream_errors == errors]
 
     def _put(self, st: SeriesState, f: Finding, changed: list) -> None:
         """Record a finding judged while slices arrive, with the kind of change it is (records.KINDS)."""
@@ -228,106 +207,6 @@ class SeriesTracker:
             st._reported[f.finding_id] = f.severity
         st.findings[f.finding_id] = f
         changed.append(f)
-
-    def _stream_artifacts(self, st: SeriesState, z: float, seq: int, result: SliceResult, changed: list) -> None:
-        min_run = self.cfg.checks.artifact.min_run
-        order = st._order
-        pos = bisect.bisect_left(order, (z, seq))
-        if len(order) % artifact_checks.RELATIVE_MIN_SLICES == 0:
-            # every RELATIVE_MIN_SLICES slices (the first time: the series median becomes trusted), runs of the
-            # relative classes are judged again against the median of the series so far: a run that did not
-            # stand out from the first slices may stand out once more of the series is in
-            ordered = [(zz, st.results[sq]) for zz, sq in order]
-            for cls in artifact_checks.RELATIVE:
-                thr = self.thresholds[cls]
-                med = artifact_checks.sorted_median(st._rel.get(cls, []))
-                i = 0
-                for run in artifact_checks.runs(ordered, cls, thr):
-                    while ordered[i][1] is not run[0][1]:
-                        i += 1
-                    if artifact_checks.qualifying(run, cls, thr, min_run, med):
-                        self._qualify(st, cls, thr, i, i + len(run) - 1, changed)
-            # a patient who moved all through the series: the air's streaks, not a run that stands out
-            pos_of = {id(r): k for k, (_, r) in enumerate(ordered)}
-            for run in artifact_checks.streaked_series(ordered, st._air):
-                self._qualify(st, "motion", self.thresholds["motion"], pos_of[id(run[0][1])], pos_of[id(run[-1][1])], changed)
-        for cls in ARTIFACTS:
-            thr = self.thresholds[cls]
-            if result.scores.get(cls, 0.0) < thr:
-                continue
-
-            def flagged(i):
-                r = st.results[order[i][1]]
-                return not r.error and r.scores.get(cls, 0.0) >= thr
-
-            lo = hi = pos
-            while lo > 0 and flagged(lo - 1):
-                lo -= 1
-            while hi + 1 < len(order) and flagged(hi + 1):
-                hi += 1
-            run = [(order[i][0], st.results[order[i][1]]) for i in range(lo, hi + 1)]
-            med = artifact_checks.sorted_median(st._rel.get(cls, [])) if cls in artifact_checks.RELATIVE else None
-            if (artifact_checks.qualifying(run, cls, thr, min_run, med)
-                    and not baseline_checks.run_normal(st, cls, run, self.baselines)):  # within its scanner's normal
-                self._qualify(st, cls, thr, lo, hi, changed)
-
-    def _qualify(self, st: SeriesState, cls: str, thr: float, lo: int, hi: int, changed: list) -> None:
-        """Slices ``lo..hi`` (positions in z order) form a qualifying run of ``cls``: (re)summarise."""
-        order = st._order
-        q = st._qual.setdefault(cls, {})
-        before = len(q)
-        for i in range(lo, hi + 1):
-            q[order[i][1]] = (order[i][0], st.results[order[i][1]])
-        if len(q) == before:
-            return
-        f = artifact_checks.summarise(st, cls, thr, self._group(st, q), st._air)
-        if f is not None:
-            self._put(st, f, changed)
-
-    @staticmethod
-    def _group(st: SeriesState, q: dict) -> list:
-        idx = sorted(bisect.bisect_left(st._order, (z, seq)) for seq, (z, _) in q.items())
-        runs, cur, prev = [], [], None
-        for i in idx:
-            if prev is not None and i != prev + 1:
-                runs.append(cur)
-                cur = []
-            z, seq = st._order[i]
-            cur.append((z, st.results[seq]))
-            prev = i
-        if cur:
-            runs.append(cur)
-        return runs
-
-    def _early_coverage(self, st: SeriesState, changed: list) -> None:
-        """Judge the end of the range that was scanned first, once the table has moved away from it."""
-        ordered = st.ordered()
-        first_z = slice_z(st.results[0], 0) if not st.results[0].error else None
-        if first_z is None:
-            return
-        if first_z >= ordered[-1][0] and ordered[0][0] < first_z:
-            ends = ("top",)
-        elif first_z <= ordered[0][0] and ordered[-1][0] > first_z:
-            ends = ("bottom",)
-        else:
-            return
-        cov = self.cfg.checks.coverage
-        rule = st.rule
-        landmark = rule.start if ends == ("top",) else rule.end
-        if landmark in ("lung_apex", "lung_base"):
-            lungs = coverage_checks.lung_extent(ordered)
-            if lungs and not lungs.get("lungs_seen"):
-                return  # lung-free slices at this end: the lungs are still ahead, wait for them
-        if landmark == "vertex" and not coverage_checks.head_top(ordered):
-            return  # no skull in the slices yet (air and the head holder above the head): wait for it
-        tol = rule.tolerance_mm if rule.tolerance_mm is not None else cov.tolerance_mm
-        fs, summary = coverage_checks.coverage_findings(st, ordered, rule, tol, cov.overscan_margin_mm, None, ends=ends, overscan=False,
-                                                        estimate_margin=cov.estimate_margin_mm)
-        for f in fs:
-            if f.check == f"coverage.{ends[0]}":
-                f.details["early"] = True
-                self._put(st, f, changed)
-                st.coverage = summary  # what the early finding rests on (the console draws it); replaced at the verdict
 
     # ------------------------------------------------------------------------------------- completion
     def due(self, now: float) -> list[tuple[str, str]]:
@@ -352,7 +231,21 @@ class SeriesTracker:
                 if st is not None:
                     st.mpps_done = True
 
-    def complete(self, series_uid: str, reason: str) -> tuple[SeriesState, list[Finding]]:
+    def finish(self, series_uid: str, reason: str, privacy) -> tuple[SeriesEvent, list[FindingEvent]]:
+        """``complete``, and the series as a frozen event (its report built with ``privacy``) under the lock."""
+        from medqc.agent.report import series_event
+
+        with self._lock:
+            st, changed = self.complete(series_uid, reason)
+            return series_event(st, privacy), changed
+
+    def complete(self, series_uid: str, reason: str) -> tuple[SeriesState, list[FindingEvent]]:
+        """Judge the whole series and set its verdict: (its state, the findings changed, as frozen events)."""
+        with self._lock:
+            st, changed = self._complete(series_uid, reason)
+            return st, [FindingEvent.of(f) for f in changed]
+
+    def _complete(self, series_uid: str, reason: str) -> tuple[SeriesState, list[Finding]]:
         with self._lock:
             st = self._series.get(series_uid)
             if st is None:
@@ -371,9 +264,9 @@ class SeriesTracker:
                 changed.append(f)
             # streaming findings the whole stack no longer supports are withdrawn, not silently dropped
             for fid, old in list(st.findings.items()):
-                if fid in final_ids or old.check == "input.undecodable" or old.details.get("resolved"):
+                if fid in final_ids or old.details.get("resolved"):
                     continue
-                if old.check.startswith(("coverage.", "artifact.", "geometry.")):
+                if registry.withdrawable(old.check):
                     res = Finding(**{**old.__dict__, "severity": "info", "kind": "withdrawn",
                                      "message": f"Withdrawn: the complete series does not show it (raised while slices "
                                                 f"arrived: {old.message})",
@@ -392,59 +285,21 @@ class SeriesTracker:
             return st, changed
 
     def _final_findings(self, st: SeriesState) -> list[Finding]:
-        cfg = self.cfg.checks
+        """Every registered check on the complete series, in order (a dynamic series: those that apply to it)."""
         ordered = st.ordered()
-        valid = [r for r in st.results if not r.error]
-        out: list[Finding] = []
-        if st.dynamic:
-            # repeated positions over time: only the dose figure means the same as for a stack (monitoring
-            # scans are low-dose and noisy on purpose; their z range covers nothing)
-            st.coverage = {}
-            st.size = None  # repeated positions: no section of the patient to size the dose by
-            out += dose_checks.dose_findings(st, valid, st.rule)
-            if st._errors:
-                out.append(self._undecodable(st))
-            return out
-        out += geometry_checks.geometry_findings(st, st.results, cfg.geometry.spacing_tolerance, cfg.geometry.tilt_tolerance_deg)
-        out += artifact_checks.artifact_findings(st, ordered, self.thresholds, cfg.artifact.min_run)
-        rule = st.rule
-        ctdi = [r.info.ctdivol for r in valid if r.info.ctdivol]
-        mean_ctdi = sum(ctdi) / len(ctdi) if ctdi else None
-        axial = not any(f.check == "geometry.orientation" and f.details.get("reason") in ("non-axial", "mixed") for f in out)
-        st.coverage = {}
-        if rule is not None and axial and len(ordered) >= 1 and not st.split_range:
-            tol = rule.tolerance_mm if rule.tolerance_mm is not None else cfg.coverage.tolerance_mm
-            margin = rule.overscan_margin_mm if rule.overscan_margin_mm is not None else cfg.coverage.overscan_margin_mm
-            cov, summary = coverage_checks.coverage_findings(st, ordered, rule, tol, margin, mean_ctdi,
-                                                             estimate_margin=cfg.coverage.estimate_margin_mm)
-            out += cov
-            st.coverage = summary
-            fit = summary.get("fit")
-            if (fit and not fit["slope_sign_ok"] and fit["fitted_slope"] and fit["n"] >= 10
-                    and fit["residual_mm"] <= coverage_checks.DIRECTION_MAX_RESIDUAL_MM):
-                out.append(finding(st, "geometry.orientation", "warning",
-                                   "Anatomy runs opposite to the slice positions (head and feet swapped?): check "
-                                   "the patient position (head first / feet first) entered at the scanner",
-                                   key="direction", details={"reason": "anatomy-direction", "fit": fit}))
-        st.size = dose_checks.size_specific(st, valid, rule)
-        out += dose_checks.dose_findings(st, valid, rule, st.size)
-        out += dose_checks.centering_findings(st, valid, cfg.centering_tolerance_mm)
-        out += dose_checks.noise_findings(st, valid, rule, self._explained_noise(ordered, out))
-        out = baseline_checks.judge_series(st, ordered, out, self.baselines, self._explained_noise)  # per-scanner baselines
-        st.not_judged = judged_checks.not_judged(st, ordered, rule, st.coverage)
-        if not axial:
-            st.not_judged["coverage"] = "the slices are not axial"
-        if st._errors:
-            out.append(self._undecodable(st))
-        return out
-
-    @staticmethod
-    def _explained_noise(ordered, findings) -> frozenset:
-        """ids of the results inside the z runs of a metal, motion or ring finding: σ there is the artifact's."""
-        spans = [(min(z0, z1), max(z0, z1)) for f in findings
-                 if f.check in ("artifact.metal", "artifact.motion", "artifact.ring") and not f.details.get("resolved")
-                 for z0, z1, _ in f.details.get("runs", [])]
-        return frozenset(id(r) for z, r in ordered if any(lo - 0.01 <= z <= hi + 0.01 for lo, hi in spans))
+        j = registry.Judgement(st, ordered, [r for r in st.results if not r.error], self.cfg.checks, self.thresholds,
+                               self.baselines)
+        st.coverage, st.size = {}, None  # set again by the checks that work them out
+        for c in registry.checks():
+            if c.judge is None or (st.dynamic and not c.dynamic):
+                continue
+            found = c.judge(j)
+            j.found = list(found) if c.revises else j.found + list(found)
+        if not st.dynamic:
+            st.not_judged = judged_checks.not_judged(st, ordered, st.rule, st.coverage)
+            if not j.axial:
+                st.not_judged["coverage"] = "the slices are not axial"
+        return j.found
 
     def _prune(self) -> None:
         keep = self.cfg.series.keep_recent

@@ -163,13 +163,13 @@ def run_pipeline(paths: list[Path], cfg, bundle: str | None, backend: str, progr
 
 def operating_point(cfg, bundle: str | None) -> tuple[dict[str, float], dict]:
     """The per-class thresholds the series checks apply (the tracker ``compose`` builds), and the bundle."""
-    from medqc.agent.pipeline import compose
+    from medqc.agent.compose import compose
 
-    pipe = compose(cfg, bundle, "none", inference=False)
+    agent = compose(cfg, bundle=bundle, backend="none", inference=False, offline=True)
     try:
-        thr = {k: float(v) for k, v in pipe.tracker.thresholds.items()}
+        thr = {k: float(v) for k, v in agent.tracker.thresholds.items()}
     finally:
-        pipe.inferer.close()
+        agent.pipeline.stop(0.0)
     info = {}
     try:
         from medqc.bundle import load_bundle

@@ -59,11 +59,11 @@ def main() -> int:
     if not Path(spy).exists():
         print("py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
-    from medqc.bench import Agent, _storescu, _is_dicom
+    from medqc.bench import AgentProcess, _storescu, _is_dicom
 
     files = sorted(p for p in Path(args.study).rglob("*") if p.is_file() and _is_dicom(p))
     work = Path(tempfile.mkdtemp(prefix="medqc-profile-"))
-    agent = Agent(work, args.bundle, inference=not args.no_inference)
+    agent = AgentProcess(work, args.bundle, inference=not args.no_inference)
     why = agent.start()
     if why:
         print(why, file=sys.stderr)

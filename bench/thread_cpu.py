@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/thread_cpu.py STUDY_DIR [--no-inference] [--bundle DIR]
 
-Runs the agent in this process (``medqc.agent.daemon.Agent``, default configuration on free loopback ports,
+Runs the agent in this process (``medqc.agent.compose.compose``, default configuration on free loopback ports,
 the receiver as a thread so that its CPU is counted too, state in a temporary folder), samples ``/proc/self/task/*/stat`` every 0.1 s (so threads that end, like
 pynetdicom's per-association ones, are counted) and prints CPU ms per slice for each thread name. Threads
 that are not Python threads (ONNX Runtime and OpenCV workers) are summed as ``native``. Unlike py-spy
@@ -42,7 +42,7 @@ def main() -> int:
     ap.add_argument("--bundle")
     ap.add_argument("--no-inference", action="store_true")
     args = ap.parse_args()
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose
     from medqc.bench import _is_dicom, _series_uid, _storescu
     from medqc.config import load_config
 
@@ -51,7 +51,7 @@ def main() -> int:
     # the receiver as a thread of this process (dicom.receiver_process = false), so that its CPU is counted
     cfg = load_config(None, {"dicom.port": 0, "http.bind": "127.0.0.1:0", "sinks.stdout.enabled": False,
                              "dicom.receiver_process": False})
-    agent = Agent(cfg, Path(tempfile.mkdtemp(prefix="medqc-thread-cpu-")), args.bundle, inference=not args.no_inference)
+    agent = compose(cfg, Path(tempfile.mkdtemp(prefix="medqc-thread-cpu-")), args.bundle, inference=not args.no_inference)
     agent.start()
     start, last = _cpu_by_thread(), {}
     done = threading.Event()

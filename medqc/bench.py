@@ -334,7 +334,7 @@ def bench_storescp(files: list[Path], work: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- (b, c) agent
-class Agent:
+class AgentProcess:
     """``medqc agent`` as a subprocess on loopback ports, configured by a TOML file."""
 
     def __init__(self, work: Path, bundle: str | None, inference: bool, threads: int = 0, fsync: bool | None = None):
@@ -453,7 +453,7 @@ def _series_uid(files: list[Path]) -> str:
 def bench_agent_receive(files: list[Path], work: Path, bundle: str | None) -> dict:
     if not _tool("storescu"):
         return _skip("DCMTK storescu not installed")
-    agent = Agent(work / "agent-receive", bundle, inference=False)
+    agent = AgentProcess(work / "agent-receive", bundle, inference=False)
     why = agent.start()
     if why:
         return _skip(why)
@@ -483,7 +483,7 @@ def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str
         return _skip("DCMTK storescu not installed")
     if fsync is not None and not _config_has("spool.fsync"):
         return _skip("this agent has no spool.fsync setting")
-    agent = Agent(work / ("agent-full" if fsync is None else f"agent-full-fsync-{fsync}"), bundle, inference=True, fsync=fsync)
+    agent = AgentProcess(work / ("agent-full" if fsync is None else f"agent-full-fsync-{fsync}"), bundle, inference=True, fsync=fsync)
     why = agent.start()
     if why:
         return _skip(why)
@@ -516,7 +516,7 @@ def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str
         agent.stop()
 
 
-def _latency_at_rate(files: list[Path], agent: Agent, rate: float, wait_s: float = 60.0) -> dict:
+def _latency_at_rate(files: list[Path], agent: AgentProcess, rate: float, wait_s: float = 60.0) -> dict:
     from medqc.replay import percentiles, replay
 
     if not files:

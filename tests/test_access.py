@@ -35,13 +35,13 @@ def _storescu(study, port, aet, *extra):
 
 
 def _agent(tiny_bundle, tmp_path, **over):
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose
     from medqc.config import load_config
 
     o = {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.enabled": False, "sinks.stdout.enabled": False}
     o.update(over)
     cfg = load_config(None, o)
-    return cfg, Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime", inference=False).start()
+    return cfg, compose(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime", inference=False).start()
 
 
 def _wait(cond, timeout: float = 5.0) -> None:
@@ -51,7 +51,7 @@ def _wait(cond, timeout: float = 5.0) -> None:
 
 
 def test_policy_decisions():
-    from medqc.agent.access import AccessError, AccessPolicy
+    from medqc.agent.ingest.access import AccessError, AccessPolicy
 
     p = AccessPolicy(["CT1", "CT2"], ["10.1.2.0/24", "127.0.0.1", "::1"])
     assert p.check("CT1", "10.1.2.77") == (True, "")
@@ -66,7 +66,7 @@ def test_policy_decisions():
 def test_allowlist_with_storescu(tiny_bundle, tmp_path, study, caplog):
     cfg, a = _agent(tiny_bundle, tmp_path, **{"dicom.allowed_calling_aets": ["CT_OK"]})
     try:
-        with caplog.at_level(logging.WARNING, logger="medqc.agent.access"):
+        with caplog.at_level(logging.WARNING, logger="medqc.agent.ingest.access"):
             ok = _storescu(study, cfg.dicom.port, "CT_OK")
             assert ok.returncode == 0, ok.stderr
             bad = _storescu(study, cfg.dicom.port, "ROGUE")
@@ -133,7 +133,7 @@ def test_tls_with_storescu(tiny_bundle, tmp_path, study, pki):
 
 
 def test_tls_bad_files_are_a_usage_error(tmp_path):
-    from medqc.agent.access import AccessError, from_config
+    from medqc.agent.ingest.access import AccessError, from_config
     from medqc.config import load_config
 
     cfg = load_config(None, {"dicom.tls": {"enabled": True, "cert": str(tmp_path / "no.pem"), "key": str(tmp_path / "no.key")}})
@@ -151,7 +151,7 @@ def test_max_associations_rejection_is_logged_and_counted(tiny_bundle, tmp_path,
     held = ae.associate("127.0.0.1", cfg.dicom.port, ae_title="MEDQC")
     try:
         assert held.is_established
-        with caplog.at_level(logging.WARNING, logger="medqc.agent.access"):
+        with caplog.at_level(logging.WARNING, logger="medqc.agent.ingest.access"):
             r = _storescu(study, cfg.dicom.port, "CT_BUSY")
         assert r.returncode != 0
         # the receiver process reports the count over its pipe: it lands a moment after storescu returns

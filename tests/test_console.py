@@ -34,7 +34,7 @@ LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", 
 def test_thumbnail_is_a_windowed_png():
     import cv2
 
-    from medqc.agent.console import thumbnail_png
+    from medqc.agent.web.console import thumbnail_png
     from medqc.agent.records import SliceInfo
 
     hu = np.full((512, 512), -1000.0, np.float32)
@@ -58,21 +58,15 @@ def study(tmp_path_factory):
 
 @pytest.fixture
 def agent(tiny_bundle, tmp_path):
-    from medqc.agent.console import serve
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose
     from medqc.config import load_config
 
     cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
                              "inference.backend": "onnxruntime", "series.idle_timeout_s": 2.0, "sinks.stdout.enabled": False})
-    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
-    # the agent's own HTTP server mounts the console; without the HTTP API module it serves the console alone
-    own = a.http is None
-    server = serve(cfg, a, bind=f"127.0.0.1:{free_port()}") if own else a.http
+    a = compose(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
     try:
-        yield cfg, a, server
+        yield cfg, a, a.http  # the agent's one HTTP server mounts the console
     finally:
-        if own:
-            server.close()
         a.stop(5.0)
 
 
@@ -212,13 +206,13 @@ def test_strip_in_table_order_for_a_series_sent_out_of_order(tmp_path):
     storescu = dcmtk("storescu")
     if not storescu:
         missing_peer("storescu (dcmtk) is not installed (.ci/run installs it)")
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose
     from medqc.config import load_config
 
     # the bundled model: the network's position estimates are there (and wrong by millimetres to centimetres)
     cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
                              "series.idle_timeout_s": 2.0, "sinks.stdout.enabled": False})
-    a = Agent(cfg, tmp_path / "state", None, "onnxruntime").start()
+    a = compose(cfg, tmp_path / "state", None, "onnxruntime").start()
     server = a.http
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
@@ -248,16 +242,14 @@ def test_strip_in_table_order_for_a_series_sent_out_of_order(tmp_path):
 
 def test_console_privacy_opt_in_and_token(tiny_bundle, tmp_path, study):
     """Patient name only when the site opts in; with http.token the API needs the bearer (or ?token=)."""
-    from medqc.agent.console import serve
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose
     from medqc.config import load_config
 
     cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
                              "series.idle_timeout_s": 1.0, "sinks.stdout.enabled": False,
                              "privacy.show_patient_identifiers": True, "http.token": "s3cret"})
-    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
-    own = a.http is None
-    server = serve(cfg, a, bind=f"127.0.0.1:{free_port()}") if own else a.http
+    a = compose(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    server = a.http
     try:
         base = f"http://127.0.0.1:{server.port}"
         assert urllib.request.urlopen(base + "/", timeout=5).status == 200  # the page itself is public
@@ -279,22 +271,21 @@ def test_console_privacy_opt_in_and_token(tiny_bundle, tmp_path, study):
         snap2 = json.load(urllib.request.urlopen(base + "/api/console/state?token=s3cret", timeout=5))
         assert snap2["series"][0]["uid"] == snap["series"][0]["uid"]
     finally:
-        if own:
-            server.close()
         a.stop(5.0)
 
 
-def test_standalone_console_server_static_and_errors(tiny_bundle, tmp_path):
-    """The console's own server (used when the HTTP API module is absent): page, assets, /healthz, and no
-    way out of agent/static."""
-    from medqc.agent.console import STATIC, serve
-    from medqc.agent.daemon import Agent
+def test_console_on_the_one_server_static_errors_and_body_cap(tiny_bundle, tmp_path):
+    """The agent's one HTTP server serves the console: page, assets, /healthz, no way out of the static
+    folder, and a request body over the cap is refused (413), not read."""
+    from medqc.agent.compose import compose
+    from medqc.agent.web.console import STATIC
+    from medqc.agent.web.http import MAX_BODY
     from medqc.config import load_config
 
-    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.enabled": False,
+    cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
                              "sinks.stdout.enabled": False})
-    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
-    server = serve(cfg, a, bind=f"127.0.0.1:{free_port()}")
+    a = compose(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    server = a.http
     try:
         base = f"http://127.0.0.1:{server.port}"
         assert json.load(urllib.request.urlopen(base + "/healthz", timeout=5))["status"] == "ok"
@@ -310,6 +301,15 @@ def test_standalone_console_server_static_and_errors(tiny_bundle, tmp_path):
                 urllib.request.urlopen(base + bad, timeout=5)
             assert e.value.code == 404, bad
         assert json.load(urllib.request.urlopen(base + "/api/console/state", timeout=5))["series"] == []
+        big = urllib.request.Request(base + "/api/findings/x/ack", data=b"{" + b" " * MAX_BODY + b"}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(big, timeout=10)
+        assert e.value.code == 413
+        small = urllib.request.Request(base + "/api/findings/x/ack", data=b'{"who": "AB"}', method="POST",
+                                       headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(small, timeout=5)
+        assert e.value.code == 404  # read and answered: no such finding
     finally:
-        server.close()
         a.stop(5.0)

@@ -307,8 +307,8 @@ def test_wheel_from_copied_sources_installs_clean_and_analyzes(tiny_bundle, tmp_
     import zipfile
 
     names = set(zipfile.ZipFile(wheel).namelist())
-    for need in ("medqc/agent/static/index.html", "medqc/agent/static/console.js", "medqc/agent/static/console.css",
-                 "medqc/agent/protocols.toml", "medqc/agent/console.py"):
+    for need in ("medqc/agent/web/static/index.html", "medqc/agent/web/static/console.js", "medqc/agent/web/static/console.css",
+                 "medqc/agent/protocols.toml", "medqc/agent/web/console.py"):
         assert need in names, f"{need} missing from the wheel"
 
     vdir = tmp_path / "venv"

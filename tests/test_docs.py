@@ -117,3 +117,28 @@ def test_path_check_sees_a_missing_file(tmp_path):
                    "medqc/nothing_here.py.\n")
     bad = missing_paths(doc)
     assert [b.split(": ", 1)[1] for b in bad] == ["bench/no_such_script.py", "medqc/nothing_here.py"], bad
+
+
+def _documented(name: str, doc: str) -> bool:
+    family, _, leaf = name.partition(".")
+    # literally, or in a family list such as `geometry.gap|duplicate|spacing` or `artifact.metal`, `.motion`
+    return name in doc or re.search(rf"{family}\.[a-z|]*\b{leaf}\b", doc) is not None
+
+
+def test_every_registered_check_is_documented():
+    """Every check name the registry declares is in docs/checks.md and in the README's findings table; every
+    key a check adds to [checks] is in examples/medqc.toml."""
+    from medqc.agent.checks.registry import checks, names
+
+    assert len(names()) >= 18  # the registry loaded every check module
+    checks_md = (ROOT / "docs" / "checks.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Findings"):readme.index("**Per-scanner baselines**")]
+    for name in names():
+        assert _documented(name, checks_md), f"docs/checks.md does not describe {name}"
+        assert f"`{name}`" in table or _documented(name, table), f"README's findings table lacks {name}"
+    example = (ROOT / "examples" / "medqc.toml").read_text()
+    section = example[example.index("[checks"):]
+    for c in checks():
+        for key, _typ, _field in c.config:
+            assert re.search(rf"^#?\s*\[checks\.{key}\]|^#?\s*{key}\s*=", section, re.M), f"examples/medqc.toml lacks checks.{key}"

@@ -1,4 +1,4 @@
-"""agent/dulwait.py: pynetdicom's idle polling replaced by waits that end when there is work.
+"""agent/ingest/dulwait.py: pynetdicom's idle polling replaced by waits that end when there is work.
 
 Real associations on loopback (DCMTK storescu and a pynetdicom SCU) into the agent's receiver: the waits
 are attached to both threads of every accepted association, every slice is stored and answered, a slow
@@ -18,9 +18,9 @@ import pydicom
 import pytest
 from conftest import missing_peer
 
-from medqc.agent import dulwait
-from medqc.agent.receiver import Receiver
-from medqc.agent.spool import Spool
+from medqc.agent.ingest import dulwait
+from medqc.agent.ingest.receiver import Receiver
+from medqc.agent.ingest.spool import Spool
 from medqc.config import load_config
 from medqc.dcmtk import dcmtk
 

@@ -154,7 +154,7 @@ def test_updates_stay_off_the_feeds(tmp_path):
     """A change that is only an update (the run grew) reaches the store, not stdout, the webhook or SSE."""
     import io
 
-    from medqc.agent.http import Broadcaster
+    from medqc.agent.web.http import Broadcaster
     from medqc.agent.records import Finding
     from medqc.agent.sinks.stdout import StdoutSink
 
@@ -163,7 +163,7 @@ def test_updates_stay_off_the_feeds(tmp_path):
     sink = StdoutSink(buf)
     for kind in ("raised", "updated", "escalated", "updated", "final"):
         f = Finding("artifact.metal", "warning", "metal", "1.2.3", "1.2", 4, 9, finding_id="1.2.3/artifact.metal", kind=kind)
-        sink.on_finding(f, None)
-        b.on_finding(f, None)
+        sink.on_finding(f)
+        b.on_finding(f)
     assert [json.loads(ln)["kind"] for ln in buf.getvalue().splitlines()] == ["raised", "escalated", "final"]
     assert [q.get_nowait()[1]["kind"] for _ in range(q.qsize())] == ["raised", "escalated", "final"]

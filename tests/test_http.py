@@ -27,12 +27,12 @@ def study(tmp_path_factory):
 
 @pytest.fixture
 def agent(tiny_bundle, tmp_path):
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose
     from medqc.config import load_config
 
     cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
                              "http.token": "t0ken", "series.idle_timeout_s": 1.0, "sinks.stdout.enabled": False})
-    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    a = compose(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
     try:
         yield cfg, a
     finally:
@@ -136,12 +136,12 @@ def test_http_api_end_to_end(agent, study):
 
 
 def test_http_route_table_405_and_open_without_token(tiny_bundle, tmp_path):
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose
     from medqc.config import load_config
 
     cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.bind": f"127.0.0.1:{free_port()}",
                              "sinks.stdout.enabled": False})
-    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    a = compose(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
     try:
         base = f"http://{cfg.http.bind}"
         assert _get(base + "/metrics")[0] == 200  # no token configured: open (bound to localhost)
@@ -161,19 +161,19 @@ def test_http_route_table_405_and_open_without_token(tiny_bundle, tmp_path):
 
 
 def test_sse_keepalive_and_slow_client_dropped(monkeypatch):
-    import medqc.agent.http as http
+    import medqc.agent.web.http as http
     from medqc.agent.records import Finding
 
     monkeypatch.setattr(http, "KEEPALIVE_S", 0.05)
     b = http.Broadcaster(maxsize=3)
-    api = http.Api(None, None, b)
+    api = http.Api(None, None, None, None, b)
     out, stop = [], threading.Event()
     t = threading.Thread(target=api.findings_stream, args=(None, out.append, stop), daemon=True)
     t.start()
     time.sleep(0.2)
     assert b": keep-alive\n\n" in out  # comments keep proxies and browsers from timing out
     f = Finding("artifact.ring", "warning", "rings", "1.2.3", "1.2", 4, 9, details={"x": 1}, finding_id="r1")
-    b.on_finding(f, None)
+    b.on_finding(f)
     time.sleep(0.2)
     ev = [o for o in out if o.startswith(b"event: finding")]
     assert ev and json.loads(ev[0].split(b"data: ")[1]) == {**{k: None for k in http.FINDING_KEYS},
@@ -188,7 +188,7 @@ def test_sse_keepalive_and_slow_client_dropped(monkeypatch):
     q = b.subscribe()
     t0 = time.perf_counter()
     for _ in range(10):
-        b.on_finding(f, None)
+        b.on_finding(f)
     assert time.perf_counter() - t0 < 0.1 and b.clients == 0
     assert q.qsize() == 1 and q.get_nowait() is None  # its stream ends; the client reconnects
 
@@ -197,7 +197,7 @@ def test_series_list_is_summaries_with_paging_and_since(tiny_bundle, tmp_path, r
     """/api/series lists summaries (no per-slice rows), newest update first, pages with limit/offset and
     filters with since; the per-slice data is on /api/series/{uid}. After a restart the same list comes from
     the SQLite store."""
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose
     from medqc.config import load_config
     from test_agent_dicom import storescu
 
@@ -210,7 +210,7 @@ def test_series_list_is_summaries_with_paging_and_since(tiny_bundle, tmp_path, r
         assert status == 200, (path, body)
         return json.loads(body), len(body)
 
-    a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+    a = compose(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
     try:
         r = storescu(cfg.dicom.port, real_ct)  # the real phantom study: two axial series (54 and 58 slices)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -240,7 +240,7 @@ def test_series_list_is_summaries_with_paging_and_since(tiny_bundle, tmp_path, r
         assert _get(base + "/api/series?limit=x")[0] == 400
     finally:
         a.stop(5.0)
-    b = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()  # a restart: the store answers
+    b = compose(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()  # a restart: the store answers
     try:
         again, _ = get("/api/series")
         assert [(s["series_instance_uid"], s["verdict"], s["slices"]) for s in again["series"]] == [

@@ -130,7 +130,7 @@ def test_replay_into_orthanc_real_and_synthetic(tmp_path):
 def test_orthanc_routes_a_study_to_the_agent(tmp_path):
     """Orthanc as the sending peer: a study uploaded to it is forwarded by its own C-STORE SCU to a running
     agent (embedded model), which analyses every slice and closes the series with a verdict."""
-    from medqc.bench import Agent
+    from medqc.bench import AgentProcess
 
     study = tmp_path / "study"
     r = _medqc("synth", str(study), "--region", "chest", "--slices", "16", "--matrix", "256", "--seed", "4",
@@ -138,7 +138,7 @@ def test_orthanc_routes_a_study_to_the_agent(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     files = sorted(study.glob("*.dcm"))
     assert len(files) == 16
-    agent = Agent(tmp_path / "agent", None, inference=True)
+    agent = AgentProcess(tmp_path / "agent", None, inference=True)
     why = agent.start()
     assert not why, f"the agent did not start: {why}"
     pacs = None

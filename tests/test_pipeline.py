@@ -11,10 +11,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from medqc.agent.metrics import Metrics
-from medqc.agent.pipeline import compose
+from medqc.agent.metrics import NULL, Metrics
+from medqc.agent.pipeline import Pipeline, build_analysis
 from medqc.agent.sinks.base import Sink
-from medqc.agent.spool import Spool
+from medqc.agent.ingest.spool import Spool
 from medqc.config import load_config
 
 
@@ -25,28 +25,28 @@ class Recorder(Sink):
         self.slices, self.findings, self.series = [], [], []
         self.done = threading.Event()
 
-    def on_slice(self, result, state):
-        self.slices.append(result)
+    def on_slice(self, event):
+        self.slices.append(event.result)
 
-    def on_finding(self, finding, state):
+    def on_finding(self, finding):
         self.findings.append(finding)
 
-    def on_series(self, state):
-        self.series.append((time.time(), state.uid, state.verdict, len(state.results), state.completed_reason))
+    def on_series(self, series):
+        self.series.append((time.time(), series.uid, series.verdict, len(series.results), series.completed_reason))
         self.done.set()
 
 
 class Broken(Sink):
     name = "broken"
 
-    def on_finding(self, finding, state):
+    def on_finding(self, finding):
         raise RuntimeError("webhook endpoint down")
 
 
 class Slow(Sink):
     name = "slow"
 
-    def on_slice(self, result, state):
+    def on_slice(self, event):
         time.sleep(0.5)
 
 
@@ -65,6 +65,12 @@ def _series_files(real_ct: Path, tmp: Path, n: int, expected: int | None = None)
         ds.save_as(q, enforce_file_format=True)
         out.append(q)
     return out
+
+
+def compose(cfg, bundle, backend, metrics=NULL, sinks=(), spool=None) -> Pipeline:
+    """The agent's pipeline with these sinks (the composition root gives the agent its own)."""
+    return Pipeline(cfg, *build_analysis(cfg, bundle, backend, metrics=metrics), spool=spool, sinks=list(sinks),
+                    metrics=metrics)
 
 
 def _cfg(tmp: Path, idle: float = 30.0):
@@ -132,7 +138,7 @@ def test_a_large_multiframe_object_is_analysed_frame_by_frame(tmp_path, tiny_bun
 
 
 def test_drop_folder_ingest(tmp_path, real_ct, tiny_bundle):
-    from medqc.agent.watch import DropFolder
+    from medqc.agent.ingest.watch import DropFolder
 
     files = _series_files(real_ct, tmp_path / "src", 5, expected=5)
     drop = tmp_path / "drop"
@@ -209,13 +215,13 @@ def test_warm_up_runs_the_whole_path_before_any_slice(tiny_bundle):
 def test_the_agent_warms_up_before_it_is_ready(tmp_path, tiny_bundle, caplog, port):
     import logging
 
-    from medqc.agent.daemon import Agent
+    from medqc.agent.compose import compose as compose_agent
     from medqc.config import load_config
 
     cfg = load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": port, "http.enabled": False,
                              "sinks.stdout.enabled": False})
     with caplog.at_level(logging.INFO, logger="medqc.agent"):
-        a = Agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
+        a = compose_agent(cfg, tmp_path / "state", str(tiny_bundle), "onnxruntime").start()
     try:
         assert any("warmed up" in r.getMessage() for r in caplog.records)
         assert a.store is not None and not a.tracker.all()  # the warm-up slices left no series behind

@@ -1,4 +1,4 @@
-"""agent/receiver.py in-process with a pynetdicom SCU: private storage classes and compressed syntaxes are
+"""agent/ingest/receiver.py in-process with a pynetdicom SCU: private storage classes and compressed syntaxes are
 accepted (a scanner's association never fails), the instance is on disk before success, C-ECHO answers."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import socket
 
 import pydicom
 
-from medqc.agent.receiver import Receiver
-from medqc.agent.spool import Spool
+from medqc.agent.ingest.receiver import Receiver
+from medqc.agent.ingest.spool import Spool
 from medqc.config import load_config
 
 PRIVATE_CLASS = "1.3.46.670589.11.0.0.12.4"  # a vendor's private storage SOP class

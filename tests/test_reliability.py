@@ -334,7 +334,7 @@ def test_connections_that_never_finish_their_request_free_their_slot(tmp_path, t
     hold their sockets open."""
     import socket
 
-    from medqc.agent.receiver import ASSOCIATE_RQ_TIMEOUT_S
+    from medqc.agent.ingest.receiver import ASSOCIATE_RQ_TIMEOUT_S
 
     files = sorted(study.glob("*.dcm"))
     a = Agent(tmp_path, tiny_bundle, tmp_path / "spool", min_free_mb=0).start()

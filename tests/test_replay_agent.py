@@ -21,10 +21,10 @@ def _load(name: str, path: Path):
 
 
 def test_replay_measures_agent_latency(tmp_path, tiny_bundle):
-    from medqc.bench import Agent, write_phantom_series
+    from medqc.bench import AgentProcess, write_phantom_series
 
     files = write_phantom_series(tmp_path / "study", 20)
-    agent = Agent(tmp_path / "agent", str(tiny_bundle), inference=True)
+    agent = AgentProcess(tmp_path / "agent", str(tiny_bundle), inference=True)
     why = agent.start()
     assert not why, f"the agent did not start: {why}"
     if not agent.http_up:
@@ -54,9 +54,9 @@ def test_replay_measures_agent_latency(tmp_path, tiny_bundle):
 def test_replay_real_vendor_study_into_agent(tmp_path, tiny_bundle, real_ct):
     """The Philips study: two tilted axial series get verdicts; the localizer and the secondary captures are
     rejected by the agent, noted by replay, and not waited for."""
-    from medqc.bench import Agent
+    from medqc.bench import AgentProcess
 
-    agent = Agent(tmp_path / "agent", str(tiny_bundle), inference=True)
+    agent = AgentProcess(tmp_path / "agent", str(tiny_bundle), inference=True)
     why = agent.start()
     assert not why, f"the agent did not start: {why}"
     if not agent.http_up:

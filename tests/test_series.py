@@ -388,3 +388,31 @@ def test_slices_beyond_the_expected_count_complete_by_idle(cfg):
     assert tr.due(time.time() + cfg.series.idle_timeout_s + 0.1) == [("1.2.3.9", "idle")]
     st, _ = tr.complete("1.2.3.9", "idle")
     assert len(st.results) == 12 and st.verdict == "pass"
+
+
+def test_sinks_get_frozen_events_that_a_late_slice_does_not_change(cfg):
+    """The events the sinks read on their own threads are snapshots taken under the tracker's lock: a late
+    slice that re-opens the series (and a finding that changes afterwards) leaves the event of the verdict,
+    its findings and its report as they were when the verdict was reached."""
+    import dataclasses
+
+    from medqc.agent.records import FindingEvent, SeriesEvent
+
+    tr = SeriesTracker(cfg, {"metal": 0.5})
+    res = make_results(30, scores={i: {"metal": 0.8} for i in range(10, 13)})
+    for r in res[:-1]:
+        raised = tr.add(r)
+        assert all(isinstance(f, FindingEvent) for f in raised)
+    series, changed = tr.finish("1.2.3.9", "idle", cfg.privacy)
+    assert isinstance(series, SeriesEvent) and series.verdict in ("warn", "fail") and len(series.results) == 29
+    metal = series.findings["1.2.3.9/artifact.metal"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        metal.severity = "info"
+    report = json.dumps(series.report, sort_keys=True)
+    live = tr.get("1.2.3.9").findings["1.2.3.9/artifact.metal"]
+    live.details["mutated"] = True  # the live finding changes; the event keeps its own copy
+    tr.add(res[-1])  # a late slice re-opens the series
+    assert tr.get("1.2.3.9").verdict is None
+    assert series.verdict in ("warn", "fail") and len(series.results) == 29 and "mutated" not in metal.details
+    assert json.dumps(series.report, sort_keys=True) == report and series.report["slices"] == 29
+    assert [f.kind for f in changed if f.check == "artifact.metal"] == ["final"]

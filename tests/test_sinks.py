@@ -23,7 +23,9 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 def _state(n=10, findings=None):
     from medqc.agent.records import Finding, SliceInfo, SliceResult
+    from medqc.agent.report import series_event
     from medqc.agent.series import SeriesState
+    from medqc.config import PrivacyConfig
 
     study, series = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
     infos = [SliceInfo(f"{series}.{i}", series, study, CT, instance_number=i, position=(0.0, 0.0, -5.0 * i))
@@ -36,7 +38,7 @@ def _state(n=10, findings=None):
         st.findings[f.finding_id] = f
     st.verdict = "fail"
     st.completed_reason = "count"
-    return st
+    return series_event(st, PrivacyConfig())  # what the sinks get: the frozen event of the series at its verdict
 
 
 class _Hook(BaseHTTPRequestHandler):
@@ -69,7 +71,7 @@ def test_webhook_retries_with_backoff_and_signs(hook):
 
     sink = WebhookSink(f"http://127.0.0.1:{hook.server_address[1]}/qc", secret="s3cret", retries=4, backoff_s=0.1)
     st = _state()
-    sink.on_finding(st.findings["f1"], st)
+    sink.on_finding(st.findings["f1"])
     assert len(hook.attempts) == 3  # two 503s, then delivered
     gaps = [b[0] - a[0] for a, b in zip(hook.attempts, hook.attempts[1:])]
     assert gaps[0] >= 0.09 and gaps[1] >= 0.19, gaps  # exponential: 0.1 s, 0.2 s
@@ -90,13 +92,13 @@ def test_webhook_gives_up_and_is_isolated(hook):
     sink = WebhookSink(f"http://127.0.0.1:{hook.server_address[1]}/", retries=1, backoff_s=0.01)
     st = _state()
     with pytest.raises(WebhookError):
-        sink.on_finding(st.findings["f1"], st)
+        sink.on_finding(st.findings["f1"])
     # inside the pipeline's sink thread a failure is counted, not raised; a dead URL is the same
     m = Metrics()
     dead = WebhookSink("http://127.0.0.1:9/", retries=1, backoff_s=0.01, timeout_s=1.0)
     t = SinkThread(dead, m)
     t0 = time.perf_counter()
-    t.submit("on_finding", st.findings["f1"], st)
+    t.submit("on_finding", st.findings["f1"])
     assert time.perf_counter() - t0 < 0.05  # never blocks the caller
     t.flush(10)
     t.close()

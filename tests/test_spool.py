@@ -1,4 +1,4 @@
-"""agent/spool.py and agent/batch.py: durable writes, resume order, watermark refusal, retention."""
+"""agent/ingest/spool.py and agent/batch.py: durable writes, resume order, watermark refusal, retention."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from medqc.agent.batch import MicroBatcher
-from medqc.agent.spool import Spool, SpoolFull
+from medqc.agent.ingest.spool import Spool, SpoolFull
 
 
 def test_put_pending_release(tmp_path):

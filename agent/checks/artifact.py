@@ -30,10 +30,13 @@ in every rotation 4.1 HU.
 
 from __future__ import annotations
 
+import bisect
 import math
+from dataclasses import dataclass, field
 
 from medqc import ARTIFACTS, detectors
 from medqc.agent.checks.common import finding
+from medqc.agent.checks.registry import Check, bounded
 
 CRITICAL_SLICES = 5
 # classes whose runs must also span z (see qualifying): motion, where the network decides (with the air-streak
@@ -216,3 +219,123 @@ def artifact_findings(state, ordered, thresholds: dict[str, float], min_run: int
         if f is not None:
             out.append(f)
     return out
+
+
+# ------------------------------------------------------------------------------------- while slices arrive
+def stream(s) -> None:
+    """A slice of a stack arrived: judge the runs it is part of (and, when the table just moved, the slices
+    held back while it had not)."""
+    st = s.state
+    for cls in RELATIVE:  # the series' own level, kept sorted
+        bisect.insort(st._rel.setdefault(cls, []), s.result.scores.get(cls, 0.0))
+    if not s.stack:
+        return
+    if len(st._zcount) == 2 and st._zcount[s.zk] == 1:  # the table just moved: judge the slices held back
+        for zz, sq in list(st._order):
+            if sq != s.seq and not st.results[sq].error:
+                _stream_slice(s, zz, sq, st.results[sq])
+    _stream_slice(s, s.z, s.seq, s.result)
+
+
+def _stream_slice(s, z: float, seq: int, result) -> None:
+    from medqc.agent.checks import baseline as baseline_checks
+
+    st, thresholds = s.state, s.tracker.thresholds
+    min_run = s.tracker.cfg.checks.artifact.min_run
+    order = st._order
+    pos = bisect.bisect_left(order, (z, seq))
+    if len(order) % RELATIVE_MIN_SLICES == 0:
+        # every RELATIVE_MIN_SLICES slices (the first time: the series median becomes trusted), runs of the
+        # relative classes are judged again against the median of the series so far: a run that did not
+        # stand out from the first slices may stand out once more of the series is in
+        ordered = [(zz, st.results[sq]) for zz, sq in order]
+        for cls in RELATIVE:
+            thr = thresholds[cls]
+            med = sorted_median(st._rel.get(cls, []))
+            i = 0
+            for run in runs(ordered, cls, thr):
+                while ordered[i][1] is not run[0][1]:
+                    i += 1
+                if qualifying(run, cls, thr, min_run, med):
+                    _qualify(s, cls, thr, i, i + len(run) - 1)
+        # a patient who moved all through the series: the air's streaks, not a run that stands out
+        pos_of = {id(r): k for k, (_, r) in enumerate(ordered)}
+        for run in streaked_series(ordered, st._air):
+            _qualify(s, "motion", thresholds["motion"], pos_of[id(run[0][1])], pos_of[id(run[-1][1])])
+    for cls in ARTIFACTS:
+        thr = thresholds[cls]
+        if result.scores.get(cls, 0.0) < thr:
+            continue
+
+        def flagged(i):
+            r = st.results[order[i][1]]
+            return not r.error and r.scores.get(cls, 0.0) >= thr
+
+        lo = hi = pos
+        while lo > 0 and flagged(lo - 1):
+            lo -= 1
+        while hi + 1 < len(order) and flagged(hi + 1):
+            hi += 1
+        run = [(order[i][0], st.results[order[i][1]]) for i in range(lo, hi + 1)]
+        med = sorted_median(st._rel.get(cls, [])) if cls in RELATIVE else None
+        if (qualifying(run, cls, thr, min_run, med)
+                and not baseline_checks.run_normal(st, cls, run, s.tracker.baselines)):  # within its scanner's normal
+            _qualify(s, cls, thr, lo, hi)
+
+
+def _qualify(s, cls: str, thr: float, lo: int, hi: int) -> None:
+    """Slices ``lo..hi`` (positions in z order) form a qualifying run of ``cls``: (re)summarise."""
+    st = s.state
+    order = st._order
+    q = st._qual.setdefault(cls, {})
+    before = len(q)
+    for i in range(lo, hi + 1):
+        q[order[i][1]] = (order[i][0], st.results[order[i][1]])
+    if len(q) == before:
+        return
+    f = summarise(st, cls, thr, _group(st, q), st._air)
+    if f is not None:
+        s.put(f)
+
+
+def _group(st, q: dict) -> list:
+    idx = sorted(bisect.bisect_left(st._order, (z, seq)) for seq, (z, _) in q.items())
+    out, cur, prev = [], [], None
+    for i in idx:
+        if prev is not None and i != prev + 1:
+            out.append(cur)
+            cur = []
+        z, seq = st._order[i]
+        cur.append((z, st.results[seq]))
+        prev = i
+    if cur:
+        out.append(cur)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ registered
+@dataclass(frozen=True)
+class ArtifactChecksConfig:
+    min_run: int = field(default=2, metadata=bounded(1, 1000))
+    thresholds: dict = field(default_factory=dict, metadata={"help": "per-class probability overrides"})
+
+
+def _validate(cfg) -> None:
+    from medqc.config import ConfigError
+
+    for k, v in cfg.artifact.thresholds.items():
+        if k not in ARTIFACTS:
+            raise ConfigError(f"checks.artifact.thresholds.{k}: unknown artifact; allowed: {', '.join(ARTIFACTS)}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
+            raise ConfigError(f"checks.artifact.thresholds.{k} = {v!r} must be a probability in (0, 1)")
+
+
+def _judge(j) -> list:
+    return artifact_findings(j.state, j.ordered, j.thresholds, j.cfg.artifact.min_run)
+
+
+CHECKS = (Check("artifact", tuple(f"artifact.{c}" for c in ARTIFACTS), judge=_judge, stream=stream, withdrawable=True,
+                # σ inside a metal, motion or ring run is the artifact's, not the dose's
+                explains_noise=("artifact.metal", "artifact.motion", "artifact.ring"),
+                config=(("artifact", ArtifactChecksConfig, field(default_factory=ArtifactChecksConfig)),),
+                validate=_validate),)

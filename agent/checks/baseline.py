@@ -28,6 +28,7 @@ import time
 from medqc import baselines, detectors
 from medqc.agent.checks.artifact import ADVICE, NAMES, consecutive
 from medqc.agent.checks.common import finding, finite
+from medqc.agent.checks.registry import Check, explained_noise
 from medqc.agent.records import Finding
 
 CLASSES = ("noise", "ring")
@@ -183,3 +184,12 @@ def judge_series(state, ordered, findings: list, store, explained) -> list:
     out = _noise(state, ordered, out, base, j, len(kept))
     state.baseline = baselines.describe(key, base, None, None, j)
     return out
+
+
+# ------------------------------------------------------------------------------------------ registered
+def _judge(j) -> list:
+    return judge_series(j.state, j.ordered, j.found, j.baselines, explained_noise)
+
+
+# it raises no check of its own: it revises the noise and ring findings against the scanner's normal
+CHECKS = (Check("baseline", (), judge=_judge, revises=True),)

@@ -25,7 +25,10 @@ import math
 import statistics
 
 from medqc import detectors
+from dataclasses import field
+
 from medqc.agent.checks.common import finding, finite
+from medqc.agent.checks.registry import Check, bounded
 
 REF_THICKNESS_MM = 5.0
 DOSE_WARNING_FACTOR = 2.0  # dose.ctdivol: info above the reference level, a warning above this many times it
@@ -178,3 +181,29 @@ def noise_findings(state, results, rule, explained: frozenset = frozenset()) -> 
                     f"— check mAs / noise index for this patient size, or use iterative reconstruction",
                     score=round(med, 2), details={"noise_sd_hu": round(med, 2), "reference_hu": ref, "slices": len(sds),
                                                   "kernel": state.first.convolution_kernel or "", "kernel_factor": factor})]
+
+
+# ------------------------------------------------------------------------------------------ registered
+def _judge_dose(j) -> list:
+    st = j.state
+    if st.dynamic:  # repeated positions over time: no section of the patient to size the dose by
+        return dose_findings(st, j.valid, st.rule)
+    st.size = size_specific(st, j.valid, st.rule)
+    return dose_findings(st, j.valid, st.rule, st.size)
+
+
+def _judge_centering(j) -> list:
+    return centering_findings(j.state, j.valid, j.cfg.centering_tolerance_mm)
+
+
+def _judge_noise(j) -> list:
+    return noise_findings(j.state, j.valid, j.state.rule, j.explained_noise())
+
+
+CHECKS = (
+    # the dose figure means the same on a dynamic series (monitoring scans, perfusion) as on a stack
+    Check("dose", ("dose.ctdivol",), judge=_judge_dose, dynamic=True, protocol_keys=("ctdivol_ref_mgy",)),
+    Check("centering", ("centering.offset",), judge=_judge_centering,
+          config=(("centering_tolerance_mm", float, field(default=30.0, metadata=bounded(0, 500))),)),
+    Check("noise", ("noise.index",), judge=_judge_noise, protocol_keys=("noise_ref_hu",)),
+)

@@ -18,7 +18,10 @@ from __future__ import annotations
 import math
 import statistics
 
+from dataclasses import dataclass, field
+
 from medqc.agent.checks.common import finding
+from medqc.agent.checks.registry import Check, bounded
 
 AXIAL_MIN_NZ = 0.8  # |normal · z| below this (≈ 37°) is not an axial (or gantry-tilted axial) slice
 MIXED_DEG = 1.0
@@ -214,3 +217,28 @@ def geometry_findings(state, results, spacing_tol: float, tilt_tol: float) -> li
                            details={"shear_deg": round(shear, 2), "gantry_tilt_deg": state.first.gantry_tilt or 0.0,
                                     "source": "positions"}))
     return out
+
+
+# ------------------------------------------------------------------------------------------ registered
+@dataclass(frozen=True)
+class GeometryChecksConfig:
+    spacing_tolerance: float = field(default=0.2, metadata=bounded(0, 10))
+    tilt_tolerance_deg: float = field(default=0.5, metadata=bounded(0, 90))
+
+
+def _stream(s) -> None:
+    """The first slice of a series: gantry tilt and orientation from its header."""
+    if len(s.state._order) == 1:
+        cfg = s.tracker.cfg.checks.geometry
+        for f in (tilt_from_header(s.state, cfg.tilt_tolerance_deg), orientation_first(s.state)):
+            if f is not None:
+                s.put(f)
+
+
+def _judge(j) -> list:
+    return geometry_findings(j.state, j.state.results, j.cfg.geometry.spacing_tolerance, j.cfg.geometry.tilt_tolerance_deg)
+
+
+CHECKS = (Check("geometry", ("geometry.gap", "geometry.duplicate", "geometry.spacing", "geometry.tilt", "geometry.orientation"),
+                judge=_judge, stream=_stream, withdrawable=True,
+                config=(("geometry", GeometryChecksConfig, field(default_factory=GeometryChecksConfig)),)),)

@@ -21,7 +21,14 @@ else:  # Python 3.10
     import tomli as tomllib
 
 SHIPPED = Path(__file__).resolve().parents[1] / "protocols.toml"
-RULE_KEYS = {"name", "match", "start", "end", "tolerance_mm", "overscan_margin_mm", "ctdivol_ref_mgy", "noise_ref_hu"}
+LANDMARK_KEYS = ("start", "end")  # the range a rule requires: landmarks of medqc.anatomy; every other key is a number
+
+
+def rule_keys() -> frozenset:
+    """What a rule may say: its name and patterns, and the keys the registered checks read."""
+    from medqc.agent.checks.registry import protocol_keys
+
+    return frozenset({"name", "match", *LANDMARK_KEYS}) | protocol_keys()
 MATCH_FIELDS = ("protocol_name", "body_part", "study_description")
 _SEP = re.compile(r"[_\-/+&,.;:()\[\]]+")
 _SPACES = re.compile(r"\s+")
@@ -37,10 +44,15 @@ class ProtocolRule:
     overscan_margin_mm: float | None = None
     ctdivol_ref_mgy: float | None = None
     noise_ref_hu: float | None = None
+    values: dict = field(default_factory=dict, repr=False, compare=False)  # every numeric key the rule sets
     _compiled: tuple = field(default=(), repr=False, compare=False)
 
     def matches(self, text: str) -> bool:
         return any(p.search(text) for p in self._compiled)
+
+    def value(self, key: str) -> float | None:
+        """A numeric key a registered check reads (``Check.protocol_keys``); None where the rule has none."""
+        return self.values.get(key)
 
 
 def normalise(text: str) -> str:
@@ -66,13 +78,15 @@ def parse_rules(data: dict, source: str) -> tuple[list[ProtocolRule], bool]:
         raise ConfigError(f"{source}: replace_defaults must be true or false")
     rules = []
     allowed_lm = ", ".join(LANDMARKS)
+    keys = rule_keys()
+    numbers = sorted(keys - {"name", "match", *LANDMARK_KEYS})
     for i, r in enumerate(data.get("rule", [])):
         where = f"{source} rule #{i + 1}"
         if not isinstance(r, dict):
             raise ConfigError(f"{where}: must be a table ([[rule]])")
-        bad = set(r) - RULE_KEYS
+        bad = set(r) - keys
         if bad:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(bad))}; allowed: {', '.join(sorted(RULE_KEYS))}")
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(bad))}; allowed: {', '.join(sorted(keys))}")
         name = r.get("name")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{where}: name must be a non-empty string")
@@ -88,11 +102,12 @@ def parse_rules(data: dict, source: str) -> tuple[list[ProtocolRule], bool]:
             compiled = tuple(re.compile(p, re.IGNORECASE) for p in pats)
         except re.error as e:
             raise ConfigError(f"{where} ({name}): bad pattern: {e}") from None
+        values = {k: _num(r, k, where) for k in numbers}
         rules.append(ProtocolRule(
             name=name, patterns=tuple(pats), start=r["start"], end=r["end"],
-            tolerance_mm=_num(r, "tolerance_mm", where), overscan_margin_mm=_num(r, "overscan_margin_mm", where),
-            ctdivol_ref_mgy=_num(r, "ctdivol_ref_mgy", where), noise_ref_hu=_num(r, "noise_ref_hu", where),
-            _compiled=compiled,
+            tolerance_mm=values["tolerance_mm"], overscan_margin_mm=values["overscan_margin_mm"],
+            ctdivol_ref_mgy=values["ctdivol_ref_mgy"], noise_ref_hu=values["noise_ref_hu"],
+            values={k: v for k, v in values.items() if v is not None}, _compiled=compiled,
         ))
     return rules, replace
 

@@ -9,6 +9,8 @@ import logging
 import queue
 import threading
 
+from medqc.agent.metrics import NULL
+
 log = logging.getLogger("medqc.agent.sinks")
 
 
@@ -21,13 +23,18 @@ def announced(finding) -> bool:
 
 
 class Sink:
+    """Each method gets a frozen event (``medqc.agent.records``), never the live series state."""
+
     name = "base"
+    queue_size = 10000  # events waiting for this sink; beyond that they are dropped for it (logged, counted)
+    blocking = False  # True: the pipeline waits for room instead (a sink whose every event is needed, offline)
+    spool_waits = True  # a series' spool files are released only once this sink handled its verdict
 
-    def on_slice(self, result, state) -> None: ...
+    def on_slice(self, event) -> None: ...  # SliceEvent: the result (and its pixels for a sink that wants them)
 
-    def on_finding(self, finding, state) -> None: ...  # every change, ``finding.kind`` says which (records.KINDS)
+    def on_finding(self, finding) -> None: ...  # FindingEvent: every change, ``finding.kind`` says which (KINDS)
 
-    def on_series(self, state) -> None: ...  # verdict reached
+    def on_series(self, series) -> None: ...  # SeriesEvent: verdict reached, with its report
 
     def close(self) -> None: ...
 
@@ -35,23 +42,23 @@ class Sink:
 class SinkThread:
     """Runs one sink's calls in order on a dedicated thread."""
 
-    def __init__(self, sink: Sink, metrics=None, maxsize: int = 10000):
+    def __init__(self, sink: Sink, metrics=NULL, maxsize: int | None = None):
         self.sink = sink
         self.metrics = metrics
-        self.q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.blocking = bool(getattr(sink, "blocking", False))
+        self.q: queue.Queue = queue.Queue(maxsize=maxsize or getattr(sink, "queue_size", 10000))
         self.t = threading.Thread(target=self._loop, name=f"sink-{sink.name}", daemon=True)
         self.t.start()
 
     def _error(self, what: str) -> None:
-        if self.metrics is not None:
-            try:
-                self.metrics.inc("medqc_sink_errors_total", sink=self.sink.name)
-            except Exception:  # noqa: BLE001
-                pass
-
-    def submit(self, method: str, *args) -> None:
         try:
-            self.q.put_nowait((method, args))
+            self.metrics.inc("medqc_sink_errors_total", sink=self.sink.name)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def submit(self, method, *args) -> None:  # a Sink method's name, or a marker callable (see _loop)
+        try:
+            self.q.put((method, args), block=self.blocking)
         except queue.Full:
             log.error("sink %s is not keeping up: %s dropped for it", self.sink.name, method)
             self._error("full")
@@ -62,8 +69,8 @@ class SinkThread:
             if item is None:
                 break
             method, args = item
-            if method == "_after":  # the pipeline's marker: this sink handled every event queued before it
-                args[0]()
+            if callable(method):  # a marker (flush, the pipeline's release after sinks): all before it was handled
+                method(*args)
                 continue
             try:
                 getattr(self.sink, method)(*args)
@@ -75,7 +82,7 @@ class SinkThread:
         """Wait until everything queued so far was handled (bounded)."""
         done = threading.Event()
         try:
-            self.q.put(("_flush_marker", (done,)), timeout=timeout)
+            self.q.put((done.set, ()), timeout=timeout)
         except queue.Full:
             return
         done.wait(timeout)
@@ -90,11 +97,3 @@ class SinkThread:
             self.sink.close()
         except Exception as e:  # noqa: BLE001
             log.error("sink %s failed to close: %s", self.sink.name, e)
-
-
-def _flush_marker(self, done):  # bound onto every Sink so flush() works without the sink's help
-    done.set()
-
-
-Sink._flush_marker = _flush_marker  # type: ignore[attr-defined]
-

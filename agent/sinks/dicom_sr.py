@@ -185,7 +185,7 @@ class DicomSrSink(Sink):
         fs = [f for f in state.findings.values() if SEVERITY_RANK.get(f.severity, 0) >= self.min_rank]
         return sorted(fs, key=lambda f: (-SEVERITY_RANK.get(f.severity, 0), f.check))
 
-    def on_series(self, state) -> None:
+    def on_series(self, state) -> None:  # a SeriesEvent (findings, results, UIDs as SeriesState names them)
         findings = self.selected(state)
         if not findings:
             return

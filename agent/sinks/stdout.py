@@ -27,7 +27,7 @@ class StdoutSink(Sink):
             self.stream.write(line + "\n")
             self.stream.flush()
 
-    def on_finding(self, finding, state) -> None:
+    def on_finding(self, finding) -> None:
         if not announced(finding):
             return
         d = finding.to_dict()
@@ -35,11 +35,11 @@ class StdoutSink(Sink):
         kind = d.pop("kind")
         self._emit({"event": "finding", "kind": kind, "time": time.time(), **d})
 
-    def on_series(self, state) -> None:
+    def on_series(self, series) -> None:  # a SeriesEvent
         counts: dict[str, int] = {}
-        for f in state.findings.values():
+        for f in series.findings.values():
             counts[f.severity] = counts.get(f.severity, 0) + 1
-        self._emit({"event": "series", "time": time.time(), "series_instance_uid": state.uid,
-                    "study_instance_uid": state.study_uid, "verdict": state.verdict, "slices": len(state.results),
-                    "protocol_rule": state.protocol_rule, "completed_reason": state.completed_reason,
+        self._emit({"event": "series", "time": time.time(), "series_instance_uid": series.uid,
+                    "study_instance_uid": series.study_uid, "verdict": series.verdict, "slices": len(series.results),
+                    "protocol_rule": series.protocol_rule, "completed_reason": series.completed_reason,
                     "findings": counts})

@@ -69,20 +69,20 @@ class WebhookSink(Sink):
             log.warning("webhook attempt %d/%d failed (%s)", attempt + 1, self.retries + 1, last)
         raise WebhookError(f"webhook gave up after {self.retries + 1} attempts ({last})")
 
-    def on_finding(self, finding, state) -> None:
+    def on_finding(self, finding) -> None:
         if not announced(finding):
             return
-        from medqc.agent.http import finding_event
+        from medqc.agent.web.http import finding_event
 
         self.post({"event": "finding", **finding_event(finding)})
 
-    def on_series(self, state) -> None:
+    def on_series(self, series) -> None:  # a SeriesEvent
         counts: dict[str, int] = {}
-        for f in state.findings.values():
+        for f in series.findings.values():
             counts[f.severity] = counts.get(f.severity, 0) + 1
-        self.post({"event": "series", "series_instance_uid": state.uid, "study_instance_uid": state.study_uid,
-                   "verdict": state.verdict, "slices": len(state.results), "protocol_rule": state.protocol_rule,
-                   "completed_reason": state.completed_reason, "findings": counts})
+        self.post({"event": "series", "series_instance_uid": series.uid, "study_instance_uid": series.study_uid,
+                   "verdict": series.verdict, "slices": len(series.results), "protocol_rule": series.protocol_rule,
+                   "completed_reason": series.completed_reason, "findings": counts})
 
 
 def from_config(cfg):

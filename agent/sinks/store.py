@@ -53,17 +53,11 @@ class Store(Sink):
             raise
         self._db.execute("COMMIT")
 
-    def _privacy(self):
-        if self.privacy is not None:
-            return self.privacy
-        from medqc.config import PrivacyConfig
-
-        return PrivacyConfig()
-
     # ------------------------------------------------------------------------------------------- writes
-    def on_slice(self, result, state) -> None:
+    def on_slice(self, event) -> None:
         from medqc.agent.report import _clean
 
+        result = event.result
         i = result.info
         body = {"sop_instance_uid": i.sop_instance_uid, "instance_number": i.instance_number, "frame": i.frame,
                 "z": i.z, "scores": result.scores, "position_ref_mm": result.position_ref_mm, "error": result.error,
@@ -74,9 +68,9 @@ class Store(Sink):
                               json.dumps(_clean(body))))
             self._db.execute("INSERT INTO series (uid, study_uid, verdict, slices, updated_at) VALUES (?,?,NULL,1,?) "
                              "ON CONFLICT(uid) DO UPDATE SET slices = slices + 1, updated_at = excluded.updated_at, "
-                             "verdict = NULL", (state.uid, state.study_uid, time.time()))
+                             "verdict = NULL", (i.series_instance_uid, i.study_instance_uid, time.time()))
 
-    def on_finding(self, finding, state) -> None:
+    def on_finding(self, finding) -> None:
         from medqc.agent.report import finding_dict
 
         d = finding_dict(finding)
@@ -85,19 +79,18 @@ class Store(Sink):
         with self._lock:
             self._db.execute("INSERT INTO findings VALUES (?,?,?,?,?,?,?) ON CONFLICT(finding_id) DO UPDATE SET "
                              "severity=excluded.severity, updated_at=excluded.updated_at, body=excluded.body",
-                             (finding.finding_id or f"{state.uid}/{finding.check}/{now}", state.uid, finding.check,
+                             (finding.finding_id or f"{finding.series_instance_uid}/{finding.check}/{now}",
+                              finding.series_instance_uid, finding.check,
                               finding.severity, finding.raised_at or now, now, json.dumps(d, default=str)))
 
-    def on_series(self, state) -> None:
-        from medqc.agent.report import series_report
-
-        rep = series_report(state, self._privacy())
+    def on_series(self, series) -> None:
+        """``series.report`` was built with the verdict, under the series tracker's lock."""
         with self._lock, self._transaction():
             self._db.execute("INSERT INTO series VALUES (?,?,?,?,?,?,?) ON CONFLICT(uid) DO UPDATE SET "
                              "verdict=excluded.verdict, slices=excluded.slices, updated_at=excluded.updated_at, "
                              "completed_at=excluded.completed_at, report=excluded.report",
-                             (state.uid, state.study_uid, state.verdict, len(state.results), time.time(),
-                              state.completed_at, json.dumps(rep, default=str)))
+                             (series.uid, series.study_uid, series.verdict, len(series.results), time.time(),
+                              series.completed_at, json.dumps(series.report, default=str)))
             faults.reached("store-commit")
 
     def on_rejected(self, rec: dict) -> None:

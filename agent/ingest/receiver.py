@@ -19,9 +19,11 @@ import logging
 import socket
 import time
 
-from medqc.agent import dulwait, faults
+from medqc.agent import faults
+from medqc.agent.ingest import dulwait
+from medqc.agent.metrics import NULL
 
-log = logging.getLogger("medqc.agent.receiver")
+log = logging.getLogger("medqc.agent.ingest.receiver")
 
 DUL_LOOP_DELAY = 1e-4
 # From the connection to the A-ASSOCIATE-RQ's last byte: a scanner sends its request at once, so a connection
@@ -32,7 +34,7 @@ MPPS_CLASS = "1.2.840.10008.3.1.2.3.3"
 
 
 class Receiver:
-    def __init__(self, cfg, spool, on_stored, on_mpps=None, metrics=None, access=None, ae_title: str | None = None,
+    def __init__(self, cfg, spool, on_stored, on_mpps=None, metrics=NULL, access=None, ae_title: str | None = None,
                  port: int | None = None, bind: str | None = None):
         self.cfg = cfg
         self.spool = spool
@@ -48,11 +50,10 @@ class Receiver:
         self.mpps = None
 
     def _metric(self, kind, name, value=1.0, **labels):
-        if self.metrics is not None:
-            try:
-                getattr(self.metrics, kind)(name, value, **labels)
-            except Exception:  # noqa: BLE001
-                pass
+        try:
+            getattr(self.metrics, kind)(name, value, **labels)
+        except Exception:  # noqa: BLE001 - counting never fails a C-STORE
+            pass
 
     # ---------------------------------------------------------------------------------------- handlers
     def _on_open(self, event) -> None:
@@ -105,7 +106,7 @@ class Receiver:
         except Exception as e:  # noqa: BLE001
             log.error("C-STORE %s: cannot encode the received dataset: %s", sop_uid, e)
             return 0xC210
-        from medqc.agent.spool import SpoolFull
+        from medqc.agent.ingest.spool import SpoolFull
 
         try:
             path = self.spool.put(data, sop_uid or f"instance-{time.time_ns()}")
@@ -150,7 +151,7 @@ class Receiver:
     def handlers(self) -> list:
         from pynetdicom import evt
 
-        from medqc.agent.mpps import MppsService
+        from medqc.agent.ingest.mpps import MppsService
 
         self.mpps = MppsService(self.on_mpps)
         hs = [(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_CONN_CLOSE, self._on_close), (evt.EVT_ACCEPTED, self._on_accepted),

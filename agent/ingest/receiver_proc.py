@@ -25,7 +25,9 @@ import threading
 import time
 from pathlib import Path
 
-log = logging.getLogger("medqc.agent.receiver")
+from medqc.agent.metrics import NULL
+
+log = logging.getLogger("medqc.agent.ingest.receiver")
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -89,9 +91,9 @@ def _child_main(cfg, spool_args: dict, log_level: int, conn) -> None:
     if log_level > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
-    from medqc.agent.access import from_config
-    from medqc.agent.receiver import Receiver
-    from medqc.agent.spool import Spool
+    from medqc.agent.ingest.access import from_config
+    from medqc.agent.ingest.receiver import Receiver
+    from medqc.agent.ingest.spool import Spool
 
     metrics = _MetricsProxy(send)
     try:
@@ -122,7 +124,7 @@ def _child_main(cfg, spool_args: dict, log_level: int, conn) -> None:
 class ReceiverProcess:
     """``Receiver``'s interface (``start``, ``stop``, ``port``) with the receiver in a child process."""
 
-    def __init__(self, cfg, spool, on_stored, on_mpps=None, metrics=None, on_died=None):
+    def __init__(self, cfg, spool, on_stored, on_mpps=None, metrics=NULL, on_died=None):
         self.cfg = cfg
         self.spool = spool
         self.on_stored = on_stored
@@ -190,8 +192,7 @@ class ReceiverProcess:
             if kind == "stored":
                 self.on_stored(Path(msg[1]), msg[2])
             elif kind == "metric":
-                if self.metrics is not None:
-                    getattr(self.metrics, msg[1])(msg[2], msg[3], **msg[4])
+                getattr(self.metrics, msg[1])(msg[2], msg[3], **msg[4])
             elif kind == "log":
                 rec = logging.makeLogRecord(msg[1])
                 logging.getLogger(rec.name).handle(rec)

@@ -5,10 +5,10 @@ Per series: a craniocaudal strip (one mark per slice as it arrives, placed head 
 position along the stack normal, ``z``; coloured by its worst artifact score), a coverage bar (scanned range against the protocol's required anatomy on the fixed body scale of
 ``medqc.anatomy``), the findings with severity, slice range and message, a windowed thumbnail of the most
 affected slice per artifact finding, and an acknowledgement button (who/when, stored in the SQLite
-store). Everything is served by the agent (``agent/static``; no CDN), updates arrive over Server-Sent
+store). Everything is served by the agent (``agent/web/static``; no CDN), updates arrive over Server-Sent
 Events.
 
-Routes (``ROUTES``; the HTTP server mounts them with :func:`register`, or :func:`serve` runs them alone):
+Routes (``ROUTES``; the agent's one HTTP server, ``agent/web/http.py``, mounts them with :func:`register`):
 
 - ``GET /`` and ``GET /static/<file>``: the page and its assets;
 - ``GET /api/console/state``: JSON snapshot of the recent series (console view, privacy applied);
@@ -33,15 +33,15 @@ import re
 import threading
 import time
 from contextlib import nullcontext
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
 
 import numpy as np
 
 from medqc import ARTIFACTS
+from medqc.agent.sinks.base import Sink
 
-log = logging.getLogger("medqc.agent.console")
+log = logging.getLogger("medqc.agent.web.console")
 
 STATIC = Path(__file__).resolve().parent / "static"
 POLL_S = 0.25
@@ -80,26 +80,53 @@ def thumbnail_png(hu: np.ndarray, info=None, size: int = THUMB_SIZE) -> bytes:
     return buf.tobytes()
 
 
-def attach_thumbnails(results, chunk, min_score: float | None = None) -> None:
-    """Give each analysed slice with a notable artifact score (``min_score``, default THUMB_MIN_SCORE; 0: every
-    slice) a thumbnail
-    (called by the pipeline while the HU pixels are still at hand; ~1 ms per slice, only for slices that
-    may be shown)."""
-    if min_score is None:
-        min_score = THUMB_MIN_SCORE
-    by_info = {id(info): hu for info, hu in chunk}
-    for r in results:
-        if r.error or r.thumbnail is not None:
-            continue
-        if min_score > 0 and (not r.scores or max(r.scores.get(k, 0.0) for k in ARTIFACTS) < min_score):
-            continue
-        hu = by_info.get(id(r.info))
+class ThumbnailSink(Sink):
+    """A sink that renders the thumbnails, on its own thread: a small PNG of each slice with a notable
+    artifact score (``min_score``, default THUMB_MIN_SCORE; 0: every slice, for ``medqc analyze --plot``).
+    The pipeline hands it the HU pixels of the slices it ``wants`` with their slice event (~1 ms per slice).
+    It keeps the thumbnails of the series the tracker holds (``keep`` series, oldest dropped first)."""
+
+    name = "thumbnails"
+    # each waiting event holds a slice's HU (1 MiB at 512²): a short queue bounds the memory; the live console
+    # drops a thumbnail rather than wait, --plot (every slice's) waits for room
+    queue_size = 64
+    spool_waits = False  # it records nothing: a series' spool files need not wait for its thumbnails
+
+    def __init__(self, min_score: float | None = None, keep: int = 1000):
+        self.min_score = THUMB_MIN_SCORE if min_score is None else min_score
+        self.blocking = self.min_score <= 0  # every slice wanted (medqc analyze --plot): none may be dropped
+        self.keep = keep
+        self._by_series: dict[str, dict[str, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def wants(self, result) -> bool:
+        if result.error:
+            return False
+        return self.min_score <= 0 or bool(result.scores) and max(result.scores.get(k, 0.0) for k in ARTIFACTS) >= self.min_score
+
+    def on_slice(self, event) -> None:
+        result, hu = event.result, event.hu
         if hu is None:
-            continue
+            return
         try:
-            r.thumbnail = thumbnail_png(hu, r.info)
+            png = thumbnail_png(hu, result.info)
         except Exception as e:  # noqa: BLE001 - the console is never worth a lost result
-            log.debug("thumbnail of %s failed: %s", r.info.sop_instance_uid, e)
+            log.debug("thumbnail of %s failed: %s", result.info.sop_instance_uid, e)
+            return
+        uid = result.info.series_instance_uid
+        with self._lock:
+            if uid not in self._by_series and len(self._by_series) >= self.keep:
+                self._by_series.pop(next(iter(self._by_series)))
+            self._by_series.setdefault(uid, {})[result.info.sop_instance_uid] = png
+
+    def get(self, series_uid: str, sop_uid: str) -> bytes | None:
+        with self._lock:
+            return self._by_series.get(series_uid, {}).get(sop_uid)
+
+    def of_series(self, series_uid: str) -> dict[str, bytes]:
+        """SOP Instance UID → PNG of the series' slices rendered so far."""
+        with self._lock:
+            return dict(self._by_series.get(series_uid, {}))
 
 
 # ------------------------------------------------------------------------------------------ the view
@@ -177,9 +204,11 @@ def _worst(scores: dict) -> tuple[str | None, float]:
 class Console:
     """The console's state and handlers (framework-free: each handler returns (status, headers, body))."""
 
-    def __init__(self, cfg, agent):
+    def __init__(self, cfg, tracker, store=None, thumbnails: ThumbnailSink | None = None):
         self.cfg = cfg
-        self.agent = agent
+        self.tracker = tracker
+        self.store = store
+        self.thumbnails = thumbnails
         self._acks: dict[str, dict] = {}
         self._acks_loaded: set[str] = set()
         self._ack_version = 0
@@ -187,13 +216,16 @@ class Console:
 
     # ---------------------------------------------------------------------------------- series view
     def _tracker(self):
-        return getattr(self.agent, "tracker", None)
+        return self.tracker
+
+    def _thumbs(self, uid: str) -> dict[str, bytes]:
+        return self.thumbnails.of_series(uid) if self.thumbnails is not None else {}
 
     def _states(self) -> list:
         tr = self._tracker()
         if tr is None:
             return []
-        with getattr(tr, "_lock", None) or nullcontext():
+        with tr.lock:
             states = list(tr.all())
         horizon = time.time() - 60.0 * float(self.cfg.console.recent_minutes)
         keep = [s for s in states if s.verdict is None or (s.completed_at or s.last_seen or s.opened_at) >= horizon]
@@ -204,7 +236,7 @@ class Console:
         if uid in self._acks_loaded:
             return
         self._acks_loaded.add(uid)
-        store = getattr(self.agent, "store", None)
+        store = self.store
         if store is None:
             return
         try:
@@ -216,12 +248,18 @@ class Console:
             self._acks[a["finding_id"]] = a
 
     def series_view(self, st, from_slice: int = 0) -> dict:
-        tr = self._tracker()
-        with getattr(tr, "_lock", None) or nullcontext():
-            results = list(st.results)
-            findings = list(st.findings.values())
-            verdict, rule_name = st.verdict, st.protocol_rule
+        """The console's view of a live series, read whole under the tracker's lock (the pipeline thread
+        changes it: a late slice re-opens a series)."""
         self._load_acks(st.uid)
+        tr = self._tracker()
+        with tr.lock if tr is not None else nullcontext():
+            return self._view(st, tr, from_slice)
+
+    def _view(self, st, tr, from_slice: int) -> dict:
+        results = list(st.results)
+        findings = list(st.findings.values())
+        verdict, rule_name = st.verdict, st.protocol_rule
+        thumbs = self._thumbs(st.uid)
         first = st.first
         slices, positions, best = [], [], {}
         for k, r in enumerate(results):
@@ -229,7 +267,7 @@ class Console:
             if r.position_ref_mm is not None and not r.error:
                 positions.append(float(r.position_ref_mm))
             for a in ARTIFACTS:
-                v = r.scores.get(a, 0.0) if r.thumbnail is not None else -1.0
+                v = r.scores.get(a, 0.0) if r.info.sop_instance_uid in thumbs else -1.0
                 if v > best.get(a, (-1.0, None))[0]:
                     best[a] = (v, r)
             if k >= from_slice:
@@ -244,8 +282,8 @@ class Console:
             thumb = None
             if f.check.startswith("artifact."):
                 kind = f.check.split(".", 1)[1]
-                cand = self._best_in_range(results, kind, f.first_instance, f.last_instance) or best.get(kind, (0, None))[1]
-                if cand is not None and cand.thumbnail is not None:
+                cand = self._best_in_range(results, thumbs, kind, f.first_instance, f.last_instance) or best.get(kind, (0, None))[1]
+                if cand is not None and cand.info.sop_instance_uid in thumbs:
                     thumb = {"sop": cand.info.sop_instance_uid, "instance": cand.info.instance_number,
                              "url": f"/api/series/{st.uid}/thumbnail/{cand.info.sop_instance_uid}"}
             fviews.append({"id": f.finding_id, "check": f.check, "severity": f.severity, "message": f.message,
@@ -271,10 +309,10 @@ class Console:
         return view
 
     @staticmethod
-    def _best_in_range(results, kind, lo, hi):
+    def _best_in_range(results, thumbs, kind, lo, hi):
         best, bv = None, -1.0
         for r in results:
-            if r.thumbnail is None or r.error:
+            if r.info.sop_instance_uid not in thumbs or r.error:
                 continue
             n = r.info.instance_number
             if lo is not None and hi is not None and n is not None and not (min(lo, hi) <= n <= max(lo, hi)):
@@ -285,8 +323,12 @@ class Console:
         return best
 
     def _signature(self, st) -> tuple:
-        fs = tuple(sorted((f.finding_id, f.severity, f.first_instance, f.last_instance, f.message) for f in list(st.findings.values())))
-        return (len(st.results), fs, st.verdict, st.protocol_rule, self._ack_version)
+        tr = self._tracker()
+        with tr.lock if tr is not None else nullcontext():
+            fs = tuple(sorted((f.finding_id, f.severity, f.first_instance, f.last_instance, f.message)
+                              for f in st.findings.values()))
+            sig = (len(st.results), fs, st.verdict, st.protocol_rule)
+        return (*sig, self._ack_version, len(self._thumbs(st.uid)))
 
     def snapshot(self) -> dict:
         return {"schema": "medqc.console/1", "now": time.time(), "settings": self.settings(),
@@ -317,10 +359,9 @@ class Console:
         st = tr.get(unquote(uid)) if tr is not None else None
         if st is None:
             return _json(404, {"error": "unknown or expired series"})
-        sop = unquote(sop)
-        for r in list(st.results):
-            if r.info.sop_instance_uid == sop and r.thumbnail is not None:
-                return 200, {"Content-Type": "image/png", "Cache-Control": "max-age=3600"}, r.thumbnail
+        png = self.thumbnails.get(st.uid, unquote(sop)) if self.thumbnails is not None else None
+        if png is not None:
+            return 200, {"Content-Type": "image/png", "Cache-Control": "max-age=3600"}, png
         return _json(404, {"error": "no thumbnail kept for this slice"})
 
     def handle_ack(self, req, finding_id: str):
@@ -333,7 +374,7 @@ class Console:
         note = str(body.get("note", "")).strip()[:500]
         if not who:
             return _json(400, {"error": "'who' is required (the initials or name of the person acknowledging)"})
-        store = getattr(self.agent, "store", None)
+        store = self.store
         if store is None:
             return _json(503, {"error": "no store"})
         try:
@@ -400,123 +441,13 @@ ROUTES = [
 ]
 
 
-def register(routes: list, cfg, agent) -> Console:
+def register(routes: list, console: Console) -> Console:
     """Add the console's routes to an HTTP server's route table as ``(method, compiled regex, handler,
     needs_token, kind)`` tuples; ``kind`` is "sse" for the stream (handler(req, write, stop)) and "plain"
     otherwise (handler(req, *groups) -> (status, headers, body))."""
-    console = Console(cfg, agent)
     for method, pattern, name, auth in ROUTES:
         if name == "stream":
             routes.append((method, re.compile(pattern + r"$"), lambda req, write, stop, c=console: c.stream(write, stop), auth, "sse"))
         else:
             routes.append((method, re.compile(pattern + r"$"), getattr(console, name), auth, "plain"))
     return console
-
-
-class _Request:
-    def __init__(self, method: str, path: str, query: dict, headers, body: bytes):
-        self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
-
-
-class ConsoleServer:
-    """A standalone HTTP server for the console's routes (used when the agent's HTTP API does not mount
-    them itself, and by tests). Bearer token from ``http.token`` on /api (also ``?token=`` for the page)."""
-
-    def __init__(self, cfg, agent, bind: str | None = None):
-        self.cfg = cfg
-        self.routes: list = []
-        self.console = register(self.routes, cfg, agent)
-        self._stop = threading.Event()
-        host, _, port = (bind or cfg.http.bind).rpartition(":")
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, fmt, *args):  # no per-request access log (URLs carry only UIDs anyway)
-                log.debug("http: " + fmt, *args)
-
-            def _dispatch(self, method):
-                parts = urlsplit(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                req = _Request(method, parts.path, parse_qs(parts.query), self.headers, body)
-                if parts.path == "/healthz" and method == "GET":  # liveness (container HEALTHCHECK)
-                    return self._send(*_json(200, {"status": "ok"}))
-                for m, rx, fn, auth, kind in server.routes:
-                    mt = rx.match(parts.path)
-                    if not mt:
-                        continue
-                    if m != method:
-                        return self._send(*_json(405, {"error": f"use {m}"}))
-                    if auth and not server._authorised(req):
-                        return self._send(*_json(401, {"error": "bearer token required"}))
-                    if kind == "sse":
-                        return self._sse(fn, req)
-                    try:
-                        return self._send(*fn(req, *mt.groups()))
-                    except (BrokenPipeError, ConnectionResetError):
-                        return None
-                    except Exception as e:  # noqa: BLE001
-                        log.exception("console route %s failed", parts.path)
-                        return self._send(*_json(500, {"error": f"{type(e).__name__}"}))
-                return self._send(*_json(404, {"error": "not found"}))
-
-            def do_GET(self):
-                self._dispatch("GET")
-
-            def do_POST(self):
-                self._dispatch("POST")
-
-            def _send(self, status, headers, body):
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _sse(self, fn, req):
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-
-                def write(b: bytes):
-                    self.wfile.write(b)
-                    self.wfile.flush()
-
-                try:
-                    fn(req, write, server._stop)
-                except (BrokenPipeError, ConnectionResetError, OSError):
-                    pass
-
-        self.httpd = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="console-http", daemon=True)
-
-    def _authorised(self, req) -> bool:
-        token = self.cfg.http.token
-        if not token:
-            return True
-        got = (req.headers.get("Authorization") or "").removeprefix("Bearer ").strip() or (req.query.get("token") or [""])[0]
-        import hmac
-
-        return hmac.compare_digest(got.encode(), token.encode())
-
-    def start(self) -> "ConsoleServer":
-        self._thread.start()
-        log.info("console on http://%s:%d/", self.httpd.server_address[0], self.port)
-        return self
-
-    def close(self) -> None:
-        self._stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def serve(cfg, agent, bind: str | None = None) -> ConsoleServer:
-    return ConsoleServer(cfg, agent, bind).start()

@@ -11,6 +11,7 @@ Layout under the spool directory:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
+log = logging.getLogger("medqc.agent")
 _SAFE = re.compile(r"[^0-9A-Za-z._-]")
 FULL_BYTES = 1024 * 1024  # less free than this is a full disk, whatever the reserve (a CT slice is ~0.5 MB)
 
@@ -163,3 +165,57 @@ class Spool:
                 p.unlink()
         except FileNotFoundError:
             pass
+
+
+WRITE_ERROR_HOLD_S = 60.0  # a spool write failure counts as "refusing" this long, unless an instance is stored since
+REFUSAL_REASONS = ("spool-disk-low", "spool-write-error")
+
+
+class Refusals:
+    """Why C-STOREs are refused now, by reason: the spool's disk below ``spool.min_free_mb`` (read from the
+    disk, so it clears as soon as space returns), or spool writes failing (a C-STORE refused for a write
+    error, none stored since, within ``WRITE_ERROR_HOLD_S``). Sets ``medqc_refusing{reason}`` and logs each
+    change; /healthz, /metrics and the agent's tick read it."""
+
+    def __init__(self, spool: Spool, metrics):
+        self.spool, self.metrics = spool, metrics
+        self._lock = threading.Lock()
+        self._refusing: dict[str, str] = {}
+        self._write_errors = (0.0, 0.0, 0.0)  # (refusals counted, received count then, monotonic time)
+        for r in REFUSAL_REASONS:
+            metrics.set("medqc_refusing", 0.0, reason=r)
+
+    def current(self) -> dict[str, str]:
+        """{reason: message} ({} while C-STOREs are accepted)."""
+        now: dict[str, str] = {}
+        try:
+            msg = self.spool.refusal()
+        except OSError as e:
+            msg = f"spool disk unreadable: {e.strerror or e}"
+        if msg:
+            now["spool-disk-low"] = msg
+        with self._lock:
+            errors = self.metrics.get("medqc_stores_refused_total", reason="spool-write-error")
+            received = self.metrics.get("medqc_slices_received_total", source="dicom")
+            seen, received_then, at = self._write_errors
+            if errors > seen:
+                self._write_errors = seen, received_then, at = errors, received, time.monotonic()
+            if at and received == received_then and time.monotonic() - at < WRITE_ERROR_HOLD_S:
+                now["spool-write-error"] = (f"spool writes failing: {errors:.0f} C-STORE(s) refused for a write error, "
+                                            "none stored since (the log says which error)")
+            before, self._refusing = self._refusing, now
+        for r in REFUSAL_REASONS:
+            if (r in now) != (r in before):
+                self.metrics.set("medqc_refusing", 1.0 if r in now else 0.0, reason=r)
+                if r in now:
+                    log.error("refusing C-STOREs (0xA700, the scanner keeps the images and retries): %s", now[r])
+                else:
+                    log.info("accepting C-STOREs again: %s no longer holds", r)
+        return now
+
+    def tick(self) -> None:
+        try:
+            self.metrics.set("medqc_spool_free_bytes", float(self.spool.free_bytes(5.0)))
+        except OSError:
+            pass
+        self.current()

@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import ssl
 
-log = logging.getLogger("medqc.agent.access")
+log = logging.getLogger("medqc.agent.ingest.access")
 
 # A-ASSOCIATE-RJ: result 1 = rejected-permanent; source 1 = service-user; diagnostic 3 = calling AE not
 # recognised, 1 = no reason given
@@ -21,6 +21,7 @@ _RJ_PERMANENT, _RJ_USER, _RJ_CALLING_AE, _RJ_NO_REASON = 0x01, 0x01, 0x03, 0x01
 
 
 from medqc.errors import UsageError
+from medqc.agent.metrics import NULL
 
 
 class AccessError(UsageError):
@@ -38,7 +39,7 @@ def parse_networks(items) -> tuple:
 
 
 class AccessPolicy:
-    def __init__(self, allowed_aets=(), allowed_ips=(), tls=None, metrics=None):
+    def __init__(self, allowed_aets=(), allowed_ips=(), tls=None, metrics=NULL):
         self.allowed_aets = frozenset(a.strip() for a in allowed_aets)
         self.networks = parse_networks(allowed_ips)
         self.tls = tls
@@ -83,11 +84,10 @@ class AccessPolicy:
         event.assoc.kill()  # as pynetdicom does after its own rejections: the DUL sends the A-ASSOCIATE-RJ, then stops
 
     def _count(self, reason: str) -> None:
-        if self.metrics is not None:
-            try:
-                self.metrics.inc("medqc_associations_rejected_total", reason=reason)
-            except Exception:  # noqa: BLE001
-                pass
+        try:
+            self.metrics.inc("medqc_associations_rejected_total", reason=reason)
+        except Exception:  # noqa: BLE001 - counting never stops a rejection
+            pass
 
     def _on_rejected(self, event) -> None:
         """Rejections pynetdicom makes itself (dicom.max_associations reached, ...)."""
@@ -123,7 +123,7 @@ class AccessPolicy:
         return ctx
 
 
-def from_config(cfg, metrics=None) -> AccessPolicy:
+def from_config(cfg, metrics=NULL) -> AccessPolicy:
     d = cfg.dicom
     policy = AccessPolicy(d.allowed_calling_aets, d.allowed_ips, d.tls, metrics)
     policy.ssl_context()  # fail at start, naming the file, rather than at the first TLS association

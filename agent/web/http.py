@@ -1,6 +1,6 @@
 """The agent's HTTP API (stdlib ``ThreadingHTTPServer``), bound to 127.0.0.1:8480 by default.
 
-Routes (a small table; other modules add theirs with ``register(routes, cfg, agent)``, e.g. the console):
+Routes (a small table; the console adds its own with ``console.register(routes, console)``):
 
 - ``GET /healthz``               liveness + readiness (always open): 200 {"status": "ok", "backend": ...}; 503
                                  {"status": "starting"} before the receiver listens, 503 {"status": "refusing",
@@ -33,9 +33,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-log = logging.getLogger("medqc.agent.http")
+from medqc.agent.sinks.base import Sink, announced
+
+log = logging.getLogger("medqc.agent.web.http")
 
 KEEPALIVE_S = 15.0
+MAX_BODY = 1 << 20  # request bodies (an acknowledgement's JSON) above this are refused with 413, unread
 CLIENT_QUEUE = 256
 FINDING_KEYS = ("kind", "finding_id", "check", "severity", "message", "series_instance_uid", "study_instance_uid",
                 "first_instance", "last_instance", "z_range_mm", "score", "raised_at")
@@ -56,7 +59,7 @@ def finding_event(finding) -> dict:
     return {k: d.get(k) for k in FINDING_KEYS}
 
 
-class Broadcaster:
+class Broadcaster(Sink):
     """A pipeline sink that fans findings and verdicts out to SSE clients, each with a bounded queue."""
 
     name = "http-stream"
@@ -102,19 +105,14 @@ class Broadcaster:
                     pass
 
     # Sink interface (called from the pipeline's sink thread)
-    def on_slice(self, result, state) -> None:
-        pass
-
-    def on_finding(self, finding, state) -> None:
-        from medqc.agent.sinks.base import announced
-
+    def on_finding(self, finding) -> None:
         if announced(finding):
             self.publish("finding", finding_event(finding))
 
-    def on_series(self, state) -> None:
-        self.publish("series", {"series_instance_uid": state.uid, "study_instance_uid": state.study_uid,
-                                "verdict": state.verdict, "slices": len(state.results),
-                                "findings": len(state.findings), "completed_reason": state.completed_reason})
+    def on_series(self, series) -> None:  # a SeriesEvent
+        self.publish("series", {"series_instance_uid": series.uid, "study_instance_uid": series.study_uid,
+                                "verdict": series.verdict, "slices": len(series.results),
+                                "findings": len(series.findings), "completed_reason": series.completed_reason})
 
     def close(self) -> None:
         with self._lock:
@@ -127,29 +125,29 @@ class Broadcaster:
 
 
 class Api:
-    """The core routes, reading the running agent (``agent.pipeline``, ``agent.store``, ``agent.metrics``)."""
+    """The core routes, reading the parts the composition root hands it: the pipeline (its series tracker,
+    inputs not analysed, backend), the store, the metrics, the findings' broadcaster, the refusal state and
+    the readiness flag (set once the receiver listens)."""
 
-    def __init__(self, cfg, agent, broadcaster: Broadcaster):
-        self.cfg, self.agent, self.broadcaster = cfg, agent, broadcaster
+    def __init__(self, cfg, pipeline, store, metrics, broadcaster: Broadcaster, refusals=None, ready=None):
+        self.cfg, self.pipeline, self.store, self.metrics = cfg, pipeline, store, metrics
+        self.tracker = pipeline.tracker if pipeline is not None else None
+        self.broadcaster, self.refusals, self.ready = broadcaster, refusals, ready
 
     def healthz(self, req):
-        pipe = getattr(self.agent, "pipeline", None)
-        ready = pipe is not None and getattr(self.agent, "receiver", None) is not None
-        backend = getattr(getattr(pipe, "inferer", None), "backend", None)
-        if not ready:
+        backend = self.pipeline.inferer.backend
+        if self.ready is not None and not self.ready.is_set():
             return _json(503, {"status": "starting", "backend": backend})
-        refusing = self.agent.refusing() if hasattr(self.agent, "refusing") else {}
+        refusing = self.refusals.current() if self.refusals is not None else {}
         if refusing:  # every C-STORE gets 0xA700 now: not healthy, though alive (it recovers on its own)
             return _json(503, {"status": "refusing", "reason": "; ".join(refusing.values()), "reasons": refusing,
                                "backend": backend})
         return _json(200, {"status": "ok", "backend": backend})
 
-    def metrics(self, req):
-        m = getattr(self.agent, "metrics", None)
-        if hasattr(self.agent, "refusing") and getattr(self.agent, "spool", None) is not None:
-            self.agent.refusing()  # medqc_refusing as of this scrape, not of the last tick
-        body = m.render().encode() if m is not None else b""
-        return 200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}, body
+    def metrics_text(self, req):
+        if self.refusals is not None:
+            self.refusals.current()  # medqc_refusing as of this scrape, not of the last tick
+        return 200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}, self.metrics.render().encode()
 
     def _privacy(self):
         return self.cfg.privacy
@@ -164,15 +162,15 @@ class Api:
             since = float((req.query.get("since") or ["0"])[0])
         except ValueError:
             return _json(400, {"error": "limit and offset are integers; since is a time in seconds since the epoch"})
-        tracker = getattr(self.agent, "tracker", None)
+        tracker = self.tracker
         live = []
         if tracker is not None:
-            with tracker._lock:
+            with tracker.lock:
                 for st in tracker.all():
                     updated = max([st.last_seen, st.completed_at or 0.0, *(f.raised_at for f in st.findings.values())])
                     if updated > since:
                         live.append(series_summary(series_report(st, self._privacy(), per_slice_rows=False), updated))
-        store = getattr(self.agent, "store", None)
+        store = self.store
         stored = []
         if store is not None:  # series the tracker no longer holds (older ones, or from before a restart)
             held = frozenset(st.uid for st in tracker.all()) if tracker is not None else frozenset()
@@ -182,8 +180,7 @@ class Api:
                 "next_offset": offset + limit if len(merged) > offset + limit else None,
                 "series": merged[offset:offset + limit]}
         if offset == 0:  # the inputs recently not analysed, with the first page
-            pipe = getattr(self.agent, "pipeline", None)
-            rejected = list(getattr(pipe, "rejected", []) or [])[-limit:]
+            rejected = self.pipeline.recent_rejected(limit)
             body["rejected"] = [{k: r[k] for k in REJECTED_KEYS if k in r} for r in rejected]
         return _json(200, body)
 
@@ -191,11 +188,14 @@ class Api:
         from medqc.agent.report import SCHEMA, series_report
 
         uid = unquote(uid)
-        tracker = getattr(self.agent, "tracker", None)
-        st = tracker.get(uid) if tracker is not None else None
-        if st is not None:
-            return _json(200, {"schema": SCHEMA, **series_report(st, self._privacy())})
-        store = getattr(self.agent, "store", None)
+        tracker = self.tracker
+        if tracker is not None:
+            with tracker.lock:  # the pipeline thread changes a live series: read it whole, under the lock
+                st = tracker.get(uid)
+                rep = series_report(st, self._privacy()) if st is not None else None
+            if rep is not None:
+                return _json(200, {"schema": SCHEMA, **rep})
+        store = self.store
         rep = store.get_series(uid) if store is not None else None
         if rep is None:
             return _json(404, {"error": f"no series {uid}"})
@@ -222,7 +222,7 @@ class Api:
 def core_routes(api: Api) -> list:
     """(method, compiled regex, handler, needs_token, kind) — the same tuples the console registers."""
     table = [("GET", r"/healthz", api.healthz, False, "plain"),
-             ("GET", r"/metrics", api.metrics, True, "plain"),
+             ("GET", r"/metrics", api.metrics_text, True, "plain"),
              ("GET", r"/api/series", api.series_list, True, "plain"),
              ("GET", r"/api/series/([^/]+)", api.series_one, True, "plain"),
              ("GET", r"/api/findings/stream", api.findings_stream, True, "sse")]
@@ -230,28 +230,25 @@ def core_routes(api: Api) -> list:
 
 
 class HttpServer:
-    def __init__(self, cfg, agent, bind: str | None = None, console: bool = True):
+    """One HTTP server for the API and the console (bound at ``start``)."""
+
+    def __init__(self, cfg, api: Api, console=None, bind: str | None = None):
         self.cfg = cfg
         self.token = cfg.http.token
         self._stop = threading.Event()
-        self.broadcaster = Broadcaster()
-        self.api = Api(cfg, agent, self.broadcaster)
-        self.routes: list = core_routes(self.api)
-        self._sink = None
-        pipe = getattr(agent, "pipeline", None)
-        if pipe is not None and hasattr(pipe, "sinks"):
-            from medqc.agent.sinks.base import SinkThread
+        self.api = api
+        self.broadcaster = api.broadcaster
+        self.routes: list = core_routes(api)
+        if console is not None:
+            from medqc.agent.web.console import register
 
-            self._sink = SinkThread(self.broadcaster, getattr(agent, "metrics", None))
-            pipe.sinks.append(self._sink)
-        if console:
-            try:
-                from medqc.agent.console import register
-            except ImportError:
-                register = None
-            if register is not None:
-                register(self.routes, cfg, agent)
-        host, _, port = (bind or cfg.http.bind).rpartition(":")
+            register(self.routes, console)
+        self.bind = bind or cfg.http.bind
+        self.httpd = None
+        self.port = None
+
+    def start(self) -> "HttpServer":
+        host, _, port = self.bind.rpartition(":")
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -263,8 +260,15 @@ class HttpServer:
 
             def _dispatch(self, method):
                 parts = urlsplit(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(min(length, 1 << 20)) if length else b""
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if not 0 <= length <= MAX_BODY:  # the body stays unread: this connection ends with the answer
+                    self.close_connection = True
+                    return self._send(*_json(413 if length > MAX_BODY else 400,
+                                             {"error": f"request body must be 0 to {MAX_BODY} bytes"}))
+                body = self.rfile.read(length) if length else b""
                 req = Request(method, parts.path, parse_qs(parts.query), self.headers, body)
                 allowed = []
                 for m, rx, fn, auth, kind in server.routes:
@@ -324,7 +328,9 @@ class HttpServer:
         self.httpd = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
+        threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True).start()
+        log.info("HTTP API on http://%s:%d/", self.httpd.server_address[0], self.port)
+        return self
 
     def authorised(self, req) -> bool:
         if not self.token:
@@ -333,17 +339,9 @@ class HttpServer:
         got = auth[7:].strip() if auth.startswith("Bearer ") else (req.query.get("token") or [""])[0]
         return hmac.compare_digest(got.encode(), self.token.encode())
 
-    def start(self) -> "HttpServer":
-        self._thread.start()
-        log.info("HTTP API on http://%s:%d/", self.httpd.server_address[0], self.port)
-        return self
-
     def close(self) -> None:
         self._stop.set()
         self.broadcaster.close()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def serve(cfg, agent, bind: str | None = None) -> HttpServer:
-    return HttpServer(cfg, agent, bind).start()
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()

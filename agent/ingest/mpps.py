@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 
-log = logging.getLogger("medqc.agent.mpps")
+log = logging.getLogger("medqc.agent.ingest.mpps")
 
 
 def performed_series(ds) -> list[str]:

@@ -10,7 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-log = logging.getLogger("medqc.agent.watch")
+from medqc.agent.metrics import NULL
+
+log = logging.getLogger("medqc.agent.ingest.watch")
 SKIP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
 
 
@@ -19,7 +21,7 @@ def _skip(p: Path) -> bool:
 
 
 class DropFolder:
-    def __init__(self, dirs, spool, on_stored, metrics=None, settle_s: float = 0.0):
+    def __init__(self, dirs, spool, on_stored, metrics=NULL, settle_s: float = 0.0):
         self.dirs = [Path(d) for d in dirs]
         self.spool = spool
         self.on_stored = on_stored
@@ -32,7 +34,7 @@ class DropFolder:
         path = Path(path)
         if _skip(path) or not path.is_file():
             return False
-        from medqc.agent.spool import SpoolFull
+        from medqc.agent.ingest.spool import SpoolFull
 
         with self._lock:
             try:
@@ -48,8 +50,7 @@ class DropFolder:
                 path.unlink()
             except OSError:
                 pass
-        if self.metrics is not None:
-            self.metrics.inc("medqc_slices_received_total", source="folder")
+        self.metrics.inc("medqc_slices_received_total", source="folder")
         self.on_stored(dst, time.time())
         return True
 
