@@ -59,7 +59,7 @@ def main() -> int:
     if not Path(spy).exists():
         print("py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
-    from medqc.bench import Agent, _storescu, _is_dicom
+    from medqc.tools.bench.micro import Agent, _storescu, _is_dicom
 
     files = sorted(p for p in Path(args.study).rglob("*") if p.is_file() and _is_dicom(p))
     work = Path(tempfile.mkdtemp(prefix="medqc-profile-"))
@@ -76,7 +76,7 @@ def main() -> int:
         wall, r = _storescu(files, agent.port, "MEDQC")
         print(f"storescu: {len(files)} files in {wall:.2f} s = {len(files) / wall:.1f} slices/s (exit {r.returncode})")
         if not args.no_inference:
-            from medqc.bench import _series_uid
+            from medqc.tools.bench.micro import _series_uid
 
             t0 = time.time()
             times, verdict, _ = agent.wait_series(_series_uid(files), len(files), 120)

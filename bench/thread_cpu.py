@@ -43,7 +43,7 @@ def main() -> int:
     ap.add_argument("--no-inference", action="store_true")
     args = ap.parse_args()
     from medqc.agent.daemon import Agent
-    from medqc.bench import _is_dicom, _series_uid, _storescu
+    from medqc.tools.bench.micro import _is_dicom, _series_uid, _storescu
     from medqc.config import load_config
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -506,7 +506,7 @@ def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str
         res["wall_s"] = round(span, 3)
         res["slices_per_s"] = round(len(files) / span, 1)
         lat = [(a - rcv) * 1e3 for _, rcv, a in times if a > 0 and rcv > 0]
-        from medqc.replay import percentiles
+        from medqc.tools.replay.send import percentiles
 
         res["slice_to_result_ms_at_full_speed"] = percentiles(lat)
         # latency at scanner pace: a fresh series (new UIDs) through medqc replay at 60 slices/s
@@ -517,7 +517,7 @@ def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str
 
 
 def _latency_at_rate(files: list[Path], agent: Agent, rate: float, wait_s: float = 60.0) -> dict:
-    from medqc.replay import percentiles, replay
+    from medqc.tools.replay.send import percentiles, replay
 
     if not files:
         return _skip("no latency study")
