@@ -249,7 +249,8 @@ def run(args) -> int:
                  "inference.backend": args.backend, "inference.bundle": args.bundle}
     try:
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
+        from medqc.agent import faults  # noqa: F401 - MEDQC_FAULT_POINT (a test facility) checked at start
+    except (ConfigError, ValueError) as e:
         raise UsageError(str(e)) from None
     if logging.getLogger().level > logging.DEBUG:  # pynetdicom logs every C-STORE at INFO
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)

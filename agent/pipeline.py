@@ -19,6 +19,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from medqc.agent import faults
 from medqc.agent.batch import MicroBatcher
 from medqc.agent.decode import NotDicom, decode_file
 from medqc.agent.records import SliceResult
@@ -195,6 +196,7 @@ class Pipeline:
             if not chunk:
                 continue
             results = self.inferer.run(chunk)
+            faults.reached("analysis")
             if self.thumbnails:  # console: a small PNG of slices with a notable artifact score
                 from medqc.agent.console import attach_thumbnails
 
@@ -274,10 +276,39 @@ class Pipeline:
         log.info("series %s: verdict %s (%s, %d slices, %d findings)", uid, state.verdict, reason,
                  len(state.results), len(state.findings))
         self._emit("on_series", state)
+        release = []
         for path in self._files.pop(uid, ()):  # retention: after the series verdict
             if not any(path in s for s in self._files.values()):
-                self._release(path, keep=path in self._keep)
+                release.append((path, path in self._keep))
                 self._keep.discard(path)
+        self._release_after_sinks(release)
+
+    def _release_after_sinks(self, files: list[tuple[str, bool]]) -> None:
+        """Release a series' spool files once every sink has handled what was queued before (the verdict
+        committed to the store, the report sent or its failure logged): until then the spool is the only
+        durable copy of the series, and a kill finds the files at the next start, which analyses the series
+        again. A sink whose queue is full cannot take the marker: the files stay until the next start."""
+        if not files:
+            return
+
+        def release() -> None:
+            for path, keep in files:
+                self._release(path, keep=keep)
+
+        if not self.sinks:
+            release()
+            return
+        left, lock = [len(self.sinks)], threading.Lock()
+
+        def one_done() -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                release()
+
+        for s in self.sinks:
+            s.submit("_after", one_done)
 
     def complete_all(self, reason: str = "end-of-input") -> None:
         for st in self.tracker.all():

@@ -19,14 +19,14 @@ import logging
 import socket
 import time
 
-from medqc.agent import dulwait
+from medqc.agent import dulwait, faults
 
 log = logging.getLogger("medqc.agent.receiver")
 
 DUL_LOOP_DELAY = 1e-4
 # From the connection to the A-ASSOCIATE-RQ's last byte: a scanner sends its request at once, so a connection
-# that sends nothing, or stops inside its request, is dropped after this (it held one of
-# dicom.max_associations for pynetdicom's 60 s network timeout before). Once accepted: that 60 s again.
+# that sends nothing, or stops inside its request, is dropped after this (otherwise it would hold one of
+# dicom.max_associations for pynetdicom's 60 s network timeout). Once accepted: that 60 s again.
 ASSOCIATE_RQ_TIMEOUT_S = 10.0
 MPPS_CLASS = "1.2.840.10008.3.1.2.3.3"
 
@@ -89,6 +89,13 @@ class Receiver:
 
     def _on_store(self, event) -> int:
         t0 = time.perf_counter()
+        try:  # the association's C-STOREs come one at a time: from the second on, the previous one was answered
+            n = getattr(event.assoc, "_medqc_stores", 0)
+            event.assoc._medqc_stores = n + 1
+        except AttributeError:
+            n = 0
+        if n:
+            faults.reached("acked")
         try:
             sop_uid = str(event.request.AffectedSOPInstanceUID)
         except Exception:  # noqa: BLE001
@@ -111,6 +118,7 @@ class Receiver:
             log.error("C-STORE %s refused: spool write failed: %s", sop_uid, e)
             self._metric("inc", "medqc_stores_refused_total", reason="spool-write-error")
             return 0xA700
+        faults.reached("spool-written")
         now = time.time()
         self._metric("inc", "medqc_slices_received_total", source="dicom")
         self._metric("observe", "medqc_stage_seconds", time.perf_counter() - t0, stage="spool")

@@ -4,12 +4,14 @@ API and the console. WAL mode; one connection guarded by a lock (reads are short
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
+from medqc.agent import faults
 from medqc.agent.sinks.base import Sink
 
 SCHEMA = """
@@ -40,6 +42,17 @@ class Store(Sink):
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
 
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One transaction (the connection autocommits otherwise): a kill inside it leaves none of it."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     def _privacy(self):
         if self.privacy is not None:
             return self.privacy
@@ -55,7 +68,7 @@ class Store(Sink):
         body = {"sop_instance_uid": i.sop_instance_uid, "instance_number": i.instance_number, "frame": i.frame,
                 "z": i.z, "scores": result.scores, "position_ref_mm": result.position_ref_mm, "error": result.error,
                 "received_at": i.received_at, "analysed_at": result.analysed_at}
-        with self._lock:
+        with self._lock, self._transaction():
             self._db.execute("INSERT OR REPLACE INTO slices VALUES (?,?,?,?,?,?)",
                              (i.series_instance_uid, i.sop_instance_uid, i.frame, i.received_at, result.analysed_at,
                               json.dumps(_clean(body))))
@@ -79,12 +92,13 @@ class Store(Sink):
         from medqc.agent.report import series_report
 
         rep = series_report(state, self._privacy())
-        with self._lock:
+        with self._lock, self._transaction():
             self._db.execute("INSERT INTO series VALUES (?,?,?,?,?,?,?) ON CONFLICT(uid) DO UPDATE SET "
                              "verdict=excluded.verdict, slices=excluded.slices, updated_at=excluded.updated_at, "
                              "completed_at=excluded.completed_at, report=excluded.report",
                              (state.uid, state.study_uid, state.verdict, len(state.results), time.time(),
                               state.completed_at, json.dumps(rep, default=str)))
+            faults.reached("store-commit")
 
     def on_rejected(self, rec: dict) -> None:
         with self._lock:

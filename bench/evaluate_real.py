@@ -333,6 +333,10 @@ def slice_changes(job: Job, idx: dict) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------------------------- records
+# the measures kept in the per-slice records: the ring and noise figures the report reads, and what explains
+# a noise or motion score (σ at 2 mm, the ratio without the kernel allowance, the patient size, the air)
+RECORD_MEASURES = ("ring_contrast_hu", "noise_ratio", "noise_sd_2mm", "noise_ratio_plain", "water_eq_diameter_mm",
+                   "trunk_width_mm", "air_dark_hu", "metal_area_mm2", "metal_max_hu")
 def real_artifacts(report: dict, idx: dict) -> dict[str, dict[str, str]]:
     """SOP → {class: why} for the analysed originals that show a real artifact: ``KNOWN_REAL``, and metal
     from the pixels (``METAL_PIXELS`` at or over ``METAL_HU``: ECG electrodes and leads, clips, implants)."""
@@ -382,7 +386,7 @@ def clean_records(report: dict, idx: dict, real: dict) -> list[dict]:
                          "instance": r["instance_number"], "z": r["z"], "variant": "clean", "severity": None,
                          "unit": None, "unit_kind": None, "truth": {}, "changed": False, "mean_abs_hu": 0.0,
                          "real": real.get(r["sop_instance_uid"], {}),
-                         "scores": r["scores"], "measures": {k: r["measures"].get(k) for k in ("ring_contrast_hu", "noise_ratio")}})
+                         "scores": r["scores"], "measures": {k: r["measures"].get(k) for k in RECORD_MEASURES}})
     return recs
 
 
@@ -413,7 +417,7 @@ def injected_records(report: dict, jobs: list[Job], idx: dict, real: dict) -> tu
                          "unit_kind": j.unit.kind, "truth": t["artifacts"], "changed": ch.get("max_abs_hu", 1.0) > 0.0,
                          "mean_abs_hu": ch.get("mean_abs_hu"), "real": real.get(t["source_sop_instance_uid"], {}),
                          "scores": r["scores"],
-                         "measures": {k: r["measures"].get(k) for k in ("ring_contrast_hu", "noise_ratio")}})
+                         "measures": {k: r["measures"].get(k) for k in RECORD_MEASURES}})
     return recs, series
 
 

@@ -38,11 +38,9 @@ spacing or field of view reads alike:
    coherence >= ``METAL_COHERENCE``) is a line pointing at a metal object within ``METAL_ALIGN_DEG`` (metal
    streaks are straight lines through the metal; motion streaks run tangent to the moving skin and bone),
    and any band pixel within ``METAL_NEAR_MM`` of one (the shading beside it). Metal streaks reach the air
-   (dental fillings, an implant or a clip near the skin): on the evaluation slices without motion but with
-   metal the measure's 90th percentile was 4.5-5.7 HU (max 18-30) against 1.7-1.9 without metal, and they
-   were most of the top-scoring slices without motion; with this step 1.7-1.9 (max 9-10). On slices with
-   metal and motion the median fell 7.3 -> 6.3 and 6.4 -> 5.1 HU, and motion AUROC rose 0.9635 -> 0.9668
-   (seed 31337) and 0.9597 -> 0.9639 (seed 777).
+   (dental fillings, an implant or a clip near the skin): counted, they read a 90th percentile of 4.5-5.7 HU
+   (max 18-30) on the evaluation slices with metal but no motion, and make most of the top-scoring slices
+   without motion; with this step those slices read 1.7-1.9 HU (max 9-10), as slices without metal do.
 
 Constants were chosen on synthetic slices of seed 777 and checked on seed 31337 and on real clean CT
 (docs/checks.md has the figures). On real scans it reads a little higher than on clean synthetic ones

@@ -29,7 +29,7 @@ own. A baseline is that normal, learned from the series of that scanner that pas
   baseline's series medians, never above the factor) the series is normal for this scanner, and the
   generic noise level does not raise it. Ring — the series' 90th percentile of the ring
   contrast against the 95th percentile of the baseline's series (their normal) plus ``RING_MARGIN_HU``
-  (2 HU, half the generic ring level; clean real CT reads 0.0–0.1 HU): over it, a ring is supported; a
+  (2 HU, half the generic ring level; the clean real head phantom reads 0.0–0.1 HU): over it, a ring is supported; a
   ring the generic level raised on slices within it is this scanner's normal.
 
 This module needs neither torch nor the agent; ``agent/checks/baseline.py`` turns a judgement into findings.

@@ -25,9 +25,13 @@ def missing_peer(what: str) -> None:
 
 def missing_real_ct(what: str) -> None:
     """The real-CT collection (data shared beside the checkout, not a package any registry carries) is not
-    here: skip, or fail where MEDQC_REQUIRE_REAL_CT=1 (a machine that has it and must test on it)."""
+    here: skip, or fail where MEDQC_REQUIRE_REAL_CT=1 or MEDQC_REAL_CT names the folder (a machine that has it
+    and must test on it). CI (.ci/run) runs on a clean clone without the collection, so MEDQC_REQUIRE_PEERS=1
+    alone does not require it."""
     if os.environ.get("MEDQC_REQUIRE_REAL_CT") == "1":
         pytest.fail(f"{what} (MEDQC_REQUIRE_REAL_CT=1)")
+    if os.environ.get("MEDQC_REAL_CT"):
+        pytest.fail(f"{what} (MEDQC_REAL_CT={os.environ['MEDQC_REAL_CT']} is set, so the collection is expected there)")
     pytest.skip(what)
 
 
@@ -154,3 +158,17 @@ def tiny_bundle(tmp_path_factory) -> Path:
         },
     )
     return root
+
+
+def need_module(name: str, why: str = ""):
+    """Import ``name`` (a dependency of ``make test``'s install: the train and test extras); where it is not
+    installed, ``missing_peer`` (skip, or fail under MEDQC_REQUIRE_PEERS=1). Usable at module level."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        if os.environ.get("MEDQC_REQUIRE_PEERS") == "1":
+            pytest.fail(f"{name} is not importable ({e}){': ' + why if why else ''} (MEDQC_REQUIRE_PEERS=1)",
+                        pytrace=False)
+        pytest.skip(f"{name} is not importable ({e}){': ' + why if why else ''}", allow_module_level=True)

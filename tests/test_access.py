@@ -13,7 +13,7 @@ import time
 
 import pytest
 from medqc.dcmtk import dcmtk  # noqa: E402
-from conftest import free_port  # noqa: E402
+from conftest import free_port, missing_peer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def study(tmp_path_factory):
 def _storescu(study, port, aet, *extra):
     exe = dcmtk("storescu")
     if not exe:
-        pytest.skip("storescu (dcmtk) is not installed")
+        missing_peer("storescu (dcmtk) is not installed (.ci/run installs it)")
     files = sorted(str(p) for p in study.glob("*.dcm"))
     return subprocess.run([exe, *extra, "-aet", aet, "-aec", "MEDQC", "127.0.0.1", str(port), *files],
                           env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=60)
@@ -99,7 +99,7 @@ def _openssl(*args, cwd):
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     if not shutil.which("openssl"):
-        pytest.skip("openssl is not installed")
+        missing_peer("openssl is not installed")
     d = tmp_path_factory.mktemp("pki")
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
              "-subj", "/CN=medqc test CA", cwd=d)

@@ -14,17 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-from medqc.dcmtk import dcmtk  # noqa: E402
+from conftest import need_tool  # noqa: E402
 
-
-
-def need_tool(name: str) -> str:
-
-    path = dcmtk(name)
-    if not path:
-        pytest.skip(f"{name} is not installed")
-    return path
 
 EXPECTED = {54, 58}  # axial slices of the two tilted series in the real Philips study
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import need_module  # noqa: E402
 
-torch = pytest.importorskip("torch")
+torch = need_module("torch")
 
 from medqc import ARTIFACTS  # noqa: E402
 from medqc.models.augment import DomainAugment, to_hu, window  # noqa: E402

@@ -2,7 +2,8 @@
 
 Real data: the real Philips chest (sections of 8 slices copied as series of their own, noise and a ring
 injected into copies in the projection domain), the real Philips head phantom and the TCIA single slices,
-from ``MEDQC_REAL_CT`` (default ``../shared/real-ct``; with ``MEDQC_REQUIRE_REAL_CT=1`` a missing folder fails).
+from ``MEDQC_REAL_CT`` (default ``../shared/real-ct``; with ``MEDQC_REQUIRE_REAL_CT=1``, or ``MEDQC_REAL_CT`` set, a missing
+folder fails).
 The learned store is a real SQLite file in a temporary state directory, written and read by separate
 processes (``medqc calibrate``, ``medqc analyze``, ``medqc agent`` started twice).
 """

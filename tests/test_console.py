@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from medqc.dcmtk import dcmtk  # noqa: E402
-from conftest import free_port, run_ok  # noqa: E402
+from conftest import free_port, missing_peer, need_module, run_ok  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -79,7 +79,7 @@ def agent(tiny_bundle, tmp_path):
 def _send(study: Path, port: int) -> None:
     storescu = dcmtk("storescu")
     if not storescu:
-        pytest.skip("storescu (dcmtk) is not installed")
+        missing_peer("storescu (dcmtk) is not installed (.ci/run installs it)")
     files = sorted(str(p) for p in study.glob("*.dcm"))
     run_ok([storescu, "-aet", "CT_TEST", "-aec", "MEDQC", "127.0.0.1", str(port), *files],
          env={**os.environ, "TCP_NODELAY": "1"}, timeout=120)
@@ -130,8 +130,8 @@ def test_console_api_privacy_and_ack(agent, study):
 
 def test_console_live_in_chromium(agent, study, tmp_path):
     if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium is not installed")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+        missing_peer("Debian chromium is not installed (.ci/run installs it)")
+    sync_api = need_module("playwright.sync_api", "pip install playwright (no browser download needed)")
     cfg, a, server = agent
     url = f"http://127.0.0.1:{server.port}/"
     shot = tmp_path / "console.png"
@@ -193,8 +193,8 @@ def test_strip_in_table_order_for_a_series_sent_out_of_order(tmp_path):
     import pydicom
 
     if not Path(CHROMIUM).exists():
-        pytest.fail("Debian chromium is not installed (.ci/run installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+        missing_peer("Debian chromium is not installed (.ci/run installs it)")
+    sync_api = need_module("playwright.sync_api", "pip install playwright (no browser download needed)")
     study = tmp_path / "tilted"
     run_ok([sys.executable, "-m", "medqc", "synth", "--region", "head", "--slices", "24", "--matrix", "128", "--tilt", "20",
           "--artifact", "metal:0.9@8-19", "--seed", "5", "--no-progress", str(study)], timeout=300)
@@ -211,7 +211,7 @@ def test_strip_in_table_order_for_a_series_sent_out_of_order(tmp_path):
     table_order = [int(h.InstanceNumber) for h in sorted(headers, key=lambda h: -along_normal(h))]
     storescu = dcmtk("storescu")
     if not storescu:
-        pytest.fail("storescu (dcmtk) is not installed")
+        missing_peer("storescu (dcmtk) is not installed (.ci/run installs it)")
     from medqc.agent.daemon import Agent
     from medqc.config import load_config
 

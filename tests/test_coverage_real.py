@@ -3,7 +3,8 @@
 The head cases are resampled from the real head CT that Debian's ``invesalius-examples`` installs (.ci/run
 installs it; under MEDQC_REQUIRE_PEERS=1 its absence fails). The chest cases are sub-ranges of the real
 Philips patient chest in the real-CT folder (``$MEDQC_REAL_CT``, or ``../shared/real-ct`` beside the
-checkout); without that folder they are skipped unless MEDQC_REQUIRE_REAL_CT=1.
+checkout); without that folder they are skipped, and fail instead under MEDQC_REQUIRE_REAL_CT=1 or with
+MEDQC_REAL_CT set (``conftest.missing_real_ct``).
 """
 
 from __future__ import annotations

@@ -141,8 +141,9 @@ def test_a_sharp_kernels_noise_confounds_motion_although_it_is_no_noise_artifact
 
 
 def test_metal_or_a_ring_explains_away_noise_evidence():
-    """Metal streaks and a ring's circles raise the measured σ: where the metal or ring detector is over its
-    threshold, the noise evidence is halved (below the threshold whatever σ reads)."""
+    """Metal streaks and a ring's circles raise the measured σ: where the ring detector is over its threshold, or
+    dense material covers ``NOISE_METAL_AREA_MM2``, the noise evidence is halved (below the threshold whatever σ
+    reads)."""
     noisy = {"noise_ratio": 2.5}
     with_metal = {**noisy, "metal_area_mm2": 60.0, "metal_max_hu": 3071.0}
     with_ring = {**noisy, "ring_contrast_hu": 20.0}
@@ -153,6 +154,11 @@ def test_metal_or_a_ring_explains_away_noise_evidence():
     # (dental work in a store that saturates below 3,000 HU) streaks the slice: half the noise evidence
     assert D.fuse({}, {**noisy, "metal_area_mm2": 2.0, "metal_max_hu": 2600.0})["noise"] >= 0.9
     assert D.fuse({}, {**noisy, "metal_area_mm2": 60.0, "metal_max_hu": 2800.0})["noise"] < D.CLASSICAL_THRESHOLD
+    # a small object at metal density (an ECG electrode or lead, a clip) streaks only the rays through it: the σ
+    # read at the trunk's centre is the dose's, and the noise evidence stands
+    electrode = {**noisy, "metal_area_mm2": 0.5 * D.NOISE_METAL_AREA_MM2, "metal_max_hu": 3071.0}
+    assert D.classical_probs(electrode)["metal"] >= D.CLASSICAL_THRESHOLD  # the metal check still sees it
+    assert D.fuse({}, electrode)["noise"] == pytest.approx(D.fuse({}, noisy)["noise"])
     # metal streaks read as heavy noise are streaks all the same: they explain part of a motion score
     # (until 27 Nov they did not; on the evaluation slices the change took motion AUROC 0.967 -> 0.969)
     assert D.fuse({"motion": 0.8}, with_metal)["motion"] == pytest.approx(0.8 * D.MOTION_EXPLAINED)

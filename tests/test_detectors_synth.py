@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import need_module  # noqa: E402
 
-synth = pytest.importorskip("medqc.synth.training", reason="medqc.synth needs its optional dependencies")
+synth = need_module("medqc.synth.training", "medqc.synth needs its optional dependencies")
 
 from medqc import detectors as D  # noqa: E402
 from medqc.agent.records import SliceInfo, SliceResult  # noqa: E402

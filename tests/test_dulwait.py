@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pydicom
 import pytest
+from conftest import missing_peer
 
 from medqc.agent import dulwait
 from medqc.agent.receiver import Receiver
@@ -42,7 +43,7 @@ def _receiver(tmp_path, seen):
 def test_storescu_series_with_event_driven_waits(tmp_path, real_ct):
     storescu = dcmtk("storescu")
     if not storescu:
-        pytest.skip("DCMTK storescu is not installed (.ci/run installs it)")
+        missing_peer("DCMTK storescu is not installed (.ci/run installs it)")
     seen: list = []
     rx, attached = _receiver(tmp_path, seen)
     files = sorted(p for p in (real_ct / "S3010").iterdir() if p.is_file())[:20]

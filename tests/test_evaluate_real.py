@@ -3,7 +3,8 @@
 injector, analysed through the pipeline ``medqc analyze`` runs.
 
 The real CT comes from ``$MEDQC_REAL_CT`` (default ``../shared/real-ct`` beside the checkout). Without it the
-test skips, except under ``MEDQC_REQUIRE_REAL_CT=1``, where its absence is a failure (``conftest.missing_real_ct``).
+test skips, except under ``MEDQC_REQUIRE_REAL_CT=1`` or with ``MEDQC_REAL_CT`` set, where its absence is a failure
+(``conftest.missing_real_ct``).
 """
 
 from __future__ import annotations

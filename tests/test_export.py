@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import need_module  # noqa: E402
 
-torch = pytest.importorskip("torch")
-onnx = pytest.importorskip("onnx")
+torch = need_module("torch")
+onnx = need_module("onnx")
 
 from medqc import ARTIFACTS  # noqa: E402
 from medqc.bundle import load_bundle  # noqa: E402
@@ -412,7 +413,7 @@ def test_fp16_duplicate_casts_are_merged():
     """ONNX Runtime's FP16 converter before 1.32 emits one Cast per FP32-kept consumer of an FP16 tensor, all
     with the same output name; the export merges them so ``onnx.checker`` accepts the graph (seen on a GPU
     machine with onnxruntime 1.30)."""
-    onnx = pytest.importorskip("onnx")
+    onnx = need_module("onnx")
     from onnx import TensorProto, helper
 
     from medqc.export.onnx_export import _dedupe_casts, _toposort

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 from medqc.dcmtk import dcmtk  # noqa: E402
-from conftest import free_port, run_ok  # noqa: E402
+from conftest import free_port, missing_peer, run_ok  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def _get(url, token=None, timeout=10):
 def send(study, port, aet="CT_TEST"):
     storescu = dcmtk("storescu")
     if not storescu:
-        pytest.skip("storescu (dcmtk) is not installed")
+        missing_peer("storescu (dcmtk) is not installed (.ci/run installs it)")
     files = sorted(str(p) for p in study.glob("*.dcm"))
     return subprocess.run([storescu, "-aet", aet, "-aec", "MEDQC", "127.0.0.1", str(port), *files],
                           env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=120)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import need_module  # noqa: E402
 
 from medqc import ARTIFACTS
 
@@ -49,7 +50,7 @@ def test_default_bundle_is_intact(bundle):
 
 
 def test_default_checkpoint_loads(bundle):
-    pytest.importorskip("torch")
+    need_module("torch")
     from medqc.models import load_checkpoint
 
     name, model, meta = load_checkpoint(bundle.verify("checkpoint"))
@@ -74,7 +75,7 @@ def _patient_slices():
 
 
 def test_default_bundle_detects_metal(bundle, runner):
-    pytest.importorskip("medqc.synth.training")
+    need_module("medqc.synth.training")
     slices, r = _patient_slices()
     p, pos = _probs(runner, bundle, slices)
     thr = bundle.thresholds

@@ -5,7 +5,8 @@
 - Orthanc, as the SCU (its C-STORE to a configured modality, as a PACS router forwards a study), sends a
   study to a running ``medqc agent``, which analyses every slice and gives the series its verdict.
 
-``.ci/run`` installs Orthanc from Debian; without it the tests are skipped.
+``.ci/run`` installs Orthanc from Debian; without it the tests are skipped, except under MEDQC_REQUIRE_PEERS=1
+(as ``.ci/run`` sets), where its absence fails them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port  # noqa: E402
+from conftest import free_port, missing_peer, need_module  # noqa: E402
 
 PY = sys.executable
 
@@ -29,7 +30,7 @@ class Orthanc:
     def __init__(self, tmp: Path, modalities: dict | None = None):
         exe = shutil.which("Orthanc")
         if not exe:
-            pytest.skip("Orthanc is not installed (.ci/run installs it)")
+            missing_peer("Orthanc is not installed (.ci/run installs it)")
         self.dicom_port, self.http_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         work = tmp / f"orthanc-{self.dicom_port}"
@@ -91,7 +92,7 @@ def test_replay_into_orthanc_real_and_synthetic(tmp_path):
     from medqc.tools.bench.study import write_phantom_series
 
     files = write_phantom_series(tmp_path / "study" / "synthetic", 12, size=128)
-    data = pytest.importorskip("pydicom.data")
+    data = need_module("pydicom.data")
     real = tmp_path / "study" / "real"
     real.mkdir()
     for name in ("693_J2KR.dcm", "J2K_pixelrep_mismatch.dcm", "bad_sequence.dcm"):
@@ -139,8 +140,7 @@ def test_orthanc_routes_a_study_to_the_agent(tmp_path):
     assert len(files) == 16
     agent = Agent(tmp_path / "agent", None, inference=True)
     why = agent.start()
-    if why:
-        pytest.skip(why)
+    assert not why, f"the agent did not start: {why}"
     pacs = None
     try:
         pacs = Orthanc(tmp_path, {"medqc": ["MEDQC", "127.0.0.1", agent.port]})

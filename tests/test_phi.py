@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from medqc.dcmtk import dcmtk  # noqa: E402
-from conftest import free_port  # noqa: E402
+from conftest import free_port, missing_peer  # noqa: E402
 
 NAME = "QUIXOTEVANS^ZEPHYRINA"
 PID = "PIDQ7731X"
@@ -60,7 +60,7 @@ class _Hook(BaseHTTPRequestHandler):
 def test_no_identifier_in_any_output(tiny_bundle, tmp_path, study):
     storescu, storescp = dcmtk("storescu"), dcmtk("storescp")
     if not (storescu and storescp):
-        pytest.skip("dcmtk is not installed")
+        missing_peer("dcmtk is not installed (.ci/run installs it)")
     hook = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     hook.bodies = []
     threading.Thread(target=hook.serve_forever, daemon=True).start()

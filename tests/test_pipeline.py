@@ -132,7 +132,6 @@ def test_a_large_multiframe_object_is_analysed_frame_by_frame(tmp_path, tiny_bun
 
 
 def test_drop_folder_ingest(tmp_path, real_ct, tiny_bundle):
-    pytest.importorskip("watchdog")
     from medqc.agent.watch import DropFolder
 
     files = _series_files(real_ct, tmp_path / "src", 5, expected=5)

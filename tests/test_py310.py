@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import need_module
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["medqc", "agent", "export", "models", "scripts", "bench"]
@@ -17,7 +18,7 @@ VERMIN = [sys.executable, "-c", "import sys; from vermin.main import main; sys.e
 
 
 def _vermin(*paths) -> subprocess.CompletedProcess:
-    pytest.importorskip("vermin", reason="vermin is in the test extra: pip install -e '.[test]'")
+    need_module("vermin", "vermin is in the test extra: pip install -e '.[test]'")
     return subprocess.run([*VERMIN, *map(str, paths)], capture_output=True, text=True, timeout=120)
 
 

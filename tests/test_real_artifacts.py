@@ -1,5 +1,5 @@
 """Artifact detectors on real scanner output (the real-CT collection: ``$MEDQC_REAL_CT`` or ../shared/real-ct;
-absent, these skip unless MEDQC_REQUIRE_REAL_CT=1)."""
+absent, these skip, and fail instead under MEDQC_REQUIRE_REAL_CT=1 or with MEDQC_REAL_CT set)."""
 
 from __future__ import annotations
 
@@ -54,3 +54,26 @@ def test_a_ring_on_a_real_thin_chest_slice_is_read(tmp_path):
     clean = [v for k, v in by_desc.items() if not k.endswith("+ring")]
     ringed = [v for k, v in by_desc.items() if k.endswith("+ring")]
     assert clean and ringed and clean[0] < 2.0 and ringed[0] > 6.0, by_desc
+
+
+def test_noise_on_a_real_slice_with_ecg_electrodes_is_not_taken_for_metal_streaks(tmp_path):
+    """A GE 5 mm chest slice with ECG electrodes and leads at metal density (about 15 mm² over 2,500 HU, under
+    8 mm across each): they streak only the few rays through them, and the σ read at the trunk's centre is the
+    dose's (about 11 HU at 2 mm). Noise injected there is judged as noise, not halved as metal streaks; the
+    clean slice stays well under the level."""
+    from medqc import detectors as D
+    from medqc.synth.inject import inject_series
+
+    src = need(REAL / "tcia-covid19-ny-sbu-slices" / "A072894" / "axial" / "19010103-40.dcm")
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(src, one / src.name)
+    inject_series(one, tmp_path / "noise", "noise", 0.7, seed=1, progress=False)
+    rep = analyze(one, tmp_path / "noise")
+    by_desc = {s["series_description"]: s["per_slice"][0] for s in rep["series"]}
+    (clean,) = [p for k, p in by_desc.items() if not k.endswith("+noise")]
+    (noisy,) = [p for k, p in by_desc.items() if k.endswith("+noise")]
+    assert 0.0 < clean["measures"]["metal_area_mm2"] < D.NOISE_METAL_AREA_MM2, clean["measures"]
+    assert clean["scores"]["noise"] < 0.2, clean
+    assert noisy["measures"]["noise_sd_2mm"] > 3.0 * clean["measures"]["noise_sd_2mm"], (clean, noisy)
+    assert noisy["scores"]["noise"] >= D.CLASSICAL_THRESHOLD, noisy

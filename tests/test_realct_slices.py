@@ -14,8 +14,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import missing_peer, need_module  # noqa: E402
 
-pytest.importorskip("data_store", reason="pydicom-data (test dependency) is not installed")
+need_module("data_store", "pydicom-data is in the test extra")
 from pydicom.data import get_testdata_file  # noqa: E402
 from medqc.dcmtk import dcmtk  # noqa: E402
 
@@ -125,7 +126,7 @@ def test_agent_receives_real_compressed_ct_from_dcmtk_and_pynetdicom(tmp_path, p
 
     storescu = dcmtk("storescu")
     if not storescu:
-        pytest.skip("storescu (dcmtk) is not installed")
+        missing_peer("storescu (dcmtk) is not installed (.ci/run installs it)")
     state, out = tmp_path / "state", tmp_path / "out.jsonl"
     cfg = tmp_path / "medqc.toml"
     cfg.write_text("[series]\nidle_timeout_s = 1.0\n[spool]\nmin_free_mb = 0\n[http]\nenabled = false\n")

@@ -11,18 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from medqc.dcmtk import dcmtk  # noqa: E402
-from conftest import free_port  # noqa: E402
+from conftest import free_port, need_tool  # noqa: E402
 
 PY = sys.executable
-
-
-def need_tool(name: str) -> str:
-
-    path = dcmtk(name)
-    if not path:
-        pytest.skip(f"{name} is not installed (.ci/run installs it)")
-    return path
 
 
 def write_ct_series(folder: Path, n: int, rows: int = 64, study_uid: str | None = None, content_step_s: float | None = None) -> list[Path]:

@@ -27,11 +27,10 @@ def test_replay_measures_agent_latency(tmp_path, tiny_bundle):
     files = write_phantom_series(tmp_path / "study", 20)
     agent = Agent(tmp_path / "agent", str(tiny_bundle), inference=True)
     why = agent.start()
-    if why:
-        pytest.skip(why)
+    assert not why, f"the agent did not start: {why}"
     if not agent.http_up:
         agent.stop()
-        pytest.skip("this agent build serves no HTTP API (medqc.agent.http): replay's --agent-url needs it")
+        pytest.fail(f"the agent serves no HTTP API (replay's --agent-url needs it): {agent.tail()}")
     try:
         out = tmp_path / "r.json"
         png = tmp_path / "r.png"
@@ -60,11 +59,10 @@ def test_replay_real_vendor_study_into_agent(tmp_path, tiny_bundle, real_ct):
 
     agent = Agent(tmp_path / "agent", str(tiny_bundle), inference=True)
     why = agent.start()
-    if why:
-        pytest.skip(why)
+    assert not why, f"the agent did not start: {why}"
     if not agent.http_up:
         agent.stop()
-        pytest.skip("this agent build serves no HTTP API")
+        pytest.fail(f"the agent serves no HTTP API (replay's --agent-url needs it): {agent.tail()}")
     try:
         out = tmp_path / "r.json"
         r = subprocess.run([sys.executable, "-m", "medqc", "replay", str(real_ct), "--to", f"127.0.0.1:{agent.port}", "--asap",

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import missing_peer, need_module
 
-torch = pytest.importorskip("torch")
+torch = need_module("torch", "the train extra")
 
 pytestmark = pytest.mark.gpu
 
@@ -31,7 +32,7 @@ def need_tensorrt():
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        pytest.skip("TensorRT is not installed (pip install tensorrt)")
+        missing_peer("TensorRT is not installed on this CUDA machine (pip install tensorrt)")
 
 
 @pytest.fixture(scope="module")

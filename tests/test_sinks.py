@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from medqc.dcmtk import dcmtk  # noqa: E402
+from conftest import missing_peer  # noqa: E402
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -112,7 +113,7 @@ def test_webhook_url_validated():
 def _storescp(tmp_path, port):
     exe = dcmtk("storescp")
     if not exe:
-        pytest.skip("storescp (dcmtk) is not installed")
+        missing_peer("storescp (dcmtk) is not installed (.ci/run installs it)")
     out = tmp_path / "pacs"
     out.mkdir()
     p = subprocess.Popen([exe, "-aet", "PACS", "-od", str(out), "+xa", str(port)], env={**os.environ, "TCP_NODELAY": "1"},
@@ -124,7 +125,7 @@ def _storescp(tmp_path, port):
 def _dciodvfy(path: Path) -> str:
     exe = shutil.which("dciodvfy")
     if not exe:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
+        missing_peer("dciodvfy (dicom3tools) is not installed (.ci/run installs it)")
     r = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
     return r.stdout + r.stderr
 

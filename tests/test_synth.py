@@ -21,6 +21,7 @@ from medqc.synth.phantom import Implant, random_patient, rasterize
 from medqc.synth.study import ArtifactSpec, StudyOptions, write_study
 from medqc.synth.training import SliceSpec, noise_severity, sample_training_slices, simulate_slice
 from medqc.dcmtk import dcmtk  # noqa: E402
+from conftest import missing_peer  # noqa: E402
 
 DEFINED_BODY_PARTS = {"HEAD", "NECK", "CHEST", "ABDOMEN", "PELVIS", "ABDOMENPELVIS", "CHESTABDPELVIS"}
 
@@ -28,7 +29,7 @@ DEFINED_BODY_PARTS = {"HEAD", "NECK", "CHEST", "ABDOMEN", "PELVIS", "ABDOMENPELV
 def _need(tool: str) -> str:
     path = dcmtk(tool)
     if not path:
-        pytest.skip(f"{tool} is not installed")
+        missing_peer(f"{tool} is not installed (.ci/run installs it)")
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import need_module  # noqa: E402
 
 from medqc import ARTIFACTS
 from medqc.cli import main
@@ -32,7 +33,7 @@ def test_bad_options_exit_2(argv, msg, capsys, tmp_path):
 
 
 def test_cuda_requested_without_gpu(capsys, tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = need_module("torch")
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
     rc = main(["train", "--device", "cuda", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c"), "--n-train", "8", "--n-val", "8"])
@@ -49,7 +50,7 @@ def test_holdout_rules():
 
 
 def test_tiny_training_run(tmp_path, capsys):
-    pytest.importorskip("medqc.synth.training", reason="the synthetic generator is part of this repository")
+    need_module("medqc.synth.training", "the synthetic generator is part of this repository")
     from medqc.models import load_checkpoint
 
     out, cache, card = tmp_path / "run", tmp_path / "cache", tmp_path / "cards" / "tiny.md"
@@ -101,8 +102,8 @@ def test_real_negatives_options(tmp_path, capsys):
 
 def test_training_with_real_negatives_and_epoch_checkpoints(tmp_path, capsys):
     """Real CT (pydicom-data's GE slice) is mixed into the batches; every epoch's checkpoint is kept."""
-    pytest.importorskip("medqc.synth.training", reason="the synthetic generator is part of this repository")
-    data = pytest.importorskip("pydicom.data")
+    need_module("medqc.synth.training", "the synthetic generator is part of this repository")
+    data = need_module("pydicom.data")
     import shutil
 
     real = tmp_path / "real"

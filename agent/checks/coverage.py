@@ -148,8 +148,8 @@ def iliac_crest(ordered) -> dict:
     """Classical iliac crests: going down the body, bone in the lateral thirds of the body section
     disappears below the lowest ribs (the lumbar gap: < 150 mm² on ≥ 2 slices) and returns with the iliac
     wings (≥ 600 mm² on ≥ 2 slices), after at most one slice through the crests' tips (150–600 mm²). The
-    crest lies between the last slice of the gap and the first with wing bone (their midpoint; until 27 Nov
-    the first slice of full wings, and a slice of tips in between hid the crest). A scan whose top slice lies
+    crest lies between the last slice of the gap and the first with wing bone (their midpoint: the first
+    slice of full wings lies below the crest, and a slice of tips in between must not hide it). A scan whose top slice lies
     in the lumbar gap, with the wings from the next slice on, has its crest there too: a pelvis protocol
     starts just above the crests, so its first slice is often the only one above them (with the network
     alone such a scan read 23 mm short on the evaluation). Only an unambiguous single transition below the

@@ -5,8 +5,7 @@
   level judges the median dose of a department's standard-size patients, not one exam: with tube-current
   modulation a large patient's exam exceeds it by design. And nothing about this finding calls for a
   repeat while the patient is on the table (a repeat only adds dose): it is for the protocol review, and
-  twice the level is worth a look before the next patient. It used to be a warning above the level and
-  critical (a failed series) above twice it. Where the patient's size can be read (the water-equivalent
+  twice the level is worth a look before the next patient. Where the patient's size can be read (the water-equivalent
   diameter Dw of AAPM Report 220, on slices whose displayed field does not cut the trunk) the message and
   the report also give the size-specific dose estimate (SSDE, AAPM Report 204: CTDIvol × a·exp(−b·Dw),
   the 16 or 32 cm phantom's fit from CTDIPhantomTypeCodeSequence, else 16 cm for a head rule and 32 cm
@@ -31,8 +30,8 @@ from medqc.agent.checks.common import finding, finite
 REF_THICKNESS_MM = 5.0
 DOSE_WARNING_FACTOR = 2.0  # dose.ctdivol: info above the reference level, a warning above this many times it
 # the same sharp-kernel names the per-slice noise measure skips (GE BONE/LUNG/EDGE/DETAIL, Siemens ≥ 60 and
-# the Bl lung family, Philips C/D/E/L/Y*, Canon FC3x bone and FC5x-9x): their noise is high by design, and
-# the narrower list this check had before judged Philips and Siemens lung-kernel series against soft-tissue levels
+# the Bl lung family, Philips C/D/E/L/Y*, Canon FC3x bone and FC5x-9x): their noise is high by design, and a
+# narrower list would judge Philips and Siemens lung-kernel series against soft-tissue levels
 SHARP_KERNEL = detectors.SHARP_KERNEL
 SHARP_NOISE_FACTOR = detectors.SHARP_NOISE_FACTOR
 kernel_noise_factor = detectors.kernel_noise_factor

@@ -62,6 +62,9 @@ class SinkThread:
             if item is None:
                 break
             method, args = item
+            if method == "_after":  # the pipeline's marker: this sink handled every event queued before it
+                args[0]()
+                continue
             try:
                 getattr(self.sink, method)(*args)
             except Exception as e:  # noqa: BLE001 - observers log and carry on
@@ -94,3 +97,4 @@ def _flush_marker(self, done):  # bound onto every Sink so flush() works without
 
 
 Sink._flush_marker = _flush_marker  # type: ignore[attr-defined]
+

@@ -6,6 +6,11 @@
 The document carries the study's UIDs only; Patient Name/ID are left empty (type 2) so nothing
 identifying leaves the agent that did not come from the PACS' own study; the PACS files it by Study
 Instance UID. Up to ``MAX_REFS`` images are referenced per finding (evenly spread over the flagged run).
+
+The document's SOP Instance UID and its series' UID derive from the scanned series' UID, the kind and the
+findings reported (ids and severities): a series analysed again after a restart (the agent was killed
+after the report left and before the series' spool files were released) sends the same instance again,
+which the destination files as the same object, not a second report.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import datetime
 import logging
 
+from medqc.agent import faults
 from medqc.agent.sinks.base import Sink
 
 log = logging.getLogger("medqc.agent.sinks.dicom_sr")
@@ -71,7 +77,8 @@ def build_document(state, findings, kind: str = "sr", ae_title: str = "MEDQC", n
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.SOPInstanceUID = generate_uid()
+    basis = [state.uid, kind] + [f"{f.finding_id}={f.severity}" for f in findings]
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["medqc-report", *basis])
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = generate_uid(entropy_srcs=["medqc"])
@@ -90,7 +97,7 @@ def build_document(state, findings, kind: str = "sr", ae_title: str = "MEDQC", n
     ds.AccessionNumber = ""
     # SR Document Series / Key Object Document Series
     ds.Modality = "SR" if kind == "sr" else "KO"
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["medqc-report-series", state.uid, kind])
     ds.SeriesNumber = 9901
     ds.SeriesDescription = "medqc CT quality control"
     ds.ReferencedPerformedProcedureStepSequence = []
@@ -200,6 +207,7 @@ class DicomSrSink(Sink):
         assoc = ae.associate(self.host, self.port, ae_title=self.called_aet)
         if not assoc.is_established:
             raise ConnectionError(f"association with {self.called_aet} at {self.host}:{self.port} failed")
+        faults.reached("sr-send")
         try:
             status = assoc.send_c_store(ds)
         finally:

@@ -486,7 +486,7 @@ def rasterize(p: Patient, r: float, X: np.ndarray, Y: np.ndarray) -> _Canvas:
             # --------------------------------------------------- pelvis
             if L["iliac_crest"] - 10 < r < L["ischial_tuberosity"] + 10:
                 wide = 1.1 if p.female else 1.0
-                if L["iliac_crest"] <= r < L["acetabular_roof"]:  # iliac wings: the crest is their top (10 mm above it before generator 9)
+                if L["iliac_crest"] <= r < L["acetabular_roof"]:  # iliac wings: the crest is their top
                     t = (r - L["iliac_crest"]) / (L["acetabular_roof"] - L["iliac_crest"])
                     for sx in (-1, 1):
                         bone(sx * (0.62 - 0.22 * t) * Ai * wide, V(0.25 - 0.15 * t), 0.28 * Ai * (1 - 0.4 * t), 7 + 6 * t, -sx * (0.9 - 0.5 * t), shell=2.5)

@@ -226,8 +226,8 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
         rr = np.sqrt(X**2 + Y**2)
         # the label is the truncation the picture shows: the patient outside the scan field *within the
         # displayed field* (10 mm margin, where the cut and its bright rim sit). Arms beyond a scan field
-        # that a smaller displayed field crops away leave at most faint shading in the picture; before
-        # generator 7 they were labelled too, which no image-based reader can see
+        # that a smaller displayed field crops away leave at most faint shading in the picture: no
+        # image-based reader can see them, so they carry no label
         half = spec.fov_mm / 2 + 10.0
         shown = (np.abs(X - spec.center[0]) <= half) & (np.abs(Y - spec.center[1]) <= half)
         trunc_frac = float((body & (rr > spec.sfov_mm / 2) & shown).sum() / max(body.sum(), 1))
@@ -298,7 +298,7 @@ def simulate_slice(p: Patient, spec: SliceSpec, rng: np.random.Generator, ring_o
         gain = ring_target(spec.ring) / unit_amp if unit_amp > 0 else 0.0
         # the label is the ring as the image shows it: only rings whose whole circle lies inside the
         # displayed field (radius + display-centre offset <= half the field) count; a bad channel whose
-        # ring falls outside a targeted field is not in the picture (before generator 6 it was labelled)
+        # ring falls outside a targeted field is not in the picture, so it carries no label
         r_vis = spec.fov_mm / 2.0 - math.hypot(spec.center[0], spec.center[1])
         n_vis = int(max(0.0, r_vis) // (f2 * px))  # 2 mm bins whose outer radius is inside
         ring_amp = float(np.abs(prof[:n_vis]).max()) * gain if n_vis > 0 else 0.0
