@@ -16,6 +16,7 @@ Markdown table under ``--out`` (default ``bench/results``) named after the machi
 ``cpu-<N>core``), with the machine description.
 
 One module per job: ``study`` (the study), ``harness`` (the agent as a subprocess, read through its store),
-``ingest`` (a–c), ``micro`` (d, e), ``report`` (section records, machine, table, targets, Markdown, PNG) and
-``cli`` (``run_bench()``, options).
+``ingest`` (a–c), ``micro`` (d, e), ``report`` (section records, machine, table, targets, Markdown, PNG),
+``cli`` (``run_bench()``, options) and ``soak`` (``--soak``: a real agent under sustained load from real
+senders, its own run and report).
 """

@@ -153,7 +153,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, metavar="N", help="ONNX Runtime intra-op threads for (d) (default: the runner's)")
     p.add_argument("--study", default=None, metavar="DIR", help="use this CT series (one series of uncompressed DICOM files) instead of a synthetic one")
     p.add_argument("--keep", action="store_true", help="keep the temporary study and agent state (path in the JSON)")
-    p.add_argument("--soak", type=float, default=None, metavar="MINUTES", help="instead: a soak of a real agent under real senders (medqc/soak.py)")
+    p.add_argument("--soak", type=float, default=None, metavar="MINUTES", help="instead: a soak of a real agent under real senders (medqc/tools/bench/soak.py)")
     p.add_argument("--senders", type=int, default=4, metavar="N", help="--soak: DCMTK senders besides the one through Orthanc (default 4)")
     p.add_argument("--max-backlog", type=int, default=1000, metavar="SLICES", help="--soak: a sender starts its next series only below this backlog (default 1000)")
     p.add_argument("--no-router", action="store_true", help="--soak: no sender through Orthanc")
@@ -161,7 +161,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     if args.soak is not None:
-        from medqc.soak import run_cli
+        from medqc.tools.bench.soak import run_cli
 
         return run_cli(args)
     only = tuple(dict.fromkeys(args.only.lower()))
