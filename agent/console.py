@@ -117,7 +117,7 @@ def _hhmm(dicom_time: str, fallback: float) -> str:
 def coverage_view(state, positions: list[float]) -> dict | None:
     """Scanned range against the protocol's required range on the reference body scale (mm below the
     vertex), with the landmarks named and the missing / excess millimetres at each end."""
-    from medqc.anatomy import LANDMARKS
+    from medqc.analysis.anatomy import LANDMARKS
 
     rule = getattr(state, "rule", None)
     if rule is None or rule.start not in LANDMARKS or rule.end not in LANDMARKS:

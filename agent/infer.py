@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from medqc import detectors
+from medqc.analysis import measures as detectors
 from medqc.agent.records import SliceInfo, SliceResult
-from medqc.preprocess import preprocess
+from medqc.analysis.preprocess import preprocess
 
 log = logging.getLogger("medqc.agent.infer")
 

@@ -80,7 +80,9 @@ def _metrics(y: np.ndarray, s: np.ndarray, thr: float | None) -> dict:
 
 
 def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
-    from medqc import ARTIFACTS, airstreaks, detectors
+    from medqc import ARTIFACTS
+    from medqc.analysis import airstreaks
+    from medqc.analysis import measures as detectors
     from medqc.agent.infer import Inferer
     from medqc.bundle import load_bundle
 
@@ -112,7 +114,7 @@ def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
         print(f"\ranalysed {len(rows)}/{n}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     # the network alone (every class, before drops): one more pass through the runner on the same inputs
-    from medqc.preprocess import preprocess
+    from medqc.analysis.preprocess import preprocess
 
     net_probs = []
     for b in range(0, len(slices), 16):
@@ -154,7 +156,7 @@ def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
 
 
 def markdown(res: dict) -> str:
-    from medqc import detectors
+    from medqc.analysis import measures as detectors
 
     L = ["# Per-slice evaluation of the agent's scores (`bench/evaluate_slices.py`)", "",
          f"{res['n']} synthetic slices (`medqc.synth.training`, seed {res['seed']}: no shipped model trained on it), "

@@ -1,6 +1,6 @@
 """Per-scanner baselines: each scanner's normal noise and ring level, learned from the site's own passed series.
 
-The generic levels of the noise and ring checks (``medqc/detectors.py``, ``agent/checks/dose.py``) are set
+The generic levels of the noise and ring checks (``medqc/analysis/measures.py``, ``agent/checks/dose.py``) are set
 from physics and published routine values; a scanner, a kernel and a slice thickness have a normal of their
 own. A baseline is that normal, learned from the series of that scanner that passed with no finding:
 

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medqc.preprocess import PreprocessParams
+from medqc.analysis.preprocess import PreprocessParams
 
 SCHEMA = "medqc.bundle/1"
 
@@ -91,7 +91,7 @@ class Bundle:
     def check_thresholds(self) -> dict[str, float]:
         """Thresholds the series checks apply to fused scores: the manifest's, except that a class whose
         network is off and that classical evidence can see takes the classical threshold."""
-        from medqc.detectors import CLASSICAL_CLASSES, CLASSICAL_THRESHOLD
+        from medqc.analysis.measures import CLASSICAL_CLASSES, CLASSICAL_THRESHOLD
 
         th = self.thresholds
         for k in self.network_off:

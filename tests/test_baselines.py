@@ -401,7 +401,7 @@ def test_the_agent_learns_from_its_passed_series_and_keeps_them_across_a_restart
 def _ring_series(uid: str, ring_hu: float, n: int = 20):
     """A series of ``n`` slices 5 mm apart with this ring contrast on every slice, scored as the agent scores a
     slice when the network's ring head is off (the classical evidence alone, ``detectors.fuse``)."""
-    from medqc import detectors
+    from medqc.analysis import measures as detectors
 
     out = []
     for i in range(n):

@@ -11,7 +11,7 @@ import pytest
 from medqc.agent.checks.protocols import load_rules, match_rule
 from medqc.agent.records import SliceInfo, SliceResult
 from medqc.agent.series import SeriesTracker
-from medqc.anatomy import LANDMARKS
+from medqc.analysis.anatomy import LANDMARKS
 from medqc.config import ConfigError, load_config
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -457,7 +457,7 @@ def test_centering_and_noise_index():
 def _real_results(folder):
     import pydicom
 
-    from medqc import detectors as D
+    from medqc.analysis import measures as D
 
     out = []
     for p in sorted(folder.glob("I*")):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medqc import airstreaks
-from medqc import detectors as D
+from medqc.analysis import airstreaks
+from medqc.analysis import measures as D
 from medqc.agent.records import SliceInfo
 
 PS = 0.7  # mm per pixel: a 358 mm field on 512²

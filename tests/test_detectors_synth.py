@@ -9,10 +9,10 @@ from conftest import need_module  # noqa: E402
 
 synth = need_module("medqc.synth.training", "medqc.synth needs its optional dependencies")
 
-from medqc import detectors as D  # noqa: E402
+from medqc.analysis import measures as D  # noqa: E402
 from medqc.agent.records import SliceInfo, SliceResult  # noqa: E402
 from medqc.agent.series import SeriesTracker  # noqa: E402
-from medqc.anatomy import LANDMARKS  # noqa: E402
+from medqc.analysis.anatomy import LANDMARKS  # noqa: E402
 from medqc.config import load_config  # noqa: E402
 from medqc.synth.phantom import add_implant, random_patient  # noqa: E402
 
@@ -72,7 +72,7 @@ def test_metal_truncation_and_noise_evidence():
 def test_patient_motion_darkens_the_air_around_the_body(kind):
     """Motion simulated in the projections (a pose per view, then FBP): the free air around the body
     streaks; the same slice without motion leaves it flat."""
-    from medqc import airstreaks
+    from medqc.analysis import airstreaks
 
     p = random_patient(np.random.default_rng(12), contrast=False, arms="up")
     clean, _ = sim(p, 600.0, fov_mm=450)
@@ -87,7 +87,7 @@ def test_metal_streaks_in_the_air_are_not_motion():
     beside it reach the air around the head, and the air measure read them as motion (3.2 HU, half the
     evidence). Streaks pointing at a metal object, and darkness within 60 mm of one, are the metal's: the
     clean slice reads as clean air; the same slice moved 8 mm still reads streaked."""
-    from medqc import airstreaks
+    from medqc.analysis import airstreaks
 
     p = random_patient(np.random.default_rng(13), contrast=False, arms="up")
     add_implant(p, np.random.default_rng(5), 60.0, 0.9)
@@ -103,7 +103,7 @@ def test_motion_streaks_clipped_at_the_storage_floor_still_count():
     darkest streaks sit on the floor, and they were most of the near-air pixels in the band, so the air's
     level was taken on the floor itself and the measure read 1.2 HU. The floor is no air level: leaving it
     out, the streaks read 7.9 HU (full evidence); the same slice without motion stays clean."""
-    from medqc import airstreaks
+    from medqc.analysis import airstreaks
 
     p = random_patient(np.random.default_rng(12), contrast=False, arms="up")
     clean, _ = sim(p, 1000.0, fov_mm=350)

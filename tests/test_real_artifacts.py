@@ -61,7 +61,7 @@ def test_noise_on_a_real_slice_with_ecg_electrodes_is_not_taken_for_metal_streak
     8 mm across each): they streak only the few rays through them, and the σ read at the trunk's centre is the
     dose's (about 11 HU at 2 mm). Noise injected there is judged as noise, not halved as metal streaks; the
     clean slice stays well under the level."""
-    from medqc import detectors as D
+    from medqc.analysis import measures as D
     from medqc.synth.inject import inject_series
 
     src = need(REAL / "tcia-covid19-ny-sbu-slices" / "A072894" / "axial" / "19010103-40.dcm")

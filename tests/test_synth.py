@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from medqc import ARTIFACTS
-from medqc.anatomy import LANDMARKS, ordered_landmarks
+from medqc.analysis.anatomy import LANDMARKS, ordered_landmarks
 from medqc.cli import main as medqc_main
 from medqc.synth.phantom import Implant, random_patient, rasterize
 from medqc.synth.study import ArtifactSpec, StudyOptions, write_study
@@ -185,7 +185,7 @@ def test_a_thick_section_at_a_low_dose_carries_its_labelled_noise(implant):
     electronic noise dominates and does not scale with the dose. The image still carries (at least) the
     noise its label gives, with and without metal; before generator 9 a slice with metal there came out
     nearly noise-free (3 HU at 2 mm for a label of 33)."""
-    from medqc import detectors as D
+    from medqc.analysis import measures as D
     from medqc.agent.records import SliceInfo
     from medqc.synth.phantom import add_implant
 

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 
-from medqc import ARTIFACTS, detectors
+from medqc import ARTIFACTS
+from medqc.analysis import measures as detectors
 from medqc.agent.checks.common import finding
 
 CRITICAL_SLICES = 5

@@ -25,7 +25,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from medqc import baselines, detectors
+from medqc import baselines
+from medqc.analysis import measures as detectors
 from medqc.agent.checks.artifact import ADVICE, NAMES, consecutive
 from medqc.agent.checks.common import finding, finite
 from medqc.agent.records import Finding

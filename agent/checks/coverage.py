@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from medqc.anatomy import LANDMARK_NAMES, LANDMARKS
+from medqc.analysis.anatomy import LANDMARK_NAMES, LANDMARKS
 from medqc.agent.checks.common import finding, finite
 
 LUNG_PRESENT_MM2 = 1500.0

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from medqc import detectors
+from medqc.analysis import measures as detectors
 from medqc.agent.checks.common import finding, finite
 
 REF_THICKNESS_MM = 5.0

@@ -8,7 +8,7 @@ show it beside the findings.
 
 from __future__ import annotations
 
-from medqc import detectors
+from medqc.analysis import measures as detectors
 from medqc.agent.checks.artifact import NETWORK_ONLY_MIN_EXTENT_MM, RELATIVE_MIN_SLICES
 from medqc.agent.checks.common import finite
 from medqc.agent.checks.dose import CENTERING_MIN_SLICES, NOISE_INDEX_MIN_SLICES

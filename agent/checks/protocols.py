@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medqc.anatomy import LANDMARKS
+from medqc.analysis.anatomy import LANDMARKS
 from medqc.config import ConfigError
 
 if sys.version_info >= (3, 11):

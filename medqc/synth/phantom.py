@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from medqc.anatomy import LANDMARKS
+from medqc.analysis.anatomy import LANDMARKS
 
 
 @dataclass

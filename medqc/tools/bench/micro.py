@@ -33,7 +33,7 @@ def load_slices(files: list[Path], params) -> tuple["object", dict]:
     import numpy as np
     import pydicom
 
-    from medqc.preprocess import preprocess
+    from medqc.analysis.preprocess import preprocess
 
     out, dec_ms, pre_ms = [], [], []
     for p in files:
@@ -175,7 +175,7 @@ def bench_naive(files: list[Path], bundle, min_s: float) -> dict:
     import numpy as np
     import pydicom
 
-    from medqc.preprocess import preprocess
+    from medqc.analysis.preprocess import preprocess
     from medqc.runners import backend_class
 
     try:

@@ -29,7 +29,7 @@ import re
 
 import numpy as np
 
-from medqc import airstreaks
+from medqc.analysis import airstreaks
 
 try:  # connected components make the body/lung masks cleaner; numpy alone still gives usable measures
     import cv2

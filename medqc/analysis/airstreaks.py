@@ -137,7 +137,7 @@ def air_dark_hu(img: np.ndarray, valid: np.ndarray, p: float, scan_field=None, m
     in the slice; dark streaks in the band that point at one of them count as none (step 6)."""
     if cv2 is None or img.ndim != 2 or min(img.shape) < 16 or not (p > 0):
         return float("nan")
-    from medqc.detectors import _block_all, _radius  # detectors imports this module: helpers fetched at call time
+    from medqc.analysis.measures import _block_all, _radius  # measures imports this module: helpers fetched at call time
 
     img = np.ascontiguousarray(img, dtype=np.float32)
     f = int(round(GRID_MM / p))
