@@ -3,7 +3,7 @@ arriving now and the recent ones.
 
 Per series: a craniocaudal strip (one mark per slice as it arrives, placed head to feet by the slice's
 position along the stack normal, ``z``; coloured by its worst artifact score), a coverage bar (scanned range against the protocol's required anatomy on the fixed body scale of
-``medqc.anatomy``), the findings with severity, slice range and message, a windowed thumbnail of the most
+``medqc.analysis.anatomy``), the findings with severity, slice range and message, a windowed thumbnail of the most
 affected slice per artifact finding, and an acknowledgement button (who/when, stored in the SQLite
 store). Everything is served by the agent (``agent/static``; no CDN), updates arrive over Server-Sent
 Events.

@@ -48,7 +48,7 @@ def load_slices(files: list[Path], params) -> tuple["object", dict]:
     total = sum(dec_ms) + sum(pre_ms)
     sec = {"status": "ran", "slices": len(files), "wall_s": round(total / 1e3, 3), "slices_per_s": round(len(files) / (total / 1e3), 1),
            "decode_ms_p50": round(float(np.median(dec_ms)), 3), "preprocess_ms_p50": round(float(np.median(pre_ms)), 3),
-           "what": "pydicom dcmread + HU from PixelData + medqc.preprocess, one slice at a time"}
+           "what": "pydicom dcmread + HU from PixelData + medqc.analysis.preprocess, one slice at a time"}
     return np.stack(out), sec
 
 
