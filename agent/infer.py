@@ -16,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from medqc import detectors
+from medqc.analysis import fusion
+from medqc.analysis.measures import measure
 from medqc.agent.records import SliceInfo, SliceResult
-from medqc.preprocess import preprocess
+from medqc.analysis.preprocess import preprocess
 
 log = logging.getLogger("medqc.agent.infer")
 
@@ -65,7 +66,7 @@ class Inferer:
         if not self.classical:
             return {}
         try:
-            return detectors.measure(hu, info)
+            return measure(hu, info)
         except Exception as e:  # noqa: BLE001 - evidence is optional; the network result still stands
             log.warning("classical detectors failed on %s: %s", info.sop_instance_uid, e)
             return {}
@@ -117,7 +118,7 @@ class Inferer:
                 pos = pv if math.isfinite(pv) else None
             measures = measured[k].result() if k in measured else self._measure(hu, info)
             try:
-                scores = detectors.fuse(net, measures) if self.classical else net
+                scores = fusion.fuse(net, measures) if self.classical else net
             except Exception as e:  # noqa: BLE001
                 log.warning("fusion failed on %s: %s", info.sop_instance_uid, e)
                 scores = net

@@ -3,7 +3,7 @@
     ingest (receiver.py: C-STORE, watch.py: drop folder)
       → spool.py (durable, then ACK)  → queue of spool paths (pixels stay on disk: RAM stays bounded)
       → decode.py (header → SliceInfo; pixels → HU)  → batch.py (max batch / max wait)
-      → infer.py (preprocess → runner → sigmoid → fusion with medqc.detectors)
+      → infer.py (preprocess → runner → sigmoid → fusion with medqc.analysis.fusion)
       → series.py (per-series state, streaming checks, completion, verdict)  → sinks (one thread each)
 
 ``Pipeline`` runs decode → infer → series on one worker thread (the receiver keeps the other core) and

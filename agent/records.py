@@ -86,7 +86,7 @@ class SliceResult:
 
     info: SliceInfo
     scores: dict[str, float] = field(default_factory=dict)  # artifact class → probability (network, fused)
-    position_ref_mm: float | None = None  # craniocaudal position on medqc.anatomy's reference scale
+    position_ref_mm: float | None = None  # craniocaudal position on medqc.analysis.anatomy's reference scale
     measures: dict[str, float] = field(default_factory=dict)  # classical detectors: metal_area_mm2, noise_sd, ...
     error: str = ""  # non-empty: this slice could not be analysed (and why)
     analysed_at: float = 0.0

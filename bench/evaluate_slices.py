@@ -7,9 +7,9 @@ synthetic slices from seeds that no shipped model trained on.
 
 The model card's validation table scores the *network* alone. The agent does not use the network alone:
 for the classes the bundle ships switched off it uses only the classical detectors, for metal the maximum of
-network and classical evidence, for noise a noisy-OR (``medqc.detectors.fuse``), and it drops network
+network and classical evidence, for noise a noisy-OR (``medqc.analysis.fusion.fuse``), and it drops network
 artifact scores on slices thicker than the bundle's domain. This script runs exactly that path
-(``medqc.agent.infer.Inferer``: the shared preprocessing, the runner, ``detectors.measure`` and ``fuse``)
+(``medqc.agent.infer.Inferer``: the shared preprocessing, the runner, ``measures.measure`` and ``fuse``)
 on slices from ``medqc.synth.training.sample_training_slices`` with a header built the way the study
 writer builds one (vendor kernel names, DataCollectionDiameter, ReconstructionDiameter, display centre in
 ImagePositionPatient), and reports per class: AUROC and sensitivity at 95 % specificity of the fused score,
@@ -80,7 +80,9 @@ def _metrics(y: np.ndarray, s: np.ndarray, thr: float | None) -> dict:
 
 
 def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
-    from medqc import ARTIFACTS, airstreaks, detectors
+    from medqc import ARTIFACTS
+    from medqc.analysis import airstreaks
+    from medqc.analysis import fusion, noise
     from medqc.agent.infer import Inferer
     from medqc.bundle import load_bundle
 
@@ -104,7 +106,7 @@ def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
         items = [(slice_info(ts, b + j), ts.hu.astype(np.float32)) for j, ts in enumerate(slices[b:b + 16])]
         for (info, _), ts, r in zip(items, slices[b:b + 16], inf.run(items)):
             rows.append({"sev": ts.artifacts, "scores": r.scores or {}, "measures": r.measures or {},
-                         "classical": {**detectors.classical_probs(r.measures or {}),
+                         "classical": {**fusion.classical_probs(r.measures or {}),
                                        "motion": airstreaks.evidence((r.measures or {}).get("air_dark_hu", math.nan))},
                          "pos": r.position_ref_mm,
                          "true_pos": ts.position_ref_mm, "kernel": info.convolution_kernel, "thickness": ts.meta["thickness_mm"],
@@ -112,7 +114,7 @@ def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
         print(f"\ranalysed {len(rows)}/{n}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     # the network alone (every class, before drops): one more pass through the runner on the same inputs
-    from medqc.preprocess import preprocess
+    from medqc.analysis.preprocess import preprocess
 
     net_probs = []
     for b in range(0, len(slices), 16):
@@ -140,10 +142,10 @@ def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
                  "classical_judged": _metrics(y[judged], cl_raw[judged], None) if judged.any() else None,
                  "judged_fraction": round(float(judged.mean()), 3) if judged.size else None,
                  "source": ("classical" if c in bundle.network_off else
-                            "network + classical" if c in detectors.CLASSICAL_CLASSES else
+                            "network + classical" if c in fusion.CLASSICAL_CLASSES else
                             "network + air streaks" if c == "motion" else "network")}
         if c == "noise":  # sharp kernels are judged for gross noise only (σ there is mostly the kernel)
-            soft = np.array([not detectors.SHARP_KERNEL.search(r["kernel"]) for r in rows])[keep]
+            soft = np.array([not noise.SHARP_KERNEL.search(r["kernel"]) for r in rows])[keep]
             entry["agent_smooth_kernels"] = _metrics(y[soft], np.nan_to_num(fused, nan=0.0)[soft], thr.get(c))
             entry["agent_sharp_kernels"] = _metrics(y[~soft], np.nan_to_num(fused, nan=0.0)[~soft], thr.get(c))
         res["classes"][c] = entry
@@ -154,7 +156,7 @@ def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
 
 
 def markdown(res: dict) -> str:
-    from medqc import detectors
+    from medqc.analysis import noise
 
     L = ["# Per-slice evaluation of the agent's scores (`bench/evaluate_slices.py`)", "",
          f"{res['n']} synthetic slices (`medqc.synth.training`, seed {res['seed']}: no shipped model trained on it), "
@@ -179,7 +181,7 @@ def markdown(res: dict) -> str:
               f"({nz['n_pos']} / {nz['n_neg']})."]
     ns = res["classes"].get("noise", {}).get("agent_sharp_kernels")
     if ns and "auroc" in ns:
-        L += ["", f"Noise on slices with sharp kernels (judged against {detectors.SHARP_NOISE_FACTOR:g} × the level: gross "
+        L += ["", f"Noise on slices with sharp kernels (judged against {noise.SHARP_NOISE_FACTOR:g} × the level: gross "
               f"noise only): AUROC {ns['auroc']:.3f}, sensitivity / specificity at the threshold {ns['sens_at_thr']:.2f} / "
               f"{ns['spec_at_thr']:.2f} ({ns['n_pos']} / {ns['n_neg']})."]
     if res.get("position"):

@@ -59,9 +59,11 @@ def main() -> int:
     if not Path(spy).exists():
         print("py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
-    from medqc.bench import AgentProcess, _storescu, _is_dicom
+    from medqc.tools.bench.harness import AgentProcess, series_uid
+    from medqc.tools.bench.ingest import storescu
+    from medqc.tools.bench.study import is_dicom
 
-    files = sorted(p for p in Path(args.study).rglob("*") if p.is_file() and _is_dicom(p))
+    files = sorted(p for p in Path(args.study).rglob("*") if p.is_file() and is_dicom(p))
     work = Path(tempfile.mkdtemp(prefix="medqc-profile-"))
     agent = AgentProcess(work, args.bundle, inference=not args.no_inference)
     why = agent.start()
@@ -73,13 +75,11 @@ def main() -> int:
                                  "-f", "raw", "-o", str(raw), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)
     try:
-        wall, r = _storescu(files, agent.port, "MEDQC")
+        wall, r = storescu(files, agent.port, "MEDQC")
         print(f"storescu: {len(files)} files in {wall:.2f} s = {len(files) / wall:.1f} slices/s (exit {r.returncode})")
         if not args.no_inference:
-            from medqc.bench import _series_uid
-
             t0 = time.time()
-            times, verdict, _ = agent.wait_series(_series_uid(files), len(files), 120)
+            times, verdict, _ = agent.wait_series(series_uid(files), len(files), 120)
             done = [a for _, _, a in times if a > 0]
             if done:
                 print(f"analysed {len(done)} slices; last analysed {max(done) - (t0 - wall):.2f} s after the first send; verdict {verdict}")

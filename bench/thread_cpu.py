@@ -43,11 +43,13 @@ def main() -> int:
     ap.add_argument("--no-inference", action="store_true")
     args = ap.parse_args()
     from medqc.agent.compose import compose
-    from medqc.bench import _is_dicom, _series_uid, _storescu
+    from medqc.tools.bench.harness import series_uid
+    from medqc.tools.bench.ingest import storescu
+    from medqc.tools.bench.study import is_dicom
     from medqc.config import load_config
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    files = sorted(p for p in Path(args.study).rglob("*") if p.is_file() and _is_dicom(p))
+    files = sorted(p for p in Path(args.study).rglob("*") if p.is_file() and is_dicom(p))
     # the receiver as a thread of this process (dicom.receiver_process = false), so that its CPU is counted
     cfg = load_config(None, {"dicom.port": 0, "http.bind": "127.0.0.1:0", "sinks.stdout.enabled": False,
                              "dicom.receiver_process": False})
@@ -65,10 +67,10 @@ def main() -> int:
     sampler.start()
     try:
         t0 = time.time()
-        wall, r = _storescu(files, agent.receiver.port, "MEDQC")
+        wall, r = storescu(files, agent.receiver.port, "MEDQC")
         line = f"storescu: {len(files)} files, {len(files) / wall:.0f} slices/s received (exit {r.returncode})"
         if not args.no_inference:
-            uid = _series_uid(files)
+            uid = series_uid(files)
             while (st := agent.tracker.get(uid)) is None or len(st.results) < len(files):
                 time.sleep(0.02)
             line += f"; {len(files) / (max(x.analysed_at for x in st.results) - t0):.1f} slices/s analysed"

@@ -24,7 +24,7 @@ from medqc.bundle import NETWORK_MAX_THICKNESS_MM, SCHEMA, TRAINED_SLICE_THICKNE
 from medqc.export.compare import Comparator, ExportError, ParityReport
 from medqc.export.specs import ExportSpec
 from medqc.export.validation import validation_batch
-from medqc.preprocess import PreprocessParams
+from medqc.analysis.preprocess import PreprocessParams
 
 log = logging.getLogger(__name__)
 

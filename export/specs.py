@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from medqc.export.compare import ExportError, Tolerance
-from medqc.preprocess import PreprocessParams
+from medqc.analysis.preprocess import PreprocessParams
 
 # Position is in reference mm below the vertex (0 … ~1800): tolerances are absolute mm plus a relative part.
 FP32_TOL = {"artifact_logits": Tolerance(atol=1e-3, rtol=1e-3), "position": Tolerance(atol=0.05, rtol=1e-4)}

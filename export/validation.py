@@ -15,7 +15,7 @@ import logging
 
 import numpy as np
 
-from medqc.preprocess import PreprocessParams, preprocess
+from medqc.analysis.preprocess import PreprocessParams, preprocess
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Per-scanner baselines: each scanner's normal noise and ring level, learned from the site's own passed series.
 
-The generic levels of the noise and ring checks (``medqc/detectors.py``, ``agent/checks/dose.py``) are set
+The generic levels of the noise and ring checks (``medqc/analysis/noise.py``, ``medqc/analysis/fusion.py``, ``agent/checks/dose.py``) are set
 from physics and published routine values; a scanner, a kernel and a slice thickness have a normal of their
 own. A baseline is that normal, learned from the series of that scanner that passed with no finding:
 
@@ -53,7 +53,7 @@ MIN_SLICES = 3  # measured slices a series needs for a figure (as the noise inde
 NOISE_FACTOR = 1.8  # default of baselines.noise_factor (see the module docstring)
 NORMAL_QUANTILE = 0.95  # the top of the normal range: this quantile of the baseline's series
 RING_MARGIN_HU = 2.0  # ring contrast over the scanner's normal that supports a ring
-HEAD_SKULL_SHARE = 0.75  # median skull_ring at which a series is a head (detectors.SKULL_SECTORS)
+HEAD_SKULL_SHARE = 0.75  # median skull_ring at which a series is a head (medqc.analysis.measures.SKULL_SECTORS)
 # findings that do not stop a passed series from teaching a baseline: notes on its geometry or coverage
 # (a gantry tilt usual for head CT, an overscan under its margin) say nothing about its noise or rings
 LEARN_NOTES = ("geometry.", "coverage.")

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medqc.preprocess import PreprocessParams
+from medqc.analysis.preprocess import PreprocessParams
 
 SCHEMA = "medqc.bundle/1"
 
@@ -72,7 +72,7 @@ class Bundle:
     def network_off(self) -> tuple[str, ...]:
         """Labels the network ships switched off (too weak on validation: threshold >= NETWORK_OFF_AT, or
         listed under ``network_off``). The agent ignores their network scores; classical evidence alone
-        decides them where there is any (``medqc.detectors.classical_probs``)."""
+        decides them where there is any (``medqc.analysis.fusion.classical_probs``)."""
         listed = set(self.manifest.get("network_off", []))
         return tuple(k for k in self.labels if k in listed or self.thresholds.get(k, 0.0) >= NETWORK_OFF_AT)
 
@@ -91,7 +91,7 @@ class Bundle:
     def check_thresholds(self) -> dict[str, float]:
         """Thresholds the series checks apply to fused scores: the manifest's, except that a class whose
         network is off and that classical evidence can see takes the classical threshold."""
-        from medqc.detectors import CLASSICAL_CLASSES, CLASSICAL_THRESHOLD
+        from medqc.analysis.fusion import CLASSICAL_CLASSES, CLASSICAL_THRESHOLD
 
         th = self.thresholds
         for k in self.network_off:

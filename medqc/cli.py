@@ -28,8 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("medqc.agent.analyze", "run the QC pipeline offline on DICOM files or folders"),
     "calibrate": ("medqc.agent.calibrate", "learn each scanner's normal noise and ring level from a site export"),
     "agent": ("medqc.agent.daemon", "run the QC agent: DICOM receiver, drop folder, HTTP API"),
-    "replay": ("medqc.replay", "replay recorded studies over DICOM at scanner speed"),
-    "bench": ("medqc.bench", "measure ingest, inference and end-to-end throughput side by side"),
+    "replay": ("medqc.tools.replay.cli", "replay recorded studies over DICOM at scanner speed"),
+    "bench": ("medqc.tools.bench.cli", "measure ingest, inference and end-to-end throughput side by side"),
     "config": ("medqc.config_cli", "check or print the agent configuration"),
 }
 

@@ -82,7 +82,7 @@ def load_checkpoint(path, expect_labels=None):
     if list(ckpt["labels"]) != want:
         raise CheckpointError(f"{p}: labels {list(ckpt['labels'])} do not match {want}")
     try:
-        from medqc.preprocess import PreprocessParams
+        from medqc.analysis.preprocess import PreprocessParams
 
         pp = PreprocessParams.from_dict(ckpt["preprocess"])
     except (TypeError, ValueError) as e:

@@ -11,7 +11,7 @@ LIMITATIONS = """\
   pathology; the synthetic validation figures are an upper bound, not a promise for real data.
 - Thresholds were chosen on synthetic validation slices at a fixed specificity; on real data the false
   alarm rate per slice can differ. The agent aggregates per series, which damps single-slice errors.
-- Position is a per-slice regression on the reference body scale (``medqc.anatomy``); the agent fits it
+- Position is a per-slice regression on the reference body scale (``medqc.analysis.anatomy``); the agent fits it
   robustly against slice z per series. It is meaningless on phantoms and outside the body range, and
   unusual anatomy (children, amputations, situs, post-surgical) was not modelled.
 - Artifact labels are per slice: a slice counts as positive when the generator's severity for that class
@@ -67,14 +67,14 @@ def render_card(m: dict) -> str:
         f"# Model card: {m.get('model')} ({m.get('version', 'medqc QC network')})",
         "",
         "Per axial CT slice: multi-label artifact scores (metal, motion, ring, noise, truncation) and the",
-        "slice's craniocaudal position in reference mm below the vertex (``medqc.anatomy``).",
+        "slice's craniocaudal position in reference mm below the vertex (``medqc.analysis.anatomy``).",
         "",
         "## Architecture",
         "",
         f"- `{m.get('model')}` {m.get('kwargs')}: two strided 3×3 convolutions, depthwise-separable inverted",
         "  residual blocks down to 1/32 resolution, global average + max pooling, two small MLP heads",
         "  (artifact logits; position / 1000, scaled back to mm inside the graph).",
-        "- Input: the shared preprocessing (`medqc.preprocess`, parameters in the bundle manifest): 2 mm pixels,",
+        "- Input: the shared preprocessing (`medqc.analysis.preprocess`, parameters in the bundle manifest): 2 mm pixels,",
         "  256², HU windows (-160..240, -1000..1000, 0..3000) as channels plus the field-of-view mask.",
         f"- Parameters: {m.get('params'):,}; FLOPs per slice: {m.get('flops_per_slice', 0) / 1e9:.3f} G.",
         f"- ONNX Runtime CPU, {ort.get('threads', 2)} threads, batch {ort.get('batch', 16)}: "

@@ -23,7 +23,7 @@ import numpy as np
 
 from medqc import ARTIFACTS
 from medqc.errors import MedqcError
-from medqc.preprocess import PreprocessParams, preprocess
+from medqc.analysis.preprocess import PreprocessParams, preprocess
 
 log = logging.getLogger(__name__)
 

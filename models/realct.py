@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medqc.preprocess import preprocess
+from medqc.analysis.preprocess import preprocess
 
 DEFAULT_STUDY = Path(__file__).resolve().parents[2] / "shared" / "real-ct" / "philips-ingenuity-head-phantom"
 

@@ -201,7 +201,7 @@ def train(args) -> dict:
     from medqc.models.data import build_cache
     from medqc.models.metrics import choose_thresholds
     from medqc.models.qcnet import count_flops, count_params
-    from medqc.preprocess import PreprocessParams
+    from medqc.analysis.preprocess import PreprocessParams
 
     if not hasattr(args, "holdout_rules"):
         validate_args(args)

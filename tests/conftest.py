@@ -139,7 +139,7 @@ def tiny_bundle(tmp_path_factory) -> Path:
     """A real model bundle (manifest + tiny ONNX) with the default preprocessing at 128² for speed."""
     from medqc import ARTIFACTS
     from medqc.bundle import sha256_file, write_manifest
-    from medqc.preprocess import PreprocessParams
+    from medqc.analysis.preprocess import PreprocessParams
 
     root = tmp_path_factory.mktemp("tiny-bundle")
     pp = PreprocessParams(size=128, pixel_mm=4.0)

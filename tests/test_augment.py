@@ -12,7 +12,7 @@ torch = need_module("torch")
 
 from medqc import ARTIFACTS  # noqa: E402
 from medqc.models.augment import DomainAugment, to_hu, window  # noqa: E402
-from medqc.preprocess import PreprocessParams, preprocess  # noqa: E402
+from medqc.analysis.preprocess import PreprocessParams, preprocess  # noqa: E402
 
 PP = PreprocessParams()
 

@@ -400,8 +400,8 @@ def test_the_agent_learns_from_its_passed_series_and_keeps_them_across_a_restart
 # ------------------------------------------------- the ring level of a scanner, on the series tracker
 def _ring_series(uid: str, ring_hu: float, n: int = 20):
     """A series of ``n`` slices 5 mm apart with this ring contrast on every slice, scored as the agent scores a
-    slice when the network's ring head is off (the classical evidence alone, ``detectors.fuse``)."""
-    from medqc import detectors
+    slice when the network's ring head is off (the classical evidence alone, ``fusion.fuse``)."""
+    from medqc.analysis import fusion
 
     out = []
     for i in range(n):
@@ -410,7 +410,7 @@ def _ring_series(uid: str, ring_hu: float, n: int = 20):
                          rows=512, cols=512, modality="CT", slice_thickness=5.0, manufacturer="ACME",
                          manufacturer_model="RINGY 1", station_name="CT9", convolution_kernel="B30")
         m = {"ring_contrast_hu": ring_hu, "noise_sd_2mm": 20.0, "noise_ratio": 20.0 / 30.0, "skull_ring": 0.0}
-        out.append(SliceResult(info=info, scores=detectors.fuse({}, m), measures=m))
+        out.append(SliceResult(info=info, scores=fusion.fuse({}, m), measures=m))
     return out
 
 

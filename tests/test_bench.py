@@ -94,7 +94,7 @@ def test_bench_usage_errors(tmp_path):
 def test_extend_series_repeats_with_fresh_uids_and_continuing_positions(tmp_path):
     import pydicom
 
-    from medqc.bench import extend_series, write_phantom_series
+    from medqc.tools.bench.study import extend_series, write_phantom_series
 
     src = write_phantom_series(tmp_path / "src", 3, size=64)
     out = extend_series(src, tmp_path / "out", 7)

@@ -11,7 +11,7 @@ import pytest
 from medqc.agent.checks.protocols import load_rules, match_rule
 from medqc.agent.records import SliceInfo, SliceResult
 from medqc.agent.series import SeriesTracker
-from medqc.anatomy import LANDMARKS
+from medqc.analysis.anatomy import LANDMARKS
 from medqc.config import ConfigError, load_config
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -457,7 +457,7 @@ def test_centering_and_noise_index():
 def _real_results(folder):
     import pydicom
 
-    from medqc import detectors as D
+    from medqc.analysis import fusion, measures
 
     out = []
     for p in sorted(folder.glob("I*")):
@@ -471,8 +471,8 @@ def _real_results(folder):
                          gantry_tilt=float(ds.GantryDetectorTilt), ctdivol=float(ds.CTDIvol),
                          patient_position=str(ds.PatientPosition), body_part=str(ds.get("BodyPartExamined", "")),
                          protocol_name=str(ds.get("ProtocolName", "")), convolution_kernel=str(ds.get("ConvolutionKernel", "")))
-        m = D.measure(hu, info)
-        out.append(SliceResult(info=info, measures=m, scores=D.fuse({c: 0.02 for c in ("metal", "motion", "ring", "noise", "truncation")}, m)))
+        m = measures.measure(hu, info)
+        out.append(SliceResult(info=info, measures=m, scores=fusion.fuse({c: 0.02 for c in ("metal", "motion", "ring", "noise", "truncation")}, m)))
     return out
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from medqc.bundle import BundleError, load_bundle
 from medqc.config import ConfigError, load_config
-from medqc.preprocess import PreprocessParams, preprocess
+from medqc.analysis.preprocess import PreprocessParams, preprocess
 from medqc.runners import available_backends, make_runner
 
 
@@ -42,7 +42,7 @@ def test_preprocess_mask_cache_gives_what_the_resize_gives(monkeypatch):
     """The FOV-mask channel is kept per exact padding mask: a series' repeated padding reuses it, a
     different padding (another field, a shifted field, a mirrored slice) does not, and every result equals
     the uncached computation."""
-    from medqc import preprocess as pp_mod
+    from medqc.analysis import preprocess as pp_mod
 
     pp = PreprocessParams()
     yy, xx = np.mgrid[:512, :512] - 255.5
@@ -83,7 +83,7 @@ def test_preprocess_mirrors_slices_into_the_training_layout():
 
 
 def test_numpy_fallback_matches_opencv():
-    import medqc.preprocess as p
+    import medqc.analysis.preprocess as p
 
     rng = np.random.default_rng(1)
     hu = rng.normal(0, 50, (300, 300)).astype(np.float32)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medqc import airstreaks
-from medqc import detectors as D
+from medqc.analysis import airstreaks
+from medqc.analysis import fusion, image, measures, noise, ring
 from medqc.agent.records import SliceInfo
 
 PS = 0.7  # mm per pixel: a 358 mm field on 512²
@@ -43,19 +43,19 @@ def phantom(size=512, ps=PS, rx_mm=150.0, ry_mm=110.0, cx_mm=0.0, cy_mm=0.0, sig
 
 
 def test_clean_body_noise_centre_and_no_false_alarms():
-    m = D.measure(phantom(sigma=12.0), info())
+    m = measures.measure(phantom(sigma=12.0), info())
     assert m["noise_sd"] == pytest.approx(12.0, rel=0.15)
     assert m["metal_area_mm2"] == 0.0
     assert m["body_touches_fov"] < 0.01
     assert abs(m["body_center_offset_x_mm"]) < 3 and abs(m["body_center_offset_y_mm"]) < 3
     assert m["body_area_mm2"] == pytest.approx(np.pi * 150 * 110, rel=0.05)
     assert m["lung_area_mm2"] < 100
-    p = D.fuse({"metal": 0.1, "motion": 0.2, "ring": 0.3, "noise": 0.1, "truncation": 0.1}, m)
+    p = fusion.fuse({"metal": 0.1, "motion": 0.2, "ring": 0.3, "noise": 0.1, "truncation": 0.1}, m)
     assert p["metal"] == 0.0  # no metal-density pixel: the network's metal score is dropped
     assert p["truncation"] == pytest.approx(0.1)
     # flat air around the body: no motion evidence, so only the network's share of its motion score is left
     assert m["air_dark_hu"] < airstreaks.EVIDENCE_HU[0]
-    assert p["motion"] == pytest.approx(D.MOTION_NETWORK_WEIGHT * 0.2) and p["ring"] == 0.3
+    assert p["motion"] == pytest.approx(fusion.MOTION_NETWORK_WEIGHT * 0.2) and p["ring"] == 0.3
     # clean: σ at 2 mm is a small fraction of the body level; below half the level the classical score is
     # 0.2 × ratio (it ranks slices but stays far under the checks' 0.5), combined by noisy-OR
     assert 0 < m["noise_ratio"] < 0.3
@@ -65,11 +65,11 @@ def test_clean_body_noise_centre_and_no_false_alarms():
 
 def test_noise_score_rises_with_sigma_below_the_level_and_flags_from_it():
     ratios = [0.0, 0.2, 0.49, 0.5, 0.7, 0.99, 1.0, 1.5, 2.0, 3.0]
-    scores = [D.classical_probs({"noise_ratio": r})["noise"] for r in ratios]
+    scores = [fusion.classical_probs({"noise_ratio": r})["noise"] for r in ratios]
     assert all(a < b for a, b in zip(scores[:8], scores[1:8]))  # strictly rising up to the top of the ramp
     assert scores[0] == 0.0 and scores[3] == pytest.approx(0.1) and scores[6] == pytest.approx(0.5)
-    assert scores[5] < D.CLASSICAL_THRESHOLD <= scores[6] and scores[-1] == scores[-2] == 0.95
-    assert D.classical_probs({"noise_ratio": 0.65})["noise"] < 0.25  # under the console's amber mark
+    assert scores[5] < fusion.CLASSICAL_THRESHOLD <= scores[6] and scores[-1] == scores[-2] == 0.95
+    assert fusion.classical_probs({"noise_ratio": 0.65})["noise"] < 0.25  # under the console's amber mark
 
 
 def test_water_equivalent_diameter():
@@ -79,9 +79,9 @@ def test_water_equivalent_diameter():
     n, ps = 512, PS
     yy, xx = (np.mgrid[0:n, 0:n] - (n - 1) / 2.0) * ps
     water = np.where(xx ** 2 + yy ** 2 <= 150.0 ** 2, 0.0, -1000.0).astype(np.float32)
-    assert D.measure(water, info())["water_eq_diameter_mm"] == pytest.approx(300.0, rel=0.01)
-    assert D.measure(phantom(sigma=5.0), info())["water_eq_diameter_mm"] == pytest.approx(262.0, rel=0.01)
-    assert D.measure(phantom(sigma=5.0, table=True), info())["water_eq_diameter_mm"] == pytest.approx(262.0, rel=0.01)
+    assert measures.measure(water, info())["water_eq_diameter_mm"] == pytest.approx(300.0, rel=0.01)
+    assert measures.measure(phantom(sigma=5.0), info())["water_eq_diameter_mm"] == pytest.approx(262.0, rel=0.01)
+    assert measures.measure(phantom(sigma=5.0, table=True), info())["water_eq_diameter_mm"] == pytest.approx(262.0, rel=0.01)
 
 
 def test_heavy_noise_or_a_ring_explains_away_motion_evidence():
@@ -90,14 +90,14 @@ def test_heavy_noise_or_a_ring_explains_away_motion_evidence():
     quiet = {"noise_ratio": 0.3, "ring_contrast_hu": 0.0}
     noisy = {"noise_ratio": 1.5, "ring_contrast_hu": 0.0}
     ringed = {"noise_ratio": 0.3, "ring_contrast_hu": 20.0}
-    assert D.fuse({"motion": 0.8}, quiet)["motion"] == pytest.approx(0.8)
-    assert D.fuse({"motion": 0.8}, noisy)["motion"] == pytest.approx(0.8 * D.MOTION_EXPLAINED)
-    assert D.fuse({"motion": 0.8}, ringed)["motion"] == pytest.approx(0.8 * D.MOTION_EXPLAINED)
-    assert D.fuse({"motion": 0.8}, noisy)["motion"] < 0.58 <= D.fuse({"motion": 0.9}, noisy)["motion"]  # strong motion still counts
+    assert fusion.fuse({"motion": 0.8}, quiet)["motion"] == pytest.approx(0.8)
+    assert fusion.fuse({"motion": 0.8}, noisy)["motion"] == pytest.approx(0.8 * fusion.MOTION_EXPLAINED)
+    assert fusion.fuse({"motion": 0.8}, ringed)["motion"] == pytest.approx(0.8 * fusion.MOTION_EXPLAINED)
+    assert fusion.fuse({"motion": 0.8}, noisy)["motion"] < 0.58 <= fusion.fuse({"motion": 0.9}, noisy)["motion"]  # strong motion still counts
     # on real pixels: a noisy trunk (60 HU at 2 mm against the 30 HU body level)
-    m = D.measure(phantom(sigma=180.0, seed=7), info(convolution_kernel="B30f", slice_thickness=5.0))
-    assert D.classical_probs(m)["noise"] >= D.CLASSICAL_THRESHOLD
-    assert D.fuse({"motion": 0.8}, m)["motion"] < 0.8
+    m = measures.measure(phantom(sigma=180.0, seed=7), info(convolution_kernel="B30f", slice_thickness=5.0))
+    assert fusion.classical_probs(m)["noise"] >= fusion.CLASSICAL_THRESHOLD
+    assert fusion.fuse({"motion": 0.8}, m)["motion"] < 0.8
 
 
 def test_noise_near_its_level_and_metal_streaks_explain_part_of_the_motion_score():
@@ -105,17 +105,17 @@ def test_noise_near_its_level_and_metal_streaks_explain_part_of_the_motion_score
     0.1) the motion score is scaled down continuously to ``MOTION_EXPLAINED`` at the threshold. Metal
     streaks that read as noise-level σ explain motion too, although the noise evidence there is halved."""
     def motion(noise_ratio, **m):
-        return D.fuse({"motion": 0.8}, {"noise_ratio": noise_ratio, "ring_contrast_hu": 0.0, **m})["motion"]
+        return fusion.fuse({"motion": 0.8}, {"noise_ratio": noise_ratio, "ring_contrast_hu": 0.0, **m})["motion"]
 
     assert motion(0.5) == pytest.approx(0.8)  # noise evidence 0.1: nothing yet
     assert motion(0.75) == pytest.approx(0.8 * (1 - 0.3 * (0.3 - 0.1) / 0.4))  # evidence 0.3: halfway down
-    assert motion(0.999) == pytest.approx(0.8 * D.MOTION_EXPLAINED, abs=1e-3) == motion(1.0)  # continuous at the threshold
+    assert motion(0.999) == pytest.approx(0.8 * fusion.MOTION_EXPLAINED, abs=1e-3) == motion(1.0)  # continuous at the threshold
     ratios = [0.4, 0.5, 0.6, 0.8, 0.95, 1.0, 2.0]
     vals = [motion(r) for r in ratios]
     assert all(a >= b for a, b in zip(vals, vals[1:]))
     metal = {"metal_area_mm2": 60.0, "metal_max_hu": 3071.0}
-    assert D.fuse({}, {"noise_ratio": 2.5, **metal})["noise"] < D.CLASSICAL_THRESHOLD  # the noise check stays quiet
-    assert motion(2.5, **metal) == pytest.approx(0.8 * D.MOTION_EXPLAINED)  # but the streaks explain the motion cues
+    assert fusion.fuse({}, {"noise_ratio": 2.5, **metal})["noise"] < fusion.CLASSICAL_THRESHOLD  # the noise check stays quiet
+    assert motion(2.5, **metal) == pytest.approx(0.8 * fusion.MOTION_EXPLAINED)  # but the streaks explain the motion cues
 
 
 def test_a_sharp_kernels_noise_confounds_motion_although_it_is_no_noise_artifact():
@@ -123,21 +123,21 @@ def test_a_sharp_kernels_noise_confounds_motion_although_it_is_no_noise_artifact
     motion cues as any σ does: the motion factor reads σ against the plain level (``noise_ratio_plain``)."""
     sharp = info(convolution_kernel="B70f", slice_thickness=5.0)
     soft = info(convolution_kernel="B30f", slice_thickness=5.0)
-    body = D.NOISE_2MM_HU["body"]
-    assert D.noise_ratio(60.0, sharp, head=False) == pytest.approx(60.0 / (body * D.SHARP_NOISE_FACTOR))
-    assert D.noise_ratio(60.0, sharp, head=False, kernel_allowance=False) == pytest.approx(60.0 / body)
-    assert D.noise_ratio(60.0, soft, head=False, kernel_allowance=False) == D.noise_ratio(60.0, soft, head=False)
-    m = D.measure(phantom(sigma=120.0, seed=7), sharp)
-    assert m["noise_ratio_plain"] == pytest.approx(m["noise_ratio"] * D.SHARP_NOISE_FACTOR)
-    assert D.classical_probs(m)["noise"] < D.CLASSICAL_THRESHOLD <= D.classical_probs({"noise_ratio": m["noise_ratio_plain"]})["noise"]
-    assert D.fuse({}, m)["noise"] < D.CLASSICAL_THRESHOLD  # no noise finding on a sharp kernel's routine σ
-    unscaled = D.fuse({"motion": 0.8}, {**m, "noise_ratio": 0.0, "noise_ratio_plain": 0.0})["motion"]
-    assert D.fuse({"motion": 0.8}, m)["motion"] == pytest.approx(unscaled * D.MOTION_EXPLAINED)
+    body = noise.NOISE_2MM_HU["body"]
+    assert noise.noise_ratio(60.0, sharp, head=False) == pytest.approx(60.0 / (body * noise.SHARP_NOISE_FACTOR))
+    assert noise.noise_ratio(60.0, sharp, head=False, kernel_allowance=False) == pytest.approx(60.0 / body)
+    assert noise.noise_ratio(60.0, soft, head=False, kernel_allowance=False) == noise.noise_ratio(60.0, soft, head=False)
+    m = measures.measure(phantom(sigma=120.0, seed=7), sharp)
+    assert m["noise_ratio_plain"] == pytest.approx(m["noise_ratio"] * noise.SHARP_NOISE_FACTOR)
+    assert fusion.classical_probs(m)["noise"] < fusion.CLASSICAL_THRESHOLD <= fusion.classical_probs({"noise_ratio": m["noise_ratio_plain"]})["noise"]
+    assert fusion.fuse({}, m)["noise"] < fusion.CLASSICAL_THRESHOLD  # no noise finding on a sharp kernel's routine σ
+    unscaled = fusion.fuse({"motion": 0.8}, {**m, "noise_ratio": 0.0, "noise_ratio_plain": 0.0})["motion"]
+    assert fusion.fuse({"motion": 0.8}, m)["motion"] == pytest.approx(unscaled * fusion.MOTION_EXPLAINED)
     # without the plain reading (results stored before it existed) the judged one stands in
     old = {k: v for k, v in m.items() if k != "noise_ratio_plain"}
-    judged = D.motion_explained(D.classical_probs(m)["noise"], 0.0)
-    assert judged > D.MOTION_EXPLAINED + 0.1
-    assert D.fuse({"motion": 0.8}, old)["motion"] == pytest.approx(unscaled * judged)
+    judged = fusion.motion_explained(fusion.classical_probs(m)["noise"], 0.0)
+    assert judged > fusion.MOTION_EXPLAINED + 0.1
+    assert fusion.fuse({"motion": 0.8}, old)["motion"] == pytest.approx(unscaled * judged)
 
 
 def test_metal_or_a_ring_explains_away_noise_evidence():
@@ -147,47 +147,47 @@ def test_metal_or_a_ring_explains_away_noise_evidence():
     noisy = {"noise_ratio": 2.5}
     with_metal = {**noisy, "metal_area_mm2": 60.0, "metal_max_hu": 3071.0}
     with_ring = {**noisy, "ring_contrast_hu": 20.0}
-    assert D.fuse({}, noisy)["noise"] >= 0.9
-    assert D.fuse({}, with_metal)["noise"] == pytest.approx(D.fuse({}, noisy)["noise"] * D.NOISE_EXPLAINED)
-    assert D.fuse({}, with_ring)["noise"] < D.CLASSICAL_THRESHOLD
+    assert fusion.fuse({}, noisy)["noise"] >= 0.9
+    assert fusion.fuse({}, with_metal)["noise"] == pytest.approx(fusion.fuse({}, noisy)["noise"] * fusion.NOISE_EXPLAINED)
+    assert fusion.fuse({}, with_ring)["noise"] < fusion.CLASSICAL_THRESHOLD
     # a few pixels over 2,500 HU (noise on bone) explain nothing; a dense object short of the metal level
     # (dental work in a store that saturates below 3,000 HU) streaks the slice: half the noise evidence
-    assert D.fuse({}, {**noisy, "metal_area_mm2": 2.0, "metal_max_hu": 2600.0})["noise"] >= 0.9
-    assert D.fuse({}, {**noisy, "metal_area_mm2": 60.0, "metal_max_hu": 2800.0})["noise"] < D.CLASSICAL_THRESHOLD
+    assert fusion.fuse({}, {**noisy, "metal_area_mm2": 2.0, "metal_max_hu": 2600.0})["noise"] >= 0.9
+    assert fusion.fuse({}, {**noisy, "metal_area_mm2": 60.0, "metal_max_hu": 2800.0})["noise"] < fusion.CLASSICAL_THRESHOLD
     # a small object at metal density (an ECG electrode or lead, a clip) streaks only the rays through it: the σ
     # read at the trunk's centre is the dose's, and the noise evidence stands
-    electrode = {**noisy, "metal_area_mm2": 0.5 * D.NOISE_METAL_AREA_MM2, "metal_max_hu": 3071.0}
-    assert D.classical_probs(electrode)["metal"] >= D.CLASSICAL_THRESHOLD  # the metal check still sees it
-    assert D.fuse({}, electrode)["noise"] == pytest.approx(D.fuse({}, noisy)["noise"])
+    electrode = {**noisy, "metal_area_mm2": 0.5 * fusion.NOISE_METAL_AREA_MM2, "metal_max_hu": 3071.0}
+    assert fusion.classical_probs(electrode)["metal"] >= fusion.CLASSICAL_THRESHOLD  # the metal check still sees it
+    assert fusion.fuse({}, electrode)["noise"] == pytest.approx(fusion.fuse({}, noisy)["noise"])
     # metal streaks read as heavy noise are streaks all the same: they explain part of a motion score
     # (until 27 Nov they did not; on the evaluation slices the change took motion AUROC 0.967 -> 0.969)
-    assert D.fuse({"motion": 0.8}, with_metal)["motion"] == pytest.approx(0.8 * D.MOTION_EXPLAINED)
+    assert fusion.fuse({"motion": 0.8}, with_metal)["motion"] == pytest.approx(0.8 * fusion.MOTION_EXPLAINED)
     # on real pixels: a steel ball in a noisy trunk
-    m = D.measure(phantom(sigma=180.0, seed=7, metal_mm=6.0, metal_hu=3071.0), info(convolution_kernel="B30f", slice_thickness=5.0))
-    assert D.classical_probs(m)["metal"] >= D.CLASSICAL_THRESHOLD and D.classical_probs(m)["noise"] >= D.CLASSICAL_THRESHOLD
-    assert D.fuse({}, m)["noise"] < D.CLASSICAL_THRESHOLD
+    m = measures.measure(phantom(sigma=180.0, seed=7, metal_mm=6.0, metal_hu=3071.0), info(convolution_kernel="B30f", slice_thickness=5.0))
+    assert fusion.classical_probs(m)["metal"] >= fusion.CLASSICAL_THRESHOLD and fusion.classical_probs(m)["noise"] >= fusion.CLASSICAL_THRESHOLD
+    assert fusion.fuse({}, m)["noise"] < fusion.CLASSICAL_THRESHOLD
 
 
 def test_noise_tracks_sigma_and_fuses_as_noisy_or():
-    low = D.measure(phantom(sigma=5.0, seed=1), info())["noise_sd"]
-    high = D.measure(phantom(sigma=80.0, seed=2), info())
+    low = measures.measure(phantom(sigma=5.0, seed=1), info())["noise_sd"]
+    high = measures.measure(phantom(sigma=80.0, seed=2), info())
     assert low == pytest.approx(5.0, rel=0.2)
     # with σ=80 few blocks stay inside the soft-tissue window: the estimate saturates high or is absent
     assert not np.isfinite(high["noise_sd"]) or high["noise_sd"] > 40
     # at 2 mm (3×3 pixels of 0.7 mm) white noise of σ reads σ/3; 135 HU → 45 HU at 2 mm: 1.5 × the body level
-    mid = D.measure(phantom(sigma=135.0, seed=3), info(convolution_kernel="B30f", slice_thickness=5.0))
+    mid = measures.measure(phantom(sigma=135.0, seed=3), info(convolution_kernel="B30f", slice_thickness=5.0))
     assert mid["noise_sd_2mm"] == pytest.approx(45.0, rel=0.15)
-    assert mid["noise_ratio"] == pytest.approx(45.0 / D.NOISE_2MM_HU["body"], rel=0.15)
-    p = D.fuse({"noise": 0.3}, mid)["noise"]
+    assert mid["noise_ratio"] == pytest.approx(45.0 / noise.NOISE_2MM_HU["body"], rel=0.15)
+    p = fusion.fuse({"noise": 0.3}, mid)["noise"]
     assert p > 0.3 + 0.2  # classical evidence raised it (noisy-OR)
-    assert D.classical_probs(mid)["noise"] > D.CLASSICAL_THRESHOLD
+    assert fusion.classical_probs(mid)["noise"] > fusion.CLASSICAL_THRESHOLD
 
 
 @pytest.mark.parametrize("sigma_2mm", [4.0, 12.0, 25.0])
 def test_noise_at_2mm_reads_sigma_on_a_routine_body(sigma_2mm):
-    m = D.measure(phantom(sigma=3 * sigma_2mm, seed=int(sigma_2mm)), info(convolution_kernel="STANDARD", slice_thickness=5.0))
+    m = measures.measure(phantom(sigma=3 * sigma_2mm, seed=int(sigma_2mm)), info(convolution_kernel="STANDARD", slice_thickness=5.0))
     assert m["noise_sd_2mm"] == pytest.approx(sigma_2mm, rel=0.15)
-    assert D.classical_probs(m).get("noise", 0.0) < D.CLASSICAL_THRESHOLD  # below the body level: no evidence
+    assert fusion.classical_probs(m).get("noise", 0.0) < fusion.CLASSICAL_THRESHOLD  # below the body level: no evidence
 
 
 def test_trunk_noise_is_read_at_the_body_centre():
@@ -199,11 +199,11 @@ def test_trunk_noise_is_read_at_the_body_centre():
     img = phantom(rx_mm=165.0, ry_mm=105.0, sigma=0.0)
     sigma = 3.0 * (8.0 + 22.0 * np.clip(1.0 - rel, 0.0, 1.0) ** 2)  # 30 HU at 2 mm in the centre, 8 at the skin
     img = img + (np.random.default_rng(4).normal(0.0, 1.0, img.shape) * sigma * (rel < 1)).astype(np.float32)
-    whole = D.noise_2mm(img, PS, PS)
-    centre = D.noise_2mm(img, PS, PS, central=True)
+    whole = noise.noise_2mm(img, PS, PS)
+    centre = noise.noise_2mm(img, PS, PS, central=True)
     assert 16.0 < centre < 30.0  # σ at 2 mm is 30 HU at the centre, 16 at 0.4 of the radius
     assert centre > 1.3 * whole
-    m = D.measure(img, info(convolution_kernel="STANDARD", slice_thickness=5.0))
+    m = measures.measure(img, info(convolution_kernel="STANDARD", slice_thickness=5.0))
     assert m["noise_sd_2mm"] == pytest.approx(centre)  # a trunk (no skull): the centre's reading
 
 
@@ -214,7 +214,7 @@ def test_a_neck_is_judged_for_noise():
     yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
     img[((xx / 9) ** 2 + ((yy + 15) / 7) ** 2) <= 1] = -1000.0  # the airway
     img[((xx / 12) ** 2 + ((yy - 22) / 11) ** 2) <= 1] = 700.0  # a vertebral body
-    m = D.measure(img, info(convolution_kernel="B30f", slice_thickness=3.0))
+    m = measures.measure(img, info(convolution_kernel="B30f", slice_thickness=3.0))
     assert m["noise_sd_2mm"] == pytest.approx(20.0, rel=0.2)
 
 
@@ -242,107 +242,107 @@ def _head_or_neck(kind: str, sigma_2mm: float, seed: int = 7, brain_mm: float = 
 def test_a_brain_is_judged_on_the_brain_scale_and_a_neck_on_the_body_scale():
     """Inside a skull the brain's level (12 HU at 2 mm) applies; a neck, whose spine and mandible surround
     its centre in nearly every direction but lie deep or only in front, keeps the body's (30 HU)."""
-    head = D.measure(_head_or_neck("head", 15.0), info(convolution_kernel="H31s", slice_thickness=5.0))
-    neck = D.measure(_head_or_neck("neck", 15.0), info(convolution_kernel="B31s", slice_thickness=5.0))
-    assert head["skull_ring"] >= D.SKULL_SECTORS and neck["skull_ring"] >= D.SKULL_SECTORS
-    assert head["noise_ratio"] == pytest.approx(head["noise_sd_2mm"] / D.NOISE_2MM_HU["head"])
-    assert neck["noise_ratio"] == pytest.approx(neck["noise_sd_2mm"] / D.NOISE_2MM_HU["body"])
-    assert D.classical_probs(head)["noise"] >= D.CLASSICAL_THRESHOLD  # 15 HU: too noisy for a brain
-    assert D.classical_probs(neck)["noise"] < D.CLASSICAL_THRESHOLD  # routine for a neck
+    head = measures.measure(_head_or_neck("head", 15.0), info(convolution_kernel="H31s", slice_thickness=5.0))
+    neck = measures.measure(_head_or_neck("neck", 15.0), info(convolution_kernel="B31s", slice_thickness=5.0))
+    assert head["skull_ring"] >= measures.SKULL_SECTORS and neck["skull_ring"] >= measures.SKULL_SECTORS
+    assert head["noise_ratio"] == pytest.approx(head["noise_sd_2mm"] / noise.NOISE_2MM_HU["head"])
+    assert neck["noise_ratio"] == pytest.approx(neck["noise_sd_2mm"] / noise.NOISE_2MM_HU["body"])
+    assert fusion.classical_probs(head)["noise"] >= fusion.CLASSICAL_THRESHOLD  # 15 HU: too noisy for a brain
+    assert fusion.classical_probs(neck)["noise"] < fusion.CLASSICAL_THRESHOLD  # routine for a neck
 
 
 def test_a_small_brain_near_the_vertex_is_judged():
     """Near the vertex the brain inside the skull holds only 5–20 cm² of tissue 10 mm from the skin: the
     brain's section is homogeneous, so 5 cm² are enough there (a trunk needs 20)."""
-    m = D.measure(_head_or_neck("head", 15.0, brain_mm=24.0), info(convolution_kernel="H31s", slice_thickness=5.0))
+    m = measures.measure(_head_or_neck("head", 15.0, brain_mm=24.0), info(convolution_kernel="H31s", slice_thickness=5.0))
     assert m["noise_sd_2mm"] == pytest.approx(15.0, rel=0.25)
-    assert m["noise_ratio"] == pytest.approx(m["noise_sd_2mm"] / D.NOISE_2MM_HU["head"])
+    assert m["noise_ratio"] == pytest.approx(m["noise_sd_2mm"] / noise.NOISE_2MM_HU["head"])
 
 
 def test_sharp_kernels_are_judged_for_gross_noise_only_and_thin_slices_are_scaled():
     img = phantom(sigma=150.0, seed=5)  # 50 HU at 2 mm: an artifact on a standard kernel
-    std = D.measure(img, info(convolution_kernel="B30f"))
-    assert D.classical_probs(std)["noise"] >= D.CLASSICAL_THRESHOLD
+    std = measures.measure(img, info(convolution_kernel="B30f"))
+    assert fusion.classical_probs(std)["noise"] >= fusion.CLASSICAL_THRESHOLD
     for kernel in ("B70f", "BONE", "LUNG", "Br64d", "FC52", "FC30", "YC", "Bl57"):
-        m = D.measure(img, info(convolution_kernel=kernel))
-        assert m["noise_ratio"] == pytest.approx(std["noise_ratio"] / D.SHARP_NOISE_FACTOR, rel=1e-6), kernel
-        assert D.classical_probs(m)["noise"] < D.CLASSICAL_THRESHOLD, kernel  # a sharp kernel's routine noise
-    gross = D.measure(phantom(sigma=330.0, seed=6), info(convolution_kernel="B70f"))  # 110 HU at 2 mm
+        m = measures.measure(img, info(convolution_kernel=kernel))
+        assert m["noise_ratio"] == pytest.approx(std["noise_ratio"] / noise.SHARP_NOISE_FACTOR, rel=1e-6), kernel
+        assert fusion.classical_probs(m)["noise"] < fusion.CLASSICAL_THRESHOLD, kernel  # a sharp kernel's routine noise
+    gross = measures.measure(phantom(sigma=330.0, seed=6), info(convolution_kernel="B70f"))  # 110 HU at 2 mm
     assert gross["noise_sd_2mm"] == pytest.approx(110.0, rel=0.15)
-    assert D.classical_probs(gross)["noise"] >= D.CLASSICAL_THRESHOLD
-    thick = D.measure(img, info(convolution_kernel="B30f", slice_thickness=5.0))["noise_ratio"]
-    thin = D.measure(img, info(convolution_kernel="B30f", slice_thickness=0.75))["noise_ratio"]
+    assert fusion.classical_probs(gross)["noise"] >= fusion.CLASSICAL_THRESHOLD
+    thick = measures.measure(img, info(convolution_kernel="B30f", slice_thickness=5.0))["noise_ratio"]
+    thin = measures.measure(img, info(convolution_kernel="B30f", slice_thickness=0.75))["noise_ratio"]
     assert thin == pytest.approx(thick * (0.75 / 3.0) ** 0.5, rel=1e-6)
 
 
 def test_vertical_miscentring_is_measured():
-    m = D.measure(phantom(cy_mm=50.0, ry_mm=100.0), info())
+    m = measures.measure(phantom(cy_mm=50.0, ry_mm=100.0), info())
     assert m["body_center_offset_y_mm"] == pytest.approx(50.0, abs=3.0)
     assert abs(m["body_center_offset_x_mm"]) < 3.0
 
 
 def test_table_is_not_lung_and_does_not_shift_centre():
-    m = D.measure(phantom(table=True), info())
+    m = measures.measure(phantom(table=True), info())
     assert m["lung_area_mm2"] < 200
     assert abs(m["body_center_offset_y_mm"]) < 5.0
 
 
 @pytest.mark.parametrize("metal_mm,hu,expect_area", [(6.0, 3500.0, np.pi * 36), (2.0, 3071.0, np.pi * 4)])
 def test_metal_area_and_fusion(metal_mm, hu, expect_area):
-    m = D.measure(phantom(metal_mm=metal_mm, metal_hu=hu), info())
+    m = measures.measure(phantom(metal_mm=metal_mm, metal_hu=hu), info())
     assert m["metal_area_mm2"] == pytest.approx(expect_area, rel=0.25)
     assert m["metal_max_hu"] >= 3000
-    p = D.fuse({"metal": 0.05}, m)["metal"]
+    p = fusion.fuse({"metal": 0.05}, m)["metal"]
     assert p >= (0.9 if expect_area > 40 else 0.5)
 
 
 def test_dense_bone_is_not_metal():
-    m = D.measure(phantom(metal_mm=8.0, metal_hu=1800.0), info())
+    m = measures.measure(phantom(metal_mm=8.0, metal_hu=1800.0), info())
     assert m["metal_area_mm2"] == 0.0
-    assert D.fuse({"metal": 0.05}, m)["metal"] == 0.0
+    assert fusion.fuse({"metal": 0.05}, m)["metal"] == 0.0
     assert m["bone_area_mm2"] == pytest.approx(np.pi * 64, rel=0.25)
 
 
 def test_network_metal_needs_metal_density_pixels():
     # a confident network on a slice whose densest pixel is bone (2,200 HU) or enamel (2,650 HU, an area
     # over the classical metal ramp): no metal possible, whatever the network says
-    bone = D.measure(phantom(metal_mm=4.0, metal_hu=2200.0), info())
-    assert bone["metal_max_hu"] < D.METAL_HU and D.no_metal_density(bone)
-    assert D.fuse({"metal": 0.85}, bone)["metal"] == 0.0
-    enamel = D.measure(phantom(metal_mm=9.0, metal_hu=2650.0), info())
-    assert enamel["metal_area_mm2"] > 200 and D.no_metal_density(enamel)
+    bone = measures.measure(phantom(metal_mm=4.0, metal_hu=2200.0), info())
+    assert bone["metal_max_hu"] < measures.METAL_HU and fusion.no_metal_density(bone)
+    assert fusion.fuse({"metal": 0.85}, bone)["metal"] == 0.0
+    enamel = measures.measure(phantom(metal_mm=9.0, metal_hu=2650.0), info())
+    assert enamel["metal_area_mm2"] > 200 and fusion.no_metal_density(enamel)
     # dense area short of the metal level ranks above none (the ends of a real implant) but never flags
-    assert D.fuse({"metal": 0.96}, enamel)["metal"] == pytest.approx(D.METAL_SUBLEVEL)
-    assert D.METAL_SUBLEVEL < 0.14  # the shipped bundle's metal threshold
+    assert fusion.fuse({"metal": 0.96}, enamel)["metal"] == pytest.approx(fusion.METAL_SUBLEVEL)
+    assert fusion.METAL_SUBLEVEL < 0.14  # the shipped bundle's metal threshold
     # a small implant (area below the classical ramp) keeps the network's score
-    clip = D.measure(phantom(metal_mm=0.8, metal_hu=3071.0), info())
-    assert clip["metal_max_hu"] >= D.METAL_HU and not D.no_metal_density(clip)
-    assert D.fuse({"metal": 0.85}, clip)["metal"] == pytest.approx(0.85)
+    clip = measures.measure(phantom(metal_mm=0.8, metal_hu=3071.0), info())
+    assert clip["metal_max_hu"] >= measures.METAL_HU and not fusion.no_metal_density(clip)
+    assert fusion.fuse({"metal": 0.85}, clip)["metal"] == pytest.approx(0.85)
     # unmeasured slices (no classical measures) keep the network's score
-    assert D.fuse({"metal": 0.85}, {})["metal"] == pytest.approx(0.85)
-    assert D.fuse({"metal": 0.85}, {"metal_max_hu": float("nan")})["metal"] == pytest.approx(0.85)
+    assert fusion.fuse({"metal": 0.85}, {})["metal"] == pytest.approx(0.85)
+    assert fusion.fuse({"metal": 0.85}, {"metal_max_hu": float("nan")})["metal"] == pytest.approx(0.85)
 
 
 @pytest.mark.parametrize("pad", [-1024.0, -2000.0, -3024.0])
 def test_truncation_on_any_vendor_padding(pad):
     field = info(data_collection_diameter=358.0)  # the displayed circle is the scan field
-    clean = D.measure(phantom(pad=pad), field)
+    clean = measures.measure(phantom(pad=pad), field)
     assert clean["body_touches_fov"] < 0.02
-    wide = D.measure(phantom(rx_mm=200.0, ry_mm=120.0, pad=pad), field)  # wider than the 179 mm radius
+    wide = measures.measure(phantom(rx_mm=200.0, ry_mm=120.0, pad=pad), field)  # wider than the 179 mm radius
     assert wide["body_touches_fov"] > 0.15
-    assert D.fuse({"truncation": 0.1}, wide)["truncation"] >= 0.8
-    assert D.fuse({"truncation": 0.1}, clean)["truncation"] == pytest.approx(0.1)
+    assert fusion.fuse({"truncation": 0.1}, wide)["truncation"] >= 0.8
+    assert fusion.fuse({"truncation": 0.1}, clean)["truncation"] == pytest.approx(0.1)
 
 
 def test_lungs_measured_inside_body_only():
-    m = D.measure(phantom(lungs=True), info())
+    m = measures.measure(phantom(lungs=True), info())
     expect = 2 * np.pi * 45 * 70
     assert m["lung_area_mm2"] == pytest.approx(expect, rel=0.1)
 
 
 def test_small_matrix_and_missing_spacing_still_work():
     img = phantom(size=256, ps=1.4)
-    m = D.measure(img, SliceInfo("1", "2", "3", "4", rows=256, cols=256, reconstruction_diameter=358.4))
+    m = measures.measure(img, SliceInfo("1", "2", "3", "4", rows=256, cols=256, reconstruction_diameter=358.4))
     assert m["body_area_mm2"] == pytest.approx(np.pi * 150 * 110, rel=0.06)
 
 
@@ -365,8 +365,8 @@ def test_real_philips_study_is_clean(real_ct):
     noise = []
     for p in files[::3]:
         hu, inf = _load_real(p)
-        m = D.measure(hu, inf)
-        fused = D.fuse({"metal": 0.0, "truncation": 0.0, "noise": 0.0}, m)
+        m = measures.measure(hu, inf)
+        fused = fusion.fuse({"metal": 0.0, "truncation": 0.0, "noise": 0.0}, m)
         assert fused["metal"] < 0.5, (p.name, m)
         assert fused["truncation"] < 0.5, (p.name, m)
         assert fused["noise"] < 0.5, (p.name, m)
@@ -383,10 +383,10 @@ def test_arms_cut_by_the_displayed_field_are_not_truncation_but_outside_the_scan
     for sx in (-1, 1):  # arms beside the trunk, reaching past the 179 mm displayed radius
         arm = ((xx - sx * 165) / 30) ** 2 + (yy / 40) ** 2 <= 1
         img[arm & (np.hypot(xx, yy) <= 179)] = 50.0
-    shown = D.measure(img, info())
+    shown = measures.measure(img, info())
     assert shown["body_touches_fov"] < 0.02  # a displayed field that crops the arms is a choice
-    scanned = D.measure(img, info(data_collection_diameter=300.0))  # but a 300 mm scan field cuts them
-    assert D.fuse({"truncation": 0.0}, scanned)["truncation"] >= 0.5
+    scanned = measures.measure(img, info(data_collection_diameter=300.0))  # but a 300 mm scan field cuts them
+    assert fusion.fuse({"truncation": 0.0}, scanned)["truncation"] >= 0.5
 
 
 def test_targeted_reconstruction_is_not_truncation_but_a_scan_field_rim_is():
@@ -395,18 +395,18 @@ def test_targeted_reconstruction_is_not_truncation_but_a_scan_field_rim_is():
     are complete, so no truncation evidence even with the trunk cut. When the displayed circle is the scan
     field, anything touching its rim (arms too) is outside it."""
     wide = phantom(rx_mm=200.0, ry_mm=120.0, pad=-3024.0)  # trunk wider than the 358 mm displayed field
-    crop = D.measure(wide, info(data_collection_diameter=500.0, reconstruction_diameter=358.4))
+    crop = measures.measure(wide, info(data_collection_diameter=500.0, reconstruction_diameter=358.4))
     assert crop["body_touches_fov"] == 0.0
-    assert D.classical_probs(crop)["truncation"] == 0.0
-    at_rim = D.measure(wide, info(data_collection_diameter=358.0, reconstruction_diameter=358.4))
-    assert at_rim["body_touches_fov"] > 0.15 and D.classical_probs(at_rim)["truncation"] >= 0.8
+    assert fusion.classical_probs(crop)["truncation"] == 0.0
+    at_rim = measures.measure(wide, info(data_collection_diameter=358.0, reconstruction_diameter=358.4))
+    assert at_rim["body_touches_fov"] > 0.15 and fusion.classical_probs(at_rim)["truncation"] >= 0.8
     img = phantom(rx_mm=120.0, ry_mm=100.0, pad=-1024.0)
     yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
     for sx in (-1, 1):  # arms down beside the trunk, past the rim of a displayed field that is the scan field
         arm = ((xx - sx * 165) / 30) ** 2 + (yy / 40) ** 2 <= 1
         img[arm & (np.hypot(xx, yy) <= 179)] = 50.0
-    arms = D.measure(img, info(data_collection_diameter=358.0))
-    assert D.classical_probs(arms)["truncation"] >= 0.5
+    arms = measures.measure(img, info(data_collection_diameter=358.0))
+    assert fusion.classical_probs(arms)["truncation"] >= 0.5
 
 
 def test_without_the_scan_field_in_the_header_the_field_is_taken_as_500_mm():
@@ -416,19 +416,19 @@ def test_without_the_scan_field_in_the_header_the_field_is_taken_as_500_mm():
     the scan field, and the flanks cut there are truncation. A field lying inside the trunk nearly all round
     is marked as a targeted reconstruction."""
     wide = phantom(rx_mm=200.0, ry_mm=120.0, pad=-3024.0)  # flanks past the 358 mm displayed field
-    crop = D.measure(wide, info(reconstruction_diameter=358.4))
-    assert 0.1 < crop["display_touch"] < D.TARGETED_RIM and crop["field_inside_body"] == 0.0
-    assert crop["body_touches_fov"] == 0.0 and D.classical_probs(crop)["truncation"] == 0.0
+    crop = measures.measure(wide, info(reconstruction_diameter=358.4))
+    assert 0.1 < crop["display_touch"] < measures.TARGETED_RIM and crop["field_inside_body"] == 0.0
+    assert crop["body_touches_fov"] == 0.0 and fusion.classical_probs(crop)["truncation"] == 0.0
     ps = 500.0 / 512  # the same patient, 1.4 × larger, on a 500 mm displayed field
     big = phantom(ps=ps, rx_mm=280.0, ry_mm=168.0, pad=-3024.0)
-    cut = D.measure(big, info(ps=ps, reconstruction_diameter=500.0))
-    assert cut["body_touches_fov"] > 0.1 and D.classical_probs(cut)["truncation"] >= 0.5
-    fits = D.measure(phantom(ps=ps, rx_mm=200.0, ry_mm=120.0, pad=-3024.0), info(ps=ps, reconstruction_diameter=500.0))
+    cut = measures.measure(big, info(ps=ps, reconstruction_diameter=500.0))
+    assert cut["body_touches_fov"] > 0.1 and fusion.classical_probs(cut)["truncation"] >= 0.5
+    fits = measures.measure(phantom(ps=ps, rx_mm=200.0, ry_mm=120.0, pad=-3024.0), info(ps=ps, reconstruction_diameter=500.0))
     assert fits["body_touches_fov"] < 0.02
     inside = phantom(rx_mm=260.0, ry_mm=240.0, pad=-3024.0)  # the whole displayed field is body
-    m = D.measure(inside, info(reconstruction_diameter=358.4))
+    m = measures.measure(inside, info(reconstruction_diameter=358.4))
     assert m["field_inside_body"] == 1.0 and m["body_touches_fov"] == 0.0
-    assert D.classical_probs(m)["truncation"] == 0.0
+    assert fusion.classical_probs(m)["truncation"] == 0.0
 
 
 def test_scan_field_filled_with_constant_air_is_found_without_the_header():
@@ -438,11 +438,11 @@ def test_scan_field_filled_with_constant_air_is_found_without_the_header():
     yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
     cut = phantom(rx_mm=170.0, ry_mm=120.0, pad=-1024.0, seed=7)
     cut[np.hypot(yy, xx) > 150.0] = -1024.0  # a 300 mm scan field inside the 358 mm displayed circle
-    m = D.measure(cut, info(data_collection_diameter=500.0))  # a header that still says 500 mm
-    assert m["body_touches_fov"] > 0.15 and D.classical_probs(m)["truncation"] >= 0.8
+    m = measures.measure(cut, info(data_collection_diameter=500.0))  # a header that still says 500 mm
+    assert m["body_touches_fov"] > 0.15 and fusion.classical_probs(m)["truncation"] >= 0.8
     air = phantom(pad=-1024.0, seed=8)
     air = np.where(air > -1500, np.maximum(air + np.random.default_rng(9).normal(0, 15, air.shape), -1024.0), air)
-    clean = D.measure(air.astype(np.float32), info())  # air clipped at -1024 about half the time
+    clean = measures.measure(air.astype(np.float32), info())  # air clipped at -1024 about half the time
     assert clean["body_touches_fov"] < 0.02
 
 
@@ -454,15 +454,15 @@ def _ringed(amp: float, r_mm: float = 80.0, seed: int = 11) -> np.ndarray:
 
 
 def test_ring_centred_on_the_reconstruction_centre_is_found():
-    clean = D.measure(phantom(sigma=12.0, seed=11), info())
+    clean = measures.measure(phantom(sigma=12.0, seed=11), info())
     assert clean["ring_contrast_hu"] < 1.0  # noise stays under its floors
-    assert D.classical_probs(clean)["ring"] == 0.0
-    faint = D.measure(_ringed(5.0), info())
-    assert 0.5 < faint["ring_contrast_hu"] < D.RING_HU[0]  # measured, but below the evidence level
-    strong = D.measure(_ringed(60.0), info())
-    assert strong["ring_contrast_hu"] > D.RING_HU[1]
-    assert D.classical_probs(strong)["ring"] >= 0.9
-    assert D.fuse({"ring": 0.1}, strong)["ring"] >= 0.9  # max(network, classical)
+    assert fusion.classical_probs(clean)["ring"] == 0.0
+    faint = measures.measure(_ringed(5.0), info())
+    assert 0.5 < faint["ring_contrast_hu"] < fusion.RING_HU[0]  # measured, but below the evidence level
+    strong = measures.measure(_ringed(60.0), info())
+    assert strong["ring_contrast_hu"] > fusion.RING_HU[1]
+    assert fusion.classical_probs(strong)["ring"] >= 0.9
+    assert fusion.fuse({"ring": 0.1}, strong)["ring"] >= 0.9  # max(network, classical)
 
 
 def test_the_scan_fields_edge_is_not_a_ring():
@@ -475,10 +475,10 @@ def test_the_scan_fields_edge_is_not_a_ring():
     img[rim & (img > -500)] += 60.0  # the bright rim where the cut body meets the field's edge
     img[r > 150.0] = np.where(img[r > 150.0] > -500, 40.0, img[r > 150.0])  # the extended reconstruction beyond
     field = dict(data_collection_diameter=300.0, reconstruction_diameter=512 * PS)
-    m = D.measure(img, info(**field))
-    assert m["ring_contrast_hu"] < D.RING_HU[0]
+    m = measures.measure(img, info(**field))
+    assert m["ring_contrast_hu"] < fusion.RING_HU[0]
     img[np.abs(r - 100.0) <= PS] += 60.0  # a detector channel's ring inside the field
-    assert D.measure(img, info(**field))["ring_contrast_hu"] > D.RING_HU[0]
+    assert measures.measure(img, info(**field))["ring_contrast_hu"] > fusion.RING_HU[0]
 
 
 def test_round_anatomy_is_not_a_ring():
@@ -488,17 +488,18 @@ def test_round_anatomy_is_not_a_ring():
     r = np.hypot(yy, xx)
     img[r <= 60] += 60.0  # a centred round organ: a 60 HU step
     img[(r >= 90) & (r <= 97)] = 1200.0  # a centred 7 mm bone shell
-    m = D.measure(img, info())
-    assert m["ring_contrast_hu"] < D.RING_HU[0]
+    m = measures.measure(img, info())
+    assert m["ring_contrast_hu"] < fusion.RING_HU[0]
 
 
 def test_measures_without_opencv_agree(monkeypatch):
     """The classical measures run (and agree closely) on numpy alone."""
     img = _ringed(60.0)
-    with_cv = D.measure(img, info(convolution_kernel="B30f", slice_thickness=5.0))
-    monkeypatch.setattr(D, "cv2", None)
-    plain = D.measure(img, info(convolution_kernel="B30f", slice_thickness=5.0))
-    assert plain["ring_contrast_hu"] > D.RING_HU[1]
+    with_cv = measures.measure(img, info(convolution_kernel="B30f", slice_thickness=5.0))
+    for mod in (image, measures, noise, ring):  # measure() and its helpers; the air measure keeps OpenCV
+        monkeypatch.setattr(mod, "cv2", None)
+    plain = measures.measure(img, info(convolution_kernel="B30f", slice_thickness=5.0))
+    assert plain["ring_contrast_hu"] > fusion.RING_HU[1]
     assert plain["noise_sd_2mm"] == pytest.approx(with_cv["noise_sd_2mm"], rel=0.15)
     assert plain["body_touches_fov"] == pytest.approx(with_cv["body_touches_fov"], abs=0.02)
 
@@ -511,12 +512,12 @@ def test_lateral_bone_is_the_trunks_not_the_arms():
     for sx in (-1, 1):  # separate arms with a cortical humerus each
         img[((xx - sx * 150) / 22) ** 2 + (yy / 30) ** 2 <= 1] = 50.0
         img[((xx - sx * 150) / 8) ** 2 + (yy / 8) ** 2 <= 1] = 1200.0
-    gap = D.measure(img, info())
+    gap = measures.measure(img, info())
     assert gap["lateral_bone_mm2"] < 150.0  # the lumbar gap stays a gap
     assert gap["bone_area_mm2"] > 300.0  # the humeri are still bone of the patient
     for sx in (-1, 1):  # iliac wings inside the trunk's lateral thirds
         img[((xx - sx * 85) / 25) ** 2 + (yy / 12) ** 2 <= 1] = 700.0
-    wings = D.measure(img, info())
+    wings = measures.measure(img, info())
     assert wings["lateral_bone_mm2"] > 600.0
 
 
@@ -539,20 +540,20 @@ def _streaked(amp_hu: float, seed: int = 3) -> np.ndarray:
 
 
 def test_dark_streaks_in_the_air_are_motion_evidence():
-    clean = D.measure(phantom(sigma=10.0, seed=3), info())
-    moved = D.measure(_streaked(150.0), info())
+    clean = measures.measure(phantom(sigma=10.0, seed=3), info())
+    moved = measures.measure(_streaked(150.0), info())
     assert clean["air_dark_hu"] < airstreaks.EVIDENCE_HU[0]
     assert moved["air_dark_hu"] > airstreaks.EVIDENCE_HU[1]
     # the fused score: the network alone cannot reach its threshold (0.58) over clean air; streaks this dark
     # (full evidence: 5.9 HU, against at most 2.6 HU on the real clean CT we have) reach it whatever the
     # network reads; half as much evidence needs the network's support
-    assert D.fuse({"motion": 0.9}, clean)["motion"] < 0.5
-    assert D.fuse({"motion": 0.1}, moved)["motion"] >= 0.58
-    assert D.fuse({"motion": 0.7}, moved)["motion"] > 0.8
+    assert fusion.fuse({"motion": 0.9}, clean)["motion"] < 0.5
+    assert fusion.fuse({"motion": 0.1}, moved)["motion"] >= 0.58
+    assert fusion.fuse({"motion": 0.7}, moved)["motion"] > 0.8
     half = {**clean, "air_dark_hu": sum(airstreaks.EVIDENCE_HU) / 2}
-    assert D.fuse({"motion": 0.3}, half)["motion"] < 0.58 <= D.fuse({"motion": 0.8}, half)["motion"]
+    assert fusion.fuse({"motion": 0.3}, half)["motion"] < 0.58 <= fusion.fuse({"motion": 0.8}, half)["motion"]
     # no network score (thick slices): the air alone does not make one
-    assert "motion" not in D.fuse({}, moved)
+    assert "motion" not in fusion.fuse({}, moved)
 
 
 def test_bright_objects_in_the_air_are_not_motion_evidence():
@@ -561,7 +562,7 @@ def test_bright_objects_in_the_air_are_not_motion_evidence():
     yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
     for cx, cy in ((-120, -120), (110, -130), (0, -135)):  # blanket folds and pads near the skin
         img[(xx - cx) ** 2 + (yy - cy) ** 2 <= 14 ** 2] = -850.0 + 40.0 * np.sin(xx[(xx - cx) ** 2 + (yy - cy) ** 2 <= 14 ** 2])
-    m = D.measure(img, info())
+    m = measures.measure(img, info())
     assert not m["air_dark_hu"] > airstreaks.EVIDENCE_HU[0], m["air_dark_hu"]
 
 
@@ -570,12 +571,12 @@ def test_no_free_air_is_not_judged():
     air's evidence is taken as unknown (a neutral value), so the network alone must read about 0.85 to
     reach its 0.58 there: a clean anatomy it misreads at 0.7 is not flagged, gross motion still is."""
     img = phantom(sigma=10.0, rx_mm=300.0, ry_mm=300.0)
-    m = D.measure(img, info())
+    m = measures.measure(img, info())
     assert not np.isfinite(m["air_dark_hu"])
-    w = D.MOTION_NETWORK_WEIGHT
-    assert D.fuse({"motion": 0.7}, m)["motion"] == pytest.approx(w * 0.7 + (1 - w) * airstreaks.UNJUDGED_EVIDENCE)
-    assert D.fuse({"motion": 0.7}, m)["motion"] < 0.58 <= D.fuse({"motion": 0.9}, m)["motion"]
-    assert D.fuse({"motion": 0.7}, {})["motion"] == pytest.approx(0.7)  # no measures at all: the network's
+    w = fusion.MOTION_NETWORK_WEIGHT
+    assert fusion.fuse({"motion": 0.7}, m)["motion"] == pytest.approx(w * 0.7 + (1 - w) * airstreaks.UNJUDGED_EVIDENCE)
+    assert fusion.fuse({"motion": 0.7}, m)["motion"] < 0.58 <= fusion.fuse({"motion": 0.9}, m)["motion"]
+    assert fusion.fuse({"motion": 0.7}, {})["motion"] == pytest.approx(0.7)  # no measures at all: the network's
 
 
 def _chest_cut_by_the_field(seed: int = 5) -> np.ndarray:
@@ -599,7 +600,7 @@ def test_lungs_opened_by_the_displayed_field_are_not_free_air():
     """With hardly any air in the band round the patient, the band held lung and its level was the lung's:
     the air slivers then read as 26 HU of dark streaks (full motion evidence on a clean slice). Lung is no
     free air: the band is not judged."""
-    m = D.measure(_chest_cut_by_the_field(), info())
+    m = measures.measure(_chest_cut_by_the_field(), info())
     assert not np.isfinite(m["air_dark_hu"]), m["air_dark_hu"]
     assert m["display_touch"] > 0
 
@@ -615,12 +616,12 @@ def test_a_small_sliver_of_arm_cut_by_the_scan_field_counts_but_the_couch_does_n
         arm = ((xx - sx * 190) / 25) ** 2 + (yy / 45) ** 2 <= 1
         img[arm & (r <= 179)] = 50.0
         assert np.count_nonzero(arm & (r <= 179)) < 0.05 * np.count_nonzero(img[np.abs(xx) < 150] > -500)
-    cut = D.measure(img, info(data_collection_diameter=358.0))
-    assert D.classical_probs(cut)["truncation"] >= 0.5, cut["body_touches_fov"]
+    cut = measures.measure(img, info(data_collection_diameter=358.0))
+    assert fusion.classical_probs(cut)["truncation"] >= 0.5, cut["body_touches_fov"]
     couch_only = phantom(rx_mm=150.0, ry_mm=110.0, pad=-1024.0, table=True)
     couch_only[(np.abs(yy - 150) <= 3) & (r <= 179)] = 200.0  # a couch shell wide enough to meet the rim
-    m = D.measure(couch_only, info(data_collection_diameter=358.0))
-    assert D.classical_probs(m)["truncation"] < 0.5, m["body_touches_fov"]
+    m = measures.measure(couch_only, info(data_collection_diameter=358.0))
+    assert fusion.classical_probs(m)["truncation"] < 0.5, m["body_touches_fov"]
 
 
 def test_streaks_darker_than_the_padding_value_are_not_a_scan_field_edge():
@@ -630,9 +631,9 @@ def test_streaks_darker_than_the_padding_value_are_not_a_scan_field_edge():
     yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
     for k in range(-3, 4):  # dark streaks across the body, below PAD_HU, ending inside the body
         img[(np.abs(yy - 8 * k) <= 1) & (np.abs(xx) <= 130)] = -2500.0
-    m = D.measure(img, info(data_collection_diameter=500.0))
+    m = measures.measure(img, info(data_collection_diameter=500.0))
     assert m["body_touches_fov"] < 0.02
-    assert D.classical_probs(m)["truncation"] < 0.5
+    assert fusion.classical_probs(m)["truncation"] < 0.5
 
 
 def test_the_displayed_rim_is_measured_whatever_the_header_says_about_the_scan_field():
@@ -642,24 +643,24 @@ def test_the_displayed_rim_is_measured_whatever_the_header_says_about_the_scan_f
     as such, and is not truncation."""
     inside = phantom(rx_mm=260.0, ry_mm=240.0, pad=-3024.0)
     for dcd in (None, 500.0):
-        m = D.measure(inside, info(data_collection_diameter=dcd, reconstruction_diameter=358.4))
+        m = measures.measure(inside, info(data_collection_diameter=dcd, reconstruction_diameter=358.4))
         assert m["field_inside_body"] == 1.0 and m["display_touch"] > 0.9, dcd
-        assert D.classical_probs(m)["truncation"] == 0.0, dcd
-    flanks = D.measure(phantom(rx_mm=200.0, ry_mm=120.0, pad=-3024.0), info(data_collection_diameter=500.0))
-    assert 0.1 < flanks["display_touch"] < D.TARGETED_RIM and flanks["field_inside_body"] == 0.0
+        assert fusion.classical_probs(m)["truncation"] == 0.0, dcd
+    flanks = measures.measure(phantom(rx_mm=200.0, ry_mm=120.0, pad=-3024.0), info(data_collection_diameter=500.0))
+    assert 0.1 < flanks["display_touch"] < measures.TARGETED_RIM and flanks["field_inside_body"] == 0.0
 
 
 def test_noise_allowances_for_kernel_and_patient_size():
     """Philips C (a step sharper than standard) is allowed 1.5 × the level, a bone or lung kernel 2.5 ×; a patient
     wider than the reference size is allowed the extra noise that size brings, a smaller one is not held to less."""
     std, c, lung = (info(convolution_kernel=k, slice_thickness=5.0) for k in ("STANDARD", "C", "LUNG"))
-    assert D.kernel_noise_factor("C") == D.MEDIUM_NOISE_FACTOR and D.kernel_noise_factor("B") == 1.0
-    assert D.noise_ratio(40.0, c, head=False) == pytest.approx(D.noise_ratio(40.0, std, head=False) / D.MEDIUM_NOISE_FACTOR)
-    assert D.noise_ratio(40.0, lung, head=False) == pytest.approx(D.noise_ratio(40.0, std, head=False) / D.SHARP_NOISE_FACTOR)
-    ref = D.NOISE_SIZE_REF_MM
-    assert D.noise_ratio(40.0, std, head=False, dw_mm=2 * ref) == pytest.approx(D.noise_ratio(40.0, std, head=False) / 2)
-    assert D.noise_ratio(40.0, std, head=False, dw_mm=ref / 2) == pytest.approx(D.noise_ratio(40.0, std, head=False))
-    assert D.noise_ratio(10.0, std, head=True, dw_mm=2 * ref) == pytest.approx(10.0 / D.NOISE_2MM_HU["head"])
+    assert noise.kernel_noise_factor("C") == noise.MEDIUM_NOISE_FACTOR and noise.kernel_noise_factor("B") == 1.0
+    assert noise.noise_ratio(40.0, c, head=False) == pytest.approx(noise.noise_ratio(40.0, std, head=False) / noise.MEDIUM_NOISE_FACTOR)
+    assert noise.noise_ratio(40.0, lung, head=False) == pytest.approx(noise.noise_ratio(40.0, std, head=False) / noise.SHARP_NOISE_FACTOR)
+    ref = noise.NOISE_SIZE_REF_MM
+    assert noise.noise_ratio(40.0, std, head=False, dw_mm=2 * ref) == pytest.approx(noise.noise_ratio(40.0, std, head=False) / 2)
+    assert noise.noise_ratio(40.0, std, head=False, dw_mm=ref / 2) == pytest.approx(noise.noise_ratio(40.0, std, head=False))
+    assert noise.noise_ratio(10.0, std, head=True, dw_mm=2 * ref) == pytest.approx(10.0 / noise.NOISE_2MM_HU["head"])
 
 
 def _ring_profile(r: np.ndarray, r0: float) -> np.ndarray:
@@ -678,8 +679,8 @@ def test_a_wide_ring_in_noisy_lung_is_read_at_full_strength():
     img = phantom(sigma=0.0, lungs=True)
     img = img + rng.normal(0.0, 45.0, img.shape).astype(np.float32) * (img > -1500)
     ringed = img + (_ring_profile(r, 100.0) * (img > -1500)).astype(np.float32)
-    clean_v = D.ring_contrast(img, min_r_px=40)
-    ring_v = D.ring_contrast(ringed, min_r_px=40)
+    clean_v = ring.ring_contrast(img, min_r_px=40)
+    ring_v = ring.ring_contrast(ringed, min_r_px=40)
     assert clean_v < 2.0 and ring_v > 8.0, (clean_v, ring_v)
 
 
@@ -693,14 +694,14 @@ def test_bone_round_the_centre_is_no_ring():
     img[(r >= 82) & (r < 85)] = 600.0  # ... and diploë
     img[(r >= 87) & (r < 92)] = 20.0  # scalp
     img += np.random.default_rng(5).normal(0.0, 5.0, img.shape).astype(np.float32)
-    assert D.ring_contrast(img, min_r_px=30) < 2.0
+    assert ring.ring_contrast(img, min_r_px=30) < 2.0
 
 
 def test_the_radial_median_keeps_edges_and_removes_thin_features():
     x = np.zeros((1, 40), np.float32)
     x[0, 20:] = 500.0  # an edge
     x[0, 8:11] = 60.0  # a 3-px ring
-    out = D._radial_median(x)[0]
+    out = ring._radial_median(x)[0]
     assert np.all(out[:8] == 0) and np.all(out[9:10] == 0) and np.all(out[22:] == 500.0)
 
 
@@ -715,12 +716,12 @@ def test_a_scan_field_edge_in_the_image_bounds_the_ring_search():
     rim = (r > sfov - 4) & (r <= sfov) & (img > -500)
     img[rim] += 250.0
     img[r > sfov] = -3024.0  # the padding value, as scanners (and the injector) write beyond the scan field
-    m = D.measure(img, info(convolution_kernel="STANDARD", slice_thickness=5.0))
-    assert D.classical_probs(m)["truncation"] >= D.CLASSICAL_THRESHOLD
-    assert D.classical_probs(m)["ring"] < D.CLASSICAL_THRESHOLD, m["ring_contrast_hu"]
+    m = measures.measure(img, info(convolution_kernel="STANDARD", slice_thickness=5.0))
+    assert fusion.classical_probs(m)["truncation"] >= fusion.CLASSICAL_THRESHOLD
+    assert fusion.classical_probs(m)["ring"] < fusion.CLASSICAL_THRESHOLD, m["ring_contrast_hu"]
     quiet = {**m, "noise_ratio": 0.0, "noise_ratio_plain": 0.0, "ring_contrast_hu": 0.0}
-    unscaled = D.fuse({"motion": 0.8}, {**quiet, "body_touches_fov": 0.0})["motion"]
-    assert D.fuse({"motion": 0.8}, quiet)["motion"] == pytest.approx(unscaled * D.MOTION_EXPLAINED)
+    unscaled = fusion.fuse({"motion": 0.8}, {**quiet, "body_touches_fov": 0.0})["motion"]
+    assert fusion.fuse({"motion": 0.8}, quiet)["motion"] == pytest.approx(unscaled * fusion.MOTION_EXPLAINED)
 
 
 def test_air_clamped_to_one_value_is_no_scan_field_edge():
@@ -733,11 +734,11 @@ def test_air_clamped_to_one_value_is_no_scan_field_edge():
     img = np.full((512, 512), -1000.0, np.float32)
     obj = r < 100.0
     img[obj] = 50.0 + rng.normal(0.0, 10.0, obj.sum())
-    m = D.measure(img, info(ps=0.9, convolution_kernel="STANDARD", slice_thickness=2.0))
-    assert D.classical_probs(m)["truncation"] == 0.0
+    m = measures.measure(img, info(ps=0.9, convolution_kernel="STANDARD", slice_thickness=2.0))
+    assert fusion.classical_probs(m)["truncation"] == 0.0
     # noisy air inside a 300 mm field, constant fill beyond it, a body cut by it
     img2 = np.where(r < 150.0, -1000.0 + rng.normal(0.0, 15.0, r.shape), -1000.0).astype(np.float32)
     body = ((xx / 160.0) ** 2 + (yy / 90.0) ** 2 <= 1) & (r < 150.0)
     img2[body] = 40.0 + rng.normal(0.0, 10.0, body.sum())
-    m2 = D.measure(img2, info(ps=0.9, convolution_kernel="STANDARD", slice_thickness=2.0))
-    assert D.classical_probs(m2)["truncation"] >= D.CLASSICAL_THRESHOLD
+    m2 = measures.measure(img2, info(ps=0.9, convolution_kernel="STANDARD", slice_thickness=2.0))
+    assert fusion.classical_probs(m2)["truncation"] >= fusion.CLASSICAL_THRESHOLD

@@ -9,10 +9,10 @@ from conftest import need_module  # noqa: E402
 
 synth = need_module("medqc.synth.training", "medqc.synth needs its optional dependencies")
 
-from medqc import detectors as D  # noqa: E402
+from medqc.analysis import fusion, measures, noise
 from medqc.agent.records import SliceInfo, SliceResult  # noqa: E402
 from medqc.agent.series import SeriesTracker  # noqa: E402
-from medqc.anatomy import LANDMARKS  # noqa: E402
+from medqc.analysis.anatomy import LANDMARKS  # noqa: E402
 from medqc.config import load_config  # noqa: E402
 from medqc.synth.phantom import add_implant, random_patient  # noqa: E402
 
@@ -28,7 +28,7 @@ def sim(p, r, seed=1, **kw):
     ps = spec.fov_mm / spec.matrix
     info = SliceInfo("1", "2", "3", "4", rows=spec.matrix, cols=spec.matrix, pixel_spacing=(ps, ps),
                      data_collection_diameter=spec.sfov_mm)
-    return D.measure(hu, info), phys
+    return measures.measure(hu, info), phys
 
 
 def test_lungs_skull_and_clean_body(patient):
@@ -40,7 +40,7 @@ def test_lungs_skull_and_clean_body(patient):
     assert neck["lung_area_mm2"] < 1500 and pelvis["lung_area_mm2"] < 1500
     assert head["skull_ring"] >= 0.9 and head["lung_area_mm2"] < 1500
     for m in (chest, neck, pelvis, head):
-        p = D.fuse({"metal": 0.0, "truncation": 0.0, "noise": 0.0}, m)
+        p = fusion.fuse({"metal": 0.0, "truncation": 0.0, "noise": 0.0}, m)
         assert p["metal"] < 0.5 and p["truncation"] < 0.5 and p["noise"] < 0.5, m
 
 
@@ -49,7 +49,7 @@ def test_brain_scale_inside_the_skull_body_scale_in_the_neck(patient, r, scale):
     """The noise level follows the section: the brain's inside the skull (near the vertex too), the body's in
     the upper neck, where the mandible and the spine surround the centre but enclose no brain."""
     m, _ = sim(patient, r, fov_mm=240, noise_sigma=4.0)
-    assert m["noise_ratio"] == pytest.approx(m["noise_sd_2mm"] / D.NOISE_2MM_HU[scale], rel=1e-6)
+    assert m["noise_ratio"] == pytest.approx(m["noise_sd_2mm"] / noise.NOISE_2MM_HU[scale], rel=1e-6)
 
 
 def test_metal_truncation_and_noise_evidence():
@@ -57,12 +57,12 @@ def test_metal_truncation_and_noise_evidence():
     add_implant(p, np.random.default_rng(5), 820.0, 0.9)  # hip prosthesis level
     m, phys = sim(p, 820.0, fov_mm=450)
     assert phys["metal_area_mm2"] > 0
-    assert m["metal_area_mm2"] > 40 and D.fuse({"metal": 0.0}, m)["metal"] >= 0.9
+    assert m["metal_area_mm2"] > 40 and fusion.fuse({"metal": 0.0}, m)["metal"] >= 0.9
     # the body is wider than a 260 mm scan field: the rim of the scan field (DataCollectionDiameter) is hit
     p2 = random_patient(np.random.default_rng(12), contrast=False, arms="up")
     t, phys = sim(p2, 600.0, fov_mm=500, sfov_mm=260.0)
     assert phys["truncation_fraction"] > 0.1
-    assert D.fuse({"truncation": 0.0}, t)["truncation"] >= 0.5
+    assert fusion.fuse({"truncation": 0.0}, t)["truncation"] >= 0.5
     lo, _ = sim(p2, 600.0, fov_mm=400, noise_sigma=6.0)
     hi, _ = sim(p2, 600.0, fov_mm=400, noise_sigma=30.0)
     assert hi["noise_sd"] > 1.5 * lo["noise_sd"]
@@ -72,14 +72,14 @@ def test_metal_truncation_and_noise_evidence():
 def test_patient_motion_darkens_the_air_around_the_body(kind):
     """Motion simulated in the projections (a pose per view, then FBP): the free air around the body
     streaks; the same slice without motion leaves it flat."""
-    from medqc import airstreaks
+    from medqc.analysis import airstreaks
 
     p = random_patient(np.random.default_rng(12), contrast=False, arms="up")
     clean, _ = sim(p, 600.0, fov_mm=450)
     moved, _ = sim(p, 600.0, fov_mm=450, motion_mm=8.0, motion_kind=kind)
     assert clean["air_dark_hu"] < airstreaks.EVIDENCE_HU[0]
     assert airstreaks.evidence(moved["air_dark_hu"]) > 0.6
-    assert D.fuse({"motion": 0.6}, moved)["motion"] > D.fuse({"motion": 0.6}, clean)["motion"] + 0.3
+    assert fusion.fuse({"motion": 0.6}, moved)["motion"] > fusion.fuse({"motion": 0.6}, clean)["motion"] + 0.3
 
 
 def test_metal_streaks_in_the_air_are_not_motion():
@@ -87,7 +87,7 @@ def test_metal_streaks_in_the_air_are_not_motion():
     beside it reach the air around the head, and the air measure read them as motion (3.2 HU, half the
     evidence). Streaks pointing at a metal object, and darkness within 60 mm of one, are the metal's: the
     clean slice reads as clean air; the same slice moved 8 mm still reads streaked."""
-    from medqc import airstreaks
+    from medqc.analysis import airstreaks
 
     p = random_patient(np.random.default_rng(13), contrast=False, arms="up")
     add_implant(p, np.random.default_rng(5), 60.0, 0.9)
@@ -103,14 +103,14 @@ def test_motion_streaks_clipped_at_the_storage_floor_still_count():
     darkest streaks sit on the floor, and they were most of the near-air pixels in the band, so the air's
     level was taken on the floor itself and the measure read 1.2 HU. The floor is no air level: leaving it
     out, the streaks read 7.9 HU (full evidence); the same slice without motion stays clean."""
-    from medqc import airstreaks
+    from medqc.analysis import airstreaks
 
     p = random_patient(np.random.default_rng(12), contrast=False, arms="up")
     clean, _ = sim(p, 1000.0, fov_mm=350)
     moved, _ = sim(p, 1000.0, fov_mm=350, motion_mm=9.0, motion_kind="oscillate")
     assert clean["air_dark_hu"] < airstreaks.EVIDENCE_HU[0]
     assert airstreaks.evidence(moved["air_dark_hu"]) > 0.9, moved["air_dark_hu"]
-    assert D.fuse({"motion": 0.3}, moved)["motion"] >= 0.58
+    assert fusion.fuse({"motion": 0.3}, moved)["motion"] >= 0.58
 
 
 def test_chest_series_lungs_give_apex_and_base(patient):

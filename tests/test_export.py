@@ -21,7 +21,7 @@ onnx = need_module("onnx")
 from medqc import ARTIFACTS  # noqa: E402
 from medqc.bundle import load_bundle  # noqa: E402
 from medqc.cli import main  # noqa: E402
-from medqc.preprocess import PreprocessParams  # noqa: E402
+from medqc.analysis.preprocess import PreprocessParams  # noqa: E402
 
 # Every model in medqc.models.model_names() must appear here (and so be exported by test_export_model).
 EXPORT_TESTED = ("qcnet", "qcnet-small")

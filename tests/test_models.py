@@ -54,7 +54,7 @@ def _save_ckpt(path, **over):
     import torch
 
     from medqc.models import CHECKPOINT_FORMAT, build_model
-    from medqc.preprocess import PreprocessParams
+    from medqc.analysis.preprocess import PreprocessParams
 
     m = build_model("qcnet-small")
     ck = {

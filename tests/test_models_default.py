@@ -27,7 +27,7 @@ def runner(bundle):
 
 
 def _probs(runner, bundle, slices):
-    from medqc.preprocess import preprocess
+    from medqc.analysis.preprocess import preprocess
 
     x = np.stack([preprocess(hu, ps, bundle.preprocess) for hu, ps in slices])
     out = runner.infer(x)
@@ -35,7 +35,7 @@ def _probs(runner, bundle, slices):
 
 
 def test_default_bundle_is_intact(bundle):
-    from medqc.preprocess import PreprocessParams
+    from medqc.analysis.preprocess import PreprocessParams
 
     assert bundle.root.name == "default"
     assert tuple(bundle.labels) == ARTIFACTS

@@ -89,7 +89,7 @@ def test_replay_into_orthanc_real_and_synthetic(tmp_path):
     why, and exits 1 while the rest is stored."""
     import pydicom
 
-    from medqc.bench import write_phantom_series
+    from medqc.tools.bench.study import write_phantom_series
 
     files = write_phantom_series(tmp_path / "study" / "synthetic", 12, size=128)
     data = need_module("pydicom.data")
@@ -130,7 +130,7 @@ def test_replay_into_orthanc_real_and_synthetic(tmp_path):
 def test_orthanc_routes_a_study_to_the_agent(tmp_path):
     """Orthanc as the sending peer: a study uploaded to it is forwarded by its own C-STORE SCU to a running
     agent (embedded model), which analyses every slice and closes the series with a verdict."""
-    from medqc.bench import AgentProcess
+    from medqc.tools.bench.harness import AgentProcess
 
     study = tmp_path / "study"
     r = _medqc("synth", str(study), "--region", "chest", "--slices", "16", "--matrix", "256", "--seed", "4",
@@ -152,7 +152,7 @@ def test_orthanc_routes_a_study_to_the_agent(tmp_path):
         uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
         times, verdict, _ = agent.wait_series(uid, 16, timeout=90)
         assert len(times) == 16 and verdict in ("pass", "warn", "fail"), (len(times), verdict, agent.tail())
-        assert agent._query("SELECT COUNT(*) FROM series")[0][0] == 1
+        assert [s["series_instance_uid"] for s in agent.store().series_summaries(10)] == [uid]
     finally:
         if pacs is not None:
             pacs.stop()

@@ -30,7 +30,7 @@ def test_bare_models_import_fails_and_namespace_works():
 
 
 def test_agent_import_does_not_pull_torch():
-    code = "import sys, medqc.agent, medqc.runners, medqc.preprocess; print('torch' in sys.modules, 'tensorrt' in sys.modules)"
+    code = "import sys, medqc.agent, medqc.runners, medqc.analysis.preprocess; print('torch' in sys.modules, 'tensorrt' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
 

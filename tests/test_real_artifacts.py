@@ -61,7 +61,7 @@ def test_noise_on_a_real_slice_with_ecg_electrodes_is_not_taken_for_metal_streak
     8 mm across each): they streak only the few rays through them, and the σ read at the trunk's centre is the
     dose's (about 11 HU at 2 mm). Noise injected there is judged as noise, not halved as metal streaks; the
     clean slice stays well under the level."""
-    from medqc import detectors as D
+    from medqc.analysis import fusion
     from medqc.synth.inject import inject_series
 
     src = need(REAL / "tcia-covid19-ny-sbu-slices" / "A072894" / "axial" / "19010103-40.dcm")
@@ -73,7 +73,7 @@ def test_noise_on_a_real_slice_with_ecg_electrodes_is_not_taken_for_metal_streak
     by_desc = {s["series_description"]: s["per_slice"][0] for s in rep["series"]}
     (clean,) = [p for k, p in by_desc.items() if not k.endswith("+noise")]
     (noisy,) = [p for k, p in by_desc.items() if k.endswith("+noise")]
-    assert 0.0 < clean["measures"]["metal_area_mm2"] < D.NOISE_METAL_AREA_MM2, clean["measures"]
+    assert 0.0 < clean["measures"]["metal_area_mm2"] < fusion.NOISE_METAL_AREA_MM2, clean["measures"]
     assert clean["scores"]["noise"] < 0.2, clean
     assert noisy["measures"]["noise_sd_2mm"] > 3.0 * clean["measures"]["noise_sd_2mm"], (clean, noisy)
-    assert noisy["scores"]["noise"] >= D.CLASSICAL_THRESHOLD, noisy
+    assert noisy["scores"]["noise"] >= fusion.CLASSICAL_THRESHOLD, noisy

@@ -251,7 +251,7 @@ def test_usage_errors_exit_2(tmp_path):
 
 
 def test_plan_orders_and_paces():
-    from medqc.replay import Instance, plan
+    from medqc.tools.replay.plan import Instance, plan
 
     insts = [Instance(f"/x/{k}", "st", "se", "1.2", f"1.{k}", "1.2.840.10008.1.2.1", instance_number=k, recorded_s=100 + (10 - k) * 0.5) for k in (3, 1, 2)]
     (study,) = plan(list(insts), "rate", rate=4)

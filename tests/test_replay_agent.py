@@ -21,7 +21,8 @@ def _load(name: str, path: Path):
 
 
 def test_replay_measures_agent_latency(tmp_path, tiny_bundle):
-    from medqc.bench import AgentProcess, write_phantom_series
+    from medqc.tools.bench.harness import AgentProcess
+    from medqc.tools.bench.study import write_phantom_series
 
     files = write_phantom_series(tmp_path / "study", 20)
     agent = AgentProcess(tmp_path / "agent", str(tiny_bundle), inference=True)
@@ -54,7 +55,7 @@ def test_replay_measures_agent_latency(tmp_path, tiny_bundle):
 def test_replay_real_vendor_study_into_agent(tmp_path, tiny_bundle, real_ct):
     """The Philips study: two tilted axial series get verdicts; the localizer and the secondary captures are
     rejected by the agent, noted by replay, and not waited for."""
-    from medqc.bench import AgentProcess
+    from medqc.tools.bench.harness import AgentProcess
 
     agent = AgentProcess(tmp_path / "agent", str(tiny_bundle), inference=True)
     why = agent.start()

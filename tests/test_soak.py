@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import REAL_CT, missing_peer, missing_real_ct  # noqa: E402
 
-from medqc.soak import ORTHANC, STORESCU
+from medqc.tools.bench.soak import ORTHANC, STORESCU
 
 
 def test_one_minute_soak_two_senders_and_an_orthanc_router(tmp_path):

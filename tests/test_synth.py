@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from medqc import ARTIFACTS
-from medqc.anatomy import LANDMARKS, ordered_landmarks
+from medqc.analysis.anatomy import LANDMARKS, ordered_landmarks
 from medqc.cli import main as medqc_main
 from medqc.synth.phantom import Implant, random_patient, rasterize
 from medqc.synth.study import ArtifactSpec, StudyOptions, write_study
@@ -185,7 +185,7 @@ def test_a_thick_section_at_a_low_dose_carries_its_labelled_noise(implant):
     electronic noise dominates and does not scale with the dose. The image still carries (at least) the
     noise its label gives, with and without metal; before generator 9 a slice with metal there came out
     nearly noise-free (3 HU at 2 mm for a label of 33)."""
-    from medqc import detectors as D
+    from medqc.analysis import measures
     from medqc.agent.records import SliceInfo
     from medqc.synth.phantom import add_implant
 
@@ -197,7 +197,7 @@ def test_a_thick_section_at_a_low_dose_carries_its_labelled_noise(implant):
     hu, phys = simulate_slice(p, spec, np.random.default_rng(1))
     assert (phys["metal_area_mm2"] > 0) is implant
     ps = spec.fov_mm / spec.matrix
-    m = D.measure(hu, SliceInfo("1", "2", "3", "4", rows=spec.matrix, cols=spec.matrix, pixel_spacing=(ps, ps)))
+    m = measures.measure(hu, SliceInfo("1", "2", "3", "4", rows=spec.matrix, cols=spec.matrix, pixel_spacing=(ps, ps)))
     # generator 8 read 20 HU without metal and 5 HU with it for an image noise of 57 HU at 2 mm
     assert m["noise_sd_2mm"] > 0.5 * phys["noise_sigma_2mm"], (m["noise_sd_2mm"], phys["noise_sigma_2mm"])
 

@@ -34,13 +34,14 @@ import bisect
 import math
 from dataclasses import dataclass, field
 
-from medqc import ARTIFACTS, detectors
+from medqc import ARTIFACTS
+from medqc.analysis import fusion
 from medqc.agent.checks.common import finding
 from medqc.agent.checks.registry import Check, bounded
 
 CRITICAL_SLICES = 5
 # classes whose runs must also span z (see qualifying): motion, where the network decides (with the air-streak
-# evidence where there is free air: medqc.airstreaks), and ring,
+# evidence where there is free air: medqc.analysis.airstreaks), and ring,
 # whose cause (a detector channel) is on every slice, so a real ring is never confined to a few slices
 NETWORK_ONLY = frozenset({"motion", "ring"})
 NETWORK_ONLY_MIN_EXTENT_MM = 25.0  # z from the first to the last slice of a run (see qualifying)
@@ -113,8 +114,8 @@ def _air_streaks(r) -> float | None:
     v = m.get("air_dark_hu")
     if r.error or v is None or not math.isfinite(v) or "motion" not in (r.scores or {}):
         return None  # not judged, or no motion score at all (slices over 10 mm, no network): no motion
-    cls = detectors.classical_probs({k: x for k, x in m.items() if x is not None})
-    if max(cls.get(c, 0.0) for c in detectors.CLASSICAL_CLASSES) >= detectors.CLASSICAL_THRESHOLD:
+    cls = fusion.classical_probs({k: x for k, x in m.items() if x is not None})
+    if max(cls.get(c, 0.0) for c in fusion.CLASSICAL_CLASSES) >= fusion.CLASSICAL_THRESHOLD:
         return None
     return v
 

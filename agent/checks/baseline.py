@@ -25,7 +25,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from medqc import baselines, detectors
+from medqc import baselines
+from medqc.analysis import fusion
 from medqc.agent.checks.artifact import ADVICE, NAMES, consecutive
 from medqc.agent.checks.common import finding, finite
 from medqc.agent.checks.registry import Check, explained_noise
@@ -38,7 +39,7 @@ MEASURE = {"noise": "noise_sd_2mm", "ring": "ring_contrast_hu"}
 def _classical_alone(cls: str, members) -> bool:
     """Every slice's score of ``cls`` is no more than its classical evidence: the generic level raised it."""
     for _, r in members:
-        c = detectors.classical_probs({k: v for k, v in (r.measures or {}).items() if v is not None}).get(cls)
+        c = fusion.classical_probs({k: v for k, v in (r.measures or {}).items() if v is not None}).get(cls)
         if c is None or r.scores.get(cls, 0.0) > c + 1e-6:
             return False
     return True

@@ -29,7 +29,7 @@ import statistics
 
 from dataclasses import dataclass, field
 
-from medqc.anatomy import LANDMARK_NAMES, LANDMARKS
+from medqc.analysis.anatomy import LANDMARK_NAMES, LANDMARKS
 from medqc.agent.checks.common import finding, finite, slice_z
 from medqc.agent.checks.registry import Check, bounded
 
@@ -175,7 +175,7 @@ def iliac_crest(ordered) -> dict:
     return {"iliac_crest_z": hits[0]}
 
 
-ANTERIOR_BONE_MM2 = 100.0  # pubic bones in front of the midline (detectors.anterior_bone_mm2) on a slice ...
+ANTERIOR_BONE_MM2 = 100.0  # pubic bones in front of the midline (the measure anterior_bone_mm2) on a slice ...
 PUBIS_MIN_SLICES = 2  # ... on this many consecutive slices, with the pelvis's bone beside them (LATERAL_BONE_MM2)
 PUBIS_HALF_HEIGHT_MM = 20.0  # half the adult symphysis's height: its centre below a top seen on the last slice
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 import math
 import statistics
 
-from medqc import detectors
 from dataclasses import field
 
+from medqc.analysis import noise
 from medqc.agent.checks.common import finding, finite
 from medqc.agent.checks.registry import Check, bounded
 
@@ -35,9 +35,9 @@ DOSE_WARNING_FACTOR = 2.0  # dose.ctdivol: info above the reference level, a war
 # the same sharp-kernel names the per-slice noise measure skips (GE BONE/LUNG/EDGE/DETAIL, Siemens ≥ 60 and
 # the Bl lung family, Philips C/D/E/L/Y*, Canon FC3x bone and FC5x-9x): their noise is high by design, and a
 # narrower list would judge Philips and Siemens lung-kernel series against soft-tissue levels
-SHARP_KERNEL = detectors.SHARP_KERNEL
-SHARP_NOISE_FACTOR = detectors.SHARP_NOISE_FACTOR
-kernel_noise_factor = detectors.kernel_noise_factor
+SHARP_KERNEL = noise.SHARP_KERNEL
+SHARP_NOISE_FACTOR = noise.SHARP_NOISE_FACTOR
+kernel_noise_factor = noise.kernel_noise_factor
 NOISE_INDEX_MIN_SLICES = 3  # noise.index needs this many slices with measurable soft tissue
 CENTERING_MIN_SLICES = 3  # centering.offset needs the body centre on this many slices
 
@@ -169,7 +169,7 @@ def noise_findings(state, results, rule, explained: frozenset = frozenset()) -> 
         # σ falls with the square root of the slice thickness: compare at the reference 5 mm
         sd = sd * math.sqrt(t / REF_THICKNESS_MM) if finite(t) and t > 0 else sd
         # a patient larger than the reference is allowed the extra noise that size brings (as per slice)
-        sds.append(sd * detectors.size_allowance(detectors.noise_size_mm(r.measures)))
+        sds.append(sd * noise.size_allowance(noise.noise_size_mm(r.measures)))
     if len(sds) < NOISE_INDEX_MIN_SLICES or 2 * len(sds) < measured:
         return []
     med = statistics.median(sds)

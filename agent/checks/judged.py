@@ -8,7 +8,7 @@ show it beside the findings.
 
 from __future__ import annotations
 
-from medqc import detectors
+from medqc.analysis import noise
 from medqc.agent.checks.artifact import NETWORK_ONLY_MIN_EXTENT_MM, RELATIVE_MIN_SLICES
 from medqc.agent.checks.common import finite
 from medqc.agent.checks.dose import CENTERING_MIN_SLICES, NOISE_INDEX_MIN_SLICES
@@ -33,9 +33,9 @@ def not_judged(state, ordered, rule, coverage: dict | None) -> dict[str, str]:
     if rule is None or rule.noise_ref_hu is None:
         out["noise.index"] = "no protocol rule with a noise reference matched"
     else:
-        factor = detectors.kernel_noise_factor(state.first.convolution_kernel or "")
+        factor = noise.kernel_noise_factor(state.first.convolution_kernel or "")
         measured = sum(1 for _, r in usable if finite(r.measures.get("noise_sd")))
-        if factor >= detectors.SHARP_NOISE_FACTOR:
+        if factor >= noise.SHARP_NOISE_FACTOR:
             out["noise.index"] = (f"sharp kernel {state.first.convolution_kernel}: its noise is the design "
                                   "(gross noise is judged per slice, artifact.noise)")
         elif measured < NOISE_INDEX_MIN_SLICES:

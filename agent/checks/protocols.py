@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medqc.anatomy import LANDMARKS
+from medqc.analysis.anatomy import LANDMARKS
 from medqc.config import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -21,7 +21,7 @@ else:  # Python 3.10
     import tomli as tomllib
 
 SHIPPED = Path(__file__).resolve().parents[1] / "protocols.toml"
-LANDMARK_KEYS = ("start", "end")  # the range a rule requires: landmarks of medqc.anatomy; every other key is a number
+LANDMARK_KEYS = ("start", "end")  # the range a rule requires: landmarks of medqc.analysis.anatomy; every other key is a number
 
 
 def rule_keys() -> frozenset:

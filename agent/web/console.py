@@ -3,7 +3,7 @@ arriving now and the recent ones.
 
 Per series: a craniocaudal strip (one mark per slice as it arrives, placed head to feet by the slice's
 position along the stack normal, ``z``; coloured by its worst artifact score), a coverage bar (scanned range against the protocol's required anatomy on the fixed body scale of
-``medqc.anatomy``), the findings with severity, slice range and message, a windowed thumbnail of the most
+``medqc.analysis.anatomy``), the findings with severity, slice range and message, a windowed thumbnail of the most
 affected slice per artifact finding, and an acknowledgement button (who/when, stored in the SQLite
 store). Everything is served by the agent (``agent/web/static``; no CDN), updates arrive over Server-Sent
 Events.
@@ -144,7 +144,7 @@ def _hhmm(dicom_time: str, fallback: float) -> str:
 def coverage_view(state, positions: list[float]) -> dict | None:
     """Scanned range against the protocol's required range on the reference body scale (mm below the
     vertex), with the landmarks named and the missing / excess millimetres at each end."""
-    from medqc.anatomy import LANDMARKS
+    from medqc.analysis.anatomy import LANDMARKS
 
     rule = getattr(state, "rule", None)
     if rule is None or rule.start not in LANDMARKS or rule.end not in LANDMARKS:

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from medqc.anatomy import LANDMARKS
+from medqc.analysis.anatomy import LANDMARKS
 from medqc.synth.phantom import Implant, random_patient
 from medqc.synth.training import SliceSpec, motion_amplitude, noise_target, simulate_slice
 

@@ -1,6 +1,6 @@
 """A parametric 3-D anatomical phantom, vertex to mid-thigh, rasterised one axial slice at a time.
 
-Anatomy is placed on the reference craniocaudal scale of :mod:`medqc.anatomy` (mm below the vertex of a
+Anatomy is placed on the reference craniocaudal scale of :mod:`medqc.analysis.anatomy` (mm below the vertex of a
 175 cm adult) and scaled per patient (height factor ``scale``, separate left-right and antero-posterior
 girth, subcutaneous fat). In-plane coordinates are millimetres in DICOM LPS: +x towards the patient's left,
 +y posterior; the patient lies supine on the table (the table is on the posterior side).
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from medqc.anatomy import LANDMARKS
+from medqc.analysis.anatomy import LANDMARKS
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medqc import ARTIFACTS
-from medqc.anatomy import LANDMARKS
+from medqc.analysis.anatomy import LANDMARKS
 from medqc.errors import UsageError
 
 REGIONS: dict[str, dict] = {

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from medqc import ARTIFACTS
-from medqc.anatomy import LANDMARKS
-from medqc.detectors import NOISE_REF_THICKNESS_MM
+from medqc.analysis.anatomy import LANDMARKS
+from medqc.analysis.noise import NOISE_REF_THICKNESS_MM
 from medqc.synth import ct
 from medqc.synth.phantom import BRAIN_BOTTOM_REF_MM, Patient, _Canvas, add_implant, random_patient, rasterize
 

@@ -7,7 +7,7 @@ in a scanner room is *darker* than air, while foam pads, blankets, head holders 
 so only the dark side is counted: air that reads below its own level after low-pass filtering is
 reconstruction inconsistency (motion; also metal streaks, and heavy noise to a lesser degree).
 
-Steps, on the slice area-averaged to ~4 mm pixels (from ``detectors.pool_2mm``'s ~2 mm slice; the streaks
+Steps, on the slice area-averaged to ~4 mm pixels (from ``noise.pool_2mm``'s ~2 mm slice; the streaks
 are wide and the band is 8-40 mm, and at 4 mm it costs ~1 ms), every length in mm so any matrix, pixel
 spacing or field of view reads alike:
 
@@ -33,7 +33,7 @@ spacing or field of view reads alike:
    slices; it is not judged;
 5. the measure: the band's mean of max(0, level - smoothed slice), in HU. NaN (not judged) when the band is
    under ``MIN_BAND_MM2`` (a body filling the field, a targeted reconstruction, truncation);
-6. metal: where the slice holds metal objects (``detectors`` passes their centroids), darkness that is the
+6. metal: where the slice holds metal objects (``measures`` passes their centroids), darkness that is the
    metal's counts as none: band pixels whose local structure (structure tensor over ``METAL_TENSOR_MM``,
    coherence >= ``METAL_COHERENCE``) is a line pointing at a metal object within ``METAL_ALIGN_DEG`` (metal
    streaks are straight lines through the metal; motion streaks run tangent to the moving skin and bone),
@@ -53,6 +53,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from medqc.analysis.image import _block_all, _radius
 
 try:
     import cv2
@@ -137,7 +139,6 @@ def air_dark_hu(img: np.ndarray, valid: np.ndarray, p: float, scan_field=None, m
     in the slice; dark streaks in the band that point at one of them count as none (step 6)."""
     if cv2 is None or img.ndim != 2 or min(img.shape) < 16 or not (p > 0):
         return float("nan")
-    from medqc.detectors import _block_all, _radius  # detectors imports this module: helpers fetched at call time
 
     img = np.ascontiguousarray(img, dtype=np.float32)
     f = int(round(GRID_MM / p))

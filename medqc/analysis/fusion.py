@@ -1,0 +1,173 @@
+"""Fusion: the network's per-class probabilities and the classical measures of the same slice → the scores
+the checks decide on (``fuse``; the classical evidence alone: ``classical_probs``). The rules, and why,
+are in ``fuse``'s docstring and in ``docs/checks.md``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from medqc.analysis import airstreaks
+from medqc.analysis.measures import METAL_MIN_HU
+from medqc.analysis.noise import NOISE_RATIO_HI
+
+
+METAL_AREA_MM2 = (5.0, 40.0)  # classical metal evidence ramps from 0.5 to 0.95 over this area at >= 2500 HU
+METAL_SUBLEVEL = 0.1  # the most metal evidence a slice whose densest pixel stays under METAL_MIN_HU gets
+TRUNC_EDGE = (0.06, 0.25)  # fraction of the scan field's edge covered by the patient: evidence ramps from 0.5 to 0.95
+CLASSICAL_THRESHOLD = 0.5  # the checks' threshold for a class the bundle's network does not score
+MOTION_NETWORK_WEIGHT = 0.4  # the network's share of the fused motion score, the air evidence's the rest
+MOTION_EXPLAINED = 0.7  # motion score factor on a slice whose noise or ring evidence is over the threshold
+MOTION_NOISE_FROM = 0.1  # ... and from 1 down to it as the noise evidence rises from this (half the level) to it
+NOISE_EXPLAINED = 0.5  # classical noise evidence factor on a slice whose ring evidence, or metal area, is over its level
+# Dense material (>= METAL_HU) over this area streaks the trunk's centre, where noise is read: σ there is partly
+# its streaks. A smaller object (an ECG electrode or lead, a clip: under ~8 mm across) starves only the few
+# rays through it, thin lines that the median of local σ passes over: real slices with 5-46 mm² of it read σ at
+# their dose's level (11-32 HU at 2 mm), while injected objects of 270 mm² and more raised it by up to 40 HU.
+NOISE_METAL_AREA_MM2 = 50.0
+CLASSICAL_CLASSES = ("metal", "truncation", "noise", "ring")  # classes with classical evidence (classical_probs)
+RING_HU = (4.0, 15.0)  # ring contrast above its noise floors: evidence ramps from 0.5 to 0.95
+
+
+def _ramp(x: float, lo: float, hi: float) -> float:
+    """0 below lo/2; 0.5 at lo; 0.95 at hi; capped at 0.95 (classical evidence is never certainty)."""
+    if x is None or not math.isfinite(x) or x < lo * 0.5:
+        return 0.0
+    if x < lo:
+        return 0.5 * (x - lo * 0.5) / (lo * 0.5)
+    if x >= hi:
+        return 0.95
+    return 0.5 + 0.45 * (x - lo) / (hi - lo)
+
+
+def classical_probs(measures: dict[str, float]) -> dict[str, float]:
+    """Per-class probabilities from classical evidence alone (only for classes physics can see)."""
+    m = measures or {}
+    out: dict[str, float] = {}
+    if math.isfinite(m.get("metal_area_mm2", float("nan"))):
+        p = _ramp(m["metal_area_mm2"], *METAL_AREA_MM2)
+        if m.get("metal_max_hu", 0.0) < METAL_MIN_HU:
+            # bone, enamel, contrast — or metal whose densest pixel partial volume or a store that saturates
+            # below 3,000 HU kept under the level (the ends of a real hip implant): never a metal flag (the
+            # bundle's metal threshold is 0.14), but more dense area ranks higher than none
+            p *= METAL_SUBLEVEL / 0.95
+        out["metal"] = p
+    if math.isfinite(m.get("body_touches_fov", float("nan"))):
+        out["truncation"] = _ramp(m["body_touches_fov"], *TRUNC_EDGE)
+    if math.isfinite(m.get("ring_contrast_hu", float("nan"))):
+        # from 0 (not from half the level, as the other ramps): the contrast is already above its noise
+        # floors, so any reading ranks slices (the clean real head phantom reads 0.0–0.1 HU)
+        x = max(0.0, m["ring_contrast_hu"])
+        out["ring"] = 0.5 * x / RING_HU[0] if x < RING_HU[0] else _ramp(x, *RING_HU)
+    if math.isfinite(m.get("noise_ratio", float("nan"))):
+        out["noise"] = noise_evidence(m["noise_ratio"])
+    return out
+
+
+def noise_evidence(ratio: float) -> float:
+    """0..0.95 noise evidence from a ``noise_ratio``. Below the artifact level the score keeps rising with σ
+    instead of sitting at 0 (a slice at 0.4 of the level reads noisier than one at 0.2): 0 → 0.1 up to half
+    the level, 0.1 → 0.5 from there to the level, where the flag starts (the checks' threshold) — the
+    console's amber "near threshold" mark (half the threshold) still needs about 0.7 of the level."""
+    r = max(0.0, ratio)
+    return 0.2 * r if r < 0.5 else 0.1 + 0.8 * (r - 0.5) if r < 1.0 else _ramp(r, 1.0, NOISE_RATIO_HI)
+
+
+def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, float]:
+    """Final per-class probability.
+
+    * metal, truncation: ``max(network, classical)`` — both are direct physical signals (dense pixels,
+      tissue on the FOV edge) that a network trained on synthetic data must not be able to overrule;
+    * noise: ``1 - (1 - net) * (1 - classical)`` (noisy-OR: either source can raise it, agreement raises
+      it further) — σ alone cannot tell a sharp kernel from a low dose, so classical evidence ramps late;
+    * ring: ``max(network, classical)`` — a thin ring centred on the reconstruction centre is physics too;
+    * motion: ``MOTION_NETWORK_WEIGHT`` (0.4) × the network + 0.6 × the dark-streak evidence in the free air
+      around the patient (``medqc.analysis.airstreaks``); where no air can be measured (a body filling the field, a
+      targeted reconstruction, lung in the band) the air's evidence is unknown and
+      ``airstreaks.UNJUDGED_EVIDENCE`` (0.4) stands in for it, so that the network must read about 0.85 to
+      reach its threshold alone there (standing alone, it raises false motion flags on such slices). The
+      network weighs less than the air: it is the weaker cue (AUROC 0.77-0.84 alone against 0.98-0.99 for
+      the air where judged) and the one that misreads real clean anatomy as motion (0.3-0.8 on real patient
+      slices); over the real clean air we have (evidence <= 0.38) it must read 0.88 to flag. Air streaks at
+      full evidence (>= 5.9 HU; real clean CT here reads <= 2.6) flag on their own. The weights 0.4 /
+      0.6 rank the evaluation slices better than the plain mean (by 0.003-0.006 of AUROC on seeds 31337
+      and 777); 0.3-0.35 for the network rank them alike.
+    On a slice whose classical noise or ring evidence is over the threshold, the motion score is scaled by
+    ``MOTION_EXPLAINED`` (0.7): both motion cues are confounded by them (the network reads heavy noise and
+    rings as motion, the air measure reads noisy air and a ring's arcs in the air as dark streaks; on the
+    evaluation slices these were most of the top-scoring slices without motion), and the finding there is
+    the noise or the ring; motion still qualifies when the unscaled score reaches about 0.83. Noise confounds
+    them before it reaches its own threshold, so from ``MOTION_NOISE_FROM`` (noise evidence 0.1: σ at half
+    the level) the factor ramps from 1 down to 0.7 at the threshold (:func:`motion_explained`); and the
+    noise evidence used here is the one before the metal's share is taken out — metal streaks that read as
+    noise-level σ confound both cues all the same (the noise check itself still stays quiet there) — and
+    without the sharp kernels' allowance (``noise_ratio_plain``): a lung or bone kernel's σ is no artifact
+    for the noise check, but it confounds the motion cues as any σ does. With the metal streaks left out of
+    the air measure (``airstreaks``, step 6) the fused motion score reaches a specificity of 0.99 at the
+    threshold on the evaluation slices (``bench/results/slice-eval.md``).
+    Likewise the classical noise evidence is scaled by ``NOISE_EXPLAINED`` (0.5, below the threshold
+    whatever σ reads) where the metal or ring detector is over its threshold: metal streaks and a ring's
+    circles raise the measured σ (47–98 HU on synthetic slices with metal at a routine dose), and the
+    finding there is the metal or the ring; the series' other slices still judge its noise. On the
+    evaluation slices this keeps metal and ring slices without noise from being flagged for noise, at the
+    cost of a few noisy slices that also carry metal or a ring.
+    Metal needs metal-density pixels: a measured slice whose densest pixel stays below ``METAL_MIN_HU``
+    (3,000 HU; enamel and dense cortical bone stay below it, implants reconstruct far above it and saturate
+    at the top of the CT number range) cannot show a metal artifact, so there the network's metal score is
+    dropped too: metal is 0 on such a slice.
+    Missing network classes take the classical value; missing measures leave the network value.
+    """
+    out = {k: float(v) for k, v in (net_probs or {}).items()}
+    m = measures or {}
+    cls = classical_probs(m)
+    # what confounds the motion cues: σ as it is (a sharp kernel's too), before the metal's or ring's share is
+    # taken out (streaks all the same)
+    plain = m.get("noise_ratio_plain", float("nan"))
+    noisy = noise_evidence(plain) if plain is not None and math.isfinite(plain) else cls.get("noise", 0.0)
+    if "noise" in cls and (cls.get("ring", 0.0) >= CLASSICAL_THRESHOLD or dense_streaks(m)):
+        cls["noise"] *= NOISE_EXPLAINED  # the σ measured there is the metal's streaks or the ring's circles
+    n = out.get("motion")
+    if n is not None and math.isfinite(n):
+        if "air_dark_hu" in m:  # measured: streaked or flat air, or none to judge (a neutral value then)
+            air = airstreaks.evidence(m["air_dark_hu"])
+            w = MOTION_NETWORK_WEIGHT
+            n = w * n + (1.0 - w) * (air if math.isfinite(air) else airstreaks.UNJUDGED_EVIDENCE)
+        n *= motion_explained(noisy, max(cls.get("ring", 0.0), cls.get("truncation", 0.0)))
+        out["motion"] = n
+    for k, p in cls.items():
+        n = out.get(k)
+        if n is None or not math.isfinite(n):
+            out[k] = p
+        elif k == "noise":
+            out[k] = 1.0 - (1.0 - n) * (1.0 - p)
+        elif k == "metal" and no_metal_density(m):
+            out[k] = p
+        else:
+            out[k] = max(n, p)
+    return out
+
+
+def dense_streaks(measures: dict[str, float]) -> bool:
+    """The slice holds enough very dense material (>= ``METAL_HU``, 2,500 HU, over ``NOISE_METAL_AREA_MM2``) to
+    streak the trunk's centre — metal, also short of the metal check's ``METAL_MIN_HU`` (dental work in a store
+    that saturates below it) — so that the σ measured there is partly streaks, not the dose."""
+    a = (measures or {}).get("metal_area_mm2", float("nan"))
+    return a is not None and math.isfinite(a) and a >= NOISE_METAL_AREA_MM2
+
+
+def motion_explained(noise: float, ring: float) -> float:
+    """The factor on the motion score of a slice with this much classical noise and ring (or truncation)
+    evidence (see ``fuse``): ``MOTION_EXPLAINED`` from the threshold on, and for noise from
+    ``MOTION_NOISE_FROM`` (half the noise level) a ramp from 1 down to it. A patient outside the scan field
+    streaks the slice from the cut edge as a ring does with its circles: the finding there is the truncation."""
+    if max(noise, ring) >= CLASSICAL_THRESHOLD:
+        return MOTION_EXPLAINED
+    if noise > MOTION_NOISE_FROM:
+        return 1.0 - (1.0 - MOTION_EXPLAINED) * (noise - MOTION_NOISE_FROM) / (CLASSICAL_THRESHOLD - MOTION_NOISE_FROM)
+    return 1.0
+
+
+def no_metal_density(measures: dict[str, float]) -> bool:
+    """True when the slice was measured and holds no pixel at metal density (>= METAL_MIN_HU)."""
+    hu = (measures or {}).get("metal_max_hu", float("nan"))
+    return hu is not None and math.isfinite(hu) and hu < METAL_MIN_HU

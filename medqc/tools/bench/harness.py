@@ -1,0 +1,155 @@
+"""``medqc agent`` as a subprocess on free loopback ports, configured by a TOML file, and its results (per-slice
+received/analysed times, the series verdict) read through the agent's own store."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+class AgentProcess:
+    """``medqc agent`` as a subprocess on loopback ports, configured by a TOML file."""
+
+    def __init__(self, work: Path, bundle: str | None, inference: bool, threads: int = 0, fsync: bool | None = None):
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.port, self.http_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.inference = inference
+        lines = [
+            f'state_dir = "{work / "state"}"',
+            'log_level = "warning"',
+            "[dicom]", 'ae_title = "MEDQC"', 'bind = "127.0.0.1"', f"port = {self.port}",
+            "[http]", f'bind = "127.0.0.1:{self.http_port}"',
+            "[series]", "idle_timeout_s = 2.0",
+            *(["[spool]", f"fsync = {'true' if fsync else 'false'}"] if fsync is not None else []),
+            "[sinks.stdout]", "enabled = false",
+            "[inference]",
+        ]
+        if bundle:
+            lines.append(f'bundle = "{bundle}"')
+        if threads:
+            lines.append(f"threads = {threads}")
+        self.config = work / "medqc.toml"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc = None
+        self.log = work / "agent.log"
+        self._store = None
+
+    def start(self, timeout: float = 60.0) -> str:
+        """Start; '' when listening, else the reason."""
+        try:
+            from medqc.agent import daemon
+        except ImportError as e:
+            return f"'medqc agent' is not available in this install: {e}"
+        parser = argparse.ArgumentParser()
+        daemon.add_arguments(parser)
+        opts = set(parser._option_string_actions)  # noqa: SLF001 - the options this agent build offers
+        cmd = [sys.executable, "-m", "medqc", "agent"]
+        if "--config" in opts:
+            cmd += ["--config", str(self.config)]
+        else:
+            return "'medqc agent' has no --config option"
+        if not self.inference:
+            if "--no-inference" not in opts:
+                return "'medqc agent' has no --no-inference option (receive-only mode)"
+            cmd.append("--no-inference")
+        env = dict(os.environ, MEDQC_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+        self._logf = open(self.log, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._logf, stderr=subprocess.STDOUT)
+        if not wait_port(self.port, timeout, self.proc):
+            self.stop()
+            return f"the agent did not start listening within {timeout:g} s: {self.tail()}"
+        self.http_up = wait_port(self.http_port, 2.0, self.proc)  # optional: results are read from the store
+        return ""
+
+    def tail(self, n: int = 600) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text()[-n:].strip()
+        return ""
+
+    @property
+    def db_path(self) -> Path:
+        return self.work / "state" / "medqc.sqlite"
+
+    def store(self):
+        """The agent's own store (``medqc.agent.store.Store``) on its database, opened from this process once
+        the agent has created it (None before): reading it here costs the agent nothing, where polling its
+        HTTP API would take CPU and the interpreter lock from the pipeline being measured; WAL lets this
+        reader never block the agent's writer."""
+        if self._store is None and self.db_path.is_file():
+            from medqc.agent.store import Store
+
+            self._store = Store(self.db_path)
+        return self._store
+
+    def slice_times(self, uid: str) -> list[tuple[str, float, float]]:
+        """(SOP instance UID, received_at, analysed_at) of each slice of ``uid`` the agent has stored."""
+        store = self.store()
+        if store is None:
+            return []
+        return [(r["sop_instance_uid"], r["received_at"] or 0.0, r["analysed_at"] or 0.0) for r in store.slice_times(uid)]
+
+    def verdict(self, uid: str) -> tuple[str | None, float | None]:
+        """(verdict, completed_at) of ``uid`` from its stored report; (None, None) while it has none."""
+        store = self.store()
+        rep = store.get_series(uid) if store is not None else None
+        return (rep.get("verdict"), rep.get("completed_at")) if rep else (None, None)
+
+    def wait_series(self, uid: str, n: int, timeout: float) -> tuple[list, str | None, float | None]:
+        """Wait until ``n`` slices of ``uid`` are stored with a verdict (or the timeout). The report, with
+        its verdict, is read only once the slices are all there: the per-slice times are the cheap poll."""
+        deadline = time.time() + timeout
+        while True:
+            times = self.slice_times(uid)
+            ended = time.time() > deadline or (self.proc is not None and self.proc.poll() is not None)
+            if len(times) >= n or ended:
+                verdict, completed = self.verdict(uid)
+                if verdict or ended:
+                    return times, verdict, completed
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            self._logf.close()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+def series_uid(files: list[Path]) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(str(files[0]), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID)
