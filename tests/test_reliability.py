@@ -59,7 +59,9 @@ def _metric(text: str, name: str, **labels) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-class Agent:
+class AgentProcess:
+    """`medqc agent` as a real subprocess on loopback ports, with its spool where the test puts it."""
+
     def __init__(self, tmp: Path, bundle: Path, spool: Path, min_free_mb: int):
         self.port, self.http = free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.http}"
@@ -140,7 +142,7 @@ def _ballast(disk: Path, leave: int) -> Path:
 def test_full_disk_refuses_says_why_and_recovers(tmp_path, tmpfs, tiny_bundle, study):
     files = sorted(study.glob("*.dcm"))
     spool = tmpfs / "spool"
-    a = Agent(tmp_path, tiny_bundle, spool, min_free_mb=16).start()
+    a = AgentProcess(tmp_path, tiny_bundle, spool, min_free_mb=16).start()
     try:
         assert a.wait_health(200)["status"] == "ok"
         m = a.metrics()
@@ -190,7 +192,7 @@ def test_spool_write_errors_refuse_then_recover(tmp_path, tmpfs, tiny_bundle, st
     healthy again once an instance is stored."""
     files = sorted(study.glob("*.dcm"))
     spool = tmpfs / "spool"
-    a = Agent(tmp_path, tiny_bundle, spool, min_free_mb=1).start()
+    a = AgentProcess(tmp_path, tiny_bundle, spool, min_free_mb=1).start()
     try:
         a.wait_health(200)
         run_ok(["mount", "-o", "remount,ro", str(tmpfs)])
@@ -234,7 +236,7 @@ def test_damaged_spool_files_found_at_start_are_quarantined(tmp_path, tiny_bundl
     for name, b in damaged.items():
         (incoming / name).write_bytes(b)
     (incoming / "pixels-cut.6.dcm").write_bytes(data[:len(data) // 2])
-    a = Agent(tmp_path, tiny_bundle, tmp_path / "spool", min_free_mb=0).start()
+    a = AgentProcess(tmp_path, tiny_bundle, tmp_path / "spool", min_free_mb=0).start()
     try:
         end = time.time() + 60
         while not a.series() and time.time() < end:
@@ -260,7 +262,7 @@ def test_damaged_spool_files_found_at_start_are_quarantined(tmp_path, tiny_bundl
     for ident in (str(ds.PatientName), str(ds.PatientID), str(ds.AccessionNumber)):
         assert ident not in log + a.out.read_text()
 
-    b = Agent(tmp_path, tiny_bundle, tmp_path / "spool", min_free_mb=0)  # restart: quarantine is left alone
+    b = AgentProcess(tmp_path, tiny_bundle, tmp_path / "spool", min_free_mb=0)  # restart: quarantine is left alone
     b.out, b.err = tmp_path / "agent2.jsonl", tmp_path / "agent2.log"
     b.start()
     try:
@@ -283,7 +285,7 @@ def test_malformed_associations_do_not_stop_a_scanner(tmp_path, tiny_bundle, stu
     from pynetdicom.sop_class import Verification
 
     files = sorted(study.glob("*.dcm"))
-    a = Agent(tmp_path, tiny_bundle, tmp_path / "spool", min_free_mb=0).start()
+    a = AgentProcess(tmp_path, tiny_bundle, tmp_path / "spool", min_free_mb=0).start()
     socks = []
     held = None
     try:
@@ -337,7 +339,7 @@ def test_connections_that_never_finish_their_request_free_their_slot(tmp_path, t
     from medqc.agent.ingest.receiver import ASSOCIATE_RQ_TIMEOUT_S
 
     files = sorted(study.glob("*.dcm"))
-    a = Agent(tmp_path, tiny_bundle, tmp_path / "spool", min_free_mb=0).start()
+    a = AgentProcess(tmp_path, tiny_bundle, tmp_path / "spool", min_free_mb=0).start()
     socks = []
     try:
         a.wait_health(200)

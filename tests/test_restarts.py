@@ -72,7 +72,7 @@ class SrDestination:
         self.proc.wait(10)
 
 
-class Agent:
+class AgentProcess:
     def __init__(self, tmp: Path, bundle: Path, sr_port: int):
         self.port, self.http = free_port(), free_port()
         self.state = tmp / "state"
@@ -152,7 +152,7 @@ def _sop(p: Path) -> str:
     return str(pydicom.dcmread(str(p), stop_before_pixels=True).SOPInstanceUID)
 
 
-def _findings(agent: Agent, uid: str) -> list[tuple]:
+def _findings(agent: AgentProcess, uid: str) -> list[tuple]:
     rows = agent.query("SELECT check_name, severity, body FROM findings WHERE series_uid = ?", (uid,))
     return sorted((c, s, json.loads(b).get("first_instance"), json.loads(b).get("last_instance")) for c, s, b in rows)
 
@@ -168,7 +168,7 @@ def reference(tmp_path_factory, tiny_bundle, series):
     """The same series through an agent that is never killed."""
     tmp = tmp_path_factory.mktemp("restart-ref")
     dest = SrDestination(tmp)
-    agent = Agent(tmp, tiny_bundle, dest.port).start()
+    agent = AgentProcess(tmp, tiny_bundle, dest.port).start()
     try:
         rc, acked = _send(agent.port, series)
         assert rc == 0 and len(acked) == len(series)
@@ -188,7 +188,7 @@ def reference(tmp_path_factory, tiny_bundle, series):
 @pytest.mark.parametrize("point", list(POINTS))
 def test_kill_at_each_step_then_restart_loses_and_duplicates_nothing(tmp_path, tiny_bundle, series, reference, point):
     dest = SrDestination(tmp_path)
-    agent = Agent(tmp_path, tiny_bundle, dest.port).start(fault=point)
+    agent = AgentProcess(tmp_path, tiny_bundle, dest.port).start(fault=point)
     try:
         rc, acked = _send(agent.port, series)
         try:

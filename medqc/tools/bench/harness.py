@@ -98,12 +98,12 @@ class AgentProcess:
         return self.work / "state" / "medqc.sqlite"
 
     def store(self):
-        """The agent's own store (``medqc.agent.store.Store``) on its database, opened from this process once
+        """The agent's own store (``medqc.agent.sinks.store.Store``) on its database, opened from this process once
         the agent has created it (None before): reading it here costs the agent nothing, where polling its
         HTTP API would take CPU and the interpreter lock from the pipeline being measured; WAL lets this
         reader never block the agent's writer."""
         if self._store is None and self.db_path.is_file():
-            from medqc.agent.store import Store
+            from medqc.agent.sinks.store import Store
 
             self._store = Store(self.db_path)
         return self._store
