@@ -99,7 +99,7 @@ def _make_ae(calling_aet: str, timeouts: dict, poll_s: float = 0.0005):
             sock = super()._create_socket(assoc, address, tls_args)
             # pynetdicom's reactor sleeps 1 ms whenever it is idle, which adds up to 1 ms to every round
             # trip; a shorter poll costs a little CPU and measures the peer, not our own sleep (the agent's
-            # event-driven waits, agent/dulwait.py, are not used here: with them DCMTK's refuse-and-close
+            # event-driven waits, agent/ingest/dulwait.py, are not used here: with them DCMTK's refuse-and-close
             # raced its A-ASSOCIATE-RJ more often, and the sender's CPU did not measurably change)
             if hasattr(assoc, "dul") and hasattr(assoc.dul, "_run_loop_delay"):
                 assoc.dul._run_loop_delay = poll_s
