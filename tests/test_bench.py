@@ -70,12 +70,18 @@ def test_quick_bench_runs_and_explains_every_section(tmp_path, tiny_bundle):
     for row in res["table"]:
         if row["slices_per_s"] and res["sections"]["storescp"]["status"] == "ran":
             assert abs(row["x_storescp"] - row["slices_per_s"] / res["sections"]["storescp"]["slices_per_s"]) < 0.02 * row["x_storescp"] + 0.01
-    assert set(res["targets"]) == {"full_pipeline_slices_per_s", "p95_slice_to_result_ms_at_60", "last_slice_to_verdict_s", "onnxruntime_vs_naive_torch"}
+    assert set(res["targets"]) == {"full_pipeline_slices_per_s", "cpu_ms_per_analysed_slice", "p95_slice_to_result_ms_at_60",
+                                   "last_slice_to_verdict_s", "onnxruntime_vs_naive_torch"}
     assert "storescp" in r.stdout and "targets:" in r.stdout
     full = res["sections"]["agent_full"]
     # the agent is part of this install: it must start, and its figures come with it
     assert full["status"] == "ran", full
     assert full["slices_analysed"] == res["study"]["slices"] and full["verdict"] in ("pass", "warn", "fail")
+    # CPU of the agent and its receiver process from receiving to verdict: some, and no more than the cores
+    # could give over that time (the wait for the verdict adds up to a second of polling)
+    cpu_s = full["cpu_ms_per_slice"] * full["slices"] / 1e3
+    assert 0 < cpu_s <= (full["wall_s"] + 2.0) * os.cpu_count(), (cpu_s, full["wall_s"])
+    assert res["targets"]["cpu_ms_per_analysed_slice"]["value"] == full["cpu_ms_per_slice"]
     lat = full["latency_at_60"]
     assert lat["status"] == "ran", lat
     assert lat["slice_to_result_ms"]["n"] == lat["slices"] and lat["last_slice_to_verdict_s"]["n"] == 1

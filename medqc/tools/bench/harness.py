@@ -134,6 +134,13 @@ class AgentProcess:
                     return times, verdict, completed
             time.sleep(0.05)
 
+    def cpu_seconds(self) -> float | None:
+        """CPU seconds (user + system) used so far by the agent and its live child processes (the receiver
+        process), from /proc; None where /proc is not there (not Linux) or the agent is not running."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        return process_tree_cpu_s(self.proc.pid)
+
     def stop(self) -> None:
         if self.proc is not None:
             if self.proc.poll() is None:
@@ -147,6 +154,36 @@ class AgentProcess:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ... (comm may hold spaces)
+
+
+def process_tree_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` and every live descendant (Linux /proc; fields 14 and 15 of
+    /proc/PID/stat, in clock ticks). A child that has exited and been waited for is in its parent's cutime,
+    which is not counted: the agent's receiver process lives as long as the agent."""
+    me = _stat(pid)
+    if me is None:
+        return None
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (st := _stat(int(d.name))) is not None:
+            children.setdefault(int(st[1]), []).append(int(d.name))
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        st = _stat(p)
+        if st is not None:
+            total += int(st[11]) + int(st[12])
+        todo += children.get(p, [])
+    return total / tick
 
 
 def series_uid(files: list[Path]) -> str:

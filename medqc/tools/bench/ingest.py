@@ -99,11 +99,12 @@ def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str
         return skipped(why)
     try:
         uid = series_uid(files)
-        t0 = time.time()
+        t0, cpu0 = time.time(), agent.cpu_seconds()
         wall, r = storescu(files, agent.port, "MEDQC")
         if r.returncode != 0:
             return failed(f"storescu exit {r.returncode}: {r.stderr.strip()[-300:]}; agent: {agent.tail()}")
         times, verdict, _ = agent.wait_series(uid, len(files), wait_s)
+        cpu1 = agent.cpu_seconds()
         done = [a for _, _, a in times if a > 0]
         res = {"status": "ran", "slices": len(files), "ingest_wall_s": round(wall, 3), "ingest_slices_per_s": round(len(files) / wall, 1),
                "slices_analysed": len(times), "verdict": verdict,
@@ -115,6 +116,8 @@ def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str
         span = max(done) - t0
         res["wall_s"] = round(span, 3)
         res["slices_per_s"] = round(len(files) / span, 1)
+        if cpu0 is not None and cpu1 is not None:  # the agent and its receiver process, receiving to verdict
+            res["cpu_ms_per_slice"] = round((cpu1 - cpu0) * 1e3 / len(files), 2)
         lat = [(a - rcv) * 1e3 for _, rcv, a in times if a > 0 and rcv > 0]
         res["slice_to_result_ms_at_full_speed"] = percentiles(lat)
         # latency at scanner pace: a fresh series (new UIDs) through medqc replay at 60 slices/s
