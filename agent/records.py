@@ -6,7 +6,7 @@ checks (``Finding``) → sinks.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -125,10 +125,15 @@ class Finding:
     kind: str = "raised"  # the change this version of the finding records (KINDS), set by the series tracker
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["z_range_mm"] is not None:
-            d["z_range_mm"] = list(d["z_range_mm"])
-        return d
+        return _finding_dict(self)
+
+
+def _finding_dict(f) -> dict:
+    """A finding (``Finding`` or ``FindingEvent``) as JSON-ready fields: the z range as a list."""
+    d = asdict(f)
+    if d["z_range_mm"] is not None:
+        d["z_range_mm"] = list(d["z_range_mm"])
+    return d
 
 
 # ------------------------------------------------------------------------------------------- events
@@ -168,15 +173,13 @@ class FindingEvent:
     def of(cls, f: Finding) -> "FindingEvent":
         import copy
 
-        return cls(f.check, f.severity, f.message, f.series_instance_uid, f.study_instance_uid, f.first_instance,
-                   f.last_instance, tuple(f.z_range_mm) if f.z_range_mm is not None else None, f.score,
-                   copy.deepcopy(f.details), f.raised_at, f.finding_id, f.kind)
+        values = {k.name: getattr(f, k.name) for k in fields(cls)}
+        if values["z_range_mm"] is not None:
+            values["z_range_mm"] = tuple(values["z_range_mm"])
+        return cls(**{**values, "details": copy.deepcopy(f.details)})
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        if d["z_range_mm"] is not None:
-            d["z_range_mm"] = list(d["z_range_mm"])
-        return d
+        return _finding_dict(self)
 
 
 @dataclass(frozen=True)

@@ -416,3 +416,8 @@ def test_sinks_get_frozen_events_that_a_late_slice_does_not_change(cfg):
     assert series.verdict in ("warn", "fail") and len(series.results) == 29 and "mutated" not in metal.details
     assert json.dumps(series.report, sort_keys=True) == report and series.report["slices"] == 29
     assert [f.kind for f in changed if f.check == "artifact.metal"] == ["final"]
+    # the event carries every field of the finding it snapshots, with the same values
+    from medqc.agent.records import Finding
+
+    assert [f.name for f in dataclasses.fields(FindingEvent)] == [f.name for f in dataclasses.fields(Finding)]
+    assert {k: v for k, v in live.to_dict().items() if k != "details"} == {k: v for k, v in FindingEvent.of(live).to_dict().items() if k != "details"}
