@@ -16,20 +16,10 @@ from pathlib import Path
 
 from conftest import need_tool  # noqa: E402
 
+from medqc.tools.bench.harness import wait_port
+
 
 EXPECTED = {54, 58}  # axial slices of the two tilted series in the real Philips study
-
-
-def _wait_port(port: int, proc, timeout: float = 30.0) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            return False
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return True
-        time.sleep(0.1)
-    return False
 
 
 class AgentProc:
@@ -49,7 +39,7 @@ class AgentProc:
                                       str(self.state), "--config", str(self.cfg), "--bundle", str(self.bundle),
                                       "--backend", "onnxruntime"],
                                      stdout=open(self.out, "w"), stderr=open(self.err, "w"), env=env)
-        assert _wait_port(self.port, self.proc), self.err.read_text()
+        assert wait_port(self.port, 30.0, self.proc), self.err.read_text()
         return self
 
     def events(self, kind: str) -> list[dict]:

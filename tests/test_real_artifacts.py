@@ -38,18 +38,22 @@ def test_cone_beam_catphan_rings_are_rings_and_its_clamped_air_is_no_truncation(
     assert max(rings) > 10.0
 
 
-def test_a_ring_on_a_real_thin_chest_slice_is_read(tmp_path):
-    """A GE 1.25 mm chest slice (0.72 mm pixels, rings centred on the image, the header's isocentre 60 px off):
-    a ring injected in the projection domain at severity 0.15 read 1.9 HU before the ring detector read both
-    centres at full resolution against a 9-radius median; the clean slice reads ~0."""
+def _one_slice_injected(tmp_path, tcia_file: str, kind: str, severity: float) -> dict:
+    """One real TCIA slice, and a copy with ``kind`` injected in the projection domain, analysed together."""
     from medqc.synth.inject import inject_series
 
-    src = need(REAL / "tcia-covid19-ny-sbu-slices" / "A056642" / "axial" / "19010107-111.dcm")
+    src = need(REAL / "tcia-covid19-ny-sbu-slices" / tcia_file)
     one = tmp_path / "one"
     one.mkdir()
     shutil.copy(src, one / src.name)
-    inject_series(one, tmp_path / "ring", "ring", 0.15, seed=1, progress=False)
-    rep = analyze(one, tmp_path / "ring")
+    inject_series(one, tmp_path / kind, kind, severity, seed=1, progress=False)
+    return analyze(one, tmp_path / kind)
+
+
+    """A GE 1.25 mm chest slice (0.72 mm pixels, rings centred on the image, the header's isocentre 60 px off):
+    a ring injected in the projection domain at severity 0.15 read 1.9 HU before the ring detector read both
+    centres at full resolution against a 9-radius median; the clean slice reads ~0."""
+    rep = _one_slice_injected(tmp_path, "A056642/axial/19010107-111.dcm", "ring", 0.15)
     by_desc = {s["series_description"]: s["per_slice"][0]["measures"]["ring_contrast_hu"] for s in rep["series"]}
     clean = [v for k, v in by_desc.items() if not k.endswith("+ring")]
     ringed = [v for k, v in by_desc.items() if k.endswith("+ring")]
@@ -62,14 +66,7 @@ def test_noise_on_a_real_slice_with_ecg_electrodes_is_not_taken_for_metal_streak
     dose's (about 11 HU at 2 mm). Noise injected there is judged as noise, not halved as metal streaks; the
     clean slice stays well under the level."""
     from medqc.analysis import fusion
-    from medqc.synth.inject import inject_series
-
-    src = need(REAL / "tcia-covid19-ny-sbu-slices" / "A072894" / "axial" / "19010103-40.dcm")
-    one = tmp_path / "one"
-    one.mkdir()
-    shutil.copy(src, one / src.name)
-    inject_series(one, tmp_path / "noise", "noise", 0.7, seed=1, progress=False)
-    rep = analyze(one, tmp_path / "noise")
+    rep = _one_slice_injected(tmp_path, "A072894/axial/19010103-40.dcm", "noise", 0.7)
     by_desc = {s["series_description"]: s["per_slice"][0] for s in rep["series"]}
     (clean,) = [p for k, p in by_desc.items() if not k.endswith("+noise")]
     (noisy,) = [p for k, p in by_desc.items() if k.endswith("+noise")]

@@ -143,17 +143,23 @@ class AgentProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            terminate(self.proc, 20, 5)
             self._logf.close()
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def terminate(proc: subprocess.Popen, grace_s: float, kill_wait_s: float) -> int | None:
+    """SIGTERM, up to ``grace_s`` to finish, then SIGKILL; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(kill_wait_s)
+    return proc.returncode
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -168,20 +174,17 @@ def process_tree_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of ``pid`` and every live descendant (Linux /proc; fields 14 and 15 of
     /proc/PID/stat, in clock ticks). A child that has exited and been waited for is in its parent's cutime,
     which is not counted: the agent's receiver process lives as long as the agent."""
-    me = _stat(pid)
-    if me is None:
+    stats = {int(d.name): st for d in Path("/proc").iterdir() if d.name.isdigit() and (st := _stat(int(d.name)))}
+    if pid not in stats:
         return None
     children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and (st := _stat(int(d.name))) is not None:
-            children.setdefault(int(st[1]), []).append(int(d.name))
+    for p, st in stats.items():
+        children.setdefault(int(st[1]), []).append(p)
     tick = os.sysconf("SC_CLK_TCK")
     total, todo = 0, [pid]
     while todo:
-        p = todo.pop()
-        st = _stat(p)
-        if st is not None:
-            total += int(st[11]) + int(st[12])
+        st = stats[p := todo.pop()]
+        total += int(st[11]) + int(st[12])
         todo += children.get(p, [])
     return total / tick
 

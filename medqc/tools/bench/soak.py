@@ -41,7 +41,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import sqlite3
 import statistics
@@ -52,6 +51,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from medqc.tools.bench.harness import terminate
 
 log = logging.getLogger("medqc.soak")
 
@@ -235,15 +236,9 @@ class AgentProc:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        code = terminate(self.proc, 60, 10)
         self._logf.close()
-        return self.proc.returncode
+        return code
 
 
 class OrthancRouter:
