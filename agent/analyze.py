@@ -124,7 +124,7 @@ def analyse_states(paths: list[str], cfg, bundle: str | None = None, backend: st
 
         cfg = dataclasses.replace(cfg, series=dataclasses.replace(cfg.series, keep_recent=len(files)))
     agent = compose(cfg, bundle=bundle, backend=backend, inference=backend != "none", offline=True, baselines=baselines,
-                    plot=plot_dir is not None)
+                    plot=plot_dir is not None, workers=offline_workers(cfg, len(files)))
     pipe = agent.pipeline
     try:
         for f in files:
@@ -146,6 +146,24 @@ def analyse_states(paths: list[str], cfg, bundle: str | None = None, backend: st
         return report, states
     finally:
         pipe.stop(0.0)
+
+
+FILES_PER_WORKER = 32  # offline, "auto" starts a worker per this many input files at most
+
+
+def offline_workers(cfg, files: int) -> int:
+    """Analysis worker processes for ``medqc analyze`` on ``files`` inputs: ``analysis.workers`` where it is a
+    number (0: on the main thread); for "auto" the cores less one, but no more than one per FILES_PER_WORKER
+    files, and none unless that makes two or more: a worker takes about a second to start (imports, model,
+    warm-up) and one alone only moves the work the main thread's analysis already overlaps (its detectors
+    run beside the network) into another process."""
+    from medqc.config import worker_count
+
+    n = worker_count(cfg)
+    if cfg.analysis.workers != "auto":
+        return n
+    n = min(n, files // FILES_PER_WORKER)
+    return n if n >= 2 else 0
 
 
 def write_figures(report: dict, thumbnails, thresholds: dict, out: Path) -> list[str]:

@@ -22,33 +22,38 @@ class StateDirError(OSError):
 
 
 def compose(cfg, state_dir: str | Path | None = None, bundle: str | None = None, backend: str | None = None, *,
-            inference: bool = True, watch=(), offline: bool = False, baselines=None, plot: bool = False) -> "Agent":
+            inference: bool = True, watch=(), offline: bool = False, baselines=None, plot: bool = False,
+            workers: int | None = None) -> "Agent":
     """``baselines`` (offline only): the per-scanner baselines to judge against; the agent opens its own.
-    ``plot`` (offline only): keep a thumbnail of every slice for ``medqc analyze --plot``."""
+    ``plot`` (offline only): keep a thumbnail of every slice for ``medqc analyze --plot``. ``workers``: analysis
+    worker processes (default: ``analysis.workers`` for the agent, 0 offline; ``medqc analyze`` chooses)."""
     from medqc.agent.metrics import NULL, Metrics
     from medqc.agent.pipeline import Pipeline, build_analysis
+    from medqc.config import worker_count
 
     metrics = NULL if offline else Metrics()
     if offline:  # medqc analyze: the series judged once each, complete
-        inferer, tracker = build_analysis(cfg, bundle, backend, inference, metrics, baselines, streaming=False)
+        inferer, tracker = build_analysis(cfg, bundle, backend, inference, metrics, baselines, streaming=False,
+                                          workers=workers or 0)
         thumbs = _thumbnails(0.0, cfg) if plot else None
-        return Agent(cfg, metrics, Pipeline(cfg, inferer, tracker, sinks=[thumbs] if thumbs else [], metrics=metrics,
-                                            pixels_for=thumbs), thumbnails=thumbs)
+        return Agent(cfg, metrics, Pipeline(cfg, inferer, tracker, sinks=[thumbs] if thumbs else [], metrics=metrics),
+                     thumbnails=thumbs)
 
     from medqc.agent.ingest.spool import Refusals
 
     state = Path(state_dir)
     spool, store, learned = _state(cfg, state)  # state: spool, SQLite store, per-scanner baselines
     inferer, tracker = build_analysis(cfg, bundle, backend, inference, metrics,
-                                      learned if cfg.baselines.enabled else None, streaming=True)
+                                      learned if cfg.baselines.enabled else None, streaming=True,
+                                      workers=worker_count(cfg) if workers is None else workers)
     stream = thumbs = None  # the web side's sinks: server-sent events, the console's thumbnails
     if cfg.http.enabled:
         from medqc.agent.web.http import Broadcaster
 
         stream, thumbs = Broadcaster(), _thumbnails(None, cfg)
+    lifecycle = Lifecycle()  # ready / stopping / failed, shared by the receiver process, the workers and /healthz
     pipeline = Pipeline(cfg, inferer, tracker, spool, _sinks(cfg, store, learned, stream, thumbs), metrics,
-                        pixels_for=thumbs)
-    lifecycle = Lifecycle()  # ready / stopping / failed, shared by the receiver process and /healthz
+                        on_failed=lifecycle.fail)
     receiver, drop = _ingest(cfg, spool, pipeline, metrics, lifecycle, inference, [*(watch or ()), *cfg.watch.dirs])
     refusals = Refusals(spool, metrics)
     http = None
@@ -176,11 +181,16 @@ class Agent:
 
     def start(self) -> "Agent":
         inferer = self.pipeline.inferer
+        if self.inference:
+            # before any slice: the first patient's slices pay no setup; with analysis workers, they are
+            # started here and each warms up its own: the agent is ready once they all are
+            took = inferer.warm_up()
+            log.info("inference warmed up in %.2f s%s", took,
+                     f" in {inferer.n} analysis process(es)" if self.pipeline.pool is not None else "")
         log.info("model %s %s on %s", inferer.describe().get("model"), inferer.describe().get("model_version"),
                  inferer.backend)
+        self.metrics.set("medqc_backend_info", 1.0, backend=inferer.backend)
         if self.inference:
-            took = inferer.warm_up()  # before any slice: the first patient's slices pay no setup
-            log.info("inference warmed up in %.2f s", took)
             self.pipeline.start()
             self.pipeline.resume()
         for part in (self.receiver, self.watch, self.http):

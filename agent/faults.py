@@ -15,6 +15,10 @@ comparison and returns. The points, in the order an instance meets them:
 
 The kill takes the whole agent: reached in the receiver's own process, it kills the agent process first,
 then itself.
+
+One point kills an analysis worker process only (``analysis.workers`` ≥ 1), not the agent:
+``worker-crash:<SOP Instance UID>`` — a worker that has analysed that instance kills itself (SIGKILL) before
+it answers, every time: a poison slice, which the agent reports as ``input.undecodable`` and survives.
 """
 
 from __future__ import annotations
@@ -25,12 +29,18 @@ import signal
 import threading
 
 POINTS = ("spool-written", "acked", "analysis", "store-commit", "sr-send")
+WORKER_CRASH = "worker-crash"
 
 
-def _parse(value: str) -> tuple[str, int]:
+def _parse(value: str) -> tuple[str, int | str]:
     name, _, n = value.strip().partition(":")
+    if name == WORKER_CRASH:
+        if not n:
+            raise ValueError(f"MEDQC_FAULT_POINT={value!r}: {WORKER_CRASH} needs the SOP Instance UID it crashes on "
+                             f"({WORKER_CRASH}:<uid>)")
+        return name, n
     if name and name not in POINTS:
-        raise ValueError(f"MEDQC_FAULT_POINT={value!r}: unknown point; the points are {', '.join(POINTS)}")
+        raise ValueError(f"MEDQC_FAULT_POINT={value!r}: unknown point; the points are {', '.join((*POINTS, WORKER_CRASH))}")
     return name, int(n) if n else 1
 
 
@@ -51,4 +61,14 @@ def reached(name: str) -> None:
     parent = multiprocessing.parent_process()
     if parent is not None and parent.pid:  # the receiver process: the agent goes first
         os.kill(parent.pid, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker_crash_selector() -> str:
+    """The SOP Instance UID an analysis worker crashes on (``worker-crash:<uid>``), or ''."""
+    return str(AT) if ARMED == WORKER_CRASH else ""
+
+
+def crash_worker() -> None:
+    """Kill this analysis worker process (only it: the agent detects the death and carries on)."""
     os.kill(os.getpid(), signal.SIGKILL)

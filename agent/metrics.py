@@ -22,11 +22,13 @@ METRICS: dict[str, tuple[str, str]] = {
                                               "(the spool's disk below spool.min_free_mb), spool-write-error"),
     "medqc_associations_rejected_total": ("counter", "DICOM associations rejected, by reason"),
     "medqc_sink_errors_total": ("counter", "alert sink failures, by sink"),
+    "medqc_worker_restarts_total": ("counter", "analysis worker processes that died (signal, OOM) and were replaced"),
     "medqc_queue_depth": ("gauge", "slices waiting for analysis (spooled, not yet analysed)"),
     "medqc_spool_free_bytes": ("gauge", "free bytes on the spool's file system"),
     "medqc_refusing": ("gauge", "1 while the agent refuses C-STOREs for this reason (spool-disk-low, spool-write-error), "
                                 "else 0; /healthz answers 503 with the reason meanwhile"),
     "medqc_backend_info": ("gauge", "inference backend in use (value 1)"),
+    "medqc_analysis_workers": ("gauge", "analysis worker processes running and ready (0: analysis in the agent's process)"),
     "medqc_series_open": ("gauge", "series receiving slices, no verdict yet"),
     "medqc_findings_open": ("gauge", "findings standing on series that have no verdict yet (not withdrawn), by severity"),
     "medqc_stage_seconds": ("histogram", "per-stage latency: spool, decode, infer, checks, end_to_end"),

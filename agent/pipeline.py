@@ -2,12 +2,16 @@
 
     ingest (receiver.py: C-STORE, watch.py: drop folder)
       → spool.py (durable, then ACK)  → queue of spool paths (pixels stay on disk: RAM stays bounded)
-      → decode.py (header → SliceInfo; pixels → HU)  → batch.py (max batch / max wait)
-      → infer.py (preprocess → runner → sigmoid → fusion with medqc.analysis.fusion)
+      → workers.py: decode.py (header → SliceInfo; pixels → HU) → infer.py (preprocess → runner → sigmoid →
+        fusion with medqc.analysis.fusion), in worker processes (``analysis.workers``) or on this thread
       → series.py (per-series state, streaming checks, completion, verdict)  → sinks (one thread each)
 
-``Pipeline`` runs decode → infer → series on one worker thread (the receiver keeps the other core) and
-checks for due series after every batch and at least every 50 ms.
+``Pipeline`` runs on one thread. With ``analysis.workers = 0`` it decodes and infers there itself, in
+micro-batches (batch.py: max batch / max wait). With workers it hands the queued paths to the pool
+(workers.AnalysisPool), a few per task, and applies the outcomes in the order the files were submitted (a
+reorder buffer keyed by that sequence), so the series state, checks and sinks see each series' slices in
+arrival order whichever worker finished first. Either way it checks for due series after every batch and
+at least every 50 ms.
 """
 
 from __future__ import annotations
@@ -21,18 +25,18 @@ from pathlib import Path
 
 from medqc.agent import faults
 from medqc.agent.batch import MicroBatcher
-from medqc.agent.decode import NotDicom, decode_file
 from medqc.agent.metrics import NULL
 from medqc.agent.records import SliceEvent, SliceResult
 from medqc.agent.sinks.base import SinkThread
+from medqc.agent.workers import AnalysisPool, Outcome, Timings, analyse_files, chunk_size
 
 log = logging.getLogger("medqc.agent.pipeline")
 TICK_S = 0.05
 
 
-def _kind(e: NotDicom) -> str:
-    """A reading error without the library's message (which may quote a value read from the file)."""
-    msg = str(e)
+def _kind(msg: str) -> str:
+    """A reading error (NotDicom's message) without the library's message (which may quote a value read from
+    the file)."""
     return msg.split(" (", 1)[0] + (f" ({msg.split(' (', 1)[1].split(':')[0].rstrip(')')})" if " (" in msg else "")
 
 
@@ -41,9 +45,13 @@ MPPS_DRAIN_S = 30.0  # longest an MPPS-completed series waits for the queue to d
 
 class Pipeline:
     def __init__(self, cfg, inferer, tracker, spool=None, sinks=(), metrics=NULL, max_rejected: int = 10000,
-                 pixels_for=None):
+                 on_failed=None):
+        """``inferer``: an ``Inferer`` (the analysis on the pipeline's thread) or an ``AnalysisPool`` (in worker
+        processes); ``on_failed``: called when the pool cannot run (its workers die before they are ready)."""
         self.cfg = cfg
         self.inferer = inferer
+        self.pool = inferer if isinstance(inferer, AnalysisPool) else None
+        self.on_failed = on_failed
         self.tracker = tracker
         self.spool = spool
         self.metrics = metrics
@@ -60,9 +68,9 @@ class Pipeline:
         self._mpps_at = 0.0
         self._lock = threading.Lock()
         self.identifiers = bool(cfg.privacy.show_patient_identifiers)
-        # a sink that renders some slices' pixels (the console's thumbnails): its ``wants(result)`` says which
-        # slices' HU the slice event carries; it renders them on its own thread
-        self.pixels_for = pixels_for
+        self._seq = 0  # submission order of the files handed to the pool
+        self._applied = 0  # outcomes applied so far (the next one to apply has this seq)
+        self._waiting: dict[int, Outcome] = {}  # finished early: waiting for those submitted before
 
     # ------------------------------------------------------------------------------------------ intake
     def submit(self, path: str | Path, received_at: float | None = None) -> None:
@@ -70,6 +78,8 @@ class Pipeline:
             self._busy += 1
         self.q.put((str(path), time.time() if received_at is None else received_at))
         self._metric("set", "medqc_queue_depth", self.q.qsize())
+        if self.pool is not None:
+            self.pool.wake()
 
     def resume(self) -> int:
         """Queue whatever the spool holds from before a restart."""
@@ -145,73 +155,115 @@ class Pipeline:
 
     # ---------------------------------------------------------------------------------------- one batch
     def process(self, items: list[tuple[str, float]]) -> None:
-        t0 = time.perf_counter()
-        todo = []
-        for path, received_at in items:
-            with self._lock:
-                resumed = path in self._resumed and self.spool is not None
-                self._resumed.discard(path)
-            try:
-                decoded = decode_file(path, received_at, identifiers=self.identifiers)
-            except NotDicom as e:
-                if resumed:
-                    self._quarantine(path, _kind(e))
-                    continue
-                self._reject(path, str(e))
-                self._release(path)
-                continue
-            except FileNotFoundError:
-                continue
-            except Exception as e:  # noqa: BLE001 - one bad file never stops the pipeline
-                log.exception("decoding %s failed", path)
-                self._reject(path, f"internal decode error: {type(e).__name__}: {e}")
-                self._release(path, keep=True)
-                continue
-            if resumed and decoded and all(d.ignored and not d.info.series_instance_uid for d in decoded):
-                # every stored instance names its series (a C-STORE's dataset, a drop-folder file that decoded):
-                # one that does not now is cut short, or no DICOM object at all
-                why = decoded[0].ignored
-                self._quarantine(path, why if why.startswith("truncated file") else f"names no series ({why})")
-                continue
-            used = False
-            for d in decoded:
-                if d.ignored:
-                    self._reject(path, d.ignored, d.info.sop_instance_uid, d.info.series_instance_uid)
-                    continue
-                used = True
-                self._files.setdefault(d.info.series_instance_uid, set()).add(path)
-                if d.error:
-                    self._keep.add(path)
-                    log.warning("instance %s (series %s) not analysable: %s", d.info.sop_instance_uid,
-                                d.info.series_instance_uid, d.error)
-                    self._add(SliceResult(info=d.info, error=d.error, analysed_at=time.time()))
-                else:
-                    todo.append((d, path))  # HU made per chunk below (a large multi-frame object's frames lazily)
-            if not used:
-                self._release(path)
-        self._metric("observe", "medqc_stage_seconds", time.perf_counter() - t0, stage="decode")
-        mb = self.cfg.inference.max_batch
-        for k in range(0, len(todo), mb):
-            t1 = time.perf_counter()
-            chunk = []
-            for d, path in todo[k:k + mb]:
-                try:
-                    chunk.append((d.info, d.pixels()))
-                except Exception as e:  # noqa: BLE001 - this frame's problem only
-                    self._keep.add(path)
-                    self._add(SliceResult(info=d.info, error=f"pixel data cannot be converted to HU: {type(e).__name__}: {e}",
-                                          analysed_at=time.time()))
-            if not chunk:
-                continue
-            results = self.inferer.run(chunk)
+        """Analyse a batch on this thread (``analysis.workers = 0``) and apply it."""
+        outs, tm = analyse_files(self.inferer, [(p, t, 0) for p, t in items], self.identifiers, self.cfg.inference.max_batch)
+        self._timings(tm)
+        if tm.batches:
             faults.reached("analysis")
-            self._metric("observe", "medqc_stage_seconds", time.perf_counter() - t1, stage="infer")
-            self._metric("observe", "medqc_batch_size", len(chunk))
-            hu = {id(info): px for info, px in chunk} if self.pixels_for is not None else {}
-            for r in results:
-                self._add(r, hu.get(id(r.info)) if hu and self.pixels_for.wants(r) else None)
+        for o in outs:
+            self._apply(o)
 
-    def _add(self, result: SliceResult, hu=None) -> None:
+    def _timings(self, tm: Timings | None) -> None:
+        if tm is None:
+            return
+        self._metric("observe", "medqc_stage_seconds", tm.decode_s, stage="decode")
+        for s, n in zip(tm.infer_s, tm.batches):
+            self._metric("observe", "medqc_stage_seconds", s, stage="infer")
+            self._metric("observe", "medqc_batch_size", n)
+
+    def _apply(self, o: Outcome) -> None:
+        """One file's outcome into the series state (and the rejected, quarantined and kept inputs)."""
+        path = o.path
+        with self._lock:
+            resumed = path in self._resumed and self.spool is not None
+            self._resumed.discard(path)
+        if o.missing:
+            return
+        if o.not_dicom:
+            if resumed:
+                self._quarantine(path, _kind(o.not_dicom))
+                return
+            self._reject(path, o.not_dicom)
+            self._release(path)
+            return
+        if o.internal:
+            self._reject(path, f"internal decode error: {o.internal}")
+            self._release(path, keep=True)
+            return
+        if resumed and o.frames and all(f.ignored and not f.series_instance_uid for f in o.frames):
+            # every stored instance names its series (a C-STORE's dataset, a drop-folder file that decoded):
+            # one that does not now is cut short, or no DICOM object at all
+            why = o.frames[0].ignored
+            self._quarantine(path, why if why.startswith("truncated file") else f"names no series ({why})")
+            return
+        used = False
+        for f in o.frames:
+            if f.ignored:
+                self._reject(path, f.ignored, f.sop_instance_uid, f.series_instance_uid)
+                continue
+            used = True
+            r = f.result
+            self._files.setdefault(r.info.series_instance_uid, set()).add(path)
+            if f.keep:
+                self._keep.add(path)
+            if f.decode_error:
+                log.warning("instance %s (series %s) not analysable: %s", r.info.sop_instance_uid,
+                            r.info.series_instance_uid, r.error)
+            self._add(r)
+        if not used:
+            self._release(path)
+
+    # -------------------------------------------------------------------------------- the worker pool
+    def _dispatch(self) -> None:
+        """Hand queued files to the pool while it has room, a few per task (the queue shared among the
+        workers, at most ``inference.max_batch``; a lone file at once)."""
+        while self.pool.capacity() > 0:
+            n = chunk_size(self.q.qsize(), self.pool.n, self.cfg.inference.max_batch)
+            items = []
+            for _ in range(n):
+                try:
+                    path, received_at = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                items.append((path, received_at, self._seq))
+                self._seq += 1
+            if not items:
+                return
+            self.pool.submit(items)
+
+    def _collect(self, timeout: float) -> int:
+        """Apply what the pool finished, in submission order; returns the files applied."""
+        n = 0
+        for outs, tm in self.pool.collect(timeout):
+            self._timings(tm)
+            if tm is not None and tm.batches:
+                faults.reached("analysis")
+            for o in outs:
+                self._waiting[o.seq] = o
+        while self._applied in self._waiting:
+            o = self._waiting.pop(self._applied)
+            self._applied += 1
+            try:
+                self._apply(o)
+            except Exception:  # noqa: BLE001
+                log.exception("applying the analysis of %s failed", o.path)
+            n += 1
+        if n:
+            with self._lock:
+                self._busy -= n
+            self._metric("set", "medqc_queue_depth", self.q.qsize())
+        return n
+
+    def _pool_step(self, timeout: float) -> int:
+        self._dispatch()
+        n = self._collect(timeout)
+        self._dispatch()
+        if self.pool.failed and self.on_failed is not None:
+            callback, self.on_failed = self.on_failed, None
+            callback()
+        return n
+
+    def _add(self, result: SliceResult) -> None:
         t0 = time.perf_counter()
         try:
             changed = self.tracker.add(result)  # frozen events, made under the tracker's lock
@@ -228,7 +280,7 @@ class Pipeline:
                              stage="end_to_end")
         if self.tracker.get(result.info.series_instance_uid) is None:
             return
-        self._emit("on_slice", SliceEvent(result, hu))
+        self._emit("on_slice", SliceEvent(result))
         self._findings(changed)
 
     def _findings(self, changed) -> None:
@@ -324,6 +376,13 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------ running
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if self.pool is not None:
+                try:
+                    self._pool_step(TICK_S)
+                except Exception:  # noqa: BLE001
+                    log.exception("pipeline step failed")
+                self._tick()
+                continue
             items = self.batcher.next(TICK_S)
             if items:
                 try:
@@ -334,11 +393,14 @@ class Pipeline:
                     with self._lock:
                         self._busy -= len(items)
                 self._metric("set", "medqc_queue_depth", self.q.qsize())
-            try:
-                self.complete_due()
-                self._gauges()
-            except Exception:  # noqa: BLE001
-                log.exception("series completion failed")
+            self._tick()
+
+    def _tick(self) -> None:
+        try:
+            self.complete_due()
+            self._gauges()
+        except Exception:  # noqa: BLE001
+            log.exception("series completion failed")
 
     def start(self) -> "Pipeline":
         self._thread = threading.Thread(target=self._loop, name="pipeline", daemon=True)
@@ -351,6 +413,18 @@ class Pipeline:
 
     def run_until_idle(self, progress=None) -> None:
         """Offline use (``medqc analyze``): process the queue in this thread until it is empty."""
+        if self.pool is not None:
+            if not self.pool.started:
+                self.pool.warm_up()
+            while not self.idle():
+                if self.pool.failed:
+                    from medqc.agent.workers import PoolFailed
+
+                    raise PoolFailed(self.pool.failed)
+                n = self._pool_step(1.0)
+                if progress is not None and n:
+                    progress.update(n)
+            return
         while True:
             items = self.batcher.next(0)
             if not items:
@@ -394,14 +468,16 @@ def _opencv_single_threaded() -> None:
 
 
 def build_analysis(cfg, bundle_dir: str | None = None, backend: str | None = None, inference: bool = True,
-                   metrics=NULL, baselines=None, streaming: bool = True):
+                   metrics=NULL, baselines=None, streaming: bool = True, workers: int = 0):
     """The analysis the composition root (``medqc.agent.compose``) puts in the pipeline: bundle → runner →
-    inferer, and the series tracker with the bundle's per-class thresholds. ``baselines``: the per-scanner
-    baselines the checks judge against (``medqc.baselines.Baselines``); ``streaming=False``: offline, every
-    series judged once, complete."""
+    inferer (``workers = 0``: on the pipeline's thread) or a pool of ``workers`` processes that each build
+    their own (``medqc.agent.workers``), and the series tracker with the bundle's per-class thresholds.
+    ``baselines``: the per-scanner baselines the checks judge against (``medqc.baselines.Baselines``);
+    ``streaming=False``: offline, every series judged once, complete."""
     _opencv_single_threaded()
     from medqc.agent.infer import Inferer
     from medqc.agent.series import SeriesTracker
+    from medqc.agent.workers import WorkerSpec
     from medqc.bundle import BundleError, load_bundle
 
     backend = (backend or cfg.inference.backend) if inference else "none"
@@ -415,8 +491,14 @@ def build_analysis(cfg, bundle_dir: str | None = None, backend: str | None = Non
             log.warning("%s: running the classical detectors only (pass --bundle DIR for the network)", e)
             backend = "none"
         bundle = None  # classical detectors only: no model needed
-    inferer = Inferer(bundle, backend, cfg.inference.threads, rebuild_engine=cfg.inference.rebuild_engine)
-    metrics.set("medqc_backend_info", 1.0, backend=inferer.backend)
+    if workers > 0:
+        # each worker its own runner; one ONNX Runtime intra-op thread each unless inference.threads says
+        spec = WorkerSpec(str(bundle.root) if bundle is not None and backend != "none" else None, backend,
+                          cfg.inference.threads or 1, cfg.inference.rebuild_engine,
+                          bool(cfg.privacy.show_patient_identifiers), cfg.inference.max_batch)
+        inferer = AnalysisPool(spec, workers, metrics)
+    else:
+        inferer = Inferer(bundle, backend, cfg.inference.threads, rebuild_engine=cfg.inference.rebuild_engine)
     tracker = SeriesTracker(cfg, bundle.check_thresholds if bundle is not None else {}, baselines=baselines,
                             streaming=streaming)
     return inferer, tracker

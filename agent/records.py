@@ -144,10 +144,10 @@ def _finding_dict(f) -> dict:
 
 @dataclass(frozen=True)
 class SliceEvent:
-    """One analysed slice. ``hu``: its pixels, only for a sink that asked for them (the console's thumbnails)."""
+    """One analysed slice (no pixels: a sink that renders some reads them from ``result.info.source``, the
+    spool file kept until the series' verdict)."""
 
     result: SliceResult
-    hu: object = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,27 @@ class InferenceConfig:
     rebuild_engine: bool = False
 
 
+WORKERS_MAX = 256
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    workers: int | str = field(default="auto", metadata={
+        "auto_or_int": (0, WORKERS_MAX),
+        "help": "processes that decode and analyse slices: \"auto\" (the cores less one, at least 1), a number, "
+                "or 0: in the agent's own process"})
+
+
+def worker_count(cfg) -> int:
+    """``analysis.workers`` as a number: "auto" is the cores this process may use less one (the agent's own
+    process keeps the series, checks and sinks, the receiver process its associations), at least 1."""
+    w = cfg.analysis.workers
+    if w != "auto":
+        return int(w)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
 @dataclass(frozen=True)
 class SeriesConfig:
     idle_timeout_s: float = field(default=3.0, metadata=_range(0.1, 3600))
@@ -168,6 +189,7 @@ class Config:
     watch: WatchConfig = WatchConfig()
     spool: SpoolConfig = SpoolConfig()
     inference: InferenceConfig = InferenceConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
     series: SeriesConfig = SeriesConfig()
     checks: ChecksConfig = ChecksConfig()
     baselines: BaselinesConfig = BaselinesConfig()
@@ -205,6 +227,12 @@ def _build(cls, data: dict, prefix: str):
 
 
 def _coerce(typ, value, key: str, meta):
+    if "auto_or_int" in meta:  # "auto" or an integer in range
+        lo, hi = meta["auto_or_int"]
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi):
+            return value
+        raise ConfigError(f'{key} = {value!r} is not allowed; use "auto" (the cores less one), {lo} (analyse in the '
+                          f"agent's own process) or a number of worker processes up to {hi}")
     if dataclasses.is_dataclass(typ):
         return _build(typ, value, key)
     origin = typing.get_origin(typ)

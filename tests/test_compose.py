@@ -17,7 +17,7 @@ def test_offline_root_is_the_analysis_alone(tiny_bundle):
         assert (a.spool, a.store, a.receiver, a.watch, a.http, a.refusals) == (None,) * 6
         assert isinstance(a.metrics, NullMetrics) and a.pipeline.sinks == [] and a.tracker.streaming is False
         plot = compose(load_config(), bundle=str(tiny_bundle), backend="none", offline=True, plot=True)
-        assert [s.sink for s in plot.pipeline.sinks] == [plot.thumbnails] and plot.pipeline.pixels_for is plot.thumbnails
+        assert [s.sink for s in plot.pipeline.sinks] == [plot.thumbnails]
         assert plot.thumbnails.min_score == 0 and plot.thumbnails.blocking
         plot.pipeline.stop(0.0)
     finally:
@@ -35,7 +35,7 @@ def test_agent_root_wires_each_part_once(tiny_bundle, tmp_path):
     sinks = [s.sink for s in a.pipeline.sinks]
     assert isinstance(sinks[0], Store) and sinks[0] is a.store  # the store first
     assert [type(s) for s in sinks].count(Broadcaster) == 1 and a.http.broadcaster in sinks
-    assert a.thumbnails in sinks and a.pipeline.pixels_for is a.thumbnails
+    assert a.thumbnails in sinks and a.thumbnails.spool_waits  # it reads the spool files it renders
     assert a.http.api.tracker is a.tracker is a.pipeline.tracker and a.http.api.store is a.store
     assert a.http.httpd is None and not a.lifecycle.ready.is_set()  # nothing listens before start
     a.start()
@@ -46,6 +46,6 @@ def test_agent_root_wires_each_part_once(tiny_bundle, tmp_path):
         a.stop(2.0)
     quiet = compose(load_config(None, {"dicom.bind": "127.0.0.1", "dicom.port": free_port(), "http.enabled": False,
                                        "sinks.stdout.enabled": False}), tmp_path / "state2", str(tiny_bundle), "onnxruntime")
-    assert quiet.http is None and quiet.thumbnails is None and quiet.pipeline.pixels_for is None
+    assert quiet.http is None and quiet.thumbnails is None
     assert [type(s.sink).__name__ for s in quiet.pipeline.sinks] == ["Store", "BaselineSink"]
     quiet.pipeline.stop(0.0)

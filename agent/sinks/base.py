@@ -30,7 +30,7 @@ class Sink:
     blocking = False  # True: the pipeline waits for room instead (a sink whose every event is needed, offline)
     spool_waits = True  # a series' spool files are released only once this sink handled its verdict
 
-    def on_slice(self, event) -> None: ...  # SliceEvent: the result (and its pixels for a sink that wants them)
+    def on_slice(self, event) -> None: ...  # SliceEvent: the result (no pixels)
 
     def on_finding(self, finding) -> None: ...  # FindingEvent: every change, ``finding.kind`` says which (KINDS)
 

@@ -83,14 +83,16 @@ def thumbnail_png(hu: np.ndarray, info=None, size: int = THUMB_SIZE) -> bytes:
 class ThumbnailSink(Sink):
     """A sink that renders the thumbnails, on its own thread: a small PNG of each slice with a notable
     artifact score (``min_score``, default THUMB_MIN_SCORE; 0: every slice, for ``medqc analyze --plot``).
-    The pipeline hands it the HU pixels of the slices it ``wants`` with their slice event (~1 ms per slice).
-    It keeps the thumbnails of the series the tracker holds (``keep`` series, oldest dropped first)."""
+    It reads the pixels of the slices it ``wants`` from their file (``info.source``: the spool file, kept
+    until the series' verdict, or the input file offline), decoding it again (~2 ms a 512² slice; a few
+    slices live, every slice for --plot), so that the analysis, in worker processes or not, never ships
+    pixels. It keeps the thumbnails of the series the tracker holds (``keep`` series, oldest dropped first)."""
 
     name = "thumbnails"
-    # each waiting event holds a slice's HU (1 MiB at 512²): a short queue bounds the memory; the live console
-    # drops a thumbnail rather than wait, --plot (every slice's) waits for room
-    queue_size = 64
-    spool_waits = False  # it records nothing: a series' spool files need not wait for its thumbnails
+    # the live console drops a thumbnail rather than wait, --plot (every slice's) waits for room
+    queue_size = 1000
+    # it reads the spool files: a series' files are released once it has rendered what it wants of them
+    spool_waits = True
 
     def __init__(self, min_score: float | None = None, keep: int = 1000):
         self.min_score = THUMB_MIN_SCORE if min_score is None else min_score
@@ -98,17 +100,37 @@ class ThumbnailSink(Sink):
         self.keep = keep
         self._by_series: dict[str, dict[str, bytes]] = {}
         self._lock = threading.Lock()
+        self._last: tuple[str, list] | None = None  # the last multi-frame object decoded (its frames come in turn)
 
     def wants(self, result) -> bool:
         if result.error:
             return False
         return self.min_score <= 0 or bool(result.scores) and max(result.scores.get(k, 0.0) for k in ARTIFACTS) >= self.min_score
 
+    def _pixels(self, info):
+        """The slice's HU, decoded from its file."""
+        from medqc.agent.decode import decode_file
+
+        if self._last is not None and self._last[0] == info.source:
+            decoded = self._last[1]
+        else:
+            self._last = None
+            decoded = decode_file(info.source)
+            if len(decoded) > 1:  # a multi-frame object: its next frames are likely wanted next
+                self._last = (info.source, decoded)
+        for d in decoded:
+            if d.info.sop_instance_uid == info.sop_instance_uid and d.info.frame == info.frame and d.ok:
+                return d.pixels()
+        return None
+
     def on_slice(self, event) -> None:
-        result, hu = event.result, event.hu
-        if hu is None:
+        result = event.result
+        if not self.wants(result):
             return
         try:
+            hu = self._pixels(result.info)
+            if hu is None:
+                return
             png = thumbnail_png(hu, result.info)
         except Exception as e:  # noqa: BLE001 - the console is never worth a lost result
             log.debug("thumbnail of %s failed: %s", result.info.sop_instance_uid, e)

@@ -35,7 +35,9 @@ def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -
 class AgentProcess:
     """``medqc agent`` as a subprocess on loopback ports, configured by a TOML file."""
 
-    def __init__(self, work: Path, bundle: str | None, inference: bool, threads: int = 0, fsync: bool | None = None):
+    def __init__(self, work: Path, bundle: str | None, inference: bool, threads: int = 0, fsync: bool | None = None,
+                 workers: int | str | None = None, env: dict | None = None):
+        """``workers``: ``analysis.workers`` (None: the agent's default); ``env``: added to its environment."""
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
         self.port, self.http_port = free_port(), free_port()
@@ -55,6 +57,9 @@ class AgentProcess:
             lines.append(f'bundle = "{bundle}"')
         if threads:
             lines.append(f"threads = {threads}")
+        if workers is not None:
+            lines += ["[analysis]", f"workers = {workers!r}".replace("'", '"')]
+        self.env = dict(env or {})
         self.config = work / "medqc.toml"
         self.config.write_text("\n".join(lines) + "\n")
         self.proc = None
@@ -79,7 +84,7 @@ class AgentProcess:
             if "--no-inference" not in opts:
                 return "'medqc agent' has no --no-inference option (receive-only mode)"
             cmd.append("--no-inference")
-        env = dict(os.environ, MEDQC_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, MEDQC_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1", **self.env)
         self._logf = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._logf, stderr=subprocess.STDOUT)
         if not wait_port(self.port, timeout, self.proc):
@@ -136,7 +141,8 @@ class AgentProcess:
 
     def cpu_seconds(self) -> float | None:
         """CPU seconds (user + system) used so far by the agent and its live child processes (the receiver
-        process), from /proc; None where /proc is not there (not Linux) or the agent is not running."""
+        process, the analysis workers), from /proc; None where /proc is not there (not Linux) or the agent is
+        not running."""
         if self.proc is None or self.proc.poll() is not None:
             return None
         return process_tree_cpu_s(self.proc.pid)
@@ -171,9 +177,10 @@ def _stat(pid: int) -> list[str] | None:
 
 
 def process_tree_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of ``pid`` and every live descendant (Linux /proc; fields 14 and 15 of
-    /proc/PID/stat, in clock ticks). A child that has exited and been waited for is in its parent's cutime,
-    which is not counted: the agent's receiver process lives as long as the agent."""
+    """User + system CPU seconds of ``pid`` and every live descendant, at any depth (Linux /proc; fields 14 and
+    15 of /proc/PID/stat, in clock ticks): the agent, its receiver process and its analysis workers. A child
+    that has exited and been waited for is in its parent's cutime, which is not counted: the receiver and the
+    workers live as long as the agent (a worker replaced after a crash takes its CPU with it)."""
     stats = {int(d.name): st for d in Path("/proc").iterdir() if d.name.isdigit() and (st := _stat(int(d.name)))}
     if pid not in stats:
         return None
@@ -187,6 +194,20 @@ def process_tree_cpu_s(pid: int) -> float | None:
         total += int(st[11]) + int(st[12])
         todo += children.get(p, [])
     return total / tick
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes under ``pid`` (children, their children, ...), from /proc."""
+    stats = {int(d.name): st for d in Path("/proc").iterdir() if d.name.isdigit() and (st := _stat(int(d.name)))}
+    children: dict[int, list[int]] = {}
+    for p, st in stats.items():
+        children.setdefault(int(st[1]), []).append(p)
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
 
 
 def series_uid(files: list[Path]) -> str:

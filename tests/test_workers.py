@@ -1,0 +1,299 @@
+"""agent/workers.py: the slice analysis in worker processes (``analysis.workers``), with real processes, the
+tiny real ONNX model and real DICOM peers.
+
+- the pool analyses a series exactly as the pipeline's own thread does (the reports equal, timestamps aside),
+  synthetic and on the real Philips chest;
+- a worker killed with SIGKILL mid-series is replaced, and every slice is analysed exactly once;
+- a poison slice (``MEDQC_FAULT_POINT=worker-crash:<uid>`` kills each worker that analyses it) becomes
+  ``input.undecodable`` for that slice alone in a real agent, which keeps its spool file and analyses the rest;
+- ``analysis.workers`` is validated at load;
+- SIGTERM stops an agent with workers cleanly, leaving no process behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import missing_real_ct, need_tool, run_ok
+
+from medqc.config import ConfigError, load_config
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory) -> list[Path]:
+    """A synthetic chest with metal on some slices (findings to compare, not only scores)."""
+    out = tmp_path_factory.mktemp("workers-study") / "chest"
+    run_ok([sys.executable, "-m", "medqc", "synth", "--region", "chest", "--slices", "24", "--matrix", "256",
+            "--seed", "11", "--artifact", "metal:0.8@8-12", "--no-progress", str(out)], timeout=600)
+    return sorted(out.glob("*.dcm"))
+
+
+def _cfg(workers, **more):
+    return load_config(None, {"analysis.workers": workers, "sinks.stdout.enabled": False, **more})
+
+
+def _without_times(x):
+    """A report without its clock readings (received_at, analysed_at, completed_at, ...)."""
+    if isinstance(x, dict):
+        return {k: _without_times(v) for k, v in x.items() if not k.endswith("_at")}
+    if isinstance(x, list):
+        return [_without_times(v) for v in x]
+    return x
+
+
+def _reports(paths, bundle, caplog) -> tuple[dict, dict]:
+    import logging
+
+    from medqc.agent.analyze import analyze
+
+    inline = analyze([str(p) for p in paths], _cfg(0), str(bundle), "onnxruntime")
+    with caplog.at_level(logging.INFO, logger="medqc.agent.workers"):
+        pooled = analyze([str(p) for p in paths], _cfg(2), str(bundle), "onnxruntime")
+    ready = [r for r in caplog.records if "ready" in r.getMessage() and r.name == "medqc.agent.workers"]
+    assert len(ready) == 2, "the pool did not start its two workers"
+    return inline, pooled
+
+
+def test_pool_analyses_a_series_as_the_pipeline_thread_does(series, tiny_bundle, caplog):
+    inline, pooled = _reports(series, tiny_bundle, caplog)
+    [s] = inline["series"]
+    assert s["slices"] == len(series) and all(row["scores"] for row in s["per_slice"])
+    assert any(f["check"] == "artifact.metal" for f in s["findings"]), s["findings"]
+    assert _without_times(pooled) == _without_times(inline)
+
+
+def test_pool_analyses_the_real_chest_as_the_pipeline_thread_does(tiny_bundle, caplog):
+    root = os.environ.get("MEDQC_REAL_CT")
+    chest = Path(root or Path(__file__).resolve().parents[2] / "shared" / "real-ct") / "philips-bigbore-chest-patient"
+    if not chest.is_dir():
+        missing_real_ct(f"the real Philips chest is not at {chest} (set MEDQC_REAL_CT)")
+    files = sorted(p for p in chest.rglob("*") if p.is_file() and not p.name.startswith(("LICENSE", "README")))
+    inline, pooled = _reports(files, tiny_bundle, caplog)
+    assert sum(s["slices"] for s in inline["series"]) == 141
+    assert _without_times(pooled) == _without_times(inline)
+
+
+class Recorder:
+    name = "recorder"
+    spool_waits = True
+    blocking = True
+
+    def __init__(self):
+        self.slices = []
+        self.first = threading.Event()
+
+    def on_slice(self, event):
+        self.slices.append(event.result)
+        self.first.set()
+
+    def on_finding(self, finding):
+        pass
+
+    def on_series(self, series):
+        pass
+
+    def close(self):
+        pass
+
+
+def _pipeline(cfg, bundle, workers, sinks=()):
+    from medqc.agent.pipeline import Pipeline, build_analysis
+
+    inferer, tracker = build_analysis(cfg, str(bundle), "onnxruntime", workers=workers)
+    return Pipeline(cfg, inferer, tracker, sinks=list(sinks))
+
+
+def test_a_worker_killed_mid_series_is_replaced_and_no_slice_is_lost_or_duplicated(series, tiny_bundle):
+    cfg = _cfg(2)
+    rec = Recorder()
+    pipe = _pipeline(cfg, tiny_bundle, 2, [rec])
+    pool = pipe.pool
+    pool.warm_up()
+    first = pool.pids()
+    assert len(first) == 2 and all(Path(f"/proc/{p}").exists() for p in first)
+    pipe.start()
+    try:
+        # the files reach the workers as soon as they are queued: kill the first worker while it holds some
+        for f in series:
+            pipe.submit(f)
+        deadline = time.time() + 10
+        while not any(w.tasks for w in list(pool._workers)) and time.time() < deadline:  # noqa: SLF001
+            time.sleep(0.001)
+        victim = next(w for w in list(pool._workers) if w.tasks)  # noqa: SLF001
+        held = sum(len(t.items) for t in victim.tasks.values())
+        os.kill(victim.pid, signal.SIGKILL)
+        deadline = time.time() + 120
+        while not pipe.idle() and time.time() < deadline:
+            time.sleep(0.05)
+        assert pipe.idle(), "the series was not analysed after the kill"
+        pipe.flush_sinks(10)
+        assert pool.replaced == 1 and victim.pid not in pool.pids() and len(pool.pids()) == 2
+        sops = [r.info.sop_instance_uid for r in rec.slices]
+        want = sorted(str(pydicom.dcmread(str(f), stop_before_pixels=True).SOPInstanceUID) for f in series)
+        assert sorted(sops) == want, f"lost or duplicated slices ({held} were held by the killed worker)"
+        assert not [r.error for r in rec.slices if r.error]
+        assert held >= 1
+    finally:
+        pipe.stop(5.0)
+    assert not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[1][:3]
+                   for p in first)
+
+
+def test_the_pool_keeps_slice_order_per_series(series, tiny_bundle):
+    """Outcomes are applied in submission order whichever worker finishes first."""
+    rec = Recorder()
+    pipe = _pipeline(_cfg(2, **{"inference.max_batch": 1}), tiny_bundle, 2, [rec])
+    pipe.inferer.warm_up()
+    pipe.start()
+    try:
+        for f in series:
+            pipe.submit(f)
+        deadline = time.time() + 120
+        while not pipe.idle() and time.time() < deadline:
+            time.sleep(0.05)
+        pipe.flush_sinks(10)
+        got = [r.info.source for r in rec.slices]
+        assert got == [str(f) for f in series]
+    finally:
+        pipe.stop(5.0)
+
+
+def _agent(tmp, tiny_bundle, workers, env=None):
+    from medqc.tools.bench.harness import AgentProcess
+
+    a = AgentProcess(tmp, str(tiny_bundle), inference=True, workers=workers, env=env)
+    why = a.start(90)
+    assert not why, why
+    return a
+
+
+def _ready(a, timeout=90):
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(a.url + "/healthz", timeout=5) as r:
+                return json.loads(r.read())
+        except Exception:  # noqa: BLE001 - starting
+            time.sleep(0.2)
+    raise AssertionError(a.tail())
+
+
+def test_a_poison_slice_is_undecodable_alone_and_the_rest_is_analysed(tmp_path, series, tiny_bundle):
+    from medqc.tools.bench.harness import descendants, series_uid
+    from medqc.tools.bench.ingest import storescu
+
+    need_tool("storescu")
+    poison = series[5]
+    uid = str(pydicom.dcmread(str(poison), stop_before_pixels=True).SOPInstanceUID)
+    a = _agent(tmp_path, tiny_bundle, 1, {"MEDQC_FAULT_POINT": f"worker-crash:{uid}"})
+    try:
+        assert _ready(a)["status"] == "ok"
+        before = set(descendants(a.proc.pid))
+        _, r = storescu(series, a.port, "MEDQC")
+        assert r.returncode == 0, r.stderr[-1000:]
+        times, verdict, _ = a.wait_series(series_uid(series), len(series), 120)
+        assert verdict, a.tail(3000)
+        rep = a.store().get_series(series_uid(series))
+        rows = {row["sop_instance_uid"]: row for row in rep["per_slice"]}
+        assert len(rows) == len(series)
+        assert "analysis process died (signal 9) on this slice" in rows[uid]["error"]
+        assert all(row["scores"] and not row.get("error") for u, row in rows.items() if u != uid)
+        undecodable = [f for f in rep["findings"] if f["check"] == "input.undecodable"]
+        assert len(undecodable) == 1 and "signal 9" in json.dumps(undecodable[0]), undecodable
+        kept = list((a.work / "state" / "spool" / "kept").iterdir())
+        assert len(kept) == 1 and str(pydicom.dcmread(str(kept[0]), stop_before_pixels=True).SOPInstanceUID) == uid
+        # two workers died on it (once with its task, once alone), each replaced; the agent lives on
+        import urllib.request
+
+        with urllib.request.urlopen(a.url + "/metrics", timeout=10) as m:
+            assert "medqc_worker_restarts_total 2" in m.read().decode()
+        after = set(descendants(a.proc.pid))
+        assert a.proc.poll() is None and len(before - after) == 1 and len(after - before) == 1
+    finally:
+        a.stop()
+    assert a.proc.returncode == 0, a.tail(3000)
+
+
+@pytest.mark.parametrize("value, needle", [
+    (-1, "analysis.workers = -1"), (257, "up to 256"), ("all", "'all' is not allowed"), (1.5, "analysis.workers"),
+    (True, "analysis.workers"),
+])
+def test_workers_setting_is_validated_at_load(value, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, {"analysis.workers": value})
+    assert needle in str(e.value) and '"auto"' in str(e.value)
+
+
+def test_workers_setting_in_config_check_and_show(tmp_path):
+    from medqc.config import worker_count
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[analysis]\nworkers = "many"\n')
+    r = subprocess.run([sys.executable, "-m", "medqc", "config", "check", str(bad)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "analysis.workers" in r.stderr + r.stdout
+    r = run_ok([sys.executable, "-m", "medqc", "config", "show"], timeout=60)
+    assert json.loads(r.stdout)["analysis"]["workers"] == "auto"
+    cores = len(os.sched_getaffinity(0))
+    assert worker_count(load_config()) == max(1, cores - 1)
+    assert worker_count(load_config(None, {"analysis.workers": 0})) == 0
+    assert worker_count(load_config(None, {"analysis.workers": 3})) == 3
+
+
+def test_analyze_auto_starts_workers_only_where_they_pay(tmp_path):
+    from medqc.agent.analyze import FILES_PER_WORKER, offline_workers
+
+    auto = load_config()
+    cfg = dataclasses.replace(auto, analysis=dataclasses.replace(auto.analysis, workers=4))
+    assert offline_workers(cfg, 1) == 4  # a number is taken as it is
+    assert offline_workers(load_config(None, {"analysis.workers": 0}), 10_000) == 0
+    n = offline_workers(auto, 10_000)
+    cores = len(os.sched_getaffinity(0))
+    assert n == (cores - 1 if cores >= 3 else 0)
+    assert offline_workers(auto, 2 * FILES_PER_WORKER - 1) == 0
+
+
+def test_sigterm_stops_an_agent_with_workers_and_leaves_no_process(tmp_path, series, tiny_bundle):
+    from medqc.tools.bench.harness import descendants, series_uid
+    from medqc.tools.bench.ingest import storescu
+
+    need_tool("storescu")
+    a = _agent(tmp_path, tiny_bundle, 2)
+    try:
+        health = _ready(a)
+        assert health["status"] == "ok" and health["backend"] == "onnxruntime"
+        kids = descendants(a.proc.pid)
+        assert len(kids) >= 3  # the receiver and two workers (and multiprocessing's resource tracker)
+        _, r = storescu(series, a.port, "MEDQC")
+        assert r.returncode == 0
+        a.proc.send_signal(signal.SIGTERM)
+        assert a.proc.wait(30) == 0, a.tail(3000)
+    finally:
+        a.stop()
+    deadline = time.time() + 10
+    alive = kids
+    while alive and time.time() < deadline:
+        alive = [p for p in kids if Path(f"/proc/{p}").exists()]
+        time.sleep(0.1)
+    assert not alive, [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in alive]
+    # what it received and did not analyse before the SIGTERM is in the spool or in the store, never lost
+    from medqc.agent.sinks.store import Store
+
+    store = Store(a.work / "state" / "medqc.sqlite")
+    try:
+        stored = len(store.slice_times(series_uid(series)))
+    finally:
+        store.close()
+    spooled = len(list((a.work / "state" / "spool" / "incoming").iterdir()))
+    assert stored + spooled >= len(series)
