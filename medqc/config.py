@@ -7,6 +7,7 @@ naming the key and what is allowed. The tree is passed explicitly; there are no 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -92,14 +93,52 @@ class AnalysisConfig:
                 "or 0: in the agent's own process"})
 
 
+# memory "auto" plans for: a worker holds its own model session (measured with the bundled model: about
+# 140 MiB once warmed up, 290-305 MiB after analysing 512² series in batches of 16); the agent's own process
+# (the series kept for the API and console) and the receiver process about 1 GiB together at most
+WORKER_MIB = 320
+AGENT_MIB = 1024
+
+
+def cgroup_memory_limit() -> int | None:
+    """This process's cgroup memory limit in bytes, or None where there is none or it cannot be read. Under
+    systemd this is the unit's MemoryHigh= (cgroup v2 ``memory.high``), else its MemoryMax= (``memory.max``;
+    cgroup v1: ``memory.limit_in_bytes``, "no limit" being a number near 2**63)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, names = Path("/sys/fs/cgroup") / path.lstrip("/"), ("memory.high", "memory.max")
+        elif "memory" in controllers.split(","):
+            base, names = Path("/sys/fs/cgroup/memory") / path.lstrip("/"), ("memory.limit_in_bytes",)
+        else:
+            continue
+        for name in names:
+            with contextlib.suppress(OSError, ValueError):
+                v = (base / name).read_text().strip()
+                if v and v != "max" and int(v) < 1 << 60:
+                    return int(v)
+    return None
+
+
 def worker_count(cfg) -> int:
-    """``analysis.workers`` as a number: "auto" is the cores this process may use less one (the agent's own
-    process keeps the series, checks and sinks, the receiver process its associations), at least 1."""
+    """``analysis.workers`` as a number. "auto" is the cores this process may use less one (the agent's own
+    process keeps the series, checks and sinks, the receiver process its associations), at least 1 — and no
+    more than the memory limit of the service holds (``cgroup_memory_limit``: AGENT_MIB for the agent and
+    the receiver, WORKER_MIB a worker), so that a many-core box under a small MemoryHigh= does not start
+    workers the kernel must throttle or kill."""
     w = cfg.analysis.workers
     if w != "auto":
         return int(w)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    n = max(1, cores - 1)
+    limit = cgroup_memory_limit()
+    if limit is not None:
+        n = min(n, max(1, (limit // (1 << 20) - AGENT_MIB) // WORKER_MIB))
+    return n
 
 
 @dataclass(frozen=True)

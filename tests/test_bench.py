@@ -10,7 +10,7 @@ import time
 from medqc.dcmtk import dcmtk  # noqa: E402
 from conftest import missing_peer  # noqa: E402
 
-SECTIONS = ("storescp", "agent_receive", "agent_full", "agent_full_nofsync", "inference", "naive")
+SECTIONS = ("storescp", "agent_receive", "agent_full", "agent_full_nofsync", "inference", "naive", "scaling")
 
 
 def _check_section(name: str, sec: dict) -> None:
@@ -66,32 +66,68 @@ def test_quick_bench_runs_and_explains_every_section(tmp_path, tiny_bundle):
     assert (r.returncode == 1) == bool(failed or any(v.get("status") == "failed" for v in res["sections"]["inference"].values()))
     # the table: one row per section (and per backend), ratios to (a) where both ran
     keys = [row["key"] for row in res["table"]]
-    assert keys[0] == "a" and keys[-1] == "e" and keys.count("d") == len(res["sections"]["inference"]) + ("decode_preprocess" in res["sections"])
+    assert keys[0] == "a" and keys[-1] == "f" and "e" in keys and keys.count("d") == len(res["sections"]["inference"]) + ("decode_preprocess" in res["sections"])
     for row in res["table"]:
         if row["slices_per_s"] and res["sections"]["storescp"]["status"] == "ran":
             assert abs(row["x_storescp"] - row["slices_per_s"] / res["sections"]["storescp"]["slices_per_s"]) < 0.02 * row["x_storescp"] + 0.01
     assert set(res["targets"]) == {"full_pipeline_slices_per_s", "cpu_ms_per_analysed_slice", "p95_slice_to_result_ms_at_60",
-                                   "last_slice_to_verdict_s", "onnxruntime_vs_naive_torch"}
+                                   "p95_slice_to_result_ms_at_120", "last_slice_to_verdict_s", "onnxruntime_vs_naive_torch"}
     assert "storescp" in r.stdout and "targets:" in r.stdout
     full = res["sections"]["agent_full"]
     # the agent is part of this install: it must start, and its figures come with it
     assert full["status"] == "ran", full
     assert full["slices_analysed"] == res["study"]["slices"] and full["verdict"] in ("pass", "warn", "fail")
-    # CPU of the agent and its receiver process from receiving to verdict: some, and no more than the cores
-    # could give over that time (the wait for the verdict adds up to a second of polling)
+    # CPU of the agent, its receiver process and its analysis workers from receiving to verdict: some, and no
+    # more than the cores could give over that time (the wait for the verdict adds up to a second of polling)
     cpu_s = full["cpu_ms_per_slice"] * full["slices"] / 1e3
     assert 0 < cpu_s <= (full["wall_s"] + 2.0) * os.cpu_count(), (cpu_s, full["wall_s"])
+
     assert res["targets"]["cpu_ms_per_analysed_slice"]["value"] == full["cpu_ms_per_slice"]
     lat = full["latency_at_60"]
     assert lat["status"] == "ran", lat
     assert lat["slice_to_result_ms"]["n"] == lat["slices"] and lat["last_slice_to_verdict_s"]["n"] == 1
     assert res["targets"]["p95_slice_to_result_ms_at_60"]["value"] == lat["slice_to_result_ms"]["p95"]
+    lat120 = full["latency_at_120"]
+    assert lat120["status"] == "ran" and lat120["rate"] == 120.0, lat120
+    assert res["targets"]["p95_slice_to_result_ms_at_120"]["value"] == lat120["slice_to_result_ms"]["p95"]
+    # (f) analysis alone with 0, 1, ..., cores workers; the ratio to one worker
+    sc = res["sections"]["scaling"]
+    assert sc["status"] == "ran", sc
+    ws = [row["workers"] for row in sc["rows"]]
+    assert ws[:2] == [0, 1] and ws[-1] == m["cores"] and sc["slices"] >= 240
+    one = next(row for row in sc["rows"] if row["workers"] == 1)
+    assert one["x_one_worker"] == 1.0 and all(row["slices_per_s"] > 0 and row["verdict"] for row in sc["rows"])
+    assert "analysis.workers" in (out / f"{stem}.md").read_text()
     assert res["sections"]["agent_receive"]["status"] == "ran"
     assert elapsed < 90, f"--quick took {elapsed:.0f} s"
 
 
+def test_process_tree_cpu_counts_children_and_grandchildren():
+    """CPU per analysed slice sums the whole tree (agent, receiver process, analysis workers): a grandchild
+    (a shell's child) that burns a second of CPU is counted under this process while it lives."""
+    from medqc.tools.bench.harness import descendants, process_tree_cpu_s
+
+    burn = f"{sys.executable} -c 'import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\ntime.sleep(30)'"
+    before = process_tree_cpu_s(os.getpid())
+    shell = subprocess.Popen(["/bin/sh", "-c", burn + "; true"])
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            kids = descendants(os.getpid())
+            if len(kids) >= 2 and process_tree_cpu_s(os.getpid()) - before >= 0.9:
+                break
+            time.sleep(0.1)
+        assert shell.pid in kids and len(kids) >= 2  # the shell and its python
+        assert process_tree_cpu_s(os.getpid()) - before >= 0.9
+    finally:
+        for pid in [*descendants(shell.pid), shell.pid]:  # the shell's python, then the shell
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        shell.wait(10)
+
+
 def test_bench_usage_errors(tmp_path):
-    for args in (["--only", "xyz"], ["--slices", "1"], ["--bundle", str(tmp_path / "nope")]):
+    for args in (["--only", "xyz"], ["--slices", "1"], ["--bundle", str(tmp_path / "nope")], ["--workers", "many"]):
         r = subprocess.run([sys.executable, "-m", "medqc", "bench", "--out", str(tmp_path), *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2, (args, r.stderr)
         assert "error" in r.stderr

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from medqc.errors import UsageError
-from medqc.tools.bench.ingest import bench_agent_full, bench_agent_receive, bench_storescp
+from medqc.tools.bench.ingest import bench_agent_full, bench_agent_receive, bench_scaling, bench_storescp, scaling_counts
 from medqc.tools.bench.micro import bench_inference, bench_naive, load_slices
 from medqc.tools.bench.report import machine, markdown, print_table, skipped, table_rows, targets, write_plot
-from medqc.tools.bench.study import is_dicom, make_study, reuid_copy
+from medqc.tools.bench.study import extend_series, is_dicom, make_study, reuid_copy
 
 log = logging.getLogger("medqc.bench")
 
@@ -25,8 +25,8 @@ SCHEMA = "medqc.bench/1"
 
 
 def run_bench(out: Path, quick: bool = False, bundle_path: str | None = None, slices: int | None = None,
-              sections: tuple[str, ...] = ("a", "b", "c", "d", "e"), threads: int = 0, keep: bool = False,
-              study_dir: str | None = None) -> dict:
+              sections: tuple[str, ...] = ("a", "b", "c", "d", "e", "f"), threads: int = 0, keep: bool = False,
+              study_dir: str | None = None, workers: int | str | None = None) -> dict:
     from medqc.bundle import BundleError, load_bundle
 
     n = slices or (24 if quick else 300)
@@ -75,11 +75,19 @@ def run_bench(out: Path, quick: bool = False, bundle_path: str | None = None, sl
             step("(b) agent, receive only")
             S["agent_receive"] = bench_agent_receive(files, tmp, bundle_path)
         if "c" in sections:
-            step("(c) agent, full pipeline + latency at 60/s")
-            S["agent_full"] = skipped(no_model) if no_model else bench_agent_full(files, study, tmp, bundle_path, lat_files)
+            step("(c) agent, full pipeline + latency at 60 and 120/s")
+            S["agent_full"] = skipped(no_model) if no_model else bench_agent_full(
+                files, study, tmp, bundle_path, lat_files, latency_120=reuid_copy(files[: 60 if quick else 240], tmp / "latency-study-120"),
+                workers=workers)
             # the same without fsync before each ACK (spool.fsync = false): what durability costs here
             S["agent_full_nofsync"] = skipped(no_model) if no_model else bench_agent_full(
-                files, study, tmp, bundle_path, reuid_copy(lat_files, tmp / "latency-study-2") if lat_files else [], fsync=False)
+                files, study, tmp, bundle_path, reuid_copy(lat_files, tmp / "latency-study-2") if lat_files else [], fsync=False,
+                workers=workers)
+        if "f" in sections:
+            step("(f) analysis scaling with worker processes")
+            # enough slices for a steady rate: the study extended (fresh UIDs) to 240 (--quick) or 600
+            many = files if len(files) >= (240 if quick else 600) else extend_series(files, tmp / "scaling-study", 240 if quick else 600)
+            S["scaling"] = skipped(no_model) if no_model else bench_scaling(many, tmp, bundle_path, scaling_counts(res["machine"]["cores"]))
         if "d" in sections or "e" in sections:
             x = None
             if bundle is not None:
@@ -97,7 +105,7 @@ def run_bench(out: Path, quick: bool = False, bundle_path: str | None = None, sl
             res["workdir"] = str(tmp)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    names = {"a": "storescp", "b": "agent_receive", "c": "agent_full", "d": "inference", "e": "naive"}
+    names = {"a": "storescp", "b": "agent_receive", "c": "agent_full", "d": "inference", "e": "naive", "f": "scaling"}
     if "c" not in sections:
         res["sections"].setdefault("agent_full_nofsync", skipped(f"not selected (--only {''.join(sections)})"))
     for letter, key in names.items():
@@ -149,9 +157,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/results", metavar="DIR", help="where the JSON, PNG and Markdown table go (default bench/results)")
     p.add_argument("--bundle", default=None, metavar="DIR", help="model bundle (default: the embedded default)")
     p.add_argument("--slices", type=int, default=None, metavar="N", help="slices in the study (default 300; 24 with --quick)")
-    p.add_argument("--only", default="abcde", metavar="SECTIONS", help="run only these sections, e.g. 'ad' (default abcde)")
+    p.add_argument("--only", default="abcdef", metavar="SECTIONS", help="run only these sections, e.g. 'ad' (default abcdef)")
     p.add_argument("--threads", type=int, default=0, metavar="N", help="ONNX Runtime intra-op threads for (d) (default: the runner's)")
     p.add_argument("--study", default=None, metavar="DIR", help="use this CT series (one series of uncompressed DICOM files) instead of a synthetic one")
+    p.add_argument("--workers", default=None, metavar="N", help="analysis.workers of the agent in (c): a number or auto (default: the agent's default, auto)")
     p.add_argument("--keep", action="store_true", help="keep the temporary study and agent state (path in the JSON)")
     p.add_argument("--soak", type=float, default=None, metavar="MINUTES", help="instead: a soak of a real agent under real senders (medqc/tools/bench/soak.py)")
     p.add_argument("--senders", type=int, default=4, metavar="N", help="--soak: DCMTK senders besides the one through Orthanc (default 4)")
@@ -165,9 +174,10 @@ def run(args) -> int:
 
         return run_cli(args)
     only = tuple(dict.fromkeys(args.only.lower()))
-    bad = [c for c in only if c not in "abcde"]
+    bad = [c for c in only if c not in "abcdef"]
     if bad or not only:
-        raise UsageError(f"--only {args.only!r}: use letters from a (storescp), b (agent receive), c (agent full), d (inference), e (naive)")
+        raise UsageError(f"--only {args.only!r}: use letters from a (storescp), b (agent receive), c (agent full), d (inference), "
+                         "e (naive), f (scaling with analysis workers)")
     if args.slices is not None and not 2 <= args.slices <= 5000:
         raise UsageError("--slices must be between 2 and 5000")
     if args.bundle and not Path(args.bundle).exists():
@@ -177,7 +187,12 @@ def run(args) -> int:
         if not d.is_dir() or not any(is_dicom(p) for p in d.rglob("*") if p.is_file()):
             raise UsageError(f"--study {args.study}: not a folder with DICOM files")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    res = run_bench(Path(args.out), args.quick, args.bundle, args.slices, only, args.threads, args.keep, args.study)
+    workers = args.workers
+    if workers is not None and workers != "auto":
+        if not workers.isdigit() or not 0 <= int(workers) <= 256:
+            raise UsageError(f"--workers {workers!r}: a number from 0 to 256, or auto")
+        workers = int(workers)
+    res = run_bench(Path(args.out), args.quick, args.bundle, args.slices, only, args.threads, args.keep, args.study, workers)
     print_table(res)
     print(f"results: {res['json']}" + (f", {res['plot']}" if res.get("plot") else ""))
     failed = [k for k, v in res["sections"].items() if isinstance(v, dict) and v.get("status") == "failed"]

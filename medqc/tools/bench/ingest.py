@@ -1,11 +1,13 @@
-"""Sections (a)–(c), slices in over DICOM: (a) DCMTK storescu → storescp, this machine's ingest ceiling;
-(b) storescu → ``medqc agent`` with inference off, what the agent's ingest costs; (c) storescu → the agent's
-full pipeline (slices analysed per second), then ``medqc replay`` at 60 slices/s for the latency a
-technologist sees."""
+"""Sections (a)–(c) and (f): (a) DCMTK storescu → storescp, this machine's ingest ceiling; (b) storescu →
+``medqc agent`` with inference off, what the agent's ingest costs; (c) storescu → the agent's full pipeline
+(slices analysed per second, CPU per slice), then ``medqc replay`` at 60 and at 120 slices/s for the latency
+a technologist sees; (f) the analysis alone with 0, 1, … N worker processes: the spool filled before the
+agent starts, so that the receiver is idle while the agent resumes it."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -63,7 +65,7 @@ def bench_storescp(files: list[Path], work: Path) -> dict:
 def bench_agent_receive(files: list[Path], work: Path, bundle: str | None) -> dict:
     if not _tool("storescu"):
         return skipped("DCMTK storescu not installed")
-    agent = AgentProcess(work / "agent-receive", bundle, inference=False)
+    agent = AgentProcess(work / "agent-receive", bundle, inference=False, workers=0)
     why = agent.start()
     if why:
         return skipped(why)
@@ -88,12 +90,13 @@ def _config_has(dotted: str) -> bool:
 
 
 def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str | None, latency_slices: list[Path], wait_s: float = 180,
-                     fsync: bool | None = None) -> dict:
+                     fsync: bool | None = None, latency_120: list[Path] | None = None, workers: int | str | None = None) -> dict:
     if not _tool("storescu"):
         return skipped("DCMTK storescu not installed")
     if fsync is not None and not _config_has("spool.fsync"):
         return skipped("this agent has no spool.fsync setting")
-    agent = AgentProcess(work / ("agent-full" if fsync is None else f"agent-full-fsync-{fsync}"), bundle, inference=True, fsync=fsync)
+    agent = AgentProcess(work / ("agent-full" if fsync is None else f"agent-full-fsync-{fsync}"), bundle, inference=True, fsync=fsync,
+                         workers=workers)
     why = agent.start()
     if why:
         return skipped(why)
@@ -107,6 +110,7 @@ def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str
         cpu1 = agent.cpu_seconds()
         done = [a for _, _, a in times if a > 0]
         res = {"status": "ran", "slices": len(files), "ingest_wall_s": round(wall, 3), "ingest_slices_per_s": round(len(files) / wall, 1),
+               "analysis_workers": "agent default (auto)" if workers is None else workers,
                "slices_analysed": len(times), "verdict": verdict,
                "what": "storescu → medqc agent (spool, decode, preprocess, batch, infer, checks, store); analysed_at from the agent's store"}
         if len(done) < len(files):
@@ -120,8 +124,10 @@ def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str
             res["cpu_ms_per_slice"] = round((cpu1 - cpu0) * 1e3 / len(files), 2)
         lat = [(a - rcv) * 1e3 for _, rcv, a in times if a > 0 and rcv > 0]
         res["slice_to_result_ms_at_full_speed"] = percentiles(lat)
-        # latency at scanner pace: a fresh series (new UIDs) through medqc replay at 60 slices/s
+        # latency at scanner pace: a fresh series (new UIDs) through medqc replay at 60 slices/s, another at 120
         res["latency_at_60"] = _latency_at_rate(latency_slices, agent, 60.0)
+        if latency_120 is not None:
+            res["latency_at_120"] = _latency_at_rate(latency_120, agent, 120.0)
         return res
     finally:
         agent.stop()
@@ -157,3 +163,51 @@ def _latency_at_rate(files: list[Path], agent: AgentProcess, rate: float, wait_s
     if out["status"] != "ran":
         out["reason"] = f"{t['sent']} sent, {len(s2r)} analysed, verdict {verdict!r} within {wait_s:g} s; {t['errors']}"
     return out
+
+
+def scaling_counts(cores: int) -> list[int]:
+    """Worker counts for (f): 0 (the analysis on the agent's pipeline thread), 1, the powers of two below
+    the cores, cores − 1 ("auto") and the cores."""
+    counts = {0, 1, max(1, cores - 1), cores}
+    k = 2
+    while k < cores:
+        counts.add(k)
+        k *= 2
+    return sorted(counts)
+
+
+def bench_scaling(files: list[Path], work: Path, bundle: str | None, counts: list[int], wait_s: float = 300) -> dict:
+    """(f): for each worker count, the study copied into a fresh state's spool (incoming/) before the agent
+    starts; the agent resumes it at start with its receiver idle. Slices/s is the steady rate between the
+    10th and the 90th percentile of the slices' ``analysed_at`` (read from the agent's store): the agent's
+    start (imports, the workers' warm-up), the first batches and the last ones stay out of it."""
+    uid = series_uid(files)
+    rows = []
+    for w in counts:
+        agent = AgentProcess(work / f"scaling-{w}", bundle, inference=True, workers=w)
+        incoming = agent.work / "state" / "spool" / "incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        for i, f in enumerate(files):
+            shutil.copyfile(f, incoming / f"{i:06d}.dcm")
+        why = agent.start()
+        if why:
+            return skipped(why)
+        try:
+            times, verdict, _ = agent.wait_series(uid, len(files), wait_s)
+        finally:
+            agent.stop()
+        done = sorted(a for _, _, a in times if a > 0)
+        if len(done) < len(files) or len(done) < 10:
+            return failed(f"{w} worker(s): only {len(done)} of {len(files)} slices analysed within {wait_s:g} s; agent: {agent.tail()}")
+        i0, i1 = len(done) // 10, len(done) - 1 - len(done) // 10
+        span = done[i1] - done[i0]
+        rows.append({"workers": w, "slices": len(files), "wall_s": round(done[-1] - done[0], 3),
+                     "slices_per_s": round((i1 - i0) / span, 1) if span > 0 else None, "verdict": verdict})
+    one = next((r["slices_per_s"] for r in rows if r["workers"] == 1), None)
+    for r in rows:
+        r["x_one_worker"] = round(r["slices_per_s"] / one, 2) if (one and r["slices_per_s"]) else None
+    best = max(rows, key=lambda r: r["slices_per_s"] or 0.0)
+    return {"status": "ran", "rows": rows, "slices": len(files), "slices_per_s": best["slices_per_s"], "wall_s": best["wall_s"],
+            "best_workers": best["workers"],
+            "what": "the study in the spool before the agent starts (receiver idle), analysed at start; "
+                    "analysis.workers = 0 is the analysis on the agent's pipeline thread"}
