@@ -251,7 +251,8 @@ class Pipeline:
         if n:
             with self._lock:
                 self._busy -= n
-            self._metric("set", "medqc_queue_depth", self.q.qsize())
+                waiting = self._busy  # queued, in a worker, or finished ahead of an earlier file
+            self._metric("set", "medqc_queue_depth", waiting)
         return n
 
     def _pool_step(self, timeout: float) -> int:

@@ -52,13 +52,16 @@ def _without_times(x):
 
 
 def _reports(paths, bundle, caplog) -> tuple[dict, dict]:
+    """``medqc analyze``'s report with the analysis on the main thread and in two worker processes (``bundle``
+    None: the bundled model)."""
     import logging
 
     from medqc.agent.analyze import analyze
 
-    inline = analyze([str(p) for p in paths], _cfg(0), str(bundle), "onnxruntime")
+    bundle = str(bundle) if bundle is not None else None
+    inline = analyze([str(p) for p in paths], _cfg(0), bundle, "onnxruntime")
     with caplog.at_level(logging.INFO, logger="medqc.agent.workers"):
-        pooled = analyze([str(p) for p in paths], _cfg(2), str(bundle), "onnxruntime")
+        pooled = analyze([str(p) for p in paths], _cfg(2), bundle, "onnxruntime")
     ready = [r for r in caplog.records if "ready" in r.getMessage() and r.name == "medqc.agent.workers"]
     assert len(ready) == 2, "the pool did not start its two workers"
     return inline, pooled
@@ -72,13 +75,13 @@ def test_pool_analyses_a_series_as_the_pipeline_thread_does(series, tiny_bundle,
     assert _without_times(pooled) == _without_times(inline)
 
 
-def test_pool_analyses_the_real_chest_as_the_pipeline_thread_does(tiny_bundle, caplog):
+def test_pool_analyses_the_real_chest_as_the_pipeline_thread_does(caplog):
     root = os.environ.get("MEDQC_REAL_CT")
     chest = Path(root or Path(__file__).resolve().parents[2] / "shared" / "real-ct") / "philips-bigbore-chest-patient"
     if not chest.is_dir():
         missing_real_ct(f"the real Philips chest is not at {chest} (set MEDQC_REAL_CT)")
     files = sorted(p for p in chest.rglob("*") if p.is_file() and not p.name.startswith(("LICENSE", "README")))
-    inline, pooled = _reports(files, tiny_bundle, caplog)
+    inline, pooled = _reports(files, None, caplog)  # the bundled model on real CT
     assert sum(s["slices"] for s in inline["series"]) == 141
     assert _without_times(pooled) == _without_times(inline)
 
