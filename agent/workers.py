@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_ready
 
 from medqc.agent.records import SliceResult
+from medqc.runners import RunnerError
 
 log = logging.getLogger("medqc.agent.workers")
 
@@ -191,22 +192,31 @@ def make_inferer(spec: WorkerSpec):
 def _worker_main(spec: WorkerSpec, conn, log_level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent decides when its workers stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import threading
+
     from medqc.agent import faults
     from medqc.agent.ingest.receiver_proc import _PipeLogHandler
     from medqc.agent.pipeline import _opencv_single_threaded
 
+    lock = threading.Lock()  # log records come from the detectors' thread too: one message at a time
+
     def send(msg) -> None:
-        conn.send(msg)
+        with lock:
+            conn.send(msg)
+
+    def send_quietly(msg) -> None:
+        with lock:
+            _send_quietly(conn, msg)
 
     root = logging.getLogger()
-    root.handlers[:] = [_PipeLogHandler(lambda m: _send_quietly(conn, m))]
+    root.handlers[:] = [_PipeLogHandler(send_quietly)]
     root.setLevel(log_level)
     _opencv_single_threaded()
     try:
         inferer = make_inferer(spec)
         took = inferer.warm_up()
     except Exception as e:  # noqa: BLE001 - reported to the agent, which fails its start with it
-        _send_quietly(conn, ("error", type(e).__name__, str(e)))
+        send_quietly(("error", type(e).__name__, str(e)))
         return
     send(("ready", os.getpid(), inferer.describe(), took))
     crash_on = faults.worker_crash_selector()
@@ -235,8 +245,9 @@ def _send_quietly(conn, msg) -> None:
         pass
 
 
-class PoolFailed(RuntimeError):
-    """The analysis cannot run in worker processes here (they die before they are ready)."""
+class PoolFailed(RunnerError):
+    """The analysis cannot run in worker processes here (they die before they are ready): a RunnerError, which
+    ``medqc agent`` and ``medqc analyze`` report as such (exit 2, the reason), not a traceback."""
 
 
 @dataclass

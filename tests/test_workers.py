@@ -215,7 +215,10 @@ def test_a_poison_slice_is_undecodable_alone_and_the_rest_is_analysed(tmp_path, 
         assert all(row["scores"] and not row.get("error") for u, row in rows.items() if u != uid)
         undecodable = [f for f in rep["findings"] if f["check"] == "input.undecodable"]
         assert len(undecodable) == 1 and "signal 9" in json.dumps(undecodable[0]), undecodable
-        kept = list((a.work / "state" / "spool" / "kept").iterdir())
+        kept, deadline = [], time.time() + 20  # released once every sink has handled the verdict
+        while not kept and time.time() < deadline:
+            kept = list((a.work / "state" / "spool" / "kept").iterdir())
+            time.sleep(0.05)
         assert len(kept) == 1 and str(pydicom.dcmread(str(kept[0]), stop_before_pixels=True).SOPInstanceUID) == uid
         # two workers died on it (once with its task, once alone), each replaced; the agent lives on
         import urllib.request
@@ -240,7 +243,7 @@ def test_workers_setting_is_validated_at_load(value, needle):
 
 
 def test_workers_setting_in_config_check_and_show(tmp_path):
-    from medqc.config import worker_count
+    from medqc.config import AGENT_MIB, WORKER_MIB, cgroup_memory_limit, worker_count
 
     bad = tmp_path / "bad.toml"
     bad.write_text('[analysis]\nworkers = "many"\n')
@@ -249,7 +252,9 @@ def test_workers_setting_in_config_check_and_show(tmp_path):
     r = run_ok([sys.executable, "-m", "medqc", "config", "show"], timeout=60)
     assert json.loads(r.stdout)["analysis"]["workers"] == "auto"
     cores = len(os.sched_getaffinity(0))
-    assert worker_count(load_config()) == max(1, cores - 1)
+    limit = cgroup_memory_limit()  # this process's cgroup (the unit's MemoryHigh= under systemd), None here if unlimited
+    fits = None if limit is None else (limit // (1 << 20) - AGENT_MIB) // WORKER_MIB
+    assert worker_count(load_config()) == max(1, cores - 1 if fits is None else min(cores - 1, fits))
     assert worker_count(load_config(None, {"analysis.workers": 0})) == 0
     assert worker_count(load_config(None, {"analysis.workers": 3})) == 3
 
@@ -276,6 +281,10 @@ def test_sigterm_stops_an_agent_with_workers_and_leaves_no_process(tmp_path, ser
     try:
         health = _ready(a)
         assert health["status"] == "ok" and health["backend"] == "onnxruntime"
+        import urllib.request
+
+        with urllib.request.urlopen(a.url + "/metrics", timeout=10) as m:  # ready only once both workers are
+            assert "medqc_analysis_workers 2" in m.read().decode()
         kids = descendants(a.proc.pid)
         assert len(kids) >= 3  # the receiver and two workers (and multiprocessing's resource tracker)
         _, r = storescu(series, a.port, "MEDQC")
