@@ -1,7 +1,8 @@
 """``medqc agent``: the DICOM receiver, the drop folder and the streaming pipeline in the foreground.
 
 The agent is built by ``medqc.agent.compose.compose`` (the one composition root); this module runs it:
-start (model warm-up → pipeline → resume the spool → receiver → drop folder → HTTP) → READY=1 → tick loop
+start (the analysis workers, each warmed up, or the model's warm-up in-process → pipeline → resume the spool →
+receiver → drop folder → HTTP) → READY=1 → tick loop
 (WATCHDOG=1, gauges) → on SIGTERM/SIGINT: STOPPING=1, stop accepting, finish in-flight work within
 ``STOP_GRACE_S`` (the spool keeps the rest for the next start); a second SIGINT forces exit.
 """

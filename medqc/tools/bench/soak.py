@@ -17,7 +17,8 @@ that gate is reported per sender.
 Sampled every ``interval`` seconds: C-STOREs attempted/ACKed/failed (parsed from each storescu's
 ``Sending file`` / ``Received Store Response`` lines and its exit status), the agent's counters from
 /metrics (received, analysed, rejected, queue depth, series completed), and the RSS, open descriptors and
-threads of the agent process and its receiver process (/proc). After the run the senders stop, the queue
+threads of the agent process and its child processes — the receiver and the analysis workers (/proc;
+``receiver_*`` in the samples sums all the children). After the run the senders stop, the queue
 drains, and the checks are:
 
 - no failed C-STORE (on either hop: a storescu response other than Success, or an instance Orthanc could
@@ -397,7 +398,8 @@ def proc_stats(pid: int) -> dict:
 
 
 def agent_stats(pid: int) -> dict:
-    """The agent and its child processes (the receiver): each, and the totals the unit's limits apply to."""
+    """The agent and its child processes (the receiver, the analysis workers, multiprocessing's resource
+    tracker): each, and the totals the unit's limits apply to."""
     main = proc_stats(pid)
     kids = [s for s in (proc_stats(c) for c in _children(pid)) if s]
     tot = {k: round(main.get(k, 0) + sum(s[k] for s in kids), 1) for k in ("rss_mib", "fds", "threads")}
@@ -612,9 +614,9 @@ def write_plot(res: dict, path: Path) -> None:
         ax[1].plot(t, [x.get("orthanc_held") or 0 for x in s], label="held in Orthanc", alpha=0.7)
     ax[1].set_ylabel("slices")
     ax[1].legend(loc="upper left", fontsize=8)
-    ax[2].plot(t, [x["rss_mib"] for x in s], label="agent + receiver")
+    ax[2].plot(t, [x["rss_mib"] for x in s], label="agent + child processes")
     ax[2].plot(t, [x["agent_rss_mib"] or 0 for x in s], label="agent")
-    ax[2].plot(t, [x["receiver_rss_mib"] or 0 for x in s], label="receiver process")
+    ax[2].plot(t, [x["receiver_rss_mib"] or 0 for x in s], label="receiver + analysis workers")
     ax[2].set_ylabel("RSS (MiB)")
     ax[2].legend(loc="upper left", fontsize=8)
     ax[3].plot(t, [x["fds"] for x in s], label="open descriptors")
