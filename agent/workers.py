@@ -266,8 +266,6 @@ class _Worker:
         self.conn = parent
         self.ready = False
         self.tasks: dict[int, _Task] = {}
-        self.describe: dict = {}
-        self.started = time.monotonic()
 
     @property
     def pid(self) -> int | None:
@@ -389,9 +387,6 @@ class AnalysisPool:
         except (OSError, BrokenPipeError):
             pass  # it died: its sentinel says so, and the task is retried
 
-    def in_flight(self) -> int:
-        return sum(len(t.items) for w in self._workers for t in w.tasks.values()) + sum(len(t.items) for t in self._retries)
-
     def collect(self, timeout: float) -> list[tuple[list[Outcome], Timings | None]]:
         """Wait up to ``timeout`` for finished tasks (or :meth:`wake`); returns their outcomes. A worker that
         died is replaced here and its files queued for analysis alone; a file that killed a worker when
@@ -408,21 +403,24 @@ class AnalysisPool:
                 except (BlockingIOError, OSError):
                     pass
             elif obj in waits:
-                w = waits[obj]
-                while True:  # everything it sent (a result may be followed by its death)
-                    try:
-                        if not w.conn.poll():
-                            break
-                        msg = w.conn.recv()
-                    except (EOFError, OSError):
-                        break
-                    self._handle(w, msg, done)
+                self._drain(waits[obj], done)
         for obj in ready:
             w = sentinels.get(obj)
             if w is not None and w in self._workers:
                 self._died(w, done)
         self._start_retries()
         return done
+
+    def _drain(self, w: _Worker, done: list) -> None:
+        """Everything the worker sent so far (a result may be followed by its death)."""
+        while True:
+            try:
+                if not w.conn.poll():
+                    return
+                msg = w.conn.recv()
+            except (EOFError, OSError):
+                return
+            self._handle(w, msg, done)
 
     def _handle(self, w: _Worker, msg, done: list | None = None) -> None:
         kind = msg[0]
@@ -435,7 +433,6 @@ class AnalysisPool:
             logging.getLogger(rec.name).handle(rec)
         elif kind == "ready":
             w.ready = True
-            w.describe = msg[2]
             self._describe = dict(msg[2])
             self.backend = self._describe.get("backend", self.backend)
             self._start_failures = 0
@@ -448,6 +445,7 @@ class AnalysisPool:
         """A worker ended on its own: replace it; retry its files one by one, each alone; a file that killed
         a worker when alone is reported (``died_outcome``)."""
         self._workers.remove(w)
+        self._drain(w, done)  # what it finished before it died is not analysed again
         with _quiet():
             w.conn.close()
         w.proc.join(1.0)
