@@ -190,6 +190,8 @@ class Agent:
         log.info("model %s %s on %s", inferer.describe().get("model"), inferer.describe().get("model_version"),
                  inferer.backend)
         self.metrics.set("medqc_backend_info", 1.0, backend=inferer.backend)
+        if self.pipeline.pool is None:
+            self.metrics.set("medqc_analysis_workers", 0.0)  # the analysis runs in this process
         if self.inference:
             self.pipeline.start()
             self.pipeline.resume()
