@@ -110,7 +110,7 @@ def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str
         cpu1 = agent.cpu_seconds()
         done = [a for _, _, a in times if a > 0]
         res = {"status": "ran", "slices": len(files), "ingest_wall_s": round(wall, 3), "ingest_slices_per_s": round(len(files) / wall, 1),
-               "analysis_workers": "agent default (auto)" if workers is None else workers,
+               "analysis_workers": _workers_label(workers),
                "slices_analysed": len(times), "verdict": verdict,
                "what": "storescu → medqc agent (spool, decode, preprocess, batch, infer, checks, store); analysed_at from the agent's store"}
         if len(done) < len(files):
@@ -131,6 +131,15 @@ def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str
         return res
     finally:
         agent.stop()
+
+
+def _workers_label(workers) -> str | int:
+    """``analysis.workers`` as the agent ran with it: a number, or "auto (N)"."""
+    if workers is not None and workers != "auto":
+        return workers
+    from medqc.config import load_config, worker_count
+
+    return f"auto ({worker_count(load_config())})"
 
 
 def _latency_at_rate(files: list[Path], agent: AgentProcess, rate: float, wait_s: float = 60.0) -> dict:
