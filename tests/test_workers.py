@@ -86,6 +86,23 @@ def test_pool_analyses_the_real_chest_as_the_pipeline_thread_does(caplog):
     assert _without_times(pooled) == _without_times(inline)
 
 
+def test_medqc_analyze_command_with_workers(tmp_path, series, tiny_bundle):
+    """The installed ``medqc`` command (a console script: the workers are spawned from its main module) with
+    ``analysis.workers = 2`` prints the report it prints with 0."""
+    medqc = Path(sys.executable).parent / "medqc"
+    assert medqc.is_file(), "the medqc command is not installed beside this interpreter"
+    reports = []
+    for w in (0, 2):
+        cfg = tmp_path / f"w{w}.toml"
+        cfg.write_text(f"[analysis]\nworkers = {w}\n")
+        r = subprocess.run([str(medqc), "analyze", *map(str, series), "--json", "--no-progress", "--config", str(cfg),
+                            "--bundle", str(tiny_bundle), "--backend", "onnxruntime"], capture_output=True, text=True, timeout=300)
+        assert r.returncode in (0, 1), r.stderr[-2000:]
+        assert ("analysis process" in r.stderr) == (w > 0), r.stderr[-2000:]
+        reports.append(_without_times(json.loads(r.stdout)))
+    assert reports[0] == reports[1] and reports[0]["series"][0]["slices"] == len(series)
+
+
 class Recorder:
     name = "recorder"
     spool_waits = True
