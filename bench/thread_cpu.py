@@ -4,7 +4,8 @@
     .venv/bin/python bench/thread_cpu.py STUDY_DIR [--no-inference] [--bundle DIR]
 
 Runs the agent in this process (``medqc.agent.compose.compose``, default configuration on free loopback ports,
-the receiver as a thread so that its CPU is counted too, state in a temporary folder), samples ``/proc/self/task/*/stat`` every 0.1 s (so threads that end, like
+the receiver as a thread and the analysis on the pipeline thread so that their CPU is counted too, state in
+a temporary folder), samples ``/proc/self/task/*/stat`` every 0.1 s (so threads that end, like
 pynetdicom's per-association ones, are counted) and prints CPU ms per slice for each thread name. Threads
 that are not Python threads (ONNX Runtime and OpenCV workers) are summed as ``native``. Unlike py-spy
 samples this is CPU time, waiting excluded.
@@ -50,9 +51,10 @@ def main() -> int:
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     files = sorted(p for p in Path(args.study).rglob("*") if p.is_file() and is_dicom(p))
-    # the receiver as a thread of this process (dicom.receiver_process = false), so that its CPU is counted
+    # the receiver as a thread of this process (dicom.receiver_process = false) and the analysis on the
+    # pipeline's thread (analysis.workers = 0), so that their CPU is counted per thread
     cfg = load_config(None, {"dicom.port": 0, "http.bind": "127.0.0.1:0", "sinks.stdout.enabled": False,
-                             "dicom.receiver_process": False})
+                             "dicom.receiver_process": False, "analysis.workers": 0})
     agent = compose(cfg, Path(tempfile.mkdtemp(prefix="medqc-thread-cpu-")), args.bundle, inference=not args.no_inference)
     agent.start()
     start, last = _cpu_by_thread(), {}
