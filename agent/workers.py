@@ -467,14 +467,14 @@ class AnalysisPool:
         for it in sorted(again, key=lambda x: x[2]):
             self._retries.append(_Task(self._task_id(), [it], alone=True))
         self._gauge()
-        if self.metrics is not None:
-            with _quiet():
-                self.metrics.inc("medqc_worker_restarts_total")
         if self._start_failures >= MAX_START_FAILURES:
             self.failed = f"analysis processes die before they are ready ({how}, {self._start_failures} in a row)"
             log.error("%s: the agent stops so that it is restarted (the spool keeps what it held)", self.failed)
             return
         self.replaced += 1
+        if self.metrics is not None:
+            with _quiet():
+                self.metrics.inc("medqc_worker_restarts_total")
         self._spawn()
 
     def _gauge(self) -> None:
