@@ -176,6 +176,36 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_workers_that_cannot_start_stop_the_agent_and_lose_nothing(tmp_path, series, tiny_bundle):
+    """The bundle removed under a running agent: the killed worker's replacements cannot load it; after three
+    in a row the pipeline calls ``on_failed`` (the agent then exits 1 for systemd to restart it), and the
+    files it was given are still waiting (in the spool, for the next start), none reported."""
+    import shutil
+
+    from medqc.agent.pipeline import Pipeline, build_analysis
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    cfg = _cfg(1)
+    failed = threading.Event()
+    rec = Recorder()
+    inferer, tracker = build_analysis(cfg, str(bundle), "onnxruntime", workers=1)
+    pipe = Pipeline(cfg, inferer, tracker, sinks=[rec], on_failed=failed.set)
+    pipe.pool.warm_up()
+    pipe.start()
+    try:
+        shutil.rmtree(bundle)
+        os.kill(pipe.pool.pids()[0], signal.SIGKILL)
+        for f in series[:4]:
+            pipe.submit(f)
+        assert failed.wait(120), "the pool did not give up"
+        assert "die before they are ready" in pipe.pool.failed and not pipe.idle()
+        pipe.flush_sinks(5)
+        assert rec.slices == []  # nothing analysed, nothing reported undecodable: all still to do
+    finally:
+        pipe.stop(1.0)
+
+
 def test_the_pool_keeps_slice_order_per_series(series, tiny_bundle):
     """Outcomes are applied in submission order whichever worker finishes first."""
     rec = Recorder()
