@@ -1,10 +1,16 @@
-"""Inference stage: preprocess (the one shared function) → runner → sigmoid → fusion with the classical
-detectors. One ``SliceResult`` per input slice; a slice that fails (bad pixels, preprocessing error) gets
-its own error record and never fails the batch; a runner failure on a batch is retried slice by slice.
+"""Inference stage: slice geometry → runner (the model preprocesses the HU slices itself) → sigmoid →
+fusion with the classical detectors. One ``SliceResult`` per input slice; a slice that fails (bad pixels,
+a geometry that cannot be resampled) gets its own error record and never fails the batch; a runner failure
+on a batch is retried slice by slice.
 
-The classical detectors of a batch are queued first, on one helper thread, and run while the pipeline thread preprocesses the
-slices and runs the network: they are OpenCV/numpy work that mostly releases the GIL, so on two
-cores they overlap instead of adding up (results and their order are unchanged).
+Slices of different matrices cannot share one tensor: a batch is split by geometry (rows, columns, pixel
+spacing, orientation flips) into one runner call per geometry — a series has one, so its slices stay
+together. The host computes only each geometry's resampling arrays (``medqc.analysis.preprocess``, cached);
+the pixel work runs in the model, in ONNX Runtime's threads or on the GPU.
+
+The classical detectors of a batch are queued first, on one helper thread, and run while the pipeline
+thread runs the network: they are OpenCV/numpy work that mostly releases the GIL, so on two cores they
+overlap instead of adding up (results and their order are unchanged).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import numpy as np
 from medqc.analysis import fusion
 from medqc.analysis.measures import measure
 from medqc.agent.records import SliceInfo, SliceResult
-from medqc.analysis.preprocess import preprocess
+from medqc.analysis.preprocess import geometry, geometry_key
 
 log = logging.getLogger("medqc.agent.infer")
 
@@ -74,29 +80,38 @@ class Inferer:
     def run(self, items: list) -> list[SliceResult]:
         """items: [(SliceInfo, hu float32)] → [SliceResult] in the same order."""
         results: list[SliceResult | None] = [None] * len(items)
-        inputs, idx, measured = [], [], {}
+        idx, measured = [], {}
         if self._detectors is not None:  # queued first: they run while the slices are preprocessed and inferred
             for k, (info, hu) in enumerate(items):
                 measured[k] = self._detectors.submit(self._measure, hu, info)
+        groups: dict[tuple, tuple] = {}  # geometry key → (Geometry, [item index])
         for k, (info, hu) in enumerate(items):
+            if self.runner is None:
+                idx.append(k)
+                continue
             try:
-                inputs.append(preprocess(hu, info.pixel_spacing, self.params, info.orientation) if self.runner is not None else None)
+                if np.ndim(hu) != 2:
+                    raise ValueError(f"expected a 2-D slice, got shape {np.shape(hu)}")
+                key = geometry_key(np.shape(hu), info.pixel_spacing, info.orientation)
+                g = groups.get(key)
+                if g is None:
+                    g = groups[key] = (geometry(*np.shape(hu), info.pixel_spacing, self.params, info.orientation), [])
+                g[1].append(k)
                 idx.append(k)
             except Exception as e:  # noqa: BLE001
                 results[k] = SliceResult(info=info, error=f"preprocessing failed: {e}", analysed_at=time.time())
                 if k in measured:
                     measured.pop(k).cancel()
         outs = {}
-        if self.runner is not None and idx:
-            batch = np.stack(inputs).astype(np.float32, copy=False)
+        for geom, ks in groups.values():
             try:
-                o = self.runner.infer(batch)
-                outs = {k: (o["artifact_logits"][j], o["position"][j]) for j, k in enumerate(idx)}
+                o = self.runner.infer(geom.feeds(np.stack([items[k][1] for k in ks])))
+                outs.update({k: (o["artifact_logits"][j], o["position"][j]) for j, k in enumerate(ks)})
             except Exception as e:  # noqa: BLE001 - retry one by one so one bad slice cannot fail the batch
-                log.warning("batch of %d failed on %s (%s); retrying slice by slice", len(idx), self.backend, e)
-                for j, k in enumerate(idx):
+                log.warning("batch of %d failed on %s (%s); retrying slice by slice", len(ks), self.backend, e)
+                for k in ks:
                     try:
-                        o = self.runner.infer(batch[j:j + 1])
+                        o = self.runner.infer(geom.feeds(items[k][1]))
                         outs[k] = (o["artifact_logits"][0], o["position"][0])
                     except Exception as e2:  # noqa: BLE001
                         results[k] = SliceResult(info=items[k][0], error=f"inference failed ({self.backend}): {e2}",

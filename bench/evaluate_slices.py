@@ -114,13 +114,10 @@ def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
         print(f"\ranalysed {len(rows)}/{n}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     # the network alone (every class, before drops): one more pass through the runner on the same inputs
-    from medqc.analysis.preprocess import preprocess
+    from medqc.runners.base import infer_slices
 
-    net_probs = []
-    for b in range(0, len(slices), 16):
-        x = np.stack([preprocess(ts.hu.astype(np.float32), ts.pixel_spacing, bundle.preprocess) for ts in slices[b:b + 16]])
-        o = inf.runner.infer(x.astype(np.float32))
-        net_probs.extend(1.0 / (1.0 + np.exp(-np.clip(np.asarray(o["artifact_logits"], np.float64), -60, 60))))
+    o = infer_slices(inf.runner, [(ts.hu, ts.pixel_spacing, None) for ts in slices], bundle.preprocess)
+    net_probs = list(1.0 / (1.0 + np.exp(-np.clip(np.asarray(o["artifact_logits"], np.float64), -60, 60))))
     inf.close()
     t_inf = time.time() - t1
 

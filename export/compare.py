@@ -176,10 +176,20 @@ def compare_outputs(
     return rep
 
 
-def infer_batched(runner, batch: np.ndarray, chunk: int) -> dict:
+def infer_batched(runner, batch, chunk: int) -> dict:
+    """Outputs for ``batch``, a list of feed groups (the model's inputs by name, one geometry each:
+    ``medqc.export.validation.validation_batch``), at most ``chunk`` slices a call, concatenated in order."""
     fn = runner.infer if hasattr(runner, "infer") else runner
-    parts = [fn(batch[i : i + chunk]) for i in range(0, len(batch), chunk)]
+    parts = []
+    for feeds in batch:
+        hu = feeds["hu"]
+        parts.extend(fn({**feeds, "hu": hu[i : i + chunk]}) for i in range(0, len(hu), chunk))
     return {k: np.concatenate([np.asarray(p[k], np.float32) for p in parts]) for k in parts[0]}
+
+
+def batch_size(batch) -> int:
+    """Slices in a list of feed groups."""
+    return int(sum(len(feeds["hu"]) for feeds in batch))
 
 
 class Comparator:

@@ -1,8 +1,9 @@
 """``medqc export engine``: build a TensorRT engine from a bundle's ONNX model on the box that will run it.
 
 TensorRT 10 Python API: ``Builder`` → ``create_network(0)`` (explicit batch) → ``OnnxParser.parse_from_file``
-→ builder config (workspace pool limit, FP16 flag, one optimisation profile MIN:OPT:MAX on the batch axis,
-timing cache) → ``build_serialized_network``. The engine is written to ``engines/`` in the bundle with a
+→ builder config (workspace pool limit, FP16 flag, one optimisation profile: MIN:OPT:MAX on the batch
+axis, slices of 256 to 1024 rows and columns, 1 to 32 resampling taps per output row or column — see
+:func:`profile_shapes` — and a timing cache) → ``build_serialized_network``. The engine is written to ``engines/`` in the bundle with a
 sidecar JSON (TensorRT and CUDA versions, GPU name, compute capability, builder flags, sha256 of the ONNX
 model and of the engine), then gated on this GPU against the FP32 ONNX model under ONNX Runtime CPU, on
 synthetic CT; only a passing engine is added to the bundle manifest.
@@ -68,14 +69,16 @@ def _progress_monitor(trt, bar):
 
 def _pin_heads_fp32(trt, network) -> int:
     """Ask for FP32 in every layer after the last convolution (pooling, heads, position scaling), as the
-    FP16 ONNX variant does: the position output needs finer steps than FP16 has near 1000 mm."""
+    FP16 ONNX variant does: the position output needs finer steps than FP16 has near 1000 mm; and in every
+    layer before the first (the preprocessing: HU up to 3071 and the resampling sums need FP32's steps)."""
     conv_types = {trt.LayerType.CONVOLUTION}
     if hasattr(trt.LayerType, "DECONVOLUTION"):
         conv_types.add(trt.LayerType.DECONVOLUTION)
-    last = max((i for i in range(network.num_layers) if network.get_layer(i).type in conv_types), default=-1)
+    convs = [i for i in range(network.num_layers) if network.get_layer(i).type in conv_types]
+    first, last = (convs[0], convs[-1]) if convs else (network.num_layers, -1)
     skip = {trt.LayerType.CONSTANT, trt.LayerType.SHUFFLE, trt.LayerType.SHAPE}
     n = 0
-    for i in range(last + 1, network.num_layers):
+    for i in [*range(0, first), *range(last + 1, network.num_layers)]:
         layer = network.get_layer(i)
         if layer.type in skip:
             continue
@@ -90,7 +93,24 @@ def _pin_heads_fp32(trt, network) -> int:
     return n
 
 
-def build_engine(onnx_path: Path, input_name: str, input_shape: tuple, *, fp16: bool, batch: tuple, workspace_mb: int,
+# The engine's range of slice matrices (rows and columns: min, opt, max) and of resampling taps per output
+# row or column (1 where the slice is already at the network's pixel size; ~ceil(shrink factor) + 1 for
+# area averaging: 3 for 512 slices at 0.7-1 mm, 7 for 1024 slices at 0.35 mm, 32 down to 0.065 mm pixels).
+MATRIX_RANGE = (256, 512, 1024)
+TAPS_RANGE = (1, 3, 32)
+
+
+def profile_shapes(size: int, batch: tuple, matrix: tuple = MATRIX_RANGE, taps: tuple = TAPS_RANGE) -> dict[str, tuple]:
+    """{input name: (min shape, opt shape, max shape)} of the optimisation profile."""
+    from medqc.analysis.preprocess import GEOMETRY_INPUTS
+
+    out = {"hu": tuple((b, m, m) for b, m in zip(batch, matrix))}
+    for k in GEOMETRY_INPUTS:
+        out[k] = tuple(((size,) if k.endswith("_valid") else (size, t)) for t in taps)
+    return out
+
+
+def build_engine(onnx_path: Path, profile_shapes: dict, *, fp16: bool, workspace_mb: int,
                  timing_cache: str | Path | None = None, progress: bool = True, fp16_onnx_path: Path | None = None):
     """Build and return (serialized engine bytes, builder flags list, build seconds).
 
@@ -131,8 +151,8 @@ def build_engine(onnx_path: Path, input_name: str, input_shape: tuple, *, fp16: 
         config.clear_flag(trt.BuilderFlag.TF32)  # an "FP32" engine computes in FP32, not TF32
         flags.append("no-TF32")
     profile = builder.create_optimization_profile()
-    c, h, w = input_shape
-    profile.set_shape(input_name, (batch[0], c, h, w), (batch[1], c, h, w), (batch[2], c, h, w))
+    for name, (lo, opt, hi) in profile_shapes.items():
+        profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
     cache_bytes = b""
     if timing_cache and Path(timing_cache).is_file():
@@ -188,9 +208,11 @@ def build_engine_into_bundle(bundle, *, fp16: bool = True, batch: tuple = (1, 8,
     onnx_path = bundle.verify("onnx")
     fp16_onnx = bundle.verify("onnx_fp16") if bundle.file("onnx_fp16") is not None else None
     onnx_sha = bundle.manifest["files"]["onnx"].get("sha256") or sha256_file(onnx_path)
-    input_name = next(iter(bundle.manifest.get("inputs", {"image": None})))
+    from medqc.runners.base import require_slice_inputs
+
+    require_slice_inputs(bundle)
     pp = bundle.preprocess
-    data, flags, build_s = build_engine(onnx_path, input_name, (pp.channels, pp.size, pp.size), fp16=fp16, batch=batch,
+    data, flags, build_s = build_engine(onnx_path, profile_shapes(pp.size, batch), fp16=fp16,
                                         workspace_mb=workspace_mb, timing_cache=timing_cache, progress=progress,
                                         fp16_onnx_path=fp16_onnx)
     precision = "fp16" if fp16 else "fp32"
@@ -206,6 +228,8 @@ def build_engine_into_bundle(bundle, *, fp16: bool = True, batch: tuple = (1, 8,
         **env,
         "fp16": bool(fp16),
         "batch": list(batch),
+        "matrix": list(MATRIX_RANGE),
+        "taps": list(TAPS_RANGE),
         "workspace_mb": int(workspace_mb),
         "builder_flags": flags,
         "onnx": bundle.manifest["files"]["onnx"]["path"],

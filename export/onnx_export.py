@@ -1,5 +1,10 @@
 """PyTorch → ONNX bundle: export, check, optional simplification, FP16 and INT8 variants, parity gates.
 
+The exported graph is the preprocessing followed by the network (``medqc.models.slice_input.SliceModel``):
+inputs ``hu`` (N, rows, cols) and the slice geometry's arrays, outputs ``artifact_logits`` and
+``position``. The gates compare ONNX Runtime against torch on synthetic CT of several matrices, pixel
+spacings, paddings and orientations (``medqc.export.validation``).
+
 The steps are small free functions (after optimum's ``export → validate_model_outputs``);
 :func:`export_bundle` chains them and writes the bundle into a temporary folder beside the target, which
 is renamed into place only after every gate passed — a failed export never leaves a half-written bundle.
@@ -21,7 +26,7 @@ import numpy as np
 
 from medqc import ARTIFACTS
 from medqc.bundle import NETWORK_MAX_THICKNESS_MM, SCHEMA, TRAINED_SLICE_THICKNESS_MM, sha256_file, write_manifest
-from medqc.export.compare import Comparator, ExportError, ParityReport
+from medqc.export.compare import Comparator, ExportError, ParityReport, batch_size
 from medqc.export.specs import ExportSpec
 from medqc.export.validation import validation_batch
 from medqc.analysis.preprocess import PreprocessParams
@@ -77,7 +82,8 @@ def _params(meta: dict) -> PreprocessParams:
 
 
 class TorchModuleRunner:
-    """Reference runner for an in-memory torch module (FP32, CPU, no grad)."""
+    """Reference runner for an in-memory torch module (FP32, CPU, no grad): the preprocessing
+    (``SliceModel``) and the network, on the graph's named inputs."""
 
     name = "torch-fp32"
 
@@ -88,9 +94,11 @@ class TorchModuleRunner:
         self.model = model.eval().float().cpu()
         self.output_names = output_names
 
-    def infer(self, batch: np.ndarray) -> dict:
+    def infer(self, feeds: dict) -> dict:
+        from medqc.models.slice_input import as_tensors
+
         with self.torch.inference_mode():
-            out = self.model(self.torch.from_numpy(np.ascontiguousarray(batch, np.float32)))
+            out = self.model(*as_tensors(feeds))
         if isinstance(out, dict):
             return {k: out[k].float().numpy() for k in self.output_names}
         return {k: t.float().numpy() for k, t in zip(self.output_names, out)}
@@ -111,24 +119,34 @@ class OnnxFileRunner:
             self.session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise ExportError(f"ONNX Runtime cannot load {path}: {e}") from e
-        self.input = self.session.get_inputs()[0].name
+        self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def infer(self, batch: np.ndarray) -> dict:
-        return dict(zip(self.outputs, self.session.run(None, {self.input: np.ascontiguousarray(batch, np.float32)})))
+    def infer(self, feeds: dict) -> dict:
+        return dict(zip(self.outputs, self.session.run(None, {k: np.ascontiguousarray(feeds[k]) for k in self.inputs})))
 
 
 # ---------------------------------------------------------------- steps
 
 
+def slice_model(model, params: PreprocessParams):
+    """The graph that is exported: the preprocessing (``SliceInput``) in front of the network ``model``."""
+    from medqc.models.slice_input import SliceModel
+
+    return SliceModel(model.eval().float().cpu(), params).eval()
+
+
 def export_onnx(model, spec: ExportSpec, params: PreprocessParams, path: Path, opset: int | None = None) -> Path:
-    """Trace ``model`` to ONNX with named inputs/outputs and a dynamic batch axis."""
+    """Trace ``model`` (a :func:`slice_model`) to ONNX with named inputs/outputs and dynamic batch, rows,
+    columns and tap counts."""
     import torch
 
-    sample = torch.from_numpy(np.asarray(spec.sample_input(params, 2), np.float32))
+    from medqc.models.slice_input import as_tensors
+
+    sample = tuple(as_tensors(spec.sample_input(params, 2)))
     model = model.eval().float().cpu()
     with torch.inference_mode():
-        out = model(sample)
+        out = model(*sample)
     if isinstance(out, dict):
         raise ExportError(f"model {spec.model!r} returns a dict; the ONNX interface needs a tuple {spec.output_names}")
     if len(out) != len(spec.output_names):
@@ -138,9 +156,9 @@ def export_onnx(model, spec: ExportSpec, params: PreprocessParams, path: Path, o
         try:
             torch.onnx.export(
                 model,
-                (sample,),
+                sample,
                 str(path),
-                input_names=[spec.input_name],
+                input_names=list(spec.input_names),
                 output_names=list(spec.output_names),
                 dynamic_axes=spec.dynamic_axes,
                 opset_version=int(opset or spec.opset),
@@ -227,8 +245,27 @@ def head_nodes(graph) -> list:
     return names
 
 
+def preprocessing_nodes(graph) -> list:
+    """Names of the nodes upstream of the first convolution (the preprocessing: HU up to 3071, resampling
+    weights and sums), which stay FP32 in the FP16 graph."""
+    producers = {o: n for n in graph.node for o in n.output}
+    first = next((n for n in graph.node if n.op_type in HEAD_STOP_OPS), None)
+    if first is None:
+        return []
+    seen, stack, names = set(), list(first.input[:1]), []
+    while stack:
+        n = producers.get(stack.pop())
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        names.append(n.name)
+        stack.extend(n.input)
+    return names
+
+
 def convert_fp16(path: Path, out: Path) -> Path:
-    """FP16 trunk, FP32 inputs/outputs and FP32 heads (see :func:`head_nodes`)."""
+    """FP16 trunk; FP32 inputs/outputs, preprocessing and heads (see :func:`preprocessing_nodes`,
+    :func:`head_nodes`)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -238,7 +275,8 @@ def convert_fp16(path: Path, out: Path) -> Path:
             n.name = f"{n.op_type}_{i}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m16 = convert_float_to_float16(model, keep_io_types=True, node_block_list=head_nodes(model.graph))
+        m16 = convert_float_to_float16(model, keep_io_types=True,
+                                       node_block_list=head_nodes(model.graph) + preprocessing_nodes(model.graph))
     _dedupe_casts(m16.graph)
     _toposort(m16.graph)  # the converter appends its input Casts at the end of the node list
     onnx.save(m16, str(out))
@@ -298,13 +336,15 @@ def _toposort(graph) -> None:
     graph.node.extend(copies)
 
 
-def quantize_int8(path: Path, out: Path, calib: np.ndarray, input_name: str) -> Path:
-    """ONNX Runtime static INT8 quantisation (QDQ, per-channel weights), calibrated on synthetic CT."""
+def quantize_int8(path: Path, out: Path, calib: list) -> Path:
+    """ONNX Runtime static INT8 quantisation (QDQ, per-channel weights) of the network's convolutions and
+    matrix products, calibrated on synthetic CT (``calib``: feed groups); the preprocessing stays FP32."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([{input_name: calib[i : i + 4]} for i in range(0, len(calib), 4)])
+            self.it = iter([{**g, "hu": g["hu"][i : i + 4]} for g in calib for i in range(0, len(g["hu"]), 4)])
 
         def get_next(self):
             return next(self.it, None)
@@ -323,8 +363,9 @@ def quantize_int8(path: Path, out: Path, calib: np.ndarray, input_name: str) -> 
         level = root.level
         root.setLevel(max(level, logging.WARNING))  # the quantiser logs every copied bias at INFO on the root logger
         try:
+            keep = preprocessing_nodes(onnx.load(str(src)).graph)
             quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep)
         except Exception as e:
             raise ExportError(f"INT8 quantisation failed: {type(e).__name__}: {e}") from e
         finally:
@@ -393,7 +434,7 @@ def export_bundle(
     try:
         t0 = time.perf_counter()
         step("export")
-        onnx_path = export_onnx(model, spec, params, tmp / "model.onnx", opset)
+        onnx_path = export_onnx(slice_model(model, params), spec, params, tmp / "model.onnx", opset)
         done("export", t0)
 
         t0 = time.perf_counter()
@@ -425,7 +466,7 @@ def export_bundle(
         t0 = time.perf_counter()
         step("parity fp32")
         batch, source = validation_batch(params, n=validation_n, seed=seed, source=validation_source)
-        ref_runner = TorchModuleRunner(model, spec.output_names)
+        ref_runner = TorchModuleRunner(slice_model(model, params), spec.output_names)
         from medqc.export.compare import infer_batched
 
         ref = infer_batched(ref_runner, batch, 16)
@@ -449,7 +490,7 @@ def export_bundle(
             t0 = time.perf_counter()
             step("int8")
             calib, _ = validation_batch(params, n=32, seed=seed + 7919, source=validation_source)  # disjoint from the gate batch
-            p8 = quantize_int8(onnx_path, tmp / "model.int8.onnx", calib, spec.input_name)
+            p8 = quantize_int8(onnx_path, tmp / "model.int8.onnx", calib)
             cmp8 = Comparator(spec.tol("int8"), labels, thresholds, spec.min_agreement, spec.int8_max_position_mm)
             gates["onnx_int8"] = cmp8.gate(None, OnnxFileRunner(p8, "onnxruntime-int8"), batch, name="onnx int8 vs torch fp32",
                                            reference_name="torch-fp32", ref_outputs=ref)
@@ -470,7 +511,7 @@ def export_bundle(
             "labels": list(labels),
             "preprocess": params.to_dict(),
             "thresholds": thresholds,
-            "inputs": {spec.input_name: [-1, params.channels, params.size, params.size]},
+            "inputs": graph_inputs(params),
             "outputs": {"artifact_logits": [-1, len(labels)], "position": [-1, 1]},
             "position": {"scale": "medqc.body/1", "units": "reference mm below vertex"},
             "domain": {"trained_slice_thickness_mm": list(TRAINED_SLICE_THICKNESS_MM),
@@ -484,7 +525,7 @@ def export_bundle(
                 "simplifier": simplifier,
                 "onnx_output_shapes": shapes,
                 "checkpoint_sha256": ck_sha,
-                "validation": {"source": source, "n": int(len(batch)), "seed": seed},
+                "validation": {"source": source, "n": batch_size(batch), "geometries": len(batch), "seed": seed},
                 "parity": {k: r.to_dict() for k, r in gates.items()},
             },
         }
@@ -503,12 +544,19 @@ def export_bundle(
         "version": str(meta.get("version", "?")),
         "trained": bool(checkpoint),
         "files": files,
-        "validation": {"source": source, "n": int(len(batch))},
+        "validation": {"source": source, "n": batch_size(batch), "geometries": len(batch)},
         "parity": {k: {"passed": r.passed, "decision_agreement": r.decision_agreement, "borderline": r.borderline,
                        "decisions": r.n * len(labels), "position_max_delta_mm": r.position_max_delta_mm,
                        "max_abs": {o.name: o.max_abs for o in r.outputs}} for k, r in gates.items()},
         "timings_s": timings,
     }
+
+
+def graph_inputs(params: PreprocessParams) -> dict:
+    """The manifest's ``inputs``: each input's shape, -1 where it is dynamic (batch, rows, columns, taps)."""
+    s = params.size
+    return {"hu": [-1, -1, -1], "row_index": [s, -1], "row_weight": [s, -1], "col_index": [s, -1], "col_weight": [s, -1],
+            "row_valid": [s], "col_valid": [s]}
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

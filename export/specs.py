@@ -4,7 +4,9 @@ dynamic axes, a sample-input generator and per-output tolerances for each precis
 Every model in ``medqc.models.model_names()`` must have a spec here; ``tests/test_export.py`` fails when a
 registered model has no spec or no export test. Models that keep the standard interface
 (``forward(image) -> (artifact_logits (N, K), position (N, 1))``) register with :func:`register` and the
-defaults; a model with different needs overrides the fields.
+defaults; a model with different needs overrides the fields. The exported graph is the preprocessing
+(``medqc.models.slice_input.SliceModel``) followed by the network: its inputs are the HU slices and their
+geometry (``medqc.analysis.preprocess.INPUT_NAMES``), with dynamic batch, rows, columns and tap counts.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from medqc.export.compare import ExportError, Tolerance
-from medqc.analysis.preprocess import PreprocessParams
+from medqc.analysis.preprocess import INPUT_NAMES, PreprocessParams
 
 # Position is in reference mm below the vertex (0 … ~1800): tolerances are absolute mm plus a relative part.
 FP32_TOL = {"artifact_logits": Tolerance(atol=1e-3, rtol=1e-3), "position": Tolerance(atol=0.05, rtol=1e-4)}
@@ -24,20 +26,30 @@ MAX_POSITION_MM = {"fp32": 1.0, "fp16": 2.0, "int8": 5.0}
 INT8_TOL = {"artifact_logits": Tolerance(atol=0.5, rtol=0.1), "position": Tolerance(atol=10.0, rtol=0.02)}
 
 
-def ct_sample_input(params: PreprocessParams, batch: int = 2, seed: int = 0) -> np.ndarray:
-    """Tracing input: preprocessed CT-like phantom slices (not noise), so every branch sees real ranges."""
-    from medqc.export.validation import validation_batch
+def ct_sample_input(params: PreprocessParams, batch: int = 2, seed: int = 0) -> dict:
+    """Tracing input: ``batch`` CT-like phantom slices (not noise) of one geometry, as the graph takes them,
+    so every branch sees real ranges."""
+    from medqc.analysis.preprocess import geometry
+    from medqc.export.validation import phantom_slice
 
-    x, _ = validation_batch(params, n=batch, seed=seed, source="phantom")
-    return x
+    rng = np.random.default_rng(seed)
+    hu = np.stack([phantom_slice(rng, matrix=384, fov_mm=400.0)[0] for _ in range(batch)])
+    return geometry(384, 384, (400.0 / 384, 400.0 / 384), params).feeds(hu)
+
+
+def _dynamic_axes() -> dict:
+    axes = {"hu": {0: "batch", 1: "rows", 2: "cols"}, "row_index": {1: "row_taps"}, "row_weight": {1: "row_taps"},
+            "col_index": {1: "col_taps"}, "col_weight": {1: "col_taps"}}
+    axes.update({"artifact_logits": {0: "batch"}, "position": {0: "batch"}})
+    return axes
 
 
 @dataclass(frozen=True)
 class ExportSpec:
     model: str
-    input_name: str = "image"
+    input_names: tuple = INPUT_NAMES
     output_names: tuple = ("artifact_logits", "position")
-    dynamic_axes: dict = field(default_factory=lambda: {"image": {0: "batch"}, "artifact_logits": {0: "batch"}, "position": {0: "batch"}})
+    dynamic_axes: dict = field(default_factory=_dynamic_axes)
     sample_input: object = ct_sample_input
     opset: int = 17
     tolerances: dict = field(default_factory=lambda: {"fp32": FP32_TOL, "fp16": FP16_TOL, "int8": INT8_TOL})

@@ -1,4 +1,4 @@
-"""Validation batches for the parity gates: synthetic CT slices, preprocessed with the one shared function.
+"""Validation batches for the parity gates: synthetic CT slices as the model takes them (HU and geometry).
 
 Parity measured on random noise says little about a CT model: noise drives every activation to the same
 regime. The gates use CT-like slices instead — from ``medqc.synth.training`` when that module is present
@@ -6,6 +6,11 @@ regime. The gates use CT-like slices instead — from ``medqc.synth.training`` w
 fat, muscle, organs, bone and lungs or a skull, on the vendors' padding value outside a circular field of
 view, with the artifacts the network must tell apart (metal streaks, rings, noise, truncation, motion
 ghosting) mixed in. Deterministic for a given seed.
+
+The slices are given the orientations a scanner writes (every fourth stored mirrored left-right and upside
+down, every fourth of the rest upside down only), so the gates run the preprocessing's flips too; their
+matrices, pixel spacings and padding come from the generator (256-1024 matrices, 0.4-2 mm pixels, vendor
+padding values outside the field).
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import logging
 
 import numpy as np
 
-from medqc.analysis.preprocess import PreprocessParams, preprocess
+from medqc.analysis.preprocess import PreprocessParams, group_by_geometry
+
+ORIENTATIONS = ((1.0, 0.0, 0.0, 0.0, 1.0, 0.0), (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+                (1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +114,21 @@ def _hu_and_spacing(item):
     return np.asarray(hu, np.float32), spacing
 
 
-def validation_batch(params: PreprocessParams, n: int = 48, seed: int = 1234, source: str = "auto") -> tuple[np.ndarray, str]:
-    """``(batch (n, C, S, S) float32, source name)``: synthetic CT preprocessed by :func:`preprocess`.
+def validation_batch(params: PreprocessParams, n: int = 48, seed: int = 1234, source: str = "auto") -> tuple[list[dict], str]:
+    """``(feed groups, source name)``: ``n`` synthetic CT slices as the model's inputs, one dict per geometry
+    (``hu`` (k, H, W) and the geometry arrays, ``medqc.analysis.preprocess.Geometry.feeds``), in slice order
+    within each group. ``medqc.export.compare.infer_batched`` runs a runner over them.
 
     ``source``: "auto" (the training generator when present, else the phantom), "synth" or "phantom".
     The same arguments give the same batch; recent batches are kept (the gates of one export share one)."""
     if source not in ("auto", "synth", "phantom"):
         raise ValueError(f"unknown validation source {source!r}; choose auto, synth or phantom")
-    batch, used = _cached_batch(params, int(n), int(seed), source)
-    return batch.copy(), used
+    groups, used = _cached_batch(params, int(n), int(seed), source)
+    return [{k: v.copy() for k, v in g.items()} for g in groups], used
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_batch(params: PreprocessParams, n: int, seed: int, source: str) -> tuple[np.ndarray, str]:
+def validation_slices(params: PreprocessParams, n: int = 48, seed: int = 1234, source: str = "auto") -> tuple[list, str]:
+    """``([(hu, pixel_spacing, orientation)], source name)``: the slices :func:`validation_batch` holds."""
     if source not in ("auto", "synth", "phantom"):
         raise ValueError(f"unknown validation source {source!r}; choose auto, synth or phantom")
     slices = None
@@ -138,5 +148,13 @@ def _cached_batch(params: PreprocessParams, n: int, seed: int, source: str) -> t
     if slices is None:
         rng = np.random.default_rng(seed)
         slices = [phantom_slice(rng, matrix=int(rng.choice([256, 512])), fov_mm=float(rng.uniform(250, 480))) for _ in range(n)]
-    batch = np.stack([preprocess(hu, sp, params) for hu, sp in slices]).astype(np.float32)
-    return batch, used
+    return [(hu, sp, ORIENTATIONS[i % len(ORIENTATIONS)]) for i, (hu, sp) in enumerate(slices)], used
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_batch(params: PreprocessParams, n: int, seed: int, source: str) -> tuple[list[dict], str]:
+    slices, used = validation_slices(params, n, seed, source)
+    groups = []
+    for geom, idx in group_by_geometry([(hu.shape, sp, ori) for hu, sp, ori in slices], params):
+        groups.append(geom.feeds(np.stack([slices[k][0] for k in idx]).astype(np.float32)))
+    return groups, used

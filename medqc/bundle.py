@@ -8,7 +8,10 @@ The embedded default bundle lives in ``medqc/models/default`` (the ``models/`` f
     labels       artifact class names, in output order (medqc.ARTIFACTS)
     preprocess   PreprocessParams.to_dict()
     thresholds   {label: probability threshold}
-    inputs       {"image": [-1, C, S, S]}
+    inputs       {"hu": [-1, -1, -1], "row_index": [S, -1], "row_weight": [S, -1], "col_index": [S, -1],
+                  "col_weight": [S, -1], "row_valid": [S], "col_valid": [S]}: the model preprocesses HU
+                 slices itself (``medqc.models.slice_input``); a bundle whose model takes preprocessed
+                 images ({"image": [-1, C, S, S]}, older medqc) is refused by the runners
     outputs      {"artifact_logits": [-1, len(labels)], "position": [-1, 1]}
     position     {"scale": "medqc.body/1", "units": "reference mm below vertex"}
     files        {"onnx": {"path": "model.onnx", "sha256": ...},

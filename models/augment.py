@@ -14,7 +14,7 @@ cannot use it:
 
 The preprocessed channels are HU windows clipped to [-1, 1]; HU is recovered from the narrowest window
 that is not clipped at each pixel, perturbed, and windowed again with the same parameters as
-:func:`medqc.analysis.preprocess.preprocess`, so the augmented input is exactly what preprocessing would give for
+the preprocessing (:class:`medqc.models.slice_input.SliceInput`), so the augmented input is exactly what preprocessing would give for
 the perturbed slice (up to float16 rounding of the cache, < 0.5 HU in the soft-tissue window).
 
 Labels: the texture perturbation changes the noise level and can blur a faint ring, so on those slices the

@@ -74,13 +74,15 @@ def render_card(m: dict) -> str:
         f"- `{m.get('model')}` {m.get('kwargs')}: two strided 3×3 convolutions, depthwise-separable inverted",
         "  residual blocks down to 1/32 resolution, global average + max pooling, two small MLP heads",
         "  (artifact logits; position / 1000, scaled back to mm inside the graph).",
-        "- Input: the shared preprocessing (`medqc.analysis.preprocess`, parameters in the bundle manifest): 2 mm pixels,",
-        "  256², HU windows (-160..240, -1000..1000, 0..3000) as channels plus the field-of-view mask.",
+        "- Input: HU slices and their geometry; the preprocessing runs inside the exported graph (`medqc.models.slice_input`,",
+        "  parameters in the bundle manifest; the same module made the training cache): 2 mm pixels, 256², HU windows",
+        "  (-160..240, -1000..1000, 0..3000) as channels plus the field-of-view mask.",
         f"- Parameters: {m.get('params'):,}; FLOPs per slice: {m.get('flops_per_slice', 0) / 1e9:.3f} G.",
         f"- ONNX Runtime CPU, {ort.get('threads', 2)} threads, batch {ort.get('batch', 16)}: "
         f"**{_f(ort.get('ms_per_slice'))} ms/slice** ({_f(ort.get('slices_per_s'), 0)} slices/s) on a {ort.get('cpu_count', '?')}-core machine"
         + (f" (error: {ort['error']})" if "error" in ort else "") + ".",
-        *[f"- Shipped `{k}` file, same settings: {_f(v.get('ms_per_slice'))} ms/slice ({_f(v.get('slices_per_s'), 0)} slices/s)."
+        *[f"- Shipped `{k}` file ({v.get('input', 'preprocessing + network')}), {v.get('threads', 2)} threads, batch "
+          f"{v.get('batch', 1)}: {_f(v.get('ms_per_slice'))} ms/slice ({_f(v.get('slices_per_s'), 0)} slices/s)."
           for k, v in m.get("ort_cpu_shipped", {}).items()],
         "- Timings were taken on the shared 2-core development machine while other work ran; treat them as upper bounds.",
         "",

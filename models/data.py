@@ -1,11 +1,14 @@
-"""Training data: synthetic CT slices from ``medqc.synth.training``, preprocessed with the one shared
-function and cached as a float16 memmap (``/work/main/data/`` by default; ignored by git).
+"""Training data: synthetic CT slices from ``medqc.synth.training``, preprocessed by the model's own
+preprocessing module (``medqc.models.slice_input``, the graph every runner executes) and cached as a
+float16 memmap (``/work/main/data/`` by default; ignored by git).
 
 A cache is a folder: ``x.f16`` (N, C, S, S), ``y.npy`` (N, K) artifact severities 0..1, ``pos.npy`` (N,)
 reference mm below the vertex (NaN where the slice has no meaningful position), ``meta.json`` (one dict
 per slice, the generator's own description) and ``done.json`` written last (a cache without it is
 incomplete and is rebuilt). Slices are generated in chunks by worker processes; chunk ``i`` uses seed
-``hash(seed, i)`` so the result does not depend on the number of workers.
+``hash(seed, i)`` so the result does not depend on the number of workers. The workers return HU slices and
+the parent preprocesses them (torch, ~2 ms a slice against the generator's ~250 ms); the workers start from a
+fork server, not from the parent, whose torch and OpenMP threads do not survive a fork.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 
 from medqc import ARTIFACTS
 from medqc.errors import MedqcError
-from medqc.analysis.preprocess import PreprocessParams, preprocess
+from medqc.analysis.preprocess import PreprocessParams
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +70,17 @@ def _position(ts) -> float:
     return p if math.isfinite(p) else float("nan")
 
 
-def make_chunk(args) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, list]:
-    """Worker: generate and preprocess one chunk. ``args`` = (index, n, seed, params dict)."""
+def make_chunk(args) -> tuple[int, list, np.ndarray, np.ndarray, list]:
+    """Worker: generate one chunk. ``args`` = (index, n, seed, params dict). Returns the slices as
+    (hu float32, pixel spacing, None) for :func:`medqc.models.slice_input.prepare`, labels, positions, metas."""
     i, n, seed, pdict = args
-    params = PreprocessParams.from_dict(pdict)
     sample = _sampler()
     slices = sample(n, seed)
-    x = np.empty((len(slices), params.channels, params.size, params.size), np.float16)
+    x = [(np.asarray(ts.hu, np.float32), tuple(float(v) for v in ts.pixel_spacing), None) for ts in slices]
     y = np.zeros((len(slices), len(ARTIFACTS)), np.float32)
     pos = np.full(len(slices), np.nan, np.float32)
     metas = []
     for j, ts in enumerate(slices):
-        x[j] = preprocess(np.asarray(ts.hu), tuple(ts.pixel_spacing), params)
         arts = dict(getattr(ts, "artifacts", {}) or {})
         for k, a in enumerate(ARTIFACTS):
             y[j, k] = float(arts.get(a, 0.0) or 0.0)
@@ -165,12 +167,14 @@ def build_cache(root: Path, n: int, seed: int, params: PreprocessParams, workers
     jobs = [(i, min(CHUNK, n - i * CHUNK), chunk_seed(seed, i), params.to_dict()) for i in range(nchunks)]
     bar = tqdm(total=n, desc=desc, unit="slice", file=sys.stderr, disable=not progress, dynamic_ncols=True)
 
+    from medqc.models.slice_input import prepare
+
     def put(res):
         i, xs, ys, ps, ms = res
         a = i * CHUNK
         if len(ys) != min(CHUNK, n - a):
             raise MedqcError(f"generator returned {len(ys)} slices for a chunk of {min(CHUNK, n - a)}")
-        x[a : a + len(ys)] = xs
+        x[a : a + len(ys)] = prepare(xs, params, np.float16)
         y[a : a + len(ys)] = ys
         pos[a : a + len(ys)] = ps
         metas[a : a + len(ys)] = ms
@@ -183,7 +187,9 @@ def build_cache(root: Path, n: int, seed: int, params: PreprocessParams, workers
         else:
             import multiprocessing as mp
 
-            ctx = mp.get_context("spawn" if sys.platform == "darwin" else "fork")
+            # never a plain fork: the parent has run torch (the preprocessing of earlier chunks and caches),
+            # and a worker forked from a process whose OpenMP pool is up can hang (it did in the tests)
+            ctx = mp.get_context("spawn" if sys.platform == "darwin" else "forkserver")
             with ctx.Pool(workers, initializer=_worker_init) as pool:
                 for res in pool.imap_unordered(make_chunk, jobs):
                     put(res)
@@ -214,15 +220,17 @@ def _worker_init():
         pass
 
 
+
 def real_negatives(folders, params: PreprocessParams) -> tuple[np.ndarray, list[str]]:
     """Axial CT images under ``folders`` (real, artifact-free scans), preprocessed: ((N, C, S, S) float16,
     one description per series)."""
     from medqc.models.realct import read_series
+    from medqc.models.slice_input import prepare
 
     xs, names = [], []
     for folder in folders:
         for uid, items in read_series(Path(folder)).items():
-            xs.extend(preprocess(hu, ps, params, iop).astype(np.float16) for _, hu, ps, iop in items)
+            xs.extend(prepare([(hu, ps, iop) for _, hu, ps, iop in items], params, np.float16))
             names.append(f"{Path(folder).name} series …{uid[-12:]} ({len(items)} slices)")
     if not xs:
         raise MedqcError(f"no axial CT images found under {', '.join(str(f) for f in folders)}")

@@ -1,6 +1,6 @@
 """QCNet: one small CT backbone, two heads (artifact logits, craniocaudal position).
 
-Input: (N, C, S, S) float32 from :func:`medqc.analysis.preprocess.preprocess` — HU windows stacked as channels plus
+Input: (N, C, S, S) float32 from the preprocessing in front of it (``medqc.models.slice_input``) — HU windows stacked as channels plus
 the field-of-view mask; no ImageNet stem. The first two stages are plain 3×3 convolutions with stride 2
 (they see full-resolution texture: noise grain, thin rings, streaks), then depthwise-separable inverted
 residual blocks keep the cost at ~0.1–0.2 GFLOP per 256² slice so ONNX Runtime on two CPU cores stays far

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from medqc.analysis.preprocess import preprocess
 
 DEFAULT_STUDY = Path(__file__).resolve().parents[2] / "shared" / "real-ct" / "philips-ingenuity-head-phantom"
 
@@ -58,15 +57,11 @@ def read_series(folder: Path) -> dict[str, list]:
 
 
 def score(runner, bundle, items) -> tuple[np.ndarray, np.ndarray]:
-    pp = bundle.preprocess
-    x = np.stack([preprocess(hu, ps, pp, iop) for _, hu, ps, iop in items])
-    logits, pos = [], []
-    for a in range(0, len(x), 16):
-        out = runner.infer(x[a : a + 16])
-        logits.append(out["artifact_logits"])
-        pos.append(out["position"][:, 0])
-    p = 1.0 / (1.0 + np.exp(-np.concatenate(logits).astype(np.float64)))
-    return p, np.concatenate(pos)
+    from medqc.runners.base import infer_slices
+
+    out = infer_slices(runner, [(hu, ps, iop) for _, hu, ps, iop in items], bundle.preprocess)
+    p = 1.0 / (1.0 + np.exp(-out["artifact_logits"].astype(np.float64)))
+    return p, out["position"][:, 0]
 
 
 def evaluate(bundle_dir=None, studies=None) -> list[dict]:

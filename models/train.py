@@ -567,40 +567,19 @@ def summarise_meta(metas: list) -> dict:
 
 
 def bench_onnx(model, params, batch: int = 16, threads: int = 2, reps: int = 10) -> dict:
-    """Export to a temporary ONNX file and time ONNX Runtime CPU (``threads`` threads, batch ``batch``)."""
+    """Export the model as a bundle graph (its preprocessing in front: ``medqc export onnx``'s graph) to a
+    temporary file and time ONNX Runtime CPU on 512² slices (``threads`` threads, batch ``batch``)."""
     import tempfile
 
     import onnxruntime as ort
     import torch
 
+    from medqc.export.onnx_export import export_onnx, slice_model
+    from medqc.export.specs import ExportSpec
+    from medqc.models.ship import bench_file
+
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "m.onnx"
-        export_onnx(model, params, p)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        s = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-        x = np.random.default_rng(0).uniform(-1, 1, (batch, params.channels, params.size, params.size)).astype(np.float32)
-        for _ in range(3):
-            s.run(None, {"image": x})
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            s.run(None, {"image": x})
-            times.append(time.perf_counter() - t)
-    ms = float(np.median(times)) / batch * 1e3
-    return {"ms_per_slice": round(ms, 3), "slices_per_s": round(1000 / ms, 1), "batch": batch, "threads": threads,
-            "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(), "torch": torch.__version__}
-
-
-def export_onnx(model, params, path: Path, opset: int = 17) -> None:
-    """The bundle interface: input ``image`` (N, C, S, S) → ``artifact_logits`` (N, K), ``position`` (N, 1) in reference mm."""
-    import torch
-    import warnings
-
-    x = torch.zeros((2, params.channels, params.size, params.size))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), x, str(path), input_names=["image"], output_names=["artifact_logits", "position"],
-                          dynamic_axes={"image": {0: "batch"}, "artifact_logits": {0: "batch"}, "position": {0: "batch"}},
-                          opset_version=opset, dynamo=False)
+        export_onnx(slice_model(model, params), ExportSpec(model="train"), params, p)
+        res = bench_file(p, params, batch=batch, threads=threads, reps=reps)
+    return {**res, "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(), "torch": torch.__version__}

@@ -91,47 +91,48 @@ def need_tool(name: str) -> str:
     return path
 
 
-def build_tiny_onnx(path: Path, channels: int, size: int, labels: int = 5) -> None:
-    """A tiny but real ONNX model with the bundle's interface: conv → ReLU → global pool → two Gemm heads.
+def build_tiny_onnx(path: Path, params, labels: int = 5) -> None:
+    """A tiny but real bundle model with the bundle's interface: the preprocessing graph every bundle
+    carries (``medqc.models.slice_input``), then conv → ReLU → global pool → two linear heads, exported by
+    ``medqc export``'s own ``export_onnx``.
 
     Its artifact logits respond to image content (mean of the first channel), so tests can tell that
     pixels really flowed through it."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    torch = need_module("torch", "the tiny test bundle is exported from torch (the train extra)")
+    from torch import nn
 
+    from medqc.export.onnx_export import export_onnx, slice_model
+    from medqc.export.specs import ExportSpec
+
+    channels = params.channels
     rng = np.random.default_rng(0)
     w = rng.normal(0, 0.2, (4, channels, 3, 3)).astype(np.float32)
     w[0] = 0
     w[0, 0, 1, 1] = 1.0  # channel 0 of the features = first input channel, unchanged
-    b = np.zeros(4, np.float32)
     wa = rng.normal(0, 0.5, (4, labels)).astype(np.float32)
     wa[0, :] = 4.0
-    ba = np.zeros(labels, np.float32)
     wp = np.array([[500.0], [0], [0], [0]], np.float32)
-    bp = np.array([500.0], np.float32)
-    nodes = [
-        helper.make_node("Conv", ["image", "w", "b"], ["c"], pads=[1, 1, 1, 1], strides=[4, 4]),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("Gemm", ["f", "wa", "ba"], ["artifact_logits"]),
-        helper.make_node("Gemm", ["f", "wp", "bp"], ["position"]),
-    ]
-    inits = [numpy_helper.from_array(a, n) for a, n in [(w, "w"), (b, "b"), (wa, "wa"), (ba, "ba"), (wp, "wp"), (bp, "bp")]]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", channels, size, size])],
-        [
-            helper.make_tensor_value_info("artifact_logits", TensorProto.FLOAT, ["batch", labels]),
-            helper.make_tensor_value_info("position", TensorProto.FLOAT, ["batch", 1]),
-        ],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(channels, 4, 3, stride=4, padding=1)
+            self.artifact = nn.Linear(4, labels)
+            self.position = nn.Linear(4, 1)
+
+        def forward(self, x):
+            f = torch.relu(self.conv(x)).mean((2, 3))
+            return self.artifact(f), self.position(f)
+
+    net = Tiny()
+    with torch.no_grad():
+        net.conv.weight.copy_(torch.from_numpy(w))
+        net.conv.bias.zero_()
+        net.artifact.weight.copy_(torch.from_numpy(wa.T.copy()))
+        net.artifact.bias.zero_()
+        net.position.weight.copy_(torch.from_numpy(wp.T.copy()))
+        net.position.bias.fill_(500.0)
+    export_onnx(slice_model(net, params), ExportSpec(model="tiny-test"), params, path)
 
 
 @pytest.fixture(scope="session")
@@ -140,10 +141,11 @@ def tiny_bundle(tmp_path_factory) -> Path:
     from medqc import ARTIFACTS
     from medqc.bundle import sha256_file, write_manifest
     from medqc.analysis.preprocess import PreprocessParams
+    from medqc.export.onnx_export import graph_inputs
 
     root = tmp_path_factory.mktemp("tiny-bundle")
     pp = PreprocessParams(size=128, pixel_mm=4.0)
-    build_tiny_onnx(root / "model.onnx", pp.channels, pp.size, len(ARTIFACTS))
+    build_tiny_onnx(root / "model.onnx", pp, len(ARTIFACTS))
     write_manifest(
         root,
         {
@@ -152,7 +154,7 @@ def tiny_bundle(tmp_path_factory) -> Path:
             "labels": list(ARTIFACTS),
             "preprocess": pp.to_dict(),
             "thresholds": {a: 0.5 for a in ARTIFACTS},
-            "inputs": {"image": [-1, pp.channels, pp.size, pp.size]},
+            "inputs": graph_inputs(pp),
             "outputs": {"artifact_logits": [-1, len(ARTIFACTS)], "position": [-1, 1]},
             "files": {"onnx": {"path": "model.onnx", "sha256": sha256_file(root / "model.onnx")}},
         },

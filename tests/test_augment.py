@@ -12,7 +12,8 @@ torch = need_module("torch")
 
 from medqc import ARTIFACTS  # noqa: E402
 from medqc.models.augment import DomainAugment, to_hu, window  # noqa: E402
-from medqc.analysis.preprocess import PreprocessParams, preprocess  # noqa: E402
+from medqc.analysis.preprocess import PreprocessParams  # noqa: E402
+from medqc.models.slice_input import prepare  # noqa: E402
 
 PP = PreprocessParams()
 
@@ -30,7 +31,7 @@ def phantom(offset_hu: float = 0.0) -> np.ndarray:
 
 
 def batch(*slices):
-    return torch.from_numpy(np.stack([preprocess(s, (0.8, 0.8), PP) for s in slices]))
+    return torch.from_numpy(prepare([(s, (0.8, 0.8), None) for s in slices], PP))
 
 
 def test_hu_round_trip_is_exact_within_window_precision():

@@ -53,7 +53,7 @@ def test_quick_bench_runs_and_explains_every_section(tmp_path, tiny_bundle):
             # ONNX Runtime CPU is a runtime dependency: it must have run on the tiny bundle
             assert inf["onnxruntime"]["status"] == "ran"
             dp = res["sections"]["decode_preprocess"]
-            assert dp["status"] == "ran" and dp["decode_ms_p50"] > 0 and dp["preprocess_ms_p50"] > 0
+            assert dp["status"] == "ran" and dp["decode_ms_p50"] > 0 and dp["geometry_ms_p50"] >= 0
         else:
             _check_section(name, res["sections"][name])
     # the storescp ceiling needs only DCMTK (.ci/run installs it)

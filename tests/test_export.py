@@ -21,18 +21,25 @@ onnx = need_module("onnx")
 from medqc import ARTIFACTS  # noqa: E402
 from medqc.bundle import load_bundle  # noqa: E402
 from medqc.cli import main  # noqa: E402
-from medqc.analysis.preprocess import PreprocessParams  # noqa: E402
+from medqc.analysis.preprocess import INPUT_NAMES, PreprocessParams  # noqa: E402
 
 # Every model in medqc.models.model_names() must appear here (and so be exported by test_export_model).
 EXPORT_TESTED = ("qcnet", "qcnet-small")
 PP = PreprocessParams(size=128, pixel_mm=4.0)  # small inputs keep the tests fast on two cores
 
 
+def _images(n: int, seed: int):
+    """``n`` phantom slices of the validation source, preprocessed (torch), and the slices themselves."""
+    from medqc.export.validation import validation_slices
+    from medqc.models.slice_input import prepare
+
+    slices, _ = validation_slices(PP, n, seed=seed, source="phantom")
+    return prepare(slices, PP), slices
+
+
 def _spread_heads(model, seed: int = 99) -> None:
     """Rescale the last layers so logits have std ~2 around 0 and positions vary by ~100 mm."""
-    from medqc.export.validation import validation_batch
-
-    x, _ = validation_batch(PP, 64, seed=seed, source="phantom")
+    x, _ = _images(64, seed)
     with torch.no_grad():
         lin, pos = model.artifact_head[-1], model.position_head[-1]
         lg, ps = model(torch.from_numpy(x))
@@ -97,7 +104,8 @@ def test_export_model(name, checkpoints, tmp_path, capsys):
     assert rc == 0 and summary["ok"] and summary["trained"]
     b = load_bundle(out)
     assert b.name == name and b.labels == ARTIFACTS and b.preprocess == PP
-    assert b.manifest["inputs"] == {"image": [-1, 4, 128, 128]}
+    assert b.manifest["inputs"] == {"hu": [-1, -1, -1], "row_index": [128, -1], "row_weight": [128, -1], "col_index": [128, -1],
+                                    "col_weight": [128, -1], "row_valid": [128], "col_valid": [128]}
     assert b.manifest["export"]["parity"]["onnx"]["passed"]
     assert b.manifest["export"]["parity"]["onnx"]["borderline"] == 0  # the gate counted every decision
     b.verify("onnx"), b.verify("checkpoint")
@@ -106,8 +114,9 @@ def test_export_model(name, checkpoints, tmp_path, capsys):
     assert props["medqc.name"] == name and json.loads(props["medqc.labels"]) == list(ARTIFACTS)
     assert PreprocessParams.from_dict(json.loads(props["medqc.preprocess"])) == PP
     assert props["medqc.checkpoint_sha256"] == b.manifest["files"]["checkpoint"]["sha256"]
-    assert [i.name for i in m.graph.input] == ["image"] and [o.name for o in m.graph.output] == ["artifact_logits", "position"]
-    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert [i.name for i in m.graph.input] == list(INPUT_NAMES) and [o.name for o in m.graph.output] == ["artifact_logits", "position"]
+    assert [d.dim_param for d in m.graph.input[0].type.tensor_type.shape.dim] == ["batch", "rows", "cols"]
+    assert b.manifest["export"]["validation"]["geometries"] > 1  # the gate ran several matrices / spacings / flips
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "a partial bundle folder was left behind"
 
 
@@ -118,16 +127,27 @@ def test_bundle_runs_in_every_cpu_runner_and_matches_torch(qc_bundle):
     b = load_bundle(qc_bundle)
     assert set(b.manifest["files"]) == {"onnx", "onnx_fp16", "checkpoint"}
     assert b.manifest["export"]["parity"]["onnx_fp16"]["passed"]
-    x, _ = validation_batch(b.preprocess, 12, seed=7)
+    from medqc.analysis.preprocess import geometry
+    from medqc.export.compare import infer_batched
+    from medqc.export.validation import phantom_slice
+
+    x, _ = validation_batch(b.preprocess, 12, seed=7)  # 12 geometries: matrices, spacings, flips
+    rng = np.random.default_rng(7)
+    same = geometry(512, 512, (0.8, 0.8), b.preprocess, (-1, 0, 0, 0, 1, 0)).feeds(
+        np.stack([phantom_slice(rng, 512, 410.0)[0] for _ in range(5)]))  # one geometry, a batch of 5
     with make_runner("torch", b) as tr:
         assert tr.describe()["precision"] == "fp32"
-        ref = tr.infer(x)
+        ref = infer_batched(tr, x, 16)
+        ref5 = tr.infer(same)
     with make_runner("onnxruntime", b) as r:
-        for n in (1, 5, 12):  # dynamic batch
-            out = r.infer(x[:n])
-            assert out["artifact_logits"].shape == (n, 5) and out["position"].shape == (n, 1)
+        out = infer_batched(r, x, 16)
+        assert out["artifact_logits"].shape == (12, 5) and out["position"].shape == (12, 1)
         assert np.abs(out["artifact_logits"] - ref["artifact_logits"]).max() < 1e-3
         assert np.abs(out["position"] - ref["position"]).max() < 0.05
+        for n in (1, 3, 5):  # dynamic batch
+            o = r.infer({**same, "hu": same["hu"][:n]})
+            assert o["artifact_logits"].shape == (n, 5) and o["position"].shape == (n, 1)
+            assert np.abs(o["artifact_logits"] - ref5["artifact_logits"][:n]).max() < 1e-3
     assert np.ptp(ref["artifact_logits"], axis=0).min() > 1.0  # outputs respond to the CT content
 
 
@@ -147,7 +167,10 @@ def test_int8_variant_is_gated(checkpoints, tmp_path, capsys):
     assert b.manifest["files"]["onnx_int8"]["precision"] == "int8" and b.manifest["export"]["parity"]["onnx_int8"]["passed"]
     b.verify("onnx_int8")
     with make_runner("onnxruntime-int8", b) as r:
-        assert r.infer(np.zeros((3, *r.input_shape), np.float32))["position"].shape == (3, 1)
+        from medqc.analysis.preprocess import geometry
+
+        feeds = geometry(256, 256, (1.0, 1.0), b.preprocess).feeds(np.full((3, 256, 256), -1000.0, np.float32))
+        assert r.infer(feeds)["position"].shape == (3, 1)
 
 
 def test_auto_falls_back_from_unmatched_engine_to_onnxruntime(qc_bundle, tmp_path, caplog):
@@ -257,13 +280,16 @@ def test_parity_gate_stops_a_wrong_export_and_writes_nothing(tmp_path):
     from medqc.export.specs import ExportSpec
     from medqc.export.validation import validation_batch
 
+    from medqc.analysis.preprocess import geometry
+
     torch.manual_seed(1)
     model = Branchy().eval()
-    x, _ = validation_batch(PP, 48, seed=1234, source="phantom")
+    x, slices = _images(48, 1234)  # what the gate's phantom batch holds
     means = x[:, 0].mean(axis=(1, 2))
     assert (means > -0.9).any() and (means <= -0.9).any(), "the batch must exercise both branches"
     meta = {"preprocess": PP.to_dict(), "labels": list(ARTIFACTS), "thresholds": {a: 0.5 for a in ARTIFACTS}, "version": "t"}
-    spec = ExportSpec(model="branchy", sample_input=lambda p, n: x[np.argsort(means)[:n]])  # trace on the air-heavy ones
+    hu, ps, ori = slices[int(np.argmin(means))]
+    spec = ExportSpec(model="branchy", sample_input=lambda p, n: geometry(*hu.shape, ps, p, ori).feeds(hu))  # traced on the most air-heavy
     with pytest.raises(ParityError) as ei:
         export_bundle(model, name="branchy", meta=meta, out_dir=tmp_path / "out", spec=spec, validation_source="phantom", progress=False)
     rep = ei.value.report
@@ -298,9 +324,22 @@ def test_comparator_task_metrics():
 def test_validation_batch_is_ct_not_noise():
     from medqc.export.validation import validation_batch
 
-    a, src = validation_batch(PP, 24, seed=5, source="phantom")
-    b, _ = validation_batch(PP, 24, seed=5, source="phantom")
-    assert src == "phantom" and np.array_equal(a, b) and a.shape == (24, 4, 128, 128)
+    from medqc.export.compare import batch_size
+    from medqc.models.slice_input import SliceInput, as_tensors
+
+    ga, src = validation_batch(PP, 24, seed=5, source="phantom")
+    gb, _ = validation_batch(PP, 24, seed=5, source="phantom")
+    assert src == "phantom" and batch_size(ga) == 24 and len(ga) > 4  # several geometries
+    assert all(np.array_equal(g[k], h[k]) for g, h in zip(ga, gb) for k in g)
+    def flipped(g, axis):
+        i = g[f"{axis}_index"][g[f"{axis}_valid"] > 0, 0]
+        return bool(i[0] > i[-1])
+
+    flips = {(flipped(g, "row"), flipped(g, "col")) for g in ga}
+    assert len(flips) >= 3  # stored the usual way, upside down, and mirrored both ways
+    with torch.inference_mode():
+        a = np.concatenate([SliceInput(PP)(*as_tensors(g)).numpy() for g in ga])
+    assert a.shape == (24, 4, 128, 128)
     assert a.min() >= -1 and a.max() <= 1
     fov = a[:, -1]
     assert (fov == 0).any() and (fov == 1).any()  # padding outside the field of view is marked
@@ -435,3 +474,26 @@ def test_fp16_duplicate_casts_are_merged():
     _toposort(m.graph)
     onnx.checker.check_model(m)
     assert [n.name for n in m.graph.node].count("c2") == 0 and len(m.graph.node) == 3
+
+
+def test_tensorrt_profile_covers_the_geometries_slices_bring():
+    """The engine's optimisation profile (built on a GPU box; its shapes are computed here): dynamic batch,
+    256-1024 rows and columns, 1-32 resampling taps — room for every geometry of the parity batch and for
+    the matrices and fields of view scanners write (a 100 mm field at 1024², 0.1 mm pixels, to 640 mm)."""
+    from medqc.analysis.preprocess import geometry
+    from medqc.export.engine import profile_shapes
+    from medqc.export.validation import validation_batch
+
+    pp = PreprocessParams()
+    prof = profile_shapes(pp.size, (1, 8, 32))
+    assert set(prof) == set(INPUT_NAMES)
+    assert prof["hu"] == ((1, 256, 256), (8, 512, 512), (32, 1024, 1024))
+    assert prof["row_index"] == ((256, 1), (256, 3), (256, 32)) and prof["col_valid"] == ((256,),) * 3
+    lo, hi = prof["row_index"][0][1], prof["row_index"][2][1]
+    groups, _ = validation_batch(pp, 24, seed=1234)
+    geoms = [g for g in groups] + [geometry(n, n, (fov / n, fov / n), pp).feeds(np.zeros((1, n, n), np.float32))
+                                    for n in (256, 512, 768, 1024) for fov in (100.0, 250.0, 500.0, 640.0)]
+    for g in geoms:
+        assert prof["hu"][0][1] <= g["hu"].shape[1] <= prof["hu"][2][1]
+        for k in ("row_index", "row_weight", "col_index", "col_weight"):
+            assert g[k].shape[0] == pp.size and lo <= g[k].shape[1] <= hi, (k, g[k].shape)

@@ -27,10 +27,9 @@ def runner(bundle):
 
 
 def _probs(runner, bundle, slices):
-    from medqc.analysis.preprocess import preprocess
+    from medqc.runners.base import infer_slices
 
-    x = np.stack([preprocess(hu, ps, bundle.preprocess) for hu, ps in slices])
-    out = runner.infer(x)
+    out = infer_slices(runner, [(hu, ps, None) for hu, ps in slices], bundle.preprocess)
     return 1 / (1 + np.exp(-out["artifact_logits"].astype(np.float64))), out["position"][:, 0]
 
 
@@ -47,6 +46,7 @@ def test_default_bundle_is_intact(bundle):
         total += bundle.verify(key).stat().st_size  # raises on a sha256 mismatch
     assert total <= 20 * 1024 * 1024
     assert bundle.manifest["export"]["parity"]["onnx"]["passed"]
+    assert "hu" in bundle.manifest["inputs"]  # the preprocessing runs in the model (medqc.models.slice_input)
 
 
 def test_default_checkpoint_loads(bundle):

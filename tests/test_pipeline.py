@@ -192,6 +192,51 @@ def test_network_artifact_scores_only_within_the_trained_slice_thickness(tiny_bu
     inf.close()
 
 
+def test_inference_batches_by_geometry_and_keeps_per_slice_errors(tiny_bundle):
+    """Slices of different matrices, spacings and orientations in one run: one runner call per geometry,
+    each slice's result what it gets alone, in input order; a slice whose geometry is invalid gets its own
+    error; a runner failing on a batch is retried slice by slice."""
+    import numpy as np
+
+    from medqc.agent.infer import Inferer
+    from medqc.agent.records import SliceInfo
+    from medqc.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    inf = Inferer(bundle, "onnxruntime", classical=False)
+
+    def item(k, n, px, iop=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0), radius=100.0):
+        yy, xx = (np.mgrid[0:n, 0:n] - (n - 1) / 2.0) * px
+        hu = np.where(np.hypot(xx - 20.0, yy) < radius + 3 * k, 40.0, -1000.0).astype(np.float32)
+        return (SliceInfo(f"2.25.{k}", "1.2", "1", "1.2.840.10008.5.1.4.1.1.2", rows=n, cols=n, pixel_spacing=(px, px),
+                          orientation=iop, slice_thickness=2.0), hu)
+
+    items = [item(0, 512, 0.8), item(1, 256, 1.4), item(2, 512, 0.8), item(3, 512, 0.8, (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0)),
+             item(4, 256, 1.4), item(5, 512, 0.0)]
+    calls = []
+    real_infer = inf.runner.infer
+    inf.runner.infer = lambda feeds: calls.append(feeds["hu"].shape) or real_infer(feeds)
+    res = inf.run(items)
+    assert [r.info.sop_instance_uid for r in res] == [f"2.25.{k}" for k in range(6)]
+    assert sorted(calls) == sorted([(2, 512, 512), (2, 256, 256), (1, 512, 512)])  # three geometries, three calls
+    assert res[5].error and "spacing" in res[5].error and not any(r.error for r in res[:5])
+    alone = [inf.run([it])[0] for it in items[:5]]
+    for a, b in zip(res[:5], alone):
+        assert a.scores == pytest.approx(b.scores, abs=1e-6) and a.position_ref_mm == pytest.approx(b.position_ref_mm, abs=1e-3)
+    assert res[0].scores != pytest.approx(res[3].scores, abs=1e-6)  # the mirrored slice is mirrored back: other pixels
+
+    def batch_fails(feeds):  # the real runner, failing whenever it gets more than one slice
+        if feeds["hu"].shape[0] > 1:
+            raise RuntimeError("out of memory")
+        return real_infer(feeds)
+
+    inf.runner.infer = batch_fails
+    retried = inf.run(items[:5])
+    for a, b in zip(retried, alone):
+        assert not a.error and a.scores == pytest.approx(b.scores, abs=1e-6)
+    inf.close()
+
+
 def test_warm_up_runs_the_whole_path_before_any_slice(tiny_bundle):
     """The agent runs two synthetic slices through preprocessing, the runner, the detectors and fusion before
     it accepts any: the first patient's first slices then pay no first-call setup. It leaves no trace (no

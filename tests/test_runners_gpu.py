@@ -123,11 +123,20 @@ def test_tensorrt_engine_build_parity_and_manifest(precision, gpu_bundle, tmp_pa
     assert (root / e["path"]).with_suffix(".json").is_file()
     b = load_bundle(root)
     assert [x["path"] for x in b.engines] == [e["path"]]
-    x, _ = validation_batch(b.preprocess, 40)
+    from medqc.analysis.preprocess import geometry
+    from medqc.export.compare import infer_batched
+    from medqc.export.validation import phantom_slice
+
+    rng = np.random.default_rng(0)
+    x = geometry(512, 512, (0.8, 0.8), b.preprocess, (-1, 0, 0, 0, -1, 0)).feeds(
+        np.stack([phantom_slice(rng, 512, 410.0)[0] for _ in range(40)]))
+    mixed, _ = validation_batch(b.preprocess, 24)  # 256-768 matrices, 0.2-2 mm pixels, flips: the dynamic profile
     with make_runner("tensorrt", b) as trt, make_runner("onnxruntime", b) as ref:
         big = trt.infer(x)  # 40 > profile max 16: split
-        one = trt.infer(x[:1])
+        one = trt.infer({**x, "hu": x["hu"][:1]})
         r = ref.infer(x)
+        rm, tm = infer_batched(ref, mixed, 16), infer_batched(trt, mixed, 16)
+    assert np.abs(tm["position"] - rm["position"]).max() < 2.0
     assert big["artifact_logits"].shape == (40, 5) and one["position"].shape == (1, 1)
     assert np.abs(big["position"] - r["position"]).max() < 1.0
     assert np.allclose(one["artifact_logits"], big["artifact_logits"][:1], atol=5e-2)

@@ -7,9 +7,11 @@ bundle's current ONNX file; otherwise it raises :class:`BackendUnavailable` nami
 ``make_runner("auto")`` warns and falls back to ONNX Runtime — or, with ``rebuild=True``, it builds a
 fresh engine for this GPU first. Device buffers and the stream come from PyTorch (CUDA build).
 
-Inference: ``set_input_shape`` → ``set_tensor_address`` for every I/O tensor → ``execute_async_v3`` on a
-CUDA stream; batches larger than the engine's optimisation-profile maximum are split, smaller than its
-minimum are padded.
+Inputs: ``hu`` (N, H, W) and the geometry arrays (``medqc.analysis.preprocess.Geometry``); the engine
+preprocesses on the GPU. Inference: ``set_input_shape`` → ``set_tensor_address`` for every I/O tensor →
+``execute_async_v3`` on a CUDA stream; batches larger than the engine's optimisation-profile maximum are
+split, smaller than its minimum are padded; the geometry arrays stay on the GPU while batches of one
+geometry follow each other.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ _TORCH_DTYPES = {}
 def _torch_dtype(trt, torch, dt):
     if not _TORCH_DTYPES:
         _TORCH_DTYPES.update({trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
+                              trt.DataType.INT64: torch.int64,
                               trt.DataType.INT8: torch.int8, trt.DataType.BOOL: torch.bool})
     try:
         return _TORCH_DTYPES[dt]
@@ -158,25 +161,44 @@ class TensorRTRunner(Runner):
         for i in range(self.engine.num_io_tensors):
             n = self.engine.get_tensor_name(i)
             (self.inputs if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT else self.output_names).append(n)
-        if len(self.inputs) != 1:
-            raise BackendUnavailable(f"tensorrt: engine has {len(self.inputs)} inputs, expected 1")
-        self.input_name = self.inputs[0]
-        lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        from medqc.analysis.preprocess import INPUT_NAMES
+
+        if sorted(self.inputs) != sorted(INPUT_NAMES):
+            raise BackendUnavailable(f"tensorrt: engine inputs {self.inputs}, expected {list(INPUT_NAMES)} (rebuild it from this bundle)")
+        lo, _, hi = self.engine.get_tensor_profile_shape("hu", 0)
         self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
         self.device = torch.device("cuda", 0)
         self.stream = torch.cuda.Stream(device=self.device)
+        self._geometry: tuple = (None, None)  # (the last geometry's arrays, their copies on the GPU)
 
-    def _run_chunk(self, batch: np.ndarray) -> dict:
+    def _device_geometry(self, feeds: dict) -> dict:
+        """The geometry arrays on the GPU; a batch of the same geometry as the last one reuses them."""
+        from medqc.analysis.preprocess import GEOMETRY_INPUTS
+
+        host, dev = self._geometry
+        if host is None or any(not np.array_equal(host[k], feeds[k]) for k in GEOMETRY_INPUTS):
+            torch, trt = self.torch, self.trt
+            host = {k: np.array(feeds[k]) for k in GEOMETRY_INPUTS}
+            dev = {k: torch.from_numpy(host[k]).to(self.device).to(_torch_dtype(trt, torch, self.engine.get_tensor_dtype(k))).contiguous()
+                   for k in GEOMETRY_INPUTS}
+            self._geometry = (host, dev)
+        return dev
+
+    def _run_chunk(self, feeds: dict) -> dict:
         torch, trt = self.torch, self.trt
-        n = batch.shape[0]
+        hu = feeds["hu"]
+        n = hu.shape[0]
         if n < self.min_batch:  # pad up to the profile minimum; padded rows are dropped below
-            batch = np.concatenate([batch, np.repeat(batch[-1:], self.min_batch - n, axis=0)])
+            hu = np.concatenate([hu, np.repeat(hu[-1:], self.min_batch - n, axis=0)])
         with torch.cuda.stream(self.stream):
-            in_dtype = _torch_dtype(trt, torch, self.engine.get_tensor_dtype(self.input_name))
-            x = torch.from_numpy(batch).to(self.device, non_blocking=True).to(in_dtype).contiguous()
-            if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
-                raise BackendUnavailable(f"tensorrt: input shape {tuple(x.shape)} outside the engine's profile")
-            self.context.set_tensor_address(self.input_name, x.data_ptr())
+            tensors = dict(self._device_geometry(feeds))
+            in_dtype = _torch_dtype(trt, torch, self.engine.get_tensor_dtype("hu"))
+            tensors["hu"] = torch.from_numpy(hu).to(self.device, non_blocking=True).to(in_dtype).contiguous()
+            for name, t in tensors.items():
+                if not self.context.set_input_shape(name, tuple(t.shape)):
+                    raise BackendUnavailable(f"tensorrt: input {name} of shape {tuple(t.shape)} is outside the engine's profile "
+                                             f"({profile_text(self.engine, name)})")
+                self.context.set_tensor_address(name, t.data_ptr())
             outs = {}
             for name in self.output_names:
                 shape = tuple(self.context.get_tensor_shape(name))
@@ -188,8 +210,9 @@ class TensorRTRunner(Runner):
         self.stream.synchronize()
         return {k: v[:n].float().cpu().numpy() for k, v in outs.items()}
 
-    def _infer_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        parts = [self._run_chunk(batch[i : i + self.max_batch]) for i in range(0, batch.shape[0], self.max_batch)]
+    def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        hu = feeds["hu"]
+        parts = [self._run_chunk({**feeds, "hu": hu[i : i + self.max_batch]}) for i in range(0, hu.shape[0], self.max_batch)]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def close(self) -> None:
@@ -201,6 +224,14 @@ class TensorRTRunner(Runner):
         e = self.entry
         return {"backend": self.name, "engine": e.get("path"), "precision": "fp16" if e.get("fp16") else "fp32",
                 "tensorrt": e.get("tensorrt"), "gpu": e.get("gpu"), "batch": e.get("batch")}
+
+
+def profile_text(engine, name: str) -> str:
+    try:
+        lo, opt, hi = engine.get_tensor_profile_shape(name, 0)
+        return f"min {tuple(lo)}, opt {tuple(opt)}, max {tuple(hi)}"
+    except Exception:  # noqa: BLE001 - only for the message
+        return "profile unknown"
 
 
 def _onnx_sha(bundle) -> str | None:

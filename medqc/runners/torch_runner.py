@@ -57,14 +57,22 @@ class TorchRunner(Runner):
             raise BackendUnavailable(f"torch: cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
         if bundle.manifest.get("name") not in (None, name):
             raise BackendUnavailable(f"torch: checkpoint holds model {name!r} but the bundle is {bundle.name!r}")
+        from medqc.models.slice_input import SliceInput
+
         self.model = model.eval().float().to(self.device)
+        # the model's own preprocessing runs in FP32 (HU and resampling weights), on the same device
+        self.pre = SliceInput(bundle.preprocess).to(self.device)
         self.model_name = name
 
-    def _infer_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from medqc.models.slice_input import as_tensors
+
         torch = self.torch
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
-            logits, position = self.model(x)
+        args = [t.to(self.device, non_blocking=True) for t in as_tensors(feeds)]
+        with torch.inference_mode():
+            x = self.pre(*args)
+            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+                logits, position = self.model(x)
         return {"artifact_logits": logits.float().cpu().numpy(), "position": position.float().cpu().numpy()}
 
     def describe(self) -> dict:

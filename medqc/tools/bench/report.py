@@ -114,7 +114,7 @@ def table_rows(res: dict) -> list[dict]:
     if s.get("agent_full_nofsync"):
         add("c", "agent, full pipeline, spool.fsync = false", s.get("agent_full_nofsync"))
     if s.get("decode_preprocess"):
-        add("d", "decode + preprocess (per slice, no inference)", s.get("decode_preprocess"))
+        add("d", "decode + geometry (per slice, no inference)", s.get("decode_preprocess"))
     for name, sec in (s.get("inference") or {}).items():
         if isinstance(sec, dict) and "status" in sec:
             add("d", f"inference: {name}" + (f" (batch {sec['batch']})" if sec.get("batch") else ""), sec)
