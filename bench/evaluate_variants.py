@@ -268,7 +268,6 @@ def evaluate(dirs: list[Path], variants: list[str], kinds: list[str], severities
             "series_clean": rows_clean, "series_clean_summary": er.clean_summary(rows_clean),
             "series_clean_summary_patients": er.clean_summary([r for r in rows_clean if "phantom" not in r["study"].lower()]),
             "series_injected_summary": er.injected_summary(rows_inj),
-            "series_injected_blocks": [r for r in rows_inj if r["unit_kind"] == "block"],
         }
 
     import coverage_cases
@@ -283,6 +282,9 @@ def evaluate(dirs: list[Path], variants: list[str], kinds: list[str], severities
     for s in clean["series"]:
         series_src[s["series_instance_uid"]] = [r["sop_instance_uid"] for r in s["per_slice"] if r["sop_instance_uid"] in idx]
     vver = variants_version()
+    # a targeted field is centred on the clean series' trunk, for its injected copies too (an artifact such as a
+    # narrowed scan field moves the trunk's box: the crops would not match)
+    centres = {uid: V.trunk_centre(V.read_series_of([idx[x]["path"] for x in sops])) for uid, sops in series_src.items()}
     timing = {}
     for v in variants:
         tv = time.time()
@@ -291,13 +293,14 @@ def evaluate(dirs: list[Path], variants: list[str], kinds: list[str], severities
         cfolders = []
         for uid, sops in series_src.items():
             key = hashlib.sha256("/".join(sorted(er.file_sha256(idx[x]["path"]) for x in sops)).encode()).hexdigest()[:20]
-            got = V.write_variant(V.read_series_of([idx[x]["path"] for x in sops]), vroot / f"clean-{key}", v, tag="clean")
+            got = V.write_variant(V.read_series_of([idx[x]["path"] for x in sops]), vroot / f"clean-{key}", v, tag="clean",
+                                  centre=centres.get(uid))
             if got is not None:
                 cfolders.append(got)
         ifolders, folder_of = [], {}
         for j in jobs:
             got = V.write_variant(V.read_series_of(sorted(p for p in j.out.iterdir() if p.suffix == ".dcm")),
-                                  vroot / j.out.name, v, tag=j.out.name)
+                                  vroot / j.out.name, v, tag=j.out.name, centre=centres.get(j.unit.series))
             if got is not None:
                 ifolders.append(got)
                 folder_of[j.out.name] = got
@@ -328,11 +331,9 @@ def evaluate(dirs: list[Path], variants: list[str], kinds: list[str], severities
             row["positive_slices"] = pos.get((row["unit"], row["kind"], row["severity"]), 0)
             row["expected"] = row["expected"] and row["positive_slices"] > 0
         res["series_injected_summary"] = er.injected_summary(rows_inj)
-        res["series_injected_blocks"] = [r for r in rows_inj if r["unit_kind"] == "block"]
         res["shifts"] = shifts(recs)
         res["shifts_by_scanner"] = {sc: shifts([r for r in recs if r["scanner"] == sc])
                                     for sc in sorted({r["scanner"] for r in recs})}
-        res["rejected"] = [x for x in crep.get("rejected", []) + irep.get("rejected", [])][:20]
         results[v] = res
         timing[v] = {"build_s": round(t_build, 1), "total_s": round(time.time() - tv, 1)}
         if progress:

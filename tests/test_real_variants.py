@@ -13,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 REAL = Path(os.environ.get("MEDQC_REAL_CT") or ROOT.parent / "shared" / "real-ct")
 CHEST = REAL / "philips-bigbore-chest-patient"
-# a GE slice whose arms leave the scan field (a real truncation: KNOWN_REAL in bench/evaluate_real.py)
-GE_ARMS_OUT = REAL / "tcia-covid19-ny-sbu-slices" / "A067967" / "axial" / "19001231-270.dcm"
+# a Toshiba slice whose arms leave the scan field (a real truncation: KNOWN_REAL in bench/evaluate_real.py)
+ARMS_OUT = REAL / "tcia-covid19-ny-sbu-slices" / "A067967" / "axial" / "19001231-270.dcm"
 GE_RING_SLICE = REAL / "tcia-covid19-ny-sbu-slices" / "A056642" / "axial" / "19010107-111.dcm"
 # 7 mid-chest slices, two of them with radiotherapy skin markers (metal, clipped at 2976 HU by the 12-bit store)
 CHEST_SLICES = slice(55, 62)
@@ -49,7 +49,7 @@ def analysed(tmp_path_factory):
     folders = {"chest": realcases.write_case(sl[CHEST_SLICES], tmp, "chest")}
     for v in CLEAN_VARIANTS:
         folders[f"chest {v}"] = V.write_variant(sl[CHEST_SLICES], tmp / f"chest-{v}", v)
-    arms = V.read_series_of([need(GE_ARMS_OUT)])
+    arms = V.read_series_of([need(ARMS_OUT)])
     folders["arms out"] = realcases.write_case(arms, tmp, "arms")
     for v in ("matrix-256", "matrix-1024", "fov-0.5"):
         folders[f"arms out {v}"] = V.write_variant(arms, tmp / f"arms-{v}", v)
@@ -101,10 +101,10 @@ def test_noise_and_lungs_read_in_millimetres(analysed, variant):
 
 
 def test_targeted_field_is_a_crop_not_truncation(analysed):
-    """A GE slice whose arms leave the scan field raises truncation; shown at 256² and 1024² it still does (the
-    field-edge masks are worked out on pixels of at most 2.5 mm: at 256² and a 2 mm subsampled grid its contact
-    with the scan field's edge read half); shown in half its field, the arms are cropped away by the picture
-    and nothing is raised."""
+    """A Toshiba slice whose arms leave the scan field raises truncation; shown at 256² and 1024² it still does
+    (the field-edge masks are worked out on pixels of at most 2.5 mm: at 256² on a 3.8 mm subsampled grid its
+    contact with the scan field's edge read half); shown in half its field, the arms are cropped away by the
+    picture and nothing is raised."""
     assert _checks(analysed["arms out"], "artifact.") == ["artifact.truncation"]
     for v in ("matrix-256", "matrix-1024"):
         assert _checks(analysed[f"arms out {v}"], "artifact.") == ["artifact.truncation"], v
@@ -165,3 +165,27 @@ def test_ring_found_round_the_isocentre_of_a_targeted_field(tmp_path):
     for a, b in pairs:
         ring, flat = by[_series_uid(a)], by[_series_uid(b)]
         assert flat < 2.0 and ring > 6.0, (a.name, flat, ring)
+
+
+def _dciodvfy_errors(path: Path) -> set[str]:
+    import shutil
+    import subprocess
+
+    from conftest import missing_peer
+
+    exe = shutil.which("dciodvfy")
+    if not exe:
+        missing_peer("dciodvfy (dicom3tools) is not installed (.ci/run installs it)")
+    r = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    return {line.strip() for line in (r.stdout + r.stderr).splitlines() if line.startswith("Error")}
+
+
+@pytest.mark.parametrize("variant", ["matrix-256", "matrix-768", "fov-0.7", "feet-first", "prone"])
+def test_variants_are_valid_ct_images(tmp_path, variant):
+    """dciodvfy finds no error in a variant that its source does not have (the Toshiba source lacks Laterality
+    and leaves a CodeMeaning empty; a resampled PixelSpacing must still fit a DS's 16 characters)."""
+    from medqc.synth import variants as V
+
+    src = need(ARMS_OUT)
+    out = V.write_variant(V.read_series_of([src]), tmp_path / variant, variant)
+    assert _dciodvfy_errors(sorted(out.glob("*.dcm"))[0]) <= _dciodvfy_errors(src)

@@ -86,6 +86,11 @@ def _fmt(v) -> list[float]:
     return [round(float(x), 4) for x in v]
 
 
+def _ds(v: float) -> float:
+    """A value a DS element (16 characters at most) holds as written."""
+    return float(f"{float(v):.10g}")
+
+
 def trunk_centre(datasets: list) -> tuple[float, float]:
     """(row, col) of the trunk's middle over a series: the median of the per-slice boxes round > -400 HU."""
     centres = []
@@ -133,7 +138,7 @@ def crop_to_field(ds, centre: tuple[float, float], fov_mm: float, axis_tags: boo
         d.ReconstructionTargetCenterPatient = _fmt(_ipp(d) + (x0 + (cols - 1) / 2.0 * sb) * ps * ro
                                                    + (y0 + (rows - 1) / 2.0 * sb) * ps * co)
     d.ImagePositionPatient = _fmt(_ipp(d) + x0 * ps * ro + y0 * ps * co)
-    d.PixelSpacing = [ps * sb, ps * sb]
+    d.PixelSpacing = [_ds(ps * sb), _ds(ps * sb)]
     d.ReconstructionDiameter = round(cols * ps * sb, 3)
     set_hu(d, img)
     return d
@@ -196,7 +201,7 @@ def resample_matrix(ds, n: int):
     ro, co = _dirs(d)
     # pixel centres: new (i, j) lies at source ((i + 0.5)·sr - 0.5, (j + 0.5)·sc - 0.5)
     d.ImagePositionPatient = _fmt(_ipp(d) + (0.5 * sc - 0.5) * cps * ro + (0.5 * sr - 0.5) * rps * co)
-    d.PixelSpacing = [rps * sr, cps * sc]
+    d.PixelSpacing = [_ds(rps * sr), _ds(cps * sc)]
     set_hu(d, img)
     return d
 
@@ -252,16 +257,17 @@ def prone(ds):
     return d
 
 
-def derive(datasets: list, variant: str) -> list[tuple[object, list[str]]]:
+def derive(datasets: list, variant: str, centre: tuple[float, float] | None = None) -> list[tuple[object, list[str]]]:
     """The slices of ``variant`` (one of ``VARIANTS``) of ``datasets`` (one series, head first) as
     (dataset, source SOP Instance UIDs) in the order the variant's scanner would number them; UIDs not yet
-    changed (``write_variant`` does)."""
+    changed (``write_variant`` does). ``centre``: the targeted field's centre (row, col; default the trunk's
+    middle over ``datasets``): a copy of a series with an artifact added is cropped where the clean one is."""
     kind, _, arg = variant.partition("-")
     sop = lambda d: str(d.SOPInstanceUID)  # noqa: E731
     if kind == "matrix":
         return [(resample_matrix(d, int(arg)), [sop(d)]) for d in datasets]
     if kind == "fov":
-        centre = trunk_centre(datasets)
+        centre = centre or trunk_centre(datasets)
         out = []
         for d in datasets:
             fov = float(arg) * float(d.PixelSpacing[1]) * int(d.Columns)  # the displayed field
@@ -278,12 +284,14 @@ def derive(datasets: list, variant: str) -> list[tuple[object, list[str]]]:
     raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
 
 
-def write_variant(datasets: list, out: Path, variant: str, tag: str = "") -> Path | None:
+def write_variant(datasets: list, out: Path, variant: str, tag: str = "",
+                  centre: tuple[float, float] | None = None) -> Path | None:
     """Write ``variant`` of ``datasets`` (one series, head first) as a new series in ``out`` (created), with
     ``sources.json``: {new SOP Instance UID: {"file": name, "sources": [source SOP Instance UIDs]}}; None
     (nothing written) where the variant does not exist for the series (``thick-K`` of fewer than K slices).
-    ``tag`` keeps the UIDs of variants of different sources apart where the sources share a series UID."""
-    slices = derive(datasets, variant)
+    ``tag`` keeps the UIDs of variants of different sources apart where the sources share a series UID;
+    ``centre``: see ``derive``."""
+    slices = derive(datasets, variant, centre)
     if not slices:
         return None
     out = Path(out)
