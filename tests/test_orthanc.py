@@ -16,65 +16,22 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-from conftest import free_port, missing_peer, need_module  # noqa: E402
+from conftest import missing_peer, need_module  # noqa: E402
 
 PY = sys.executable
 
 
-class Orthanc:
-    def __init__(self, tmp: Path, modalities: dict | None = None):
-        exe = shutil.which("Orthanc")
-        if not exe:
-            missing_peer("Orthanc is not installed (.ci/run installs it)")
-        self.dicom_port, self.http_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        work = tmp / f"orthanc-{self.dicom_port}"
-        work.mkdir()
-        cfg = {
-            "Name": "medqc-test", "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-            "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"),
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
-            "DicomCheckCalledAet": True, "DicomModalities": modalities or {}, "StableAge": 1,
-            "DicomScuTimeout": 30,
-        }
-        (work / "orthanc.json").write_text(json.dumps(cfg))
-        self.log = work / "orthanc.log"
-        self._logf = open(self.log, "w")
-        self.proc = subprocess.Popen([exe, str(work / "orthanc.json")], stdout=self._logf, stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited: {self.log.read_text()[-1500:]}")
-            try:
-                self.get("/system")
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"Orthanc did not start: {self.log.read_text()[-1500:]}")
+def Orthanc(tmp: Path, modalities: dict | None = None):
+    """A started Orthanc (``medqc.tools.orthanc``) that checks the called AE title and lets a study settle
+    after 1 s."""
+    from medqc.tools.orthanc import OrthancProcess, executable
 
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=10) as r:
-            return json.loads(r.read())
-
-    def post(self, path: str, body: bytes, timeout: float = 120):
-        req = urllib.request.Request(self.url + path, data=body, method="POST")
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._logf.close()
+    if executable() is None:
+        missing_peer("Orthanc is not installed (.ci/run installs it)")
+    return OrthancProcess(tmp / "orthanc", "medqc-test", modalities, StableAge=1, DicomScuTimeout=30).start(30)
 
 
 def _medqc(*args, timeout=180):
@@ -100,7 +57,7 @@ def test_replay_into_orthanc_real_and_synthetic(tmp_path):
     pacs = Orthanc(tmp_path)
     try:
         out = tmp_path / "r.json"
-        r = _medqc("replay", str(tmp_path / "study"), "--to", f"127.0.0.1:{pacs.dicom_port}", "--called-aet", "ORTHANC",
+        r = _medqc("replay", str(tmp_path / "study"), "--to", f"127.0.0.1:{pacs.port}", "--called-aet", "ORTHANC",
                    "--asap", "--json", str(out))
         assert r.returncode == 1, r.stdout + r.stderr
         doc = json.loads(out.read_text())

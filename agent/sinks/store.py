@@ -157,6 +157,11 @@ class Store(Sink):
                                     (uid,)).fetchall()
         return [{"sop_instance_uid": r[0], "frame": r[1], "received_at": r[2], "analysed_at": r[3]} for r in rows]
 
+    def slice_instances(self) -> list[str]:
+        """The SOP Instance UID of every stored slice row (one per row: a UID twice means a slice stored twice)."""
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT sop_uid FROM slices")]
+
     def rejected(self, limit: int = 100) -> list[dict]:
         with self._lock:
             rows = self._db.execute("SELECT at, path, sop_uid, series_uid, reason FROM rejected ORDER BY id DESC LIMIT ?",

@@ -157,6 +157,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--senders", type=int, default=4, metavar="N", help="--soak: DCMTK senders besides the one through Orthanc (default 4)")
     p.add_argument("--max-backlog", type=int, default=1000, metavar="SLICES", help="--soak: a sender starts its next series only below this backlog (default 1000)")
     p.add_argument("--no-router", action="store_true", help="--soak: no sender through Orthanc")
+    p.add_argument("--keep-recent", type=int, default=20, metavar="N",
+                   help="--soak: series the agent keeps in memory (default 20); at least N must complete within the warm-up")
 
 
 def run(args) -> int:

@@ -26,8 +26,10 @@ drains, and the checks are:
   analysed exactly as many slices as were ACKed (none twice);
 - RSS growth after the warm-up at most ``RSS_GROWTH_MAX`` (the median of the last tenth of the sending
   phase against the median of the tenth after the warm-up). The agent keeps its ``series.keep_recent``
-  most recent series in memory; the soak sets that to ``KEEP_RECENT`` so that the window is full by the
-  end of the warm-up (with the default 200 it fills only after ~100 minutes on 2 cores);
+  most recent series in memory; the soak sets that to ``--keep-recent`` (``KEEP_RECENT`` by default), and
+  the warm-up lasts until that window is full as well (what grows after it is a leak, not the window
+  filling; with the agent's default 200 it fills only after ~100 minutes on 2 cores, so a one-minute soak
+  needs a window of a few series). The check fails when the window never fills while sending;
 - open descriptors bounded: once drained, at most ``FD_SLACK`` more than at the end of the warm-up.
 
 Results: ``soak-<name>.json``, ``.png`` and ``.md`` in ``--out``; the exit status is 1 when a check fails.
@@ -41,8 +43,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -52,12 +52,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from medqc.tools.bench.harness import terminate
+from medqc.tools.bench.harness import free_port, terminate, wait_port
+from medqc.tools.orthanc import ORTHANC, ROUTE_LUA, OrthancProcess
 
 log = logging.getLogger("medqc.soak")
 
 STORESCU = "/usr/bin/storescu"
-ORTHANC = "/usr/sbin/Orthanc"
 RSS_GROWTH_MAX = 0.10
 # series.keep_recent of the soaked agent: the series it keeps in memory for the API and console (per-slice
 # results and thumbnails, about 2.4 MiB for a 141-slice chest) fill this window during the warm-up, so the
@@ -67,37 +67,9 @@ FD_SLACK = 16
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root; every UID here has the same length (byte substitution)
 _DIGITS = 30
 
-_LUA = """
-function OnStoredInstance(instanceId, tags, metadata, origin)
-   if origin['RequestOrigin'] ~= 'Lua' then
-      SendToModality(instanceId, 'medqc')
-      Delete(instanceId)
-   end
-end
-"""
-
-
 def _uid() -> str:
     return f"{UID_ROOT}1{secrets.randbelow(10 ** _DIGITS):0{_DIGITS}d}"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float, proc=None) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.1)
-    return False
 
 
 # ------------------------------------------------------------------------------------------------ payload
@@ -183,7 +155,7 @@ class AgentProc:
     def __init__(self, work: Path, bundle: str | None, idle_timeout_s: float = 2.0, keep_recent: int = 20):
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
-        self.port, self.http_port = _free_port(), _free_port()
+        self.port, self.http_port = free_port(), free_port()
         self.state = work / "state"
         lines = [f'state_dir = "{self.state}"', 'log_level = "warning"',
                  "[dicom]", 'ae_title = "MEDQC"', 'bind = "127.0.0.1"', f"port = {self.port}",
@@ -202,10 +174,10 @@ class AgentProc:
         self._logf = open(self.log, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "medqc", "agent", "--config", str(self.config)], env=env,
                                      stdout=self._logf, stderr=subprocess.STDOUT)
-        if not _wait_port(self.port, timeout, self.proc):
+        if not wait_port(self.port, timeout, self.proc):
             self.stop()
             raise RuntimeError(f"the agent did not start: {self.log.read_text()[-1500:]}")
-        _wait_port(self.http_port, 10.0, self.proc)
+        wait_port(self.http_port, 10.0, self.proc)
 
     def metrics(self) -> dict[str, float]:
         """Counters and gauges from /metrics, summed over labels ({} when unreachable)."""
@@ -224,13 +196,15 @@ class AgentProc:
         return out
 
     def stored_uids(self) -> tuple[set[str], int]:
-        """SOP Instance UIDs with a row in the store's slices table, and the number of rows."""
-        db = self.state / "medqc.sqlite"
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        """SOP Instance UIDs with a row in the agent's store, and the number of rows (read through the agent's
+        own ``Store``; WAL lets this reader never block the agent's writer)."""
+        from medqc.agent.sinks.store import Store
+
+        store = Store(self.state / "medqc.sqlite")
         try:
-            rows = [r[0] for r in con.execute("SELECT sop_uid FROM slices")]
+            rows = store.slice_instances()
         finally:
-            con.close()
+            store.close()
         return set(rows), len(rows)
 
     def stop(self) -> int | None:
@@ -239,67 +213,6 @@ class AgentProc:
         code = terminate(self.proc, 60, 10)
         self._logf.close()
         return code
-
-
-class OrthancRouter:
-    """A real Orthanc that forwards every instance it stores to the agent (Lua ``SendToModality``) and deletes
-    it once forwarded; an instance it could not forward stays in it (counted as a failed C-STORE)."""
-
-    def __init__(self, work: Path, agent_port: int):
-        self.work = work
-        work.mkdir(parents=True, exist_ok=True)
-        self.port, self.http_port = _free_port(), _free_port()
-        (work / "route.lua").write_text(_LUA)
-        cfg = {"Name": "medqc-soak-router", "DicomAet": "ORTHANC", "DicomPort": self.port, "HttpPort": self.http_port,
-               "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"), "RemoteAccessAllowed": False,
-               "AuthenticationEnabled": False, "Plugins": [], "DicomCheckCalledAet": False, "LuaScripts": [str(work / "route.lua")],
-               "DicomModalities": {"medqc": ["MEDQC", "127.0.0.1", agent_port]}, "DicomScuTimeout": 60,
-               "SaveJobs": False, "StableAge": 3600, "OverwriteInstances": True}
-        (work / "orthanc.json").write_text(json.dumps(cfg))
-        self.log = work / "orthanc.log"
-        self.proc = None
-
-    def start(self, timeout: float = 60.0) -> None:
-        self._logf = open(self.log, "w")
-        self.proc = subprocess.Popen([ORTHANC, str(self.work / "orthanc.json")], stdout=self._logf, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, TCP_NODELAY="1"))
-        end = time.time() + timeout
-        while time.time() < end:
-            if self.proc.poll() is not None:
-                break
-            try:
-                self.get("/system")
-                if _wait_port(self.port, 1.0):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"Orthanc did not start: {self.log.read_text()[-1500:]}")
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
-            return json.loads(r.read())
-
-    def held(self) -> int:
-        """Instances Orthanc still holds (not forwarded, or not yet)."""
-        return int(self.get("/statistics")["CountInstances"])
-
-    def errors(self) -> list[str]:
-        try:
-            return [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.startswith("E")]
-        except OSError:
-            return []
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc is not None:
-            self._logf.close()
 
 
 # ------------------------------------------------------------------------------------------------ senders
@@ -411,7 +324,7 @@ def _median(xs: list[float]) -> float | None:
 
 def run_soak(minutes: float, senders: int, out: Path, study: str | None = None, bundle: str | None = None,
              max_backlog: int = 1000, interval: float | None = None, name: str | None = None,
-             router: bool = True, drain_s: float | None = None, progress=print) -> dict:
+             router: bool = True, drain_s: float | None = None, keep_recent: int = KEEP_RECENT, progress=print) -> dict:
     if not Path(STORESCU).exists():
         raise RuntimeError(f"{STORESCU} (DCMTK) is needed for the soak")
     if router and not Path(ORTHANC).exists():
@@ -426,7 +339,7 @@ def run_soak(minutes: float, senders: int, out: Path, study: str | None = None, 
     stop = threading.Event()
     samples: list[dict] = []
     res: dict = {"name": name, "minutes": minutes, "senders": senders, "router": router, "max_backlog": max_backlog,
-                 "interval_s": interval, "warmup_s": warmup, "keep_recent": KEEP_RECENT,
+                 "interval_s": interval, "warmup_s": warmup, "keep_recent": keep_recent,
                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_at_start": os.getloadavg(),
                  "cpus": os.cpu_count()}
     try:
@@ -434,11 +347,12 @@ def run_soak(minutes: float, senders: int, out: Path, study: str | None = None, 
         template = Template(files)
         res["payload"] = what
         progress(f"payload: {what}; agent starting")
-        agent = AgentProc(work / "agent", bundle, keep_recent=KEEP_RECENT)
+        agent = AgentProc(work / "agent", bundle, keep_recent=keep_recent)
         agent.start()
         if router:
-            orth = OrthancRouter(work / "orthanc", agent.port)
-            orth.start()
+            orth = OrthancProcess(work / "orthanc", "medqc-soak-router", {"medqc": ["MEDQC", "127.0.0.1", agent.port]},
+                                  lua=ROUTE_LUA, check_called_aet=False, DicomScuTimeout=60, SaveJobs=False,
+                                  StableAge=3600, OverwriteInstances=True).start()
         last = {"m": {}}
 
         def backlog(m: dict) -> float:
@@ -529,13 +443,18 @@ def run_soak(minutes: float, senders: int, out: Path, study: str | None = None, 
 
         # ---------------------------------------------------------------------------------- checks
         send = [s for s in samples if s["phase"] == "send"]
-        after = [s for s in send if s["t"] >= warmup]
+        # the warm-up ends at ``warmup`` seconds or when the window of recent series is full, whichever is
+        # later: before that, memory grows with the window filling, not with a leak
+        after = [s for s in send if s["t"] >= warmup and (s.get("series_completed") or 0) >= keep_recent]
+        if after:
+            res["warmup_s"] = after[0]["t"]
         tenth = max(1, len(after) // 10)
         rss_warm = _median([s["rss_mib"] for s in after[:tenth]])
         rss_end = _median([s["rss_mib"] for s in after[-tenth:]])
         rss_warm, rss_end = (round(x, 1) if x is not None else None for x in (rss_warm, rss_end))
         fds_warm = after[tenth - 1]["fds"] if after else None
         growth = (rss_end / rss_warm - 1.0) if rss_warm and rss_end else None
+        filled = max((s.get("series_completed") or 0) for s in send) if send else 0
         failed = sum(th.failed for th in threads)
         lost = sorted(acked_uids - stored)
         analysed = final.get("analysed") or 0.0
@@ -546,7 +465,11 @@ def run_soak(minutes: float, senders: int, out: Path, study: str | None = None, 
             "analysed_once": {"ok": int(analysed) == len(acked_uids) and rows == len(stored),
                               "value": {"analysed": analysed, "acked": len(acked_uids), "store_rows": rows}},
             "rss_growth": {"ok": growth is not None and growth <= RSS_GROWTH_MAX,
-                           "value": None if growth is None else round(growth, 4), "limit": RSS_GROWTH_MAX},
+                           "value": None if growth is None else round(growth, 4), "limit": RSS_GROWTH_MAX,
+                           "warmup_end_s": res["warmup_s"] if after else None, "window": keep_recent,
+                           **({} if after else
+                              {"why": f"only {filled:g} series completed while sending, fewer than the {keep_recent} "
+                                      "kept in memory: run longer or with a smaller --keep-recent"})},
             "fds_bounded": {"ok": fds_warm is not None and final["fds"] <= fds_warm + FD_SLACK,
                             "value": {"after_warmup": fds_warm, "drained": final["fds"],
                                       "peak": max(s["fds"] for s in samples)}, "slack": FD_SLACK},
@@ -670,10 +593,13 @@ def run_cli(args) -> int:
         raise UsageError("--soak MINUTES must be between 0 and 1440")
     if not 1 <= args.senders <= 64:
         raise UsageError("--senders must be between 1 and 64")
+    if not 1 <= args.keep_recent <= 100000:
+        raise UsageError("--keep-recent must be between 1 and 100000")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     try:
         res = run_soak(args.soak, args.senders, Path(args.out), args.study, args.bundle, args.max_backlog,
-                       router=not args.no_router, progress=lambda m: print(m, file=sys.stderr, flush=True))
+                       router=not args.no_router, keep_recent=args.keep_recent,
+                       progress=lambda m: print(m, file=sys.stderr, flush=True))
     except RuntimeError as e:
         raise UsageError(str(e)) from None
     print(markdown(res))
