@@ -436,6 +436,12 @@ def test_centering_and_noise_index():
         r.measures.update(body_center_offset_x_mm=40.0, body_center_offset_y_mm=45.0, display_touch=0.9)
     st, _ = run(res)
     assert by_check(st, "centering.offset") is None
+    # ... nor with them: the two centres place the isocentre, but the picture still holds only part of the trunk
+    res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, recon_offset_mm=(0.0, 20.0), series="1.2.3.65")
+    for r in res:
+        r.measures.update(body_center_offset_x_mm=0.0, body_center_offset_y_mm=25.0, display_touch=0.9)
+    st, _ = run(res)
+    assert by_check(st, "centering.offset") is None
     res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, series="1.2.3.64")
     for r in res:  # a targeted field inside the trunk, the scan field not stated
         r.measures.update(body_center_offset_x_mm=40.0, body_center_offset_y_mm=45.0, display_touch=0.0, field_inside_body=1.0)

@@ -36,6 +36,10 @@ from medqc.agent.checks.registry import Check, bounded
 LUNG_PRESENT_MM2 = 1500.0
 LUNG_PROOF_MM2 = 4000.0
 LUNG_PEAK_MM2 = 6000.0  # a real lung section somewhere in the run (sinuses, mastoids, bowel gas never reach it)
+# lungs hold LUNG_PROOF_MM2 only 2-3 cm or more from their apex or base: a scan that starts (ends) with that much
+# lung misses the apex (base) by at least this much, whatever the network's fit says (a chest cut 50 mm below
+# the apices, shown in a 250 mm field, has a fit that put the apices 3 mm above the scan)
+LUNG_PROOF_DEPTH_MM = 20.0
 SCALE_RANGE = (0.45, 1.4)  # a 80 cm child to a 245 cm adult
 MIN_FIT_POINTS = 5
 # below this z span the fitted slope is not used for the size factor (the offset still is): the network's
@@ -47,6 +51,11 @@ FIT_MAX_RESIDUAL_MM = 40.0  # median |position - fit| (reference mm) above which
 # a head/feet swap is claimed from the network's slope alone only where its positions follow a line this
 # closely: on real patients (a real chest read 24-49 mm off its own fit) a wrong slope is the network's error
 DIRECTION_MAX_RESIDUAL_MM = 15.0
+# below this z span no slope is fitted at all, not even its sign: the network's per-slice error (median 19.8 mm)
+# is shared by neighbouring slices, which show the same anatomy, so over less than three times it the sign is
+# noise (the real chest's lung bases, 13 slices over 24 mm, resampled to 256² or shown in a 350 mm field, read
+# a rising slope: head and feet "swapped", and the iliac crests left unjudged)
+SLOPE_MIN_SPAN_MM = 60.0
 
 
 def theil_sen(xs: list[float], ys: list[float], max_points: int = 120) -> tuple[float, float]:
@@ -70,7 +79,7 @@ def fit_position(ordered) -> dict | None:
         return None
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     span = max(xs) - min(xs)
-    if span < 20.0:  # too short to fit a slope: assume average size (slope -1) and fit the offset only
+    if span < SLOPE_MIN_SPAN_MM:  # too short to fit a slope: assume average size (slope -1) and fit the offset only
         b = -1.0
         a = statistics.median([y + x for x, y in pts])
         fitted = False
@@ -424,8 +433,10 @@ def locate(ordered, rule) -> dict:
         if lungs.get(cut_key):
             if not beyond:  # the network thinks it is covered, the lungs say it is not: trust the lungs
                 loc[role] = {"z": None, "source": "lungs (cut)"}
-            else:
-                loc[role] = dict(prev, source="network, lungs cut")
+            else:  # the network says how far, but no nearer than the lungs prove
+                edge = zmax + LUNG_PROOF_DEPTH_MM if role == "start" else zmin - LUNG_PROOF_DEPTH_MM
+                z = max(prev["z"], edge) if role == "start" else min(prev["z"], edge)
+                loc[role] = dict(prev, z=z, source="network, lungs cut")
         elif lungs.get(open_key):
             pass  # lungs reach the edge of the scan with little area: not a proof either way
         else:

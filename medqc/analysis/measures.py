@@ -52,6 +52,8 @@ SKULL_HU = 700.0
 LUNG_HU = (-950.0, -500.0)
 TARGETED_RIM = 0.6  # trunk along this share of the displayed rim: a targeted reconstruction
 SCAN_FIELD_MM = 500.0  # the scan field of CT scanners, assumed where DataCollectionDiameter is missing
+MASK_MAX_PX_MM = 2.5  # the coarsest pixel (mm) the body, lung and field-edge masks are worked out on
+RING_FINE_PX_MM = 0.9  # the fine ring scale's pixel (mm): finer pixels are area-averaged by the nearest integer factor
 
 MEASURES = (
     "metal_area_mm2", "metal_max_hu", "noise_sd", "body_touches_fov", "body_center_offset_x_mm",
@@ -215,7 +217,9 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
     out["metal_max_hu"] = float(top_hu) if n_metal else float(min(top_hu, METAL_HU))
     metal = _metal_objects(metal_px, rmm, cmm) if n_metal and top_hu >= METAL_MIN_HU else []
 
-    step = 2 if min(hu.shape) >= 256 else 1
+    # the masks work on a 2× subsampled view unless that would make its pixels coarser than MASK_MAX_PX_MM:
+    # a 256² matrix of a 500 mm field (1.95 mm pixels) is read at its own pixels, as a 512² one is at 2
+    step = 2 if min(hu.shape) >= 256 and 2.0 * math.sqrt(rmm * cmm) <= MASK_MAX_PX_MM else 1
     sub = np.ascontiguousarray(hu[::step, ::step], dtype=np.float32)
     px_area = rmm * cmm * step * step
     h, w = sub.shape
@@ -360,7 +364,18 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         # then at full resolution (~1-2 ms a centre): around the axis the header gives (or the image centre),
         # and around the other candidate where the 2 mm scale saw anything there at all
         full = [c for c in centres if c is centres[-1] or not (coarse.get(c, 1.0) < RING_FULL_GATE_HU)]
+        # and on pixels of about RING_FINE_PX_MM where the slice's are finer (area-averaged by an integer factor):
+        # the background's 9 radii must reach past a ring and its side lobes (a detector channel's width at the
+        # axis, ~1 mm), which on 0.36-0.5 mm pixels (a 1024² matrix, a targeted field) they do not (a GE ring read
+        # 3.0 HU on 0.36 mm pixels, 1.4 on 0.51 mm, 9.9 on the 0.72 mm original)
         ring = ring_contrast(hu, full, field_r / px_mm, min_r_px=min_r)
+        k = max(1, int(round(RING_FINE_PX_MM / px_mm)))
+        if k > 1 and cv2 is not None:  # read there too (a ring as thin as the pixels still shows best on them)
+            hk, wk = (hu.shape[0] // k) * k, (hu.shape[1] // k) * k
+            fine = cv2.resize(np.ascontiguousarray(hu[:hk, :wk], np.float32), (wk // k, hk // k), interpolation=cv2.INTER_AREA)
+            ring = float(np.fmax(ring, ring_contrast(fine, [((c[0] + 0.5) / k - 0.5, (c[1] + 0.5) / k - 0.5) for c in full],
+                                                     field_r / (px_mm * k),
+                                                     min_r_px=max(RING_MIN_R_PX, RING_MIN_R_MM / (px_mm * k)))))
         for v in coarse.values():
             ring = float(np.fmax(ring, v))  # the larger scale; NaN only where both are
         out["ring_contrast_hu"] = ring

@@ -52,8 +52,17 @@ def _polar(hu: np.ndarray, cy: float, cx: float, rad: float) -> np.ndarray:
 
 
 def isocentre_px(info, shape: tuple[int, int]) -> tuple[float, float] | None:
-    """(row, col) of the scanner axis (patient x = y = 0, where scanners put the isocentre) in this slice,
-    from ImagePositionPatient / ImageOrientationPatient / PixelSpacing; None when unknown."""
+    """(row, col) of the scanner axis in this slice; None when unknown. Where the header says where the
+    displayed field's centre lies from the isocentre (ReconstructionTargetCenterPatient −
+    DataCollectionCenterPatient: ``info.recon_offset_mm``, written by the scanners that offset targeted
+    reconstructions), from that; else where patient x = y = 0 crosses the slice (where most scanners put the
+    isocentre), from ImagePositionPatient / ImageOrientationPatient / PixelSpacing."""
+    ps = getattr(info, "pixel_spacing", None)
+    off = getattr(info, "recon_offset_mm", None)
+    h, w = shape
+    if off is not None and ps and ps[0] and ps[1]:
+        row, col = (h - 1) / 2.0 - off[1] / float(ps[0]), (w - 1) / 2.0 - off[0] / float(ps[1])
+        return (row, col) if 0 <= row < h and 0 <= col < w else None
     pos = getattr(info, "position", None)
     ori = getattr(info, "orientation", None)
     ps = getattr(info, "pixel_spacing", None)
@@ -68,7 +77,6 @@ def isocentre_px(info, shape: tuple[int, int]) -> tuple[float, float] | None:
     d = np.array([0.0, 0.0, t]) - ipp
     col = float(d @ rowcos) / float(ps[1])
     row = float(d @ colcos) / float(ps[0])
-    h, w = shape
     return (row, col) if 0 <= row < h and 0 <= col < w else None
 
 

@@ -6,7 +6,8 @@ top or the bottom, one that missed the target anatomy altogether), a new protoco
 of a feet-first acquisition, and, from a real volume, slices resampled on planes tilted as a gantry tilts.
 Each case is a new series (new UIDs, derived from the source and the case) written as CT Image Storage.
 
-Used by the tests (real anatomy regressions) and by ``bench/evaluate_real.py``.
+Used by the tests (real anatomy regressions), ``bench/coverage_cases.py`` and ``bench/evaluate_variants.py``
+(acquisition variants of whole studies: ``medqc.synth.variants``).
 """
 
 from __future__ import annotations
@@ -64,59 +65,25 @@ def write_case(datasets: list, out: Path, name: str, protocol: str | None = None
 def tight_field_case(datasets: list, out: Path, name: str, protocol: str, fov_mm: float) -> Path:
     """The same slices reconstructed as a scanner shows a smaller displayed field: the square of ``fov_mm``
     round the middle of the trunk (the same for every slice), resampled to the original matrix, padding
-    outside its inscribed circle, PixelSpacing, ImagePositionPatient and ReconstructionDiameter to match. The
-    data are all there (no truncation): only the picture is cropped, which opens lungs and bowel to the
-    field's edge. Private elements are dropped (their lengths may no longer hold)."""
-    import cv2
+    outside its inscribed circle, PixelSpacing, ImagePositionPatient and ReconstructionDiameter to match
+    (``medqc.synth.variants.crop_to_field``). The data are all there (no truncation): only the picture is
+    cropped, which opens lungs and bowel to the field's edge. Private elements are dropped (their lengths may
+    no longer hold)."""
+    from medqc.synth.variants import crop_to_field, trunk_centre
 
     out = Path(out) / name
     out.mkdir(parents=True, exist_ok=True)
     src = str(datasets[0].SeriesInstanceUID)
     series_uid = _uid(src, name, fov_mm, "series")
-    # the trunk's middle over the series (median of per-slice body-box centres), in pixels
-    centres = []
-    for ds in datasets:
-        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        ys, xs = np.nonzero(hu > -400)
-        if ys.size:
-            centres.append(((ys.min() + ys.max()) / 2.0, (xs.min() + xs.max()) / 2.0))
-    cy, cx = np.median(np.array(centres), axis=0)
+    centre = trunk_centre(datasets)
     for i, ds in enumerate(datasets):
-        d = copy.deepcopy(ds)
-        for t in [t for t in d.keys() if t.is_private]:
-            del d[t]
-        ps = float(d.PixelSpacing[0])
-        rows, cols = int(d.Rows), int(d.Columns)
-        side = fov_mm / ps
-        hu = d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept)
-        pad_v = float(hu.min())
-        # the source square [y0, y0 + side) × [x0, x0 + side) onto the rows × cols grid
-        y0, x0 = cy - side / 2.0, cx - side / 2.0
-        m = np.array([[side / cols, 0, x0], [0, side / rows, y0]], np.float64)
-        img = cv2.warpAffine(hu.astype(np.float32), m, (cols, rows), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                             borderMode=cv2.BORDER_CONSTANT, borderValue=pad_v)
-        yy, xx = np.mgrid[0:rows, 0:cols]
-        img[np.hypot(yy - (rows - 1) / 2, xx - (cols - 1) / 2) > min(rows, cols) / 2] = min(pad_v, -2000.0)
-        nps = fov_mm / cols
-        ipp = [float(v) for v in d.ImagePositionPatient]
-        ro, co = [float(v) for v in d.ImageOrientationPatient[:3]], [float(v) for v in d.ImageOrientationPatient[3:]]
-        d.ImagePositionPatient = [ipp[k] + x0 * ps * ro[k] + y0 * ps * co[k] for k in range(3)]
-        d.PixelSpacing = [nps, nps]
-        d.ReconstructionDiameter = fov_mm
-        slope, inter = float(d.RescaleSlope), float(d.RescaleIntercept)
-        signed = int(getattr(d, "PixelRepresentation", 0)) == 1
-        lo, hi = (-32768, 32767) if signed else (0, 65535)
-        d.PixelData = np.clip(np.rint((img - inter) / slope), lo, hi).astype("<i2" if signed else "<u2").tobytes()
-        d.BitsAllocated, d.BitsStored, d.HighBit = 16, 16, 15
+        d = crop_to_field(ds, centre, fov_mm)
         d.SeriesInstanceUID = series_uid
         d.SOPInstanceUID = _uid(src, name, fov_mm, i)
         d.ProtocolName = protocol
         d.SeriesDescription = f"{protocol} FOV {fov_mm:.0f}"
         if getattr(d, "file_meta", None) is not None:
             d.file_meta.MediaStorageSOPInstanceUID = d.SOPInstanceUID
-            from pydicom.uid import ExplicitVRLittleEndian
-
-            d.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         d.save_as(str(out / f"IM{i + 1:04d}.dcm"), enforce_file_format=True)
     return out
 
