@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 import time
+from pathlib import Path
+
 from medqc.dcmtk import dcmtk  # noqa: E402
 from conftest import missing_peer  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("storescp", "agent_receive", "agent_full", "agent_full_nofsync", "inference", "naive", "scaling")
 
 
@@ -98,7 +102,20 @@ def test_quick_bench_runs_and_explains_every_section(tmp_path, tiny_bundle):
     one = next(row for row in sc["rows"] if row["workers"] == 1)
     assert one["x_one_worker"] == 1.0 and all(row["slices_per_s"] > 0 and row["verdict"] for row in sc["rows"])
     assert "analysis.workers" in (out / f"{stem}.md").read_text()
+    assert "inference backend onnxruntime" in (out / f"{stem}.md").read_text()
     assert res["sections"]["agent_receive"]["status"] == "ran"
+    # the backend the agent's workers ran (auto on a box without a GPU: ONNX Runtime on the CPU), as its /healthz says
+    assert full["backend"] == "onnxruntime", full.get("backend")
+    # scripts/gpu-check's pipeline step reads these same figures out of the bench's result on a GPU box
+    summary = runpy.run_path(str(ROOT / "scripts" / "gpu-check"))["pipeline_summary"](res)
+    got = summary["agent_full"]
+    assert got["backend"] == "onnxruntime" and got["slices_per_s"] == full["slices_per_s"]
+    assert got["cpu_ms_per_slice"] == res["targets"]["cpu_ms_per_analysed_slice"]["value"]
+    assert got["p95_slice_to_result_ms_at_60"] == res["targets"]["p95_slice_to_result_ms_at_60"]["value"]
+    assert got["p95_slice_to_result_ms_at_120"] == res["targets"]["p95_slice_to_result_ms_at_120"]["value"]
+    assert got["last_slice_to_verdict_s_at_60"] is not None
+    assert got["last_slice_to_verdict_s_at_60"] == lat["last_slice_to_verdict_s"]["max"]
+    assert summary["scaling"] == sc["rows"] and summary["targets"] == res["targets"]
     assert elapsed < 90, f"--quick took {elapsed:.0f} s"
 
 

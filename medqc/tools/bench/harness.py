@@ -93,6 +93,25 @@ class AgentProcess:
         self.http_up = wait_port(self.http_port, 2.0, self.proc)  # optional: results are read from the store
         return ""
 
+    def backend(self) -> str | None:
+        """The inference backend the running agent reports (``/healthz``: its analysis workers' once they are
+        ready, e.g. ``torch-cuda`` on a GPU box); None when its HTTP API does not answer."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        if not self.http_up:
+            return None
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=5) as r:
+                return json.loads(r.read()).get("backend")
+        except urllib.error.HTTPError as e:  # 503 while starting: the body still names the backend
+            with contextlib.suppress(ValueError):
+                return json.loads(e.read()).get("backend")
+        except (OSError, ValueError):
+            pass
+        return None
+
     def tail(self, n: int = 600) -> str:
         with contextlib.suppress(OSError):
             return self.log.read_text()[-n:].strip()

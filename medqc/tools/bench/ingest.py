@@ -110,7 +110,7 @@ def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str
         cpu1 = agent.cpu_seconds()
         done = [a for _, _, a in times if a > 0]
         res = {"status": "ran", "slices": len(files), "ingest_wall_s": round(wall, 3), "ingest_slices_per_s": round(len(files) / wall, 1),
-               "analysis_workers": _workers_label(workers),
+               "analysis_workers": _workers_label(workers), "backend": agent.backend(),
                "slices_analysed": len(times), "verdict": verdict,
                "what": "storescu → medqc agent (spool, decode, preprocess, batch, infer, checks, store); analysed_at from the agent's store"}
         if len(done) < len(files):

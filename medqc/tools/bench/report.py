@@ -162,7 +162,9 @@ def markdown(res: dict) -> str:
         f"bundle: {res.get('bundle', {}).get('name', '—')}; commit {m['commit']}; {res['created']}; "
         f"load average at start {', '.join(f'{x:.2f}' for x in (m.get('load_avg_at_start') or []))}.",
         "",
-        *([f"The agent in (c) ran with analysis.workers = {res['sections']['agent_full']['analysis_workers']}.", ""]
+        *([f"The agent in (c) ran with analysis.workers = {res['sections']['agent_full']['analysis_workers']}"
+           + (f", inference backend {res['sections']['agent_full']['backend']}" if res["sections"]["agent_full"].get("backend") else "")
+           + ".", ""]
           if (res["sections"].get("agent_full") or {}).get("analysis_workers") is not None else []),
         "| | what | slices/s | ms/slice | × (a) | × (e) | note |",
         "|---|---|---:|---:|---:|---:|---|",
