@@ -103,6 +103,7 @@ def test_quick_bench_runs_and_explains_every_section(tmp_path, tiny_bundle):
     assert one["x_one_worker"] == 1.0 and all(row["slices_per_s"] > 0 and row["verdict"] for row in sc["rows"])
     assert "analysis.workers" in (out / f"{stem}.md").read_text()
     assert "inference backend onnxruntime" in (out / f"{stem}.md").read_text()
+    assert "Resident memory at its end: agent" in (out / f"{stem}.md").read_text()
     assert res["sections"]["agent_receive"]["status"] == "ran"
     # the backend the agent's workers ran (auto on a box without a GPU: ONNX Runtime on the CPU), as its /healthz says
     assert full["backend"] == "onnxruntime", full.get("backend")
@@ -116,6 +117,10 @@ def test_quick_bench_runs_and_explains_every_section(tmp_path, tiny_bundle):
     assert got["last_slice_to_verdict_s_at_60"] is not None
     assert got["last_slice_to_verdict_s_at_60"] == lat["last_slice_to_verdict_s"]["max"]
     assert summary["scaling"] == sc["rows"] and summary["targets"] == res["targets"]
+    # resident memory of the agent and its child processes (the receiver, one worker at least, the resource tracker)
+    rss = full["rss_mib"]
+    assert rss["agent"] > 30 and len(rss["children"]) >= 2 and rss["children"][0] > 30, rss
+    assert abs(rss["total"] - rss["agent"] - sum(rss["children"])) < 0.5 and got["rss_mib"] == rss
     assert elapsed < 90, f"--quick took {elapsed:.0f} s"
 
 

@@ -166,6 +166,12 @@ class AgentProcess:
             return None
         return process_tree_cpu_s(self.proc.pid)
 
+    def rss_mib(self) -> dict | None:
+        """``process_tree_rss_mib`` of the running agent (None when it is not running)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        return process_tree_rss_mib(self.proc.pid)
+
     def stop(self) -> None:
         if self.proc is not None:
             terminate(self.proc, 20, 5)
@@ -227,6 +233,28 @@ def descendants(pid: int) -> list[int]:
         out.append(p)
         todo += children.get(p, [])
     return out
+
+
+def _rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def process_tree_rss_mib(pid: int) -> dict | None:
+    """Resident memory (MiB, /proc VmRSS) of ``pid`` and of each live descendant — the agent, its receiver
+    process, its analysis workers (each with its own model session: on a GPU box, its own CUDA context) and
+    multiprocessing's resource tracker: {"agent", "children" (largest first), "total"}; None where /proc does
+    not have it."""
+    own = _rss_mib(pid)
+    if own is None:
+        return None
+    kids = sorted((r for r in (_rss_mib(c) for c in descendants(pid)) if r is not None), reverse=True)
+    return {"agent": round(own, 1), "children": [round(r, 1) for r in kids], "total": round(own + sum(kids), 1)}
 
 
 def series_uid(files: list[Path]) -> str:

@@ -128,6 +128,8 @@ def bench_agent_full(files: list[Path], study_dir: Path, work: Path, bundle: str
         res["latency_at_60"] = _latency_at_rate(latency_slices, agent, 60.0)
         if latency_120 is not None:
             res["latency_at_120"] = _latency_at_rate(latency_120, agent, 120.0)
+        # what the agent's processes hold after three series: what a unit's memory limits are sized from
+        res["rss_mib"] = agent.rss_mib()
         return res
     finally:
         agent.stop()

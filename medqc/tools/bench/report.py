@@ -153,6 +153,15 @@ def targets(res: dict) -> dict:
     return out
 
 
+def _rss_sentence(rss: dict | None) -> str:
+    """The Markdown's sentence on the agent's resident memory at the end of (c); "" where it was not read."""
+    if not rss:
+        return ""
+    kids = ", ".join(f"{r:g}" for r in rss.get("children") or []) or "none"
+    return (f" Resident memory at its end: agent {rss['agent']:g} MiB, its child processes (receiver, analysis workers,"
+            f" resource tracker) {kids} MiB, {rss['total']:g} MiB in all.")
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [
@@ -164,7 +173,7 @@ def markdown(res: dict) -> str:
         "",
         *([f"The agent in (c) ran with analysis.workers = {res['sections']['agent_full']['analysis_workers']}"
            + (f", inference backend {res['sections']['agent_full']['backend']}" if res["sections"]["agent_full"].get("backend") else "")
-           + ".", ""]
+           + "." + _rss_sentence((res["sections"].get("agent_full") or {}).get("rss_mib")), ""]
           if (res["sections"].get("agent_full") or {}).get("analysis_workers") is not None else []),
         "| | what | slices/s | ms/slice | × (a) | × (e) | note |",
         "|---|---|---:|---:|---:|---:|---|",
