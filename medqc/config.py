@@ -98,6 +98,12 @@ class AnalysisConfig:
 # (the series kept for the API and console) and the receiver process about 1 GiB together at most
 WORKER_MIB = 320
 AGENT_MIB = 1024
+# a worker on a GPU backend also holds a CUDA context and the GPU runtime's libraries (TensorRT, CUDA torch,
+# ONNX Runtime's CUDA provider) in host memory — on a Jetson, in the memory the GPU shares. A planning figure,
+# not a measurement: scripts/gpu-check's pipeline step records what each worker holds on a GPU box
+GPU_WORKER_MIB = 1024
+GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda", "torch-cuda")
+NVIDIA_DRIVER_PATHS = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/etc/nv_tegra_release")
 
 
 def cgroup_memory_limit() -> int | None:
@@ -124,21 +130,48 @@ def cgroup_memory_limit() -> int | None:
     return None
 
 
+def gpu_backend_expected(backend: str) -> bool:
+    """Whether the analysis workers will run a GPU backend: one named in ``inference.backend``, or "auto" on a
+    machine with an NVIDIA driver (``NVIDIA_DRIVER_PATHS``: a desktop or server driver, a Jetson's L4T) and a
+    GPU runtime installed (TensorRT, torch, onnxruntime-gpu), found without importing any of them (the agent's
+    own process never loads a GPU runtime)."""
+    if backend in GPU_BACKENDS:
+        return True
+    if backend != "auto" or not any(Path(p).exists() for p in NVIDIA_DRIVER_PATHS):
+        return False
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None or importlib.util.find_spec("torch") is not None:
+        return True
+    try:
+        importlib.metadata.distribution("onnxruntime-gpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def plan_workers(cores: int, limit_bytes: int | None, gpu: bool) -> int:
+    """The worker count "auto" plans: the cores less one, at least 1, and no more than ``limit_bytes`` (the
+    service's memory limit; None: none) holds after AGENT_MIB for the agent and the receiver, at WORKER_MIB a
+    worker (GPU_WORKER_MIB on a GPU backend)."""
+    n = max(1, cores - 1)
+    if limit_bytes is not None:
+        n = min(n, max(1, (limit_bytes // (1 << 20) - AGENT_MIB) // (GPU_WORKER_MIB if gpu else WORKER_MIB)))
+    return n
+
+
 def worker_count(cfg) -> int:
     """``analysis.workers`` as a number. "auto" is the cores this process may use less one (the agent's own
     process keeps the series, checks and sinks, the receiver process its associations), at least 1 — and no
-    more than the memory limit of the service holds (``cgroup_memory_limit``: AGENT_MIB for the agent and
-    the receiver, WORKER_MIB a worker), so that a many-core box under a small MemoryHigh= does not start
-    workers the kernel must throttle or kill."""
+    more than the memory limit of the service holds (``cgroup_memory_limit``, ``plan_workers``), so that a
+    many-core box under a small MemoryHigh= does not start workers the kernel must throttle or kill; a worker
+    on a GPU backend is planned at GPU_WORKER_MIB (``gpu_backend_expected``)."""
     w = cfg.analysis.workers
     if w != "auto":
         return int(w)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = max(1, cores - 1)
-    limit = cgroup_memory_limit()
-    if limit is not None:
-        n = min(n, max(1, (limit // (1 << 20) - AGENT_MIB) // WORKER_MIB))
-    return n
+    return plan_workers(cores, cgroup_memory_limit(), gpu_backend_expected(cfg.inference.backend))
 
 
 @dataclass(frozen=True)

@@ -297,7 +297,7 @@ def test_workers_setting_is_validated_at_load(value, needle):
 
 
 def test_workers_setting_in_config_check_and_show(tmp_path):
-    from medqc.config import AGENT_MIB, WORKER_MIB, cgroup_memory_limit, worker_count
+    from medqc.config import AGENT_MIB, WORKER_MIB, cgroup_memory_limit, gpu_backend_expected, plan_workers, worker_count
 
     bad = tmp_path / "bad.toml"
     bad.write_text('[analysis]\nworkers = "many"\n')
@@ -308,9 +308,30 @@ def test_workers_setting_in_config_check_and_show(tmp_path):
     cores = len(os.sched_getaffinity(0))
     limit = cgroup_memory_limit()  # this process's cgroup (the unit's MemoryHigh= under systemd), None here if unlimited
     fits = None if limit is None else (limit // (1 << 20) - AGENT_MIB) // WORKER_MIB
-    assert worker_count(load_config()) == max(1, cores - 1 if fits is None else min(cores - 1, fits))
+    if not gpu_backend_expected("auto"):  # a CPU box: ONNX Runtime workers
+        assert worker_count(load_config()) == max(1, cores - 1 if fits is None else min(cores - 1, fits))
+    assert worker_count(load_config()) == plan_workers(cores, limit, gpu_backend_expected("auto"))
     assert worker_count(load_config(None, {"analysis.workers": 0})) == 0
     assert worker_count(load_config(None, {"analysis.workers": 3})) == 3
+
+
+def test_auto_plans_workers_by_cores_and_memory_limit_and_more_memory_on_a_gpu():
+    from medqc.config import GPU_WORKER_MIB, gpu_backend_expected, plan_workers
+
+    gib = 1 << 30
+    # the unit's MemoryHigh=3G: 1 GiB for agent and receiver, then 320 MiB (ONNX Runtime, CPU) or 1 GiB (GPU) a worker
+    assert plan_workers(16, 3 * gib, gpu=False) == 6
+    assert plan_workers(16, 3 * gib, gpu=True) == 2 == (3 * 1024 - 1024) // GPU_WORKER_MIB
+    assert plan_workers(16, 8 * gib, gpu=True) == 7 and plan_workers(4, 8 * gib, gpu=True) == 3
+    assert plan_workers(16, None, gpu=True) == 15 and plan_workers(2, None, gpu=False) == 1
+    assert plan_workers(1, None, gpu=False) == 1 and plan_workers(8, gib // 2, gpu=False) == 1  # never fewer than one
+    for name in ("tensorrt", "onnxruntime-cuda", "torch-cuda"):
+        assert gpu_backend_expected(name)
+    for name in ("onnxruntime", "onnxruntime-int8", "torch"):
+        assert not gpu_backend_expected(name)
+    # "auto" on a machine without an NVIDIA driver never plans GPU workers, whatever is installed (torch is, here)
+    if not any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/etc/nv_tegra_release")):
+        assert not gpu_backend_expected("auto")
 
 
 def test_analyze_auto_starts_workers_only_where_they_pay(tmp_path):
