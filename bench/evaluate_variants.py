@@ -347,12 +347,7 @@ def evaluate(dirs: list[Path], variants: list[str], kinds: list[str], severities
 
 
 # ------------------------------------------------------------------------------------------------ output
-def _f(v, nd=3) -> str:
-    return "—" if v is None else f"{v:.{nd}f}"
-
-
-def _pct(v) -> str:
-    return "—" if v is None else f"{100 * v:.0f} %"
+_f, _pct = er._f, er._pct  # the real-CT evaluation's number formats, shared
 
 
 def markdown(res: dict) -> str:

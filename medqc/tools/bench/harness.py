@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -167,10 +168,15 @@ class AgentProcess:
         return process_tree_cpu_s(self.proc.pid)
 
     def rss_mib(self) -> dict | None:
-        """``process_tree_rss_mib`` of the running agent (None when it is not running)."""
+        """Resident memory (MiB) of the running agent and of each process under it, from ``agent_stats``:
+        {"agent", "children" (largest first), "total"}; None when it is not running."""
         if self.proc is None or self.proc.poll() is not None:
             return None
-        return process_tree_rss_mib(self.proc.pid)
+        st = agent_stats(self.proc.pid)
+        if not st["agent"]:
+            return None
+        return {"agent": st["agent"]["rss_mib"], "children": sorted((c["rss_mib"] for c in st["children"]), reverse=True),
+                "total": st["total"]["rss_mib"]}
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -235,26 +241,26 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _rss_mib(pid: int) -> float | None:
+def proc_stats(pid: int) -> dict:
+    """RSS (MiB), open descriptors and threads of ``pid`` ({} once it is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+        status = Path(f"/proc/{pid}/status").read_text()
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return {}
+    rss = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024
+    threads = int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))
+    return {"rss_mib": round(rss, 1), "fds": fds, "threads": threads}
 
 
-def process_tree_rss_mib(pid: int) -> dict | None:
-    """Resident memory (MiB, /proc VmRSS) of ``pid`` and of each live descendant — the agent, its receiver
-    process, its analysis workers (each with its own model session: on a GPU box, its own CUDA context) and
-    multiprocessing's resource tracker: {"agent", "children" (largest first), "total"}; None where /proc does
-    not have it."""
-    own = _rss_mib(pid)
-    if own is None:
-        return None
-    kids = sorted((r for r in (_rss_mib(c) for c in descendants(pid)) if r is not None), reverse=True)
-    return {"agent": round(own, 1), "children": [round(r, 1) for r in kids], "total": round(own + sum(kids), 1)}
+def agent_stats(pid: int) -> dict:
+    """The agent and the processes under it (the receiver, the analysis workers — each with its own model
+    session: on a GPU box, its own CUDA context — and multiprocessing's resource tracker): each, and the
+    totals the unit's limits apply to."""
+    main = proc_stats(pid)
+    kids = [s for s in (proc_stats(c) for c in descendants(pid)) if s]
+    tot = {k: round(main.get(k, 0) + sum(s[k] for s in kids), 1) for k in ("rss_mib", "fds", "threads")}
+    return {"agent": main, "children": kids, "total": tot}
 
 
 def series_uid(files: list[Path]) -> str:

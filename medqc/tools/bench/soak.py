@@ -53,7 +53,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from medqc.tools.bench.harness import free_port, terminate, wait_port
+from medqc.tools.bench.harness import agent_stats, free_port, terminate, wait_port
 from medqc.tools.orthanc import ORTHANC, ROUTE_LUA, OrthancProcess
 
 log = logging.getLogger("medqc.soak")
@@ -284,39 +284,6 @@ class Sender(threading.Thread):
     def counts(self) -> dict:
         with self.lock:
             return {"attempted": self.attempted, "acked": self.acked, "failed": self.failed, "series": self.series}
-
-
-# ------------------------------------------------------------------------------------------------ process
-def _children(pid: int) -> list[int]:
-    out = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-def proc_stats(pid: int) -> dict:
-    """RSS (MiB), open descriptors and threads of ``pid`` ({} once it is gone)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return {}
-    rss = int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024
-    threads = int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))
-    return {"rss_mib": round(rss, 1), "fds": fds, "threads": threads}
-
-
-def agent_stats(pid: int) -> dict:
-    """The agent and its child processes (the receiver, the analysis workers, multiprocessing's resource
-    tracker): each, and the totals the unit's limits apply to."""
-    main = proc_stats(pid)
-    kids = [s for s in (proc_stats(c) for c in _children(pid)) if s]
-    tot = {k: round(main.get(k, 0) + sum(s[k] for s in kids), 1) for k in ("rss_mib", "fds", "threads")}
-    return {"agent": main, "children": kids, "total": tot}
 
 
 # ---------------------------------------------------------------------------------------------------- run
