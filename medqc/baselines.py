@@ -13,6 +13,10 @@ own. A baseline is that normal, learned from the series of that scanner that pas
 * **per series** (``series_stats``): the median and 90th percentile over its slices of ``noise_sd_2mm``
   (σ at 2 mm, the noise a reader sees), the median of ``noise_sd`` (σ at the image's own pixel), and the
   median and 90th percentile of ``ring_contrast_hu``.
+* **the noise measure** a store was written with is recorded (``medqc.analysis.noise.NOISE_MEASURE``); opened
+  by code that measures σ at 2 mm another way, the store forgets its series' noise figures (their ring
+  figures stay) and learns its noise normals anew, since a normal taken with one measure misjudges series
+  taken with another.
 * **per key**: the last ``keep`` series (default 200) in an SQLite file in the state directory
   (``<state_dir>/baselines.sqlite``; each change is one transaction, so the agent and ``medqc calibrate``
   may share it). A baseline is usable from ``min_series`` series (default 5).
@@ -38,6 +42,7 @@ This module needs neither torch nor the agent; ``agent/checks/baseline.py`` turn
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import sqlite3
 import statistics
@@ -71,6 +76,8 @@ CREATE INDEX IF NOT EXISTS baseline_series_coarse ON baseline_series(coarse, lea
 CREATE TABLE IF NOT EXISTS baseline_meta (k TEXT PRIMARY KEY, v TEXT);
 """
 STAT_FIELDS = ("noise_sd_2mm_p50", "noise_sd_2mm_p90", "noise_sd_p50", "ring_p50", "ring_p90")
+NOISE_FIELDS = ("noise_sd_2mm_p50", "noise_sd_2mm_p90")
+log = logging.getLogger("medqc.baselines")
 
 
 # ------------------------------------------------------------------------------------------------ key
@@ -324,6 +331,31 @@ class Baselines:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(SCHEMA)
             self._db.execute("INSERT OR IGNORE INTO baseline_meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            self.noise_forgotten = self._check_noise_measure()
+
+    def _check_noise_measure(self) -> int:
+        """Series whose σ at 2 mm was measured by another definition of it (``NOISE_MEASURE``; a store from
+        before it was recorded has none) keep their ring figures and lose their noise figures: a normal taken
+        with one measure would judge series taken with another. Returns how many series lost them."""
+        from medqc.analysis.noise import NOISE_MEASURE
+
+        row = self._db.execute("SELECT v FROM baseline_meta WHERE k='noise_measure'").fetchone()
+        if row is not None and row[0] == NOISE_MEASURE:
+            return 0
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            n = cur.execute(f"UPDATE baseline_series SET {', '.join(f + '=NULL' for f in NOISE_FIELDS)} "
+                            f"WHERE {' OR '.join(f + ' IS NOT NULL' for f in NOISE_FIELDS)}").rowcount
+            cur.execute("INSERT OR REPLACE INTO baseline_meta VALUES ('noise_measure', ?)", (NOISE_MEASURE,))
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        if n:
+            log.warning("baselines: %d learned series were measured with an earlier definition of σ at 2 mm; their "
+                        "noise figures are forgotten (ring figures kept) and noise baselines are learned anew", n)
+        return n
 
     @classmethod
     def from_config(cls, cfg, state_dir: str | Path | None = None, create: bool = True) -> "Baselines | None":

@@ -149,6 +149,36 @@ def test_key_thickness_buckets_quantiles_and_config():
         load_config(None, {"baselines.noise_factor": 1.0})
 
 
+def test_a_store_measured_with_another_noise_definition_forgets_its_noise_figures_and_keeps_its_rings(tmp_path, caplog):
+    from medqc.analysis.noise import NOISE_MEASURE
+
+    path = tmp_path / "b.sqlite"
+    store = Baselines(path, min_series=2)
+    assert store.noise_forgotten == 0  # a new store records the measure it is written with
+    key = ScannerKey("V", "M", "S1", "K", "<=5mm", "body")
+    for i in range(3):
+        store.learn(key, f"uid{i}", SeriesStats(20, 20, 20, 12.0 + i, 20.0, 9.0, 0.0, 0.1 * i))
+    store.close()
+    assert Baselines(path, min_series=2).noise_forgotten == 0  # the same measure: nothing forgotten
+    db = sqlite3.connect(path)
+    db.execute("UPDATE baseline_meta SET v='an earlier measure' WHERE k='noise_measure'")
+    db.commit()
+    db.close()
+    with caplog.at_level("WARNING", logger="medqc.baselines"):
+        again = Baselines(path, min_series=2)
+    assert again.noise_forgotten == 3 and "3 learned series" in caplog.text
+    b = again.lookup(key)
+    assert b.series == 3 and not b.noise_usable and b.noise_sd_2mm_hu is None
+    assert b.ring_usable and b.ring_p90_hu == pytest.approx(0.1)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT v FROM baseline_meta WHERE k='noise_measure'").fetchone()[0] == NOISE_MEASURE
+    db.close()
+    # learned anew from the next passed series
+    again.learn(key, "uid7", SeriesStats(20, 20, 20, 15.0, 20.0, 9.0, 0.0, 0.1))
+    again.learn(key, "uid8", SeriesStats(20, 20, 20, 16.0, 20.0, 9.0, 0.0, 0.1))
+    assert again.lookup(key).noise_sd_2mm_hu == pytest.approx(15.5)
+
+
 def test_judge_noise_and_ring_ranges(tmp_path):
     store = Baselines(tmp_path / "b.sqlite", min_series=5)
     key = ScannerKey("V", "M", "S1", "K", "<=5mm", "body")
@@ -380,7 +410,7 @@ def test_the_agent_learns_from_its_passed_series_and_keeps_them_across_a_restart
     rows = db.execute("SELECT key, slices, noise_sd_2mm_p50 FROM baseline_series").fetchall()
     db.close()
     assert len(rows) == len(LEARN) and {r[0] for r in rows} == {CHEST_KEY} and all(r[1] == 8 for r in rows)
-    assert sorted(round(r[2]) for r in rows) == [15, 15, 15, 16, 19]
+    assert sorted(round(r[2]) for r in rows) == [14, 14, 15, 16, 19]
 
     # a new agent process on the same state: judged against what the first one learned (learning off: the
     # clean section would be learned, the noisy one never)

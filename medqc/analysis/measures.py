@@ -32,7 +32,7 @@ import numpy as np
 from medqc.analysis import airstreaks
 from medqc.analysis.image import (BODY_HU, PAD_HU, _border_connected, _edge_geometry, _erode_cross, _holes,
                                   _median_index, _radius, _ring, _sector_share, _trunk_hull)
-from medqc.analysis.noise import (NOISE_HEAD_QUANTILE, NOISE_MIN_AREA_HEAD_MM2, NOISE_MIN_AREA_MM2, _robust_noise,
+from medqc.analysis.noise import (NOISE_MIN_AREA_HEAD_MM2, NOISE_MIN_AREA_MM2, _robust_noise,
                                   noise_2mm, noise_ratio, noise_size_mm, pool_2mm, water_equivalent_diameter)
 from medqc.analysis.ring import (RING_FIELD_MARGIN_MM, RING_FULL_GATE_HU, RING_MIN_R_MM, RING_MIN_R_PX, RING_SMOOTH_MM,
                                  isocentre_px, ring_contrast)
@@ -331,11 +331,10 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
                 and _skull_under_scalp(dense, body_cc | holes, cy / step, cx / step, pix))
         # the trunk's centre is where its noise is read, unless the displayed field cuts the trunk along much of
         # its rim: its centre is not in the picture then (a real chest shown in a 280 mm field read 93 HU on the
-        # mediastinum's edges there against 14 HU uncut), and the whole section's median is read
+        # mediastinum's edges there against 14 HU uncut), and the whole section is read
         cut = math.isfinite(out["display_touch"]) and out["display_touch"] >= AIR_CUT_TOUCH
         out["noise_sd_2mm"] = (noise_2mm(hu, rmm, cmm, pooled, central=not head and not cut,
-                                         min_area_mm2=NOISE_MIN_AREA_HEAD_MM2 if head else NOISE_MIN_AREA_MM2,
-                                         quantile=NOISE_HEAD_QUANTILE if head else 0.5)
+                                         min_area_mm2=NOISE_MIN_AREA_HEAD_MM2 if head else NOISE_MIN_AREA_MM2)
                                if pooled is not None else nan)
         out["trunk_width_mm"] = float((x1 - x0 + 1) * step * cmm)
         size = noise_size_mm(out)
