@@ -165,9 +165,9 @@ def noise_2mm(hu: np.ndarray, rmm: float, cmm: float, pooled=None, central: bool
     the section, while the streaks of dense bone lie along some paths only: the skull base's (petrous bones,
     the posterior fossa) over part of the brain, where a real head's skull-base slices read twice their
     supratentorial σ at the median; the manubrium's and clavicles' over the mediastinum at the thoracic
-    inlet, where a real chest read its highest σ at the median (59 HU against 15 mid-chest, with paths no
-    longer than the shoulders' below it). On slices whose σ is a dose's (noise added in the projection
-    domain) the calibrated quartile reads 0.94 of the median.
+    inlet, where a real chest read its highest σ at the median (59 HU against 15 mid-chest; its rays through
+    the centre are shorter than those through the shoulders above it, which read less). On slices whose σ
+    is a dose's (noise added in the projection domain) the calibrated quartile reads 0.94 of the median.
 
     ``central``: σ is read over the soft tissue within ``NOISE_CENTRAL`` × the body's equivalent radius of
     its centroid (where at least ``NOISE_CENTRAL_MIN_MM2`` of it lies there). Noise in a trunk is highest
