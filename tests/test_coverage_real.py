@@ -131,6 +131,25 @@ def test_liver_dome_from_the_lungs(chest, tmp_path):
     assert coverage(below)["coverage.top"]["severity"] == "critical"
 
 
+def test_overscan_above_the_liver_dome_allows_for_where_the_lungs_place_it(chest, tmp_path):
+    """The lungs place the dome where their section has shrunk by a fifth: on this chest 16 mm below the first
+    slice showing the liver (z ≈ -100 mm), on the synthetic abdomens 31-38 mm below the true dome. An abdomen
+    starting 40 mm above the first slice with liver is no overscan; one starting in the upper chest is, by at
+    least the distance beyond that allowance."""
+    from medqc.agent.checks.coverage import DOME_LOW_BY_MM
+
+    z = lambda d: float(d.ImagePositionPatient[2])  # noqa: E731
+    near = analyze(realcases.write_case([d for d in chest if z(d) < -60], tmp_path, "near", "ABDOMEN"))
+    assert not [f for f in near["findings"] if f["check"] == "coverage.overscan"], near["findings"]
+    high = analyze(realcases.write_case([d for d in chest if z(d) < 10], tmp_path, "high", "ABDOMEN"))
+    (f,) = [f for f in high["findings"] if f["check"] == "coverage.overscan"]
+    dome = high["coverage"]["start_z"]
+    assert -125.0 < dome < -105.0, high["coverage"]
+    top = high["coverage"]["scan_top_z"]
+    assert f["details"]["extra_mm"]["top"] == pytest.approx(top - dome - DOME_LOW_BY_MM, abs=0.2), f
+    assert "at least" in f["message"] and "above the liver dome" in f["message"], f["message"]
+
+
 def test_a_tight_displayed_field_moves_no_landmark_and_raises_nothing(chest, tmp_path):
     """The real chest shown in a 260 mm field: the field cuts the lungs open to its edge and leaves no air round
     the patient but the gap over the couch. The lungs are still found where the uncut series has them, and
