@@ -41,6 +41,7 @@ This module needs neither torch nor the agent; ``agent/checks/baseline.py`` turn
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -333,6 +334,19 @@ class Baselines:
             self._db.execute("INSERT OR IGNORE INTO baseline_meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             self.noise_forgotten = self._check_noise_measure()
 
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One write transaction (a cursor in BEGIN IMMEDIATE: the agent and ``medqc calibrate`` may share the
+        file), committed on leaving, rolled back on any error. The caller holds ``_lock``."""
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
     def _check_noise_measure(self) -> int:
         """Series whose σ at 2 mm was measured by another definition of it (``NOISE_MEASURE``; a store from
         before it was recorded has none) keep their ring figures and lose their noise figures: a normal taken
@@ -342,16 +356,10 @@ class Baselines:
         row = self._db.execute("SELECT v FROM baseline_meta WHERE k='noise_measure'").fetchone()
         if row is not None and row[0] == NOISE_MEASURE:
             return 0
-        cur = self._db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as cur:
             n = cur.execute(f"UPDATE baseline_series SET {', '.join(f + '=NULL' for f in NOISE_FIELDS)} "
                             f"WHERE {' OR '.join(f + ' IS NOT NULL' for f in NOISE_FIELDS)}").rowcount
             cur.execute("INSERT OR REPLACE INTO baseline_meta VALUES ('noise_measure', ?)", (NOISE_MEASURE,))
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
         if n:
             log.warning("baselines: %d learned series were measured with an earlier definition of σ at 2 mm; their "
                         "noise figures are forgotten (ring figures kept) and noise baselines are learned anew", n)
@@ -376,20 +384,13 @@ class Baselines:
         """Store one passed series (again: its figures are replaced); keeps the last ``keep`` per key.
         True when the series was new to the key."""
         sid = series_id(uid)
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                new = cur.execute("SELECT 1 FROM baseline_series WHERE key=? AND series=?", (key.exact, sid)).fetchone() is None
-                cur.execute("INSERT OR REPLACE INTO baseline_series VALUES (?,?,?,?,?,?,?,?,?,?)",
-                            (key.exact, key.coarse, sid, time.time() if at is None else at, stats.slices,
-                             *(getattr(stats, f) for f in STAT_FIELDS)))
-                cur.execute("DELETE FROM baseline_series WHERE key=? AND series NOT IN (SELECT series FROM baseline_series "
-                            "WHERE key=? ORDER BY learned_at DESC, rowid DESC LIMIT ?)", (key.exact, key.exact, self.keep))
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        with self._lock, self._transaction() as cur:
+            new = cur.execute("SELECT 1 FROM baseline_series WHERE key=? AND series=?", (key.exact, sid)).fetchone() is None
+            cur.execute("INSERT OR REPLACE INTO baseline_series VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (key.exact, key.coarse, sid, time.time() if at is None else at, stats.slices,
+                         *(getattr(stats, f) for f in STAT_FIELDS)))
+            cur.execute("DELETE FROM baseline_series WHERE key=? AND series NOT IN (SELECT series FROM baseline_series "
+                        "WHERE key=? ORDER BY learned_at DESC, rowid DESC LIMIT ?)", (key.exact, key.exact, self.keep))
         return new
 
     def reset(self, key: str | None = None) -> int:
