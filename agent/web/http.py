@@ -28,6 +28,7 @@ import json
 import logging
 import queue
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,6 +40,11 @@ log = logging.getLogger("medqc.agent.web.http")
 
 KEEPALIVE_S = 15.0
 MAX_BODY = 1 << 20  # request bodies (an acknowledgement's JSON) above this are refused with 413, unread
+# after refusing a body, what the connection still takes in and throws away before it closes, so that the client,
+# still sending, reads the answer: a socket closed with unread data resets the connection, and the client
+# sees a broken pipe instead of the 413
+DISCARD_MAX_BYTES = 8 * MAX_BODY
+DISCARD_S = 2.0
 CLIENT_QUEUE = 256
 FINDING_KEYS = ("kind", "finding_id", "check", "severity", "message", "series_instance_uid", "study_instance_uid",
                 "first_instance", "last_instance", "z_range_mm", "score", "raised_at")
@@ -266,8 +272,9 @@ class HttpServer:
                     length = -1
                 if not 0 <= length <= MAX_BODY:  # the body stays unread: this connection ends with the answer
                     self.close_connection = True
-                    return self._send(*_json(413 if length > MAX_BODY else 400,
-                                             {"error": f"request body must be 0 to {MAX_BODY} bytes"}))
+                    self._send(*_json(413 if length > MAX_BODY else 400,
+                                      {"error": f"request body must be 0 to {MAX_BODY} bytes"}))
+                    return self._discard_input(length if length > 0 else DISCARD_MAX_BYTES)
                 body = self.rfile.read(length) if length else b""
                 req = Request(method, parts.path, parse_qs(parts.query), self.headers, body)
                 allowed = []
@@ -307,6 +314,23 @@ class HttpServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _discard_input(self, length: int) -> None:
+                """End the answer (write side shut), then take in and drop up to ``length`` bytes of what the client
+                is still sending (at most ``DISCARD_MAX_BYTES``, for ``DISCARD_S``), so that closing does not reset the
+                connection before the client has read the answer."""
+                try:
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_WR)
+                    self.connection.settimeout(DISCARD_S)
+                    left, until = min(length, DISCARD_MAX_BYTES), time.monotonic() + DISCARD_S
+                    while left > 0 and time.monotonic() < until:
+                        chunk = self.connection.recv(min(1 << 16, left))
+                        if not chunk:
+                            break
+                        left -= len(chunk)
+                except OSError:
+                    pass
 
             def _sse(self, fn, req, groups):
                 self.send_response(200)
