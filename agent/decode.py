@@ -18,6 +18,7 @@ everything else goes through pydicom's decoder plugins.
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 import re
@@ -475,7 +476,7 @@ def _bare(ds):
 
 _NOT_DICOM = "not a DICOM file (no DICOM file header, and not a bare dataset with SOP Class and Instance UIDs)"
 _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError,
-                zlib.error, struct.error, BytesLengthException)
+                OverflowError, RecursionError, zlib.error, struct.error, BytesLengthException)
 
 
 def _read(fp, all_elements: bool):
@@ -498,13 +499,54 @@ def _read(fp, all_elements: bool):
             raise NotDicom(_NOT_DICOM)
         return ds, fp.tell()
     try:
+        _check_inflated_size(fp)
         return pydicom.filereader.read_partial(fp, specific_tags=tags), fp.tell()
     except InvalidDicomError:
         raise NotDicom(_NOT_DICOM) from None
     except _READ_ERRORS as e:
         # zlib: a deflated dataset whose stream is corrupt; BytesLengthException: an element whose length is no
-        # multiple of its value size (its message quotes the element's bytes: not repeated, see _reading_error)
+        # multiple of its value size (its message quotes the element's bytes: not repeated, see _reading_error);
+        # RecursionError: sequences nested deeper than the interpreter's stack
         raise NotDicom(f"unreadable DICOM ({_reading_error(e)})") from None
+
+
+INFLATE_MIN_BYTES = 64 << 20
+INFLATE_MAX_RATIO = 32
+
+
+def _check_inflated_size(fp) -> None:
+    """Refuse a deflated dataset (PS3.5 A.5) that inflates to more than ``INFLATE_MAX_RATIO`` × its
+    compressed size (and at least ``INFLATE_MIN_BYTES``). pydicom inflates the whole dataset in memory before
+    reading it, and deflate reaches ~1000:1 on repeated bytes: a 600 kB file could take 600 MB, a few of them
+    in the spool the box's memory. CT pixel data deflate 2–5:1. Counted in 1 MiB steps, holding no more than
+    that; the file is left where it was. Files with another transfer syntax cost one read of their file meta."""
+    start = fp.tell()
+    try:
+        fp.seek(132)
+        group = fp.read(12)
+        if len(group) < 12 or group[:6] != b"\x02\x00\x00\x00UL":
+            return  # no group length: pydicom's own reading decides
+        length = int.from_bytes(group[8:12], "little")
+        if length > 65536:
+            return
+        meta = fp.read(length)
+        if DEFLATED.encode() not in meta:
+            return
+        size = os.fstat(fp.fileno()).st_size - fp.tell()
+        cap = max(INFLATE_MIN_BYTES, INFLATE_MAX_RATIO * size)
+        inflate, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        while True:
+            chunk = inflate.unconsumed_tail or fp.read(1 << 20)
+            if not chunk:
+                return
+            total += len(inflate.decompress(chunk, 1 << 20))
+            if total > cap:
+                raise NotDicom(f"unreadable DICOM (its deflated dataset inflates to more than {cap >> 20} MiB "
+                               f"from {size:,} bytes)")
+            if inflate.eof:
+                return
+    finally:
+        fp.seek(start)
 
 
 def read_dataset(path: str | Path, all_elements: bool = False):
@@ -512,11 +554,39 @@ def read_dataset(path: str | Path, all_elements: bool = False):
     return _open_and_read(path, all_elements)[0]
 
 
+class _FileBoundReader(io.BufferedReader):
+    """A file opened for reading whose ``read(n)`` never asks for more than the file holds from where it
+    stands. pydicom reads an element's value with ``read(length)`` for the length its header states, and a
+    buffered read allocates those bytes before it reads: a damaged or hostile header stating 4 GiB would
+    allocate 4 GiB for a file of a few kB (a ``MemoryError`` on a box that does not overcommit). Bounded, the
+    read returns what the file holds and the element is found cut short (``truncation``)."""
+
+    def __init__(self, raw, size: int):
+        super().__init__(raw)
+        self._size = size
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is not None and n > 0:
+            n = min(n, max(0, self._size - self.tell()))
+            if n == 0:
+                return b""
+        return super().read(n)
+
+
+def _open(path) -> io.BufferedReader:
+    raw = open(str(path), "rb", buffering=0)
+    try:
+        return _FileBoundReader(raw, os.fstat(raw.fileno()).st_size)
+    except BaseException:
+        raw.close()
+        raise
+
+
 def _open_and_read(path, all_elements: bool, cut: bool = False):
     """(dataset, ``truncation`` verdict or '', os.stat_result or None) of one file, opened and read once; the
     verdict only with ``cut`` and for a CT image."""
     try:
-        fp = open(str(path), "rb")
+        fp = _open(path)
     except OSError as e:
         raise NotDicom(f"unreadable DICOM ({_reading_error(e)})") from None
     with fp:

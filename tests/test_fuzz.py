@@ -130,3 +130,70 @@ def test_damaged_element_read_after_the_header_facts_is_an_error_record(tmp_path
     (d,) = decode_file(_with_unknown_vr(tmp_path, b"\x28\x00\x02\x00US"))
     assert d.error.startswith("unreadable header (NotImplementedError: Unknown Value Representation"), d.error
     assert d.info.series_instance_uid and d.info.sop_instance_uid and not d.ignored
+
+
+_UNDER_AN_ADDRESS_SPACE_LIMIT = """
+import resource, sys
+from pathlib import Path
+from medqc.agent.decode import NotDicom, decode_file
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[2]), int(sys.argv[2])))
+try:
+    out = decode_file(Path(sys.argv[1]))
+    print("records", *[(d.error or d.ignored or "ok") for d in out], sep="|")
+except NotDicom as e:
+    print("NotDicom", e, sep="|")
+"""
+
+
+def _decode_with_little_memory(p: Path, limit: int = 1536 << 20) -> list[str]:
+    """decode_file on ``p`` in a fresh interpreter whose address space is capped at ``limit`` bytes, as on a
+    box that does not overcommit memory; its outcome as printed fields."""
+    r = subprocess.run([sys.executable, "-c", _UNDER_AN_ADDRESS_SPACE_LIMIT, str(p), str(limit)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip().split("|")
+
+
+def test_element_stating_more_bytes_than_the_file_holds_allocates_none_of_them(tmp_path):
+    """Found by fuzzing in CI: an element of the file meta whose header stated ~4 GiB was read with
+    read(length), which allocates the stated length first: MemoryError on a box without overcommit. The
+    reading is bounded by the file now. Pixel data stating 4 GiB: the file is found cut short."""
+    original = _synth(tmp_path).read_bytes()
+    data = bytearray(original)
+    at = data.rfind(b"\xe0\x7f\x10\x00OW\x00\x00")
+    assert at > 0
+    data[at + 8:at + 12] = (0xFFFFFFF0).to_bytes(4, "little")
+    p = tmp_path / "x.dcm"
+    p.write_bytes(bytes(data))
+    got = _decode_with_little_memory(p)
+    assert got[0] == "records" and got[1].startswith("truncated file: ") and "would end at byte 4,294,96" in got[1], got
+    # the file meta's group length stating 4 GiB (a UL read as UN, as the fuzzer wrote it): the rest of the file
+    # is that value, and what remains is a dataset without an image
+    data = bytearray(original)
+    data[136:138] = b"UN"
+    data[140:144] = (0xFFFFFFF0).to_bytes(4, "little")
+    p.write_bytes(bytes(data))
+    got = _decode_with_little_memory(p)
+    assert got == ["records", "no image pixels (SOP class unknown)"], got
+
+
+def test_deflated_dataset_that_inflates_far_beyond_its_size_is_not_read(tmp_path):
+    """A deflated dataset inflates in memory before it is read; one built to inflate 1000:1 (200 MB of a
+    private value from 200 kB) is refused before that, and an ordinary deflated CT still decodes."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    src = _synth(tmp_path)
+    ds = pydicom.dcmread(src)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ok = tmp_path / "ok.dcm"
+    ds.save_as(ok, enforce_file_format=True)
+    ((d,),) = [decode_file(ok)]
+    assert d.hu is not None and not d.error and not d.ignored
+    ds.add_new(0x00091010, "LO", "MEDQC TEST")  # private creator, then its 200 MB value of zeros
+    ds.add_new(0x00091011, "OB", bytes(200 << 20))
+    bomb = tmp_path / "bomb.dcm"
+    ds.save_as(bomb, enforce_file_format=True)
+    del ds
+    assert bomb.stat().st_size < 1 << 20
+    got = _decode_with_little_memory(bomb)
+    assert got[0] == "NotDicom" and "inflates to more than 64 MiB" in got[1], got

@@ -197,3 +197,13 @@ def test_targeted_field_is_not_mis_centring(analysed):
     the isocentre (the patient lies 25 mm high, within tolerance)."""
     assert _checks(analysed["whole"], "centering.") == []
     assert _checks(analysed["whole fov-0.5"], "centering.") == []
+
+
+def test_motion_says_it_was_not_judged_in_a_targeted_field(analysed):
+    """The complete chest in a 250 mm targeted field: no slice shows the free air round the patient where
+    motion leaves its dark streaks, so the report says motion was not judged there, and why; the same chest
+    in its full field is judged."""
+    why = analysed["whole fov-0.5"]["not_judged"]["artifact.motion"]
+    n = analysed["whole fov-0.5"]["slices"]
+    assert why.startswith(f"no free air round the patient on {n} of {n} slices"), why
+    assert "artifact.motion" not in (analysed["whole"].get("not_judged") or {})

@@ -13,6 +13,8 @@ from medqc.agent.checks.artifact import NETWORK_ONLY_MIN_EXTENT_MM, RELATIVE_MIN
 from medqc.agent.checks.common import finite
 from medqc.agent.checks.dose import CENTERING_MIN_SLICES, NOISE_INDEX_MIN_SLICES
 
+MOTION_NO_AIR_SHARE = 0.5  # motion is "not judged" where more of the series' slices than this show no free air
+
 
 def not_judged(state, ordered, rule, coverage: dict | None) -> dict[str, str]:
     usable = [(z, r) for z, r in ordered if not r.error]
@@ -48,6 +50,15 @@ def not_judged(state, ordered, rule, coverage: dict | None) -> dict[str, str]:
     if span < NETWORK_ONLY_MIN_EXTENT_MM and "artifact.motion" not in out:
         out["artifact.motion"] = (f"the series spans {span:.0f} mm: a motion run needs {NETWORK_ONLY_MIN_EXTENT_MM:.0f} mm "
                                   "(only a very high or strong run counts)")
+    if "artifact.motion" not in out:
+        # motion's strongest cue is the dark streaks it leaves in the free air round the patient; where a
+        # targeted field or a body filling it leaves none, the network alone must read very high to raise it
+        read = [r.measures["air_dark_hu"] for _, r in usable if "air_dark_hu" in r.measures]
+        no_air = sum(1 for v in read if not finite(v))
+        if read and no_air > MOTION_NO_AIR_SHARE * len(read):
+            out["artifact.motion"] = (f"no free air round the patient on {no_air} of {len(read)} slices (a targeted "
+                                      "field, or a body filling it): the dark streaks motion leaves there cannot be "
+                                      "read, and the network alone raises motion only at a very high score")
     if span < NETWORK_ONLY_MIN_EXTENT_MM:
         out["artifact.ring"] = (f"the series spans {span:.0f} mm: a ring run needs {NETWORK_ONLY_MIN_EXTENT_MM:.0f} mm "
                                 "(only a very high or strong run counts)")

@@ -7,6 +7,10 @@ crash, written by libFuzzer as ``crash-<sha1>`` / ``timeout-<sha1>`` / ``oom-<sh
 
     python tests/fuzz/fuzz_decode.py --seeds CORPUS [--real-ct DIR] -- CORPUS -max_total_time=600 -timeout=10
 
+The fuzzing runs with its address space capped (``--address-space-mb``, 3072 by default), as on a box that does
+not overcommit memory: an input that makes the decoding allocate far beyond the file's size then fails as a
+``MemoryError`` here too, not only on such a box.
+
 ``--seeds CORPUS`` first writes the seed inputs into CORPUS (kept between runs: libFuzzer adds what it
 finds): synthetic CT slices (``medqc.synth``, 64² and 128², uncompressed), pydicom's own test files under
 60 kB (JPEG, JPEG-LS, JPEG 2000, RLE, deflate, big endian, no file meta, truncated ones) and, with
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import resource
 import sys
 import tempfile
 import warnings
@@ -91,10 +96,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(add_help=False)
     ap.add_argument("--seeds", type=Path, default=None)
     ap.add_argument("--real-ct", type=Path, default=None)
+    ap.add_argument("--address-space-mb", type=int, default=3072)
     ours, rest = ap.parse_known_args()
     if ours.seeds is not None:
         n = write_seeds(ours.seeds, ours.real_ct)
         print(f"{n} seed inputs in {ours.seeds}", file=sys.stderr, flush=True)
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    cap = ours.address_space_mb << 20
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
     rest = [a for a in rest if a != "--"]
     atheris.Setup([sys.argv[0], *rest], check_one)
     try:
