@@ -50,6 +50,7 @@ def _one_slice_injected(tmp_path, tcia_file: str, kind: str, severity: float) ->
     return analyze(one, tmp_path / kind)
 
 
+def test_a_ring_on_a_real_thin_chest_slice_is_read(tmp_path):
     """A GE 1.25 mm chest slice (0.72 mm pixels, rings centred on the image, the header's isocentre 60 px off):
     a ring injected in the projection domain at severity 0.15 read 1.9 HU before the ring detector read both
     centres at full resolution against a 9-radius median; the clean slice reads ~0."""
@@ -74,6 +75,13 @@ def test_noise_on_a_real_slice_with_ecg_electrodes_is_not_taken_for_metal_streak
     assert clean["scores"]["noise"] < 0.2, clean
     assert noisy["measures"]["noise_sd_2mm"] > 3.0 * clean["measures"]["noise_sd_2mm"], (clean, noisy)
     assert noisy["scores"]["noise"] >= fusion.CLASSICAL_THRESHOLD, noisy
+    # each slice is a series of its own: the noisy one raises a noise warning (a series of one slice can hold
+    # no run of two), the clean one nothing
+    findings = {k: [f["check"] for f in s["findings"] if f["check"].startswith("artifact.")]
+                for k, s in ((s["series_description"], s) for s in rep["series"])}
+    assert sorted(findings.values()) == [[], ["artifact.noise"]], findings
+    (warning,) = [f for s in rep["series"] for f in s["findings"] if f["check"] == "artifact.noise"]
+    assert warning["severity"] == "warning", warning
 
 
 def test_a_real_chests_thoracic_inlet_is_not_noisy_and_the_weakest_injected_noise_is_found(tmp_path):

@@ -1,7 +1,8 @@
 """artifact.<class>: runs of consecutive slices (by z) whose fused score is over the class threshold.
 
 A run is reported when it has ``checks.artifact.min_run`` slices, or when one slice scores "very high"
-(``1 - (1 - threshold) / 5``: 0.9 for a 0.5 threshold). For motion (the network fused with the
+(``1 - (1 - threshold) / 5``: 0.9 for a 0.5 threshold), or — for noise and truncation, once the series is
+complete — when it is the whole of a series shorter than ``min_run`` (``whole_short_series``). For motion (the network fused with the
 air-streak evidence where the air around the patient can be measured) and ring (a
 detector fault, on every slice) a run of ``min_run`` slices must also span 25 mm of z or have a mean score of at least
 ``(threshold + 1) / 2``. One finding per class and series (id
@@ -46,6 +47,7 @@ CRITICAL_SLICES = 5
 NETWORK_ONLY = frozenset({"motion", "ring"})
 NETWORK_ONLY_MIN_EXTENT_MM = 25.0  # z from the first to the last slice of a run (see qualifying)
 RELATIVE = frozenset({"motion"})  # classes judged against the series' own median score too
+SHORT = frozenset({"noise", "truncation"})  # classes a whole series shorter than min_run raises (whole_short_series)
 RELATIVE_MARGIN = 0.2  # a run's mean must exceed the series median by this much
 RELATIVE_MIN_SLICES = 10  # analysed slices before the series median is trusted
 SERIES_STREAK_HU = 3.0  # median dark streaks in the free air (air_dark_hu) of a series that moved throughout
@@ -166,6 +168,18 @@ def qualifying(run, cls: str, thr: float, min_run: int, median: float | None = N
     return max(zs) - min(zs) >= NETWORK_ONLY_MIN_EXTENT_MM or sum(scores) / len(scores) >= strong_threshold(thr)
 
 
+def whole_short_series(run, cls: str, analysed: int, min_run: int) -> bool:
+    """A complete series of fewer than ``min_run`` analysed slices (a single slice sent on its own) can hold no
+    run of ``min_run``: where every slice of it is over the threshold, noise and truncation qualify (``SHORT``:
+    each rests on a physical measure, σ against the dose's level and tissue on the scan field's edge) and a
+    warning is raised, not a silent pass. Metal keeps the very-high rule there: its threshold is low and the
+    ECG electrodes and skin markers on single real slices read 0.5-0.6 without a streak worth a repeat. Motion
+    and ring still need their run's extent in z (``qualifying``), which one slice cannot show; the report says
+    so (``checks.judged``). Judged when the series is complete, never while slices arrive (the next slice may
+    end the run)."""
+    return cls in SHORT and analysed < min_run and len(run) == analysed
+
+
 def merge_runs(ordered, groups) -> list[list[tuple[float, object]]]:
     """The union of several lists of runs as runs of consecutive slices of ``ordered`` (z order)."""
     members = {id(r) for g in groups for _, r in g}
@@ -210,10 +224,12 @@ def summarise(state, cls: str, thr: float, qual_runs, air_cache: dict | None = N
 def artifact_findings(state, ordered, thresholds: dict[str, float], min_run: int) -> list:
     """All artifact findings of a series from scratch (``ordered``: [(z, result)] sorted by z)."""
     out, air_cache = [], {}
+    analysed = sum(1 for _, r in ordered if not r.error)
     for cls in ARTIFACTS:
         thr = thresholds.get(cls, 0.5)
         med = series_median(ordered, cls) if cls in RELATIVE else None
-        q = [run for run in runs(ordered, cls, thr) if qualifying(run, cls, thr, min_run, med)]
+        q = [run for run in runs(ordered, cls, thr)
+             if qualifying(run, cls, thr, min_run, med) or whole_short_series(run, cls, analysed, min_run)]
         if cls == "motion":
             q = merge_runs(ordered, q + streaked_series(ordered, air_cache))
         f = summarise(state, cls, thr, q, air_cache)
