@@ -566,7 +566,7 @@ class _FileBoundReader(io.BufferedReader):
         self._size = size
 
     def read(self, n: int | None = -1) -> bytes:
-        if n is not None and n > 0:
+        if n is not None and n > 65536:  # the element headers' and short values' reads allocate little
             n = min(n, max(0, self._size - self.tell()))
             if n == 0:
                 return b""
