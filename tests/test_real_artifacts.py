@@ -108,3 +108,21 @@ def test_a_real_chests_thoracic_inlet_is_not_noisy_and_the_weakest_injected_nois
     assert not [f for f in clean["findings"] if f["check"] in ("artifact.noise", "noise.index")], clean["findings"]
     assert all(p["scores"]["noise"] >= fusion.CLASSICAL_THRESHOLD for p in noisy["per_slice"]), noisy["per_slice"]
     assert "artifact.noise" in {f["check"] for f in noisy["findings"]}, noisy["findings"]
+
+
+def test_a_flank_on_the_displayed_circle_of_a_wider_scan_field_is_no_truncation(tmp_path):
+    """A large GE abdomen shown in a 450 mm field of a 500 mm scan field, the displayed field offset a few
+    pixels: GE pads outside the displayed circle, so the padding reaches a little inside the inscribed circle,
+    and the patient's flank touches it. That is where the picture was cropped (the data beyond it are in the
+    scan field), not truncation: it once read 10 % of the rim as cut and raised a truncation warning. The
+    truncation injected into the same slice (a smaller scan field cut deep into the picture) is still found."""
+    from medqc.analysis import fusion
+    rep = _one_slice_injected(tmp_path, "A027284/axial/19000925-116.dcm", "truncation", 0.7)
+    by_desc = {s["series_description"]: s for s in rep["series"]}
+    (clean,) = [s for k, s in by_desc.items() if not k.endswith("+truncation")]
+    (cut,) = [s for k, s in by_desc.items() if k.endswith("+truncation")]
+    assert clean["per_slice"][0]["measures"]["body_touches_fov"] == 0.0, clean["per_slice"][0]["measures"]
+    assert clean["per_slice"][0]["measures"]["display_touch"] > 0.02  # the flank is on the displayed rim
+    assert "artifact.truncation" not in [f["check"] for f in clean["findings"]]
+    assert cut["per_slice"][0]["scores"]["truncation"] >= fusion.CLASSICAL_THRESHOLD, cut["per_slice"][0]
+    assert "artifact.truncation" in [f["check"] for f in cut["findings"]]

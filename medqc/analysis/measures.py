@@ -74,6 +74,24 @@ def _pixel_mm(info) -> tuple[float, float]:
     return 0.7, 0.7  # a typical body FOV of 360 mm on 512²; only areas depend on it
 
 
+DISPLAYED_CIRCLE = 0.95  # padding whose edge lies this far out (of the image's half-width) is the displayed circle
+
+
+def _displayed_circle(rim: np.ndarray, h: int, w: int, dcd: float | None, display_d_mm: float) -> bool:
+    """Whether the padding beside ``rim`` (the valid pixels next to it) is the displayed field's own circle
+    rather than the scan field's edge: the header gives a scan field (DataCollectionDiameter) wider than the
+    displayed one, and the padding's edge lies on the displayed circle (its median radius at least
+    ``DISPLAYED_CIRCLE`` of the image's half-width). GE pads outside the displayed circle, and an offset
+    displayed field moves that circle a few pixels off the image centre, so some padding lies a little inside
+    the inscribed circle: that is where the picture was cropped, the data beyond it are there, and a patient
+    touching it is no truncation (a large GE abdomen in a 450 mm field of a 500 mm scan field read 10 % of
+    its rim as cut). A scan field smaller than the header says (padding deep inside the picture) is still
+    its edge."""
+    if not dcd or dcd <= display_d_mm * 1.03 or not rim.any():
+        return False
+    return float(np.median(_radius(h, w)[0][rim])) >= DISPLAYED_CIRCLE * min(h, w) / 2.0
+
+
 def _constant_fill_radius(sub: np.ndarray, band: int) -> float | None:
     """Radius (px) of a scan-field edge that the vendor (or a reconstruction) fills with one constant air-like
     value instead of padding: every pixel from that radius out to the displayed rim holds exactly the
@@ -262,7 +280,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         near_pad[:, band:] |= outer[:, :-band]
         near_pad[:, :-band] |= outer[:, band:]
         deep = outer & inside_circle & ~edge_g
-        if deep.any():
+        if deep.any() and not _displayed_circle(near_pad & valid & inside_circle, h, w, dcd, display_d_mm):
             scan_edge = scan_edge | near_pad
             field_edge_px = float(_radius(h, w)[0][deep].min())
         else:
