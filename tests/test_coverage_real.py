@@ -97,6 +97,17 @@ def test_chest_without_lungs_fails(chest, tmp_path):
     assert s["verdict"] == "fail"
 
 
+def test_shoulders_the_network_takes_for_hips_place_no_landmark(chest, tmp_path):
+    """The real chest's 19 slices above the lung apices (a large patient's shoulders and lower neck) sent as a
+    neck: the network's body scale reads the shoulder joints as hips and put the scan 400 mm below the lung
+    apices, which raised a 400 mm overscan and a skull base "533 mm" above. Nothing in the slices confirms a
+    placement that far from the protocol's range: coverage says it was not judged, and why."""
+    s = analyze(realcases.write_case([d for d in chest if float(d.ImagePositionPatient[2]) > 78], tmp_path, "neck", "NECK SOFT TISSUE"))
+    assert [f["check"] for f in s["findings"] if f["check"].startswith("coverage.")] == []
+    assert "mm from the protocol's range" in s["not_judged"]["coverage"], s["not_judged"]
+    assert s["coverage"]["fit"]["implausible_gap_mm"] > 150
+
+
 def test_too_few_slices_say_coverage_was_not_judged(chest, tmp_path):
     s = analyze(realcases.write_case(chest[60:62], tmp_path, "two", "CHEST ROUTINE"))
     assert coverage(s) == {} and "not judged" in s["coverage_note"]

@@ -405,6 +405,17 @@ def liver_dome(ordered) -> dict:
     return {}
 
 
+IMPLAUSIBLE_GAP_MM = 150.0  # a network fit (not anchored on anatomy) placing the scan this far from its protocol's range
+
+
+def _range_gap(fit: dict, ordered, rule) -> float:
+    """How far (reference mm) the network fit places the scanned range from the protocol's required range:
+    0 where they overlap. On the synthetic evaluation series the fit's landmarks are off by tens of mm."""
+    lo, hi = sorted((fit["a"] + fit["b"] * ordered[-1][0], fit["a"] + fit["b"] * ordered[0][0]))
+    r0, r1 = sorted((LANDMARKS[rule.start], LANDMARKS[rule.end]))
+    return max(0.0, lo - r1, r0 - hi)
+
+
 def locate(ordered, rule) -> dict:
     """Patient z of the rule's start and end landmarks, and how each was found."""
     fit = fit_position(ordered)
@@ -423,6 +434,13 @@ def locate(ordered, rule) -> dict:
     if fit is not None and (fit["residual_mm"] > FIT_MAX_RESIDUAL_MM or not fit["slope_sign_ok"]):
         # positions scatter too much, or run against the coordinates: they place nothing
         fit = loc["fit"] = dict(fit, unreliable=True)
+    if fit is not None and not fit.get("unreliable") and fit.get("anchored_on_anatomy") is None:
+        gap = _range_gap(fit, ordered, rule)
+        if gap > IMPLAUSIBLE_GAP_MM:
+            # the body scale alone puts the scan far from anything its protocol covers: on real shoulders of a
+            # large patient (a neck cut above the lung apices) it read ball-and-socket joints as hips, 400 mm
+            # off; nothing in the slices confirms it, so it places nothing (``coverage_findings`` says why)
+            fit = loc["fit"] = dict(fit, unreliable=True, implausible_gap_mm=round(gap, 1))
     for role in ("start", "end"):
         name = getattr(rule, role)
         if fit is not None and not fit.get("unreliable"):
@@ -525,6 +543,15 @@ def coverage_findings(state, ordered, rule, tol: float, margin: float, ctdivol: 
             summary[f"{role}_landmark"] = getattr(rule, role)
             summary[f"{role}_z"] = None if loc[role]["z"] is None else round(loc[role]["z"], 2)
             summary[f"{role}_source"] = loc[role]["source"]
+    unplaced = [getattr(rule, role) for role in ("start", "end") if role not in loc]
+    if unplaced:
+        fit = loc.get("fit") or {}
+        why = (f"the network's body scale needs positions on {MIN_FIT_POINTS} slices" if not fit else
+               f"the network's body scale places the scan {fit['implausible_gap_mm']:.0f} mm from the protocol's range"
+               if fit.get("implausible_gap_mm") is not None else "the network's positions scatter too much to place it")
+        where = "" if len(unplaced) == 2 else f" at the {'top' if 'start' not in loc else 'bottom'}"
+        summary["note"] = (f"coverage not judged{where}: nothing in the slices places the "
+                           f"{' or the '.join(_name(u) for u in unplaced)}, and {why}")
     if loc.get("fit"):
         summary["fit"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in loc["fit"].items()}
     if loc.get("lungs"):
