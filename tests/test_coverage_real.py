@@ -108,6 +108,23 @@ def test_shoulders_the_network_takes_for_hips_place_no_landmark(chest, tmp_path)
     assert s["coverage"]["fit"]["implausible_gap_mm"] > 150
 
 
+def test_the_whole_chest_under_other_protocols(chest, tmp_path):
+    """The complete real chest sent as a chest-abdomen-pelvis and as a head. The shoulders above the lungs
+    (clavicles and manubrium in front, the shoulder joints beside) once read as the pubic bones: "254 mm below
+    the pubic symphysis", an overscan where the pelvis was missing. Now the symphysis is sought below the lungs
+    only, and placed from the lungs seen whole (apices to bases: their distance is the body's scale), far
+    below the scan. As a head, the shoulder bone once read as a skull cap ("vertex 80 mm above", critical):
+    no head-sized section holds a skull and the slices show lungs, so the head is absent."""
+    cap = analyze(realcases.write_case(chest, tmp_path, "cap", "CHEST ABD PELVIS"))
+    cov = coverage(cap)
+    assert set(cov) == {"coverage.bottom"}, cov
+    assert cov["coverage.bottom"]["details"]["missing_mm"] > 250
+    assert "lung bases seen in the slices" in cov["coverage.bottom"]["message"]
+    head = analyze(realcases.write_case(chest, tmp_path, "head", "HEAD ROUTINE"))
+    assert set(coverage(head)) == {"coverage.absent"}
+    assert "the slices show the chest" in coverage(head)["coverage.absent"]["message"]
+
+
 def test_too_few_slices_say_coverage_was_not_judged(chest, tmp_path):
     s = analyze(realcases.write_case(chest[60:62], tmp_path, "two", "CHEST ROUTINE"))
     assert coverage(s) == {} and "not judged" in s["coverage_note"]

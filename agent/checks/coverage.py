@@ -195,15 +195,20 @@ def pubic_symphysis(ordered) -> dict:
     bone (acetabula, femoral heads) fills the lateral thirds beside it. The lowest such run of slices is the
     symphysis; the landmark is its centre (the run's middle, or half a symphysis below its top where the run
     reaches the last slice). The xiphoid and costal cartilages in the upper abdomen have no pelvic
-    bone beside them, the sternum has lungs beside it.
+    bone beside them, the sternum has lungs beside it, and the shoulders above the lungs (clavicles and
+    manubrium in front, the shoulder joints beside) are left out with everything above the lowest lung.
 
     → {symphysis_z, reaches_bottom} or {} when the slices do not show it."""
     rows = [(z, r.measures.get("anterior_bone_mm2"), r.measures.get("lateral_bone_mm2"), r.measures.get("lung_area_mm2"))
             for z, r in ordered if not r.error and finite(r.measures.get("anterior_bone_mm2"))]
     if len(rows) < PUBIS_MIN_SLICES:
         return {}
-    hit = [a >= ANTERIOR_BONE_MM2 and finite(lat) and lat >= LATERAL_BONE_MM2 and not (finite(lung) and lung >= LUNG_PRESENT_MM2)
-           for _, a, lat, lung in rows]
+    # below the lungs: the shoulders above them (clavicles and manubrium in front, the shoulder joints beside)
+    # read like the pubic bones between the hips
+    lung_z = [z for z, _, _, lung in rows if finite(lung) and lung >= LUNG_PRESENT_MM2]
+    below = min(lung_z) if lung_z else math.inf
+    hit = [z < below and a >= ANTERIOR_BONE_MM2 and finite(lat) and lat >= LATERAL_BONE_MM2
+           for z, a, lat, _ in rows]
     # ascending z: the lowest run is the first
     i = 0
     while i < len(hit) and not hit[i]:
@@ -252,8 +257,10 @@ def target_absent(usable, rule, lungs: dict) -> tuple[str, dict] | None:
         return (f"Chest not covered: no slice shows lung ({where}; the largest aerated section {peak / 100:.0f} cm², "
                 f"a chest's are hundreds) — {shows}: check the planned range",
                 {"landmark": "lung_apex", "missing": "lungs", "peak_lung_mm2": round(peak, 1), "source": "lungs (absent)"})
-    if rule.start == "vertex" and rings and headlike == 0 and max(rings) < 0.25:
-        return (f"Head not covered: no slice shows a skull ({where}) — check the planned range",
+    if rule.start == "vertex" and rings and headlike == 0 and (max(rings) < 0.25 or lungs.get("lungs_seen")):
+        # no skull round a head-sized section; dense bone all round a larger one with lungs below is a trunk's
+        shows = "; the slices show the chest" if lungs.get("lungs_seen") else ""
+        return (f"Head not covered: no slice shows a skull ({where}{shows}) — check the planned range",
                 {"landmark": "vertex", "missing": "skull", "source": "skull (absent)"})
     if LANDMARKS[rule.start] >= LANDMARKS["liver_dome"]:
         lung = [m.get("lung_area_mm2") for m in meas]
@@ -268,30 +275,34 @@ def anchor_on_anatomy(fit: dict, lungs: dict, pelvis: dict | None = None, vertex
     """Re-anchor the network fit on classical landmarks — the vertex from the skull, lungs seen whole at an
     end, the iliac crests: with two landmarks far apart, slope and offset come from them; with one, the
     offset moves when the network is > 15 mm off (the vertex: always)."""
-    pts = []
+    named = []
     if vertex_z is not None:
-        pts.append((vertex_z, LANDMARKS["vertex"]))
+        named.append((vertex_z, LANDMARKS["vertex"], "vertex"))
     if lungs.get("lungs_seen") and not lungs.get("top_open"):
-        pts.append((lungs["lung_top_z"], LANDMARKS["lung_apex"]))
+        named.append((lungs["lung_top_z"], LANDMARKS["lung_apex"], "lung_apex"))
     if lungs.get("lungs_seen") and not lungs.get("bottom_open"):
-        pts.append((lungs["lung_bottom_z"], LANDMARKS["lung_base"]))
+        named.append((lungs["lung_bottom_z"], LANDMARKS["lung_base"], "lung_base"))
     if pelvis and "iliac_crest_z" in pelvis:
-        pts.append((pelvis["iliac_crest_z"], LANDMARKS["iliac_crest"]))
-    if not pts:
+        named.append((pelvis["iliac_crest_z"], LANDMARKS["iliac_crest"], "iliac_crest"))
+    if not named:
         return fit
-    pts = [pts[0], pts[-1]] if len(pts) > 2 else pts
+    named = [named[0], named[-1]] if len(named) > 2 else named
+    pts = [(z, r) for z, r, _ in named]
     a, b = fit["a"], fit["b"]
+    from_anatomy = False
     if len(pts) == 2 and abs(pts[0][0] - pts[1][0]) > 50.0:
         (z1, r1), (z2, r2) = pts
         b2 = (r2 - r1) / (z2 - z1)
         if b2 < 0 and SCALE_RANGE[0] <= -1.0 / b2 <= SCALE_RANGE[1]:
-            b = b2
+            b, from_anatomy = b2, True
     delta = statistics.median([r - (a + b * z) for z, r in pts])
     # a single anchor moves the offset only when the network is > 15 mm off, except the vertex from the
     # skull (0-4 mm from the truth on the evaluation series, the network's offset up to 15 mm): it always does
     if abs(delta) <= ANCHOR_MIN_MM and b == fit["b"] and vertex_z is None:
         return fit
     out = dict(fit, a=a + delta, b=b, scale=-1.0 / b, anchored_on_anatomy=round(delta, 1))
+    if from_anatomy:  # slope and offset both from the two landmarks: the network's scatter is moot
+        out["scale_from_anatomy"] = [n for _, _, n in named]
     return out
 
 
@@ -345,6 +356,8 @@ def head_top(ordered) -> dict:
     if not usable:
         return {}
     z_top, last = usable[-1][0], usable[-1][1].measures
+    if last["body_area_mm2"] >= HEAD_MAX_MM2:
+        return {}  # the scan's top is no head (a trunk's section: shoulder bone is no skull cap)
     ring = last.get("skull_ring")
     cap_area = untilted_cap_area(last["body_area_mm2"], tilt_deg(usable[-1][1].info))
     if cap_area >= CAP_MAX_MM2 and finite(ring) and ring >= 0.75:
@@ -352,7 +365,7 @@ def head_top(ordered) -> dict:
     top_skull = None
     for i in range(len(usable) - 1, -1, -1):
         v = usable[i][1].measures.get("skull_ring")
-        if finite(v) and v > 0:
+        if finite(v) and v > 0 and usable[i][1].measures["body_area_mm2"] < HEAD_MAX_MM2:
             top_skull = i
             break
     if top_skull is None:
@@ -431,7 +444,8 @@ def locate(ordered, rule) -> dict:
     if fit is not None:
         fit = anchor_on_anatomy(fit, lungs, pelvis, head.get("vertex_z"))
     loc: dict = {"fit": fit, "lungs": lungs, "pelvis": pelvis}
-    if fit is not None and (fit["residual_mm"] > FIT_MAX_RESIDUAL_MM or not fit["slope_sign_ok"]):
+    if fit is not None and not fit.get("scale_from_anatomy") and (fit["residual_mm"] > FIT_MAX_RESIDUAL_MM
+                                                                  or not fit["slope_sign_ok"]):
         # positions scatter too much, or run against the coordinates: they place nothing
         fit = loc["fit"] = dict(fit, unreliable=True)
     if fit is not None and not fit.get("unreliable") and fit.get("anchored_on_anatomy") is None:
@@ -444,8 +458,13 @@ def locate(ordered, rule) -> dict:
     for role in ("start", "end"):
         name = getattr(rule, role)
         if fit is not None and not fit.get("unreliable"):
-            src = "network" + (" anchored on anatomy" if fit.get("anchored_on_anatomy") is not None else "")
-            loc[role] = {"z": landmark_z_from_fit(fit, name), "source": src}
+            if fit.get("scale_from_anatomy"):
+                src = "the {} and the {} seen in the slices, their distance as the body's scale".format(
+                    *(_name(n) for n in fit["scale_from_anatomy"]))
+            else:
+                src = "network" + (" anchored on anatomy" if fit.get("anchored_on_anatomy") is not None else "")
+            # an estimate: extrapolated from the network's body scale, or from two landmarks' distance apart
+            loc[role] = {"z": landmark_z_from_fit(fit, name), "source": src, "estimated": True}
     zmax, zmin = ordered[-1][0], ordered[0][0]
     for role, landmark, key, cut_key, open_key in (("start", "lung_apex", "lung_top_z", "top_cut", "top_open"),
                                                     ("end", "lung_base", "lung_bottom_z", "bottom_cut", "bottom_open")):
@@ -571,7 +590,7 @@ def coverage_findings(state, ordered, rule, tol: float, margin: float, ctdivol: 
         z = loc[role]["z"]
         missing = None if z is None else ((z - edge_z) if end == "top" else (edge_z - z))
         # placed by the network's body scale alone (a cut proven by the lungs is not an estimate)
-        estimated = str(loc[role]["source"]).startswith("network") and "cut" not in str(loc[role]["source"])
+        estimated = bool(loc[role].get("estimated")) and "cut" not in str(loc[role]["source"])
         eff = tol + (estimate_margin if estimated else 0.0)
         if end in ends and (z is None or missing > eff):
             where = "starts" if end == "top" else "ends"
