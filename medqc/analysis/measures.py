@@ -75,19 +75,22 @@ def _pixel_mm(info) -> tuple[float, float]:
 
 
 DISPLAYED_CIRCLE = 0.95  # padding whose edge lies this far out (of the image's half-width) is the displayed circle
+CROP_MARGIN_MM = 15.0  # ... and a crop where the scan field reaches at least this much beyond it
 
 
 def _displayed_circle(rim: np.ndarray, h: int, w: int, dcd: float | None, display_d_mm: float) -> bool:
     """Whether the padding beside ``rim`` (the valid pixels next to it) is the displayed field's own circle
-    rather than the scan field's edge: the header gives a scan field (DataCollectionDiameter) wider than the
-    displayed one, and the padding's edge lies on the displayed circle (its median radius at least
+    rather than the scan field's edge: the header gives a scan field (DataCollectionDiameter) reaching at
+    least ``CROP_MARGIN_MM`` beyond the displayed one all round (a patient on a displayed circle only a few mm
+    inside the scan field's edge is most likely cut by it too: a synthetic 250 mm field of a 264 mm scan
+    field, truncated, would have been read as a crop), and the padding's edge lies on the displayed circle (its median radius at least
     ``DISPLAYED_CIRCLE`` of the image's half-width). GE pads outside the displayed circle, and an offset
     displayed field moves that circle a few pixels off the image centre, so some padding lies a little inside
     the inscribed circle: that is where the picture was cropped, the data beyond it are there, and a patient
     touching it is no truncation (a large GE abdomen in a 450 mm field of a 500 mm scan field read 10 % of
     its rim as cut). A scan field smaller than the header says (padding deep inside the picture) is still
     its edge."""
-    if not dcd or dcd <= display_d_mm * 1.03 or not rim.any():
+    if not dcd or dcd - display_d_mm < 2.0 * CROP_MARGIN_MM or not rim.any():
         return False
     return float(np.median(_radius(h, w)[0][rim])) >= DISPLAYED_CIRCLE * min(h, w) / 2.0
 
