@@ -774,7 +774,8 @@ def markdown(res: dict) -> str:
         L.append(f"| {r['study']} | {r['scanner']} | {name} | {r['slices']} | {r['verdict']} | {fs} |")
     L += ["", "## Injected series: is the finding raised?", "",
           "A block is a contiguous run of slices of a series (a series of its own); a single slice is a series of "
-          "one, where only a very high score can raise a finding (`agent/checks/artifact.py`).", "",
+          "one, where noise and truncation are raised from the threshold and the other classes only at a very high "
+          "score (`agent/checks/artifact.py`).", "",
           "| kind | severity | unit | series | finding raised | critical | with another artifact finding |", "|---|---|---|---|---|---|---|"]
     for r in res["series_injected_summary"]:
         L.append(f"| {r['kind']} | {r['severity']:g} | {r['unit_kind']} | {r['series']} | {r['found']} "

@@ -126,3 +126,19 @@ def test_a_flank_on_the_displayed_circle_of_a_wider_scan_field_is_no_truncation(
     assert "artifact.truncation" not in [f["check"] for f in clean["findings"]]
     assert cut["per_slice"][0]["scores"]["truncation"] >= fusion.CLASSICAL_THRESHOLD, cut["per_slice"][0]
     assert "artifact.truncation" in [f["check"] for f in cut["findings"]]
+
+
+def test_an_arm_cut_by_the_scan_field_shows_its_bright_band_whatever_the_header_says(tmp_path):
+    """A Toshiba slice (447 mm displayed field, DataCollectionDiameter 500 mm) whose right arm leaves the
+    field: the missing data leave a bright band along the image's edge (37 % of the patient's pixels there
+    over 150 HU). The displayed circle lies 26 mm inside the header's scan field, as the GE flank's does, but
+    this contact is a cut: truncation is raised."""
+    from medqc.analysis import fusion
+    src = need(REAL / "tcia-covid19-ny-sbu-slices" / "A067967/axial/19001006-028.dcm")
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(src, one / src.name)
+    (s,) = analyze(one)["series"]
+    assert s["per_slice"][0]["measures"]["body_touches_fov"] > 0.1, s["per_slice"][0]["measures"]
+    assert s["per_slice"][0]["scores"]["truncation"] >= fusion.CLASSICAL_THRESHOLD
+    assert "artifact.truncation" in [f["check"] for f in s["findings"]]
