@@ -104,7 +104,14 @@ def _get(ds, keyword: str):
 
 
 def _s(v) -> str:
-    return "" if v is None else str(v).strip()
+    """A value as stripped text; '' for None and for a value that cannot be shown (a damaged sequence where a
+    string belongs: pydicom converts its items' elements on ``str``, and an unknown VR raises there)."""
+    if v is None:
+        return ""
+    try:
+        return str(v).strip()
+    except Exception:  # noqa: BLE001
+        return ""
 
 
 def _tuple(v, n):

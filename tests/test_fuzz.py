@@ -197,3 +197,22 @@ def test_deflated_dataset_that_inflates_far_beyond_its_size_is_not_read(tmp_path
     assert bomb.stat().st_size < 1 << 20
     got = _decode_with_little_memory(bomb)
     assert got[0] == "NotDicom" and "inflates to more than 64 MiB" in got[1], got
+
+
+def test_uid_written_as_a_sequence_with_a_damaged_item_is_a_record_not_an_exception(tmp_path):
+    """Found by fuzzing: SOP Instance UID written as a sequence whose item holds an element of unknown VR. The
+    fallback that reads a broken header's UIDs showed the value as text, and pydicom converts a sequence's
+    items on ``str``: NotImplementedError out of decode_file. Such a value reads as no UID."""
+    data = bytearray(_with_unknown_vr(tmp_path, b"\x20\x00\x0d\x00UI").read_bytes())  # the header facts fail
+    at = data.find(b"\x08\x00\x18\x00UI")
+    assert at > 0
+    n = int.from_bytes(data[at + 6:at + 8], "little")
+    item = b"\x42\x42\x42\x42BB\x02\x00xx"  # (4242,4242), VR 'BB', 2 bytes
+    seq = (b"\x08\x00\x18\x00SQ\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0" + len(item).to_bytes(4, "little") + item
+           + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
+    data[at:at + 8 + n] = seq
+    p = tmp_path / "x.dcm"
+    p.write_bytes(bytes(data))
+    (d,) = decode_file(p)
+    assert d.error.startswith("unreadable header (NotImplementedError: Unknown Value Representation"), d.error
+    assert d.info.sop_instance_uid == "" and d.info.series_instance_uid
