@@ -66,7 +66,7 @@ def _fuzz(tmp_path, seconds: int, real_ct: Path | None = None) -> dict:
     _atheris()
     corpus = tmp_path / "corpus"
     cmd = [sys.executable, str(HARNESS), "--seeds", str(corpus)] + (["--real-ct", str(real_ct)] if real_ct else []) + [
-        "--", str(corpus), f"-max_total_time={seconds}", "-timeout=10", "-rss_limit_mb=2048", "-max_len=600000",
+        "--", str(corpus), f"-max_total_time={seconds}", "-timeout=10", "-rss_limit_mb=0", "-max_len=600000",
         f"-artifact_prefix={tmp_path}/", "-print_final_stats=1", "-seed=1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 240, cwd=tmp_path,
                        env=dict(os.environ, MEDQC_FUZZ_TMP=str(tmp_path)))

@@ -1,8 +1,8 @@
 """Coverage-guided fuzzing (atheris, libFuzzer) of the decode path: any bytes, written as a spool file, go
 through ``medqc.agent.decode.decode_file``, which must return records (``Decoded``, each with its header
 facts and either pixels, an error or a reason it is ignored) or reject the file with ``NotDicom``.
-Anything else — another exception, a hang (libFuzzer ``-timeout``), memory beyond ``-rss_limit_mb`` — is a
-crash, written by libFuzzer as ``crash-<sha1>`` / ``timeout-<sha1>`` / ``oom-<sha1>`` in the working folder
+Anything else — another exception (a ``MemoryError`` under the address-space cap below among them), a hang
+(libFuzzer ``-timeout``) — is a crash, written by libFuzzer as ``crash-<sha1>`` / ``timeout-<sha1>`` / ``oom-<sha1>`` in the working folder
 (or under ``-artifact_prefix``).
 
     python tests/fuzz/fuzz_decode.py --seeds CORPUS [--real-ct DIR] -- CORPUS -max_total_time=600 -timeout=10
@@ -10,6 +10,10 @@ crash, written by libFuzzer as ``crash-<sha1>`` / ``timeout-<sha1>`` / ``oom-<sh
 The fuzzing runs with its address space capped (``--address-space-mb``, 3072 by default), as on a box that does
 not overcommit memory: an input that makes the decoding allocate far beyond the file's size then fails as a
 ``MemoryError`` here too, not only on such a box.
+
+libFuzzer's own ``-rss_limit_mb`` reads the peak resident size, which Linux carries over ``exec`` from the
+process that started the fuzzer: run from a test session holding real CT (1.7–1.9 GB), it measures that
+session. The tests pass ``-rss_limit_mb=0`` and rely on the address-space cap.
 
 ``--seeds CORPUS`` first writes the seed inputs into CORPUS (kept between runs: libFuzzer adds what it
 finds): synthetic CT slices (``medqc.synth``, 64² and 128², uncompressed), pydicom's own test files under
