@@ -575,8 +575,6 @@ class _FileBoundReader(io.BufferedReader):
     def read(self, n: int | None = -1) -> bytes:
         if n is not None and n > 65536:  # the element headers' and short values' reads allocate little
             n = min(n, max(0, self._size - self.tell()))
-            if n == 0:
-                return b""
         return super().read(n)
 
 

@@ -85,8 +85,8 @@ def _displayed_circle(rim: np.ndarray, sub: np.ndarray, h: int, w: int, dcd: flo
     rather than the scan field's edge: the header gives a scan field (DataCollectionDiameter) reaching at
     least ``CROP_MARGIN_MM`` beyond the displayed one all round (a patient on a displayed circle only a few mm
     inside the scan field's edge is most likely cut by it too: a synthetic 250 mm field of a 264 mm scan
-    field, truncated, would have been read as a crop), and the padding's edge lies on the displayed circle (its median radius at least
-    ``DISPLAYED_CIRCLE`` of the image's half-width). GE pads outside the displayed circle, and an offset
+    field, truncated, would have been read as a crop), and the padding's edge lies on the displayed circle
+    (its median radius at least ``DISPLAYED_CIRCLE`` of the image's half-width). GE pads outside the displayed circle, and an offset
     displayed field moves that circle a few pixels off the image centre, so some padding lies a little inside
     the inscribed circle: that is where the picture was cropped, the data beyond it are there, and a patient
     touching it is no truncation (a large GE abdomen in a 450 mm field of a 500 mm scan field read 10 % of
