@@ -86,12 +86,41 @@ METAL_HU, METAL_PIXELS = 2500.0, 3
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def default_studies() -> list[Path]:
+def default_studies(cache: Path = DEFAULT_CACHE) -> list[Path]:
+    """Every study folder under the real-CT root, and the real head CT of Debian's invesalius-examples where
+    that package is installed (``debian_head``)."""
     env = os.environ.get("MEDQC_REAL_CT")
     root = Path(env) if env else ROOT.parent / "shared" / "real-ct"
     if not root.is_dir():
         raise SystemExit(f"no real CT found at {root} (set MEDQC_REAL_CT or give study folders)")
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    head = debian_head(Path(cache).expanduser())
+    return dirs + ([head] if head else [])
+
+
+def debian_head(cache: Path) -> Path | None:
+    """The real head CT that Debian's ``invesalius-examples`` installs (a raw volume, 108 × 256² at 0.957 mm,
+    1.5 mm planes, from the base of the mandible to the vertex, dental fillings in its lowest planes; GPL-2)
+    written once as an axial DICOM series ``<cache>/debian-invesalius-head`` (``medqc.synth.realcases``: the
+    volume's own planes, CT numbers as stored, no resampling), so the evaluation has a real head beside the
+    trunks; None when the package is not installed. Its scanner is not recorded in the volume."""
+    from medqc.synth import realcases
+
+    if not realcases.CRANIUM.is_file():
+        return None
+    out = cache / "debian-invesalius-head"
+    if len(list(out.glob("IM*.dcm"))) == realcases.CRANIUM_SHAPE[0]:
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".head-", dir=str(cache)))
+    try:
+        realcases.volume_series(realcases.load_cranium(), realcases.CRANIUM_SPACING, tmp, out.name, "Head routine",
+                                manufacturer=("InVesalius", "sample head (scanner not recorded)"))
+        shutil.rmtree(out, ignore_errors=True)
+        (tmp / out.name).rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def header_index(studies: list[Path]) -> dict[str, dict]:
@@ -949,7 +978,7 @@ def main(argv: list[str] | None = None) -> int:
     every = a.every if a.every is not None else (QUICK_EVERY if a.quick else EVERY)
     if block < 1 or every < 0:
         ap.error("--block must be >= 1 and --every >= 0")
-    dirs = [Path(d) for d in a.dirs] if a.dirs else default_studies()
+    dirs = [Path(d) for d in a.dirs] if a.dirs else default_studies(a.cache)
     res = evaluate(dirs, kinds=kinds, severities=sev, block=block, every=every, seed=a.seed, backend=a.backend,
                    bundle=a.bundle, config=a.config, cache=a.cache, workers=a.workers,
                    progress=not a.no_progress and sys.stderr.isatty(), baselines=a.baselines)

@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     sev = a.severities or list(er.QUICK_SEVERITIES if a.quick else er.SEVERITIES)
     block = a.block if a.block is not None else (er.QUICK_BLOCK if a.quick else er.BLOCK)
     every = a.every if a.every is not None else (er.QUICK_EVERY if a.quick else er.EVERY)
-    dirs = [Path(d) for d in a.dirs] if a.dirs else er.default_studies()
+    dirs = [Path(d) for d in a.dirs] if a.dirs else er.default_studies(a.cache)
     res = evaluate(dirs, vs, kinds, sev, block, every, a.cache, a.backend, progress=not a.no_progress)
     res["code"] = er.code_label()
     res["command"] = " ".join(["bench/evaluate_variants.py", *(argv if argv is not None else sys.argv[1:])])

@@ -334,6 +334,34 @@ def test_truncation_on_any_vendor_padding(pad):
     assert fusion.fuse({"truncation": 0.1}, clean)["truncation"] == pytest.approx(0.1)
 
 
+def test_padding_is_the_fill_value_not_every_pixel_below_its_level():
+    """Padding is one fill value; dark streaks of an unclipped reconstruction that reach below -1500 HU vary,
+    and are image content (read as padding they made a scan-field edge inside the circle: truncation)."""
+    img = phantom(pad=-3024.0)
+    outside = img == -3024.0
+    assert np.array_equal(image.padding(img), outside)
+    rng = np.random.default_rng(3)
+    streaked = phantom(pad=-3024.0)
+    streak = np.zeros(streaked.shape, bool)
+    streak[100:104, 60:200] = True  # a streak in the air beside the body, -1550 .. -1850 HU
+    streaked[streak] = rng.uniform(-1850.0, -1550.0, int(streak.sum())).astype(np.float32)
+    assert np.array_equal(image.padding(streaked), outside)
+    # no fill at all (a field without padding): the streak is content, nothing is padding
+    nofill = phantom(pad=-1000.0)
+    nofill[streak] = streaked[streak]
+    assert not image.padding(nofill).any()
+    m = measures.measure(nofill, info(data_collection_diameter=500.0))
+    assert m["body_touches_fov"] < 0.02
+    # a resampled field's soft rim (values between the fill and air, below the level) goes with the fill
+    soft = phantom(pad=-3024.0)
+    yy, xx = np.mgrid[0:512, 0:512] - 255.5
+    r = np.hypot(yy, xx)
+    corners = (np.abs(yy) > 100) & (np.abs(xx) > 100)  # where fill lies beyond the rim (not at the image's sides)
+    rim = (r > 255.0) & (r <= 256.5) & corners & (soft == -3024.0)
+    soft[rim] = -2000.0
+    assert image.padding(soft)[rim].all()
+
+
 def test_lungs_measured_inside_body_only():
     m = measures.measure(phantom(lungs=True), info())
     expect = 2 * np.pi * 45 * 70

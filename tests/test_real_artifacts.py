@@ -142,3 +142,41 @@ def test_an_arm_cut_by_the_scan_field_shows_its_bright_band_whatever_the_header_
     assert s["per_slice"][0]["measures"]["body_touches_fov"] > 0.1, s["per_slice"][0]["measures"]
     assert s["per_slice"][0]["scores"]["truncation"] >= fusion.CLASSICAL_THRESHOLD
     assert "artifact.truncation" in [f["check"] for f in s["findings"]]
+
+
+def test_motion_in_a_real_head_whose_streaks_reach_below_padding_level_is_motion_not_truncation(tmp_path):
+    """24 planes (36 mm) of the real head CT of Debian's invesalius-examples (no padding: air fills the square field)
+    with motion injected in the projection domain: the unclipped reconstruction's dark streaks in the air
+    beside the head reach -1650 to -1900 HU. Read as padding they made a scan-field edge inside the picture
+    that the head touched: truncation at 0.95 on every such slice, which also scaled the motion score down
+    (a slice whose truncation evidence is over its threshold has its motion explained). They are streaks."""
+    from medqc.analysis import fusion
+    from medqc.synth import realcases
+    from medqc.synth.inject import inject_series
+
+    if not realcases.CRANIUM.is_file():
+        from conftest import missing_peer
+
+        missing_peer(f"{realcases.CRANIUM} missing: apt-get install invesalius-examples (.ci/run does)")
+    dz = realcases.CRANIUM_SPACING[0]
+    head = realcases.volume_series(realcases.load_cranium(), realcases.CRANIUM_SPACING, tmp_path, "head",
+                                   "Head routine", z_range=(42 * dz, 65 * dz))
+    inject_series(head, tmp_path / "moved", "motion", 0.4, seed=1, progress=False)
+    import pydicom
+    lowest = min(float(pydicom.dcmread(str(f)).pixel_array.min()) for f in (tmp_path / "moved").glob("*.dcm"))
+    assert lowest < -1500.0  # the premise: streaks below the padding level
+    rep = analyze(head, tmp_path / "moved")
+    by_desc = {s["series_description"]: s for s in rep["series"]}
+    (clean,) = [s for k, s in by_desc.items() if not k.endswith("+motion")]
+    (moved,) = [s for k, s in by_desc.items() if k.endswith("+motion")]
+    for p in clean["per_slice"] + moved["per_slice"]:
+        assert p["measures"]["body_touches_fov"] == 0.0, p["measures"]
+        assert p["scores"]["truncation"] < fusion.CLASSICAL_THRESHOLD, p["scores"]
+    from medqc.bundle import load_bundle
+
+    thr = load_bundle().check_thresholds["motion"]
+    assert sum(p["scores"]["motion"] >= thr for p in moved["per_slice"]) >= 20, moved["per_slice"]
+    assert max(p["scores"]["motion"] for p in clean["per_slice"]) < thr, clean["per_slice"]
+    checks = {f["check"] for f in moved["findings"]}
+    assert "artifact.motion" in checks and "artifact.truncation" not in checks, moved["findings"]
+    assert not [f for f in clean["findings"] if f["check"].startswith("artifact.")], clean["findings"]

@@ -18,6 +18,8 @@ except ImportError:  # pragma: no cover - exercised by the module-hider test
 
 PAD_HU = -1500.0
 BODY_HU = -400.0
+PAD_FILL_MIN_PX = 20  # a padding value fills at least this many pixels (a streak's darkest value a handful)
+PAD_EDGE_PX = 2  # pixels below PAD_HU this close to the fill are its edge (a resampled field's soft rim)
 
 _GEOM_CACHE: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 _RADIUS_CACHE: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -54,6 +56,38 @@ def _edge_geometry(h: int, w: int, band: int) -> tuple[np.ndarray, np.ndarray, n
 def _ring(h: int, w: int, r_px: float, band: int) -> np.ndarray:
     r = _radius(h, w)[0]
     return (r >= r_px - band) & (r <= r_px + 0.5)
+
+
+def padding(img: np.ndarray) -> np.ndarray:
+    """Boolean mask of the padding outside the reconstructed field: pixels below ``PAD_HU`` that hold the
+    fill value. A scanner writes one value there (-2000, -2048, -3024 ..., or its PixelPaddingValue, which
+    decoding maps to -3024), the lowest in the image. Values below ``PAD_HU`` that vary are image content:
+    a reconstruction that does not clip its CT numbers at -1024 HU shows the dark streaks of motion or metal
+    down to -1900 HU in the air around a head, and read as padding those made a scan field's edge inside
+    the displayed circle, where the patient then "touched" it (truncation on every such slice). Pixels below
+    ``PAD_HU`` within ``PAD_EDGE_PX`` of the fill count with it (a resampled field interpolates its rim)."""
+    below = img < PAD_HU
+    if not below.any():
+        return below
+    vals = img[below]
+    vmin = vals.min()
+    n_fill = int(np.count_nonzero(vals == vmin))
+    if n_fill < PAD_FILL_MIN_PX:  # no fill value: the pixels below the level are content
+        return np.zeros_like(below)
+    if n_fill == vals.size:  # the usual case: every pixel below the level is the fill
+        return below
+    fill = img == vmin
+    k = 2 * PAD_EDGE_PX + 1
+    if cv2 is not None:
+        near = cv2.dilate(fill.view(np.uint8), np.ones((k, k), np.uint8)).view(bool)
+    else:
+        e, (h, w) = PAD_EDGE_PX, fill.shape
+        padded = np.pad(fill, e)
+        near = np.zeros_like(fill)
+        for dy in range(k):
+            for dx in range(k):
+                near |= padded[dy:dy + h, dx:dx + w]
+    return below & near
 
 
 def _border_connected(pad: np.ndarray) -> np.ndarray:

@@ -10,8 +10,9 @@ with this classical evidence (its rules there and in ``docs/checks.md``).
 
 Robustness rules that hold for every vendor we know of:
 
-* pixels below ``PAD_HU`` (-1500) are padding outside the reconstructed field (-2000, -2048, -3024 ...);
-  the field of view (FOV) is what is left. Truncation shows where the patient meets the *scan* field's
+* pixels below ``PAD_HU`` (-1500) that hold the image's fill value are padding outside the reconstructed
+  field (-2000, -2048, -3024 ...; ``image.padding``): darker pixels that vary are streaks in an unclipped
+  reconstruction, not padding; the field of view (FOV) is what is left. Truncation shows where the patient meets the *scan* field's
   edge (DataCollectionDiameter, padding deep inside the displayed circle, or a displayed circle about as
   wide as the scanner's 500 mm field); a smaller displayed field that cuts the body only crops it;
 * the FOV edge is also the rim of the inscribed reconstruction circle (vendors that write -1024 outside
@@ -31,7 +32,7 @@ import numpy as np
 
 from medqc.analysis import airstreaks
 from medqc.analysis.image import (BODY_HU, PAD_HU, _border_connected, _edge_geometry, _erode_cross, _holes,
-                                  _median_index, _radius, _ring, _sector_share, _trunk_hull)
+                                  _median_index, _radius, _ring, _sector_share, _trunk_hull, padding)
 from medqc.analysis.noise import (NOISE_MIN_AREA_HEAD_MM2, NOISE_MIN_AREA_MM2, _robust_noise,
                                   noise_2mm, noise_ratio, noise_size_mm, pool_2mm, water_equivalent_diameter)
 from medqc.analysis.ring import (RING_FIELD_MARGIN_MM, RING_FULL_GATE_HU, RING_MIN_R_MM, RING_MIN_R_PX, RING_SMOOTH_MM,
@@ -254,7 +255,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
     h, w = sub.shape
     band = max(2, int(round(min(h, w) * 0.012)))
     edge_g, inside_circle, central = _edge_geometry(h, w, band)
-    pad = sub < PAD_HU
+    pad = padding(sub)
     valid = ~pad
     body, trunk, beside = _patient_mask((sub > BODY_HU) & valid, central)
     # Field edges. Truncation artifacts come from anything outside the *scan* field (SFOV:

@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from medqc.analysis.image import BODY_HU, PAD_HU, _block_all, _box, _erode_cross, _median5, _min_max
+from medqc.analysis.image import BODY_HU, _block_all, _box, _erode_cross, _median5, _min_max, padding
 
 try:  # connected components make the body/lung masks cleaner; numpy alone still gives usable measures
     import cv2
@@ -136,7 +136,7 @@ def pool_2mm(hu: np.ndarray, rmm: float, cmm: float):
     h, w = (hu.shape[0] // f) * f, (hu.shape[1] // f) * f
     if h < 5 * f or w < 5 * f:
         return None
-    valid = hu[:h, :w] > PAD_HU
+    valid = ~padding(hu[:h, :w])
     everywhere = bool(valid.all())  # no padding (the usual case): nothing to replace, every pooled pixel valid
     img = (hu[:h, :w] if everywhere else np.where(valid, hu[:h, :w], np.float32(-1000.0))).astype(np.float32, copy=False)
     if cv2 is not None:  # exact f×f area means (an integer factor), ~50× faster than the reshape

@@ -107,11 +107,12 @@ def load_cranium(path: Path = CRANIUM) -> np.ndarray:
 
 def volume_series(vol: np.ndarray, spacing: tuple[float, float, float], out: Path, name: str, protocol: str,
                   tilt_deg: float = 0.0, step_mm: float | None = None, z_range: tuple[float, float] | None = None,
-                  thickness_mm: float | None = None) -> Path:
+                  thickness_mm: float | None = None, manufacturer: tuple[str, str] | None = None) -> Path:
     """Axial slices of ``vol`` (z ascending to the head) written as a CT series, on planes tilted by
     ``tilt_deg`` about the patient's left-right axis as a tilted gantry acquires them (the ImageOrientation
     carries the tilt, ImagePositionPatient moves along the table). ``z_range`` (mm from the volume's
-    lowest plane, table positions of the slice centres) cuts the range; ``step_mm`` is the table increment."""
+    lowest plane, table positions of the slice centres) cuts the range; ``step_mm`` is the table increment.
+    ``manufacturer`` (maker, model) names where the volume came from (default: a resampled real volume)."""
     from scipy import ndimage
 
     from medqc.synth.dicomio import IMPLEMENTATION_UID
@@ -151,7 +152,7 @@ def volume_series(vol: np.ndarray, spacing: tuple[float, float, float], out: Pat
         ds.SeriesInstanceUID = series_uid
         ds.FrameOfReferenceUID = _uid("volume", "frame")
         ds.Modality = "CT"
-        ds.Manufacturer = "real volume (resampled)"
+        ds.Manufacturer, ds.ManufacturerModelName = manufacturer or ("real volume (resampled)", "")
         ds.PatientName = "ANON"
         ds.PatientID = "ANON"
         ds.PatientPosition = "HFS"
