@@ -102,20 +102,24 @@ def debian_head(cache: Path) -> Path | None:
     """The real head CT that Debian's ``invesalius-examples`` installs (a raw volume, 108 × 256² at 0.957 mm,
     1.5 mm planes, from the base of the mandible to the vertex, dental fillings in its lowest planes; GPL-2)
     written once as an axial DICOM series ``<cache>/debian-invesalius-head`` (``medqc.synth.realcases``: the
-    volume's own planes, CT numbers as stored, no resampling), so the evaluation has a real head beside the
+    volume's own planes, CT numbers as stored, no resampling: ORIGINAL\\PRIMARY\\AXIAL), so the evaluation has a real head beside the
     trunks; None when the package is not installed. Its scanner is not recorded in the volume."""
     from medqc.synth import realcases
 
     if not realcases.CRANIUM.is_file():
         return None
     out = cache / "debian-invesalius-head"
-    if len(list(out.glob("IM*.dcm"))) == realcases.CRANIUM_SHAPE[0]:
-        return out
+    files = sorted(out.glob("IM*.dcm"))
+    if len(files) == realcases.CRANIUM_SHAPE[0]:
+        import pydicom
+
+        if "ORIGINAL" in list(pydicom.dcmread(str(files[0]), stop_before_pixels=True).get("ImageType", [])):
+            return out
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".head-", dir=str(cache)))
     try:
         realcases.volume_series(realcases.load_cranium(), realcases.CRANIUM_SPACING, tmp, out.name, "Head routine",
-                                manufacturer=("InVesalius", "sample head (scanner not recorded)"))
+                                manufacturer=("InVesalius", "sample head (scanner not recorded)"), original=True)
         shutil.rmtree(out, ignore_errors=True)
         (tmp / out.name).rename(out)
     finally:

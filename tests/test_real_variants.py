@@ -207,3 +207,27 @@ def test_motion_says_it_was_not_judged_in_a_targeted_field(analysed):
     n = analysed["whole fov-0.5"]["slices"]
     assert why.startswith(f"no free air round the patient on {n} of {n} slices"), why
     assert "artifact.motion" not in (analysed["whole"].get("not_judged") or {})
+
+
+def test_a_constant_fill_that_is_not_the_lowest_value_stays_constant_on_a_finer_matrix():
+    """A scan field narrowed inside the picture and filled with -1024 HU, in a reconstruction whose streaks run
+    below that (unclipped, as the real head CT's): band-limited upsampling must keep the fill one value, as a
+    real finer reconstruction would, or the field's edge is no longer found (the head's injected truncation
+    read as none on every 768² and 1024² slice when only the lowest and highest values were kept)."""
+    import numpy as np
+
+    from medqc.synth import variants as V
+
+    rng = np.random.default_rng(0)
+    n = 128
+    yy, xx = np.mgrid[0:n, 0:n] - (n - 1) / 2
+    r = np.hypot(yy, xx)
+    img = np.where(r < 30, 40.0, -1000.0) + rng.normal(0, 8, (n, n))
+    img[(r > 32) & (r < 36) & (xx > 0)] = -1300.0  # a dark streak below the fill value
+    img[r > 50] = -1024.0  # the fill beyond the narrowed scan field
+    img = img.astype(np.float32)
+    up = V._resample_hu(img, 3 * n)
+    R = np.hypot(*(np.mgrid[0:3 * n, 0:3 * n] - (3 * n - 1) / 2)) / 3
+    far = R > 52  # clear of the fill's edge
+    assert (up[far] == -1024.0).all()
+    assert up.min() < -1024.0  # the streak below the fill is still there

@@ -107,12 +107,15 @@ def load_cranium(path: Path = CRANIUM) -> np.ndarray:
 
 def volume_series(vol: np.ndarray, spacing: tuple[float, float, float], out: Path, name: str, protocol: str,
                   tilt_deg: float = 0.0, step_mm: float | None = None, z_range: tuple[float, float] | None = None,
-                  thickness_mm: float | None = None, manufacturer: tuple[str, str] | None = None) -> Path:
+                  thickness_mm: float | None = None, manufacturer: tuple[str, str] | None = None,
+                  original: bool = False) -> Path:
     """Axial slices of ``vol`` (z ascending to the head) written as a CT series, on planes tilted by
     ``tilt_deg`` about the patient's left-right axis as a tilted gantry acquires them (the ImageOrientation
     carries the tilt, ImagePositionPatient moves along the table). ``z_range`` (mm from the volume's
     lowest plane, table positions of the slice centres) cuts the range; ``step_mm`` is the table increment.
-    ``manufacturer`` (maker, model) names where the volume came from (default: a resampled real volume)."""
+    ``manufacturer`` (maker, model) names where the volume came from (default: a resampled real volume);
+    ``original``: the slices are the volume's own planes, untilted and at its own spacing (ImageType
+    ORIGINAL\\PRIMARY\\AXIAL, as the scanner wrote them), not a reformat (DERIVED\\SECONDARY\\AXIAL)."""
     from scipy import ndimage
 
     from medqc.synth.dicomio import IMPLEMENTATION_UID
@@ -122,6 +125,8 @@ def volume_series(vol: np.ndarray, spacing: tuple[float, float, float], out: Pat
     dz, dy, dx = spacing
     nz, ny, nx = vol.shape
     step = step_mm or dz
+    if original and (tilt_deg or abs(step - dz) > 1e-6):
+        raise ValueError("original=True: the volume's own planes only (no tilt, its own spacing)")
     z0, z1 = z_range if z_range else (0.0, (nz - 1) * dz)
     centres = np.arange(z1, z0 - 1e-6, -step)  # head first
     t = math.radians(tilt_deg)
@@ -158,7 +163,7 @@ def volume_series(vol: np.ndarray, spacing: tuple[float, float, float], out: Pat
         ds.PatientPosition = "HFS"
         ds.ProtocolName = protocol
         ds.SeriesDescription = protocol
-        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"] if original else ["DERIVED", "SECONDARY", "AXIAL"]
         ds.SeriesNumber = 1
         ds.InstanceNumber = i + 1
         ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, round(math.cos(t), 6), round(math.sin(t), 6)]

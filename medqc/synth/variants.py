@@ -162,11 +162,16 @@ def _fourier_upsample(img: np.ndarray, n: int) -> np.ndarray:
     return (np.fft.ifft2(np.fft.ifftshift(big)).real * (n * n) / (rows * cols)).astype(np.float32)
 
 
+CONSTANT_FILL_SHARE = 0.02  # a value held by this share of a slice's pixels is a fill, kept exact by resampling
+
+
 def _resample_hu(hu: np.ndarray, n: int) -> np.ndarray:
     """``hu`` on an n × n grid over the same field: area averaging to a coarser grid, band-limited (Fourier)
     interpolation to a finer one, within the source's range (a store that clips keeps clipping: no ringing past
-    its floor or ceiling) and exactly at the floor or ceiling where every source pixel around is (a constant
-    fill stays constant); padding stays padding (resampled as a mask, filled with air before, so that no pixel
+    its floor or ceiling) and exactly at the floor, the ceiling or a value that fills ``CONSTANT_FILL_SHARE`` of
+    the slice where every source pixel around holds it (a constant fill stays constant: a scanner fills what
+    lies beyond a small scan field with one value, which need not be the lowest where the reconstruction does
+    not clip its streaks); padding stays padding (resampled as a mask, filled with air before, so that no pixel
     blends padding with the patient's air)."""
     import cv2
 
@@ -181,7 +186,9 @@ def _resample_hu(hu: np.ndarray, n: int) -> np.ndarray:
     else:
         lo, hi = float(src.min()), float(src.max())
         img = np.clip(_fourier_upsample(src, n), lo, hi)
-        for v in (lo, hi):
+        vals, counts = np.unique(src, return_counts=True)
+        fills = {lo, hi} | {float(v) for v in vals[counts >= CONSTANT_FILL_SHARE * src.size]}
+        for v in sorted(fills):
             at = cv2.resize((src == v).astype(np.float32), (n, n), interpolation=cv2.INTER_LINEAR)
             img[at >= 0.999] = v
     if pad_v is not None:
