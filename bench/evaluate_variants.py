@@ -374,7 +374,7 @@ def markdown(res: dict) -> str:
           "numbered from the feet), `prone` rotated 180° (IOP −1\\0\\0\\0\\−1\\0, HFP). Injected variants are "
           "derived from the injected original (`medqc synth --inject`), so an artifact goes through the same "
           "resampling, cropping or averaging as the anatomy.", "",
-          "## Clean series: findings (patients: the Philips chest and the 20 TCIA slices)", "",
+          "## Clean series: findings (patients: the Philips chest, the 20 TCIA slices and the real head where installed)", "",
           "| variant | series | findings (any) | per 10 series | warning+critical | critical | false artifact findings | "
           "slices over a threshold (metal / motion / ring / noise / truncation) |", "|---|---|---|---|---|---|---|---|"]
     for v in names:
