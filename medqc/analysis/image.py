@@ -76,17 +76,8 @@ def padding(img: np.ndarray) -> np.ndarray:
         return np.zeros_like(below)
     if n_fill == vals.size:  # the usual case: every pixel below the level is the fill
         return below
-    fill = img == vmin
     k = 2 * PAD_EDGE_PX + 1
-    if cv2 is not None:
-        near = cv2.dilate(fill.view(np.uint8), np.ones((k, k), np.uint8)).view(bool)
-    else:
-        e, (h, w) = PAD_EDGE_PX, fill.shape
-        padded = np.pad(fill, e)
-        near = np.zeros_like(fill)
-        for dy in range(k):
-            for dx in range(k):
-                near |= padded[dy:dy + h, dx:dx + w]
+    near = _min_max((img == vmin).view(np.uint8), k, k)[1].view(bool)
     return below & near
 
 
