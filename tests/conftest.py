@@ -136,6 +136,16 @@ def build_tiny_onnx(path: Path, params, labels: int = 5) -> None:
 
 
 @pytest.fixture(scope="session")
+def cranium():
+    """The real head CT that Debian's invesalius-examples installs (a peer: .ci/run installs it), as a volume."""
+    from medqc.synth import realcases
+
+    if not realcases.CRANIUM.is_file():
+        missing_peer(f"{realcases.CRANIUM} missing: apt-get install invesalius-examples (.ci/run does)")
+    return realcases.load_cranium()
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """A real model bundle (manifest + tiny ONNX) with the default preprocessing at 128² for speed."""
     from medqc import ARTIFACTS

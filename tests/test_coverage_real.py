@@ -36,15 +36,6 @@ def coverage(series: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cranium():
-    if not realcases.CRANIUM.is_file():
-        from conftest import missing_peer
-
-        missing_peer(f"{realcases.CRANIUM} missing: apt-get install invesalius-examples (.ci/run does)")
-    return realcases.load_cranium()
-
-
-@pytest.fixture(scope="module")
 def chest():
     if not CHEST.is_dir():
         from conftest import missing_real_ct

@@ -144,7 +144,7 @@ def test_an_arm_cut_by_the_scan_field_shows_its_bright_band_whatever_the_header_
     assert "artifact.truncation" in [f["check"] for f in s["findings"]]
 
 
-def test_motion_in_a_real_head_whose_streaks_reach_below_padding_level_is_motion_not_truncation(tmp_path):
+def test_motion_in_a_real_head_whose_streaks_reach_below_padding_level_is_motion_not_truncation(cranium, tmp_path):
     """24 planes (36 mm) of the real head CT of Debian's invesalius-examples (no padding: air fills the square field)
     with motion injected in the projection domain: the unclipped reconstruction's dark streaks in the air
     beside the head reach -1650 to -1900 HU. Read as padding they made a scan-field edge inside the picture
@@ -154,12 +154,8 @@ def test_motion_in_a_real_head_whose_streaks_reach_below_padding_level_is_motion
     from medqc.synth import realcases
     from medqc.synth.inject import inject_series
 
-    if not realcases.CRANIUM.is_file():
-        from conftest import missing_peer
-
-        missing_peer(f"{realcases.CRANIUM} missing: apt-get install invesalius-examples (.ci/run does)")
     dz = realcases.CRANIUM_SPACING[0]
-    head = realcases.volume_series(realcases.load_cranium(), realcases.CRANIUM_SPACING, tmp_path, "head",
+    head = realcases.volume_series(cranium, realcases.CRANIUM_SPACING, tmp_path, "head",
                                    "Head routine", z_range=(42 * dz, 65 * dz))
     inject_series(head, tmp_path / "moved", "motion", 0.4, seed=1, progress=False)
     import pydicom
