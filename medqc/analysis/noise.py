@@ -56,10 +56,11 @@ NOISE_REF_THICKNESS_MM = 3.0  # thinner slices are noisier by design: σ is scal
 # standard kernel, or a lower one (on the evaluation slices 2.5 ranks noisy sharp-kernel slices with the
 # rest, and moves no clean sharp-kernel slice over the threshold).
 # Siemens B/Br/Hr/Qr/Ur ≥ 60 and Bl lung, GE BONE/LUNG/EDGE/DETAIL, Philips D/E/L/Y* (C, its sharper
-# standard body kernel, is below), Canon FC30–39
-# (bone) and FC5x–9x (lung, high resolution).
+# standard body kernel, is below), Canon/Toshiba FC30–39 (bone), FC5x–9x (lung, high resolution) and FL0x
+# (lung).
 SHARP_KERNEL = re.compile(
-    r"BONE|LUNG|SHARP|EDGE|DETAIL|ULTRA|HIGH ?RES|\b[A-Z]{1,2}[6-9]\d[A-Z]?\b|\bBL\d\d|FC3\d|FC[5-9]\d|^(D|E|L|Y[A-F])$", re.I)
+    r"BONE|LUNG|SHARP|EDGE|DETAIL|ULTRA|HIGH ?RES|\b[A-Z]{1,2}[6-9]\d[A-Z]?\b|\bBL\d\d|FC3\d|FC[5-9]\d|\bFL\d\d|^(D|E|L|Y[A-F])$",
+    re.I)
 SHARP_NOISE_FACTOR = 2.5
 # Kernels a step sharper than a vendor's standard body kernel (Philips C; GE DETAIL is listed as sharp): their
 # noise is a little finer than a standard kernel's (the mean frequency of the noise power spectrum in a real
