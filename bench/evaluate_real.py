@@ -5,6 +5,7 @@
                                             [--backend onnxruntime|none|...] [--bundle DIR] [--config FILE]
                                             [--block 24] [--every 8] [--seed 0] [--workers 2] [--baselines]
                                             [--cache ~/.cache/medqc-real-eval] [--out bench/results] [--name real-eval]
+                                            [--targeted 0.7]
 
 Each DIR is one study folder (default: every folder under ``$MEDQC_REAL_CT``, else ``../shared/real-ct`` beside
 this checkout: a Philips patient chest, single TCIA slices from GE and Toshiba scanners, a Philips head phantom
@@ -40,6 +41,12 @@ where the injection did not reach the slice); injected slices whose pixels the i
 (copies of their clean original, which is already counted); and slices whose original shows a real C
 artifact (``KNOWN_REAL``, from looking at the images; for metal also any original with metal in it, pixels
 at or over ``METAL_HU``), in their clean form and in every injected variant.
+
+``--targeted F`` first shows every study in a displayed field F × its own round the trunk's middle
+(``targeted_studies``; the band-limited crop of ``medqc.synth.variants`` ``fov-F``) and injects into those
+slices: how the checks do where the body fills the field and hardly any free air is in the picture, as in
+a targeted reconstruction. (The variant evaluation, ``bench/evaluate_variants.py``, crops slices already
+injected: an artifact made in the full field, then cut; here it is made in the tight field.)
 
 Writes ``<out>/<name>.json``, ``<out>/<name>.md`` and ``<out>/<name>.png`` (score distributions per class:
 clean, other kinds injected, and C injected per severity, per scanner); the per-slice records go to
@@ -124,6 +131,40 @@ def debian_head(cache: Path) -> Path | None:
         (tmp / out.name).rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def targeted_studies(dirs: list[Path], frac: float, cache: Path) -> list[Path]:
+    """Each study as a targeted reconstruction would show it, written once under
+    ``<cache>/targeted-<frac>/<study>``: every axial series in a displayed field ``frac`` × its own round the
+    trunk's middle, on the same matrix (``medqc.synth.variants`` ``fov-<frac>``: the band-limited crop the
+    variant evaluation uses, its header's field and isocentre tags to match), each slice under its source
+    file's relative path (so ``KNOWN_REAL`` still names it). The artifacts are then injected into these
+    slices, as into any series a scanner reconstructed in a tight field: the body fills it, and the air
+    round the patient is mostly outside it. Rebuilt when the variant code or the study's files change."""
+    from medqc.synth import variants as V
+
+    code = hashlib.sha256(Path(V.__file__).read_bytes()).hexdigest()[:12]
+    out = []
+    for d in dirs:
+        files = sorted(p for p in d.rglob("*") if p.is_file())
+        key = hashlib.sha256("\n".join(f"{p.relative_to(d)}:{p.stat().st_size}" for p in files).encode()).hexdigest()[:16]
+        dst = cache / f"targeted-{frac:g}" / d.name
+        stamp = {"frac": frac, "variants": code, "sources": key}
+        mark = dst / ".made.json"
+        if mark.is_file() and json.loads(mark.read_text()) == stamp:
+            out.append(dst)
+            continue
+        shutil.rmtree(dst, ignore_errors=True)
+        for series in V.read_series_all(d):
+            for ds, _ in V.derive(series, f"fov-{frac:g}"):
+                rel = Path(ds.filename).resolve().relative_to(d.resolve())
+                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                ds.save_as(str(dst / rel), enforce_file_format=True)
+        if not dst.is_dir():
+            continue  # no axial CT series in it
+        mark.write_text(json.dumps(stamp) + "\n")
+        out.append(dst)
     return out
 
 
@@ -730,8 +771,13 @@ def markdown(res: dict) -> str:
           f"{res['jobs']['total']} injected studies ({res['jobs']['cached']} from the cache, "
           f"{res['jobs']['injected_slices']} injected slices); run time {res['seconds']['total']:.0f} s "
           f"(clean analysis {res['seconds']['clean_analysis']:.0f} s, injection {res['seconds']['injection']:.0f} s, "
-          f"analysis of the injected {res['seconds']['injected_analysis']:.0f} s).", "",
-          "## Data", "",
+          f"analysis of the injected {res['seconds']['injected_analysis']:.0f} s).", ""]
+    if res.get("targeted"):
+        L += [f"**Targeted fields.** Every study is shown in a displayed field {res['targeted']:g} × its own round the "
+              "trunk's middle (the variant evaluation's band-limited crop, `targeted_studies`) before anything is "
+              "injected: the body fills the field and the free air round it lies mostly outside, as in a scanner's "
+              "targeted reconstruction of that patient.", ""]
+    L += ["## Data", "",
           "| study | scanner(s) | series analysed | slices analysed | slices injected into | not analysed (reason × files) |",
           "|---|---|---|---|---|---|"]
     for s in res["studies"]:
@@ -970,9 +1016,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"injected studies (default {DEFAULT_CACHE})")
     ap.add_argument("--workers", type=int, default=2, help="injection processes (default 2)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--name", default=None, help="file name stem (default real-eval, real-eval-quick with --quick)")
+    ap.add_argument("--name", default=None, help="file name stem (default real-eval; -targeted-F with --targeted, -quick with --quick)")
+    ap.add_argument("--targeted", type=float, default=None, metavar="F",
+                    help="show every study in a targeted displayed field F x its own (0 < F < 1, round the trunk's "
+                         "middle) before injecting: a body filling the field (default: the fields as reconstructed)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    if a.targeted is not None and not 0.0 < a.targeted < 1.0:
+        ap.error("--targeted must lie in (0, 1)")
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in ARTIFACTS]
     if bad or not kinds:
@@ -983,12 +1034,17 @@ def main(argv: list[str] | None = None) -> int:
     if block < 1 or every < 0:
         ap.error("--block must be >= 1 and --every >= 0")
     dirs = [Path(d) for d in a.dirs] if a.dirs else default_studies(a.cache)
+    if a.targeted is not None:
+        dirs = targeted_studies(dirs, a.targeted, Path(a.cache).expanduser())
     res = evaluate(dirs, kinds=kinds, severities=sev, block=block, every=every, seed=a.seed, backend=a.backend,
                    bundle=a.bundle, config=a.config, cache=a.cache, workers=a.workers,
                    progress=not a.no_progress and sys.stderr.isatty(), baselines=a.baselines)
     res["code"] = code_label()
     res["command"] = " ".join(["bench/evaluate_real.py", *(argv if argv is not None else sys.argv[1:])])
-    paths = write_outputs(res, a.out, a.name or ("real-eval-quick" if a.quick else "real-eval"))
+    if a.targeted is not None:
+        res["targeted"] = a.targeted
+    stem = "real-eval" + (f"-targeted-{a.targeted:g}" if a.targeted is not None else "") + ("-quick" if a.quick else "")
+    paths = write_outputs(res, a.out, a.name or stem)
     print(markdown(res))
     print("\n".join(f"wrote {p}" for p in paths.values()), file=sys.stderr)
     return 0
