@@ -103,6 +103,11 @@ def render_card(m: dict) -> str:
         *([f"- Real clean CT mixed into training as negatives (no position label, noise not trained on them): "
            f"{m['real_negatives']['slices']} slices, {100 * m['real_negatives']['batch_fraction']:.0f} % of each batch "
            f"({'; '.join(m['real_negatives']['series'])})."] if (m.get("real_negatives") or {}).get("slices") else []),
+        *([f"- Real CT with artifacts injected (`medqc synth --inject`, labelled by its truth.json; no position label, "
+           f"noise trained only where injected): {m['real_injected']['slices']} slices "
+           f"({'; '.join(m['real_injected']['series'])}), drawn into the same "
+           f"{100 * m['real_negatives']['batch_fraction']:.0f} % of each batch as the real clean slices."]
+          if (m.get("real_injected") or {}).get("slices") else []),
         f"- Training label prevalence: {', '.join(f'{k} {v:.2f}' for k, v in m.get('train_label_prevalence', {}).items())}.",
         "",
         "### Randomised variations (from the generator's per-slice description)",

@@ -235,3 +235,33 @@ def real_negatives(folders, params: PreprocessParams) -> tuple[np.ndarray, list[
     if not xs:
         raise MedqcError(f"no axial CT images found under {', '.join(str(f) for f in folders)}")
     return np.stack(xs), names
+
+
+def real_injected(folders, params: PreprocessParams) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Real CT with artifacts injected (``medqc synth --inject`` output: every folder under ``folders`` that
+    holds a ``truth.json`` written by the injector), preprocessed: ((N, C, S, S) float16, (N, K) the
+    injector's per-slice severities in ``ARTIFACTS`` order, one description per source series)."""
+    import pydicom
+
+    from medqc.models.realct import slice_hu
+    from medqc.models.slice_input import prepare
+
+    xs, ys, per_series = [], [], {}
+    for folder in folders:
+        for truth in sorted(Path(folder).rglob("truth.json")):
+            t = json.loads(truth.read_text())
+            if t.get("source") != "inject":
+                continue
+            items = []
+            for s in t.get("slices") or []:
+                ds = pydicom.dcmread(str(truth.parent / s["file"]))
+                iop = tuple(float(v) for v in ds.ImageOrientationPatient) if "ImageOrientationPatient" in ds else None
+                items.append((slice_hu(ds), tuple(float(v) for v in ds.PixelSpacing), iop))
+                ys.append([float((s.get("artifacts") or {}).get(a, 0.0)) for a in ARTIFACTS])
+            xs.extend(prepare(items, params, np.float16))
+            key = str(t.get("source_series_instance_uid", ""))[-12:]
+            per_series[key] = per_series.get(key, 0) + len(items)
+    if not xs:
+        raise MedqcError(f"no injected real CT (truth.json from medqc synth --inject) under {', '.join(str(f) for f in folders)}")
+    names = [f"series …{k} ({n} injected slices)" for k, n in sorted(per_series.items())]
+    return np.stack(xs), np.asarray(ys, np.float32), names

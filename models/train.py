@@ -108,7 +108,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--real-negatives", action="append", default=None, metavar="DIR",
                    help="folder of real, artifact-free CT (axial CT images are read from it) mixed into batches as negatives for every "
                         "artifact class except noise; no position label (repeatable)")
-    p.add_argument("--real-fraction", type=float, default=0.05, help="expected share of each batch drawn from --real-negatives (default 0.05)")
+    p.add_argument("--real-injected", action="append", default=None, metavar="DIR",
+                   help="folder of real CT with artifacts injected (medqc synth --inject output, labelled by its truth.json), "
+                        "mixed into batches beside --real-negatives; no position label (repeatable)")
+    p.add_argument("--real-fraction", type=float, default=0.05,
+                   help="expected share of each batch drawn from --real-negatives and --real-injected (default 0.05)")
     p.add_argument("--keep-epochs", action="store_true", help="also keep each epoch's checkpoint as epoch-NN.pt (to choose one on real CT afterwards)")
     p.add_argument("--specificity", type=float, default=0.97, help="thresholds are chosen at this validation specificity (default 0.97)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -137,9 +141,10 @@ def validate_args(args) -> None:
     for ok, msg in checks:
         if not ok:
             raise UsageError(msg)
-    for d in getattr(args, "real_negatives", None) or []:
-        if not Path(d).is_dir():
-            raise UsageError(f"--real-negatives {d}: not a folder")
+    for opt in ("real_negatives", "real_injected"):
+        for d in getattr(args, opt, None) or []:
+            if not Path(d).is_dir():
+                raise UsageError(f"--{opt.replace('_', '-')} {d}: not a folder")
     args.holdout_rules = [parse_rule(r) for r in (args.holdout if args.holdout else DEFAULT_HOLDOUT)]
 
 
@@ -227,6 +232,15 @@ def train(args) -> dict:
         except MedqcError as e:
             raise UsageError(f"--real-negatives: {e}") from None
         log.info("real negatives: %d slices (%s), %.0f %% of each batch", len(real_np), "; ".join(real_names), 100 * real_fraction)
+    inj_np, inj_sev, inj_names = None, None, []
+    if getattr(args, "real_injected", None):
+        from medqc.models.data import real_injected
+
+        try:
+            inj_np, inj_sev, inj_names = real_injected(args.real_injected, params)
+        except MedqcError as e:
+            raise UsageError(f"--real-injected: {e}") from None
+        log.info("real injected: %d slices (%s)", len(inj_np), "; ".join(inj_names))
 
     # ---- data
     from medqc.models.data import cache_key, generator_version
@@ -315,10 +329,24 @@ def train(args) -> dict:
         xb[flip] = xb[flip][..., ::-1]
         return torch.from_numpy(np.ascontiguousarray(xb)).to(device)
 
-    # ---- real clean CT as negatives (every class but noise, whose level on them is not known) and augmentation
-    real_x = torch.from_numpy(real_np).to(device) if real_np is not None else None
-    real_w = torch.ones(len(ARTIFACTS), device=device)
-    real_w[ARTIFACTS.index("noise")] = 0.0
+    # ---- real CT: clean slices as negatives, injected ones labelled by the injector; every class trained on
+    # them but noise where it is not injected (the real slice's own noise level is not known)
+    real_x = real_y = real_wt = None
+    pools = []
+    if real_np is not None:
+        w = np.ones((len(real_np), len(ARTIFACTS)), np.float32)
+        w[:, ARTIFACTS.index("noise")] = 0.0
+        pools.append((real_np, np.zeros((len(real_np), len(ARTIFACTS)), np.float32), w))
+    if inj_np is not None:
+        y = labels_from_severity(inj_sev)
+        w = np.isfinite(y).astype(np.float32)
+        ni = ARTIFACTS.index("noise")
+        w[:, ni] *= (np.nan_to_num(y[:, ni]) == 1.0)
+        pools.append((inj_np, np.nan_to_num(y, nan=0.0), w))
+    if pools:
+        real_x = torch.from_numpy(np.concatenate([p[0] for p in pools])).to(device)
+        real_y = torch.from_numpy(np.concatenate([p[1] for p in pools])).to(device)
+        real_wt = torch.from_numpy(np.concatenate([p[2] for p in pools])).to(device)
     augment = None
     if getattr(args, "augment", "mirror") == "domain":
         from medqc.models.augment import DomainAugment
@@ -351,13 +379,13 @@ def train(args) -> dict:
             pt = torch.from_numpy(pos_all[idx]).to(device)
             if real_x is not None and real_fraction > 0:
                 k = int(rng.binomial(len(idx), real_fraction))
-                if k:  # the last k rows become real clean slices (mirrored at random like the rest)
+                if k:  # the last k rows become real slices (mirrored at random like the rest)
                     r = torch.from_numpy(rng.integers(0, len(real_x), k)).to(device)
                     xr = real_x.index_select(0, r).float()
                     xr = torch.where(torch.from_numpy(rng.random(k) < 0.5).to(device)[:, None, None, None], xr.flip(-1), xr)
                     xt = torch.cat([xt[: len(idx) - k], xr.to(xt.dtype)], 0)
-                    yt = torch.cat([yt[: len(idx) - k], torch.zeros((k, yt.shape[1]), device=device)], 0)
-                    wt = torch.cat([wt[: len(idx) - k], real_w.expand(k, -1)], 0)
+                    yt = torch.cat([yt[: len(idx) - k], real_y.index_select(0, r)], 0)
+                    wt = torch.cat([wt[: len(idx) - k], real_wt.index_select(0, r)], 0)
                     pt = torch.cat([pt[: len(idx) - k], torch.full((k,), float("nan"), device=device)], 0)
             if augment is not None:
                 xt, keep = augment(xt, rng)
@@ -451,8 +479,9 @@ def train(args) -> dict:
         "validation": parts,
         "history": history,
         "augment": augment.describe() if augment is not None else "mirror",
-        "real_negatives": {"series": real_names, "slices": int(len(real_x)) if real_x is not None else 0,
+        "real_negatives": {"series": real_names, "slices": int(len(real_np)) if real_np is not None else 0,
                            "batch_fraction": real_fraction if real_x is not None else 0.0},
+        "real_injected": {"series": inj_names, "slices": int(len(inj_np)) if inj_np is not None else 0},
         "train_label_prevalence": {a: float(prev[k]) for k, a in enumerate(ARTIFACTS)},
         "data_summary": summarise_meta([tr.meta[i] for i in train_idx]),
         "heldout_summary": summarise_meta([va.meta[i] for i in np.flatnonzero(va_hold)]),

@@ -121,3 +121,40 @@ def test_training_with_real_negatives_and_epoch_checkpoints(tmp_path, capsys):
     assert metrics["augment"]["texture"]["labels_not_trained_when_applied"] == ["noise", "ring"]
     assert sorted(p.name for p in out.glob("epoch-*.pt")) == ["epoch-01.pt", "epoch-02.pt"]
     assert "Real clean CT mixed into training" in (out / "card.md").read_text()
+
+
+def test_training_with_real_injected_slices(tmp_path, capsys):
+    """A real slice with an artifact injected by ``medqc synth --inject`` trains with the injector's labels:
+    read back with its truth.json severities, counted in the metrics; a folder without injected CT is a usage
+    error before any data is generated."""
+    need_module("medqc.synth.training", "the synthetic generator is part of this repository")
+    data = need_module("pydicom.data")
+    import shutil
+
+    from medqc.analysis.preprocess import PreprocessParams
+    from medqc.models.data import real_injected
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(data.get_testdata_file("CT_small.dcm"), src / "ct1.dcm")
+    inj = tmp_path / "inj"
+    assert main(["synth", "--inject", "ring:0.8", "--from", str(src), "--workers", "1", "--no-progress",
+                 str(inj / "ring")]) == 0
+    truth = json.loads((inj / "ring" / "truth.json").read_text())
+    x, sev, names = real_injected([inj], PreprocessParams())
+    assert x.shape[0] == 1 and len(names) == 1
+    assert sev[0].tolist() == pytest.approx([truth["slices"][0]["artifacts"][a] for a in ARTIFACTS])
+    assert sev[0][ARTIFACTS.index("ring")] > 0
+    capsys.readouterr()
+    rc = main(["train", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c0"), "--real-injected", str(src)])
+    assert rc == 2 and "no injected real CT" in capsys.readouterr().err and not (tmp_path / "c0").exists()
+    out = tmp_path / "run"
+    argv = ["train", "--model", "qcnet-small", "--out", str(out), "--cache", str(tmp_path / "cache"),
+            "--n-train", "16", "--n-val", "8", "--epochs", "1", "--batch-size", "8", "--workers", "1", "--seed", "5",
+            "--no-progress", "--holdout", "no_such_parameter>0", "--real-injected", str(inj), "--real-fraction", "0.4"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["real_injected"]["slices"] == 1 and metrics["real_negatives"]["slices"] == 0
+    assert metrics["real_negatives"]["batch_fraction"] == 0.4
+    assert "Real CT with artifacts injected" in (out / "card.md").read_text()
