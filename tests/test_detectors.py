@@ -100,6 +100,22 @@ def test_heavy_noise_or_a_ring_explains_away_motion_evidence():
     assert fusion.fuse({"motion": 0.8}, m)["motion"] < 0.8
 
 
+def test_air_streaked_beyond_what_noise_makes_is_not_explained_by_noise():
+    """Noise darkens free air a little (3.9 HU at most on the real studies at severity 1); dark streaks of
+    ``AIR_BEYOND_NOISE_HU`` or more are motion's, so a noisy slice with them keeps its whole motion score,
+    and flags on the air alone. A ring or a cut patient still explains them."""
+    w = fusion.MOTION_NETWORK_WEIGHT
+    noisy = {"noise_ratio": 1.5, "noise_ratio_plain": 1.5, "ring_contrast_hu": 0.0}
+    below = fusion.fuse({"motion": 0.5}, {**noisy, "air_dark_hu": 3.9})["motion"]
+    air = airstreaks.evidence(3.9)
+    assert below == pytest.approx((w * 0.5 + (1 - w) * air) * fusion.MOTION_EXPLAINED)
+    beyond = fusion.fuse({"motion": 0.5}, {**noisy, "air_dark_hu": fusion.AIR_BEYOND_NOISE_HU})["motion"]
+    assert beyond == pytest.approx(w * 0.5 + (1 - w) * 1.0) and beyond >= 0.58
+    assert fusion.fuse({"motion": 0.0}, {**noisy, "air_dark_hu": 8.0})["motion"] >= 0.58  # the air alone flags
+    ringed = {**noisy, "ring_contrast_hu": 20.0, "air_dark_hu": 8.0}
+    assert fusion.fuse({"motion": 0.5}, ringed)["motion"] == pytest.approx((w * 0.5 + (1 - w)) * fusion.MOTION_EXPLAINED)
+
+
 def test_noise_near_its_level_and_metal_streaks_explain_part_of_the_motion_score():
     """Noise raises both motion cues before it reaches its own threshold: from half the level (noise evidence
     0.1) the motion score is scaled down continuously to ``MOTION_EXPLAINED`` at the threshold. Metal

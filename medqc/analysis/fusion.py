@@ -19,6 +19,10 @@ CLASSICAL_THRESHOLD = 0.5  # the checks' threshold for a class the bundle's netw
 MOTION_NETWORK_WEIGHT = 0.4  # the network's share of the fused motion score, the air evidence's the rest
 MOTION_EXPLAINED = 0.7  # motion score factor on a slice whose noise or ring evidence is over the threshold
 MOTION_NOISE_FROM = 0.1  # ... and from 1 down to it as the noise evidence rises from this (half the level) to it
+# Dark streaks in free air at or beyond this (the air's full evidence, ``airstreaks.EVIDENCE_HU[1]``) are not
+# noise's doing: noise injected at severity 1 into the real studies darkened their free air to 3.9 HU at most
+# (clean 4.2), while motion injected into them reads a median of 4–19 HU per study (up to 57). On such a slice noise explains no part of the motion score.
+AIR_BEYOND_NOISE_HU = 5.0
 NOISE_EXPLAINED = 0.5  # classical noise evidence factor on a slice whose ring evidence, or metal area, is over its level
 # Dense material (>= METAL_HU) over this area streaks the trunk's centre, where noise is read: σ there is partly
 # its streaks. A smaller object (an ECG electrode or lead, a clip: under ~8 mm across) starves only the few
@@ -98,7 +102,11 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     evaluation slices these were most of the top-scoring slices without motion), and the finding there is
     the noise or the ring; motion still qualifies when the unscaled score reaches about 0.83. Noise confounds
     them before it reaches its own threshold, so from ``MOTION_NOISE_FROM`` (noise evidence 0.1: σ at half
-    the level) the factor ramps from 1 down to 0.7 at the threshold (:func:`motion_explained`); and the
+    the level) the factor ramps from 1 down to 0.7 at the threshold (:func:`motion_explained`) — except where
+    the free air reads ``AIR_BEYOND_NOISE_HU`` (5 HU) of dark streaks or more, more than noise makes there
+    (on the real studies noise at severity 1 reached 3.9 HU): such streaks flag on their own, noisy slice or
+    not (rings and a patient outside the scan field still explain them: their arcs and cut edges streak the
+    air too); and the
     noise evidence used here is the one before the metal's share is taken out — metal streaks that read as
     noise-level σ confound both cues all the same (the noise check itself still stays quiet there) — and
     without the sharp kernels' allowance (``noise_ratio_plain``): a lung or bone kernel's σ is no artifact
@@ -132,7 +140,9 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
             air = airstreaks.evidence(m["air_dark_hu"])
             w = MOTION_NETWORK_WEIGHT
             n = w * n + (1.0 - w) * (air if math.isfinite(air) else airstreaks.UNJUDGED_EVIDENCE)
-        n *= motion_explained(noisy, max(cls.get("ring", 0.0), cls.get("truncation", 0.0)))
+        air_hu = m.get("air_dark_hu", float("nan"))
+        beyond_noise = air_hu is not None and math.isfinite(air_hu) and air_hu >= AIR_BEYOND_NOISE_HU
+        n *= motion_explained(0.0 if beyond_noise else noisy, max(cls.get("ring", 0.0), cls.get("truncation", 0.0)))
         out["motion"] = n
     for k, p in cls.items():
         n = out.get(k)
