@@ -975,9 +975,14 @@ def shown(p: Path) -> str:
 
 
 def code_label() -> str:
+    """The commit evaluated, ``-dirty`` where code differs from it: changed results under ``bench/results``
+    (an earlier evaluation of the same run) do not count."""
     try:
-        r = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
-        return r.stdout.strip() or "?"
+        r = subprocess.run(["git", "-C", str(ROOT), "describe", "--always"], capture_output=True, text=True, timeout=10)
+        st = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                             ":(exclude)bench/results"], capture_output=True, text=True, timeout=10)
+        label = r.stdout.strip() or "?"
+        return label + ("-dirty" if st.returncode == 0 and st.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "?"
 
