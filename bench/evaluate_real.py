@@ -94,15 +94,49 @@ METAL_HU, METAL_PIXELS = 2500.0, 3
 
 # ------------------------------------------------------------------------------------------ inputs
 def default_studies(cache: Path = DEFAULT_CACHE) -> list[Path]:
-    """Every study folder under the real-CT root, and the real head CT of Debian's invesalius-examples where
-    that package is installed (``debian_head``)."""
+    """Every study folder under the real-CT root, the real head CT of Debian's invesalius-examples where
+    that package is installed (``debian_head``) and the real scanner slices of pydicom's test data where it
+    is (``pydicom_slices``)."""
     env = os.environ.get("MEDQC_REAL_CT")
     root = Path(env) if env else ROOT.parent / "shared" / "real-ct"
     if not root.is_dir():
         raise SystemExit(f"no real CT found at {root} (set MEDQC_REAL_CT or give study folders)")
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     head = debian_head(Path(cache).expanduser())
-    return dirs + ([head] if head else [])
+    slices = pydicom_slices(Path(cache).expanduser())
+    return dirs + ([head] if head else []) + ([slices] if slices else [])
+
+
+# Real scanner slices among pydicom's test files (pydicom and pydicom-data, MIT-licensed, on PyPI), each at its
+# own resolution and field: a Siemens SOMATOM Definition AS+ slice (B30s, 1 mm, a 147 mm targeted field round
+# a vertebra, body part NECK), a Supria (Hitachi) head at the skull base (kernel 11, 5 mm, tilted 22°, with the
+# mastoid's air cells), a head in its holder (STANDARD, 5 mm, 245 mm, padded with -3024 HU; scanner not
+# recorded) and a contrast-enhanced abdomen at the pancreas (440 mm; scanner not recorded). The same head's other encodings, the 128² CT_small (downsized) and the derived copies are left out.
+PYDICOM_SLICES = ("bad_sequence.dcm", "J2K_pixelrep_mismatch.dcm", "693_UNCR.dcm", "explicit_VR-UN.dcm")
+
+
+def pydicom_slices(cache: Path) -> Path | None:
+    """``PYDICOM_SLICES`` copied once into ``<cache>/pydicom-data-ct`` (a study of four single-slice series),
+    from the installed packages only (nothing is downloaded); None where none of them is installed."""
+    try:
+        from pydicom.data import get_testdata_file
+    except ImportError:
+        return None
+    out = cache / "pydicom-data-ct"
+    found = 0
+    for name in PYDICOM_SLICES:
+        try:
+            src = get_testdata_file(name, download=False)
+        except Exception:  # noqa: BLE001 - a data store that cannot answer: the file is not here
+            src = None
+        if not src:
+            continue
+        found += 1
+        dst = out / name
+        if not dst.is_file() or dst.stat().st_size != Path(src).stat().st_size:
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+    return out if found else None
 
 
 def debian_head(cache: Path) -> Path | None:

@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from conftest import missing_real_ct
+from conftest import missing_real_ct, need_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TCIA = "tcia-covid19-ny-sbu-slices"
@@ -90,3 +90,27 @@ def test_real_evaluation_on_two_tcia_slices_and_a_chest_block(tmp_path):
     assert again["jobs"]["cached"] == 6
     key = lambda r: (r["variant"], r["sop"])  # noqa: E731
     assert {key(r): r["scores"] for r in again["records"]} == {key(r): r["scores"] for r in res["records"]}
+
+
+def test_pydicom_real_slices_join_the_default_studies(tmp_path, monkeypatch):
+    """The real scanner slices among pydicom's test data (Siemens, Hitachi and two unrecorded scanners) are
+    copied into the cache once, from the installed packages, and evaluated beside the scanner studies; a
+    targeted view of a study keeps its files' relative paths."""
+    need_module("data_store", "pydicom-data (a test dependency) holds three of the slices")
+    er = harness()
+    out = er.pydicom_slices(tmp_path)
+    assert out == tmp_path / "pydicom-data-ct"
+    assert sorted(p.name for p in out.iterdir()) == sorted(er.PYDICOM_SLICES)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert er.pydicom_slices(tmp_path) == out and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    monkeypatch.setenv("MEDQC_REAL_CT", str(real_ct_root()))
+    assert out in er.default_studies(tmp_path)
+    import pydicom
+
+    makers = {str(pydicom.dcmread(p, stop_before_pixels=True).get("ManufacturerModelName", "")) for p in out.iterdir()}
+    assert {"SOMATOM Definition AS+", "Supria"} <= makers
+    tight = er.targeted_studies([out], 0.7, tmp_path)[0]
+    assert sorted(p.name for p in tight.glob("*.dcm")) == sorted(er.PYDICOM_SLICES)
+    ds = pydicom.dcmread(tight / "explicit_VR-UN.dcm", stop_before_pixels=True)
+    src = pydicom.dcmread(out / "explicit_VR-UN.dcm", stop_before_pixels=True)
+    assert float(ds.PixelSpacing[0]) < float(src.PixelSpacing[0]) and ds.Rows == src.Rows
