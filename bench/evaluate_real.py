@@ -175,7 +175,7 @@ def targeted_studies(dirs: list[Path], frac: float, cache: Path) -> list[Path]:
     variant evaluation uses, its header's field and isocentre tags to match), each slice under its source
     file's relative path (so ``KNOWN_REAL`` still names it). The artifacts are then injected into these
     slices, as into any series a scanner reconstructed in a tight field: the body fills it, and the air
-    round the patient is mostly outside it. Rebuilt when the variant code or the study's files change."""
+    round the patient is mostly outside it. Rebuilt when the variant code or the study's files (names, sizes) change."""
     from medqc.synth import variants as V
 
     code = hashlib.sha256(Path(V.__file__).read_bytes()).hexdigest()[:12]

@@ -21,7 +21,8 @@ MOTION_EXPLAINED = 0.7  # motion score factor on a slice whose noise or ring evi
 MOTION_NOISE_FROM = 0.1  # ... and from 1 down to it as the noise evidence rises from this (half the level) to it
 # Dark streaks in free air at or beyond this (the air's full evidence, ``airstreaks.EVIDENCE_HU[1]``) are not
 # noise's doing: noise injected at severity 1 into the real studies darkened their free air to 3.9 HU at most
-# (clean 4.2), while motion injected into them reads a median of 4–19 HU per study (up to 57). On such a slice noise explains no part of the motion score.
+# (clean 4.2), while motion injected into them reads a median of 4–19 HU per study (up to 57). On such a slice
+# noise explains no part of the motion score.
 AIR_BEYOND_NOISE_HU = 5.0
 NOISE_EXPLAINED = 0.5  # classical noise evidence factor on a slice whose ring evidence, or metal area, is over its level
 # Dense material (>= METAL_HU) over this area streaks the trunk's centre, where noise is read: σ there is partly
