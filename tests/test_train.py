@@ -100,21 +100,29 @@ def test_real_negatives_options(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "o"), "--real-fraction", "0.7"]) == 2
 
 
-def test_training_with_real_negatives_and_epoch_checkpoints(tmp_path, capsys):
-    """Real CT (pydicom-data's GE slice) is mixed into the batches; every epoch's checkpoint is kept."""
+def _tiny_run(tmp_path, out, epochs: int, *extra: str) -> list[str]:
+    """``medqc train`` argv for a seconds-long run of the small network on 16 synthetic slices."""
+    return ["train", "--model", "qcnet-small", "--out", str(out), "--cache", str(tmp_path / "cache"),
+            "--n-train", "16", "--n-val", "8", "--epochs", str(epochs), "--batch-size", "8", "--workers", "1", "--seed", "5",
+            "--no-progress", "--holdout", "no_such_parameter>0", *extra]
+
+
+def _real_slice(folder):
+    """``folder`` holding one real CT slice (pydicom's GE ``CT_small.dcm``), for runs that train on real CT."""
     need_module("medqc.synth.training", "the synthetic generator is part of this repository")
     data = need_module("pydicom.data")
     import shutil
 
-    real = tmp_path / "real"
-    real.mkdir()
-    shutil.copy(data.get_testdata_file("CT_small.dcm"), real / "ct1")
+    folder.mkdir()
+    shutil.copy(data.get_testdata_file("CT_small.dcm"), folder / "ct1.dcm")
+    return folder
+
+
+def test_training_with_real_negatives_and_epoch_checkpoints(tmp_path, capsys):
+    """Real CT (pydicom-data's GE slice) is mixed into the batches; every epoch's checkpoint is kept."""
+    real = _real_slice(tmp_path / "real")
     out = tmp_path / "run"
-    argv = ["train", "--model", "qcnet-small", "--out", str(out), "--cache", str(tmp_path / "cache"),
-            "--n-train", "16", "--n-val", "8", "--epochs", "2", "--batch-size", "8", "--workers", "1", "--seed", "5",
-            "--no-progress", "--holdout", "no_such_parameter>0", "--real-negatives", str(real), "--real-fraction", "0.25",
-            "--keep-epochs"]
-    assert main(argv) == 0
+    assert main(_tiny_run(tmp_path, out, 2, "--real-negatives", str(real), "--real-fraction", "0.25", "--keep-epochs")) == 0
     capsys.readouterr()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["real_negatives"]["slices"] == 1 and metrics["real_negatives"]["batch_fraction"] == 0.25
@@ -127,16 +135,10 @@ def test_training_with_real_injected_slices(tmp_path, capsys):
     """A real slice with an artifact injected by ``medqc synth --inject`` trains with the injector's labels:
     read back with its truth.json severities, counted in the metrics; a folder without injected CT is a usage
     error before any data is generated."""
-    need_module("medqc.synth.training", "the synthetic generator is part of this repository")
-    data = need_module("pydicom.data")
-    import shutil
-
     from medqc.analysis.preprocess import PreprocessParams
     from medqc.models.data import real_injected
 
-    src = tmp_path / "src"
-    src.mkdir()
-    shutil.copy(data.get_testdata_file("CT_small.dcm"), src / "ct1.dcm")
+    src = _real_slice(tmp_path / "src")
     inj = tmp_path / "inj"
     assert main(["synth", "--inject", "ring:0.8", "--from", str(src), "--workers", "1", "--no-progress",
                  str(inj / "ring")]) == 0
@@ -149,10 +151,7 @@ def test_training_with_real_injected_slices(tmp_path, capsys):
     rc = main(["train", "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c0"), "--real-injected", str(src)])
     assert rc == 2 and "no injected real CT" in capsys.readouterr().err and not (tmp_path / "c0").exists()
     out = tmp_path / "run"
-    argv = ["train", "--model", "qcnet-small", "--out", str(out), "--cache", str(tmp_path / "cache"),
-            "--n-train", "16", "--n-val", "8", "--epochs", "1", "--batch-size", "8", "--workers", "1", "--seed", "5",
-            "--no-progress", "--holdout", "no_such_parameter>0", "--real-injected", str(inj), "--real-fraction", "0.4"]
-    assert main(argv) == 0
+    assert main(_tiny_run(tmp_path, out, 1, "--real-injected", str(inj), "--real-fraction", "0.4")) == 0
     capsys.readouterr()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["real_injected"]["slices"] == 1 and metrics["real_negatives"]["slices"] == 0
