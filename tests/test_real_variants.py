@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,3 +232,36 @@ def test_a_constant_fill_that_is_not_the_lowest_value_stays_constant_on_a_finer_
     far = R > 52  # clear of the fill's edge
     assert (up[far] == -1024.0).all()
     assert up.min() < -1024.0  # the streak below the fill is still there
+
+
+@pytest.mark.parametrize("layout,want", [("feet-first", "FFS"), ("prone", "HFP")])
+def test_layouts_of_a_slice_stored_rows_posterior_to_anterior(tmp_path, layout, want):
+    """A real supine abdomen (pydicom-data's pancreas slice) archived with its rows running posterior to
+    anterior (ImageOrientationPatient 1\\0\\0\\0\\-1\\0) and no PatientPosition: the feet-first and prone variants
+    store it as those positions' scanners do (row direction -x; column direction +y feet first, -y prone),
+    so the position and the axes agree and no orientation finding is raised; the anatomy stays put."""
+    from conftest import analyze_json, need_module
+    from medqc.synth import variants as V
+
+    need_module("data_store", "pydicom-data (a test dependency) holds the slice")
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    src = Path(get_testdata_file("explicit_VR-UN.dcm", download=False))
+    ds = pydicom.dcmread(src)
+    assert float(ds.ImageOrientationPatient[4]) == -1.0 and "PatientPosition" not in ds
+    out = V.write_variant([ds], tmp_path / layout, layout)
+    (f,) = sorted(out.glob("*.dcm"))
+    v = pydicom.dcmread(f)
+    iop = [float(x) for x in v.ImageOrientationPatient]
+    assert (iop[0], iop[4]) == (-1.0, 1.0 if layout == "feet-first" else -1.0) and v.PatientPosition == want
+    # the same anatomy at the same patient coordinates: the pixel at the source's first row and column
+    hu_src, hu_v = V.hu_of(ds), V.hu_of(v)
+    p0 = np.array([float(x) for x in ds.ImagePositionPatient])
+    ro, co = np.array(iop[:3]), np.array(iop[3:])
+    d = p0 - np.array([float(x) for x in v.ImagePositionPatient])
+    r, c = int(round(d @ co / float(v.PixelSpacing[0]))), int(round(d @ ro / float(v.PixelSpacing[1])))
+    assert hu_v[r, c] == hu_src[0, 0]
+    rep = analyze_json(out)
+    checks = [x["check"] for s in rep["series"] for x in s["findings"]]
+    assert "geometry.orientation" not in checks, checks

@@ -25,6 +25,8 @@ a reconstructed image (``derive``):
   layout and keeps 1\\0\\0\\0\\1\\0: the real GE slices here include such FFS files.)
 * ``prone`` — the same layout rotated by 180° (ImageOrientationPatient −1\\0\\0\\0\\−1\\0), PatientPosition HFP.
   Only the storage is prone: the anatomy lies as it did (supine gravity, the couch now at the image's top).
+  Both layouts are reached from whatever layout the source is stored in (an archive may hold a supine slice
+  with its rows running posterior to anterior): the pixels are mirrored until the orientation is the one named.
 
 A reconstruction kernel is not a variant: relabelling ConvolutionKernel changes no texture. Every variant is a
 new series (new UIDs derived from the source and the variant), written as CT Image Storage, explicit VR little
@@ -236,31 +238,41 @@ def _position(d, prone: bool) -> str:
     return head + ("P" if prone else "S")
 
 
-def feet_first(ds):
-    """``ds`` as the gantry-frame feet-first layout stores it: columns mirrored, the row direction reversed."""
-    d = copy.deepcopy(ds)
-    hu = hu_of(d)
-    ro, co = _dirs(d)
-    cps = float(d.PixelSpacing[1])
-    d.ImagePositionPatient = _fmt(_ipp(d) + (hu.shape[1] - 1) * cps * ro)
-    d.ImageOrientationPatient = _fmt(list(-ro) + list(co))
-    pp = str(getattr(d, "PatientPosition", "") or "HFS").upper()
-    d.PatientPosition = ("HF" if pp.startswith("FF") else "FF") + (pp[2:] or "S")
-    set_hu(d, np.ascontiguousarray(hu[:, ::-1]))
-    return d
-
-
-def prone(ds):
-    """``ds`` rotated by 180° in its plane (rows and columns reversed, both directions reversed), PatientPosition
-    prone."""
+def _stored_as(ds, row_x: float, col_y: float):
+    """A copy of ``ds`` laid out as a scanner stores it for a position: its pixels mirrored (and
+    ImagePositionPatient / ImageOrientationPatient to match) until its row direction's x and its column
+    direction's y have the signs of ``row_x`` and ``col_y``, whatever layout the source was stored in (an
+    archive may hold a supine slice with its rows running posterior to anterior); the anatomy stays where it
+    was in patient coordinates."""
     d = copy.deepcopy(ds)
     hu = hu_of(d)
     ro, co = _dirs(d)
     rps, cps = float(d.PixelSpacing[0]), float(d.PixelSpacing[1])
-    d.ImagePositionPatient = _fmt(_ipp(d) + (hu.shape[1] - 1) * cps * ro + (hu.shape[0] - 1) * rps * co)
-    d.ImageOrientationPatient = _fmt(list(-ro) + list(-co))
+    ipp = _ipp(d)
+    if np.sign(ro[0]) != np.sign(row_x):  # mirror the columns
+        ipp, ro, hu = ipp + (hu.shape[1] - 1) * cps * ro, -ro, hu[:, ::-1]
+    if np.sign(co[1]) != np.sign(col_y):  # reverse the rows
+        ipp, co, hu = ipp + (hu.shape[0] - 1) * rps * co, -co, hu[::-1, :]
+    d.ImagePositionPatient = _fmt(ipp)
+    d.ImageOrientationPatient = _fmt(list(ro) + list(co))
+    set_hu(d, np.ascontiguousarray(hu))
+    return d
+
+
+def feet_first(ds):
+    """``ds`` as the gantry-frame feet-first layout stores it: the row direction running to the patient's right
+    (−x), the column direction posterior (+y); from the head-first supine layout, columns mirrored."""
+    d = _stored_as(ds, -1.0, 1.0)
+    pp = str(getattr(d, "PatientPosition", "") or "HFS").upper()
+    d.PatientPosition = ("HF" if pp.startswith("FF") else "FF") + (pp[2:] or "S")
+    return d
+
+
+def prone(ds):
+    """``ds`` as a prone layout stores it (ImageOrientationPatient −1\\0\\0\\0\\−1\\0: from the head-first
+    supine layout, rotated by 180° in its plane), PatientPosition prone."""
+    d = _stored_as(ds, -1.0, -1.0)
     d.PatientPosition = _position(d, prone=True)
-    set_hu(d, np.ascontiguousarray(hu[::-1, ::-1]))
     return d
 
 
