@@ -243,7 +243,7 @@ def real_injected(folders, params: PreprocessParams) -> tuple[np.ndarray, np.nda
     injector's per-slice severities in ``ARTIFACTS`` order, one description per source series)."""
     import pydicom
 
-    from medqc.models.realct import slice_hu
+    from medqc.models.realct import slice_input
     from medqc.models.slice_input import prepare
 
     xs, ys, per_series = [], [], {}
@@ -254,9 +254,7 @@ def real_injected(folders, params: PreprocessParams) -> tuple[np.ndarray, np.nda
                 continue
             items = []
             for s in t.get("slices") or []:
-                ds = pydicom.dcmread(str(truth.parent / s["file"]))
-                iop = tuple(float(v) for v in ds.ImageOrientationPatient) if "ImageOrientationPatient" in ds else None
-                items.append((slice_hu(ds), tuple(float(v) for v in ds.PixelSpacing), iop))
+                items.append(slice_input(pydicom.dcmread(str(truth.parent / s["file"]))))
                 ys.append([float((s.get("artifacts") or {}).get(a, 0.0)) for a in ARTIFACTS])
             xs.extend(prepare(items, params, np.float16))
             key = str(t.get("source_series_instance_uid", ""))[-12:]

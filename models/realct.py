@@ -30,6 +30,12 @@ def slice_hu(ds) -> np.ndarray:
     return arr * slope + inter
 
 
+def slice_input(ds) -> tuple[np.ndarray, tuple[float, float], tuple | None]:
+    """(HU, pixel spacing, orientation or None) of one slice: what ``slice_input.prepare`` takes."""
+    iop = tuple(float(v) for v in ds.ImageOrientationPatient) if "ImageOrientationPatient" in ds else None
+    return slice_hu(ds), tuple(float(v) for v in ds.PixelSpacing), iop
+
+
 def is_axial_ct(ds) -> bool:
     it = [str(v).upper() for v in (ds.get("ImageType") or [])]
     return ds.get("Modality") == "CT" and "LOCALIZER" not in it and "SECONDARY" not in it and "PixelData" in ds
@@ -48,9 +54,7 @@ def read_series(folder: Path) -> dict[str, list]:
         if not is_axial_ct(ds):
             continue
         z = float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else float(ds.get("InstanceNumber", 0))
-        ps = [float(v) for v in ds.PixelSpacing]
-        iop = tuple(float(v) for v in ds.ImageOrientationPatient) if "ImageOrientationPatient" in ds else None
-        out.setdefault(str(ds.SeriesInstanceUID), []).append((z, slice_hu(ds), (ps[0], ps[1]), iop))
+        out.setdefault(str(ds.SeriesInstanceUID), []).append((z, *slice_input(ds)))
     for v in out.values():
         v.sort(key=lambda t: t[0])
     return out
@@ -78,8 +82,7 @@ def evaluate(bundle_dir=None, studies=None) -> list[dict]:
     import pydicom
 
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    p, pos = score(runner, bundle, [(0.0, slice_hu(ds), tuple(float(v) for v in ds.PixelSpacing),
-                                     tuple(float(v) for v in ds.ImageOrientationPatient))])
+    p, pos = score(runner, bundle, [(0.0, *slice_input(ds))])
     fired = [a for k, a in enumerate(labels) if p[0, k] > thr.get(a, 0.5)]
     results.append({
         "name": "pydicom CT_small.dcm (real GE axial slice, clean)",
