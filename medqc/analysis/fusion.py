@@ -19,11 +19,11 @@ CLASSICAL_THRESHOLD = 0.5  # the checks' threshold for a class the bundle's netw
 MOTION_NETWORK_WEIGHT = 0.4  # the network's share of the fused motion score, the air evidence's the rest
 MOTION_EXPLAINED = 0.7  # motion score factor on a slice whose noise or ring evidence is over the threshold
 MOTION_NOISE_FROM = 0.1  # ... and from 1 down to it as the noise evidence rises from this (half the level) to it
-# Dark streaks in free air at or beyond this (the air's full evidence, ``airstreaks.EVIDENCE_HU[1]``) are not
-# noise's doing: noise injected at severity 1 into the real studies darkened their free air to 3.9 HU at most
-# (clean 4.2), while motion injected into them reads a median of 4–19 HU per study (up to 57). On such a slice
-# noise explains no part of the motion score.
-AIR_BEYOND_NOISE_HU = 5.0
+# Dark streaks in free air at or beyond the air's full evidence (5 HU) are not noise's doing: noise injected at
+# severity 1 into the real studies darkened their free air to 3.9 HU at most (clean 4.2), while motion injected
+# into them reads a median of 4–19 HU per study (up to 57). On such a slice noise explains no part of the
+# motion score.
+AIR_BEYOND_NOISE_HU = airstreaks.EVIDENCE_HU[1]
 NOISE_EXPLAINED = 0.5  # classical noise evidence factor on a slice whose ring evidence, or metal area, is over its level
 # Dense material (>= METAL_HU) over this area streaks the trunk's centre, where noise is read: σ there is partly
 # its streaks. A smaller object (an ECG electrode or lead, a clip: under ~8 mm across) starves only the few
@@ -137,11 +137,11 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
         cls["noise"] *= NOISE_EXPLAINED  # the σ measured there is the metal's streaks or the ring's circles
     n = out.get("motion")
     if n is not None and math.isfinite(n):
+        air_hu = m.get("air_dark_hu", float("nan"))
         if "air_dark_hu" in m:  # measured: streaked or flat air, or none to judge (a neutral value then)
-            air = airstreaks.evidence(m["air_dark_hu"])
+            air = airstreaks.evidence(air_hu)
             w = MOTION_NETWORK_WEIGHT
             n = w * n + (1.0 - w) * (air if math.isfinite(air) else airstreaks.UNJUDGED_EVIDENCE)
-        air_hu = m.get("air_dark_hu", float("nan"))
         beyond_noise = air_hu is not None and math.isfinite(air_hu) and air_hu >= AIR_BEYOND_NOISE_HU
         n *= motion_explained(0.0 if beyond_noise else noisy, max(cls.get("ring", 0.0), cls.get("truncation", 0.0)))
         out["motion"] = n
