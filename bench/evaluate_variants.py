@@ -355,6 +355,7 @@ def markdown(res: dict) -> str:
 
     R = res["results"]
     names = list(R)
+    patients = sorted({r["study"] for v in names for r in R[v]["series_clean"] if "phantom" not in r["study"].lower()})
     sev = ", ".join(f"{s:g}" for s in res["severities"])
     L = ["# Acquisition variants of the real CT (`bench/evaluate_variants.py`)", ""]
     if res.get("command"):
@@ -366,7 +367,7 @@ def markdown(res: dict) -> str:
           f"run time {res['seconds']['total']:.0f} s. Thresholds: "
           + ", ".join(f"{c} {t:.3g}" for c, t in res["thresholds"].items()) + ".", "",
           "Each variant is derived from the reconstructed images (`medqc/synth/variants.py`): `matrix-N` resampled "
-          "to N² (area averaging down, linear up; resampling a reconstruction is not reconstructing on another "
+          "to N² (area averaging down, band-limited up; resampling a reconstruction is not reconstructing on another "
           "matrix: the noise grain stays the 512² one, which at 2 mm, where noise and air are read, differs "
           "little), `fov-F` a targeted displayed field of F × the original round the trunk's middle, back on the "
           "same matrix (a crop, never truncation), `thick-K` K consecutive slices averaged (series of ≥ K slices "
@@ -374,7 +375,7 @@ def markdown(res: dict) -> str:
           "numbered from the feet), `prone` rotated 180° (IOP −1\\0\\0\\0\\−1\\0, HFP). Injected variants are "
           "derived from the injected original (`medqc synth --inject`), so an artifact goes through the same "
           "resampling, cropping or averaging as the anatomy.", "",
-          "## Clean series: findings (patients: the Philips chest, the 20 TCIA slices and the real head where installed)", "",
+          f"## Clean series: findings (patients: {', '.join(patients)})", "",
           "| variant | series | findings (any) | per 10 series | warning+critical | critical | false artifact findings | "
           "slices over a threshold (metal / motion / ring / noise / truncation) |", "|---|---|---|---|---|---|---|---|"]
     for v in names:
