@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Acquisition variants of the real CT: do the shipped operating points hold on another matrix, a targeted
-field, thicker slices, a feet-first or a prone layout?
+field, thicker slices, a store that clips CT numbers low, a feet-first or a prone layout?
 
     .venv/bin/python bench/evaluate_variants.py [DIR ...] [--variants matrix-256,fov-0.5,...] [--quick]
                                                 [--severities 0.4,0.7,1.0] [--kinds ...] [--block 24] [--every 8]
@@ -371,7 +371,8 @@ def markdown(res: dict) -> str:
           "matrix: the noise grain stays the 512² one, which at 2 mm, where noise and air are read, differs "
           "little), `fov-F` a targeted displayed field of F × the original round the trunk's middle, back on the "
           "same matrix (a crop, never truncation), `thick-K` K consecutive slices averaged (series of ≥ K slices "
-          "only), `feet-first` the gantry-frame feet-first layout (columns mirrored, IOP −1\\0\\0\\0\\1\\0, FFS, "
+          "only), `clip-H` a store that keeps CT numbers up to H HU (every pixel over it written as H, as the real "
+          "Philips chest's store does at 2,976), `feet-first` the gantry-frame feet-first layout (columns mirrored, IOP −1\\0\\0\\0\\1\\0, FFS, "
           "numbered from the feet), `prone` rotated 180° (IOP −1\\0\\0\\0\\−1\\0, HFP). Injected variants are "
           "derived from the injected original (`medqc synth --inject`), so an artifact goes through the same "
           "resampling, cropping or averaging as the anatomy.", "",

@@ -319,6 +319,20 @@ def test_dense_bone_is_not_metal():
     assert m["bone_area_mm2"] == pytest.approx(np.pi * 64, rel=0.25)
 
 
+def test_metal_a_store_clips_below_the_level_is_metal():
+    """A store that keeps CT numbers only up to 2,976 HU (the real Philips Big Bore chest's) writes an implant
+    as a plateau at that value: metal, though under the 3,000 HU level; a skin marker's few mm² there are
+    judged by the level as before, and enamel (varying values) is not clipped."""
+    implant = measures.measure(np.minimum(phantom(metal_mm=6.0, metal_hu=6000.0), 2976.0), info())
+    assert implant["metal_max_hu"] == 2976.0 and implant["metal_clipped"] == 1.0
+    assert fusion.metal_density(implant) and fusion.fuse({"metal": 0.05}, implant)["metal"] >= 0.9
+    marker = measures.measure(np.minimum(phantom(metal_mm=1.5, metal_hu=6000.0), 2976.0), info())
+    assert marker["metal_clipped"] == 0.0 and fusion.no_metal_density(marker)
+    assert fusion.fuse({"metal": 0.9}, marker)["metal"] <= fusion.METAL_SUBLEVEL
+    enamel = measures.measure(phantom(metal_mm=9.0, metal_hu=2650.0), info())
+    assert enamel["metal_clipped"] == 0.0
+
+
 def test_network_metal_needs_metal_density_pixels():
     # a confident network on a slice whose densest pixel is bone (2,200 HU) or enamel (2,650 HU, an area
     # over the classical metal ramp): no metal possible, whatever the network says

@@ -19,7 +19,8 @@ ARMS_OUT = REAL / "tcia-covid19-ny-sbu-slices" / "A067967" / "axial" / "19001231
 GE_RING_SLICE = REAL / "tcia-covid19-ny-sbu-slices" / "A056642" / "axial" / "19010107-111.dcm"
 # 7 mid-chest slices, two of them with radiotherapy skin markers (metal, clipped at 2976 HU by the 12-bit store)
 CHEST_SLICES = slice(55, 62)
-CLEAN_VARIANTS = ("matrix-256", "matrix-768", "matrix-1024", "fov-0.7", "fov-0.5", "thick-2", "feet-first", "prone")
+CLEAN_VARIANTS = ("matrix-256", "matrix-768", "matrix-1024", "fov-0.7", "fov-0.5", "thick-2", "clip-2976", "feet-first",
+                  "prone")
 
 
 def need(path: Path) -> Path:
@@ -65,6 +66,12 @@ def analysed(tmp_path_factory):
     whole = folders["whole"] = realcases.write_case(sl[::2], tmp, "whole", "CHEST ROUTINE")
     for v in ("feet-first", "prone", "fov-0.5"):
         folders[f"whole {v}"] = V.write_variant(V.read_series_of(sorted(whole.glob("*.dcm"))), tmp / f"whole-{v}", v)
+    # metal injected into the mid-chest slices (the middle one), then stored as a store clipping at 2,976 HU does
+    from medqc.synth.inject import inject_series
+
+    inject_series(folders["chest"], tmp / "chest-metal", "metal", 0.7, seed=3, progress=False)
+    folders["chest metal clip-2976"] = V.write_variant(V.read_series_of(sorted((tmp / "chest-metal").glob("*.dcm"))),
+                                                       tmp / "chest-metal-clip", "clip-2976")
     rep = analyze_json(*folders.values())
     by_uid = {s["series_instance_uid"]: s for s in rep["series"]}
     return {name: by_uid[_series_uid(f)] for name, f in folders.items()}
@@ -82,8 +89,8 @@ def _measure(s: dict, key: str) -> list[float]:
 @pytest.mark.parametrize("variant", CLEAN_VARIANTS)
 def test_clean_chest_variant_raises_no_artifact(analysed, variant):
     """The real chest at 256², 768², 1024² (the store's clipping at 2976 HU kept: its skin markers stay under the
-    metal level, as on the original), in a 350 and a 250 mm targeted field, averaged to 4 mm, feet first and
-    prone: no artifact finding, and no slice reaches the scan field's edge."""
+    metal level, as on the original), in a 350 and a 250 mm targeted field, averaged to 4 mm, clipped at
+    2,976 HU (as it is), feet first and prone: no artifact finding, and no slice reaches the scan field's edge."""
     s = analysed[f"chest {variant}"]
     assert s["slices"] == (3 if variant == "thick-2" else 7)
     assert _checks(s, "artifact.") == [], s["findings"]
@@ -99,6 +106,19 @@ def test_noise_and_lungs_read_in_millimetres(analysed, variant):
     for key, tol in (("noise_sd_2mm", 0.1), ("lung_area_mm2", 0.05)):
         for a, b in zip(_measure(s, key), _measure(base, key)):
             assert a == pytest.approx(b, rel=tol), (key, _measure(s, key), _measure(base, key))
+
+
+def test_metal_in_a_store_that_clips_below_the_metal_level(analysed):
+    """Metal in a store that keeps nothing above 2,976 HU (as the real Philips Big Bore chest's does) is a plateau
+    at that value: found (every pixel under the 3,000 HU level, it was found on none before), and only there."""
+    s = analysed["chest metal clip-2976"]
+    assert _checks(s, "artifact.") == ["artifact.metal"], s["findings"]
+    tops = _measure(s, "metal_max_hu")
+    assert max(tops) == 2976.0
+    metal = [p["scores"]["metal"] for p in sorted(s["per_slice"], key=lambda p: -p["z"])]
+    clipped = [p["measures"]["metal_clipped"] for p in sorted(s["per_slice"], key=lambda p: -p["z"])]
+    assert clipped[3] == 1.0 and metal[3] >= 0.9
+    assert max(metal[:2] + metal[5:]) < 0.14, metal
 
 
 def test_targeted_field_is_a_crop_not_truncation(analysed):

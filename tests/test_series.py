@@ -421,3 +421,39 @@ def test_sinks_get_frozen_events_that_a_late_slice_does_not_change(cfg):
 
     assert [f.name for f in dataclasses.fields(FindingEvent)] == [f.name for f in dataclasses.fields(Finding)]
     assert {k: v for k, v in live.to_dict().items() if k != "details"} == {k: v for k, v in FindingEvent.of(live).to_dict().items() if k != "details"}
+
+
+def _implant_series(order):
+    """12 slices 2.5 mm apart (z 0 → -27.5): metal at full density on slices 4-5 (indices), its partial-volumed
+    end on 6 (2,400 HU) and 7 (2,300 HU, 5 mm from the metal) at its place, 8 likewise but 7.5 mm from it;
+    enamel-like 2,500 HU on 3 far from the metal in-plane, cortical bone (1,800 HU) on 2. ``order``: arrival
+    order of the indices."""
+    res = make_results(12, scores={4: {"metal": 0.9}, 5: {"metal": 0.9}})
+    at = {"metal_row_mm": 100.0, "metal_col_mm": 120.0}
+    dense = {4: dict(metal_max_hu=3071.0, **at), 5: dict(metal_max_hu=3071.0, **at),
+             6: dict(metal_max_hu=2400.0, metal_row_mm=105.0, metal_col_mm=118.0),
+             7: dict(metal_max_hu=2300.0, metal_row_mm=104.0, metal_col_mm=119.0),
+             8: dict(metal_max_hu=2300.0, metal_row_mm=104.0, metal_col_mm=119.0),
+             3: dict(metal_max_hu=2500.0, metal_row_mm=200.0, metal_col_mm=250.0),
+             2: dict(metal_max_hu=1800.0)}
+    for i, m in dense.items():
+        res[i].measures.update(m)
+    return [res[i] for i in order]
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+@pytest.mark.parametrize("order", [tuple(range(12)), tuple(range(11, -1, -1))], ids=["head-first", "feet-first"])
+def test_metal_partial_volumed_beside_metal_is_metal(cfg, streaming, order):
+    """An implant's end partial-volumed under the metal level, on the slices next to its full-density ones and
+    where the metal lies, is metal too (midway between the threshold and the metal's score), whichever arrives
+    first; dense pixels elsewhere in the slice, beyond 5 mm of z from the metal, or bone are not."""
+    tr = SeriesTracker(cfg, {"metal": 0.14}, streaming=streaming)
+    res = _implant_series(list(order))
+    for r in res:
+        tr.add(r)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    by_index = {r.info.instance_number - 1: r.scores["metal"] for r in res}
+    assert by_index[6] == by_index[7] == pytest.approx(0.5 * (0.14 + 0.9))
+    assert all(by_index[i] == 0.01 for i in (2, 3, 8)), by_index
+    f = st.findings["1.2.3.9/artifact.metal"]
+    assert (f.first_instance, f.last_instance) == (5, 8)

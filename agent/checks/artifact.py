@@ -10,6 +10,10 @@ detector fault, on every slice) a run of ``min_run`` slices must also span 25 mm
 critical when ≥ 5 slices qualify and their mean score is at least the midpoint between threshold and 1,
 else warning.
 
+Metal is judged with the series too (``partial_metal``): a slice beside a metal slice whose densest pixel,
+short of metal density, still reaches 2,000 HU where the metal lies is an implant's partial-volumed end,
+raised to midway between the threshold and the metal's score, whichever of the two arrives first.
+
 Motion is also judged against the series' own level (``RELATIVE`` classes): the motion network, trained on
 synthetic CT, scores clean real slices anywhere from 0.3 to 0.76 depending on scanner and anatomy (see
 docs/checks.md), while motion itself is transient — it corrupts the slices of the rotations during which the
@@ -37,8 +41,9 @@ from dataclasses import dataclass, field
 
 from medqc import ARTIFACTS
 from medqc.analysis import fusion
-from medqc.agent.checks.common import finding
+from medqc.agent.checks.common import finding, finite
 from medqc.agent.checks.registry import Check, bounded
+from medqc.analysis.measures import METAL_PARTIAL_HU
 
 CRITICAL_SLICES = 5
 # classes whose runs must also span z (see qualifying): motion, where the network decides (with the air-streak
@@ -221,9 +226,56 @@ def summarise(state, cls: str, thr: float, qual_runs, air_cache: dict | None = N
     )
 
 
+# An implant's end, partial-volumed within a slice, falls short of the metal density that the slice-level
+# fusion requires (``fusion.metal_density``): the slice beside metal is metal all the same when its own densest
+# pixel reaches METAL_PARTIAL_HU (cortical bone does not) near where the metal lies. Slices so placed score
+# midway between the threshold and the metal's score.
+METAL_PARTIAL_MM = 5.0  # z from the nearest slice with metal at full density (a run of such slices, outward) ...
+METAL_NEXT_MM = 10.0  # ... and the slice next to it in any case, up to this far (thick slices)
+METAL_PARTIAL_XY_MM = 30.0  # densest pixels this close in-plane (mm), the metal's and the partial slice's
+
+
+def _metal_at(r) -> tuple[float, float] | None:
+    m = r.measures
+    y, x = m.get("metal_row_mm"), m.get("metal_col_mm")
+    return (y, x) if finite(y) and finite(x) else None
+
+
+def partial_metal(ordered: list[tuple[float, object]], thr: float, lo: int = 0, hi: int | None = None) -> list[int]:
+    """Raise the metal score on slices beside metal (see ``METAL_PARTIAL_MM``): from every slice in positions
+    ``lo..hi`` of ``ordered`` whose metal scores ``thr`` or more at metal density (``fusion.metal_density``),
+    outward through consecutive slices within ``METAL_PARTIAL_MM`` of it (the next one within
+    ``METAL_NEXT_MM``) whose densest pixel reads ``METAL_PARTIAL_HU`` or more, short of metal density, within
+    ``METAL_PARTIAL_XY_MM`` of its own: their score becomes the midpoint between ``thr`` and the metal slice's. Returns the positions raised
+    (the scores are changed in place; a raised slice is never a source: it is short of metal density)."""
+    raised = []
+    hi = len(ordered) - 1 if hi is None else hi
+    for c in range(max(0, lo), min(hi, len(ordered) - 1) + 1):
+        zc, rc = ordered[c]
+        if rc.error or rc.scores.get("metal", 0.0) < thr or not fusion.metal_density(rc.measures):
+            continue
+        at = _metal_at(rc)
+        if at is None:
+            continue
+        for step in (-1, 1):
+            j = c + step
+            while 0 <= j < len(ordered) and abs(ordered[j][0] - zc) <= (METAL_NEXT_MM if j == c + step else METAL_PARTIAL_MM):
+                r = ordered[j][1]
+                top, here = r.measures.get("metal_max_hu") or 0.0, _metal_at(r)
+                if (r.error or not top >= METAL_PARTIAL_HU or fusion.metal_density(r.measures) or here is None
+                        or math.hypot(here[0] - at[0], here[1] - at[1]) > METAL_PARTIAL_XY_MM):
+                    break
+                if r.scores.get("metal", 0.0) < thr:
+                    r.scores["metal"] = 0.5 * (thr + rc.scores["metal"])
+                    raised.append(j)
+                j += step
+    return raised
+
+
 def artifact_findings(state, ordered, thresholds: dict[str, float], min_run: int) -> list:
     """All artifact findings of a series from scratch (``ordered``: [(z, result)] sorted by z)."""
     out, air_cache = [], {}
+    partial_metal(ordered, thresholds.get("metal", 0.5))
     analysed = sum(1 for _, r in ordered if not r.error)
     for cls in ARTIFACTS:
         thr = thresholds.get(cls, 0.5)
@@ -252,6 +304,16 @@ def stream(s) -> None:
             if sq != s.seq and not st.results[sq].error:
                 _stream_slice(s, zz, sq, st.results[sq])
     _stream_slice(s, s.z, s.seq, s.result)
+    # metal beside metal: the slices this one places (or the metal that places it) are judged again
+    if s.result.measures.get("metal_max_hu", 0.0) >= METAL_PARTIAL_HU:
+        order = st._order
+        w0 = bisect.bisect_left(order, (s.z - 2 * METAL_NEXT_MM, -1))
+        near = order[w0:bisect.bisect_right(order, (s.z + 2 * METAL_NEXT_MM, math.inf))]
+        window = [(zz, st.results[sq]) for zz, sq in near]
+        lo = bisect.bisect_left(near, (s.z - METAL_NEXT_MM, -1))
+        hi = bisect.bisect_right(near, (s.z + METAL_NEXT_MM, math.inf)) - 1
+        for j in partial_metal(window, s.tracker.thresholds["metal"], lo, hi):
+            _stream_slice(s, near[j][0], near[j][1], window[j][1])
 
 
 def _stream_slice(s, z: float, seq: int, result) -> None:

@@ -51,10 +51,10 @@ def classical_probs(measures: dict[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     if math.isfinite(m.get("metal_area_mm2", float("nan"))):
         p = _ramp(m["metal_area_mm2"], *METAL_AREA_MM2)
-        if m.get("metal_max_hu", 0.0) < METAL_MIN_HU:
-            # bone, enamel, contrast — or metal whose densest pixel partial volume or a store that saturates
-            # below 3,000 HU kept under the level (the ends of a real hip implant): never a metal flag (the
-            # bundle's metal threshold is 0.14), but more dense area ranks higher than none
+        if not metal_density(m):
+            # bone, enamel, contrast — or metal that partial volume kept under the level (the ends of a real hip
+            # implant): never a metal flag on its own (the bundle's metal threshold is 0.14; the artifact check
+            # raises such a slice beside metal), but more dense area ranks higher than none
             p *= METAL_SUBLEVEL / 0.95
         out["metal"] = p
     if math.isfinite(m.get("body_touches_fov", float("nan"))):
@@ -120,10 +120,11 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     finding there is the metal or the ring; the series' other slices still judge its noise. On the
     evaluation slices this keeps metal and ring slices without noise from being flagged for noise, at the
     cost of a few noisy slices that also carry metal or a ring.
-    Metal needs metal-density pixels: a measured slice whose densest pixel stays below ``METAL_MIN_HU``
-    (3,000 HU; enamel and dense cortical bone stay below it, implants reconstruct far above it and saturate
-    at the top of the CT number range) cannot show a metal artifact, so there the network's metal score is
-    dropped too: metal is 0 on such a slice.
+    Metal needs metal-density pixels (``metal_density``): a measured slice whose densest pixel stays below
+    ``METAL_MIN_HU`` (3,000 HU; enamel and dense cortical bone stay below it, implants reconstruct far above
+    it and saturate at the top of the CT number range), and whose store did not clip metal lower
+    (``metal_clipped``), cannot show a metal artifact on its own, so there the network's metal score is
+    dropped too: metal is the sub-threshold classical evidence (at most ``METAL_SUBLEVEL``) on such a slice.
     Missing network classes take the classical value; missing measures leave the network value.
     """
     out = {k: float(v) for k, v in (net_probs or {}).items()}
@@ -178,7 +179,15 @@ def motion_explained(noise: float, ring: float) -> float:
     return 1.0
 
 
+def metal_density(measures: dict[str, float]) -> bool:
+    """The slice holds metal-density pixels: its densest reaches ``METAL_MIN_HU``, or its store clipped it
+    below that (``metal_clipped``: several pixels at one top value over 2,500 HU)."""
+    m = measures or {}
+    top = m.get("metal_max_hu")
+    return (top is not None and top >= METAL_MIN_HU) or (m.get("metal_clipped") or 0.0) >= 1.0
+
+
 def no_metal_density(measures: dict[str, float]) -> bool:
-    """True when the slice was measured and holds no pixel at metal density (>= METAL_MIN_HU)."""
+    """True when the slice was measured and holds no pixel at metal density (``metal_density``)."""
     hu = (measures or {}).get("metal_max_hu", float("nan"))
-    return hu is not None and math.isfinite(hu) and hu < METAL_MIN_HU
+    return hu is not None and math.isfinite(hu) and not metal_density(measures)

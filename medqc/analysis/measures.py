@@ -46,6 +46,12 @@ except ImportError:  # pragma: no cover - exercised by the module-hider test
 
 METAL_HU = 2500.0
 METAL_MIN_HU = 3000.0  # the densest bone and enamel rarely exceed this; metal saturates far above it
+METAL_CLIPPED_PX = 3  # pixels sharing a slice's densest value (>= METAL_HU): the store clipped them there (GE
+# writes metal at 3071 HU, a Philips Big Bore at 2976) ...
+METAL_CLIPPED_MM2 = 20.0  # ... over this much area at >= METAL_HU: an implant, metal whatever level the store
+# let it reach (a skin marker's few mm² stay judged by the level, as on stores that keep it)
+METAL_PARTIAL_HU = 2000.0  # a densest pixel from here up is placed (metal_row_mm / metal_col_mm): cortical bone
+# stays below it, the partial-volumed end of an implant next to its full-density slices often does not
 METAL_OBJECT_MM2 = 1.0  # metal objects whose streaks the air measure leaves out (see airstreaks), from this area ...
 METAL_OBJECTS = 8  # ... the largest this many
 BONE_HU = 300.0
@@ -61,6 +67,7 @@ MEASURES = (
     "body_center_offset_y_mm", "body_area_mm2", "lung_area_mm2", "bone_area_mm2", "skull_ring",
     "lateral_bone_mm2", "noise_sd_2mm", "noise_ratio", "ring_contrast_hu", "field_inside_body", "air_dark_hu",
     "display_touch", "noise_ratio_plain", "water_eq_diameter_mm", "anterior_bone_mm2", "trunk_width_mm",
+    "metal_row_mm", "metal_col_mm", "metal_clipped",
 )
 
 
@@ -240,12 +247,19 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         return out
     rmm, cmm = _pixel_mm(info)
     # metal: full resolution (small dense objects must not fall between subsamples)
-    top_hu = hu.max()
+    top_at = int(np.argmax(hu))
+    top_hu = hu.flat[top_at]
+    if top_hu >= METAL_PARTIAL_HU:  # where the densest pixel lies (mm from the first pixel's centre)
+        out["metal_row_mm"] = float(top_at // hu.shape[1]) * rmm
+        out["metal_col_mm"] = float(top_at % hu.shape[1]) * cmm
     metal_px = hu >= METAL_HU if top_hu >= METAL_HU else None
     n_metal = 0 if metal_px is None else int(np.count_nonzero(metal_px))
     out["metal_area_mm2"] = n_metal * rmm * cmm
     out["metal_max_hu"] = float(top_hu) if n_metal else float(min(top_hu, METAL_HU))
-    metal = _metal_objects(metal_px, rmm, cmm) if n_metal and top_hu >= METAL_MIN_HU else []
+    # a plateau at the top value is metal the store clipped: its objects' streaks are metal's whatever their size
+    plateau = n_metal >= METAL_CLIPPED_PX and int(np.count_nonzero(hu == top_hu)) >= METAL_CLIPPED_PX
+    out["metal_clipped"] = float(plateau and n_metal * rmm * cmm >= METAL_CLIPPED_MM2)
+    metal = _metal_objects(metal_px, rmm, cmm) if n_metal and (top_hu >= METAL_MIN_HU or plateau) else []
 
     # the masks work on a 2× subsampled view unless that would make its pixels coarser than MASK_MAX_PX_MM:
     # a 256² matrix of a 500 mm field (1.95 mm pixels) is read at its own pixels, as a 512² one is at 2

@@ -19,6 +19,10 @@ a reconstructed image (``derive``):
 * ``thick-K`` — K consecutive slices averaged into one (SliceThickness, positions and spacing to match): what a
   thicker reconstruction of the same helical data gives, to first order (partial volume over K slices; σ down
   by less than √K where neighbouring slices share data, as the real chest's do).
+* ``clip-H`` — a store that keeps CT numbers only up to H HU: every pixel over it written as H, as the real
+  Philips Big Bore chest here stores them (12-bit values up to 4000 over an intercept of −1024: 2,976 HU; GE
+  clips at 3071). Metal then reads the store's ceiling, not its own density, and partial volume of metal next
+  to it less still.
 * ``feet-first`` — the patient entered feet first, stored as a scanner that reconstructs in the gantry's frame
   writes it: the patient's left on the image's left (columns mirrored, ImageOrientationPatient −1\\0\\0\\0\\1\\0),
   PatientPosition FFS, instances numbered from the feet. (GE re-orients feet-first images to the head-first
@@ -45,8 +49,8 @@ import numpy as np
 from medqc.analysis.image import PAD_HU
 from medqc.synth.realcases import _uid
 
-VARIANTS = ("matrix-256", "matrix-768", "matrix-1024", "fov-0.7", "fov-0.5", "thick-2", "thick-3", "feet-first",
-            "prone")
+VARIANTS = ("matrix-256", "matrix-768", "matrix-1024", "fov-0.7", "fov-0.5", "thick-2", "thick-3", "clip-2976",
+            "feet-first", "prone")
 
 
 def hu_of(ds) -> np.ndarray:
@@ -232,6 +236,15 @@ def thicken(group: list):
     return d
 
 
+def clip(ds, ceiling_hu: float):
+    """``ds`` as a store that keeps CT numbers up to ``ceiling_hu`` writes it (see ``clip-H``)."""
+    d = copy.deepcopy(ds)
+    img = hu_of(d)
+    if float(img.max()) > ceiling_hu:
+        set_hu(d, np.minimum(img, np.float32(ceiling_hu)))
+    return d
+
+
 def _position(d, prone: bool) -> str:
     pp = str(getattr(d, "PatientPosition", "") or "HFS").upper()
     head = "FF" if pp.startswith("FF") else "HF"
@@ -296,6 +309,8 @@ def derive(datasets: list, variant: str, centre: tuple[float, float] | None = No
         k = int(arg)  # a series shorter than K slices has no thicker variant
         groups = [datasets[i:i + k] for i in range(0, len(datasets) - k + 1, k)]
         return [(thicken(g), [sop(d) for d in g]) for g in groups]
+    if kind == "clip":
+        return [(clip(d, float(arg)), [sop(d)]) for d in datasets]
     if variant == "feet-first":
         return [(feet_first(d), [sop(d)]) for d in reversed(datasets)]
     if variant == "prone":
