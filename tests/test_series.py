@@ -442,7 +442,8 @@ def _implant_series(order):
 
 
 @pytest.mark.parametrize("streaming", [True, False])
-@pytest.mark.parametrize("order", [tuple(range(12)), tuple(range(11, -1, -1))], ids=["head-first", "feet-first"])
+@pytest.mark.parametrize("order", [tuple(range(12)), tuple(range(11, -1, -1))],
+                         ids=["head-first", "feet-first"])
 def test_metal_partial_volumed_beside_metal_is_metal(cfg, streaming, order):
     """An implant's end partial-volumed under the metal level, on the slices next to its full-density ones and
     where the metal lies, is metal too (midway between the threshold and the metal's score), whichever arrives

@@ -246,8 +246,9 @@ def partial_metal(ordered: list[tuple[float, object]], thr: float, lo: int = 0, 
     ``lo..hi`` of ``ordered`` whose metal scores ``thr`` or more at metal density (``fusion.metal_density``),
     outward through consecutive slices within ``METAL_PARTIAL_MM`` of it (the next one within
     ``METAL_NEXT_MM``) whose densest pixel reads ``METAL_PARTIAL_HU`` or more, short of metal density, within
-    ``METAL_PARTIAL_XY_MM`` of its own: their score becomes the midpoint between ``thr`` and the metal slice's. Returns the positions raised
-    (the scores are changed in place; a raised slice is never a source: it is short of metal density)."""
+    ``METAL_PARTIAL_XY_MM`` of its own: their score becomes the midpoint between ``thr`` and the metal slice's.
+    Returns the positions raised (the scores are changed in place; a raised slice is never a source: it is
+    short of metal density)."""
     raised = []
     hi = len(ordered) - 1 if hi is None else hi
     for c in range(max(0, lo), min(hi, len(ordered) - 1) + 1):
@@ -259,7 +260,8 @@ def partial_metal(ordered: list[tuple[float, object]], thr: float, lo: int = 0, 
             continue
         for step in (-1, 1):
             j = c + step
-            while 0 <= j < len(ordered) and abs(ordered[j][0] - zc) <= (METAL_NEXT_MM if j == c + step else METAL_PARTIAL_MM):
+            while 0 <= j < len(ordered) and abs(ordered[j][0] - zc) <= (METAL_NEXT_MM if j == c + step
+                                                                      else METAL_PARTIAL_MM):
                 r = ordered[j][1]
                 top, here = r.measures.get("metal_max_hu") or 0.0, _metal_at(r)
                 if (r.error or not top >= METAL_PARTIAL_HU or fusion.metal_density(r.measures) or here is None
@@ -305,7 +307,7 @@ def stream(s) -> None:
                 _stream_slice(s, zz, sq, st.results[sq])
     _stream_slice(s, s.z, s.seq, s.result)
     # metal beside metal: the slices this one places (or the metal that places it) are judged again
-    if s.result.measures.get("metal_max_hu", 0.0) >= METAL_PARTIAL_HU:
+    if (s.result.measures.get("metal_max_hu") or 0.0) >= METAL_PARTIAL_HU:
         order = st._order
         w0 = bisect.bisect_left(order, (s.z - 2 * METAL_NEXT_MM, -1))
         near = order[w0:bisect.bisect_right(order, (s.z + 2 * METAL_NEXT_MM, math.inf))]
