@@ -333,6 +333,20 @@ def test_metal_a_store_clips_below_the_level_is_metal():
     assert enamel["metal_clipped"] == 0.0
 
 
+def test_metal_inside_the_patient_or_on_the_skin():
+    """Where the metal lies: an implant deep in the section reads metal_inside 1; an electrode on the skin and a
+    connector beside the patient read 0 (external); a slice without metal has no value."""
+    yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+    base = phantom()
+    deep = np.where(xx ** 2 + (yy - 30) ** 2 <= 36, 3500.0, base)  # 6 mm disc, 30 mm below the centre
+    skin = np.where((xx - 150) ** 2 + yy ** 2 <= 9, 3071.0, base)  # on the right edge of the 150 mm ellipse
+    beside = np.where((xx - 165) ** 2 + yy ** 2 <= 9, 3071.0, base)  # 15 mm beside it, in the air
+    assert measures.measure(deep, info())["metal_inside"] == 1.0
+    assert measures.measure(skin, info())["metal_inside"] < 0.5
+    assert measures.measure(beside, info())["metal_inside"] == 0.0
+    assert np.isnan(measures.measure(base, info())["metal_inside"])
+
+
 def test_network_metal_needs_metal_density_pixels():
     # a confident network on a slice whose densest pixel is bone (2,200 HU) or enamel (2,650 HU, an area
     # over the classical metal ramp): no metal possible, whatever the network says

@@ -458,3 +458,20 @@ def test_metal_partial_volumed_beside_metal_is_metal(cfg, streaming, order):
     assert all(by_index[i] == 0.01 for i in (2, 3, 8)), by_index
     f = st.findings["1.2.3.9/artifact.metal"]
     assert (f.first_instance, f.last_instance) == (5, 8)
+
+
+@pytest.mark.parametrize("inside,severity", [(1.0, "critical"), (0.0, "info")])
+def test_metal_on_the_skin_is_information_not_an_alarm(cfg, inside, severity):
+    """Six slices of metal: an implant (inside the patient) is critical; ECG leads or clothing on or beside the
+    skin (metal_inside 0 on every slice) are information that names them, with what to do next time."""
+    tr = SeriesTracker(cfg, {"metal": 0.5})
+    res = make_results(20, scores={i: {"metal": 0.95} for i in range(5, 11)})
+    for r in res[5:11]:
+        r.measures.update(metal_max_hu=3071.0, metal_inside=inside)
+    for r in res:
+        tr.add(r)
+    st, _ = tr.complete("1.2.3.9", "idle")
+    f = st.findings["1.2.3.9/artifact.metal"]
+    assert f.severity == severity
+    assert f.message.startswith("External metal") == (severity == "info"), f.message
+    assert st.verdict == ("fail" if severity == "critical" else "pass")

@@ -74,6 +74,23 @@ ADVICE = {
 }
 
 
+# Metal on or outside the skin (ECG electrodes and leads, clothing, jewellery: ``metal_inside`` under
+# EXTERNAL_INSIDE on every slice of the finding that measured it) streaks little of the anatomy and is not
+# scanned again for: the finding is information, with what to do next time.
+EXTERNAL_INSIDE = 0.5
+EXTERNAL_METAL = "External metal (on or outside the skin)"
+EXTERNAL_ADVICE = ("ECG leads and electrodes, clothing or jewellery in the scan field streak the image near them: "
+                   "move them out of the field where the protocol allows")
+
+
+def external_metal(members) -> bool:
+    """Whether the metal of a finding's slices (``[(z, result)]``) lies on or outside the skin on every slice
+    that measured where it lies (and on one at least)."""
+    inside = [r.measures.get("metal_inside") for _, r in members]
+    inside = [v for v in inside if finite(v)]
+    return bool(inside) and max(inside) < EXTERNAL_INSIDE
+
+
 def high_threshold(thr: float) -> float:
     return 1.0 - (1.0 - thr) / 5.0
 
@@ -208,6 +225,9 @@ def summarise(state, cls: str, thr: float, qual_runs, air_cache: dict | None = N
     if insts and min(insts) == max(insts):
         where = f"slice {insts[0]}"
     evidence, details = "", {}
+    external = cls == "metal" and external_metal(members)
+    if external:  # on or outside the skin: it streaks what lies near it; the finding is to remove it next time
+        severe, details["external"] = False, True
     if cls == "motion":  # say what the technologist can check on the images
         air = air_streaks((r for _, r in members), {} if air_cache is None else air_cache)
         vals = sorted(v for v in air.values() if v is not None)
@@ -215,10 +235,11 @@ def summarise(state, cls: str, thr: float, qual_runs, air_cache: dict | None = N
         if upper_median is not None and upper_median >= SERIES_STREAK_HU:
             details["air_streaks_median_hu"] = round(upper_median, 2)
             evidence = f"; dark streaks in the air around the patient, median {upper_median:.1f} HU"
-    msg = (f"{NAMES[cls]} on {n} slice{'s' if n > 1 else ''} ({where}, z {zr[0]:.0f} to {zr[1]:.0f} mm, "
-           f"peak score {max(scores):.2f}{evidence}): {ADVICE[cls]}")
+    name, advice = (EXTERNAL_METAL, EXTERNAL_ADVICE) if external else (NAMES[cls], ADVICE[cls])
+    msg = (f"{name} on {n} slice{'s' if n > 1 else ''} ({where}, z {zr[0]:.0f} to {zr[1]:.0f} mm, "
+           f"peak score {max(scores):.2f}{evidence}): {advice}")
     return finding(
-        state, f"artifact.{cls}", "critical" if severe else "warning", msg,
+        state, f"artifact.{cls}", "critical" if severe else ("info" if external else "warning"), msg,
         first_instance=min(insts) if insts else None, last_instance=max(insts) if insts else None,
         z_range_mm=zr, score=round(max(scores), 4),
         details={"slices": n, "mean_score": round(mean, 4), "threshold": thr,

@@ -50,6 +50,7 @@ METAL_CLIPPED_PX = 3  # pixels sharing a slice's densest value (>= METAL_HU): th
 # writes metal at 3071 HU, a Philips Big Bore at 2976) ...
 METAL_CLIPPED_MM2 = 20.0  # ... over this much area at >= METAL_HU: an implant, metal whatever level the store
 # let it reach (a skin marker's few mm² stay judged by the level, as on stores that keep it)
+METAL_SKIN_MM = 5.0  # metal within this depth of the skin, or outside the body, is external (metal_inside)
 METAL_PARTIAL_HU = 2000.0  # a densest pixel from here up is placed (metal_row_mm / metal_col_mm): cortical bone
 # stays below it, the partial-volumed end of an implant next to its full-density slices often does not
 METAL_OBJECT_MM2 = 1.0  # metal objects whose streaks the air measure leaves out (see airstreaks), from this area ...
@@ -67,7 +68,7 @@ MEASURES = (
     "body_center_offset_y_mm", "body_area_mm2", "lung_area_mm2", "bone_area_mm2", "skull_ring",
     "lateral_bone_mm2", "noise_sd_2mm", "noise_ratio", "ring_contrast_hu", "field_inside_body", "air_dark_hu",
     "display_touch", "noise_ratio_plain", "water_eq_diameter_mm", "anterior_bone_mm2", "trunk_width_mm",
-    "metal_row_mm", "metal_col_mm", "metal_clipped",
+    "metal_row_mm", "metal_col_mm", "metal_clipped", "metal_inside",
 )
 
 
@@ -199,6 +200,20 @@ LUNG_HULL_MARGIN_MM = 6.0
 
 SKULL_DEPTH_MM = 20.0  # a skull lies under the scalp: skull-density bone within this depth of the skin ...
 SKULL_SECTORS = 0.75  # ... in this share of the 24 sectors round the section's centre makes it a head
+
+
+def _metal_inside(metal_px: np.ndarray, body: np.ndarray, step: int, pix_mm: float) -> float:
+    """Share of the slice's metal pixels (full resolution, >= METAL_HU) that lie deeper than ``METAL_SKIN_MM``
+    inside the patient's section (``body``: the subsampled mask, enclosed air filled): an implant's, where
+    ECG electrodes and leads, clothing and jewellery on or beside the skin read 0."""
+    r = max(1, int(round(METAL_SKIN_MM / pix_mm)))
+    if cv2 is not None:
+        inner = cv2.erode(body.view(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))).view(bool)
+    else:
+        inner = _erode_cross(body, r)
+    ys, xs = np.nonzero(metal_px)
+    ys, xs = np.minimum(ys // step, inner.shape[0] - 1), np.minimum(xs // step, inner.shape[1] - 1)
+    return float(np.count_nonzero(inner[ys, xs])) / len(ys)
 
 
 def _skull_under_scalp(dense: np.ndarray, body: np.ndarray, cy: float, cx: float, pix_mm: float) -> bool:
@@ -340,6 +355,8 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         out["body_center_offset_x_mm"] = float(ox)
         out["body_center_offset_y_mm"] = float(oy)
         holes = _holes(body_cc)
+        if n_metal:
+            out["metal_inside"] = _metal_inside(metal_px, body_cc | holes, step, pix)
         lung_hu = (sub > LUNG_HU[0]) & (sub < LUNG_HU[1])
         lung = holes & lung_hu
         touch = out["display_touch"]
