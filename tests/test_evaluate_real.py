@@ -104,6 +104,7 @@ def test_pydicom_real_slices_join_the_default_studies(tmp_path, monkeypatch):
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert er.pydicom_slices(tmp_path) == out and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     monkeypatch.setenv("MEDQC_REAL_CT", str(real_ct_root()))
+    monkeypatch.setenv("MEDQC_REGISTRY_CT", "0")  # the registries' CT has tests of its own (test_registry_ct)
     assert out in er.default_studies(tmp_path)
     import pydicom
 

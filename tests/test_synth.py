@@ -509,3 +509,25 @@ def test_inject_keeps_a_private_element_the_dictionary_misreads(tmp_path):
     assert medqc_main(["synth", str(out), "--inject", "noise:0.5", "--from", str(src), "--no-progress"]) == 0
     d = pydicom.dcmread(str(next(out.glob("IM*.dcm"))))
     assert d.get_item(0x01F11026).value == b"0.15" and d.get_item(0x01F10010).value.strip() == b"ELSCINT1"
+
+
+def test_a_variant_of_a_big_endian_slice_is_written_little_endian(tmp_path):
+    """GE's older stores write explicit VR big endian (a real Discovery CT750 HD head slice on npm does):
+    a variant rewrites the pixels little endian and says so, where pydicom's save_as refused to convert."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
+
+    from medqc.synth import variants as V
+
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = V.hu_of(src)
+    src.PixelData = src.pixel_array.astype(src.pixel_array.dtype.newbyteorder(">")).tobytes()
+    src.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    pydicom.dcmwrite(str(tmp_path / "be.dcm"), src, enforce_file_format=True, implicit_vr=False, little_endian=False)
+    be = pydicom.dcmread(str(tmp_path / "be.dcm"))
+    assert np.array_equal(V.hu_of(be), hu)
+    out = V.write_variant([be], tmp_path / "v", "prone")
+    (f,) = sorted(out.glob("*.dcm"))
+    d = pydicom.dcmread(str(f))
+    assert d.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert np.array_equal(V.hu_of(d), hu[::-1, ::-1])

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
@@ -47,6 +48,14 @@ class SeriesContext:
     contrast: bool
     rng_seed: int
     base_sigma: float
+
+
+def save(ds, path) -> None:
+    """Write ``ds`` as a DICOM file in the encoding its file meta's transfer syntax names — the one its pixels
+    were rewritten in (explicit VR little endian) even where it was read from a big-endian file (GE's older
+    stores), which pydicom's ``save_as`` would refuse to convert."""
+    ts = ds.file_meta.TransferSyntaxUID
+    dcmwrite(str(path), ds, enforce_file_format=True, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian)
 
 
 def writes_scan_field(vendor: dict) -> bool:

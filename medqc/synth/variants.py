@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from medqc.analysis.image import PAD_HU
+from medqc.synth.dicomio import save
 from medqc.synth.realcases import _uid
 
 VARIANTS = ("matrix-256", "matrix-768", "matrix-1024", "fov-0.7", "fov-0.5", "thick-2", "thick-3", "clip-2976",
@@ -341,7 +342,7 @@ def write_variant(datasets: list, out: Path, variant: str, tag: str = "",
         d.SeriesDescription = f"{desc} [{variant}]".strip()[:64]
         if getattr(d, "file_meta", None) is not None:
             d.file_meta.MediaStorageSOPInstanceUID = d.SOPInstanceUID
-        d.save_as(str(out / f"IM{i + 1:04d}.dcm"), enforce_file_format=True)
+        save(d, out / f"IM{i + 1:04d}.dcm")
         sources[str(d.SOPInstanceUID)] = {"file": f"IM{i + 1:04d}.dcm", "sources": srcs}
     (out / "sources.json").write_text(json.dumps(sources, indent=0) + "\n")
     return out
