@@ -18,6 +18,7 @@ everything else goes through pydicom's decoder plugins.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import math
 import os
@@ -187,16 +188,49 @@ def _ctdi_phantom(seq) -> int | None:
     return cm
 
 
+# Header facts that tell one study, and one series within it, from another where a de-identification blanked
+# their UIDs (a public abdomen series ships so): when and where it was scanned, never who (no patient element)
+_STUDY_FACTS = ("StudyDate", "StudyTime", "StudyID", "StationName", "DeviceSerialNumber", "FrameOfReferenceUID")
+_SERIES_FACTS = ("SeriesNumber", "SeriesDate", "SeriesTime", "SeriesDescription", "Modality", "FrameOfReferenceUID")
+
+
+def _stand_in_uid(ds, facts: tuple[str, ...], within: str) -> str:
+    """A UID (2.25 form) derived from ``facts`` of the header (and ``within``: the study's UID for a series), the
+    same for every instance that shares them."""
+    key = "\x1f".join([within] + [_s(ds.get(k)) for k in facts])
+    return "2.25." + str(int.from_bytes(hashlib.sha256(key.encode("utf-8", "replace")).digest()[:16], "big"))
+
+
+def _study_series_uids(ds) -> tuple[str, str, str]:
+    """(study, series, the names of those derived): a blank StudyInstanceUID or SeriesInstanceUID stands in
+    from the header facts that tell studies and series apart (``_STUDY_FACTS``, ``_SERIES_FACTS``), so that a
+    series whose UIDs a de-identification blanked is analysed as the series it is instead of rejected."""
+    study, series, derived = _s(ds.get("StudyInstanceUID")), _s(ds.get("SeriesInstanceUID")), []
+    if not study:
+        study = _stand_in_uid(ds, _STUDY_FACTS, "study")
+        derived.append("StudyInstanceUID")
+    if not series:
+        series = _stand_in_uid(ds, _SERIES_FACTS, study)
+        derived.append("SeriesInstanceUID")
+    return study, series, ", ".join(derived)
+
+
 def header_infos(ds, source: str = "", received_at: float | None = None, identifiers: bool = False) -> list[SliceInfo]:
     """One ``SliceInfo`` per frame (one for single-frame objects)."""
     fm = getattr(ds, "file_meta", None)
     sop_class = _s(ds.get("SOPClassUID")) or _s(fm.get("MediaStorageSOPClassUID") if fm is not None else "")
     sop_uid = _s(ds.get("SOPInstanceUID")) or _s(fm.get("MediaStorageSOPInstanceUID") if fm is not None else "")
+    # only a whole image object stands in for blank UIDs: a file cut before its pixels, or its meta alone, is
+    # told apart by naming no series (decode_file, the spool's quarantine)
+    whole = sop_uid and any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    study_uid, series_uid, stand_in = (_study_series_uids(ds) if whole else
+                                       (_s(ds.get("StudyInstanceUID")), _s(ds.get("SeriesInstanceUID")), ""))
     ctdi = _f(ds.get("CTDIvol"))
     base = dict(
         sop_instance_uid=sop_uid,
-        series_instance_uid=_s(ds.get("SeriesInstanceUID")),
-        study_instance_uid=_s(ds.get("StudyInstanceUID")),
+        series_instance_uid=series_uid,
+        study_instance_uid=study_uid,
+        stand_in_uids=stand_in,
         sop_class_uid=sop_class,
         source=source,
         received_at=time.time() if received_at is None else received_at,
@@ -418,6 +452,8 @@ DECODE_KEYWORDS = (
     # identity and series
     "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Modality", "ImageType",
     "InstanceNumber", "SeriesNumber", "ImagesInAcquisition", "PatientName", "PatientID",
+    # what a blank Study / Series Instance UID is derived from (_STUDY_FACTS, _SERIES_FACTS)
+    "StudyDate", "StudyTime", "StudyID", "SeriesDate", "SeriesTime", "FrameOfReferenceUID",
     # acquisition, dose, device and protocol
     "KVP", "CTDIvol", "CTDIPhantomTypeCodeSequence", "Exposure", "ReconstructionDiameter", "DataCollectionDiameter",
     "TableHeight", "GantryDetectorTilt", "PatientPosition", "BodyPartExamined", "ProtocolName", "StudyDescription",

@@ -54,6 +54,7 @@ class SliceInfo:
     manufacturer_model: str = ""
     station_name: str = ""
     device_serial_number: str = ""
+    stand_in_uids: str = ""  # the UIDs the header left blank and decoding derived ("SeriesInstanceUID", ...)
     acquisition_time: str = ""
     content_time: str = ""
     # patient identifiers are only carried when the site opts in (privacy.show_patient_identifiers)

@@ -297,3 +297,23 @@ def test_dataset_without_preamble_and_file_meta_is_read(tmp_path, implicit):
     junk.write_bytes(b"\x08\x00\x16\x00" + b"\x00" * 400)  # looks like a tag, holds no UIDs
     with pytest.raises(NotDicom):
         decode_file(junk)
+
+
+def test_blank_series_and_study_uids_are_derived_from_when_and_where():
+    """A de-identification that blanks SeriesInstanceUID and StudyInstanceUID: the slices of one series get one
+    derived series UID (2.25 form) and are analysed; another SeriesNumber is another series of the same derived
+    study; the derived UIDs are named. UIDs that are there are kept as they are."""
+    def blank(series_number, instance):
+        ds = ct_dataset(16, 16)
+        ds.SeriesInstanceUID = ds.StudyInstanceUID = ""
+        ds.SeriesNumber, ds.InstanceNumber = series_number, instance
+        ds.SOPInstanceUID = f"1.2.3.4.{series_number}.{instance}"
+        return decode_dataset(ds)[0]
+
+    a, b, c = blank(3, 1), blank(3, 2), blank(4, 1)
+    assert a.ok and a.info.series_instance_uid.startswith("2.25.") and a.info.study_instance_uid.startswith("2.25.")
+    assert a.info.series_instance_uid == b.info.series_instance_uid != c.info.series_instance_uid
+    assert a.info.study_instance_uid == c.info.study_instance_uid
+    assert a.info.stand_in_uids == "StudyInstanceUID, SeriesInstanceUID"
+    kept = decode_dataset(ct_dataset(16, 16))[0].info
+    assert kept.stand_in_uids == "" and not kept.series_instance_uid.startswith("2.25.")

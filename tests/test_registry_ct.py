@@ -85,3 +85,32 @@ def test_arms_at_the_scan_field_edge_are_truncation(report):
     found = _findings(abdomen)
     assert found.get("artifact.truncation") == "warning", abdomen["findings"]
     assert not {"artifact.metal", "artifact.noise", "artifact.motion", "artifact.ring"} & set(found)
+
+
+def test_a_series_whose_uids_were_blanked_is_analysed(report, tmp_path):
+    """The Siemens abdomen as its package ships it — SOP Class, SOP Instance, Series and Study Instance UIDs
+    blanked by a de-identification (the file meta keeps the SOP ones) — is one series of 20 slices, judged as the
+    fetched copy is, with an information finding that names the derived UIDs; another SeriesNumber is another
+    series."""
+    import pydicom
+
+    out, _ = report
+    src = CACHE / "registry-ct" / "pypi-totalsegmentator"
+    for i, f in enumerate(sorted(p for p in src.iterdir() if not p.name.startswith("."))):
+        ds = pydicom.dcmread(str(f))
+        for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+            setattr(ds, kw, "")
+        if i >= 18:
+            ds.SeriesNumber = 99
+        ds.save_as(str(tmp_path / f.name))
+    rep = analyze_json(tmp_path)
+    assert rep["rejected"] == []
+    (big,) = [s for s in rep["series"] if s["slices"] == 18]
+    (small,) = [s for s in rep["series"] if s["slices"] == 2]
+    assert big["study_instance_uid"] == small["study_instance_uid"] != big["series_instance_uid"]
+    found = _findings(big)
+    assert found.get("input.uids") == "info"
+    (fetched,) = out["pypi-totalsegmentator"]
+    assert {k: v for k, v in found.items() if k != "input.uids"} == _findings(fetched)
+    uid = [f for f in big["findings"] if f["check"] == "input.uids"][0]
+    assert uid["details"]["derived"] == ["StudyInstanceUID", "SeriesInstanceUID"]

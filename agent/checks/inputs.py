@@ -1,6 +1,11 @@
-"""input.undecodable: slices that could not be analysed (pixel data no installed decoder reads, a CT image
-whose file was cut short). They are kept in the spool's kept/ folder; the finding names how many, their
-instance range and the reasons, as soon as one arrives and again at the verdict."""
+"""input.*: what the inputs themselves say.
+
+* input.undecodable: slices that could not be analysed (pixel data no installed decoder reads, a CT image
+  whose file was cut short). They are kept in the spool's kept/ folder; the finding names how many, their
+  instance range and the reasons, as soon as one arrives and again at the verdict.
+* input.uids (info): the headers left the series' (or study's) UID blank and decoding derived one from when and
+  where it was scanned, so the series was analysed rather than rejected; the export should be fixed.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,17 @@ def undecodable(st):
                             "reasons": reasons})
 
 
+def stand_in_uids(st):
+    """input.uids (info): the series' headers left its SeriesInstanceUID (or StudyInstanceUID) blank and decoding
+    derived one from when and where it was scanned (``decode._study_series_uids``)."""
+    which = st.first.stand_in_uids
+    return finding(st, "input.uids", "info",
+                   f"{which} blank in the headers (a de-identification or export that blanked them?): the slices are "
+                   "grouped by series number, date and time, description and frame of reference under a derived "
+                   "UID — fix the export so that other systems can file the series",
+                   details={"derived": which.split(", "), "series_instance_uid": st.uid})
+
+
 def _stream(s) -> None:
     s.put(undecodable(s.state))
 
@@ -28,4 +44,9 @@ def _judge(j) -> list:
     return [undecodable(j.state)] if j.state._errors else []
 
 
-CHECKS = (Check("inputs", ("input.undecodable",), judge=_judge, stream=_stream, stream_errors=True, dynamic=True),)
+def _judge_uids(j) -> list:
+    return [stand_in_uids(j.state)] if j.state.first.stand_in_uids else []
+
+
+CHECKS = (Check("inputs", ("input.undecodable",), judge=_judge, stream=_stream, stream_errors=True, dynamic=True),
+          Check("input-uids", ("input.uids",), judge=_judge_uids, dynamic=True))
