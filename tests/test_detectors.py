@@ -331,6 +331,10 @@ def test_metal_a_store_clips_below_the_level_is_metal():
     assert fusion.fuse({"metal": 0.9}, marker)["metal"] <= fusion.METAL_SUBLEVEL
     enamel = measures.measure(phantom(metal_mm=9.0, metal_hu=2650.0), info())
     assert enamel["metal_clipped"] == 0.0
+    # a resampled slice repeats its top value on a few pixels (a filling's 2,986 HU on 768²): no ceiling
+    few = phantom(metal_mm=6.0, metal_hu=2700.0)
+    few[250:252, 250:253] = 2986.0  # 6 pixels, 3 mm²
+    assert measures.measure(few, info())["metal_clipped"] == 0.0
 
 
 def test_metal_inside_the_patient_or_on_the_skin():

@@ -47,9 +47,11 @@ except ImportError:  # pragma: no cover - exercised by the module-hider test
 METAL_HU = 2500.0
 METAL_MIN_HU = 3000.0  # the densest bone and enamel rarely exceed this; metal saturates far above it
 METAL_CLIPPED_PX = 3  # pixels sharing a slice's densest value (>= METAL_HU): the store clipped them there (GE
-# writes metal at 3071 HU, a Philips Big Bore at 2976) ...
-METAL_CLIPPED_MM2 = 20.0  # ... over this much area at >= METAL_HU: an implant, metal whatever level the store
-# let it reach (a skin marker's few mm² stay judged by the level, as on stores that keep it)
+# writes metal at 3071 HU, a Philips Big Bore at 2976): their objects' streaks are metal's (airstreaks) ...
+METAL_CLIPPED_MM2 = 10.0  # ... and where that one value covers this much area, metal density whatever level the
+# store let it reach: an implant's core far above the ceiling. A skin marker's few mm² stay judged by the level,
+# as on stores that keep it, and so do the few pixels a resampled image repeats at its top value (dental
+# fillings at 2,986 HU on 768²: 4 mm²); noise never holds one value over 10 mm² above 2,500 HU
 METAL_SKIN_MM = 5.0  # metal within this depth of the skin, or outside the body, is external (metal_inside)
 METAL_PARTIAL_HU = 2000.0  # a densest pixel from here up is placed (metal_row_mm / metal_col_mm): cortical bone
 # stays below it, the partial-volumed end of an implant next to its full-density slices often does not
@@ -272,8 +274,9 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
     out["metal_area_mm2"] = n_metal * rmm * cmm
     out["metal_max_hu"] = float(top_hu) if n_metal else float(min(top_hu, METAL_HU))
     # a plateau at the top value is metal the store clipped: its objects' streaks are metal's whatever their size
-    plateau = n_metal >= METAL_CLIPPED_PX and int(np.count_nonzero(hu == top_hu)) >= METAL_CLIPPED_PX
-    out["metal_clipped"] = float(plateau and n_metal * rmm * cmm >= METAL_CLIPPED_MM2)
+    at_top = int(np.count_nonzero(hu == top_hu)) if n_metal >= METAL_CLIPPED_PX else 0
+    plateau = at_top >= METAL_CLIPPED_PX
+    out["metal_clipped"] = float(at_top * rmm * cmm >= METAL_CLIPPED_MM2)
     metal = _metal_objects(metal_px, rmm, cmm) if n_metal and (top_hu >= METAL_MIN_HU or plateau) else []
 
     # the masks work on a 2× subsampled view unless that would make its pixels coarser than MASK_MAX_PX_MM:
