@@ -251,7 +251,11 @@ def test_noise_judged_against_the_learned_baseline_across_processes(chest, tmp_p
     assert r.returncode == 0, r.stderr
     before = json.loads(r.stdout)
     noisy0 = _series(before, chest["noisy_truth"]["series_instance_uid"])
-    assert noisy0["verdict"] == "pass" and not noisy0["findings"]
+    # (the noise lifts the chest's skin markers, clipped at 2,976 HU, over the metal level: external metal,
+    # information only)
+    assert noisy0["verdict"] == "pass"
+    assert [(f["check"], f["severity"], f["details"].get("external")) for f in noisy0["findings"]] in (
+        [], [("artifact.metal", "info", True)]), noisy0["findings"]
     assert noisy0["baseline"] == {"used": False, "key": CHEST_KEY, "series": 0,
                                   "text": "no baseline for this scanner (generic levels)"}
     assert not state.exists()  # analyze creates no state
