@@ -105,6 +105,8 @@ def _little_endian(folder: Path) -> None:
     import pydicom
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
+    from medqc.synth.dicomio import save
+
     for f in sorted(folder.iterdir()):
         ds = pydicom.dcmread(str(f))
         if ds.file_meta.TransferSyntaxUID != ExplicitVRBigEndian:
@@ -112,7 +114,7 @@ def _little_endian(folder: Path) -> None:
         px = ds.pixel_array
         ds.PixelData = px.astype(px.dtype.newbyteorder("<")).tobytes()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        pydicom.dcmwrite(str(f), ds, enforce_file_format=True, implicit_vr=False, little_endian=True)
+        save(ds, f)
         assert np.array_equal(pydicom.dcmread(str(f)).pixel_array, px)
 
 

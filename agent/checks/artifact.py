@@ -227,7 +227,7 @@ def summarise(state, cls: str, thr: float, qual_runs, air_cache: dict | None = N
     evidence, details = "", {}
     external = cls == "metal" and external_metal(members)
     if external:  # on or outside the skin: it streaks what lies near it; the finding is to remove it next time
-        severe, details["external"] = False, True
+        details["external"] = True
     if cls == "motion":  # say what the technologist can check on the images
         air = air_streaks((r for _, r in members), {} if air_cache is None else air_cache)
         vals = sorted(v for v in air.values() if v is not None)
@@ -239,7 +239,7 @@ def summarise(state, cls: str, thr: float, qual_runs, air_cache: dict | None = N
     msg = (f"{name} on {n} slice{'s' if n > 1 else ''} ({where}, z {zr[0]:.0f} to {zr[1]:.0f} mm, "
            f"peak score {max(scores):.2f}{evidence}): {advice}")
     return finding(
-        state, f"artifact.{cls}", "critical" if severe else ("info" if external else "warning"), msg,
+        state, f"artifact.{cls}", "info" if external else "critical" if severe else "warning", msg,
         first_instance=min(insts) if insts else None, last_instance=max(insts) if insts else None,
         z_range_mm=zr, score=round(max(scores), 4),
         details={"slices": n, "mean_score": round(mean, 4), "threshold": thr,

@@ -181,7 +181,7 @@ def motion_explained(noise: float, ring: float) -> float:
 
 def metal_density(measures: dict[str, float]) -> bool:
     """The slice holds metal-density pixels: its densest reaches ``METAL_MIN_HU``, or its store clipped it
-    below that (``metal_clipped``: several pixels at one top value over 2,500 HU)."""
+    below that (``metal_clipped``: its top value, over 2,500 HU, held by 10 mm² of pixels or more)."""
     m = measures or {}
     top = m.get("metal_max_hu")
     return (top is not None and top >= METAL_MIN_HU) or (m.get("metal_clipped") or 0.0) >= 1.0

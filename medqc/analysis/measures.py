@@ -204,15 +204,19 @@ SKULL_DEPTH_MM = 20.0  # a skull lies under the scalp: skull-density bone within
 SKULL_SECTORS = 0.75  # ... in this share of the 24 sectors round the section's centre makes it a head
 
 
+def _deeper_than(body: np.ndarray, depth_mm: float, pix_mm: float) -> np.ndarray:
+    """The part of ``body`` (a subsampled mask, ``pix_mm`` per pixel) deeper than ``depth_mm`` from its edge."""
+    r = max(1, int(round(depth_mm / pix_mm)))
+    if cv2 is None:
+        return _erode_cross(body, r)
+    return cv2.erode(body.view(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))).view(bool)
+
+
 def _metal_inside(metal_px: np.ndarray, body: np.ndarray, step: int, pix_mm: float) -> float:
     """Share of the slice's metal pixels (full resolution, >= METAL_HU) that lie deeper than ``METAL_SKIN_MM``
     inside the patient's section (``body``: the subsampled mask, enclosed air filled): an implant's, where
     ECG electrodes and leads, clothing and jewellery on or beside the skin read 0."""
-    r = max(1, int(round(METAL_SKIN_MM / pix_mm)))
-    if cv2 is not None:
-        inner = cv2.erode(body.view(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))).view(bool)
-    else:
-        inner = _erode_cross(body, r)
+    inner = _deeper_than(body, METAL_SKIN_MM, pix_mm)
     ys, xs = np.nonzero(metal_px)
     ys, xs = np.minimum(ys // step, inner.shape[0] - 1), np.minimum(xs // step, inner.shape[1] - 1)
     return float(np.count_nonzero(inner[ys, xs])) / len(ys)
@@ -223,11 +227,7 @@ def _skull_under_scalp(dense: np.ndarray, body: np.ndarray, cy: float, cx: float
     every direction from the centre is not enough: below the skull base the cervical spine sits near the
     neck's centre, so that it and the mandible cover nearly every sector, but the spine lies 4–6 cm deep.
     ``body``: the section with its enclosed air filled (an airway is not skin)."""
-    r = max(1, int(round(SKULL_DEPTH_MM / pix_mm)))
-    if cv2 is not None:
-        inner = cv2.erode(body.view(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))).view(bool)
-    else:
-        inner = _erode_cross(body, r)
+    inner = _deeper_than(body, SKULL_DEPTH_MM, pix_mm)
     return _sector_share(dense & ~inner, cy, cx) >= SKULL_SECTORS
 
 
