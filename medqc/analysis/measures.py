@@ -36,7 +36,7 @@ from medqc.analysis.image import (BODY_HU, PAD_HU, _border_connected, _edge_geom
 from medqc.analysis.noise import (NOISE_MIN_AREA_HEAD_MM2, NOISE_MIN_AREA_MM2, _robust_noise,
                                   noise_2mm, noise_ratio, noise_size_mm, pool_2mm, water_equivalent_diameter)
 from medqc.analysis.ring import (RING_FIELD_MARGIN_MM, RING_FULL_GATE_HU, RING_MIN_R_MM, RING_MIN_R_PX, RING_SMOOTH_MM,
-                                 isocentre_px, ring_contrast)
+                                 corners_filled, isocentre_px, ring_contrast)
 
 try:  # connected components make the body/lung masks cleaner; numpy alone still gives usable measures
     import cv2
@@ -417,13 +417,14 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         # unoffset displayed field has it. First at ~2 mm pixels (~0.5 ms a centre): a ring several display
         # pixels wide (a failing detector module, a fine display grid) shows there best
         min_r = max(RING_MIN_R_PX, RING_MIN_R_MM / px_mm)
+        filled = corners_filled(hu)  # a displayed circle beyond which the image holds no data, at every scale
         coarse = {}
         if pooled is not None and pooled[2] >= 2:
             f = pooled[2]
             smooth = max(3, int(round(RING_SMOOTH_MM / (px_mm * f))) | 1)
             for c in centres:
                 coarse[c] = ring_contrast(pooled[0], [((c[0] + 0.5) / f - 0.5, (c[1] + 0.5) / f - 0.5)],
-                                          field_r / (px_mm * f), smooth_px=smooth, radial=False)
+                                          field_r / (px_mm * f), smooth_px=smooth, radial=False, filled=filled)
         # then at full resolution (~1-2 ms a centre): around the axis the header gives (or the image centre),
         # and around the other candidate where the 2 mm scale saw anything there at all
         full = [c for c in centres if c is centres[-1] or not (coarse.get(c, 1.0) < RING_FULL_GATE_HU)]
@@ -431,14 +432,15 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         # the background's 9 radii must reach past a ring and its side lobes (a detector channel's width at the
         # axis, ~1 mm), which on 0.36-0.5 mm pixels (a 1024² matrix, a targeted field) they do not (a GE ring read
         # 3.0 HU on 0.36 mm pixels, 1.4 on 0.51 mm, 9.9 on the 0.72 mm original)
-        ring = ring_contrast(hu, full, field_r / px_mm, min_r_px=min_r)
+        ring = ring_contrast(hu, full, field_r / px_mm, min_r_px=min_r, filled=filled)
         k = max(1, int(round(RING_FINE_PX_MM / px_mm)))
         if k > 1 and cv2 is not None:  # read there too (a ring as thin as the pixels still shows best on them)
             hk, wk = (hu.shape[0] // k) * k, (hu.shape[1] // k) * k
             fine = cv2.resize(np.ascontiguousarray(hu[:hk, :wk], np.float32), (wk // k, hk // k), interpolation=cv2.INTER_AREA)
             ring = float(np.fmax(ring, ring_contrast(fine, [((c[0] + 0.5) / k - 0.5, (c[1] + 0.5) / k - 0.5) for c in full],
                                                      field_r / (px_mm * k),
-                                                     min_r_px=max(RING_MIN_R_PX, RING_MIN_R_MM / (px_mm * k)))))
+                                                     min_r_px=max(RING_MIN_R_PX, RING_MIN_R_MM / (px_mm * k)),
+                                                     filled=filled)))
         for v in coarse.values():
             ring = float(np.fmax(ring, v))  # the larger scale; NaN only where both are
         out["ring_contrast_hu"] = ring

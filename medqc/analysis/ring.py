@@ -28,7 +28,15 @@ RING_FULL_GATE_HU = 0.05  # a second axis candidate is read at full resolution w
 RING_BONE_HU = 400.0  # ... and holds no bone
 RING_MIN_R_MM = 30.0  # rings are read from this radius (and RING_MIN_R_PX) outwards
 RING_SMOOTH_MM = 10.0  # ... over this radial range at 2 mm (5 pixels; 9 at full resolution)
+RING_ARC_BALANCE = 0.3  # a circle the image's edges cut is read where its smooth angles' mean unit vector is this short
+_COS = np.cos(np.arange(RING_ANGLES) * (2 * np.pi / RING_ANGLES))
+_SIN = np.sin(np.arange(RING_ANGLES) * (2 * np.pi / RING_ANGLES))
 _POLAR_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+FILLED_SHARE = 0.97  # corners (outside the inscribed circle) this uniform are fill, not data
+RIM_STEP_HU = 20.0  # ... as are corners whose CT numbers step by this much across the inscribed circle
+RIM_BAND_PX = 12  # ... (the median of this many 1-px circles' medians each side ...
+RIM_SAMPLES = 257  # ... each over this many of its pixels)
+_INSIDE_CACHE: dict[tuple, np.ndarray] = {}
 
 
 def _polar(hu: np.ndarray, cy: float, cx: float, rad: float) -> np.ndarray:
@@ -36,7 +44,7 @@ def _polar(hu: np.ndarray, cy: float, cx: float, rad: float) -> np.ndarray:
     nr = int(rad)
     if cv2 is not None:
         return cv2.warpPolar(hu.astype(np.float32, copy=False), (nr, RING_ANGLES), (cx, cy), rad,
-                             cv2.INTER_LINEAR + cv2.WARP_POLAR_LINEAR)
+                             cv2.INTER_LINEAR + cv2.WARP_POLAR_LINEAR + cv2.WARP_FILL_OUTLIERS)
     h, w = hu.shape
     key = (h, w, round(cy, 1), round(cx, 1), nr)
     idx = _POLAR_CACHE.get(key)
@@ -49,6 +57,77 @@ def _polar(hu: np.ndarray, cy: float, cx: float, rad: float) -> np.ndarray:
         if len(_POLAR_CACHE) < 8:
             _POLAR_CACHE[key] = idx
     return hu[idx].astype(np.float32)
+
+
+def _rim_bands(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of the pixels outside the inscribed circle (the corners), and of the 1-px circles
+    ``RIM_BAND_PX`` either side of it (inside it, along the rays that reach the corners), ``RIM_SAMPLES``
+    spread over each: one row per circle, the inner ones first."""
+    key = ("rim", h, w)
+    got = _INSIDE_CACHE.get(key)
+    if got is None:
+        cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+        big = min(h, w) / 2.0
+        yy, xx = np.mgrid[:h, :w]
+        r = np.hypot(yy - cy, xx - cx)
+        scale = (big + 1.0 + RIM_BAND_PX) / np.maximum(r, 1.0)  # the same ray, past the outer circles
+        ys, xs = cy + (yy - cy) * scale, cx + (xx - cx) * scale
+        reach = (ys >= 0) & (ys <= h - 1) & (xs >= 0) & (xs <= w - 1)
+        corners = np.flatnonzero(r > big + 1.0)
+        rows = [np.flatnonzero(reach & (r >= big - 2.0 - k) & (r < big - 1.0 - k)) for k in range(RIM_BAND_PX)]
+        rows += [np.flatnonzero((r > big + 1.0 + k) & (r <= big + 2.0 + k)) for k in range(RIM_BAND_PX)]
+        circles = np.empty((0, RIM_SAMPLES), np.intp)
+        if all(c.size for c in rows):
+            circles = np.stack([c[np.linspace(0, c.size - 1, RIM_SAMPLES).round().astype(np.intp)] for c in rows])
+        got = (corners, circles)
+        _INSIDE_CACHE[key] = got
+    return got
+
+
+def corners_filled(hu: np.ndarray) -> bool:
+    """Whether the image holds no data outside its inscribed circle (the displayed circle): at least
+    ``FILLED_SHARE`` of the corners' pixels hold the corner's value (GE's and Toshiba's padding, a Philips Big
+    Bore's constant −1024), or the CT number steps by ``RIM_STEP_HU`` across the circle (the median of the
+    1-px circles' medians either side, along the rays that reach the corners: a ring on a few of them does not
+    move it). The Big Bore's air reads −974 inside its circle and its fill −1024 beyond: a step that noise
+    added to the whole square keeps, and that a radial background reads as a ring along the circle. False
+    where the corners hold measured data (noisy air, the patient: a Philips Brilliance 16 chest's 431 mm field
+    of a 500 mm scan field)."""
+    corners, circles = _rim_bands(*hu.shape)
+    if corners.size == 0:
+        return False
+    flat = hu.ravel()
+    c = flat[corners]
+    if np.count_nonzero(c == c[0]) >= FILLED_SHARE * corners.size:
+        return True
+    if not circles.size:
+        return False
+    v = np.sort(flat[circles], axis=1)[:, RIM_SAMPLES // 2]  # each circle's median
+    return abs(float(np.median(v[:RIM_BAND_PX]) - np.median(v[RIM_BAND_PX:]))) >= RIM_STEP_HU
+
+
+def _inside(shape: tuple[int, int], cy: float, cx: float, nr: int, ahead: int, around: int,
+            disk: float | None) -> np.ndarray:
+    """(angles × radius) mask of the polar samples (as ``_polar`` takes them) whose neighbourhood holds data:
+    the sample ``ahead`` radii further out lies in the image (and within ``disk`` px of its centre, where the
+    corners are fill) — a ray from a point inside that convex region leaves it once, so every sample before
+    it is inside too — and so does every angle within ``around`` of it."""
+    key = (shape, round(cy, 2), round(cx, 2), nr, ahead, around, disk)
+    m = _INSIDE_CACHE.get(key)
+    if m is None:
+        h, w = shape
+        th = np.arange(RING_ANGLES) * (2 * np.pi / RING_ANGLES)
+        r = np.arange(nr, dtype=np.float64) + ahead
+        y = cy + np.sin(th)[:, None] * r[None, :]
+        x = cx + np.cos(th)[:, None] * r[None, :]
+        m = (y >= 0) & (y <= h - 1) & (x >= 0) & (x <= w - 1)
+        if disk is not None:
+            m &= np.hypot(y - (h - 1) / 2.0, x - (w - 1) / 2.0) <= disk
+        for k in range(1, around + 1):
+            m = m & np.roll(m, k, axis=0) & np.roll(m, -k, axis=0)
+        if len(_INSIDE_CACHE) < 32:
+            _INSIDE_CACHE[key] = m
+    return m
 
 
 def isocentre_px(info, shape: tuple[int, int]) -> tuple[float, float] | None:
@@ -112,7 +191,8 @@ def _radial_median(pol: np.ndarray, k: int = 9) -> np.ndarray:
 
 
 def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None, smooth_px: int = 9,
-                  min_share: float = RING_MIN_SHARE, min_r_px: float = RING_MIN_R_PX, radial: bool = True) -> float:
+                  min_share: float = RING_MIN_SHARE, min_r_px: float = RING_MIN_R_PX, radial: bool = True,
+                  filled: bool | None = None) -> float:
     """Peak contrast (HU) of a thin ring around a rotation centre: the slice in polar coordinates (180 angles
     × 1 px radial steps), minus its background: with ``radial`` (full resolution) the median of 9
     neighbouring radii (a ring and its ramp-filter side lobes span up to ~6 px, which a 5-px median partly
@@ -126,17 +206,31 @@ def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None, s
     its whole circle around the isocentre, so the median over angles keeps it, while anatomy, noise and
     streaks (different at each angle) cancel. ``centres``: (row, col) candidates (default: the image centre;
     the agent adds the isocentre from the header, which an offset displayed field moves off the centre);
-    the largest contrast wins. Half circles and short arcs are not seen. ``max_r_px``: radii from this on are
-    not read (the scan field's edge, ``RING_FIELD_MARGIN_MM`` inside it: a patient cut by the scan field
-    leaves a bright rim there, a circle around the rotation axis like a ring's, and beyond it the image holds
-    no measured data)."""
+    the largest contrast wins. Half circles and short arcs are not seen; a circle the image's edges cut (a displayed
+    field narrower than the scan field) is read on the angles it shows, where as many are smooth as a whole circle
+    needs and they lie all round the axis (``RING_ARC_BALANCE``), and not beyond a displayed circle the image fills
+    outside (``filled``: ``corners_filled``, computed here when not given). ``max_r_px``: radii from this on are not
+    read (the scan field's edge, ``RING_FIELD_MARGIN_MM`` inside it: a patient cut by the scan field leaves a bright
+    rim there, a circle around the rotation axis like a ring's, and beyond it the image holds no measured data)."""
     h, w = hu.shape
     cands = list(centres) if centres else [((h - 1) / 2.0, (w - 1) / 2.0)]
     best = float("nan")
+    if filled is None:
+        filled = corners_filled(hu)
+    disk = min(h, w) / 2.0 - 1.0 if filled else None  # the displayed circle, beyond which nothing is data
     for cy, cx in cands:
-        rad = float(int(min(cy, cx, h - 1 - cy, w - 1 - cx) + 0.5))  # whole pixels: one radial sample per pixel
-        if rad < 32:
+        if min(cy, cx, h - 1 - cy, w - 1 - cx) < 31.5:
             continue
+        # out to the farthest corner (or just past the scan field's edge), whole pixels: one radial sample per
+        # pixel. Beyond the inscribed circle the image shows arcs of each circle: the corners of a displayed
+        # field narrower than the scan field hold detector channels too (a real chest's 431 mm field of a 500 mm
+        # scan field: channels 215-250 mm from the axis draw their rings only there)
+        rad = math.hypot(max(cy, h - 1 - cy), max(cx, w - 1 - cx))
+        if disk is not None:  # nothing to read beyond the displayed circle
+            rad = min(rad, disk + math.hypot(cy - (h - 1) / 2.0, cx - (w - 1) / 2.0) + 1.0)
+        if max_r_px is not None:
+            rad = min(rad, max_r_px + smooth_px + 6)
+        rad = float(int(rad + 0.5))
         pol = _polar(hu, cy, cx, rad)
         # the background each ring pixel is read against: at full resolution a radial median over smooth_px
         # pixels (a ring with its ramp-filter side lobes spans up to ~6 pixels, which a 5-pixel median partly
@@ -148,11 +242,22 @@ def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None, s
         # smooth neighbourhoods of air, lung, fat and soft tissue: bone is left out (the skull's tables and
         # diploë are a ring round a head's centre, coherent over every angle)
         ok = (span < 250.0) & (pol > -1090.0) & (hi < RING_BONE_HU)
-        good = ok.sum(axis=0) >= min_share * RING_ANGLES
+        # ... whose background window (the median's and the smoothness range's radii, the 5 × 5 median's
+        # angles) lies in the image
+        inside = _inside((h, w), cy, cx, pol.shape[1], (4 if radial else 2) + smooth_px // 2, 0 if radial else 2, disk)
+        ok &= inside
+        count = ok.sum(axis=0)
+        good = count >= min_share * RING_ANGLES
+        # a circle the image cuts is read where its smooth arcs lie all round the axis, not on one side of it
+        # (around an axis far off a targeted field's centre, the arcs it shows run through one side of the body
+        # alongside its organs' outlines): the resultant of their angles' unit vectors is short
+        cut = good & ~inside.all(axis=0)
+        if cut.any():
+            res_len = np.hypot(_COS @ ok[:, cut], _SIN @ ok[:, cut]) / count[cut]
+            good[np.flatnonzero(cut)[res_len > RING_ARC_BALANCE]] = False
         # near the centre few distinct pixels share the 180 angles, and a round organ or vessel centred there
         # (the aorta, a vertebral body) reads as a ring over all of them
         good[:int(math.ceil(min_r_px))] = False
-        good[-6:] = False
         if max_r_px is not None:
             good[max(0, int(max_r_px)):] = False
         if not good.any():
