@@ -531,3 +531,50 @@ def test_a_variant_of_a_big_endian_slice_is_written_little_endian(tmp_path):
     d = pydicom.dcmread(str(f))
     assert d.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert np.array_equal(V.hu_of(d), hu[::-1, ::-1])
+
+
+def test_inject_into_a_big_endian_series_writes_it_little_endian(tmp_path):
+    """GE's older stores write explicit VR big endian (a real Discovery CT750 HD head slice on npm does):
+    ``medqc synth --inject`` rewrites the pixels little endian and says so, where pydicom's save_as refused
+    to convert and the injection failed."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
+
+    from medqc.synth import variants as V
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = V.hu_of(ds)
+    ds.PixelData = ds.pixel_array.astype(ds.pixel_array.dtype.newbyteorder(">")).tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    src = tmp_path / "be"
+    src.mkdir()
+    pydicom.dcmwrite(str(src / "be.dcm"), ds, enforce_file_format=True, implicit_vr=False, little_endian=False)
+    out = tmp_path / "inj"
+    assert medqc_main(["synth", str(out), "--inject", "ring:0.8", "--from", str(src), "--no-progress"]) == 0
+    (f,) = sorted(out.glob("IM*.dcm"))
+    d = pydicom.dcmread(str(f))
+    assert d.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    diff = V.hu_of(d) - hu
+    assert np.abs(diff).max() > 10 and np.median(np.abs(diff)) < 5  # the ring added, the slice otherwise kept
+
+
+def test_inject_keeps_the_fill_beyond_a_displayed_circle(tmp_path, real_ct):
+    """The Philips Big Bore writes a constant -1024 HU outside its displayed circle, where nothing was
+    measured (its air reads about -975 inside it). An injection adds its artifact to the measured pixels only:
+    the fill stays exactly as the scanner wrote it, as it does on every real scan, however noisy."""
+    src = tmp_path / "real"
+    src.mkdir()
+    f = real_ct.parent / "philips-bigbore-chest-patient" / "00-slice070.dcm"
+    shutil.copy(f, src / f.name)
+    out = tmp_path / "inj"
+    assert medqc_main(["synth", str(out), "--inject", "noise:1", "--from", str(src), "--no-progress"]) == 0
+    a, (b,) = _hu(pydicom.dcmread(str(f))), _series(out)
+    hb = _hu(b)
+    h, w = a.shape
+    yy, xx = np.mgrid[:h, :w]
+    r = np.hypot(yy - (h - 1) / 2.0, xx - (w - 1) / 2.0)
+    beyond = r >= h / 2.0
+    assert (a[beyond] == -1024).all()  # the scanner's fill
+    assert np.array_equal(hb[beyond], a[beyond])
+    inside = (r < h / 2.0 - 2) & (a > -900) & (a < 200)
+    assert np.std((hb - a)[inside]) > 20  # the noise is there, in the measured pixels

@@ -117,7 +117,9 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
             rows, cols = hu.shape
             ps = [float(x) for x in ds.PixelSpacing]
             dpx = float(ps[1])
-            pad = hu < -1500
+            # what the scanner did not measure keeps its value: padding, and the fill a displayed circle leaves
+            # in the corners (a Philips Big Bore writes -1024 beyond its circle, where its air reads -975)
+            pad = (hu < -1500) | _displayed_fill(hu)
             img = np.where(pad, -1000.0, hu)
             # simulation grid: the image's field, embedded in a circle that holds its corners
             M = max(rows, cols)
@@ -286,10 +288,25 @@ def _metal_site(canvas, X, Y, radius, rng):
     return float(X[y, x]), float(Y[y, x])
 
 
+def _displayed_fill(hu: np.ndarray) -> np.ndarray:
+    """The pixels outside the displayed circle that hold the corners' fill value, where the corners are fill
+    (``medqc.analysis.ring.corners_filled``); none where they hold measured data."""
+    from medqc.analysis.ring import corners_filled
+
+    h, w = hu.shape
+    if not corners_filled(hu):
+        return np.zeros(hu.shape, bool)
+    yy, xx = np.mgrid[:h, :w]
+    beyond = np.hypot(yy - (h - 1) / 2.0, xx - (w - 1) / 2.0) >= min(h, w) / 2.0 - 1.0
+    return beyond & (hu == hu[0, 0])
+
+
 def _write_like(src, hu: np.ndarray, path: Path, uid, sop: str, kind: str) -> None:
     import copy
 
     from pydicom.uid import ExplicitVRLittleEndian
+
+    from medqc.synth.dicomio import save
 
     ds = copy.deepcopy(src)
     _private_as_found(ds)
@@ -318,7 +335,7 @@ def _write_like(src, hu: np.ndarray, path: Path, uid, sop: str, kind: str) -> No
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = sop
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.save_as(str(path), enforce_file_format=True)
+    save(ds, path)  # little endian whatever the source's encoding (GE's older stores write big endian)
 
 
 def _private_as_found(ds) -> None:
