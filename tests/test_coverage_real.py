@@ -180,3 +180,26 @@ def test_a_tight_displayed_field_moves_no_landmark_and_raises_nothing(chest, tmp
         assert abs(tight["coverage"][key] - whole["coverage"][key]) <= 4.0, (key, tight["coverage"], whole["coverage"])
     assert tight["coverage"]["start_source"] == "lungs" and tight["coverage"]["end_source"] == "lungs"
     assert [f["check"] for f in tight["findings"] if f["severity"] != "info"] == []
+
+
+def test_a_head_in_a_tight_field_keeps_the_brains_noise_scale(cranium, tmp_path):
+    """The real head shown in a 171 mm field (0.7 × its own): the field cuts the scalp on much of the rim, but
+    where the skin is in the picture the skull lies under it all round, so the vault's slices are still judged
+    on the brain's noise scale (13 HU at 2 mm, not the body's 36), as in the whole field."""
+    import pydicom
+
+    from medqc.agent.decode import decode_file
+    from medqc.analysis.measures import measure
+    from medqc.analysis.noise import NOISE_2MM_HU, NOISE_REF_THICKNESS_MM
+
+    whole = realcases.volume_series(cranium, realcases.CRANIUM_SPACING, tmp_path, "head", "HEAD ROUTINE",
+                                    original=True)
+    files = sorted(whole.glob("*.dcm"))
+    tight = realcases.tight_field_case([pydicom.dcmread(str(f)) for f in files], tmp_path, "fov171",
+                                       "HEAD ROUTINE", 171.0)
+    for f in sorted(tight.glob("*.dcm"))[50:100:10]:  # the vault, above the orbits
+        (d,) = decode_file(f)
+        m = measure(d.pixels(), d.info)
+        assert m["display_touch"] > 0.3, m["display_touch"]  # the field cuts the head
+        thin = min(1.0, (d.info.slice_thickness / NOISE_REF_THICKNESS_MM) ** 0.5)
+        assert m["noise_ratio"] == pytest.approx(m["noise_sd_2mm"] * thin / NOISE_2MM_HU["head"], rel=1e-6), f.name

@@ -144,3 +144,21 @@ def test_a_ring_in_the_corners_of_a_narrow_displayed_field_is_read(fetched):
     assert clean["ring_contrast_hu"] < 2.0, clean["ring_contrast_hu"]
     assert ring["ring_contrast_hu"] >= 8.0, ring["ring_contrast_hu"]
     assert fusion.classical_probs(ring)["ring"] >= fusion.CLASSICAL_THRESHOLD
+
+
+@pytest.mark.parametrize("fov", ["fov-0.5", "fov-0.7"])
+def test_a_skull_base_in_a_tight_field_is_no_skull_all_round(fetched, tmp_path, fov):
+    """The GE Discovery CT750 HD head slice lies at the skull base (orbits, nasal cavity, foramen magnum): in
+    its own 220 mm field its petrous bone, mastoids and clivus lie deep under the face and the neck, so it is
+    judged on the body's noise scale and raises nothing. Shown in a 110 or 154 mm field the same bone lies
+    near the field's edge all round; the field's edge is no skin, and the skin in view lies over bone in only
+    7 of 9 and 9 of 12 sectors, so the slice is no skull there either: its soft tissue's 16-21 HU at 2 mm
+    once raised a noise warning against the brain's 13 HU."""
+    from medqc.synth import variants as V
+
+    src = fetched["npm-ami.js"] / "ser002img00001-16-signed.dcm"
+    out = V.write_variant(V.read_series_of([src]), tmp_path / fov, fov)
+    (series,) = analyze_json(out)["series"]
+    assert "artifact.noise" not in _findings(series), series["findings"]
+    ratio = series["per_slice"][0]["measures"].get("noise_ratio")
+    assert ratio is None or ratio < 0.8, ratio

@@ -202,6 +202,8 @@ LUNG_HULL_MARGIN_MM = 6.0
 
 SKULL_DEPTH_MM = 20.0  # a skull lies under the scalp: skull-density bone within this depth of the skin ...
 SKULL_SECTORS = 0.75  # ... in this share of the 24 sectors round the section's centre makes it a head
+SKULL_SEEN = 0.25  # ... of those where its skin is in the picture, at least this share of them ...
+SKULL_SECTORS_CUT = 0.9  # ... and where the field hides part of it, bone under the skin in this share of those
 
 
 def _deeper_than(body: np.ndarray, depth_mm: float, pix_mm: float) -> np.ndarray:
@@ -222,13 +224,35 @@ def _metal_inside(metal_px: np.ndarray, body: np.ndarray, step: int, pix_mm: flo
     return float(np.count_nonzero(inner[ys, xs])) / len(ys)
 
 
-def _skull_under_scalp(dense: np.ndarray, body: np.ndarray, cy: float, cx: float, pix_mm: float) -> bool:
+def _sectors(mask: np.ndarray, cy: float, cx: float) -> np.ndarray:
+    """Which of the 24 angular sectors round (cy, cx) hold a pixel of ``mask``."""
+    dy_, dx_ = np.nonzero(mask)
+    ang = np.arctan2(dy_ - cy, dx_ - cx)
+    return np.bincount(((ang + math.pi) / (2 * math.pi) * 24).astype(int) % 24, minlength=24) > 0
+
+
+def _skull_under_scalp(dense: np.ndarray, body: np.ndarray, cy: float, cx: float, pix_mm: float,
+                       beyond: np.ndarray) -> bool:
     """Whether skull-density bone lies just under the skin all round the section: a skull. Dense bone in
     every direction from the centre is not enough: below the skull base the cervical spine sits near the
     neck's centre, so that it and the mandible cover nearly every sector, but the spine lies 4–6 cm deep.
-    ``body``: the section with its enclosed air filled (an airway is not skin)."""
-    inner = _deeper_than(body, SKULL_DEPTH_MM, pix_mm)
-    return _sector_share(dense & ~inner, cy, cx) >= SKULL_SECTORS
+    ``body``: the section with its enclosed air filled (an airway is not skin). ``beyond``: what lies outside
+    the displayed field (padding, fill beyond its circle), where the section goes on unseen: its edge there
+    is no skin, so the skull is judged in the sectors where the skin is in the picture (at least
+    ``SKULL_SEEN`` of the 24): bone under it in ``SKULL_SECTORS`` of them where the skin shows all round, in
+    ``SKULL_SECTORS_CUT`` where the field hides part of it. A skull base is no skull all round (the face and
+    the neck): in the whole field its petrous bone, mastoids and clivus lie deep, and shown in a 110–154 mm
+    field the face's skin in view lies over bone in 7 of 9 and 9 of 12 sectors, where a real head's vault in
+    a 0.7 × field lies under it in 14 of 14 to 17 of 18."""
+    whole = body | beyond
+    inner = _deeper_than(whole, SKULL_DEPTH_MM, pix_mm) & body
+    edge = body & ~_deeper_than(whole, 1.5 * pix_mm, pix_mm)  # the section's own edge: skin
+    skin = _sectors(edge, cy, cx) if edge.any() else np.zeros(24, bool)
+    if np.count_nonzero(skin) < SKULL_SEEN * 24:
+        return False
+    bone = _sectors(dense & ~inner, cy, cx) if (dense & ~inner).any() else np.zeros(24, bool)
+    need = SKULL_SECTORS if skin.all() else SKULL_SECTORS_CUT
+    return np.count_nonzero(bone & skin) >= need * np.count_nonzero(skin)
 
 
 ANTERIOR_DEPTH = 0.35  # the anterior share of the trunk's front-to-back extent ...
@@ -392,7 +416,8 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         pooled = pool_2mm(hu, rmm, cmm)
         # brain scale inside a skull: skull-density bone all round a head-sized section, under the scalp
         head = (out["skull_ring"] >= SKULL_SECTORS and out["body_area_mm2"] < 45000.0
-                and _skull_under_scalp(dense, body_cc | holes, cy / step, cx / step, pix))
+                and _skull_under_scalp(dense, body_cc | holes, cy / step, cx / step, pix,
+                                       pad | (~inside_circle if corners_filled(sub) else np.zeros_like(pad))))
         # the trunk's centre is where its noise is read, unless the displayed field cuts the trunk along much of
         # its rim: its centre is not in the picture then (a real chest shown in a 280 mm field read 93 HU on the
         # mediastinum's edges there against 14 HU uncut), and the whole section is read
