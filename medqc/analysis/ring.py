@@ -36,7 +36,7 @@ FILLED_SHARE = 0.97  # corners (outside the inscribed circle) this uniform are f
 RIM_STEP_HU = 20.0  # ... as are corners whose CT numbers step by this much across the inscribed circle
 RIM_BAND_PX = 12  # ... (the median of this many 1-px circles' medians each side ...
 RIM_SAMPLES = 257  # ... each over this many of its pixels)
-_INSIDE_CACHE: dict[tuple, np.ndarray] = {}
+_INSIDE_CACHE: dict[tuple, object] = {}  # polar masks, and per image shape its corners and rim circles
 
 
 def _polar(hu: np.ndarray, cy: float, cx: float, rad: float) -> np.ndarray:
