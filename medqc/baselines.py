@@ -13,10 +13,10 @@ own. A baseline is that normal, learned from the series of that scanner that pas
 * **per series** (``series_stats``): the median and 90th percentile over its slices of ``noise_sd_2mm``
   (σ at 2 mm, the noise a reader sees), the median of ``noise_sd`` (σ at the image's own pixel), and the
   median and 90th percentile of ``ring_contrast_hu``.
-* **the noise measure** a store was written with is recorded (``medqc.analysis.noise.NOISE_MEASURE``); opened
-  by code that measures σ at 2 mm another way, the store forgets its series' noise figures (their ring
-  figures stay) and learns its noise normals anew, since a normal taken with one measure misjudges series
-  taken with another.
+* **the noise and ring measures** a store was written with are recorded (``medqc.analysis.noise.NOISE_MEASURE``,
+  ``medqc.analysis.ring.RING_MEASURE``); opened by code that measures σ at 2 mm (or the ring contrast)
+  another way, the store forgets its series' noise (ring) figures, keeps the others, and learns those normals
+  anew, since a normal taken with one measure misjudges series taken with another.
 * **per key**: the last ``keep`` series (default 200) in an SQLite file in the state directory
   (``<state_dir>/baselines.sqlite``; each change is one transaction, so the agent and ``medqc calibrate``
   may share it). A baseline is usable from ``min_series`` series (default 5).
@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS baseline_meta (k TEXT PRIMARY KEY, v TEXT);
 """
 STAT_FIELDS = ("noise_sd_2mm_p50", "noise_sd_2mm_p90", "noise_sd_p50", "ring_p50", "ring_p90")
 NOISE_FIELDS = ("noise_sd_2mm_p50", "noise_sd_2mm_p90")
+RING_FIELDS = ("ring_p50", "ring_p90")
 log = logging.getLogger("medqc.baselines")
 
 
@@ -332,7 +333,11 @@ class Baselines:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(SCHEMA)
             self._db.execute("INSERT OR IGNORE INTO baseline_meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            self.noise_forgotten = self._check_noise_measure()
+            from medqc.analysis.noise import NOISE_MEASURE
+            from medqc.analysis.ring import RING_MEASURE
+
+            self.noise_forgotten = self._check_measure("noise", NOISE_MEASURE, NOISE_FIELDS, "ring")
+            self.ring_forgotten = self._check_measure("ring", RING_MEASURE, RING_FIELDS, "noise")
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -347,22 +352,22 @@ class Baselines:
             raise
         cur.execute("COMMIT")
 
-    def _check_noise_measure(self) -> int:
-        """Series whose σ at 2 mm was measured by another definition of it (``NOISE_MEASURE``; a store from
-        before it was recorded has none) keep their ring figures and lose their noise figures: a normal taken
-        with one measure would judge series taken with another. Returns how many series lost them."""
-        from medqc.analysis.noise import NOISE_MEASURE
-
-        row = self._db.execute("SELECT v FROM baseline_meta WHERE k='noise_measure'").fetchone()
-        if row is not None and row[0] == NOISE_MEASURE:
+    def _check_measure(self, what: str, definition: str, fields: tuple[str, ...], other: str) -> int:
+        """Series whose ``what`` figures were measured by another definition of it (a store from before it
+        was recorded has none) lose those figures and keep the ``other`` ones: a normal taken with one
+        measure would judge series taken with another. Returns how many series lost them."""
+        key = f"{what}_measure"
+        row = self._db.execute("SELECT v FROM baseline_meta WHERE k=?", (key,)).fetchone()
+        if row is not None and row[0] == definition:
             return 0
         with self._transaction() as cur:
-            n = cur.execute(f"UPDATE baseline_series SET {', '.join(f + '=NULL' for f in NOISE_FIELDS)} "
-                            f"WHERE {' OR '.join(f + ' IS NOT NULL' for f in NOISE_FIELDS)}").rowcount
-            cur.execute("INSERT OR REPLACE INTO baseline_meta VALUES ('noise_measure', ?)", (NOISE_MEASURE,))
+            n = cur.execute(f"UPDATE baseline_series SET {', '.join(f + '=NULL' for f in fields)} "
+                            f"WHERE {' OR '.join(f + ' IS NOT NULL' for f in fields)}").rowcount
+            cur.execute("INSERT OR REPLACE INTO baseline_meta VALUES (?, ?)", (key, definition))
         if n:
-            log.warning("baselines: %d learned series were measured with an earlier definition of σ at 2 mm; their "
-                        "noise figures are forgotten (ring figures kept) and noise baselines are learned anew", n)
+            log.warning("baselines: %d learned series were measured with an earlier definition of the %s measure; "
+                        "their %s figures are forgotten (%s figures kept) and %s baselines are learned anew",
+                        n, what, what, other, what)
         return n
 
     @classmethod

@@ -480,3 +480,32 @@ def test_ring_within_the_scanners_normal_is_not_raised_and_one_over_it_is(tmp_pa
     f = st.findings["9.52/artifact.ring"]
     assert f.severity in ("warning", "critical") and f.details["baseline"]["supports"] and st.baseline["judgement"]["ring"] == "high"
     assert not baselines.learnable(st)[0]
+
+
+def test_a_store_measured_with_another_ring_definition_forgets_its_ring_figures_and_keeps_its_noise(tmp_path, caplog):
+    """The ring contrast is measured another way (the circles a displayed field's edges cut are read too): a
+    store learned with the earlier measure, or before the measure was recorded, forgets its ring figures and
+    keeps its noise figures."""
+    from medqc.analysis.ring import RING_MEASURE
+
+    path = tmp_path / "b.sqlite"
+    store = Baselines(path, min_series=2)
+    assert store.ring_forgotten == 0 and store.noise_forgotten == 0
+    key = ScannerKey("V", "M", "S1", "K", "<=5mm", "body")
+    for i in range(3):
+        store.learn(key, f"uid{i}", SeriesStats(20, 20, 20, 12.0 + i, 20.0, 9.0, 0.0, 0.1 * i))
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("DELETE FROM baseline_meta WHERE k='ring_measure'")  # a store from before it was recorded
+    db.commit()
+    db.close()
+    with caplog.at_level("WARNING", logger="medqc.baselines"):
+        again = Baselines(path, min_series=2)
+    assert again.ring_forgotten == 3 and again.noise_forgotten == 0 and "ring figures are forgotten" in caplog.text
+    b = again.lookup(key)
+    assert b.series == 3 and not b.ring_usable and b.ring_p90_hu is None
+    assert b.noise_usable and b.noise_sd_2mm_hu == pytest.approx(13.0)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT v FROM baseline_meta WHERE k='ring_measure'").fetchone()[0] == RING_MEASURE
+    db.close()
+    assert Baselines(path, min_series=2).ring_forgotten == 0  # recorded now: nothing more forgotten

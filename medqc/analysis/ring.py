@@ -28,6 +28,9 @@ RING_FULL_GATE_HU = 0.05  # a second axis candidate is read at full resolution w
 RING_BONE_HU = 400.0  # ... and holds no bone
 RING_MIN_R_MM = 30.0  # rings are read from this radius (and RING_MIN_R_PX) outwards
 RING_SMOOTH_MM = 10.0  # ... over this radial range at 2 mm (5 pixels; 9 at full resolution)
+# what ``ring_contrast`` measures, as learned per-scanner baselines record it: a store whose ring contrasts were
+# measured by another definition forgets them (``medqc.baselines``)
+RING_MEASURE = "polar-angular-median-cut-circles"
 RING_ARC_BALANCE = 0.3  # a circle the image's edges cut is read where its smooth angles' mean unit vector is this short
 _COS = np.cos(np.arange(RING_ANGLES) * (2 * np.pi / RING_ANGLES))
 _SIN = np.sin(np.arange(RING_ANGLES) * (2 * np.pi / RING_ANGLES))
