@@ -149,21 +149,29 @@ def test_key_thickness_buckets_quantiles_and_config():
         load_config(None, {"baselines.noise_factor": 1.0})
 
 
+def _store_learned_then(path: Path, key, sql: str) -> None:
+    """A new store (which records the measures it is written with) that learns three series under ``key``,
+    then ``sql`` run on its file: what an earlier release left."""
+    store = Baselines(path, min_series=2)
+    assert store.noise_forgotten == 0 and store.ring_forgotten == 0
+    for i in range(3):
+        store.learn(key, f"uid{i}", SeriesStats(20, 20, 20, 12.0 + i, 20.0, 9.0, 0.0, 0.1 * i))
+    store.close()
+    reopened = Baselines(path, min_series=2)  # the same measures: nothing forgotten
+    assert reopened.noise_forgotten == 0 and reopened.ring_forgotten == 0
+    reopened.close()
+    db = sqlite3.connect(path)
+    db.execute(sql)
+    db.commit()
+    db.close()
+
+
 def test_a_store_measured_with_another_noise_definition_forgets_its_noise_figures_and_keeps_its_rings(tmp_path, caplog):
     from medqc.analysis.noise import NOISE_MEASURE
 
     path = tmp_path / "b.sqlite"
-    store = Baselines(path, min_series=2)
-    assert store.noise_forgotten == 0  # a new store records the measure it is written with
     key = ScannerKey("V", "M", "S1", "K", "<=5mm", "body")
-    for i in range(3):
-        store.learn(key, f"uid{i}", SeriesStats(20, 20, 20, 12.0 + i, 20.0, 9.0, 0.0, 0.1 * i))
-    store.close()
-    assert Baselines(path, min_series=2).noise_forgotten == 0  # the same measure: nothing forgotten
-    db = sqlite3.connect(path)
-    db.execute("UPDATE baseline_meta SET v='an earlier measure' WHERE k='noise_measure'")
-    db.commit()
-    db.close()
+    _store_learned_then(path, key, "UPDATE baseline_meta SET v='an earlier measure' WHERE k='noise_measure'")
     with caplog.at_level("WARNING", logger="medqc.baselines"):
         again = Baselines(path, min_series=2)
     assert again.noise_forgotten == 3 and "3 learned series" in caplog.text
@@ -489,16 +497,8 @@ def test_a_store_measured_with_another_ring_definition_forgets_its_ring_figures_
     from medqc.analysis.ring import RING_MEASURE
 
     path = tmp_path / "b.sqlite"
-    store = Baselines(path, min_series=2)
-    assert store.ring_forgotten == 0 and store.noise_forgotten == 0
     key = ScannerKey("V", "M", "S1", "K", "<=5mm", "body")
-    for i in range(3):
-        store.learn(key, f"uid{i}", SeriesStats(20, 20, 20, 12.0 + i, 20.0, 9.0, 0.0, 0.1 * i))
-    store.close()
-    db = sqlite3.connect(path)
-    db.execute("DELETE FROM baseline_meta WHERE k='ring_measure'")  # a store from before it was recorded
-    db.commit()
-    db.close()
+    _store_learned_then(path, key, "DELETE FROM baseline_meta WHERE k='ring_measure'")  # before it was recorded
     with caplog.at_level("WARNING", logger="medqc.baselines"):
         again = Baselines(path, min_series=2)
     assert again.ring_forgotten == 3 and again.noise_forgotten == 0 and "ring figures are forgotten" in caplog.text
