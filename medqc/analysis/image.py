@@ -173,14 +173,16 @@ def _erode_cross(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def _sector_share(mask: np.ndarray, cy: float, cx: float) -> float:
-    """Share of the 24 angular sectors round (cy, cx) that hold a pixel of ``mask`` (0 for an empty one)."""
-    if not mask.any():
-        return 0.0
+def _sectors(mask: np.ndarray, cy: float, cx: float) -> np.ndarray:
+    """Which of the 24 angular sectors round (cy, cx) hold a pixel of ``mask`` (none for an empty one)."""
     dy_, dx_ = np.nonzero(mask)
     ang = np.arctan2(dy_ - cy, dx_ - cx)
-    sectors = np.bincount(((ang + math.pi) / (2 * math.pi) * 24).astype(int) % 24, minlength=24)
-    return np.count_nonzero(sectors) / 24.0
+    return np.bincount(((ang + math.pi) / (2 * math.pi) * 24).astype(int) % 24, minlength=24) > 0
+
+
+def _sector_share(mask: np.ndarray, cy: float, cx: float) -> float:
+    """Share of the 24 angular sectors round (cy, cx) that hold a pixel of ``mask`` (0 for an empty one)."""
+    return np.count_nonzero(_sectors(mask, cy, cx)) / 24.0
 
 
 def _block_all(m: np.ndarray, b: int) -> np.ndarray:

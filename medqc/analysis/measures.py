@@ -32,7 +32,7 @@ import numpy as np
 
 from medqc.analysis import airstreaks
 from medqc.analysis.image import (BODY_HU, PAD_HU, _border_connected, _edge_geometry, _erode_cross, _holes,
-                                  _median_index, _radius, _ring, _sector_share, _trunk_hull, padding)
+                                  _median_index, _radius, _ring, _sector_share, _sectors, _trunk_hull, padding)
 from medqc.analysis.noise import (NOISE_MIN_AREA_HEAD_MM2, NOISE_MIN_AREA_MM2, _robust_noise,
                                   noise_2mm, noise_ratio, noise_size_mm, pool_2mm, water_equivalent_diameter)
 from medqc.analysis.ring import (RING_FIELD_MARGIN_MM, RING_FULL_GATE_HU, RING_MIN_R_MM, RING_MIN_R_PX, RING_SMOOTH_MM,
@@ -224,13 +224,6 @@ def _metal_inside(metal_px: np.ndarray, body: np.ndarray, step: int, pix_mm: flo
     return float(np.count_nonzero(inner[ys, xs])) / len(ys)
 
 
-def _sectors(mask: np.ndarray, cy: float, cx: float) -> np.ndarray:
-    """Which of the 24 angular sectors round (cy, cx) hold a pixel of ``mask``."""
-    dy_, dx_ = np.nonzero(mask)
-    ang = np.arctan2(dy_ - cy, dx_ - cx)
-    return np.bincount(((ang + math.pi) / (2 * math.pi) * 24).astype(int) % 24, minlength=24) > 0
-
-
 def _skull_under_scalp(dense: np.ndarray, body: np.ndarray, cy: float, cx: float, pix_mm: float,
                        beyond: np.ndarray) -> bool:
     """Whether skull-density bone lies just under the skin all round the section: a skull. Dense bone in
@@ -247,10 +240,10 @@ def _skull_under_scalp(dense: np.ndarray, body: np.ndarray, cy: float, cx: float
     whole = body | beyond
     inner = _deeper_than(whole, SKULL_DEPTH_MM, pix_mm) & body
     edge = body & ~_deeper_than(whole, 1.5 * pix_mm, pix_mm)  # the section's own edge: skin
-    skin = _sectors(edge, cy, cx) if edge.any() else np.zeros(24, bool)
+    skin = _sectors(edge, cy, cx)
     if np.count_nonzero(skin) < SKULL_SEEN * 24:
         return False
-    bone = _sectors(dense & ~inner, cy, cx) if (dense & ~inner).any() else np.zeros(24, bool)
+    bone = _sectors(dense & ~inner, cy, cx)
     need = SKULL_SECTORS if skin.all() else SKULL_SECTORS_CUT
     return np.count_nonzero(bone & skin) >= need * np.count_nonzero(skin)
 
@@ -414,10 +407,11 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
             out["anterior_bone_mm2"] = _anterior_midline_bone(own, core, x0, x1, info) * px_area
         out["noise_sd"] = _robust_noise(sub, valid & inside_circle)
         pooled = pool_2mm(hu, rmm, cmm)
+        filled = corners_filled(hu)  # a displayed circle beyond which the image holds no data
         # brain scale inside a skull: skull-density bone all round a head-sized section, under the scalp
         head = (out["skull_ring"] >= SKULL_SECTORS and out["body_area_mm2"] < 45000.0
                 and _skull_under_scalp(dense, body_cc | holes, cy / step, cx / step, pix,
-                                       pad | (~inside_circle if corners_filled(sub) else np.zeros_like(pad))))
+                                       (pad | ~inside_circle) if filled else pad))
         # the trunk's centre is where its noise is read, unless the displayed field cuts the trunk along much of
         # its rim: its centre is not in the picture then (a real chest shown in a 280 mm field read 93 HU on the
         # mediastinum's edges there against 14 HU uncut), and the whole section is read
@@ -442,7 +436,6 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         # unoffset displayed field has it. First at ~2 mm pixels (~0.5 ms a centre): a ring several display
         # pixels wide (a failing detector module, a fine display grid) shows there best
         min_r = max(RING_MIN_R_PX, RING_MIN_R_MM / px_mm)
-        filled = corners_filled(hu)  # a displayed circle beyond which the image holds no data, at every scale
         coarse = {}
         if pooled is not None and pooled[2] >= 2:
             f = pooled[2]
