@@ -98,10 +98,8 @@ def corners_filled(hu: np.ndarray) -> bool:
     Bore's air reads −975 inside its circle and its fill −1024 beyond, 40–53 HU on both, which noise added to
     the whole square keeps; the corners' own air darkens gradually (a real Philips Brilliance 16 chest's: up
     to 27 HU over the 12 circles, up to 17 across the nearest 3, never 20 on both), and a ring with its side
-    lobes lies on a third of the 12 at most. The Big Bore's air reads −974 inside its circle and its fill −1024 beyond: a step that noise
-    added to the whole square keeps, and that a radial background reads as a ring along the circle. False
-    where the corners hold measured data (noisy air, the patient: a Philips Brilliance 16 chest's 431 mm field
-    of a 500 mm scan field)."""
+    lobes lies on a third of the 12 at most. False where the corners hold measured data (noisy air, the
+    patient: a Philips Brilliance 16 chest's 431 mm field of a 500 mm scan field)."""
     corners, circles = _rim_bands(*hu.shape)
     if corners.size == 0:
         return False
@@ -128,10 +126,9 @@ def _inside(shape: tuple[int, int], cy: float, cx: float, nr: int, ahead: int, a
     m = _INSIDE_CACHE.get(key)
     if m is None:
         h, w = shape
-        th = np.arange(RING_ANGLES) * (2 * np.pi / RING_ANGLES)
         r = np.arange(nr, dtype=np.float64) + ahead
-        y = cy + np.sin(th)[:, None] * r[None, :]
-        x = cx + np.cos(th)[:, None] * r[None, :]
+        y = cy + _SIN[:, None] * r[None, :]
+        x = cx + _COS[:, None] * r[None, :]
         m = (y >= 0) & (y <= h - 1) & (x >= 0) & (x <= w - 1)
         if disk is not None:
             m &= np.hypot(y - (h - 1) / 2.0, x - (w - 1) / 2.0) <= disk
