@@ -93,13 +93,17 @@ class Bundle:
     @property
     def check_thresholds(self) -> dict[str, float]:
         """Thresholds the series checks apply to fused scores: the manifest's, except that a class whose
-        network is off and that classical evidence can see takes the classical threshold."""
-        from medqc.analysis.fusion import CLASSICAL_CLASSES, CLASSICAL_THRESHOLD
+        network is off and that classical evidence can see takes the classical threshold, and that motion,
+        whose fused score mixes the network with the free air's evidence, takes the fusion's
+        (``medqc.analysis.fusion.MOTION_THRESHOLD``, set on real CT)."""
+        from medqc.analysis.fusion import CLASSICAL_CLASSES, CLASSICAL_THRESHOLD, MOTION_THRESHOLD
 
         th = self.thresholds
         for k in self.network_off:
             if k in CLASSICAL_CLASSES:
                 th[k] = CLASSICAL_THRESHOLD
+        if "motion" in th and "motion" not in self.network_off:
+            th["motion"] = MOTION_THRESHOLD
         return th
 
     @property

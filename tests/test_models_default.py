@@ -49,6 +49,19 @@ def test_default_bundle_is_intact(bundle):
     assert "hu" in bundle.manifest["inputs"]  # the preprocessing runs in the model (medqc.models.slice_input)
 
 
+def test_checks_judge_the_fused_motion_score_at_the_fusions_threshold(bundle):
+    """The manifest's motion threshold is the network's alone (synthetic validation); the checks judge the fused
+    motion score (network and free air) at the fusion's, the other network classes at the manifest's."""
+    from medqc.analysis import fusion
+
+    th = bundle.check_thresholds
+    assert bundle.thresholds["motion"] != fusion.MOTION_THRESHOLD
+    assert th["motion"] == fusion.MOTION_THRESHOLD
+    assert th["metal"] == bundle.thresholds["metal"]
+    for k in bundle.network_off:
+        assert th[k] == fusion.CLASSICAL_THRESHOLD
+
+
 def test_default_checkpoint_loads(bundle):
     need_module("torch")
     from medqc.models import load_checkpoint

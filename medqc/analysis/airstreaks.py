@@ -77,13 +77,9 @@ NOT_AIR_HU = -950.0  # a band without them whose median reads above this is not 
 FLOOR_HU = (-1035.0, -1010.0)  # a band minimum in this range is taken as a storage floor (vendors clip at -1024)
 # evidence: 0 at the clean synthetic 95th percentile (seed 777); 1 at 5 HU, between the median of motion injected
 # into real patient CT (4.4 HU: vendors clip stored air at -1024 HU, which caps the dark side) and that of
-# synthetic motion (5.9 HU, seed 777). Lower, the clean real air we have (up to 2.6 HU, a head phantom in its
-# holder) would need too little of the network (under 0.75) to flag
+# synthetic motion (5.9 HU, seed 777). Lower, the clean real air (0.5-2.3 HU at the median per scanner; up to 4.2
+# at a real head's vertex, whose hair and pads streak it) would need still less of the network to flag
 EVIDENCE_HU = (0.67, 5.0)
-# where no free air can be measured (a body filling the field, a targeted reconstruction) the air's
-# evidence is unknown, not absent: the fused motion score takes this neutral value in its place, so that
-# the network alone must read about 0.85 to reach the checks' 0.58 there (real clean anatomy reads up to ~0.8)
-UNJUDGED_EVIDENCE = 0.4
 METAL_ALIGN_DEG = 20.0  # a dark streak within this angle of the line to a metal object is the metal's
 METAL_COHERENCE = 0.2  # ... where the local structure is that oriented (structure-tensor coherence)
 METAL_TENSOR_MM = 4.0  # the structure tensor's integration scale
