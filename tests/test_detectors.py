@@ -94,7 +94,7 @@ def test_heavy_noise_or_a_ring_explains_away_motion_evidence():
     assert fusion.fuse({"motion": 0.8}, noisy)["motion"] == pytest.approx(0.8 * fusion.MOTION_EXPLAINED)
     assert fusion.fuse({"motion": 0.8}, ringed)["motion"] == pytest.approx(0.8 * fusion.MOTION_EXPLAINED)
     T = fusion.MOTION_THRESHOLD
-    assert fusion.fuse({"motion": 0.8}, noisy)["motion"] < T <= fusion.fuse({"motion": 0.85}, noisy)["motion"]  # strong motion still counts
+    assert fusion.fuse({"motion": 0.7}, noisy)["motion"] < T <= fusion.fuse({"motion": 0.75}, noisy)["motion"]  # strong motion still counts
     # on real pixels: a noisy trunk (60 HU at 2 mm against the 30 HU body level)
     m = measures.measure(phantom(sigma=180.0, seed=7), info(convolution_kernel="B30f", slice_thickness=5.0))
     assert fusion.classical_probs(m)["noise"] >= fusion.CLASSICAL_THRESHOLD

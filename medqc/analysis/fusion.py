@@ -31,8 +31,8 @@ MOTION_THRESHOLD = 0.5
 MOTION_NETWORK_ALONE = 0.85
 UNJUDGED_AIR_EVIDENCE = (MOTION_THRESHOLD - MOTION_NETWORK_WEIGHT * MOTION_NETWORK_ALONE) / (1.0 - MOTION_NETWORK_WEIGHT)
 # motion score factor on a slice whose noise or ring evidence is over the threshold: motion still qualifies
-# there when the unscaled score reaches MOTION_THRESHOLD / 0.6 (0.83)
-MOTION_EXPLAINED = 0.6
+# there when the unscaled score reaches MOTION_THRESHOLD / 0.7 (0.71)
+MOTION_EXPLAINED = 0.7
 MOTION_NOISE_FROM = 0.1  # ... and from 1 down to it as the noise evidence rises from this (half the level) to it
 # Dark streaks in free air at or beyond the air's full evidence (5 HU) are not noise's doing: noise injected at
 # severity 1 into the real studies darkened their free air to 3.9 HU at most (clean 4.2), while motion injected
@@ -114,12 +114,12 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
       0.6 rank the evaluation slices better than the plain mean (by 0.003-0.006 of AUROC on seeds 31337
       and 777); 0.3-0.35 for the network rank them alike.
     On a slice whose classical noise or ring evidence is over the threshold, the motion score is scaled by
-    ``MOTION_EXPLAINED`` (0.6): both motion cues are confounded by them (the network reads heavy noise and
+    ``MOTION_EXPLAINED`` (0.7): both motion cues are confounded by them (the network reads heavy noise and
     rings as motion, the air measure reads noisy air and a ring's arcs in the air as dark streaks; on the
     evaluation slices these were most of the top-scoring slices without motion), and the finding there is
-    the noise or the ring; motion still qualifies when the unscaled score reaches about 0.83. Noise confounds
+    the noise or the ring; motion still qualifies when the unscaled score reaches about 0.71. Noise confounds
     them before it reaches its own threshold, so from ``MOTION_NOISE_FROM`` (noise evidence 0.1: σ at half
-    the level) the factor ramps from 1 down to 0.6 at the threshold (:func:`motion_explained`) — except where
+    the level) the factor ramps from 1 down to 0.7 at the threshold (:func:`motion_explained`) — except where
     the free air reads ``AIR_BEYOND_NOISE_HU`` (5 HU) of dark streaks or more, more than noise makes there
     (on the real studies noise at severity 1 reached 3.9 HU): such streaks flag on their own, noisy slice or
     not (rings and a patient outside the scan field still explain them: their arcs and cut edges streak the
