@@ -110,7 +110,8 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
       network weighs less than the air: it is the weaker cue (AUROC 0.77-0.84 alone against 0.98-0.99 for
       the air where judged) and the one that misreads real clean anatomy as motion (0.3-0.8 on real patient
       slices); over most real clean air (evidence <= 0.46) it must read 0.56 to flag. Air streaks at
-      full evidence (>= 5 HU; real clean CT here reads <= 2.6) flag on their own. The weights 0.4 /
+      full evidence (>= 5 HU; real clean CT here reads <= 4.2, a head's vertex streaked by its hair and
+      pads) flag on their own. The weights 0.4 /
       0.6 rank the evaluation slices better than the plain mean (by 0.003-0.006 of AUROC on seeds 31337
       and 777); 0.3-0.35 for the network rank them alike.
     On a slice whose classical noise or ring evidence is over the threshold, the motion score is scaled by
