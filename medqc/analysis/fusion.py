@@ -27,7 +27,7 @@ MOTION_NETWORK_WEIGHT = 0.4  # the network's share of the fused motion score, th
 MOTION_THRESHOLD = 0.5
 # Where no free air is judged (a body filling the field, a targeted reconstruction) the air's evidence is
 # unknown, not absent: a neutral value stands in for it, such that the network alone must read
-# MOTION_NETWORK_ALONE to reach MOTION_THRESHOLD there (real clean anatomy reads up to ~0.8; 0.2667)
+# MOTION_NETWORK_ALONE to reach MOTION_THRESHOLD there (real clean anatomy reads up to ~0.8): 0.2667
 MOTION_NETWORK_ALONE = 0.85
 UNJUDGED_AIR_EVIDENCE = (MOTION_THRESHOLD - MOTION_NETWORK_WEIGHT * MOTION_NETWORK_ALONE) / (1.0 - MOTION_NETWORK_WEIGHT)
 # motion score factor on a slice whose noise or ring evidence is over the threshold: motion still qualifies
