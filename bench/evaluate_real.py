@@ -5,7 +5,7 @@
                                             [--backend onnxruntime|none|...] [--bundle DIR] [--config FILE]
                                             [--block 24] [--every 8] [--seed 0] [--workers 2] [--baselines]
                                             [--cache ~/.cache/medqc-real-eval] [--out bench/results] [--name real-eval]
-                                            [--targeted 0.7]
+                                            [--targeted 0.7] [--round-trip]
 
 Each DIR is one study folder (default: every folder under ``$MEDQC_REAL_CT``, else ``../shared/real-ct`` beside
 this checkout: a Philips patient chest, single TCIA slices from GE and Toshiba scanners, a Philips head phantom
@@ -41,6 +41,12 @@ where the injection did not reach the slice); injected slices whose pixels the i
 (copies of their clean original, which is already counted); and slices whose original shows a real C
 artifact (``KNOWN_REAL``, from looking at the images; for metal also any original with metal in it, pixels
 at or over ``METAL_HU``), in their clean form and in every injected variant.
+
+``--round-trip`` passes every variant through the same projection round trip: each slice is reconstructed
+in full from its projections (``inject_series(full=True)``, ``medqc synth --inject K --round-trip``), and a
+clean control, reconstructed the same way with nothing added, takes the clean originals' place among the
+per-slice negatives. No variant then keeps the scanner's own texture: the figures say whether the checks
+judge the artifact or the texture, as an evaluation that round-trips its clean slices too would find.
 
 ``--targeted F`` first shows every study in a displayed field F × its own round the trunk's middle
 (``targeted_studies``; the band-limited crop of ``medqc.synth.variants`` ``fov-F``) and injects into those
@@ -329,6 +335,7 @@ class Job:
     seed: int
     out: Path
     cached: bool = False
+    full: bool = False  # reconstructed in full from its projections (``--round-trip``)
     truth: dict = field(default_factory=dict)
 
 
@@ -363,20 +370,29 @@ def pick_units(clean_report: dict, idx: dict, block: int, every: int) -> list[Un
     return units
 
 
-def plan_jobs(units: list[Unit], kinds: list[str], severities: list[float], seed: int, cache: Path) -> list[Job]:
+def plan_jobs(units: list[Unit], kinds: list[str], severities: list[float], seed: int, cache: Path,
+              round_trip: bool = False) -> list[Job]:
+    """One injection job per unit, kind and severity; with ``round_trip``, every slice reconstructed in full and a
+    clean control (``CLEAN``, nothing added) per unit."""
+    from medqc.synth.inject import CLEAN
+
     version = injector_version()
+    variants = [(k, float(sev)) for k in kinds for sev in severities]
+    if round_trip:
+        variants = [(CLEAN, 0.0)] + variants
     jobs = []
     for u in units:
         hashes = [file_sha256(f) for f in u.files]
         # one seed per unit, so that units from one series get their own UIDs and random draws
         useed = int(hashlib.sha256(f"{seed}/{'/'.join(hashes)}".encode()).hexdigest()[:8], 16)
-        for k in kinds:
-            for sev in severities:
-                key = hashlib.sha256(json.dumps({"files": hashes, "kind": k, "severity": round(float(sev), 4),
-                                                 "seed": useed, "injector": version}, sort_keys=True).encode()).hexdigest()
-                out = cache / f"{k}-{sev:g}-{key[:20]}"
-                jobs.append(Job(unit=u, artifact=k, severity=float(sev), seed=useed, out=out,
-                                cached=(out / "truth.json").is_file()))
+        for k, sev in variants:
+            spec = {"files": hashes, "kind": k, "severity": round(sev, 4), "seed": useed, "injector": version}
+            if round_trip:
+                spec["round_trip"] = True
+            key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+            out = cache / f"{'rt-' if round_trip else ''}{k}-{sev:g}-{key[:20]}"
+            jobs.append(Job(unit=u, artifact=k, severity=sev, seed=useed, out=out,
+                            cached=(out / "truth.json").is_file(), full=round_trip))
     return jobs
 
 
@@ -403,7 +419,7 @@ def run_injections(jobs: list[Job], cache: Path, workers: int, progress: bool) -
     try:
         if workers <= 1 or len(todo) < 2:
             for j in todo:
-                inject_series(stage(j), j.out, j.artifact, j.severity, seed=j.seed, progress=False)
+                inject_series(stage(j), j.out, j.artifact, j.severity, seed=j.seed, progress=False, full=j.full)
                 shutil.rmtree(staging / j.out.name, ignore_errors=True)
                 if bar:
                     bar.update(len(j.unit.files))
@@ -417,7 +433,8 @@ def run_injections(jobs: list[Job], cache: Path, workers: int, progress: bool) -
                 while queue or running:
                     while queue and len(running) < 2 * workers:
                         j = queue.pop(0)
-                        running[ex.submit(inject_series, stage(j), j.out, j.artifact, j.severity, j.seed, False)] = j
+                        running[ex.submit(inject_series, stage(j), j.out, j.artifact, j.severity, j.seed, False,
+                                          j.full)] = j
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
                     for fut in done:
                         j = running.pop(fut)
@@ -519,6 +536,8 @@ def clean_records(report: dict, idx: dict, real: dict) -> list[dict]:
 
 
 def injected_records(report: dict, jobs: list[Job], idx: dict, real: dict) -> tuple[list[dict], dict[str, dict]]:
+    from medqc.synth.inject import CLEAN
+
     by_series = {j.truth["series_instance_uid"]: j for j in jobs}
     if len(by_series) != len(jobs):
         raise RuntimeError("two injected studies share a series UID; their slices would be taken for resends")
@@ -539,9 +558,11 @@ def injected_records(report: dict, jobs: list[Job], idx: dict, real: dict) -> tu
                 continue
             h = idx[t["source_sop_instance_uid"]]
             ch = changes.get(r["sop_instance_uid"], {})
+            control = j.artifact == CLEAN  # the round trip's clean control: a clean slice in that texture
             recs.append({"study": h["study"], "scanner": h["scanner"], "cone_beam": False, "series": j.unit.series,
                          "sop": t["source_sop_instance_uid"], "file": h["rel"], "instance": r["instance_number"],
-                         "z": r["z"], "variant": j.artifact, "severity": j.severity, "unit": j.unit.uid,
+                         "z": r["z"], "variant": "clean" if control else j.artifact,
+                         "severity": None if control else j.severity, "unit": j.unit.uid,
                          "unit_kind": j.unit.kind, "truth": t["artifacts"], "changed": ch.get("max_abs_hu", 1.0) > 0.0,
                          "mean_abs_hu": ch.get("mean_abs_hu"), "real": real.get(t["source_sop_instance_uid"], {}),
                          "scores": r["scores"],
@@ -675,6 +696,24 @@ def series_injected(jobs: list[Job], series: dict[str, dict]) -> list[dict]:
     return out
 
 
+def control_summary(rows: list[dict], recs: list[dict]) -> dict:
+    """The round trip's clean controls as series: how many raised an artifact finding, which, and which of those
+    no real artifact in the unit's originals explains (``recs``: the per-slice records, for their ``real``)."""
+    from medqc.synth.inject import CLEAN
+
+    real: dict[str, set] = {}
+    for r in recs:
+        if r["variant"] == "clean" and r["unit"]:
+            real.setdefault(r["unit"], set()).update(r["real"])
+    ctl = [r for r in rows if r["kind"] == CLEAN]
+    found = [{"unit": r["unit"], "artifacts": r["other_artifacts"],
+              "false": [a for a in r["other_artifacts"] if a.split(".", 1)[1] not in real.get(r["unit"], set())]}
+             for r in ctl if r["other_artifacts"]]
+    return {"units": len(ctl), "blocks": sum(r["unit_kind"] == "block" for r in ctl),
+            "with_artifact_findings": len(found), "with_false_artifact_findings": sum(bool(f["false"]) for f in found),
+            "findings": found}
+
+
 def injected_summary(rows: list[dict]) -> list[dict]:
     keys = sorted({(r["kind"], r["severity"], r["unit_kind"]) for r in rows}, key=lambda k: (k[0], k[2], k[1]))
     out = []
@@ -715,7 +754,8 @@ def cone_beam_section(recs: list[dict], rows: list[dict], thr: dict[str, float])
 # ------------------------------------------------------------------------------------------ core
 def evaluate(dirs: list[Path], *, kinds: list[str], severities: list[float], block: int = BLOCK, every: int = EVERY,
              seed: int = 0, backend: str = "onnxruntime", bundle: str | None = None, config: str | None = None,
-             cache: Path = DEFAULT_CACHE, workers: int = 2, progress: bool = True, baselines: bool = False) -> dict:
+             cache: Path = DEFAULT_CACHE, workers: int = 2, progress: bool = True, baselines: bool = False,
+             round_trip: bool = False) -> dict:
     import dataclasses
 
     from medqc.config import load_config
@@ -738,7 +778,7 @@ def evaluate(dirs: list[Path], *, kinds: list[str], severities: list[float], blo
     t_clean = time.time() - t_clean
 
     units = pick_units(clean, idx, block, every)
-    jobs = plan_jobs(units, kinds, severities, seed, cache)
+    jobs = plan_jobs(units, kinds, severities, seed, cache, round_trip=round_trip)
     t_inj = time.time()
     run_injections(jobs, cache, workers, progress)
     t_inj = time.time() - t_inj
@@ -750,7 +790,8 @@ def evaluate(dirs: list[Path], *, kinds: list[str], severities: list[float], blo
     real = real_artifacts(clean, idx)
     recs = clean_records(clean, idx, real)
     irecs, iseries = injected_records(inj_report, jobs, idx, real)
-    allrecs = recs + irecs
+    # per slice, the round trip's clean control stands in for the originals: every variant in one texture
+    allrecs = irecs if round_trip else recs + irecs
     diag = [r for r in allrecs if not r["cone_beam"]]
     from medqc import ARTIFACTS
 
@@ -785,7 +826,10 @@ def evaluate(dirs: list[Path], *, kinds: list[str], severities: list[float], blo
         "seconds": {"clean_analysis": round(t_clean, 1), "injection": round(t_inj, 1), "injected_analysis": round(t_an, 1),
                     "total": round(time.time() - t0, 1)},
         "studies": studies,
-        "slices": {"clean": sum(not r["cone_beam"] for r in recs), "injected": len(irecs),
+        "round_trip": round_trip,
+        "round_trip_controls": control_summary(irows, irecs) if round_trip else None,
+        "slices": {"clean": sum(not r["cone_beam"] and r["variant"] == "clean" for r in allrecs),
+                   "injected": sum(r["variant"] != "clean" for r in irecs),
                    "cone_beam": sum(r["cone_beam"] for r in recs)},
         "classes": classes, "classes_patients": classes_patients, "per_scanner": per_scanner,
         "confusion": confusion(diag, thr, kinds),
@@ -831,6 +875,12 @@ def markdown(res: dict) -> str:
               "trunk's middle (the variant evaluation's band-limited crop, `targeted_studies`) before anything is "
               "injected: the body fills the field and the free air round it lies mostly outside, as in a scanner's "
               "targeted reconstruction of that patient.", ""]
+    if res.get("round_trip"):
+        L += ["**Projection round trip.** Every variant is reconstructed in full from its projections "
+              "(`medqc synth --inject K --round-trip`: the simulated scanner's grid and standard kernel), and the "
+              "clean slices counted per slice are the control, reconstructed the same way with nothing added: no "
+              "variant keeps the scanner's own texture, so the detectors cannot tell injected slices from clean "
+              "ones by it. The series table of the clean originals below is the originals' own.", ""]
     L += ["## Data", "",
           "| study | scanner(s) | series analysed | slices analysed | slices injected into | not analysed (reason × files) |",
           "|---|---|---|---|---|---|"]
@@ -842,7 +892,8 @@ def markdown(res: dict) -> str:
           f"({res['slices']['cone_beam']} cone-beam slices kept apart).", "",
           "**Labels** (per class C). Positive: injected with C, `truth.json` severity for C ≥ "
           f"{res['pos_severity']:g} on that slice (the shipped network's positive label). Negative: every analysed clean "
-          "original slice, and every slice injected with another kind. Left out for C: slices injected with C whose "
+          + ("slice of the round trip's control" if res.get("round_trip") else "original slice")
+          + ", and every slice injected with another kind. Left out for C: slices injected with C whose "
           f"severity there is below {res['pos_severity']:g} (faint, or 0: the injector puts metal into the middle fifth of "
           "a block only); injected slices the injection left unchanged (copies of their clean original, which already "
           "counts); and slices whose original shows a real C artifact (table at the end: seen on the images, and metal "
@@ -884,7 +935,8 @@ def markdown(res: dict) -> str:
     for v, row in res["confusion"].items():
         cells = [(f"**{_pct(row[c]['over'])}** ({row[c]['n']})" if c == v else f"{_pct(row[c]['over'])} ({row[c]['n']})")
                  if c in row else "—" for c in ARTIFACTS]
-        L.append(f"| {'clean originals' if v == 'clean' else v + ' injected'} | " + " | ".join(cells) + " |")
+        clean_row = "clean control (round trip)" if res.get("round_trip") else "clean originals"
+        L.append(f"| {clean_row if v == 'clean' else v + ' injected'} | " + " | ".join(cells) + " |")
     L += ["", "Diagonal: sensitivity; elsewhere: the share of those slices another class's check would count."]
 
     cs = res["series_clean_summary"]
@@ -913,7 +965,16 @@ def markdown(res: dict) -> str:
     for r in res["series_injected_summary"]:
         L.append(f"| {r['kind']} | {r['severity']:g} | {r['unit_kind']} | {r['series']} | {r['found']} "
                  f"({_pct(r['found'] / r['series'] if r['series'] else None)}) | {r['critical']} | {r['with_other_artifacts']} |")
-    blocks = [r for r in res["series_injected"] if r["unit_kind"] == "block"]
+    rc = res.get("round_trip_controls")
+    if rc:
+        L += ["", f"Round-trip clean controls as series: {rc['units']} ({rc['blocks']} blocks); "
+                  f"{rc['with_artifact_findings']} with an artifact finding, **{rc['with_false_artifact_findings']} with "
+                  "one no real artifact in its originals explains**"
+              + (": " + "; ".join(f"{f['unit']}: {', '.join(f['artifacts'])}"
+                                  + (f" (false: {', '.join(f['false'])})" if f["false"] else " (real in the original)")
+                                  for f in rc["findings"]) if rc["findings"] else "")
+              + "."]
+    blocks = [r for r in res["series_injected"] if r["unit_kind"] == "block" and r["kind"] in res["kinds"]]
     if blocks:
         L += ["", "Blocks one by one:", "", "| block | kind | severity | slices (positive) | raised | peak score | other artifact findings |",
               "|---|---|---|---|---|---|---|"]
@@ -993,7 +1054,8 @@ def figure(res: dict, path: Path) -> Path:
                 ax.set_title(sc + ("\n(cone-beam: clean only)" if any(r["cone_beam"] for r in sel) else ""), fontsize=9)
             if j == 0:
                 ax.set_ylabel(f"{c} score", fontsize=9)
-    fig.suptitle("Fused per-slice scores on real CT: clean originals (blue), originals with this artifact really in them "
+    clean = "the round trip's clean control" if res.get("round_trip") else "clean originals"
+    fig.suptitle(f"Fused per-slice scores on real CT: {clean} (blue), originals with this artifact really in them "
                  "(black; the cone-beam rings),\nother kinds injected (grey), this kind injected per severity (red); dashed: "
                  "the checks' threshold; bar: median", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
@@ -1075,10 +1137,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"injected studies (default {DEFAULT_CACHE})")
     ap.add_argument("--workers", type=int, default=2, help="injection processes (default 2)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--name", default=None, help="file name stem (default real-eval; -targeted-F with --targeted, -quick with --quick)")
+    ap.add_argument("--name", default=None, help="file name stem (default real-eval; -targeted-F with --targeted, -roundtrip with --round-trip, "
+                         "-quick with --quick)")
     ap.add_argument("--targeted", type=float, default=None, metavar="F",
                     help="show every study in a targeted displayed field F x its own (0 < F < 1, round the trunk's "
                          "middle) before injecting: a body filling the field (default: the fields as reconstructed)")
+    ap.add_argument("--round-trip", action="store_true",
+                    help="reconstruct every variant in full from its projections, with a clean control reconstructed "
+                         "the same way as the per-slice negatives (no variant keeps the scanner's own texture)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     if a.targeted is not None and not 0.0 < a.targeted < 1.0:
@@ -1097,12 +1163,13 @@ def main(argv: list[str] | None = None) -> int:
         dirs = targeted_studies(dirs, a.targeted, Path(a.cache).expanduser())
     res = evaluate(dirs, kinds=kinds, severities=sev, block=block, every=every, seed=a.seed, backend=a.backend,
                    bundle=a.bundle, config=a.config, cache=a.cache, workers=a.workers,
-                   progress=not a.no_progress and sys.stderr.isatty(), baselines=a.baselines)
+                   progress=not a.no_progress and sys.stderr.isatty(), baselines=a.baselines, round_trip=a.round_trip)
     res["code"] = code_label()
     res["command"] = " ".join(["bench/evaluate_real.py", *(argv if argv is not None else sys.argv[1:])])
     if a.targeted is not None:
         res["targeted"] = a.targeted
-    stem = "real-eval" + (f"-targeted-{a.targeted:g}" if a.targeted is not None else "") + ("-quick" if a.quick else "")
+    stem = ("real-eval" + (f"-targeted-{a.targeted:g}" if a.targeted is not None else "")
+            + ("-roundtrip" if a.round_trip else "") + ("-quick" if a.quick else ""))
     paths = write_outputs(res, a.out, a.name or stem)
     print(markdown(res))
     print("\n".join(f"wrote {p}" for p in paths.values()), file=sys.stderr)

@@ -578,3 +578,53 @@ def test_inject_keeps_the_fill_beyond_a_displayed_circle(tmp_path, real_ct):
     assert np.array_equal(hb[beyond], a[beyond])
     inside = (r < h / 2.0 - 2) & (a > -900) & (a < 200)
     assert np.std((hb - a)[inside]) > 20  # the noise is there, in the measured pixels
+
+
+def test_round_trip_reconstructs_the_whole_slice_and_its_control_adds_nothing(tmp_path, real_ct, capsys):
+    """``--round-trip`` reconstructs every slice in full from its projections: the clean control (no
+    ``--inject``) keeps the real chest's CT numbers (its body, its air) on the injector's grid, and keeps the
+    fill the scanner wrote beyond its displayed circle; a ring injected the same way adds its circles to that
+    same reconstruction, so the two differ by the ring alone. A clean control without the round trip would be
+    a copy: it is refused."""
+    src = tmp_path / "real"
+    src.mkdir()
+    f = real_ct.parent / "philips-bigbore-chest-patient" / "00-slice070.dcm"
+    shutil.copy(f, src / f.name)
+    ctl, ring = tmp_path / "ctl", tmp_path / "ring"
+    assert medqc_main(["synth", str(ctl), "--round-trip", "--from", str(src), "--no-progress"]) == 0
+    assert medqc_main(["synth", str(ring), "--round-trip", "--inject", "ring:1", "--from", str(src), "--no-progress"]) == 0
+    truth = json.loads((ctl / "truth.json").read_text())
+    assert truth["injected"] == {"kind": "clean", "severity": 0.0, "seed": 0, "round_trip": True}
+    assert truth["expected_findings"] == [] and truth["slices"][0]["artifacts"] == {k: 0.0 for k in ARTIFACTS}
+    assert json.loads((ring / "truth.json").read_text())["expected_findings"] == ["artifact.ring"]
+    a = _hu(pydicom.dcmread(str(f)))
+    (c,), (r,) = _series(ctl), _series(ring)
+    assert c.SeriesDescription.endswith("+round trip") and r.SeriesDescription.endswith("+ring round trip")
+    hc, hr = _hu(c), _hu(r)
+    h, w = a.shape
+    yy, xx = np.mgrid[:h, :w]
+    rad = np.hypot(yy - (h - 1) / 2.0, xx - (w - 1) / 2.0)
+    beyond = rad >= h / 2.0
+    assert np.array_equal(hc[beyond], a[beyond])  # the scanner's fill, not reconstructed
+    import cv2
+
+    # soft tissue 3 mm from any edge (the injector's coarser grid blurs edges), and air
+    soft = (rad < h / 2.0 - 8) & (a > -100) & (a < 100)
+    soft = cv2.erode(soft.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    air = (rad < h / 2.0 - 8) & (a < -950)
+    assert soft.sum() > 5000 and air.sum() > 5000
+    assert abs(float(np.mean(hc[soft] - a[soft]))) < 2 and abs(float(np.mean(hc[air] - a[air]))) < 5
+    assert 2.0 < float(np.mean(np.abs(hc - a)[soft])) < 30  # reconstructed anew: not a copy, the same anatomy
+    d = hr - hc  # the ring alone: concentric
+    inside = rad < h / 2.0 - 2
+    rbin = rad.astype(int)
+    prof = np.bincount(rbin[inside], d[inside]) / np.maximum(np.bincount(rbin[inside]), 1)
+    assert np.abs(prof).max() > 20
+    resid = d[inside] - prof[rbin[inside]]
+    assert float(np.std(resid)) < 0.25 * float(np.abs(prof).max())
+    from medqc.errors import UsageError
+    from medqc.synth.inject import CLEAN, inject_series
+
+    with pytest.raises(UsageError, match="needs --round-trip"):
+        inject_series(src, tmp_path / "x", CLEAN, 0.0, progress=False)
+    assert not (tmp_path / "x").exists()

@@ -45,21 +45,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--inject", metavar="KIND[:SEV]", help="inject this artifact into the series in --from instead")
     p.add_argument("--from", dest="from_dir", type=Path, metavar="DICOM_DIR", help="existing CT series for --inject")
+    p.add_argument("--round-trip", action="store_true",
+                   help="with --from: reconstruct every slice in full from its projections (the simulated scanner's "
+                        "texture in every variant) instead of adding the artifact's difference to the original; "
+                        "without --inject, the clean control (nothing added)")
 
 
 def run(args: argparse.Namespace) -> int:
     from medqc.synth.study import StudyOptions, parse_artifact, validate, write_study
 
-    if args.inject or args.from_dir:
-        if not (args.inject and args.from_dir):
-            raise UsageError("--inject KIND[:SEVERITY] and --from DICOM_DIR go together")
-        from medqc.synth.inject import inject_series
+    if args.inject or args.from_dir or args.round_trip:
+        if not args.from_dir or not (args.inject or args.round_trip):
+            raise UsageError("--inject KIND[:SEVERITY] (or --round-trip) and --from DICOM_DIR go together")
+        from medqc.synth.inject import CLEAN, inject_series
 
-        spec = parse_artifact(args.inject)
-        if spec.first is not None:
-            raise UsageError("--inject takes KIND[:SEVERITY]; it affects every slice of the series")
-        truth = inject_series(args.from_dir, args.out_dir, spec.kind, spec.severity, seed=args.seed,
-                              progress=not args.no_progress)
+        if args.inject:
+            spec = parse_artifact(args.inject)
+            if spec.first is not None:
+                raise UsageError("--inject takes KIND[:SEVERITY]; it affects every slice of the series")
+            kind, severity = spec.kind, spec.severity
+        else:
+            kind, severity = CLEAN, 0.0
+        truth = inject_series(args.from_dir, args.out_dir, kind, severity, seed=args.seed,
+                              progress=not args.no_progress, full=args.round_trip)
         print(json.dumps({"out_dir": str(args.out_dir), "slices": len(truth["slices"]),
                           "expected_findings": truth["expected_findings"]}))
         return 0

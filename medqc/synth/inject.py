@@ -8,6 +8,13 @@ in the projection domain (``p1``) and the difference is reconstructed onto the s
 so the scanner's own texture, kernel and noise stay as they were. The output is a new series (new series
 and instance UIDs, the original tags otherwise) plus ``truth.json`` with per-slice severities derived
 from the injected physics.
+
+``--round-trip`` (``full=True``) reconstructs each slice in full instead, ``new = FBP(p1)``, and without
+``--inject`` writes the clean control ``FBP(p0)``: every variant then carries the simulated scanner's texture
+(its projection grid, at most ``SIM_MAX`` pixels across the field, and its standard kernel) and none the
+original's, so that a detector cannot tell the injected slices from the clean ones by texture alone — the
+protocol of an evaluation that passes every variant, the clean one included, through the same projection
+round trip.
 """
 
 from __future__ import annotations
@@ -70,16 +77,27 @@ def _hu(ds) -> np.ndarray:
     return arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
 
 
-def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: int = 0, progress: bool = True) -> dict:
+CLEAN = "clean"  # the kind of the round trip's clean control (``full=True``): nothing added to the projections
+
+
+def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: int = 0, progress: bool = True,
+                  full: bool = False) -> dict:
+    """Inject ``kind`` at ``severity`` into the largest axial CT series under ``src``, writing ``out_dir``; with
+    ``full``, reconstruct each slice in full from its projections (``kind`` ``CLEAN``: the control, nothing
+    added). Returns the ``truth.json`` document."""
     from medqc.synth import ct
     from medqc.synth.dicomio import UidMaker
     from medqc.synth.training import (metal_severity, motion_amplitude, motion_severity, noise_severity,
                                       noise_target, ring_severity, ring_target, thin_slice_noise_factor,
                                       truncation_severity, truncation_sfov)
 
-    if kind not in ARTIFACTS:
+    if kind == CLEAN and not full:
+        raise UsageError("the clean control is the projection round trip: it needs --round-trip")
+    if kind not in ARTIFACTS and kind != CLEAN:
         raise UsageError(f"unknown artifact {kind!r}; allowed: {', '.join(ARTIFACTS)}")
-    if not 0.0 < severity <= 1.0:
+    if kind == CLEAN:
+        severity = 0.0
+    elif not 0.0 < severity <= 1.0:
         raise UsageError(f"severity must be in (0, 1], got {severity}")
     src, out_dir = Path(src), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -92,7 +110,7 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
     rng = np.random.default_rng([int(seed), 0x1A7EC7])
     # new UIDs, reproducible per (source series, artifact, severity, seed): two injections into one series
     # must not share them, or an agent receiving both would take the second for resends of the first
-    uid = UidMaker(seed, 0, salt=f"medqc-inject/{kind}:{severity:g}/{items[0][1].SeriesInstanceUID}")
+    uid = UidMaker(seed, 0, salt=f"medqc-inject/{kind}:{severity:g}{'/full' if full else ''}/{items[0][1].SeriesInstanceUID}")
     # metal sits in a run of slices in the middle; everything else affects the whole series
     if kind == "metal":
         w = max(1, int(round(0.2 * n_sl)))
@@ -107,7 +125,7 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_sl, desc=f"injecting {kind}", unit="slice")
+        bar = tqdm(total=n_sl, desc="round trip" if kind == CLEAN else f"injecting {kind}", unit="slice")
     out_dir.parent.mkdir(parents=True, exist_ok=True)  # the temp folder must sit beside OUT (atomic rename)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=str(out_dir.parent)))
     slices = []
@@ -143,7 +161,9 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
             sev = {k: 0.0 for k in ARTIFACTS}
             srng = np.random.default_rng([int(seed), idx, 0x1A7])
             kernel = "standard"
-            if kind == "metal":
+            if kind == CLEAN:
+                p1 = p0
+            elif kind == "metal":
                 if idx in metal_idx:
                     if metal_xy is None:
                         metal_xy = _metal_site(canvas, X, Y, metal_r, rng)
@@ -206,15 +226,15 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
                 p1 = ct.truncate(p0, sfov / 2 / spx)
                 frac = float((body & (X**2 + Y**2 > (sfov / 2) ** 2)).sum() / max(body.sum(), 1))
                 sev["truncation"] = truncation_severity(frac)
-            # reconstruct the difference straight onto the original pixel grid
-            if p1 is p0:
+            # reconstruct the difference (or, with ``full``, the whole slice) straight onto the original pixel grid
+            if p1 is p0 and not full:
                 new = hu
             else:
-                q = ct.ramp_filter(p1 - p0, spx, kernel)
+                q = ct.ramp_filter(p1 if full else p1 - p0, spx, kernel)
                 x0 = (-(cols - 1) / 2 * dpx) / spx
                 y0 = (-(rows - 1) / 2 * float(ps[0])) / spx
-                diff = ct.backproject_grid(q, geo, x0, y0, dpx / spx, rows, cols) / spx * (1000.0 / mu_w)
-                new = np.where(pad, hu, hu + diff)
+                rec = ct.backproject_grid(q, geo, x0, y0, dpx / spx, rows, cols) / spx * (1000.0 / mu_w)
+                new = np.where(pad, hu, rec - 1000.0 if full else hu + rec)
                 if kind == "truncation":
                     jj, ii = np.meshgrid((np.arange(cols) - (cols - 1) / 2) * dpx, (np.arange(rows) - (rows - 1) / 2) * float(ps[0]))
                     outside = jj**2 + ii**2 > (sfov / 2) ** 2
@@ -222,7 +242,7 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
                     new = np.where(outside, padv, new)
             sop = uid.make("sop", idx)
             name = f"IM{idx + 1:04d}.dcm"
-            _write_like(ds, new, tmp / name, uid, sop, kind)
+            _write_like(ds, new, tmp / name, uid, sop, "round trip" if kind == CLEAN else kind + (" round trip" if full else ""))
             slices.append({"file": name, "sop_instance_uid": sop, "source_sop_instance_uid": str(ds.SOPInstanceUID),
                            "instance_number": int(getattr(ds, "InstanceNumber", idx + 1) or idx + 1),
                            "z": round(float(ds.ImagePositionPatient[2]), 3), "position_ref_mm": None,
@@ -232,7 +252,7 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
         truth = {
             "schema": "medqc.truth/1",
             "source": "inject",
-            "injected": {"kind": kind, "severity": severity, "seed": seed},
+            "injected": {"kind": kind, "severity": severity, "seed": seed, "round_trip": bool(full)},
             "source_series_instance_uid": str(items[0][1].SeriesInstanceUID),
             "series_instance_uid": uid.series,
             "region": None,
@@ -241,7 +261,7 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
             "landmarks": {},
             "scan_range": {"z_top": max(s["z"] for s in slices), "z_bottom": min(s["z"] for s in slices)},
             "required_range": None,
-            "expected_findings": [f"artifact.{kind}"] if any(s["artifacts"][kind] > 0 for s in slices) else [],
+            "expected_findings": [f"artifact.{kind}"] if kind in ARTIFACTS and any(s["artifacts"][kind] > 0 for s in slices) else [],
             "slices": slices,
         }
         (tmp / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
