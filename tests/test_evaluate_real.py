@@ -32,6 +32,15 @@ def real_ct_root() -> Path:
     return root
 
 
+def two_tcia_slices(root: Path, tmp: Path) -> Path:
+    """A study folder under ``tmp`` holding the two TCIA slices of ``SLICES``, at their relative paths."""
+    tcia = tmp / TCIA
+    for rel in SLICES:
+        (tcia / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / TCIA / rel, tcia / rel)
+    return tcia
+
+
 def harness():
     spec = importlib.util.spec_from_file_location("evaluate_real", ROOT / "bench" / "evaluate_real.py")
     mod = importlib.util.module_from_spec(spec)
@@ -43,10 +52,7 @@ def harness():
 def test_real_evaluation_on_two_tcia_slices_and_a_chest_block(tmp_path):
     root = real_ct_root()
     ev = harness()
-    tcia = tmp_path / TCIA
-    for rel in SLICES:
-        (tcia / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / TCIA / rel, tcia / rel)
+    tcia = two_tcia_slices(root, tmp_path)
     args = dict(kinds=["ring", "noise"], severities=[1.0], block=6, every=0, cache=tmp_path / "cache", workers=2,
                 progress=False)
     res = ev.evaluate([tcia, root / CHEST], **args)
@@ -124,10 +130,7 @@ def test_round_trip_evaluation_counts_its_clean_control(tmp_path):
     the originals do not show."""
     root = real_ct_root()
     ev = harness()
-    tcia = tmp_path / TCIA
-    for rel in SLICES:
-        (tcia / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / TCIA / rel, tcia / rel)
+    tcia = two_tcia_slices(root, tmp_path)
     res = ev.evaluate([tcia], kinds=["ring"], severities=[1.0], block=6, every=0, cache=tmp_path / "cache", workers=1,
                       progress=False, round_trip=True)
     assert res["round_trip"] and res["jobs"]["total"] == 4 and res["slices"] == {"clean": 2, "injected": 2, "cone_beam": 0}
