@@ -715,7 +715,12 @@ def control_summary(rows: list[dict], recs: list[dict]) -> dict:
 
 
 def injected_summary(rows: list[dict]) -> list[dict]:
-    keys = sorted({(r["kind"], r["severity"], r["unit_kind"]) for r in rows}, key=lambda k: (k[0], k[2], k[1]))
+    """Per injected kind, severity and unit kind: the series, how many raised their finding (the round trip's
+    clean controls, which call for none, are summarised by ``control_summary``)."""
+    from medqc import ARTIFACTS
+
+    keys = sorted({(r["kind"], r["severity"], r["unit_kind"]) for r in rows if r["kind"] in ARTIFACTS},
+                  key=lambda k: (k[0], k[2], k[1]))
     out = []
     for kind, sev, uk in keys:
         sel = [r for r in rows if (r["kind"], r["severity"], r["unit_kind"]) == (kind, sev, uk) and r["expected"]]
