@@ -552,13 +552,13 @@ def injected_records(report: dict, jobs: list[Job], idx: dict, real: dict) -> tu
         series[s["series_instance_uid"]] = s
         truth = {t["sop_instance_uid"]: t for t in j.truth["slices"]}
         changes = slice_changes(j, idx)
+        control = j.artifact == CLEAN  # the round trip's clean control: clean slices in that texture
         for r in s["per_slice"]:
             t = truth.get(r["sop_instance_uid"])
             if r.get("error") or t is None:
                 continue
             h = idx[t["source_sop_instance_uid"]]
             ch = changes.get(r["sop_instance_uid"], {})
-            control = j.artifact == CLEAN  # the round trip's clean control: a clean slice in that texture
             recs.append({"study": h["study"], "scanner": h["scanner"], "cone_beam": False, "series": j.unit.series,
                          "sop": t["source_sop_instance_uid"], "file": h["rel"], "instance": r["instance_number"],
                          "z": r["z"], "variant": "clean" if control else j.artifact,

@@ -580,7 +580,7 @@ def test_inject_keeps_the_fill_beyond_a_displayed_circle(tmp_path, real_ct):
     assert np.std((hb - a)[inside]) > 20  # the noise is there, in the measured pixels
 
 
-def test_round_trip_reconstructs_the_whole_slice_and_its_control_adds_nothing(tmp_path, real_ct, capsys):
+def test_round_trip_reconstructs_the_whole_slice_and_its_control_adds_nothing(tmp_path, real_ct):
     """``--round-trip`` reconstructs every slice in full from its projections: the clean control (no
     ``--inject``) keeps the real chest's CT numbers (its body, its air) on the injector's grid, and keeps the
     fill the scanner wrote beyond its displayed circle; a ring injected the same way adds its circles to that

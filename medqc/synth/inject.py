@@ -91,11 +91,14 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
                                       noise_target, ring_severity, ring_target, thin_slice_noise_factor,
                                       truncation_severity, truncation_sfov)
 
-    if kind == CLEAN and not full:
+    control = kind == CLEAN
+    if control and not full:
         raise UsageError("the clean control is the projection round trip: it needs --round-trip")
-    if kind not in ARTIFACTS and kind != CLEAN:
+    if kind not in ARTIFACTS and not control:
         raise UsageError(f"unknown artifact {kind!r}; allowed: {', '.join(ARTIFACTS)}")
-    if kind == CLEAN:
+    # what the written series' description gains
+    label = "round trip" if control else kind + (" round trip" if full else "")
+    if control:
         severity = 0.0
     elif not 0.0 < severity <= 1.0:
         raise UsageError(f"severity must be in (0, 1], got {severity}")
@@ -125,7 +128,7 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_sl, desc="round trip" if kind == CLEAN else f"injecting {kind}", unit="slice")
+        bar = tqdm(total=n_sl, desc="round trip" if control else f"injecting {kind}", unit="slice")
     out_dir.parent.mkdir(parents=True, exist_ok=True)  # the temp folder must sit beside OUT (atomic rename)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=str(out_dir.parent)))
     slices = []
@@ -161,7 +164,7 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
             sev = {k: 0.0 for k in ARTIFACTS}
             srng = np.random.default_rng([int(seed), idx, 0x1A7])
             kernel = "standard"
-            if kind == CLEAN:
+            if control:
                 p1 = p0
             elif kind == "metal":
                 if idx in metal_idx:
@@ -242,7 +245,7 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
                     new = np.where(outside, padv, new)
             sop = uid.make("sop", idx)
             name = f"IM{idx + 1:04d}.dcm"
-            _write_like(ds, new, tmp / name, uid, sop, "round trip" if kind == CLEAN else kind + (" round trip" if full else ""))
+            _write_like(ds, new, tmp / name, uid, sop, label)
             slices.append({"file": name, "sop_instance_uid": sop, "source_sop_instance_uid": str(ds.SOPInstanceUID),
                            "instance_number": int(getattr(ds, "InstanceNumber", idx + 1) or idx + 1),
                            "z": round(float(ds.ImagePositionPatient[2]), 3), "position_ref_mm": None,
@@ -261,7 +264,7 @@ def inject_series(src: Path, out_dir: Path, kind: str, severity: float, seed: in
             "landmarks": {},
             "scan_range": {"z_top": max(s["z"] for s in slices), "z_bottom": min(s["z"] for s in slices)},
             "required_range": None,
-            "expected_findings": [f"artifact.{kind}"] if kind in ARTIFACTS and any(s["artifacts"][kind] > 0 for s in slices) else [],
+            "expected_findings": [f"artifact.{kind}"] if not control and any(s["artifacts"][kind] > 0 for s in slices) else [],
             "slices": slices,
         }
         (tmp / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
@@ -321,7 +324,7 @@ def _displayed_fill(hu: np.ndarray) -> np.ndarray:
     return beyond & (hu == hu[0, 0])
 
 
-def _write_like(src, hu: np.ndarray, path: Path, uid, sop: str, kind: str) -> None:
+def _write_like(src, hu: np.ndarray, path: Path, uid, sop: str, label: str) -> None:
     import copy
 
     from pydicom.uid import ExplicitVRLittleEndian
@@ -344,7 +347,7 @@ def _write_like(src, hu: np.ndarray, path: Path, uid, sop: str, kind: str) -> No
     ds.SeriesInstanceUID = uid.series
     ds.SOPInstanceUID = sop
     desc = str(getattr(ds, "SeriesDescription", "") or "")
-    ds.SeriesDescription = (desc + f" +{kind}")[-64:].strip()
+    ds.SeriesDescription = (desc + f" +{label}")[-64:].strip()
     for tag in ("LossyImageCompression",):
         if tag in ds:
             del ds[tag]
