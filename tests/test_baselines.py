@@ -399,10 +399,18 @@ def _agent_round(tmp: Path, state: Path, port: int, send: list[Path], n: int, le
             r = subprocess.run([storescu, "-aec", "MEDQC", "+sd", "+r", "-nh", "127.0.0.1", str(port), str(d)],
                                capture_output=True, text=True, timeout=120, env=dict(os.environ, TCP_NODELAY="1"))
             assert r.returncode == 0, r.stderr
+        # each series' last verdict, once it covers every slice sent (a slow machine can let the idle timeout judge
+        # a series before all its slices arrived; the agent judges it again when they do)
+        want = sorted(len([f for f in Path(d).rglob("*") if f.is_file() and f.suffix != ".json"]) for d in send)
         end = time.time() + 90
         while time.time() < end:
-            series = [json.loads(x) for x in out.read_text().splitlines() if '"event":"series"' in x]
-            if len(series) >= n:
+            last = {}
+            for x in out.read_text().splitlines():
+                if '"event":"series"' in x:
+                    e = json.loads(x)
+                    last[e["series_instance_uid"]] = e
+            series = list(last.values())
+            if len(series) >= n and sorted(e["slices"] for e in series) == want:
                 break
             time.sleep(0.2)
         assert len(series) >= n, out.with_suffix(".log").read_text()[-3000:]

@@ -36,7 +36,7 @@ from medqc.analysis.image import (BODY_HU, PAD_HU, _border_connected, _edge_geom
 from medqc.analysis.noise import (NOISE_MIN_AREA_HEAD_MM2, NOISE_MIN_AREA_MM2, _robust_noise,
                                   noise_2mm, noise_ratio, noise_size_mm, pool_2mm, water_equivalent_diameter)
 from medqc.analysis.ring import (RING_FIELD_MARGIN_MM, RING_FULL_GATE_HU, RING_MIN_R_MM, RING_MIN_R_PX, RING_SMOOTH_MM,
-                                 corners_filled, isocentre_px, ring_contrast)
+                                 corners_filled, isocentre_px, ring_contrast, ring_readings)
 
 try:  # connected components make the body/lung masks cleaner; numpy alone still gives usable measures
     import cv2
@@ -436,16 +436,16 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         # unoffset displayed field has it. First at ~2 mm pixels (~0.5 ms a centre): a ring several display
         # pixels wide (a failing detector module, a fine display grid) shows there best
         min_r = max(RING_MIN_R_PX, RING_MIN_R_MM / px_mm)
-        coarse = {}
+        coarse, seen = {}, {}
         if pooled is not None and pooled[2] >= 2:
             f = pooled[2]
             smooth = max(3, int(round(RING_SMOOTH_MM / (px_mm * f))) | 1)
             for c in centres:
-                coarse[c] = ring_contrast(pooled[0], [((c[0] + 0.5) / f - 0.5, (c[1] + 0.5) / f - 0.5)],
-                                          field_r / (px_mm * f), smooth_px=smooth, radial=False, filled=filled)
+                coarse[c], seen[c] = ring_readings(pooled[0], [((c[0] + 0.5) / f - 0.5, (c[1] + 0.5) / f - 0.5)],
+                                                   field_r / (px_mm * f), smooth_px=smooth, radial=False, filled=filled)
         # then at full resolution (~1-2 ms a centre): around the axis the header gives (or the image centre),
-        # and around the other candidate where the 2 mm scale saw anything there at all
-        full = [c for c in centres if c is centres[-1] or not (coarse.get(c, 1.0) < RING_FULL_GATE_HU)]
+        # and around the other candidate where the 2 mm scale saw anything there at all (its raw reading)
+        full = [c for c in centres if c is centres[-1] or not (seen.get(c, 1.0) < RING_FULL_GATE_HU)]
         # and on pixels of about RING_FINE_PX_MM where the slice's are finer (area-averaged by an integer factor):
         # the background's 9 radii must reach past a ring and its side lobes (a detector channel's width at the
         # axis, ~1 mm), which on 0.36-0.5 mm pixels (a 1024² matrix, a targeted field) they do not (a GE ring read

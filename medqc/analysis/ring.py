@@ -26,6 +26,8 @@ RING_SE_K = 3.0  # ... and above this many standard errors of each radius's medi
 # crosses bone on about half of them: a real head's injected ring 70-77 mm from the axis had smooth neighbourhoods
 # on 88-97 of its 180 angles, on either side of a half. The standard errors below still weigh how many there are
 RING_MIN_SHARE = 0.4
+RING_CORR_LAGS = 3  # neighbouring angles whose residual correlation discounts a circle's independent samples ...
+RING_CORR_NEAR = (4, 8)  # ... read on the circles this many radial pixels inside and outside it (past a ring's side lobes)
 RING_TOP_RADII = 24  # radii over the profile's floor whose standard errors are costed, the strongest first
 RING_FULL_GATE_HU = 0.05  # a second axis candidate is read at full resolution where its 2 mm reading reaches this
 RING_BONE_HU = 400.0  # ... and holds no bone
@@ -33,7 +35,7 @@ RING_MIN_R_MM = 30.0  # rings are read from this radius (and RING_MIN_R_PX) outw
 RING_SMOOTH_MM = 10.0  # ... over this radial range at 2 mm (5 pixels; 9 at full resolution)
 # what ``ring_contrast`` measures, as learned per-scanner baselines record it: a store whose ring contrasts were
 # measured by another definition forgets them (``medqc.baselines``)
-RING_MEASURE = "polar-angular-median-cut-circles"
+RING_MEASURE = "polar-angular-median-cut-circles-correlated"
 RING_ARC_BALANCE = 0.3  # a circle the image's edges cut is read where its smooth angles' mean unit vector is this short
 _COS = np.cos(np.arange(RING_ANGLES) * (2 * np.pi / RING_ANGLES))
 _SIN = np.sin(np.arange(RING_ANGLES) * (2 * np.pi / RING_ANGLES))
@@ -202,9 +204,33 @@ def _radial_median(pol: np.ndarray, k: int = 9) -> np.ndarray:
     return p[4]
 
 
+def _angular_inflation(dev: np.ndarray, ok: np.ndarray, sig: np.ndarray) -> np.ndarray:
+    """Per circle (column), how much the correlation of its residual between neighbouring angles inflates the
+    variance of its median over the angles: ``1 + 2 Σ ρ_k`` over lags 1..``RING_CORR_LAGS`` (at least 1), ρ_k the
+    correlation of the residual (winsorised at 3 σ, so that a vessel or an edge does not set it) with itself
+    ``k`` angles on, around the circle, over its smooth samples. Noise is correlated over about a kernel's width
+    (0.6-1.5 mm): where neighbouring angles lie closer than that (inner circles, fine pixels, the 2 mm scale's
+    5 × 5 median background), 180 angles are far fewer independent samples, and heavy noise left the median of
+    a real 1 mm chest's inner circle 34 HU off (σ 84 HU, neighbouring angles correlated 0.36)."""
+    lim = 3.0 * np.maximum(sig, 1e-6)[None, :]
+    x = np.where(ok, np.clip(dev, -lim, lim), 0.0).astype(np.float32)
+    energy = np.einsum("ij,ij->j", x, x)
+    total = np.zeros(x.shape[1], np.float32)
+    for k in range(1, RING_CORR_LAGS + 1):
+        total += np.einsum("ij,ij->j", x, np.roll(x, -k, axis=0))
+    return np.maximum(1.0, 1.0 + 2.0 * total / np.maximum(energy, 1e-12))
+
+
 def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None, smooth_px: int = 9,
                   min_share: float = RING_MIN_SHARE, min_r_px: float = RING_MIN_R_PX, radial: bool = True,
                   filled: bool | None = None) -> float:
+    """The ring contrast (HU) of ``ring_readings``."""
+    return ring_readings(hu, centres, max_r_px, smooth_px, min_share, min_r_px, radial, filled)[0]
+
+
+def ring_readings(hu: np.ndarray, centres=None, max_r_px: float | None = None, smooth_px: int = 9,
+                  min_share: float = RING_MIN_SHARE, min_r_px: float = RING_MIN_R_PX, radial: bool = True,
+                  filled: bool | None = None) -> tuple[float, float]:
     """Peak contrast (HU) of a thin ring around a rotation centre: the slice in polar coordinates (180 angles
     × 1 px radial steps), minus its background: with ``radial`` (full resolution) the median of 9
     neighbouring radii (a ring and its ramp-filter side lobes span up to ~6 px, which a 5-px median partly
@@ -213,7 +239,8 @@ def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None, s
     boundaries are out) — at least ``min_share`` of them; the largest
     |value| out to the disk's edge above its noise floor: the larger of ``RING_SE_K`` standard
     errors of that radius's median (its own residual spread — the median absolute deviation — over √ of its
-    independent samples) and
+    independent samples: the angles, fewer where neighbouring ones share pixels or correlated noise, see
+    ``_angular_inflation``) and
     ``RING_NOISE_K`` robust SDs of the radial profile. A detector channel with a gain error adds the same error along
     its whole circle around the isocentre, so the median over angles keeps it, while anatomy, noise and
     streaks (different at each angle) cancel. ``centres``: (row, col) candidates (default: the image centre;
@@ -223,10 +250,14 @@ def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None, s
     needs and they lie all round the axis (``RING_ARC_BALANCE``), and not beyond a displayed circle the image fills
     outside (``filled``: ``corners_filled``, computed here when not given). ``max_r_px``: radii from this on are not
     read (the scan field's edge, ``RING_FIELD_MARGIN_MM`` inside it: a patient cut by the scan field leaves a bright
-    rim there, a circle around the rotation axis like a ring's, and beyond it the image holds no measured data)."""
+    rim there, a circle around the rotation axis like a ring's, and beyond it the image holds no measured data).
+
+    Returns (contrast, raw): raw counts every angle of a circle as independent (no correlation discount). Raw
+    reads any faint circle a little sooner, which is what deciding whether to look closer (at full resolution,
+    around a second candidate axis) needs; the contrast is the evidence."""
     h, w = hu.shape
     cands = list(centres) if centres else [((h - 1) / 2.0, (w - 1) / 2.0)]
-    best = float("nan")
+    best = best_raw = float("nan")
     if filled is None:
         filled = corners_filled(hu)
     disk = min(h, w) / 2.0 - 1.0 if filled else None  # the displayed circle, beyond which nothing is data
@@ -288,7 +319,7 @@ def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None, s
                 keep = np.argsort(np.where(over, -np.abs(prof), 0.0))[:RING_TOP_RADII]
                 over = np.zeros_like(over)
                 over[keep] = True
-            v = 0.0
+            v = v_raw = 0.0
             if over.any():
                 # ... and above each radius's own floor: the standard error of its median over the angles,
                 # from the residual's spread there (its median absolute deviation from the circle's median ×
@@ -299,9 +330,26 @@ def ring_contrast(hu: np.ndarray, centres=None, max_r_px: float | None = None, s
                 c = cols[over]
                 okc = ok[:, c]
                 n = okc.sum(axis=0)
-                sig = 1.4826 * _column_median(np.abs(res[:, c] - prof[over][None, :]), okc)
+                dev = res[:, c] - prof[over][None, :]
+                sig = 1.4826 * _column_median(np.abs(dev), okc)
                 n_eff = np.minimum(n, n * 2.0 * math.pi * np.maximum(c, 1).astype(np.float64) / RING_ANGLES)
+                se_raw = 1.2533 * sig / np.sqrt(np.maximum(n_eff, 1.0))
+                v_raw = max(0.0, float(np.max(np.abs(prof[over]) - np.maximum(RING_SE_K * se_raw, RING_NOISE_K * floor))))
+                # ... and as many as the noise's correlation between neighbouring angles leaves independent, read on
+                # the circles RING_CORR_NEAR px inside and outside each costed one (the noise there is the same;
+                # its own residual a ring's slightly off-centre circle makes vary smoothly with the angle)
+                gap = np.abs(c[:, None] - cols[None, :])
+                near = (gap >= RING_CORR_NEAR[0]) & (gap <= RING_CORR_NEAR[1])
+                use = near.any(axis=0)
+                if use.any():
+                    u = cols[use]
+                    d = res[:, u] - prof[use][None, :]
+                    infl = _angular_inflation(d, ok[:, u], 1.4826 * _column_median(np.abs(d), ok[:, u]))
+                    wt = near[:, use].astype(np.float64)
+                    k_near = wt.sum(axis=1)
+                    n_eff = np.minimum(n_eff, n / np.where(k_near > 0, (wt @ infl) / np.maximum(k_near, 1.0), 1.0))
                 se = 1.2533 * sig / np.sqrt(np.maximum(n_eff, 1.0))
                 v = max(0.0, float(np.max(np.abs(prof[over]) - np.maximum(RING_SE_K * se, RING_NOISE_K * floor))))
             best = v if not math.isfinite(best) else max(best, v)
-    return best
+            best_raw = v_raw if not math.isfinite(best_raw) else max(best_raw, v_raw)
+    return best, best_raw
