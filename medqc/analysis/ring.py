@@ -211,7 +211,7 @@ def _angular_inflation(dev: np.ndarray, ok: np.ndarray, sig: np.ndarray) -> np.n
     ``k`` angles on, around the circle, over its smooth samples. Noise is correlated over about a kernel's width
     (0.6-1.5 mm): where neighbouring angles lie closer than that (inner circles, fine pixels, the 2 mm scale's
     5 × 5 median background), 180 angles are far fewer independent samples, and heavy noise left the median of
-    a real 1 mm chest's inner circle 34 HU off (σ 84 HU, neighbouring angles correlated 0.36)."""
+    a real 1 mm cardiac slice's inner circle 34 HU off (σ 84 HU, neighbouring angles correlated 0.36)."""
     lim = 3.0 * np.maximum(sig, 1e-6)[None, :]
     x = np.where(ok, np.clip(dev, -lim, lim), 0.0).astype(np.float32)
     energy = np.einsum("ij,ij->j", x, x)
