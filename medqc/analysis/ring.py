@@ -204,7 +204,7 @@ def _radial_median(pol: np.ndarray, k: int = 9) -> np.ndarray:
     return p[4]
 
 
-def _angular_inflation(dev: np.ndarray, ok: np.ndarray, sig: np.ndarray) -> np.ndarray:
+def _angular_inflation(dev: np.ndarray, ok: np.ndarray) -> np.ndarray:
     """Per circle (column), how much the correlation of its residual between neighbouring angles inflates the
     variance of its median over the angles: ``1 + 2 Σ ρ_k`` over lags 1..``RING_CORR_LAGS`` (at least 1), ρ_k the
     correlation of the residual (winsorised at 3 σ, so that a vessel or an edge does not set it) with itself
@@ -212,6 +212,7 @@ def _angular_inflation(dev: np.ndarray, ok: np.ndarray, sig: np.ndarray) -> np.n
     (0.6-1.5 mm): where neighbouring angles lie closer than that (inner circles, fine pixels, the 2 mm scale's
     5 × 5 median background), 180 angles are far fewer independent samples, and heavy noise left the median of
     a real 1 mm cardiac slice's inner circle 34 HU off (σ 84 HU, neighbouring angles correlated 0.36)."""
+    sig = 1.4826 * _column_median(np.abs(dev), ok)
     lim = 3.0 * np.maximum(sig, 1e-6)[None, :]
     x = np.where(ok, np.clip(dev, -lim, lim), 0.0).astype(np.float32)
     energy = np.einsum("ij,ij->j", x, x)
@@ -330,11 +331,14 @@ def ring_readings(hu: np.ndarray, centres=None, max_r_px: float | None = None, s
                 c = cols[over]
                 okc = ok[:, c]
                 n = okc.sum(axis=0)
-                dev = res[:, c] - prof[over][None, :]
-                sig = 1.4826 * _column_median(np.abs(dev), okc)
+                sig = 1.4826 * _column_median(np.abs(res[:, c] - prof[over][None, :]), okc)
+
+                def excess(n_eff: np.ndarray) -> float:  # the largest reading over its floor, given the samples
+                    se = 1.2533 * sig / np.sqrt(np.maximum(n_eff, 1.0))
+                    return max(0.0, float(np.max(np.abs(prof[over]) - np.maximum(RING_SE_K * se, RING_NOISE_K * floor))))
+
                 n_eff = np.minimum(n, n * 2.0 * math.pi * np.maximum(c, 1).astype(np.float64) / RING_ANGLES)
-                se_raw = 1.2533 * sig / np.sqrt(np.maximum(n_eff, 1.0))
-                v_raw = max(0.0, float(np.max(np.abs(prof[over]) - np.maximum(RING_SE_K * se_raw, RING_NOISE_K * floor))))
+                v_raw = excess(n_eff)
                 # ... and as many as the noise's correlation between neighbouring angles leaves independent, read on
                 # the circles RING_CORR_NEAR px inside and outside each costed one (the noise there is the same;
                 # its own residual a ring's slightly off-centre circle makes vary smoothly with the angle)
@@ -343,13 +347,11 @@ def ring_readings(hu: np.ndarray, centres=None, max_r_px: float | None = None, s
                 use = near.any(axis=0)
                 if use.any():
                     u = cols[use]
-                    d = res[:, u] - prof[use][None, :]
-                    infl = _angular_inflation(d, ok[:, u], 1.4826 * _column_median(np.abs(d), ok[:, u]))
+                    infl = _angular_inflation(res[:, u] - prof[use][None, :], ok[:, u])
                     wt = near[:, use].astype(np.float64)
                     k_near = wt.sum(axis=1)
                     n_eff = np.minimum(n_eff, n / np.where(k_near > 0, (wt @ infl) / np.maximum(k_near, 1.0), 1.0))
-                se = 1.2533 * sig / np.sqrt(np.maximum(n_eff, 1.0))
-                v = max(0.0, float(np.max(np.abs(prof[over]) - np.maximum(RING_SE_K * se, RING_NOISE_K * floor))))
+                v = excess(n_eff)
             best = v if not math.isfinite(best) else max(best, v)
             best_raw = v_raw if not math.isfinite(best_raw) else max(best_raw, v_raw)
     return best, best_raw
