@@ -241,18 +241,22 @@ def header_index(studies: list[Path]) -> dict[str, dict]:
                 continue
             idx.setdefault(sop, {
                 "path": f, "study": st.name, "rel": f.relative_to(st).as_posix(),
-                "scanner": scanner_name(ds), "cone_beam": cone_beam(ds),
+                "scanner": scanner_name(ds, st.name), "cone_beam": cone_beam(ds),
             })
     return idx
 
 
-def scanner_name(ds) -> str:
+def scanner_name(ds, study: str = "") -> str:
+    """Maker and model; where a de-identification removed both, "unknown (<study>)", so that the scanners of
+    different studies stay apart in the per-scanner table."""
     maker = str(ds.get("Manufacturer", "") or "").strip()
     words = maker.split()
     short = words[0] if words else "unknown"
     if short.isupper() and len(short) > 3:
         short = short.capitalize()  # TOSHIBA → Toshiba; GE stays GE
     model = str(ds.get("ManufacturerModelName", "") or "").strip()
+    if not words and not model and study:
+        return f"unknown ({study})"
     return f"{short} {model}".strip()
 
 

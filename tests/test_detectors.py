@@ -136,7 +136,7 @@ def test_noise_near_its_level_and_metal_streaks_explain_part_of_the_motion_score
 
 
 def test_a_sharp_kernels_noise_confounds_motion_although_it_is_no_noise_artifact():
-    """A lung or bone kernel is judged for gross noise only (2.5 × the level), but the σ it shows confounds the
+    """A lung or bone kernel is judged for gross noise only (2 × the level in a trunk), but the σ it shows confounds the
     motion cues as any σ does: the motion factor reads σ against the plain level (``noise_ratio_plain``)."""
     sharp = info(convolution_kernel="B70f", slice_thickness=5.0)
     soft = info(convolution_kernel="B30f", slice_thickness=5.0)
@@ -730,12 +730,16 @@ def test_the_displayed_rim_is_measured_whatever_the_header_says_about_the_scan_f
 
 
 def test_noise_allowances_for_kernel_and_patient_size():
-    """Philips C (a step sharper than standard) is allowed 1.2 × the level, a bone or lung kernel 2.5 ×; a patient
+    """Philips C (a step sharper than standard) is allowed 1.2 × the level, a bone or lung kernel 2 × in a trunk and
+    2.5 × inside a skull (where a sharp kernel is a bone kernel, the sharpest in routine use); a patient
     wider than the reference size is allowed the extra noise that size brings, a smaller one is not held to less."""
     std, c, lung = (info(convolution_kernel=k, slice_thickness=5.0) for k in ("STANDARD", "C", "LUNG"))
     assert noise.kernel_noise_factor("C") == noise.MEDIUM_NOISE_FACTOR and noise.kernel_noise_factor("B") == 1.0
     assert noise.noise_ratio(40.0, c, head=False) == pytest.approx(noise.noise_ratio(40.0, std, head=False) / noise.MEDIUM_NOISE_FACTOR)
     assert noise.noise_ratio(40.0, lung, head=False) == pytest.approx(noise.noise_ratio(40.0, std, head=False) / noise.SHARP_NOISE_FACTOR)
+    assert noise.noise_ratio(20.0, lung, head=True) == pytest.approx(noise.noise_ratio(20.0, std, head=True) / noise.SHARP_HEAD_NOISE_FACTOR)
+    assert noise.SHARP_NOISE_FACTOR < noise.SHARP_HEAD_NOISE_FACTOR
+    assert noise.sharp_kernel("LUNG") and noise.sharp_kernel("Br64d\\3") and not noise.sharp_kernel("C") and not noise.sharp_kernel("")
     ref = noise.NOISE_SIZE_REF_MM
     assert noise.noise_ratio(40.0, std, head=False, dw_mm=2 * ref) == pytest.approx(noise.noise_ratio(40.0, std, head=False) / 2)
     assert noise.noise_ratio(40.0, std, head=False, dw_mm=ref / 2) == pytest.approx(noise.noise_ratio(40.0, std, head=False))

