@@ -55,9 +55,10 @@ NOISE_REF_THICKNESS_MM = 3.0  # thinner slices are noisier by design: σ is scal
 # kernel is mostly a lung kernel: the two real lung-kernel chests here read at 2 mm 1.6 (GE LUNG, 1.25 mm) and
 # 1.9 (Philips L, 5 mm) times the median of the standard-kernel trunks' clean slices, thickness allowed for; with
 # 2 × the level their clean slices read at most 0.49 and 0.79 of it (standard kernels' clean trunks up to 0.85),
-# and noise four to five times the GE chest's own (σ at 2 mm 100-143 HU on 1.25 mm slices: unreadable) reaches the level on about half its slices, where 2.5 × left it at 0.7-1.0. Inside a
-# skull a sharp kernel is a bone kernel (H60-H80, BONEPLUS: the sharpest in routine use; no real one here to
-# measure), which keeps the top of the 1.5-2.5 × range reported for sharp kernels: only gross noise is flagged.
+# and noise four times the GE chest's own at the median (σ at 2 mm 97-145 HU on its 1.25 mm slices: unreadable)
+# reaches the level on 107 of its 236 slices, where 2.5 × left it at 0.7-1.0 of it on every one. Inside a skull a
+# sharp kernel is a bone kernel (H60-H80, BONEPLUS: the sharpest in routine use; no real one here to measure),
+# which keeps the top of the 1.5-2.5 × range reported for sharp kernels: only gross noise is flagged there.
 # Siemens B/Br/Hr/Qr/Ur ≥ 60 and Bl lung, GE BONE/LUNG/EDGE/DETAIL, Philips D/E/L/Y* (C, its sharper
 # standard body kernel, is below), Canon/Toshiba FC30–39 (bone), FC5x–9x (lung, high resolution) and FL0x
 # (lung).
@@ -241,8 +242,9 @@ def noise_ratio(sd_2mm: float, info, head: bool, kernel_allowance: bool = True, 
     """σ at 2 mm over the artifact level of its region (brain or body), thin slices scaled to 3 mm — in a trunk
     scaled down by the patient's size (``dw_mm``) beyond ``NOISE_SIZE_REF_MM``; a sharp
     (bone, lung, high-resolution) kernel, whose noise is high by design, is judged against
-    ``SHARP_NOISE_FACTOR`` times the level in a trunk, ``SHARP_HEAD_NOISE_FACTOR`` times it inside a skull — unless ``kernel_allowance`` is False: the σ
-    against the plain level, whatever made it (what confounds the motion cues, see ``fuse``)."""
+    ``SHARP_NOISE_FACTOR`` times the level in a trunk, ``SHARP_HEAD_NOISE_FACTOR`` times it inside a skull —
+    unless ``kernel_allowance`` is False: the σ against the plain level, whatever made it (what confounds the
+    motion cues, see ``fuse``)."""
     if not math.isfinite(sd_2mm):
         return float("nan")
     level = NOISE_2MM_HU["head" if head else "body"]

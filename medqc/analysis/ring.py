@@ -252,8 +252,8 @@ def ring_readings(hu: np.ndarray, centres=None, max_r_px: float | None = None, s
     errors of that radius's median (its own residual spread — the median absolute deviation — over √ of its
     independent samples: the angles, fewer where neighbouring ones share pixels or correlated noise, see
     ``_angular_inflation``; ``RING_SE_HEAVY_K`` of them less ``RING_SE_HEAVY_HU`` where that is more: heavy
-    noise) and ``RING_NOISE_K`` robust SDs of the radial profile. A detector channel with a gain error adds the same error along
-    its whole circle around the isocentre, so the median over angles keeps it, while anatomy, noise and
+    noise) and ``RING_NOISE_K`` robust SDs of the radial profile. A detector channel with a gain error adds the
+    same error along its whole circle around the isocentre, so the median over angles keeps it, while anatomy, noise and
     streaks (different at each angle) cancel. ``centres``: (row, col) candidates (default: the image centre;
     the agent adds the isocentre from the header, which an offset displayed field moves off the centre);
     the largest contrast wins. Half circles and short arcs are not seen; a circle the image's edges cut (a displayed
@@ -345,7 +345,8 @@ def ring_readings(hu: np.ndarray, centres=None, max_r_px: float | None = None, s
 
                 def excess(n_eff: np.ndarray) -> float:  # the largest reading over its floor, given the samples
                     se = 1.2533 * sig / np.sqrt(np.maximum(n_eff, 1.0))
-                    need = np.maximum(np.maximum(RING_SE_K * se, RING_SE_HEAVY_K * se - RING_SE_HEAVY_HU), RING_NOISE_K * floor)
+                    need = np.maximum(np.maximum(RING_SE_K * se, RING_SE_HEAVY_K * se - RING_SE_HEAVY_HU),
+                                      RING_NOISE_K * floor)
                     return max(0.0, float(np.max(np.abs(prof[over]) - need)))
 
                 n_eff = np.minimum(n, n * 2.0 * math.pi * np.maximum(c, 1).astype(np.float64) / RING_ANGLES)
