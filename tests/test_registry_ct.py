@@ -104,7 +104,7 @@ def test_a_thin_lung_kernel_chest_passes_clean(report):
 def test_heavy_noise_on_a_thin_lung_kernel_chest_is_noise(fetched, tmp_path):
     """Noise five times the GE lung-kernel chest's own (σ at 2 mm 22-24 → 110-125 HU on six 1.25 mm slices of
     the lower chest: unreadable) is a noise finding and no ring. Against 2.5 × the level, the top of the range
-    reported for sharp kernels, it read 0.8-0.9 of it and passed; the two real lung-kernel chests here read
+    reported for sharp kernels, it would read 0.8-0.9 of it and pass; the two real lung-kernel chests here read
     1.6-1.9 × a standard kernel's σ, and a lung kernel in a trunk is judged at 2 × (1.0-1.1 of the level)."""
     import shutil
 
