@@ -56,9 +56,9 @@ NOISE_REF_THICKNESS_MM = 3.0  # thinner slices are noisier by design: σ is scal
 # 1.9 (Philips L, 5 mm) times the median of the standard-kernel trunks' clean slices, thickness allowed for; with
 # 2 × the level their clean slices read at most 0.49 and 0.79 of it (standard kernels' clean trunks up to 0.85),
 # and noise four times the GE chest's own at the median (σ at 2 mm 97-145 HU on its 1.25 mm slices: unreadable)
-# reaches the level on 107 of its 236 slices, where 2.5 × would leave it at 0.7-1.0 of it on every one. Inside a skull a
-# sharp kernel is a bone kernel (H60-H80, BONEPLUS: the sharpest in routine use; no real one here to measure),
-# which keeps the top of the 1.5-2.5 × range reported for sharp kernels: only gross noise is flagged there.
+# reaches the level on 107 of its 236 slices, where 2.5 × would leave it at 0.7-1.0 of it on every one. Inside a
+# skull a sharp kernel is a bone kernel (H60-H80, BONEPLUS: the sharpest in routine use; no real one here to
+# measure), which keeps the top of the 1.5-2.5 × range reported for sharp kernels: only gross noise is flagged.
 # Siemens B/Br/Hr/Qr/Ur ≥ 60 and Bl lung, GE BONE/LUNG/EDGE/DETAIL, Philips D/E/L/Y* (C, its sharper
 # standard body kernel, is below), Canon/Toshiba FC30–39 (bone), FC5x–9x (lung, high resolution) and FL0x
 # (lung).
