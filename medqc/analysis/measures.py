@@ -448,8 +448,8 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         full = [c for c in centres if c is centres[-1] or not (seen.get(c, 1.0) < RING_FULL_GATE_HU)]
         # and on pixels of about RING_FINE_PX_MM where the slice's are finer (area-averaged by an integer factor):
         # the background's 9 radii must reach past a ring and its side lobes (a detector channel's width at the
-        # axis, ~1 mm), which on 0.36-0.5 mm pixels (a 1024² matrix, a targeted field) they do not (a GE ring read
-        # 3.0 HU on 0.36 mm pixels, 1.4 on 0.51 mm, 9.9 on the 0.72 mm original)
+        # axis, ~1 mm), which on 0.36-0.5 mm pixels (a 1024² matrix, a targeted field) they do not (a faint GE ring
+        # reads 1.2 HU on 0.36 mm pixels, 0.0 on 0.51 mm, 6.1 and 5.7 so, 7.4 on the 0.72 mm original)
         ring = ring_contrast(hu, full, field_r / px_mm, min_r_px=min_r, filled=filled)
         k = max(1, int(round(RING_FINE_PX_MM / px_mm)))
         if k > 1 and cv2 is not None:  # read there too (a ring as thin as the pixels still shows best on them)
