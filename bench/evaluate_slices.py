@@ -142,8 +142,8 @@ def evaluate(n: int, seed: int, bundle_dir: str | None, workers: int) -> dict:
                  "source": ("classical" if c in bundle.network_off else
                             "network + classical" if c in fusion.CLASSICAL_CLASSES else
                             "network + air streaks" if c == "motion" else "network")}
-        if c == "noise":  # sharp kernels are judged for gross noise only (σ there is mostly the kernel)
-            soft = np.array([not noise.SHARP_KERNEL.search(r["kernel"]) for r in rows])[keep]
+        if c == "noise":  # sharp kernels are judged against a higher level (σ there is mostly the kernel)
+            soft = np.array([not noise.sharp_kernel(r["kernel"]) for r in rows])[keep]
             entry["agent_smooth_kernels"] = _metrics(y[soft], np.nan_to_num(fused, nan=0.0)[soft], thr.get(c))
             entry["agent_sharp_kernels"] = _metrics(y[~soft], np.nan_to_num(fused, nan=0.0)[~soft], thr.get(c))
         res["classes"][c] = entry

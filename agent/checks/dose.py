@@ -32,10 +32,6 @@ from medqc.agent.checks.registry import Check, bounded
 
 REF_THICKNESS_MM = 5.0
 DOSE_WARNING_FACTOR = 2.0  # dose.ctdivol: info above the reference level, a warning above this many times it
-# the same sharp-kernel names the per-slice noise measure skips (GE BONE/LUNG/EDGE/DETAIL, Siemens ≥ 60 and
-# the Bl lung family, Philips C/D/E/L/Y*, Canon FC3x bone and FC5x-9x): their noise is high by design, and a
-# narrower list would judge Philips and Siemens lung-kernel series against soft-tissue levels
-SHARP_KERNEL = noise.SHARP_KERNEL
 NOISE_INDEX_MIN_SLICES = 3  # noise.index needs this many slices with measurable soft tissue
 CENTERING_MIN_SLICES = 3  # centering.offset needs the body centre on this many slices
 
@@ -154,9 +150,12 @@ def noise_findings(state, results, rule, explained: frozenset = frozenset()) -> 
     the artifact, which is reported by its own check, and nothing is said."""
     if rule is None or rule.noise_ref_hu is None:
         return []
-    if noise.sharp_kernel(state.first.convolution_kernel or ""):
-        return []  # noise is the design of a sharp kernel: the artifact check judges gross noise there
-    factor = noise.kernel_noise_factor(state.first.convolution_kernel or "")  # Philips C's 1.2, else 1
+    # a sharp kernel (``noise.SHARP_KERNEL``: GE BONE/LUNG/EDGE/DETAIL, Siemens ≥ 60 and the Bl lung family,
+    # Philips D/E/L/Y*, Canon FC3x bone and FC5x-9x) has no soft-tissue reference: its noise is the design, and
+    # the artifact check judges it per slice against its own level
+    if noise.sharp_kernel(state.first.convolution_kernel):
+        return []
+    factor = noise.kernel_noise_factor(state.first.convolution_kernel)  # Philips C's 1.2, else 1
     sds, measured = [], 0
     for r in results:
         sd = r.measures.get("noise_sd")

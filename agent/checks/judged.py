@@ -36,7 +36,7 @@ def not_judged(state, ordered, rule, coverage: dict | None) -> dict[str, str]:
         out["noise.index"] = "no protocol rule with a noise reference matched"
     else:
         measured = sum(1 for _, r in usable if finite(r.measures.get("noise_sd")))
-        if noise.sharp_kernel(state.first.convolution_kernel or ""):
+        if noise.sharp_kernel(state.first.convolution_kernel):
             out["noise.index"] = (f"sharp kernel {state.first.convolution_kernel}: its noise is the design "
                                   "(gross noise is judged per slice, artifact.noise)")
         elif measured < NOISE_INDEX_MIN_SLICES:
