@@ -77,6 +77,34 @@ def truncation_in_picture(injected: Path, clean: Path) -> float:
     return truncation_severity(float(cut.sum()) / max(int(body.sum()), 1))
 
 
+def ring_in_picture(injected: Path, clean: Path, injected_orig: Path, clean_orig: Path, severity: float) -> float:
+    """The injected ring's severity as the variant's picture shows it: a targeted field shows only the rings whose
+    radius lies inside it. The ring pattern is the injected slice less its clean one (the injection adds it to
+    the clean pixels); its largest magnitude on ~2 mm pixels inside the displayed circle, in the variant over
+    the original, scales the original's ring amplitude (``ring_target``), turned back into a severity on the
+    injector's scale (``ring_severity``). 0 where the field shows none of it."""
+    import numpy as np
+
+    from medqc.synth.training import ring_severity, ring_target
+
+    def peak(a: Path, b: Path) -> float:
+        da, db = _read(a), _read(b)
+        d = V.hu_of(da) - V.hu_of(db)
+        if d.ndim != 2:
+            return 0.0
+        f = max(1, int(round(2.0 / float(da.PixelSpacing[0]))))
+        h, w = (d.shape[0] // f) * f, (d.shape[1] // f) * f
+        d = np.abs(d[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3)))
+        yy, xx = np.mgrid[0:d.shape[0], 0:d.shape[1]]
+        disc = np.hypot(yy - (d.shape[0] - 1) / 2, xx - (d.shape[1] - 1) / 2) <= min(d.shape) / 2 - 1
+        return float(d[disc].max()) if disc.any() else 0.0
+
+    orig = peak(injected_orig, clean_orig)
+    if orig <= 0.0 or severity < 0.05:
+        return severity
+    return ring_severity(ring_target(severity) * min(1.0, peak(injected, clean) / orig))
+
+
 def _read(p: Path):
     import pydicom
 
@@ -89,12 +117,14 @@ def _mean(v: list[float]) -> float | None:
 
 
 def variant_records(report: dict, srcmap: dict[str, dict], base: dict[str, dict], variant: str,
-                    clean_file: dict[str, Path] | None = None) -> list[dict]:
+                    clean_file: dict[str, Path] | None = None,
+                    orig_files: dict[str, tuple[Path, Path]] | None = None) -> list[dict]:
     """Per-slice records of a variant's report, each shaped as ``evaluate_real``'s (its labels apply): the
     fields of the source record (one source, or the mean truth of several), this slice's scores and
     measures, and ``base``: the source records' measures and scores for the shifts. ``clean_file``
     (original SOP → the clean variant's file): for a targeted field, truncation's truth is what the picture
-    shows of it (``truncation_in_picture``)."""
+    shows of it (``truncation_in_picture``), and so is a ring's (``ring_in_picture``; ``orig_files``: injected
+    SOP → its file and its clean original's)."""
     out = []
     for s in report["series"]:
         for r in s["per_slice"]:
@@ -116,6 +146,10 @@ def variant_records(report: dict, srcmap: dict[str, dict], base: dict[str, dict]
             if (clean_file is not None and variant.startswith("fov-") and b0["variant"] == "truncation"
                     and b0["sop"] in clean_file):
                 truth["truncation"] = truncation_in_picture(entry["path"], clean_file[b0["sop"]])
+            if (clean_file is not None and orig_files and variant.startswith("fov-") and b0["variant"] == "ring"
+                    and len(srcs) == 1 and b0["sop"] in clean_file and srcs[0] in orig_files):
+                truth["ring"] = ring_in_picture(entry["path"], clean_file[b0["sop"]], *orig_files[srcs[0]],
+                                                truth.get("ring", 0.0))
             rec = dict(b0)
             rec.update({"truth": truth, "real": real, "changed": any(b["changed"] for b in bs),
                         "series": s["series_instance_uid"], "z": r["z"], "instance": r["instance_number"],
@@ -247,13 +281,14 @@ def evaluate(dirs: list[Path], variants: list[str], kinds: list[str], severities
     base = {r["sop"]: r for r in er.clean_records(clean, idx, real)}
     irecs, iseries = er.injected_records(inj, jobs, idx, real)
     # injected records keyed by the injected SOP (the records carry the source's SOP)
-    inj_sop = {}
+    inj_sop, orig_files = {}, {}
     by_unit_sop = {(r["unit"], r["variant"], r["severity"], r["sop"]): r for r in irecs}
     for j in jobs:
         for t in j.truth["slices"]:
             r = by_unit_sop.get((j.unit.uid, j.artifact, j.severity, t["source_sop_instance_uid"]))
             if r is not None:
                 inj_sop[t["sop_instance_uid"]] = r
+                orig_files[t["sop_instance_uid"]] = (j.out / t["file"], idx[t["source_sop_instance_uid"]]["path"])
 
     def summary(recs: list[dict], rows_clean: list[dict], rows_inj: list[dict]) -> dict:
         pat = [r for r in recs if "phantom" not in r["study"].lower()]
@@ -309,7 +344,7 @@ def evaluate(dirs: list[Path], variants: list[str], kinds: list[str], severities
         irep = er.run_pipeline(ifolders, cfg, None, backend, progress) if ifolders else {"series": []}
         csrc, isrc = sources_of(cfolders), sources_of(ifolders)
         clean_file = {e["sources"][0]: e["path"] for e in csrc.values() if len(e["sources"]) == 1}
-        recs = variant_records(crep, csrc, base, v) + variant_records(irep, isrc, inj_sop, v, clean_file)
+        recs = variant_records(crep, csrc, base, v) + variant_records(irep, isrc, inj_sop, v, clean_file, orig_files)
         vs = {}  # the variant series UID of each folder, from its first file
         import pydicom
 

@@ -313,6 +313,16 @@ def test_metal_area_and_fusion(metal_mm, hu, expect_area):
     assert p >= (0.9 if expect_area > 40 else 0.5)
 
 
+def test_a_metal_speck_flags_only_with_the_network():
+    """Under 5 mm² at metal density (a clip, a wire, or a sharp kernel's bone edges laid over each other by motion:
+    3-4 mm² at 2,800-3,400 HU on a real lung-kernel chest) the classical evidence stays under the threshold; the
+    network can still flag it."""
+    speck = measures.measure(phantom(metal_mm=1.1, metal_hu=3400.0), info())
+    assert 1.0 < speck["metal_area_mm2"] < fusion.METAL_AREA_MM2[0] and fusion.metal_density(speck)
+    assert fusion.fuse({"metal": 0.0}, speck)["metal"] <= fusion.METAL_SUBLEVEL < 0.14
+    assert fusion.fuse({"metal": 0.6}, speck)["metal"] == pytest.approx(0.6)
+
+
 def test_dense_bone_is_not_metal():
     m = measures.measure(phantom(metal_mm=8.0, metal_hu=1800.0), info())
     assert m["metal_area_mm2"] == 0.0

@@ -460,6 +460,28 @@ def test_metal_partial_volumed_beside_metal_is_metal(cfg, streaming, order):
     assert (f.first_instance, f.last_instance) == (5, 8)
 
 
+@pytest.mark.parametrize("streaming", [True, False])
+def test_an_implant_tip_at_metal_density_beside_metal_is_metal(cfg, streaming):
+    """An implant's tip that keeps metal density over a speck (under the classical area: scored under the
+    threshold) beside its full slices is raised like a partial-volumed end, up to 5 mm from the metal; a raised
+    slice is no source itself, so the speck 7.5 mm from the metal stays as it was, as does one far from metal."""
+    res = make_results(12, scores={4: {"metal": 0.9}, 5: {"metal": 0.9}, 6: {"metal": 0.1}, 7: {"metal": 0.1},
+                                   8: {"metal": 0.1}, 10: {"metal": 0.1}})
+    at = {"metal_row_mm": 100.0, "metal_col_mm": 120.0}
+    for i in (4, 5):
+        res[i].measures.update(metal_max_hu=3500.0, metal_area_mm2=120.0, **at)
+    for i in (6, 7, 8, 10):
+        res[i].measures.update(metal_max_hu=3300.0, metal_area_mm2=3.0, metal_row_mm=104.0, metal_col_mm=119.0)
+    tr = SeriesTracker(cfg, {"metal": 0.14}, streaming=streaming)
+    for r in res:
+        tr.add(r)
+    tr.complete("1.2.3.9", "idle")
+    by_index = {r.info.instance_number - 1: r.scores["metal"] for r in res}
+    assert by_index[6] == by_index[7] == pytest.approx(0.5 * (0.14 + 0.9))
+    assert by_index[8] == by_index[10] == 0.1, by_index
+    assert res[6].measures["metal_beside"] == 1.0 and "metal_beside" not in res[8].measures
+
+
 @pytest.mark.parametrize("inside,severity", [(1.0, "critical"), (0.0, "info")])
 def test_metal_on_the_skin_is_information_not_an_alarm(cfg, inside, severity):
     """Six slices of metal: an implant (inside the patient) is critical; ECG leads or clothing on or beside the

@@ -266,15 +266,17 @@ def partial_metal(ordered: list[tuple[float, object]], thr: float, lo: int = 0, 
     """Raise the metal score on slices beside metal (see ``METAL_PARTIAL_MM``): from every slice in positions
     ``lo..hi`` of ``ordered`` whose metal scores ``thr`` or more at metal density (``fusion.metal_density``),
     outward through consecutive slices within ``METAL_PARTIAL_MM`` of it (the next one within
-    ``METAL_NEXT_MM``) whose densest pixel reads ``METAL_PARTIAL_HU`` or more, short of metal density, within
-    ``METAL_PARTIAL_XY_MM`` of its own: their score becomes the midpoint between ``thr`` and the metal slice's.
-    Returns the positions raised (the scores are changed in place; a raised slice is never a source: it is
-    short of metal density)."""
+    ``METAL_NEXT_MM``) whose densest pixel reads ``METAL_PARTIAL_HU`` or more, short of metal density or at it
+    over a speck that scores under ``thr`` (an implant's tip: ``fusion`` leaves a speck under 5 mm² to the
+    network), within ``METAL_PARTIAL_XY_MM`` of its own: their score becomes the midpoint between ``thr`` and
+    the metal slice's. Returns the positions raised (the scores are changed in place and the slice's measures
+    get ``metal_beside`` = 1: a raised slice is never a source)."""
     raised = []
     hi = len(ordered) - 1 if hi is None else hi
     for c in range(max(0, lo), min(hi, len(ordered) - 1) + 1):
         zc, rc = ordered[c]
-        if rc.error or rc.scores.get("metal", 0.0) < thr or not fusion.metal_density(rc.measures):
+        if (rc.error or rc.scores.get("metal", 0.0) < thr or not fusion.metal_density(rc.measures)
+                or rc.measures.get("metal_beside")):
             continue
         at = _metal_at(rc)
         if at is None:
@@ -285,11 +287,15 @@ def partial_metal(ordered: list[tuple[float, object]], thr: float, lo: int = 0, 
                                                                       else METAL_PARTIAL_MM):
                 r = ordered[j][1]
                 top, here = r.measures.get("metal_max_hu") or 0.0, _metal_at(r)
-                if (r.error or not top >= METAL_PARTIAL_HU or fusion.metal_density(r.measures) or here is None
+                # short of metal density, or a speck of it under the classical area (an implant's tip)
+                dense = (fusion.metal_density(r.measures) and r.scores.get("metal", 0.0) >= thr
+                         and not r.measures.get("metal_beside"))
+                if (r.error or not top >= METAL_PARTIAL_HU or dense or here is None
                         or math.hypot(here[0] - at[0], here[1] - at[1]) > METAL_PARTIAL_XY_MM):
                     break
                 if r.scores.get("metal", 0.0) < thr:
                     r.scores["metal"] = 0.5 * (thr + rc.scores["metal"])
+                    r.measures["metal_beside"] = 1.0  # raised for the metal beside it: never a source itself
                     raised.append(j)
                 j += step
     return raised

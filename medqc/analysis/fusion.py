@@ -66,6 +66,12 @@ def classical_probs(measures: dict[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     if math.isfinite(m.get("metal_area_mm2", float("nan"))):
         p = _ramp(m["metal_area_mm2"], *METAL_AREA_MM2)
+        if m["metal_area_mm2"] < METAL_AREA_MM2[0]:
+            # a speck under 5 mm² (a clip, a wire, an electrode — or a sharp kernel's overshoot where motion laid two
+            # bone edges over each other: 3-4 mm² at 2,800-3,400 HU on a real lung-kernel chest with motion
+            # injected, whose network reads no metal) flags only with the network: classical evidence alone stays
+            # under the threshold
+            p = min(p, METAL_SUBLEVEL)
         if not metal_density(m):
             # bone, enamel, contrast — or metal that partial volume kept under the level (the ends of a real hip
             # implant): never a metal flag on its own (the bundle's metal threshold is 0.14; the artifact check
