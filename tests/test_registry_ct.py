@@ -222,6 +222,41 @@ def test_a_ring_in_the_corners_of_a_narrow_displayed_field_is_read(fetched, tmp_
     assert fusion.classical_probs(ring)["ring"] >= fusion.CLASSICAL_THRESHOLD
 
 
+def test_a_ring_round_an_axis_above_a_targeted_field_is_read(fetched, tmp_path):
+    """The Biograph abdomen's patient lies 43 mm below the axis; in a 0.5 × field (250 mm) round the trunk the
+    axis lies 68 mm above the picture's centre (the header's ReconstructionTargetCenterPatient and
+    DataCollectionCenterPatient say so), and a ring 72 mm from it runs past the picture's top edge: an arc of
+    about 230°, which is read (arcs of about 216° and more are, ``ring.RING_ARC_BALANCE``); the clean slice reads
+    none."""
+    import numpy as np
+    import pydicom
+
+    from medqc.agent.decode import decode_file
+    from medqc.analysis import fusion, ring
+    from medqc.analysis.measures import measure
+    from medqc.synth import variants as V
+    from medqc.synth.dicomio import save
+
+    files = sorted(p for p in fetched["pypi-totalsegmentator"].iterdir() if p.name.startswith("CT."))
+    ds = pydicom.dcmread(str(files[len(files) // 2]))
+    fov = 0.5 * float(ds.PixelSpacing[1]) * int(ds.Columns)
+    save(V.crop_to_field(ds, V.trunk_centre([ds]), fov, axis_tags=True), tmp_path / "fov.dcm")
+    (d,) = decode_file(tmp_path / "fov.dcm")
+    hu = d.pixels().astype(np.float32)
+    h, w = hu.shape
+    iso = ring.isocentre_px(d.info, hu.shape)
+    ps = float(d.info.pixel_spacing[0])
+    assert iso is not None and 50.0 <= ((h - 1) / 2.0 - iso[0]) * ps <= 90.0, iso
+    yy, xx = np.mgrid[:h, :w]
+    d_mm = np.abs(np.hypot(yy - iso[0], xx - iso[1]) * ps - 72.0)
+    assert iso[0] * ps < 72.0  # the circle runs past the top edge
+    ringed = hu + np.where(d_mm <= 0.75, 40.0, np.where(d_mm <= 1.5, -15.0, 0.0)).astype(np.float32)
+    clean, ringm = measure(hu, d.info), measure(ringed, d.info)
+    assert clean["ring_contrast_hu"] < 2.0, clean["ring_contrast_hu"]
+    assert ringm["ring_contrast_hu"] >= 8.0, ringm["ring_contrast_hu"]
+    assert fusion.classical_probs(ringm)["ring"] >= fusion.CLASSICAL_THRESHOLD
+
+
 @pytest.mark.parametrize("fov", ["fov-0.5", "fov-0.7"])
 def test_a_skull_base_in_a_tight_field_is_no_skull_all_round(fetched, tmp_path, fov):
     """The GE Discovery CT750 HD head slice lies at the skull base (orbits, nasal cavity, foramen magnum): in
