@@ -25,6 +25,7 @@ same slice of the unmodified original, and per injected block whether its findin
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -77,32 +78,38 @@ def truncation_in_picture(injected: Path, clean: Path) -> float:
     return truncation_severity(float(cut.sum()) / max(int(body.sum()), 1))
 
 
+@functools.lru_cache(maxsize=4096)
+def _ring_peak(injected: Path, clean: Path) -> float:
+    """The largest magnitude of the injected slice less its clean one, on ~2 mm pixels (``noise.pool_2mm``) inside
+    the displayed circle: the injected ring pattern's peak as this picture shows it. Cached: every targeted
+    variant compares against the same original."""
+    import numpy as np
+
+    from medqc.analysis.noise import pool_2mm
+
+    da, db = _read(injected), _read(clean)
+    d = V.hu_of(da) - V.hu_of(db)
+    got = pool_2mm(d, float(da.PixelSpacing[0]), float(da.PixelSpacing[1])) if d.ndim == 2 else None
+    if got is None:
+        return 0.0
+    d = np.abs(got[0])
+    yy, xx = np.mgrid[0:d.shape[0], 0:d.shape[1]]
+    disc = np.hypot(yy - (d.shape[0] - 1) / 2, xx - (d.shape[1] - 1) / 2) <= min(d.shape) / 2 - 1
+    return float(d[disc].max()) if disc.any() else 0.0
+
+
 def ring_in_picture(injected: Path, clean: Path, injected_orig: Path, clean_orig: Path, severity: float) -> float:
     """The injected ring's severity as the variant's picture shows it: a targeted field shows only the rings whose
     radius lies inside it. The ring pattern is the injected slice less its clean one (the injection adds it to
-    the clean pixels); its largest magnitude on ~2 mm pixels inside the displayed circle, in the variant over
-    the original, scales the original's ring amplitude (``ring_target``), turned back into a severity on the
-    injector's scale (``ring_severity``). 0 where the field shows none of it."""
-    import numpy as np
-
+    the clean pixels); its peak (``_ring_peak``), in the variant over the original, scales the original's ring
+    amplitude (``ring_target``), turned back into a severity on the injector's scale (``ring_severity``). 0 where
+    the field shows none of it."""
     from medqc.synth.training import ring_severity, ring_target
 
-    def peak(a: Path, b: Path) -> float:
-        da, db = _read(a), _read(b)
-        d = V.hu_of(da) - V.hu_of(db)
-        if d.ndim != 2:
-            return 0.0
-        f = max(1, int(round(2.0 / float(da.PixelSpacing[0]))))
-        h, w = (d.shape[0] // f) * f, (d.shape[1] // f) * f
-        d = np.abs(d[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3)))
-        yy, xx = np.mgrid[0:d.shape[0], 0:d.shape[1]]
-        disc = np.hypot(yy - (d.shape[0] - 1) / 2, xx - (d.shape[1] - 1) / 2) <= min(d.shape) / 2 - 1
-        return float(d[disc].max()) if disc.any() else 0.0
-
-    orig = peak(injected_orig, clean_orig)
+    orig = _ring_peak(injected_orig, clean_orig)
     if orig <= 0.0 or severity < 0.05:
         return severity
-    return ring_severity(ring_target(severity) * min(1.0, peak(injected, clean) / orig))
+    return ring_severity(ring_target(severity) * min(1.0, _ring_peak(injected, clean) / orig))
 
 
 def _read(p: Path):

@@ -188,6 +188,17 @@ def test_a_series_whose_uids_were_blanked_is_analysed(report, tmp_path):
     assert uid["details"]["derived"] == ["StudyInstanceUID", "SeriesInstanceUID"]
 
 
+def _with_ring(hu, centre, ps: float, r_mm: float, core_mm: float):
+    """``hu`` with a detector channel's ring as filtered back projection draws it, ``r_mm`` from ``centre`` (row,
+    col): a 40 HU core ``core_mm`` either side of the circle, a -15 HU lobe as wide again beyond it."""
+    import numpy as np
+
+    h, w = hu.shape
+    yy, xx = np.mgrid[:h, :w]
+    d_mm = np.abs(np.hypot(yy - centre[0], xx - centre[1]) * ps - r_mm)
+    return hu + np.where(d_mm <= core_mm, 40.0, np.where(d_mm <= 2.0 * core_mm, -15.0, 0.0)).astype(np.float32)
+
+
 @pytest.mark.parametrize("matrix", [512, 1024])
 def test_a_ring_in_the_corners_of_a_narrow_displayed_field_is_read(fetched, tmp_path, matrix):
     """The Brilliance 16 chest is shown in a 431 mm field of its 500 mm scan field, and its corners hold
@@ -211,11 +222,7 @@ def test_a_ring_in_the_corners_of_a_narrow_displayed_field_is_read(fetched, tmp_
     (d,) = decode_file(src)
     hu = d.pixels().astype(np.float32)
     h, w = hu.shape
-    yy, xx = np.mgrid[:h, :w]
-    r_mm = np.hypot(yy - (h - 1) / 2.0, xx - (w - 1) / 2.0) * float(d.info.pixel_spacing[0])
-    # a detector channel's ring as filtered back projection draws it: a 40 HU core, a dark lobe either side
-    d_mm = np.abs(r_mm - 212.0)
-    ringed = hu + np.where(d_mm <= 1.5, 40.0, np.where(d_mm <= 3.0, -15.0, 0.0)).astype(np.float32)
+    ringed = _with_ring(hu, ((h - 1) / 2.0, (w - 1) / 2.0), float(d.info.pixel_spacing[0]), 212.0, 1.5)
     clean, ring = measure(hu, d.info), measure(ringed, d.info)
     assert clean["ring_contrast_hu"] < 2.0, clean["ring_contrast_hu"]
     assert ring["ring_contrast_hu"] >= 8.0, ring["ring_contrast_hu"]
@@ -247,10 +254,8 @@ def test_a_ring_round_an_axis_above_a_targeted_field_is_read(fetched, tmp_path):
     iso = ring.isocentre_px(d.info, hu.shape)
     ps = float(d.info.pixel_spacing[0])
     assert iso is not None and 50.0 <= ((h - 1) / 2.0 - iso[0]) * ps <= 90.0, iso
-    yy, xx = np.mgrid[:h, :w]
-    d_mm = np.abs(np.hypot(yy - iso[0], xx - iso[1]) * ps - 72.0)
     assert iso[0] * ps < 72.0  # the circle runs past the top edge
-    ringed = hu + np.where(d_mm <= 0.75, 40.0, np.where(d_mm <= 1.5, -15.0, 0.0)).astype(np.float32)
+    ringed = _with_ring(hu, iso, ps, 72.0, 0.75)
     clean, ringm = measure(hu, d.info), measure(ringed, d.info)
     assert clean["ring_contrast_hu"] < 2.0, clean["ring_contrast_hu"]
     assert ringm["ring_contrast_hu"] >= 8.0, ringm["ring_contrast_hu"]
