@@ -484,7 +484,7 @@ def slice_changes(job: Job, idx: dict) -> dict[str, dict]:
 # the measures kept in the per-slice records: the ring and noise figures the report reads, and what explains
 # a noise or motion score (σ at 2 mm, the ratio without the kernel allowance, the patient size, the air)
 RECORD_MEASURES = ("ring_contrast_hu", "noise_ratio", "noise_sd_2mm", "noise_ratio_plain", "water_eq_diameter_mm",
-                   "trunk_width_mm", "air_dark_hu", "metal_area_mm2", "metal_max_hu")
+                   "trunk_width_mm", "air_dark_hu", "metal_area_mm2", "metal_max_hu", "noise_texture", "noise_ratio_kernel")
 def real_artifacts(report: dict, idx: dict) -> dict[str, dict[str, str]]:
     """SOP → {class: why} for the analysed originals that show a real artifact: ``KNOWN_REAL`` (and
     ``KNOWN_REAL_STUDY``), and metal

@@ -3,6 +3,7 @@ and the whole series path on the real Philips study (tilted series)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -778,3 +779,36 @@ def test_scattered_network_positions_decide_nothing():
     st, _ = run(res)
     assert st.coverage["fit"]["unreliable"] is True
     assert not [f for f in st.findings.values() if f.check.startswith("coverage") or f.check == "geometry.orientation"]
+
+
+def _lung_kernel_stack(series: str, n: int, coarse: range, texture: float, ratio_kernel: float, rest_texture: float = 1.9):
+    """A lung-kernel chest (kernel LUNG) whose slices in ``coarse`` score 0.8 for noise with that noise texture
+    and kernel-level ratio; the others score 0.1 with the kernel's own grain."""
+    res = stack(n=n, series=series)
+    for i, r in enumerate(res):
+        r.info = dataclasses.replace(r.info, convolution_kernel="LUNG")
+        inside = i in coarse
+        r.scores = {"noise": 0.8 if inside else 0.1}
+        r.measures = {"noise_texture": texture if inside else rest_texture,
+                      "noise_ratio_kernel": ratio_kernel if inside else 0.3}
+    return res
+
+
+def _streamed(events, check):
+    return [e for e in events if e.check == check]
+
+
+def test_a_lung_kernels_coarse_noise_is_judged_on_the_complete_series():
+    """Noise over the threshold only because its grain is coarse (within the lung kernel's whole allowance):
+    a run of it in a series whose own grain is the kernel's is that kernel's normal (its shoulders), and no
+    finding; where the whole series' grain is coarse, it is noise — raised when the series is complete, not
+    while its first slices (often those shoulders) arrive. A series of fewer than ten slices cannot show its
+    grain and keeps the kernel's allowance. Noise over the kernel's own level is raised as it arrives."""
+    st, streamed = run(_lung_kernel_stack("1.2.3.90", 30, range(0, 8), 1.1, 0.8))
+    assert by_check(st, "artifact.noise") is None and not _streamed(streamed, "artifact.noise")
+    st, streamed = run(_lung_kernel_stack("1.2.3.91", 30, range(0, 30), 1.2, 0.8))
+    assert by_check(st, "artifact.noise") is not None and not _streamed(streamed, "artifact.noise")
+    st, _ = run(_lung_kernel_stack("1.2.3.92", 6, range(0, 6), 1.2, 0.8))
+    assert by_check(st, "artifact.noise") is None
+    st, streamed = run(_lung_kernel_stack("1.2.3.93", 30, range(0, 8), 1.1, 1.1))
+    assert by_check(st, "artifact.noise") is not None and _streamed(streamed, "artifact.noise")

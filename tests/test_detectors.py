@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -290,6 +292,35 @@ def test_sharp_kernels_are_judged_for_gross_noise_only_and_thin_slices_are_scale
     thick = measures.measure(img, info(convolution_kernel="B30f", slice_thickness=5.0))["noise_ratio"]
     thin = measures.measure(img, info(convolution_kernel="B30f", slice_thickness=0.75))["noise_ratio"]
     assert thin == pytest.approx(thick * (0.75 / 3.0) ** 0.5, rel=1e-6)
+
+
+def test_a_sharp_kernels_allowance_follows_the_grain_of_its_noise():
+    """A lung kernel is allowed 2 × the level for its own fine-grained noise, not for noise with a standard
+    kernel's coarser grain: the same σ at 2 mm, fine (white at the pixel: σ at 1 mm about twice σ at 2 mm) or
+    coarse (smoothed over ~1.5 mm: about equal), reads half the level in the first case and the whole in the
+    second. Unmeasured texture (coarse pixels) keeps the kernel's allowance; a standard kernel has none."""
+    import cv2
+
+    fine = phantom(sigma=150.0, seed=5)
+    rng = np.random.default_rng(7)
+    coarse = phantom(sigma=0.0)
+    body = coarse > -500
+    grain = cv2.GaussianBlur(rng.normal(0, 1, coarse.shape).astype(np.float32), (0, 0), 1.5 / PS)
+    lung = info(convolution_kernel="LUNG")
+    f = measures.measure(fine, lung)
+    unit = measures.measure(coarse + np.where(body, grain, 0).astype(np.float32), lung)["noise_sd_2mm"]
+    coarse = coarse + np.where(body, grain * (f["noise_sd_2mm"] / unit), 0).astype(np.float32)
+    c = measures.measure(coarse, lung)
+    assert c["noise_sd_2mm"] == pytest.approx(f["noise_sd_2mm"], rel=0.05)
+    assert f["noise_texture"] >= noise.NOISE_TEXTURE_KERNEL[1] and c["noise_texture"] <= noise.NOISE_TEXTURE_KERNEL[0], (f, c)
+    assert f["noise_ratio"] == pytest.approx(f["noise_ratio_kernel"])  # the kernel's own grain: all its allowance
+    assert c["noise_ratio"] == pytest.approx(c["noise_ratio_kernel"] * noise.SHARP_NOISE_FACTOR)  # none of it
+    assert fusion.classical_probs(c)["noise"] >= fusion.CLASSICAL_THRESHOLD > fusion.classical_probs(c | {"noise_ratio": c["noise_ratio_kernel"]})["noise"]
+    assert noise.kernel_noise_factor("LUNG") == noise.kernel_noise_factor("LUNG", texture=2.0) == noise.SHARP_NOISE_FACTOR
+    assert noise.kernel_noise_factor("LUNG", texture=1.55) == pytest.approx(1.0 + (noise.SHARP_NOISE_FACTOR - 1.0) / 2)
+    assert noise.kernel_noise_factor("LUNG", head=True, texture=1.0) == noise.SHARP_HEAD_NOISE_FACTOR
+    std = measures.measure(coarse, info(convolution_kernel="STANDARD"))
+    assert math.isnan(std["noise_texture"]) and std["noise_ratio"] == pytest.approx(c["noise_ratio"])
 
 
 def test_vertical_miscentring_is_measured():

@@ -40,7 +40,7 @@ import math
 from dataclasses import dataclass, field
 
 from medqc import ARTIFACTS
-from medqc.analysis import fusion
+from medqc.analysis import fusion, noise
 from medqc.agent.checks.common import finding, finite
 from medqc.agent.checks.registry import Check, bounded
 from medqc.analysis.measures import METAL_PARTIAL_HU
@@ -55,6 +55,7 @@ RELATIVE = frozenset({"motion"})  # classes judged against the series' own media
 SHORT = frozenset({"noise", "truncation"})  # classes a whole series shorter than min_run raises (whole_short_series)
 RELATIVE_MARGIN = 0.2  # a run's mean must exceed the series median by this much
 RELATIVE_MIN_SLICES = 10  # analysed slices before the series median is trusted
+TEXTURE_MIN_SLICES = 10  # slices with a noise texture before the series' grain is read (kernel_texture_normal)
 SERIES_STREAK_HU = 3.0  # median dark streaks in the free air (air_dark_hu) of a series that moved throughout
 NAMES = {
     "metal": "Metal artifact",
@@ -112,6 +113,25 @@ def consecutive(ordered: list[tuple[float, object]], keep) -> list[list[tuple[fl
 def runs(ordered: list[tuple[float, object]], cls: str, thr: float) -> list[list[tuple[float, object]]]:
     """Maximal runs of consecutive (z-ordered) results with score ≥ thr."""
     return consecutive(ordered, lambda r: not r.error and r.scores.get(cls, 0.0) >= thr)
+
+
+def kernel_texture_normal(results, run, complete: bool = True) -> bool:
+    """Whether a run of noise may be its sharp kernel's normal: every slice of it is within the level with the
+    kernel's whole allowance (``noise_ratio_kernel`` under 1), so only its coarse grain put it over
+    (``medqc.analysis.noise``), and the series does not show that its noise is other than the kernel's: its
+    analysed slices' median ``noise_texture`` is at least ``NOISE_TEXTURE_KERNEL[1]`` (the kernel's own grain,
+    as a Philips L chest shows it everywhere but on its photon-starved shoulders), or fewer than
+    ``TEXTURE_MIN_SLICES`` slices read a texture (too few to tell the series' grain from a region's). While
+    slices arrive (``complete`` False) such a run waits for the complete series: its first slices are often
+    those shoulders. ``results``: the series' analysed results."""
+    if not run or not all(finite(r.measures.get("noise_ratio_kernel")) and r.measures["noise_ratio_kernel"] < 1.0
+                          for _, r in run):
+        return False
+    if not complete:
+        return True
+    tex = sorted(r.measures["noise_texture"] for r in results
+                 if not r.error and finite(r.measures.get("noise_texture")))
+    return len(tex) < TEXTURE_MIN_SLICES or tex[len(tex) // 2] >= noise.NOISE_TEXTURE_KERNEL[1]
 
 
 def strong_threshold(thr: float) -> float:
@@ -311,6 +331,8 @@ def artifact_findings(state, ordered, thresholds: dict[str, float], min_run: int
         med = series_median(ordered, cls) if cls in RELATIVE else None
         q = [run for run in runs(ordered, cls, thr)
              if qualifying(run, cls, thr, min_run, med) or whole_short_series(run, cls, analysed, min_run)]
+        if cls == "noise":
+            q = [run for run in q if not kernel_texture_normal([r for _, r in ordered], run, complete=True)]
         if cls == "motion":
             q = merge_runs(ordered, q + streaked_series(ordered, air_cache))
         f = summarise(state, cls, thr, q, air_cache)
@@ -387,6 +409,7 @@ def _stream_slice(s, z: float, seq: int, result) -> None:
         run = [(order[i][0], st.results[order[i][1]]) for i in range(lo, hi + 1)]
         med = sorted_median(st._rel.get(cls, [])) if cls in RELATIVE else None
         if (qualifying(run, cls, thr, min_run, med)
+                and not (cls == "noise" and kernel_texture_normal(st.results, run, complete=False))
                 and not baseline_checks.run_normal(st, cls, run, s.tracker.baselines)):  # within its scanner's normal
             _qualify(s, cls, thr, lo, hi)
 

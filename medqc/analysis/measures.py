@@ -34,7 +34,8 @@ from medqc.analysis import airstreaks
 from medqc.analysis.image import (BODY_HU, PAD_HU, _border_connected, _edge_geometry, _erode_cross, _holes,
                                   _median_index, _radius, _ring, _sector_share, _sectors, _trunk_hull, padding)
 from medqc.analysis.noise import (NOISE_MIN_AREA_HEAD_MM2, NOISE_MIN_AREA_MM2, _robust_noise,
-                                  noise_2mm, noise_ratio, noise_size_mm, pool_2mm, water_equivalent_diameter)
+                                  noise_2mm, noise_ratio, noise_size_mm, noise_texture, pool_2mm, sharp_kernel,
+                                  water_equivalent_diameter)
 from medqc.analysis.ring import (RING_FIELD_MARGIN_MM, RING_FULL_GATE_HU, RING_MIN_R_MM, RING_MIN_R_PX, RING_SMOOTH_MM,
                                  corners_filled, isocentre_px, ring_contrast, ring_readings)
 
@@ -70,7 +71,7 @@ MEASURES = (
     "body_center_offset_y_mm", "body_area_mm2", "lung_area_mm2", "bone_area_mm2", "skull_ring",
     "lateral_bone_mm2", "noise_sd_2mm", "noise_ratio", "ring_contrast_hu", "field_inside_body", "air_dark_hu",
     "display_touch", "noise_ratio_plain", "water_eq_diameter_mm", "anterior_bone_mm2", "trunk_width_mm",
-    "metal_row_mm", "metal_col_mm", "metal_clipped", "metal_inside",
+    "metal_row_mm", "metal_col_mm", "metal_clipped", "metal_inside", "noise_texture", "noise_ratio_kernel",
 )
 
 
@@ -421,7 +422,12 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
                                if pooled is not None else nan)
         out["trunk_width_mm"] = float((x1 - x0 + 1) * step * cmm)
         size = noise_size_mm(out)
-        out["noise_ratio"] = noise_ratio(out["noise_sd_2mm"], info, head, dw_mm=size)
+        # a sharp kernel's allowance in a trunk follows the grain of the slice's noise (medqc.analysis.noise)
+        if not head and pooled is not None and sharp_kernel(str(getattr(info, "convolution_kernel", "") or "")):
+            out["noise_texture"] = noise_texture(hu, rmm, cmm, central=not cut)
+            out["noise_ratio_kernel"] = noise_ratio(out["noise_sd_2mm"], info, head, dw_mm=size)
+        out["noise_ratio"] = noise_ratio(out["noise_sd_2mm"], info, head, dw_mm=size,
+                                         texture=out["noise_texture"])
         out["noise_ratio_plain"] = noise_ratio(out["noise_sd_2mm"], info, head, kernel_allowance=False, dw_mm=size)
         centre = ((hu.shape[0] - 1) / 2.0, (hu.shape[1] - 1) / 2.0)
         iso = isocentre_px(info, hu.shape)

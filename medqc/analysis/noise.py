@@ -76,23 +76,49 @@ MEDIUM_KERNEL = re.compile(r"^C$", re.I)
 MEDIUM_NOISE_FACTOR = 1.2
 
 
+# A sharp kernel's allowance holds where its own fine-grained texture makes the noise: σ at 1 mm over σ at 2 mm
+# (``noise_texture``, both read as ``noise_2mm`` reads σ, on the slice area-averaged to exactly that pixel) is
+# 1.75-2.25 on every clean slice of the real GE LUNG 1.25 mm chest and 1.0-2.1 (median 1.8) on the Philips L 5 mm
+# one, against 0.5-1.4 for standard kernels. Noise with a standard kernel's coarser grain (0.97-1.5 where a dose's
+# noise is added in the projection domain and reconstructed with a standard kernel) is not the sharp kernel's
+# doing, and gets no allowance: in a trunk the factor falls from SHARP_NOISE_FACTOR at NOISE_TEXTURE_KERNEL[1] to
+# 1 at NOISE_TEXTURE_KERNEL[0]. The Philips L chest's shoulders read 1.0-1.5 with σ over the body level (its
+# photon-starved lateral paths streak coarsely): a run like that in a series whose own texture is the kernel's
+# (median at least NOISE_TEXTURE_KERNEL[1]) is that kernel's normal, not an artifact (``kernel_texture_normal``
+# in the artifact checks). Inside a skull (bone kernels) the factor stays: no real bone-kernel head here to
+# calibrate the texture on. Read on pixels up to NOISE_TEXTURE_MAX_PX_MM: a coarser grid cannot show 1 mm.
+NOISE_TEXTURE_KERNEL = (1.4, 1.7)
+NOISE_TEXTURE_MAX_PX_MM = 1.0
+
+
 def sharp_kernel(kernel: str) -> bool:
     """A bone, lung or high-resolution kernel (``SHARP_KERNEL``), whose noise is high by design."""
     k = (kernel or "").strip()
     return bool(k) and SHARP_KERNEL.search(k) is not None
 
 
-def kernel_noise_factor(kernel: str, head: bool = False) -> float:
+def kernel_noise_factor(kernel: str, head: bool = False, texture: float = float("nan")) -> float:
     """How much more noise than a standard kernel a reconstruction kernel gives by design (1 when unknown),
-    inside a skull (``head``) or in a trunk."""
+    inside a skull (``head``) or in a trunk; a sharp kernel's in a trunk as far as the slice's ``texture``
+    (``noise_texture``, when measured) shows its grain (``NOISE_TEXTURE_KERNEL``)."""
     k = (kernel or "").strip()
     if not k:
         return 1.0
     if sharp_kernel(k):
-        return SHARP_HEAD_NOISE_FACTOR if head else SHARP_NOISE_FACTOR
+        if head:
+            return SHARP_HEAD_NOISE_FACTOR
+        return 1.0 + (SHARP_NOISE_FACTOR - 1.0) * kernel_grain(texture)
     if MEDIUM_KERNEL.search(k):
         return MEDIUM_NOISE_FACTOR
     return 1.0
+
+def kernel_grain(texture: float) -> float:
+    """0..1: how far a slice's noise texture (``noise_texture``) is a sharp kernel's own (1 when not measured)."""
+    if not math.isfinite(texture):
+        return 1.0
+    lo, hi = NOISE_TEXTURE_KERNEL
+    return min(1.0, max(0.0, (texture - lo) / (hi - lo)))
+
 
 _NOISE_CAL: dict[str, float] = {}
 
@@ -227,6 +253,39 @@ def noise_2mm(hu: np.ndarray, rmm: float, cmm: float, pooled=None, central: bool
     return float(np.quantile(v, NOISE_QUANTILE)) / _noise_quantile_cal()
 
 
+def pool_to(hu: np.ndarray, rmm: float, cmm: float, mm: float):
+    """The slice area-averaged to pixels of exactly ``mm`` → (pooled, valid, f) as ``pool_2mm`` gives them (f:
+    the pooled pixel's edge in original pixels, not an integer); None without OpenCV or when too small."""
+    if cv2 is None:
+        return None
+    h, w = hu.shape
+    nh, nw = int(round(h * rmm / mm)), int(round(w * cmm / mm))
+    if nh < 5 or nw < 5:
+        return None
+    valid = ~padding(hu)
+    img = np.ascontiguousarray(np.where(valid, hu, np.float32(-1000.0)), dtype=np.float32)
+    pooled = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+    # a pooled pixel is valid only where every pixel under it is
+    pvalid = (np.ones((nh, nw), bool) if valid.all()
+              else cv2.resize(valid.astype(np.float32), (nw, nh), interpolation=cv2.INTER_AREA) > 0.999)
+    return pooled, pvalid, mm / math.sqrt(rmm * cmm)
+
+
+def noise_texture(hu: np.ndarray, rmm: float, cmm: float, central: bool = False,
+                  min_area_mm2: float = NOISE_MIN_AREA_MM2) -> float:
+    """σ at 1 mm over σ at 2 mm (both read as ``noise_2mm`` reads σ, on the slice area-averaged to exactly those
+    pixels): how fine the noise's grain is (see ``NOISE_TEXTURE_KERNEL``). NaN on pixels over
+    ``NOISE_TEXTURE_MAX_PX_MM`` or where either σ cannot be read."""
+    if max(rmm, cmm) > NOISE_TEXTURE_MAX_PX_MM:
+        return float("nan")
+    fine, coarse = (pool_to(hu, rmm, cmm, mm) for mm in (1.0, 2.0))
+    if fine is None or coarse is None:
+        return float("nan")
+    s1 = noise_2mm(hu, rmm, cmm, fine, central=central, min_area_mm2=min_area_mm2)
+    s2 = noise_2mm(hu, rmm, cmm, coarse, central=central, min_area_mm2=min_area_mm2)
+    return s1 / s2 if math.isfinite(s1) and math.isfinite(s2) and s2 > 0 else float("nan")
+
+
 def water_equivalent_diameter(hu: np.ndarray, patient: np.ndarray, px_area_mm2: float) -> float:
     """The patient's water-equivalent diameter Dw (mm; AAPM Report 220): the diameter of the water disk that
     attenuates as the section does, 2·√((mean HU / 1000 + 1)·A / π) over the patient's section A (its
@@ -238,7 +297,8 @@ def water_equivalent_diameter(hu: np.ndarray, patient: np.ndarray, px_area_mm2: 
     return 2.0 * math.sqrt(max(0.0, mean / 1000.0 + 1.0) * n * px_area_mm2 / math.pi)
 
 
-def noise_ratio(sd_2mm: float, info, head: bool, kernel_allowance: bool = True, dw_mm: float = float("nan")) -> float:
+def noise_ratio(sd_2mm: float, info, head: bool, kernel_allowance: bool = True, dw_mm: float = float("nan"),
+                texture: float = float("nan")) -> float:
     """σ at 2 mm over the artifact level of its region (brain or body), thin slices scaled to 3 mm — in a trunk
     scaled down by the patient's size (``dw_mm``) beyond ``NOISE_SIZE_REF_MM``; a sharp
     (bone, lung, high-resolution) kernel, whose noise is high by design, is judged against
@@ -249,7 +309,7 @@ def noise_ratio(sd_2mm: float, info, head: bool, kernel_allowance: bool = True, 
         return float("nan")
     level = NOISE_2MM_HU["head" if head else "body"]
     if kernel_allowance:
-        level *= kernel_noise_factor(str(getattr(info, "convolution_kernel", "") or ""), head)
+        level *= kernel_noise_factor(str(getattr(info, "convolution_kernel", "") or ""), head, texture)
     t = getattr(info, "slice_thickness", None)
     thin = math.sqrt(t / NOISE_REF_THICKNESS_MM) if t is not None and math.isfinite(t) and 0 < t < NOISE_REF_THICKNESS_MM else 1.0
     ratio = sd_2mm * thin / level
