@@ -782,15 +782,19 @@ def test_scattered_network_positions_decide_nothing():
 
 
 def _lung_kernel_stack(series: str, n: int, coarse: range, texture: float, ratio_kernel: float, rest_texture: float = 1.9):
-    """A lung-kernel chest (kernel LUNG) whose slices in ``coarse`` score 0.8 for noise with that noise texture
-    and kernel-level ratio; the others score 0.1 with the kernel's own grain."""
+    """A lung-kernel chest whose slices in ``coarse`` read that noise texture and kernel-level ratio, over the
+    body level once the grain took the kernel's allowance away (2 × the kernel-level ratio: texture under 1.4),
+    the others the kernel's own grain at 0.3 of its level; scores fused as the pipeline fuses them."""
+    from medqc.analysis import fusion
+
     res = stack(n=n, series=series)
     for i, r in enumerate(res):
         r.info = dataclasses.replace(r.info, convolution_kernel="LUNG")
         inside = i in coarse
-        r.scores = {"noise": 0.8 if inside else 0.1}
         r.measures = {"noise_texture": texture if inside else rest_texture,
-                      "noise_ratio_kernel": ratio_kernel if inside else 0.3}
+                      "noise_ratio_kernel": ratio_kernel if inside else 0.3,
+                      "noise_ratio": 2 * ratio_kernel if inside else 0.3}
+        r.scores = fusion.fuse({"noise": 0.05}, r.measures)
     return res
 
 
@@ -800,15 +804,38 @@ def _streamed(events, check):
 
 def test_a_lung_kernels_coarse_noise_is_judged_on_the_complete_series():
     """Noise over the threshold only because its grain is coarse (within the lung kernel's whole allowance):
-    a run of it in a series whose own grain is the kernel's is that kernel's normal (its shoulders), and no
-    finding; where the whole series' grain is coarse, it is noise — raised when the series is complete, not
-    while its first slices (often those shoulders) arrive. A series of fewer than ten slices cannot show its
-    grain and keeps the kernel's allowance. Noise over the kernel's own level is raised as it arrives."""
-    st, streamed = run(_lung_kernel_stack("1.2.3.90", 30, range(0, 8), 1.1, 0.8))
+    a run of it in a series whose own grain is the kernel's is that kernel's normal (its shoulders): no
+    finding, and its slices are scored as with the kernel's allowance, the network's share kept. Where the
+    whole series' grain is coarse it is noise, raised when the series is complete, not while its first slices
+    (often those shoulders) arrive. A series of fewer than ten slices cannot show its grain: no finding, its
+    scores as they were. Noise over the kernel's own level is raised as it arrives."""
+    from medqc.analysis import fusion
+
+    res = _lung_kernel_stack("1.2.3.90", 30, range(0, 8), 1.1, 0.8)
+    assert all(r.scores["noise"] >= 0.5 for r in res[:8])
+    st, streamed = run(res)
     assert by_check(st, "artifact.noise") is None and not _streamed(streamed, "artifact.noise")
+    kept = fusion.fuse({"noise": 0.05}, {**res[0].measures, "noise_ratio": 0.8})["noise"]
+    assert kept < 0.5
+    assert all(r.scores["noise"] == pytest.approx(kept, abs=1e-4) and r.measures["noise_kernel_normal"] == 1.0
+               for r in res[:8])
     st, streamed = run(_lung_kernel_stack("1.2.3.91", 30, range(0, 30), 1.2, 0.8))
     assert by_check(st, "artifact.noise") is not None and not _streamed(streamed, "artifact.noise")
+    assert all(r.scores["noise"] >= 0.5 for r in st.results)
     st, _ = run(_lung_kernel_stack("1.2.3.92", 6, range(0, 6), 1.2, 0.8))
-    assert by_check(st, "artifact.noise") is None
+    assert by_check(st, "artifact.noise") is None and all(r.scores["noise"] >= 0.5 for r in st.results)
     st, streamed = run(_lung_kernel_stack("1.2.3.93", 30, range(0, 8), 1.1, 1.1))
     assert by_check(st, "artifact.noise") is not None and _streamed(streamed, "artifact.noise")
+
+
+def test_a_noise_score_with_another_ratio_keeps_the_networks_share():
+    """``fusion.noise_score_with`` replaces the classical part of a fused noise score and keeps the network's:
+    the same as fusing the network's probability with the other ratio, also where metal halves the evidence."""
+    from medqc.analysis import fusion
+
+    for m in ({"noise_ratio": 1.4}, {"noise_ratio": 1.4, "metal_area_mm2": 400.0}, {"noise_ratio": 0.6}):
+        for net in (0.0, 0.3, 0.9):
+            score = fusion.fuse({"noise": net}, m)["noise"]
+            want = fusion.fuse({"noise": net}, {**m, "noise_ratio": 0.7})["noise"]
+            assert fusion.noise_score_with(score, m, 0.7) == pytest.approx(want, abs=1e-9)
+    assert fusion.noise_score_with(0.42, {}, 0.7) == 0.42  # no noise measured: nothing to replace

@@ -115,23 +115,45 @@ def runs(ordered: list[tuple[float, object]], cls: str, thr: float) -> list[list
     return consecutive(ordered, lambda r: not r.error and r.scores.get(cls, 0.0) >= thr)
 
 
+def _within_kernel(run) -> bool:
+    """Every slice of the run is within the level with its sharp kernel's whole allowance (``noise_ratio_kernel``
+    under 1): only its coarse grain put it over the threshold (``medqc.analysis.noise``)."""
+    return bool(run) and all(finite(r.measures.get("noise_ratio_kernel")) and r.measures["noise_ratio_kernel"] < 1.0
+                             for _, r in run)
+
+
+def _grain(results) -> tuple[int, float | None]:
+    """(slices that read a noise texture, their median texture)."""
+    tex = sorted(r.measures["noise_texture"] for r in results if not r.error and finite(r.measures.get("noise_texture")))
+    return len(tex), (tex[len(tex) // 2] if tex else None)
+
+
+def kernel_normal_noise(ordered, thr: float) -> None:
+    """The complete series shows its noise's grain to be its sharp kernel's (at least ``TEXTURE_MIN_SLICES``
+    slices read a texture, their median at least ``NOISE_TEXTURE_KERNEL[1]``): a run of noise over ``thr`` only
+    by its coarse grain (``_within_kernel``) is that kernel's normal — the real Philips L chest's shoulders,
+    where photon-starved lateral paths streak coarsely (1.05-1.5 against 1.7-2.2 over its mid chest). Its
+    slices are scored as with the kernel's whole allowance (``fusion.noise_score_with``; the network's share
+    kept) and marked ``noise_kernel_normal``."""
+    n, median = _grain(r for _, r in ordered)
+    if n < TEXTURE_MIN_SLICES or median < noise.NOISE_TEXTURE_KERNEL[1]:
+        return
+    for run in runs(ordered, "noise", thr):
+        if _within_kernel(run):
+            for _, r in run:
+                r.scores["noise"] = round(fusion.noise_score_with(r.scores["noise"], r.measures, r.measures["noise_ratio_kernel"]), 4)
+                r.measures["noise_kernel_normal"] = 1.0
+
+
 def kernel_texture_normal(results, run, complete: bool = True) -> bool:
-    """Whether a run of noise may be its sharp kernel's normal: every slice of it is within the level with the
-    kernel's whole allowance (``noise_ratio_kernel`` under 1), so only its coarse grain put it over
-    (``medqc.analysis.noise``), and the series does not show that its noise is other than the kernel's: its
-    analysed slices' median ``noise_texture`` is at least ``NOISE_TEXTURE_KERNEL[1]`` (the kernel's own grain,
-    as a Philips L chest shows it everywhere but on its photon-starved shoulders), or fewer than
-    ``TEXTURE_MIN_SLICES`` slices read a texture (too few to tell the series' grain from a region's). While
-    slices arrive (``complete`` False) such a run waits for the complete series: its first slices are often
-    those shoulders. ``results``: the series' analysed results."""
-    if not run or not all(finite(r.measures.get("noise_ratio_kernel")) and r.measures["noise_ratio_kernel"] < 1.0
-                          for _, r in run):
+    """Whether a run of noise over the threshold only by its coarse grain (``_within_kernel``) is left unraised:
+    while slices arrive (``complete`` False), always — the complete series decides, and its first slices are
+    often a chest's shoulders; on the complete series, where fewer than ``TEXTURE_MIN_SLICES`` slices read a
+    texture (too few to tell the series' grain from one region's; a series whose grain is the kernel's has
+    had such runs scored down by ``kernel_normal_noise``). ``results``: the series' analysed results."""
+    if not _within_kernel(run):
         return False
-    if not complete:
-        return True
-    tex = sorted(r.measures["noise_texture"] for r in results
-                 if not r.error and finite(r.measures.get("noise_texture")))
-    return len(tex) < TEXTURE_MIN_SLICES or tex[len(tex) // 2] >= noise.NOISE_TEXTURE_KERNEL[1]
+    return not complete or _grain(results)[0] < TEXTURE_MIN_SLICES
 
 
 def strong_threshold(thr: float) -> float:
@@ -328,6 +350,8 @@ def artifact_findings(state, ordered, thresholds: dict[str, float], min_run: int
     analysed = sum(1 for _, r in ordered if not r.error)
     for cls in ARTIFACTS:
         thr = thresholds.get(cls, 0.5)
+        if cls == "noise":
+            kernel_normal_noise(ordered, thr)
         med = series_median(ordered, cls) if cls in RELATIVE else None
         q = [run for run in runs(ordered, cls, thr)
              if qualifying(run, cls, thr, min_run, med) or whole_short_series(run, cls, analysed, min_run)]

@@ -157,8 +157,8 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     # taken out (streaks all the same)
     plain = m.get("noise_ratio_plain", float("nan"))
     noisy = noise_evidence(plain) if plain is not None and math.isfinite(plain) else cls.get("noise", 0.0)
-    if "noise" in cls and (cls.get("ring", 0.0) >= CLASSICAL_THRESHOLD or dense_streaks(m)):
-        cls["noise"] *= NOISE_EXPLAINED  # the σ measured there is the metal's streaks or the ring's circles
+    if "noise" in cls:
+        cls["noise"] = _explained_noise(cls, m)
     n = out.get("motion")
     if n is not None and math.isfinite(n):
         air_hu = m.get("air_dark_hu", float("nan"))
@@ -180,6 +180,30 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
         else:
             out[k] = max(n, p)
     return out
+
+
+def _explained_noise(cls: dict[str, float], m: dict[str, float]) -> float:
+    """The classical noise evidence as ``fuse`` uses it: scaled by ``NOISE_EXPLAINED`` where the slice's ring
+    evidence is over the threshold or dense material streaks it (the σ measured there is the metal's streaks or
+    the ring's circles)."""
+    p = cls["noise"]
+    return p * NOISE_EXPLAINED if cls.get("ring", 0.0) >= CLASSICAL_THRESHOLD or dense_streaks(m) else p
+
+
+def noise_score_with(score: float, measures: dict[str, float], ratio: float) -> float:
+    """A slice's fused noise score (``fuse``'s ``score``) had its ``noise_ratio`` been ``ratio``: the classical
+    part replaced, the network's kept (``fuse`` combines the two by a noisy-OR). The checks use it where the
+    complete series shows a sharp kernel's coarse-grained region to be that kernel's normal (``medqc.agent.
+    checks.artifact.kernel_normal_noise``)."""
+    m = measures or {}
+    old, new = (classical_probs(x) for x in (m, {**m, "noise_ratio": ratio}))
+    if "noise" not in old or "noise" not in new:
+        return score
+    p_old, p_new = _explained_noise(old, m), _explained_noise(new, m)
+    if p_old >= 1.0:
+        return score
+    net = max(0.0, 1.0 - (1.0 - score) / (1.0 - p_old))
+    return 1.0 - (1.0 - net) * (1.0 - p_new)
 
 
 def dense_streaks(measures: dict[str, float]) -> bool:
