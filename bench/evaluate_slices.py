@@ -196,7 +196,8 @@ def markdown(res: dict) -> str:
               f"({nz['n_pos']} / {nz['n_neg']})."]
     ns = res["classes"].get("noise", {}).get("agent_sharp_kernels")
     if ns and "auroc" in ns:
-        L += ["", f"Noise on slices with sharp kernels (judged against {noise.SHARP_NOISE_FACTOR:g} × the level in a trunk, "
+        L += ["", f"Noise on slices with sharp kernels (judged against up to {noise.SHARP_NOISE_FACTOR:g} × the level in a trunk "
+              "as far as their noise has the kernel's fine grain, "
               f"{noise.SHARP_HEAD_NOISE_FACTOR:g} × inside a skull): AUROC {ns['auroc']:.3f}, sensitivity / specificity at the threshold {ns['sens_at_thr']:.2f} / "
               f"{ns['spec_at_thr']:.2f} ({ns['n_pos']} / {ns['n_neg']})."]
     nm = res.get("noise_measure")

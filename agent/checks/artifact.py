@@ -124,25 +124,27 @@ def _within_kernel(run) -> bool:
 
 def _grain(results) -> tuple[int, float | None]:
     """(slices that read a noise texture, their median texture)."""
-    tex = sorted(r.measures["noise_texture"] for r in results if not r.error and finite(r.measures.get("noise_texture")))
+    tex = sorted(r.measures["noise_texture"] for r in results
+                 if not r.error and finite(r.measures.get("noise_texture")))
     return len(tex), (tex[len(tex) // 2] if tex else None)
 
 
-def kernel_normal_noise(ordered, thr: float) -> None:
+def kernel_normal_noise(ordered) -> None:
     """The complete series shows its noise's grain to be its sharp kernel's (at least ``TEXTURE_MIN_SLICES``
-    slices read a texture, their median at least ``NOISE_TEXTURE_KERNEL[1]``): a run of noise over ``thr`` only
-    by its coarse grain (``_within_kernel``) is that kernel's normal — the real Philips L chest's shoulders,
-    where photon-starved lateral paths streak coarsely (1.05-1.5 against 1.7-2.2 over its mid chest). Its
-    slices are scored as with the kernel's whole allowance (``fusion.noise_score_with``; the network's share
-    kept) and marked ``noise_kernel_normal``."""
+    slices read a texture, their median at least ``NOISE_TEXTURE_KERNEL[1]``): a slice whose coarser grain took
+    part of the kernel's allowance away but whose σ is within the level with all of it (``noise_ratio_kernel``
+    under 1) is that kernel's normal — the real Philips L chest's shoulders, where photon-starved lateral paths
+    streak coarsely (1.05-1.5 against 1.7-2.2 over its mid chest). It is scored as with the kernel's whole
+    allowance (``fusion.noise_score_with``; the network's share kept) and marked ``noise_kernel_normal``, once."""
     n, median = _grain(r for _, r in ordered)
     if n < TEXTURE_MIN_SLICES or median < noise.NOISE_TEXTURE_KERNEL[1]:
         return
-    for run in runs(ordered, "noise", thr):
-        if _within_kernel(run):
-            for _, r in run:
-                r.scores["noise"] = round(fusion.noise_score_with(r.scores["noise"], r.measures, r.measures["noise_ratio_kernel"]), 4)
-                r.measures["noise_kernel_normal"] = 1.0
+    for _, r in ordered:
+        m = r.measures
+        if (not r.error and not m.get("noise_kernel_normal") and _within_kernel([(None, r)]) and "noise" in r.scores
+                and finite(m.get("noise_ratio")) and m["noise_ratio"] > m["noise_ratio_kernel"]):
+            r.scores["noise"] = round(fusion.noise_score_with(r.scores["noise"], m, m["noise_ratio_kernel"]), 4)
+            m["noise_kernel_normal"] = 1.0
 
 
 def kernel_texture_normal(results, run, complete: bool = True) -> bool:
@@ -351,7 +353,7 @@ def artifact_findings(state, ordered, thresholds: dict[str, float], min_run: int
     for cls in ARTIFACTS:
         thr = thresholds.get(cls, 0.5)
         if cls == "noise":
-            kernel_normal_noise(ordered, thr)
+            kernel_normal_noise(ordered)
         med = series_median(ordered, cls) if cls in RELATIVE else None
         q = [run for run in runs(ordered, cls, thr)
              if qualifying(run, cls, thr, min_run, med) or whole_short_series(run, cls, analysed, min_run)]

@@ -83,8 +83,8 @@ MEDIUM_NOISE_FACTOR = 1.2
 # projection domain and reconstructed with a standard kernel reads 1.01-1.58 on those two chests) and gets no
 # allowance: in a trunk the factor falls from SHARP_NOISE_FACTOR at NOISE_TEXTURE_KERNEL[1] to 1 at
 # NOISE_TEXTURE_KERNEL[0]. The Philips L chest's shoulders read 1.05-1.5 with σ over the body level (its
-# photon-starved lateral paths streak coarsely): a run like that in a series whose own texture is the kernel's
-# (median at least NOISE_TEXTURE_KERNEL[1]) is that kernel's normal, not an artifact (``kernel_texture_normal``
+# photon-starved lateral paths streak coarsely): such slices in a series whose own texture is the kernel's
+# (median at least NOISE_TEXTURE_KERNEL[1]) are that kernel's normal, not an artifact (``kernel_normal_noise``
 # in the artifact checks). Inside a skull (bone kernels) the factor stays: no real bone-kernel head here to
 # calibrate the texture on. Read on pixels up to NOISE_TEXTURE_MAX_PX_MM: a coarser grid cannot show 1 mm.
 NOISE_TEXTURE_KERNEL = (1.4, 1.7)
@@ -111,6 +111,7 @@ def kernel_noise_factor(kernel: str, head: bool = False, texture: float = float(
     if MEDIUM_KERNEL.search(k):
         return MEDIUM_NOISE_FACTOR
     return 1.0
+
 
 def kernel_grain(texture: float) -> float:
     """0..1: how far a slice's noise texture (``noise_texture``) is a sharp kernel's own (1 when not measured)."""
@@ -325,10 +326,10 @@ def noise_ratio(sd_2mm: float, info, head: bool, kernel_allowance: bool = True, 
                 texture: float = float("nan")) -> float:
     """σ at 2 mm over the artifact level of its region (brain or body), thin slices scaled to 3 mm — in a trunk
     scaled down by the patient's size (``dw_mm``) beyond ``NOISE_SIZE_REF_MM``; a sharp
-    (bone, lung, high-resolution) kernel, whose noise is high by design, is judged against
-    ``SHARP_NOISE_FACTOR`` times the level in a trunk, ``SHARP_HEAD_NOISE_FACTOR`` times it inside a skull —
-    unless ``kernel_allowance`` is False: the σ against the plain level, whatever made it (what confounds the
-    motion cues, see ``fuse``)."""
+    (bone, lung, high-resolution) kernel, whose noise is high by design, is judged against up to
+    ``SHARP_NOISE_FACTOR`` times the level in a trunk, as far as the slice's ``texture`` (``noise_texture``)
+    shows the kernel's grain, ``SHARP_HEAD_NOISE_FACTOR`` times it inside a skull — unless ``kernel_allowance``
+    is False: the σ against the plain level, whatever made it (what confounds the motion cues, see ``fuse``)."""
     if not math.isfinite(sd_2mm):
         return float("nan")
     level = NOISE_2MM_HU["head" if head else "body"]
