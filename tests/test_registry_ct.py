@@ -184,7 +184,8 @@ def test_a_lung_kernel_chest_s_coarse_shoulders_are_its_normal(report):
     over σ at 2 mm 1.0-1.5, its photon-starved lateral paths streaking) and reads over the body level there, which
     puts those slices over the noise threshold once the grain has taken the kernel's allowance away; but the
     series' own grain is the kernel's (median over 1.7), and within the kernel's whole allowance
-    (``noise_ratio_kernel`` under 1) they are its normal: scored with that allowance, and no finding."""
+    (``noise_ratio_kernel`` under 1) they are its normal: scored with that allowance (as is every slice whose
+    grain took part of it away), and no finding."""
     from medqc.analysis import fusion, noise
 
     out, _ = report
@@ -192,11 +193,12 @@ def test_a_lung_kernel_chest_s_coarse_shoulders_are_its_normal(report):
     tex = sorted(p["measures"]["noise_texture"] for p in chest["per_slice"])
     assert tex[len(tex) // 2] >= noise.NOISE_TEXTURE_KERNEL[1], tex
     normal = [p for p in chest["per_slice"] if p["measures"].get("noise_kernel_normal")]
-    assert len(normal) >= 5, chest["per_slice"]
     for p in normal:
         m = p["measures"]
-        assert m["noise_texture"] < noise.NOISE_TEXTURE_KERNEL[1] and m["noise_ratio_kernel"] < 1.0 and p["z"] >= -215.0, p
-        assert fusion.classical_probs(m)["noise"] >= fusion.CLASSICAL_THRESHOLD > p["scores"]["noise"], p
+        assert m["noise_texture"] < noise.NOISE_TEXTURE_KERNEL[1] and m["noise_ratio_kernel"] < 1.0, p
+        assert p["scores"]["noise"] < fusion.CLASSICAL_THRESHOLD, p
+    over = [p for p in normal if fusion.classical_probs(p["measures"])["noise"] >= fusion.CLASSICAL_THRESHOLD]
+    assert len(over) >= 5 and all(p["z"] >= -215.0 for p in over), normal  # the shoulders and thoracic inlet
     assert max(p["scores"]["noise"] for p in chest["per_slice"]) < 0.5
     assert "artifact.noise" not in _findings(chest), chest["findings"]
 
