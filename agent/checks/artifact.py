@@ -55,7 +55,7 @@ RELATIVE = frozenset({"motion"})  # classes judged against the series' own media
 SHORT = frozenset({"noise", "truncation"})  # classes a whole series shorter than min_run raises (whole_short_series)
 RELATIVE_MARGIN = 0.2  # a run's mean must exceed the series median by this much
 RELATIVE_MIN_SLICES = 10  # analysed slices before the series median is trusted
-TEXTURE_MIN_SLICES = 10  # slices with a noise texture before the series' grain is read (kernel_texture_normal)
+TEXTURE_MIN_SLICES = 10  # slices with a noise texture before the series' grain is read (kernel_normal_noise)
 SERIES_STREAK_HU = 3.0  # median dark streaks in the free air (air_dark_hu) of a series that moved throughout
 NAMES = {
     "metal": "Metal artifact",
@@ -115,11 +115,18 @@ def runs(ordered: list[tuple[float, object]], cls: str, thr: float) -> list[list
     return consecutive(ordered, lambda r: not r.error and r.scores.get(cls, 0.0) >= thr)
 
 
-def _within_kernel(run) -> bool:
-    """Every slice of the run is within the level with its sharp kernel's whole allowance (``noise_ratio_kernel``
-    under 1): only its coarse grain put it over the threshold (``medqc.analysis.noise``)."""
-    return bool(run) and all(finite(r.measures.get("noise_ratio_kernel")) and r.measures["noise_ratio_kernel"] < 1.0
-                             for _, r in run)
+def _within_kernel(r) -> bool:
+    """The slice is within the level with its sharp kernel's whole allowance (``noise_ratio_kernel`` under 1)."""
+    return finite(r.measures.get("noise_ratio_kernel")) and r.measures["noise_ratio_kernel"] < 1.0
+
+
+def grain_only(run) -> bool:
+    """A run of noise over the threshold only by its coarse grain: every slice of it within the level with its
+    sharp kernel's whole allowance (``medqc.analysis.noise``). Such a run is not raised while slices arrive —
+    the complete series decides (``kernel_normal_noise``), and its first slices are often a chest's shoulders
+    — nor on a complete series where fewer than ``TEXTURE_MIN_SLICES`` slices read a texture (too few to tell
+    the series' grain from one region's)."""
+    return all(_within_kernel(r) for _, r in run)
 
 
 def _grain(results) -> tuple[int, float | None]:
@@ -129,33 +136,24 @@ def _grain(results) -> tuple[int, float | None]:
     return len(tex), (tex[len(tex) // 2] if tex else None)
 
 
-def kernel_normal_noise(ordered) -> None:
+def kernel_normal_noise(ordered) -> int:
     """The complete series shows its noise's grain to be its sharp kernel's (at least ``TEXTURE_MIN_SLICES``
     slices read a texture, their median at least ``NOISE_TEXTURE_KERNEL[1]``): a slice whose coarser grain took
     part of the kernel's allowance away but whose σ is within the level with all of it (``noise_ratio_kernel``
     under 1) is that kernel's normal — the real Philips L chest's shoulders, where photon-starved lateral paths
     streak coarsely (1.05-1.5 against 1.7-2.2 over its mid chest). It is scored as with the kernel's whole
-    allowance (``fusion.noise_score_with``; the network's share kept) and marked ``noise_kernel_normal``, once."""
+    allowance (``fusion.noise_score_with``; the network's share kept) and marked ``noise_kernel_normal``, once.
+    Returns how many slices read a texture."""
     n, median = _grain(r for _, r in ordered)
     if n < TEXTURE_MIN_SLICES or median < noise.NOISE_TEXTURE_KERNEL[1]:
-        return
+        return n
     for _, r in ordered:
         m = r.measures
-        if (not r.error and not m.get("noise_kernel_normal") and _within_kernel([(None, r)]) and "noise" in r.scores
+        if (not r.error and not m.get("noise_kernel_normal") and _within_kernel(r) and "noise" in r.scores
                 and finite(m.get("noise_ratio")) and m["noise_ratio"] > m["noise_ratio_kernel"]):
             r.scores["noise"] = round(fusion.noise_score_with(r.scores["noise"], m, m["noise_ratio_kernel"]), 4)
             m["noise_kernel_normal"] = 1.0
-
-
-def kernel_texture_normal(results, run, complete: bool = True) -> bool:
-    """Whether a run of noise over the threshold only by its coarse grain (``_within_kernel``) is left unraised:
-    while slices arrive (``complete`` False), always — the complete series decides, and its first slices are
-    often a chest's shoulders; on the complete series, where fewer than ``TEXTURE_MIN_SLICES`` slices read a
-    texture (too few to tell the series' grain from one region's; a series whose grain is the kernel's has
-    had such runs scored down by ``kernel_normal_noise``). ``results``: the series' analysed results."""
-    if not _within_kernel(run):
-        return False
-    return not complete or _grain(results)[0] < TEXTURE_MIN_SLICES
+    return n
 
 
 def strong_threshold(thr: float) -> float:
@@ -353,12 +351,12 @@ def artifact_findings(state, ordered, thresholds: dict[str, float], min_run: int
     for cls in ARTIFACTS:
         thr = thresholds.get(cls, 0.5)
         if cls == "noise":
-            kernel_normal_noise(ordered)
+            textured = kernel_normal_noise(ordered)
         med = series_median(ordered, cls) if cls in RELATIVE else None
         q = [run for run in runs(ordered, cls, thr)
              if qualifying(run, cls, thr, min_run, med) or whole_short_series(run, cls, analysed, min_run)]
-        if cls == "noise":
-            q = [run for run in q if not kernel_texture_normal([r for _, r in ordered], run, complete=True)]
+        if cls == "noise" and textured < TEXTURE_MIN_SLICES:
+            q = [run for run in q if not grain_only(run)]
         if cls == "motion":
             q = merge_runs(ordered, q + streaked_series(ordered, air_cache))
         f = summarise(state, cls, thr, q, air_cache)
@@ -435,7 +433,7 @@ def _stream_slice(s, z: float, seq: int, result) -> None:
         run = [(order[i][0], st.results[order[i][1]]) for i in range(lo, hi + 1)]
         med = sorted_median(st._rel.get(cls, [])) if cls in RELATIVE else None
         if (qualifying(run, cls, thr, min_run, med)
-                and not (cls == "noise" and kernel_texture_normal(st.results, run, complete=False))
+                and not (cls == "noise" and grain_only(run))  # the complete series decides
                 and not baseline_checks.run_normal(st, cls, run, s.tracker.baselines)):  # within its scanner's normal
             _qualify(s, cls, thr, lo, hi)
 
