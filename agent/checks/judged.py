@@ -50,14 +50,16 @@ def not_judged(state, ordered, rule, coverage: dict | None) -> dict[str, str]:
         out["artifact.motion"] = (f"the series spans {span:.0f} mm: a motion run needs {NETWORK_ONLY_MIN_EXTENT_MM:.0f} mm "
                                   "(only a very high or strong run counts)")
     if "artifact.motion" not in out:
-        # motion's strongest cue is the dark streaks it leaves in the free air round the patient; where a
-        # targeted field or a body filling it leaves none, the network alone must read very high to raise it
-        read = [r.measures["air_dark_hu"] for _, r in usable if "air_dark_hu" in r.measures]
-        no_air = sum(1 for v in read if not finite(v))
+        # motion's strongest cue is the dark streaks it leaves in the air, round the patient or in the trunk's
+        # own air spaces (lungs, airways, gas); where a targeted field or a body filling it leaves neither, the
+        # network alone must read very high to raise it
+        read = [r.measures for _, r in usable if "air_dark_hu" in r.measures]
+        no_air = sum(1 for m in read if not finite(m["air_dark_hu"]) and not finite(m.get("lung_dark_mm2")))
         if read and no_air > MOTION_NO_AIR_SHARE * len(read):
-            out["artifact.motion"] = (f"no free air round the patient on {no_air} of {len(read)} slices (a targeted "
-                                      "field, or a body filling it): the dark streaks motion leaves there cannot be "
-                                      "read, and the network alone raises motion only at a very high score")
+            out["artifact.motion"] = (f"no free air round the patient and no lungs or gas inside it on {no_air} of "
+                                      f"{len(read)} slices (a targeted field, or a body filling it): the dark streaks "
+                                      "motion leaves in air cannot be read, and the network alone raises motion only "
+                                      "at a very high score")
     if span < NETWORK_ONLY_MIN_EXTENT_MM:
         out["artifact.ring"] = (f"the series spans {span:.0f} mm: a ring run needs {NETWORK_ONLY_MIN_EXTENT_MM:.0f} mm "
                                 "(only a very high or strong run counts)")

@@ -108,7 +108,7 @@ def _fill_holes(m: np.ndarray) -> np.ndarray:
     return bg[1:-1, 1:-1] != 2
 
 
-def _metal_aligned(smooth: np.ndarray, band: np.ndarray, metal, p: float) -> np.ndarray:
+def metal_aligned(smooth: np.ndarray, band: np.ndarray, metal, p: float) -> np.ndarray:
     """Band pixels whose local structure is a line pointing at one of the ``metal`` objects ((row, col) in
     pixels of ``smooth``): metal streaks are straight lines through the metal, so their darkness there is the
     metal's, not motion's (motion streaks run tangent to the moving skin and bone edges)."""
@@ -238,7 +238,7 @@ def air_dark_hu(img: np.ndarray, valid: np.ndarray, p: float, scan_field=None, m
             return float("nan")
     dark = np.maximum(0.0, level - smooth[band])
     if metal:
-        dark[_metal_aligned(smooth, band, metal, p)] = 0.0
+        dark[metal_aligned(smooth, band, metal, p)] = 0.0
     return float(dark.mean())
 
 

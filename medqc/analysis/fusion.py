@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from medqc.analysis import airstreaks
+from medqc.analysis import airstreaks, lungstreaks
 from medqc.analysis.measures import METAL_MIN_HU
 from medqc.analysis.noise import NOISE_RATIO_HI
 
@@ -39,6 +39,10 @@ MOTION_NOISE_FROM = 0.1  # ... and from 1 down to it as the noise evidence rises
 # into them reads a median of 4–19 HU per study (up to 57). On such a slice noise explains no part of the
 # motion score.
 AIR_BEYOND_NOISE_HU = airstreaks.EVIDENCE_HU[1]
+# The air spaces' darkness (``lungstreaks``) counts in full up to this classical noise evidence (σ at 0.75 of the
+# level) and fades to nothing at the threshold: noise added to clean real trunk slices took their lungs and airways
+# below air over up to 7 mm² at 0.7 of the level, 28-78 mm² at 1.3 times it
+LUNG_NOISE_FROM = 0.25
 NOISE_EXPLAINED = 0.5  # classical noise evidence factor on a slice whose ring evidence, or metal area, is over its level
 # Dense material (>= METAL_HU) over this area streaks the trunk's centre, where noise is read: σ there is partly
 # its streaks. A smaller object (an ECG electrode or lead, a clip: under ~8 mm across) starves only the few
@@ -119,7 +123,11 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
       full evidence (>= 5 HU; real clean CT here reads <= 4.2, a head's vertex streaked by its hair and
       pads) flag on their own. The weights 0.4 /
       0.6 rank the evaluation slices better than the plain mean (by 0.003-0.006 of AUROC on seeds 31337
-      and 777); 0.3-0.35 for the network rank them alike.
+      and 777); 0.3-0.35 for the network rank them alike. The air's evidence is the larger of the free air's
+      and that of the trunk's own air spaces darker than air (``medqc.analysis.lungstreaks``, measure
+      ``lung_dark_mm2``; ``lung_evidence``, which leaves out the darkness a ring, a cut edge, dense metal or
+      noise explains): inside the body nothing is darker than air either, and that reads motion where the
+      field leaves no free air (a chest shown to its walls), or where the free air reads little of it.
     On a slice whose classical noise or ring evidence is over the threshold, the motion score is scaled by
     ``MOTION_EXPLAINED`` (0.7): both motion cues are confounded by them (the network reads heavy noise and
     rings as motion, the air measure reads noisy air and a ring's arcs in the air as dark streaks; on the
@@ -155,8 +163,7 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
     cls = classical_probs(m)
     # what confounds the motion cues: σ as it is (a sharp kernel's too), before the metal's or ring's share is
     # taken out (streaks all the same)
-    plain = m.get("noise_ratio_plain", float("nan"))
-    noisy = noise_evidence(plain) if plain is not None and math.isfinite(plain) else cls.get("noise", 0.0)
+    noisy = confounding_noise(m, cls)
     if "noise" in cls:
         cls["noise"] = _explained_noise(cls, m)
     n = out.get("motion")
@@ -165,7 +172,7 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
         if "air_dark_hu" in m:  # measured: streaked or flat air, or none to judge (a neutral value then)
             air = airstreaks.evidence(air_hu)
             w = MOTION_NETWORK_WEIGHT
-            n = w * n + (1.0 - w) * (air if math.isfinite(air) else UNJUDGED_AIR_EVIDENCE)
+            n = w * n + (1.0 - w) * max(air if math.isfinite(air) else UNJUDGED_AIR_EVIDENCE, lung_evidence(m, cls, noisy))
         beyond_noise = air_hu is not None and math.isfinite(air_hu) and air_hu >= AIR_BEYOND_NOISE_HU
         n *= motion_explained(0.0 if beyond_noise else noisy, max(cls.get("ring", 0.0), cls.get("truncation", 0.0)))
         out["motion"] = n
@@ -180,6 +187,29 @@ def fuse(net_probs: dict[str, float], measures: dict[str, float]) -> dict[str, f
         else:
             out[k] = max(n, p)
     return out
+
+
+def confounding_noise(measures: dict[str, float], cls: dict[str, float]) -> float:
+    """The classical noise evidence that confounds the motion cues: that of σ as it is, without a sharp kernel's
+    allowance (``noise_ratio_plain``), else the noise class's (``cls``: ``classical_probs(measures)``)."""
+    plain = (measures or {}).get("noise_ratio_plain", float("nan"))
+    return noise_evidence(plain) if plain is not None and math.isfinite(plain) else cls.get("noise", 0.0)
+
+
+def lung_evidence(measures: dict[str, float], cls: dict[str, float], noise: float) -> float:
+    """The motion evidence of the slice's air spaces darker than air (``lungstreaks``; 0 where not judged), left
+    out where another artifact explains that darkness: a ring's dark circles or a cut edge's streaks (ring or
+    truncation evidence over the threshold), dense metal's streaks (``dense_streaks``), and noise, whose dips
+    take airways and thin lung below air as it grows: the evidence counts in full up to ``LUNG_NOISE_FROM``
+    of classical noise evidence (``noise``: σ as it is, before any allowance) and not at all from the
+    threshold on."""
+    e = lungstreaks.evidence((measures or {}).get("lung_dark_mm2", float("nan")))
+    if not math.isfinite(e) or e <= 0.0:
+        return 0.0
+    if max(cls.get("ring", 0.0), cls.get("truncation", 0.0)) >= CLASSICAL_THRESHOLD or dense_streaks(measures):
+        return 0.0
+    fade = (CLASSICAL_THRESHOLD - noise) / (CLASSICAL_THRESHOLD - LUNG_NOISE_FROM)
+    return e * min(1.0, max(0.0, fade))
 
 
 def _explained_noise(cls: dict[str, float], m: dict[str, float]) -> float:

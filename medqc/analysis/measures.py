@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from medqc.analysis import airstreaks
+from medqc.analysis import airstreaks, lungstreaks
 from medqc.analysis.image import (BODY_HU, PAD_HU, _border_connected, _edge_geometry, _erode_cross, _holes,
                                   _median_index, _radius, _ring, _sector_share, _sectors, _trunk_hull, padding)
 from medqc.analysis.noise import (NOISE_MIN_AREA_HEAD_MM2, NOISE_MIN_AREA_MM2, _robust_noise,
@@ -72,6 +72,7 @@ MEASURES = (
     "lateral_bone_mm2", "noise_sd_2mm", "noise_ratio", "ring_contrast_hu", "field_inside_body", "air_dark_hu",
     "display_touch", "noise_ratio_plain", "water_eq_diameter_mm", "anterior_bone_mm2", "trunk_width_mm",
     "metal_row_mm", "metal_col_mm", "metal_clipped", "metal_inside", "noise_texture", "noise_ratio_kernel",
+    "lung_dark_mm2",
 )
 
 
@@ -381,11 +382,13 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
         lung_hu = (sub > LUNG_HU[0]) & (sub < LUNG_HU[1])
         lung = holes & lung_hu
         touch = out["display_touch"]
+        hull = None
         if cv2 is not None and math.isfinite(touch) and touch >= LUNG_OPEN_TOUCH:
             # a displayed field that cuts the chest wall opens the lungs to its edge: they are no longer holes
             # in the body. Inside the trunk's convex hull, shrunk by LUNG_HULL_MARGIN_MM (the skin's partial
             # volume), lung-density pixels are lung all the same
-            lung = lung | (_trunk_hull(trunk if trunk.any() else body_cc, LUNG_HULL_MARGIN_MM / pix) & lung_hu & valid)
+            hull = _trunk_hull(core, LUNG_HULL_MARGIN_MM / pix) & valid
+            lung = lung | (hull & lung_hu)
         out["lung_area_mm2"] = float(np.count_nonzero(lung)) * px_area
         bone = body_cc & (sub >= BONE_HU)
         out["bone_area_mm2"] = float(np.count_nonzero(bone)) * px_area
@@ -482,6 +485,12 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
                 scan = ((iso[0] + 0.5) / f - 0.5, (iso[1] + 0.5) / f - 0.5, dcd / 2.0 / p2)
             out["air_dark_hu"] = airstreaks.air_dark_hu(pooled[0], pooled[1], p2, scan,
                                                         [((cy + 0.5) / f - 0.5, (cx + 0.5) / f - 0.5) for cy, cx in metal])
+        if pooled is not None and not head:  # motion evidence inside the trunk: its air spaces darker than air
+            f = pooled[2]
+            spaces = holes if hull is None else holes | (hull & ~body_cc)  # the lungs, also where opened to the edge
+            out["lung_dark_mm2"] = lungstreaks.lung_dark_mm2(
+                pooled[0], pooled[1], f * px_mm, lungstreaks.on_grid(spaces, step, f, pooled[0].shape),
+                metal=[((cy + 0.5) / f - 0.5, (cx + 0.5) / f - 0.5) for cy, cx in metal])
     else:
         out["lung_area_mm2"] = 0.0
         out["bone_area_mm2"] = 0.0
