@@ -16,8 +16,8 @@ length in mm:
 1. the air spaces: pixels below ``PATIENT_HU`` that the patient encloses (``medqc.analysis.measures`` works
    them out with its body mask; where the displayed field cuts the trunk, opening its lungs to the image's
    edge, also those inside the trunk's convex hull, shrunk by the skin's margin), within the valid field (no
-   padding, inside the inscribed circle) shrunk by ``EDGE_MM``; NaN (not judged) when they cover under
-   ``MIN_SPACES_MM2`` (a neck, an abdomen without gas: no air to read);
+   padding, inside the inscribed circle) shrunk by ``EDGE_MM``; NaN (not judged) where the slice shows under
+   ``MIN_LUNG_MM2`` of aerated lung (a neck, an abdomen, a head's air cells: no lungs to read);
 2. the slice smoothed with a Gaussian of ``SIGMA_MM``;
 3. the measure: the area (mm²) of air-space pixels whose smoothed CT number is below ``DARK_HU`` (10 HU below
    air); near metal objects and along lines through them (``airstreaks.metal_aligned``, the free air's test)
@@ -53,18 +53,24 @@ PATIENT_HU = -400.0  # air spaces are below this (the body mask's level, ``image
 SIGMA_MM = 1.5  # smoothing on the ~2 mm grid (about 2 mm in all with the area-averaging)
 DARK_HU = -1010.0  # 10 HU below air: darker than anything inside a patient
 EDGE_MM = 8.0  # the valid field's edge (padding, the inscribed circle) is left this far out
-MIN_SPACES_MM2 = 1000.0  # air spaces read (10 cm²: a section through the lungs), or not judged
+# read where the slice shows this much aerated lung (``measures``' lung_area_mm2, -950..-500 HU enclosed), or not
+# judged: a head's air cells and sinuses are air, not lung (in a 0.7 × field round a real head, whose skull the
+# field cuts, its skull base's mastoid cells read 312 mm² of "lung" and 351 mm² below air on a clean slice)
+MIN_LUNG_MM2 = 2000.0
 # evidence: 0 at 20 mm² (five 2 mm pixels: over the clean slices' 0 and noise's 7 mm² at 0.7 of the body level),
 # 1 at 150 mm² (the upper quarter of the motion-injected slices that read any)
 EVIDENCE_MM2 = (20.0, 150.0)
 
 
-def lung_dark_mm2(pooled: np.ndarray, valid: np.ndarray, p: float, spaces: np.ndarray, metal=None) -> float:
+def lung_dark_mm2(pooled: np.ndarray, valid: np.ndarray, p: float, spaces: np.ndarray, lung_mm2: float,
+                  metal=None) -> float:
     """The measure (mm²; NaN when not judged) on a pooled slice ``pooled`` (HU), ``valid`` marking pixels that
     are not padding, ``p`` mm per pixel. ``spaces``: the patient's air spaces on the same grid (step 1: the
-    pixels it encloses, and inside its shrunk hull where the displayed field cuts the trunk). ``metal``:
-    (row, col) in pixels of ``pooled`` of the metal objects in the slice."""
-    if cv2 is None or pooled.ndim != 2 or min(pooled.shape) < 16 or not (p > 0) or spaces.shape != pooled.shape:
+    pixels it encloses, and inside its shrunk hull where the displayed field cuts the trunk). ``lung_mm2``:
+    the slice's aerated lung (``measures``' ``lung_area_mm2``). ``metal``: (row, col) in pixels of ``pooled``
+    of the metal objects in the slice."""
+    if (cv2 is None or pooled.ndim != 2 or min(pooled.shape) < 16 or not (p > 0) or spaces.shape != pooled.shape
+            or not lung_mm2 >= MIN_LUNG_MM2):
         return float("nan")
     img = np.ascontiguousarray(np.where(valid, pooled, np.float32(-1000.0)), dtype=np.float32)
     h, w = img.shape
@@ -72,8 +78,6 @@ def lung_dark_mm2(pooled: np.ndarray, valid: np.ndarray, p: float, spaces: np.nd
     k = 2 * int(round(EDGE_MM / p)) + 1
     field = cv2.erode(field.view(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))).view(bool)
     spaces = spaces & field & (img <= PATIENT_HU)
-    if np.count_nonzero(spaces) * p * p < MIN_SPACES_MM2:
-        return float("nan")
     smooth = cv2.GaussianBlur(img, (0, 0), SIGMA_MM / p)
     dark = spaces & (smooth < DARK_HU)
     n_dark = int(np.count_nonzero(dark))

@@ -490,7 +490,7 @@ def measure(hu: np.ndarray, info) -> dict[str, float]:
             spaces = holes if hull is None else holes | (hull & ~body_cc)  # the lungs, also where opened to the edge
             out["lung_dark_mm2"] = lungstreaks.lung_dark_mm2(
                 pooled[0], pooled[1], f * px_mm, lungstreaks.on_grid(spaces, step, f, pooled[0].shape),
-                metal=[((cy + 0.5) / f - 0.5, (cx + 0.5) / f - 0.5) for cy, cx in metal])
+                out["lung_area_mm2"], metal=[((cy + 0.5) / f - 0.5, (cx + 0.5) / f - 0.5) for cy, cx in metal])
     else:
         out["lung_area_mm2"] = 0.0
         out["bone_area_mm2"] = 0.0
